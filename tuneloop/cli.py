@@ -1,0 +1,109 @@
+"""The ``tuneloop`` command line.
+
+Contract
+--------
+* Each area owns its commands in ``<package>/cli.py`` with a function
+  ``register(subparsers)`` that adds parsers and sets ``handler=fn(args, ctx) -> int``
+  via ``set_defaults``. Those modules import only light things at module level
+  (argparse, config dataclasses): torch, vLLM and Litestar are imported inside
+  handlers so ``tuneloop --help`` stays fast.
+* Global options: ``--config FILE`` (settings YAML), ``--set section.key=value``
+  (repeatable), ``--home DIR``. Handlers receive a :class:`Context` with the
+  loaded settings and the database handle.
+* A :class:`~tuneloop.errors.UserError` (bad config, unknown version, bad input
+  file ...) prints ``error: <message>`` and exits 2; Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from dataclasses import dataclass
+from functools import cached_property
+
+from tuneloop import __version__
+from tuneloop.errors import UserError
+
+# area modules, in the order their commands appear in --help
+AREAS = ("trainer.cli", "server.cli", "monitoring.cli", "feedback.cli", "deploy.cli")
+
+
+@dataclass
+class Context:
+    """What every command handler gets: settings and the database, built lazily."""
+
+    config_path: str | None
+    overrides: list[str]
+
+    @cached_property
+    def settings(self):
+        from tuneloop.settings import load_settings
+
+        return load_settings(self.config_path, self.overrides)
+
+    @cached_property
+    def db(self):
+        from tuneloop.db import Database
+
+        return Database(self.settings.paths.db_path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tuneloop",
+        description=(
+            "Fine-tune open LLMs, serve them behind an OpenAI-compatible API, watch them in "
+            "production and retrain them from what production teaches."
+        ),
+        epilog="Run `tuneloop <command> --help` for each command. Docs: README.md",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"tuneloop {__version__}")
+    p.add_argument("--config", metavar="FILE", help="settings YAML (default: $TUNELOOP_CONFIG or ./tuneloop.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting, e.g. --set server.port=9000 (repeatable)")
+    p.add_argument("--home", metavar="DIR", help="data folder (database, datasets, runs); default $TUNELOOP_HOME or ./.tuneloop")
+    sub = p.add_subparsers(dest="command", metavar="<command>")
+    for name in AREAS:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name or e.name == name.split(".")[0]:
+                continue  # area not built yet
+            raise
+        mod.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.home:
+        os.environ["TUNELOOP_HOME"] = args.home
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        # a group without a sub-command: show that group's help
+        (getattr(args, "group_parser", None) or parser).print_help()
+        return 0 if args.command is None else 2
+    ctx = Context(args.config, args.overrides)
+    try:
+        return int(handler(args, ctx) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def add_group(sub, name: str, help: str) -> argparse._SubParsersAction:
+    """Add a command group (``tuneloop models ...``) and return its sub-parsers."""
+    gp = sub.add_parser(name, help=help, description=help)
+    gp.set_defaults(group_parser=gp)
+    return gp.add_subparsers(dest=f"{name}_command", metavar="<subcommand>")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

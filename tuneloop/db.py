@@ -1,0 +1,144 @@
+"""Access to the one DuckDB file that is tuneloop's system of record.
+
+Contract
+--------
+* :class:`Database` is a value (a path), not an open connection: nothing here
+  is module-global. ``with db.connect() as con:`` opens the file, applies any
+  pending migrations and closes it on exit.
+* DuckDB lets one process hold the file at a time. Every tuneloop process
+  (server log writer, CLI, trainer) therefore keeps its connections short and
+  :meth:`Database.connect` retries on the lock error with back-off for up to
+  ``lock_timeout_s`` before raising :class:`DatabaseBusy`. This is the
+  "open per flush" design of DESIGN.md decision 3, measured there at ~19 ms
+  for open + 1,000 inserts + close; see docs/ARCHITECTURE.md.
+* Each ``connect()`` block is one transaction when ``transaction=True``
+  (default): committed on success, rolled back on error, so a crash never
+  leaves half a write. DuckDB's WAL makes a SIGKILL mid-write safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import duckdb
+
+from tuneloop.errors import UserError
+from tuneloop.migrations import MIGRATIONS
+
+
+class DatabaseBusy(UserError, RuntimeError):
+    """Another process held the database for longer than the lock timeout."""
+
+
+_LOCK_MARKERS = ("Could not set lock", "Conflicting lock", "lock on file")
+
+
+def utcnow() -> datetime:
+    """Naive UTC timestamp (DuckDB ``TIMESTAMP``)."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def dumps(v: Any) -> str | None:
+    """JSON text for a JSON column (``None`` stays NULL)."""
+    return None if v is None else json.dumps(v, default=str)
+
+
+def loads(v: Any) -> Any:
+    """Python value of a JSON column."""
+    if v is None or not isinstance(v, str):
+        return v
+    return json.loads(v)
+
+
+class Database:
+    """Handle on a DuckDB file; see module docstring."""
+
+    def __init__(self, path: str | Path, lock_timeout_s: float = 60.0, read_only: bool = False):
+        self.path = Path(path).expanduser().resolve()
+        self.lock_timeout_s = lock_timeout_s
+        self.read_only = read_only
+
+    def __repr__(self) -> str:
+        return f"Database({str(self.path)!r})"
+
+    def _open(self) -> duckdb.DuckDBPyConnection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + self.lock_timeout_s
+        delay = 0.005
+        while True:
+            try:
+                return duckdb.connect(str(self.path), read_only=self.read_only and self.path.exists())
+            except duckdb.IOException as e:
+                if not any(m in str(e) for m in _LOCK_MARKERS):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise DatabaseBusy(
+                        f"database {self.path} is held by another process for over "
+                        f"{self.lock_timeout_s:.0f} s: {e}"
+                    ) from None
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 0.25)
+
+    @contextlib.contextmanager
+    def connect(self, transaction: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
+        """Open, migrate if needed, yield a connection, commit/rollback, close."""
+        con = self._open()
+        try:
+            if not self.read_only:
+                migrate(con)  # ~1 ms when the schema is current
+            if transaction:
+                con.begin()
+            try:
+                yield con
+            except BaseException:
+                if transaction:
+                    con.rollback()
+                raise
+            else:
+                if transaction:
+                    con.commit()
+        finally:
+            con.close()
+
+    def query(self, sql: str, params: list | tuple | None = None) -> list[dict[str, Any]]:
+        """Run one statement and return rows as dicts (JSON columns left as text)."""
+        with self.connect(transaction=False) as con:
+            cur = con.execute(sql, params or [])
+            if cur.description is None:
+                return []
+            cols = [d[0] for d in cur.description]
+            return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+    def execute(self, sql: str, params: list | tuple | None = None) -> None:
+        """Run one statement in its own transaction."""
+        with self.connect() as con:
+            con.execute(sql, params or [])
+
+
+def schema_version(con: duckdb.DuckDBPyConnection) -> int:
+    con.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TIMESTAMP NOT NULL)"
+    )
+    row = con.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()
+    return int(row[0])
+
+
+def migrate(con: duckdb.DuckDBPyConnection) -> int:
+    """Apply pending migrations, each in its own transaction; return the schema version."""
+    current = schema_version(con)
+    for i, sql in enumerate(MIGRATIONS[current:], start=current + 1):
+        con.begin()
+        try:
+            con.execute(sql)
+            con.execute("INSERT INTO schema_migrations VALUES (?, ?)", [i, utcnow()])
+            con.commit()
+        except BaseException:
+            con.rollback()
+            raise
+    return len(MIGRATIONS)

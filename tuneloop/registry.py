@@ -1,0 +1,232 @@
+"""Model registry: datasets, training runs, model versions and their stages.
+
+Contract
+--------
+Typed records (:class:`DatasetRecord`, :class:`RunRecord`, :class:`ModelVersion`)
+in and out of the tables of :mod:`tuneloop.migrations`. Versions are immutable
+(name + content hash); only ``stage`` changes, and every stage change is
+recorded in ``deploy_events`` with who/when/why. All functions take a
+:class:`~tuneloop.db.Database` and open a short connection each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from tuneloop.db import Database, dumps, loads, utcnow
+from tuneloop.errors import UserError
+from tuneloop.ids import new_id
+
+STAGES = ("candidate", "canary", "production", "retired")
+KINDS = ("adapter", "merged", "base")
+
+
+class RegistryError(UserError, ValueError):
+    """A registry lookup or transition a user can fix (unknown name, duplicate ...)."""
+
+
+@dataclass
+class DatasetRecord:
+    id: str
+    name: str
+    content_hash: str
+    kind: str
+    path: str
+    rows_train: int
+    rows_validation: int
+    rows_test: int
+    source: dict[str, Any] = field(default_factory=dict)
+    card: dict[str, Any] = field(default_factory=dict)
+    parent_ids: list[str] = field(default_factory=list)
+    created_at: datetime | None = None
+
+
+@dataclass
+class RunRecord:
+    id: str
+    method: str
+    base_model: str
+    dataset_id: str | None
+    config: dict[str, Any]
+    status: str = "running"
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    duration_s: float | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    output_path: str | None = None
+    artifact_hash: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class ModelVersion:
+    name: str
+    kind: str
+    base_model: str
+    path: str
+    content_hash: str
+    parent_version: str | None = None
+    dataset_id: str | None = None
+    run_id: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    created_at: datetime | None = None
+    stage: str = "candidate"
+    stage_changed_at: datetime | None = None
+
+
+_JSON = {"source", "card", "parent_ids", "config", "metrics"}
+
+
+def _row_to(cls, row: dict[str, Any]):
+    names = {f.name for f in dataclasses.fields(cls)}
+    kw = {k: (loads(v) if k in _JSON else v) for k, v in row.items() if k in names}
+    for k in _JSON & names:
+        if kw.get(k) is None:
+            kw.pop(k, None)
+    return cls(**kw)
+
+
+def _insert(con, table: str, rec) -> None:
+    d = dataclasses.asdict(rec)
+    cols = list(d)
+    vals = [dumps(d[c]) if c in _JSON else d[c] for c in cols]
+    con.execute(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", vals)
+
+
+# ---- datasets ---------------------------------------------------------------
+
+def register_dataset(db: Database, rec: DatasetRecord) -> DatasetRecord:
+    """Insert a dataset; registering identical content under the same id is a no-op."""
+    rec.created_at = rec.created_at or utcnow()
+    with db.connect() as con:
+        if con.execute("SELECT 1 FROM datasets WHERE id = ?", [rec.id]).fetchone():
+            return get_dataset(db, rec.id, con=con)
+        _insert(con, "datasets", rec)
+    return rec
+
+
+def get_dataset(db: Database, ref: str, con=None) -> DatasetRecord:
+    """By id (``name@hash``), by name (newest) or by hash prefix."""
+    sql = """SELECT * FROM datasets WHERE id = ? OR name = ? OR content_hash LIKE ? || '%'
+             ORDER BY (id = ?) DESC, created_at DESC LIMIT 1"""
+    rows = _q(db, sql, [ref, ref, ref, ref], con)
+    if not rows:
+        raise RegistryError(f"unknown dataset {ref!r}; see `tuneloop data list`")
+    return _row_to(DatasetRecord, rows[0])
+
+
+def list_datasets(db: Database) -> list[DatasetRecord]:
+    return [_row_to(DatasetRecord, r) for r in db.query("SELECT * FROM datasets ORDER BY created_at")]
+
+
+# ---- runs -------------------------------------------------------------------
+
+def start_run(db: Database, method: str, base_model: str, dataset_id: str | None, config: dict[str, Any], run_id: str | None = None) -> RunRecord:
+    rec = RunRecord(id=run_id or new_id(), method=method, base_model=base_model, dataset_id=dataset_id, config=config, started_at=utcnow())
+    with db.connect() as con:
+        con.execute("DELETE FROM runs WHERE id = ? AND status <> 'succeeded'", [rec.id])  # a resumed run restarts its row
+        _insert(con, "runs", rec)
+    return rec
+
+
+def finish_run(db: Database, run: RunRecord, status: str, metrics: dict[str, Any] | None = None,
+               output_path: str | None = None, artifact_hash: str | None = None, error: str | None = None) -> RunRecord:
+    run.status, run.finished_at = status, utcnow()
+    run.duration_s = (run.finished_at - run.started_at).total_seconds() if run.started_at else None
+    run.metrics = metrics or run.metrics
+    run.output_path, run.artifact_hash, run.error = output_path, artifact_hash, error
+    db.execute(
+        "UPDATE runs SET status=?, finished_at=?, duration_s=?, metrics=?, output_path=?, artifact_hash=?, error=? WHERE id=?",
+        [status, run.finished_at, run.duration_s, dumps(run.metrics), output_path, artifact_hash, error, run.id],
+    )
+    return run
+
+
+def get_run(db: Database, run_id: str) -> RunRecord:
+    rows = db.query("SELECT * FROM runs WHERE id = ? OR id LIKE ? || '%' ORDER BY started_at DESC LIMIT 1", [run_id, run_id])
+    if not rows:
+        raise RegistryError(f"unknown run {run_id!r}")
+    return _row_to(RunRecord, rows[0])
+
+
+def list_runs(db: Database) -> list[RunRecord]:
+    return [_row_to(RunRecord, r) for r in db.query("SELECT * FROM runs ORDER BY started_at")]
+
+
+# ---- model versions -----------------------------------------------------------
+
+def register_version(db: Database, v: ModelVersion) -> ModelVersion:
+    """Insert a version. Same name + same hash is idempotent; same name, other hash is an error."""
+    if v.kind not in KINDS:
+        raise RegistryError(f"kind must be one of {KINDS}, got {v.kind!r}")
+    v.created_at = v.created_at or utcnow()
+    with db.connect() as con:
+        row = con.execute("SELECT content_hash FROM model_versions WHERE name = ?", [v.name]).fetchone()
+        if row:
+            if row[0] == v.content_hash:
+                return get_version(db, v.name, con=con)
+            raise RegistryError(f"version {v.name!r} exists with other content; versions are immutable, pick a new name")
+        _insert(con, "model_versions", v)
+        _event(con, v.name, None, v.stage, "tuneloop", "registered", {"content_hash": v.content_hash})
+    return v
+
+
+def get_version(db: Database, name: str, con=None) -> ModelVersion:
+    rows = _q(db, "SELECT * FROM model_versions WHERE name = ?", [name], con)
+    if not rows:
+        raise RegistryError(f"unknown model version {name!r}; see `tuneloop models list`")
+    return _row_to(ModelVersion, rows[0])
+
+
+def list_versions(db: Database, stage: str | None = None) -> list[ModelVersion]:
+    sql = "SELECT * FROM model_versions" + (" WHERE stage = ?" if stage else "") + " ORDER BY created_at"
+    return [_row_to(ModelVersion, r) for r in db.query(sql, [stage] if stage else [])]
+
+
+def version_by_stage(db: Database, stage: str) -> ModelVersion | None:
+    rows = db.query("SELECT * FROM model_versions WHERE stage = ? ORDER BY stage_changed_at DESC NULLS LAST LIMIT 1", [stage])
+    return _row_to(ModelVersion, rows[0]) if rows else None
+
+
+def set_stage(db: Database, name: str, stage: str, actor: str = "tuneloop", reason: str = "",
+              details: dict[str, Any] | None = None, con=None) -> None:
+    """Move ``name`` to ``stage`` (recording the event); promoting to production retires the previous one."""
+    if stage not in STAGES:
+        raise RegistryError(f"stage must be one of {STAGES}, got {stage!r}")
+
+    def run(c):
+        row = c.execute("SELECT stage FROM model_versions WHERE name = ?", [name]).fetchone()
+        if not row:
+            raise RegistryError(f"unknown model version {name!r}")
+        now = utcnow()
+        if stage in ("production", "canary"):
+            for (other,) in c.execute("SELECT name FROM model_versions WHERE stage = ? AND name <> ?", [stage, name]).fetchall():
+                c.execute("UPDATE model_versions SET stage = 'retired', stage_changed_at = ? WHERE name = ?", [now, other])
+                _event(c, other, stage, "retired", actor, f"replaced by {name}", None)
+        c.execute("UPDATE model_versions SET stage = ?, stage_changed_at = ? WHERE name = ?", [stage, now, name])
+        _event(c, name, row[0], stage, actor, reason, details)
+
+    if con is not None:
+        run(con)
+    else:
+        with db.connect() as c:
+            run(c)
+
+
+def _event(con, version: str, from_stage: str | None, to_stage: str, actor: str, reason: str, details) -> None:
+    con.execute(
+        "INSERT INTO deploy_events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [new_id(), version, from_stage, to_stage, actor, reason, dumps(details), utcnow()],
+    )
+
+
+def _q(db: Database, sql: str, params: list, con=None) -> list[dict[str, Any]]:
+    if con is None:
+        return db.query(sql, params)
+    cur = con.execute(sql, params)
+    cols = [d[0] for d in cur.description]
+    return [dict(zip(cols, r)) for r in cur.fetchall()]

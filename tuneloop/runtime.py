@@ -1,0 +1,51 @@
+"""Process environment for vLLM / torch on this kind of machine, set before they are imported.
+
+Contract: :func:`configure_vllm_env` sets the variables ENVIRONMENT.md found
+mandatory or useful on CPU (``VLLM_CPU_KVCACHE_SPACE``, ``VLLM_TARGET_DEVICE``,
+core binding, offline hub, project-local caches) without overriding anything
+the user already exported. :func:`has_cuda` detects a GPU without importing
+vLLM. :func:`pick_dtype` maps ``auto`` to float32 on CPU and bfloat16 on GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def has_cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+def pick_dtype(dtype: str = "auto") -> str:
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if has_cuda() else "float32"
+
+
+def configure_vllm_env(engine=None, cache_root: str | os.PathLike | None = None) -> None:
+    """Set vLLM's CPU/offline environment (idempotent; user-set values win)."""
+    env = os.environ
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    root = Path(cache_root or env.get("TUNELOOP_HOME", ".tuneloop")).resolve() / "cache"
+    env.setdefault("VLLM_CACHE_ROOT", str(root / "vllm"))
+    if has_cuda():
+        return
+    env.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    kv = getattr(engine, "kv_cache_gib", 1.0) if engine is not None else 1.0
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(kv)))))
+    reserved = getattr(engine, "cpu_reserved_cores", 0) if engine is not None else 0
+    env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", str(reserved))
+    bind = getattr(engine, "cpu_threads_bind", "auto") if engine is not None else "auto"
+    if bind == "auto":
+        n = os.cpu_count() or 1
+        bind = f"0-{n - 1}" if n > 1 else "0"
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
+    if engine is not None and not getattr(engine, "multiprocessing", True):
+        env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

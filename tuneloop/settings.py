@@ -1,0 +1,153 @@
+"""Platform settings: one typed dataclass per concern, loaded from ``tuneloop.yaml``.
+
+Contract
+--------
+:func:`load_settings` merges, in increasing priority: defaults, the YAML file
+(``--config``, else ``$TUNELOOP_CONFIG``, else ``./tuneloop.yaml`` if present),
+env vars ``TUNELOOP_<SECTION>__<FIELD>`` (e.g. ``TUNELOOP_SERVER__PORT=9000``)
+and ``section.field=value`` overrides. Secrets (API keys) never live here.
+Paths are resolved against ``home`` (``$TUNELOOP_HOME`` or ``./.tuneloop``).
+Training hyper-parameters are not here: they are ``trainer.config.TrainConfig``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tuneloop.config import build, load_yaml
+
+
+def _home_default() -> str:
+    return os.environ.get("TUNELOOP_HOME", ".tuneloop")
+
+
+def _models_default() -> str:
+    return os.environ.get(
+        "TUNELOOP_MODEL_CACHE", str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tuneloop" / "models")
+    )
+
+
+@dataclass
+class PathSettings:
+    home: str = field(default_factory=_home_default, metadata={"help": "Folder for the database, datasets, runs and reports ($TUNELOOP_HOME)."})
+    db: str = field(default="", metadata={"help": "DuckDB file; empty means <home>/tuneloop.duckdb."})
+    models: str = field(default_factory=_models_default, metadata={"help": "Cache of pulled base models, shared across projects ($TUNELOOP_MODEL_CACHE)."})
+
+    @property
+    def home_path(self) -> Path:
+        return Path(self.home).expanduser().resolve()
+
+    @property
+    def db_path(self) -> Path:
+        return Path(self.db).expanduser().resolve() if self.db else self.home_path / "tuneloop.duckdb"
+
+    @property
+    def models_path(self) -> Path:
+        return Path(self.models).expanduser().resolve()
+
+    def sub(self, name: str) -> Path:
+        """``<home>/<name>``, created on demand (datasets, runs, reports ...)."""
+        p = self.home_path / name
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+
+@dataclass
+class EngineSettings:
+    dtype: str = field(default="auto", metadata={"help": "Model dtype; 'auto' picks float32 on CPU, bfloat16 on GPU."})
+    max_model_len: int = field(default=2048, metadata={"help": "Context length (prompt + completion tokens)."})
+    kv_cache_gib: float = field(default=1.0, metadata={"help": "CPU KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."})
+    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "GPU only: share of GPU memory vLLM may use."})
+    enforce_eager: bool = field(default=True, metadata={"help": "Skip graph compilation (faster start-up; right for CPU)."})
+    enable_lora: bool = field(default=True, metadata={"help": "Serve LoRA adapters per request."})
+    max_loras: int = field(default=4, metadata={"help": "Adapters resident in one batch."})
+    max_lora_rank: int = field(default=16, metadata={"help": "Largest LoRA rank the engine accepts."})
+    max_num_seqs: int = field(default=64, metadata={"help": "Most sequences scheduled at once."})
+    tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs per replica (tensor parallelism)."})
+    seed: int = field(default=0, metadata={"help": "Engine seed."})
+    cpu_reserved_cores: int = field(default=0, metadata={"help": "CPU only: cores vLLM keeps for its front end (VLLM_CPU_NUM_OF_RESERVED_CPU)."})
+    cpu_threads_bind: str = field(default="auto", metadata={"help": "CPU only: OMP thread binding (VLLM_CPU_OMP_THREADS_BIND), 'auto' = all cores."})
+    multiprocessing: bool = field(default=True, metadata={"help": "Run the engine core in its own process (VLLM_ENABLE_V1_MULTIPROCESSING)."})
+
+
+@dataclass
+class ServerSettings:
+    host: str = field(default="127.0.0.1", metadata={"help": "Bind address."})
+    port: int = field(default=8000, metadata={"help": "Bind port."})
+    model: str = field(default="", metadata={"help": "Base model (folder, registered version or pulled name) to serve; empty = base of the production version, else the default base."})
+    adapters: list[str] = field(default_factory=list, metadata={"help": "Adapter versions (or name=path) to load at start-up."})
+    served_model_name: str = field(default="", metadata={"help": "Name the base model answers to in the API (default: its folder name)."})
+    max_body_bytes: int = field(default=4 * 1024 * 1024, metadata={"help": "Largest accepted request body."})
+    state_refresh_s: float = field(default=2.0, metadata={"help": "How often the server re-reads deploy state (aliases, canary) from the database."})
+    admin_url: str = field(default="", metadata={"help": "URL of a running server's admin API that CLI commands use (default http://host:port)."})
+
+
+@dataclass
+class LogSettings:
+    enabled: bool = field(default=True, metadata={"help": "Write every request to the request log."})
+    flush_interval_s: float = field(default=1.0, metadata={"help": "Longest time a row waits in memory before it is written."})
+    flush_rows: int = field(default=1000, metadata={"help": "Flush as soon as this many rows are queued."})
+    queue_max: int = field(default=100_000, metadata={"help": "Bounded queue size; when full, new rows are dropped and counted (tuneloop_log_rows_dropped_total)."})
+    redact_prompts: bool = field(default=False, metadata={"help": "Store no prompt/response text, only sizes and timings."})
+    scrub_pii: bool = field(default=False, metadata={"help": "Scrub emails, phones, card numbers and IPs from logged text."})
+
+
+@dataclass
+class AuthSettings:
+    require_keys: bool = field(default=False, metadata={"help": "Require a Bearer key on /v1 even when no key exists yet (keys are always required once one exists)."})
+
+
+@dataclass
+class DriftSettings:
+    interval_s: float = field(default=60.0, metadata={"help": "How often the server computes drift in the background (0 = off)."})
+    window: str = field(default="1h", metadata={"help": "Production window: a duration ('30m', '1h') or a request count ('500r')."})
+    min_requests: int = field(default=50, metadata={"help": "Skip drift for windows with fewer requests."})
+    psi_threshold: float = field(default=0.2, metadata={"help": "PSI on prompt token length above which it is drifted."})
+    ks_pvalue: float = field(default=0.01, metadata={"help": "KS p-value below which prompt length is drifted."})
+    js_threshold: float = field(default=0.1, metadata={"help": "Jensen-Shannon divergence (bits) of unigrams above which vocabulary is drifted."})
+    oov_threshold: float = field(default=0.1, metadata={"help": "Increase in out-of-vocabulary share above which it is drifted."})
+    embedding_pvalue: float = field(default=0.01, metadata={"help": "Permutation p-value of embedding MMD below which it is drifted."})
+    length_share_threshold: float = field(default=0.1, metadata={"help": "Increase in finish_reason=length share above which output is drifted."})
+    embedding_sample: int = field(default=256, metadata={"help": "Rows embedded per side for embedding drift."})
+
+
+@dataclass
+class DeploySettings:
+    canary_share: float = field(default=0.1, metadata={"help": "Share of 'production' traffic sent to the canary."})
+    canary_min_requests: int = field(default=100, metadata={"help": "Requests on the canary before it is judged."})
+    canary_max_minutes: float = field(default=30.0, metadata={"help": "Judge the canary after this long even with fewer requests."})
+    canary_max_error_rate_delta: float = field(default=0.02, metadata={"help": "Canary error rate may exceed production's by at most this."})
+    canary_max_latency_ratio: float = field(default=1.5, metadata={"help": "Canary p50 latency may be at most this times production's."})
+    canary_max_negative_feedback_delta: float = field(default=0.1, metadata={"help": "Canary thumbs-down share may exceed production's by at most this."})
+    gate_metric: str = field(default="token_f1", metadata={"help": "Per-example metric the gate compares (token_f1, rouge_l, exact_match, neg_loss)."})
+    gate_min_delta: float = field(default=0.0, metadata={"help": "Lower bound of the paired-bootstrap CI of (candidate - production) must be >= -this."})
+    gate_max_forgetting: float = field(default=0.1, metadata={"help": "Largest relative increase in general-set perplexity allowed."})
+    gate_min_golden_pass: float = field(default=1.0, metadata={"help": "Share of golden prompts a candidate must pass (relative to production if lower)."})
+    bootstrap_samples: int = field(default=1000, metadata={"help": "Paired bootstrap resamples."})
+
+
+@dataclass
+class Settings:
+    paths: PathSettings = field(default_factory=PathSettings, metadata={"help": "Where things live."})
+    engine: EngineSettings = field(default_factory=EngineSettings, metadata={"help": "vLLM engine arguments."})
+    server: ServerSettings = field(default_factory=ServerSettings, metadata={"help": "HTTP server."})
+    log: LogSettings = field(default_factory=LogSettings, metadata={"help": "Request log writer."})
+    auth: AuthSettings = field(default_factory=AuthSettings, metadata={"help": "API keys."})
+    drift: DriftSettings = field(default_factory=DriftSettings, metadata={"help": "Drift monitoring."})
+    deploy: DeploySettings = field(default_factory=DeploySettings, metadata={"help": "Gates and canaries."})
+
+
+def config_file(explicit: str | None = None) -> str | None:
+    """The config file in effect: ``explicit``, ``$TUNELOOP_CONFIG`` or ``./tuneloop.yaml``."""
+    if explicit:
+        return explicit
+    if os.environ.get("TUNELOOP_CONFIG"):
+        return os.environ["TUNELOOP_CONFIG"]
+    return "tuneloop.yaml" if Path("tuneloop.yaml").is_file() else None
+
+
+def load_settings(path: str | None = None, overrides: list[str] | None = None) -> Settings:
+    """Settings from defaults < YAML < env < overrides (see module doc)."""
+    return build(Settings, load_yaml(config_file(path)), overrides, env_prefix="TUNELOOP_")
