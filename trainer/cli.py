@@ -11,6 +11,18 @@ from tuneloop.cli import add_group
 
 
 def register(sub) -> None:
+    _register_models(sub)
+    import importlib
+
+    for name in ("trainer.cli_data", "trainer.cli_train"):
+        try:
+            importlib.import_module(name).register(sub)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+
+
+def _register_models(sub) -> None:
     models = add_group(sub, "models", "base models and the model registry (pull, list, show)")
     p = models.add_parser("pull", help="materialize a base model offline into the model cache",
                           description="Materialize a base model as a plain Hugging Face folder in the model cache "
