@@ -175,6 +175,7 @@ MIGRATIONS: list[str] = [
         started_at TIMESTAMP NOT NULL,
         finished_at TIMESTAMP,
         details JSON,
+        error VARCHAR,
         PRIMARY KEY (id, step)
     );
     """,

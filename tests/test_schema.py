@@ -1,0 +1,120 @@
+"""The DuckDB schema: migrations apply once, in order, and every table has exactly its columns."""
+
+from __future__ import annotations
+
+import duckdb
+import pytest
+
+from tuneloop.db import Database, migrate
+from tuneloop.migrations import MIGRATIONS
+
+EXPECTED = {
+    "datasets": [("id", "VARCHAR"), ("name", "VARCHAR"), ("content_hash", "VARCHAR"), ("kind", "VARCHAR"), ("path", "VARCHAR"),
+                 ("source", "JSON"), ("card", "JSON"), ("rows_train", "BIGINT"), ("rows_validation", "BIGINT"),
+                 ("rows_test", "BIGINT"), ("parent_ids", "JSON"), ("created_at", "TIMESTAMP")],
+    "runs": [("id", "VARCHAR"), ("method", "VARCHAR"), ("base_model", "VARCHAR"), ("dataset_id", "VARCHAR"), ("config", "JSON"),
+             ("status", "VARCHAR"), ("started_at", "TIMESTAMP"), ("finished_at", "TIMESTAMP"), ("duration_s", "DOUBLE"),
+             ("metrics", "JSON"), ("output_path", "VARCHAR"), ("artifact_hash", "VARCHAR"), ("error", "VARCHAR")],
+    "model_versions": [("name", "VARCHAR"), ("kind", "VARCHAR"), ("base_model", "VARCHAR"), ("path", "VARCHAR"),
+                       ("content_hash", "VARCHAR"), ("parent_version", "VARCHAR"), ("dataset_id", "VARCHAR"), ("run_id", "VARCHAR"),
+                       ("config", "JSON"), ("metrics", "JSON"), ("created_at", "TIMESTAMP"), ("stage", "VARCHAR"),
+                       ("stage_changed_at", "TIMESTAMP")],
+    "eval_reports": [("id", "VARCHAR"), ("dataset_id", "VARCHAR"), ("models", "JSON"), ("report", "JSON"), ("path", "VARCHAR"),
+                     ("created_at", "TIMESTAMP")],
+    "requests": [("id", "VARCHAR"), ("received_at", "TIMESTAMP"), ("route", "VARCHAR"), ("model", "VARCHAR"),
+                 ("model_version", "VARCHAR"), ("arm", "VARCHAR"), ("prompt", "JSON"), ("response", "VARCHAR"),
+                 ("finish_reason", "VARCHAR"), ("prompt_tokens", "INTEGER"), ("completion_tokens", "INTEGER"), ("ttft_s", "DOUBLE"),
+                 ("latency_s", "DOUBLE"), ("status", "INTEGER"), ("error", "VARCHAR"), ("stream", "BOOLEAN"), ("params", "JSON"),
+                 ("user_id", "VARCHAR"), ("key_id", "VARCHAR")],
+    "api_keys": [("id", "VARCHAR"), ("name", "VARCHAR"), ("scope", "VARCHAR"), ("key_hash", "VARCHAR"), ("prefix", "VARCHAR"),
+                 ("created_at", "TIMESTAMP"), ("revoked_at", "TIMESTAMP")],
+    "reference_profiles": [("model_version", "VARCHAR"), ("dataset_id", "VARCHAR"), ("profile", "JSON"), ("embeddings", "BLOB"),
+                           ("embedding_dim", "INTEGER"), ("created_at", "TIMESTAMP")],
+    "drift_reports": [("id", "VARCHAR"), ("model_version", "VARCHAR"), ("window_start", "TIMESTAMP"), ("window_end", "TIMESTAMP"),
+                      ("n_requests", "BIGINT"), ("feature", "VARCHAR"), ("statistic", "VARCHAR"), ("value", "DOUBLE"),
+                      ("threshold", "DOUBLE"), ("drifted", "BOOLEAN"), ("details", "JSON"), ("created_at", "TIMESTAMP")],
+    "feedback": [("id", "VARCHAR"), ("request_id", "VARCHAR"), ("source", "VARCHAR"), ("rating", "INTEGER"), ("rating_kind", "VARCHAR"),
+                 ("correction", "VARCHAR"), ("comment", "VARCHAR"), ("labels", "JSON"), ("model_version", "VARCHAR"),
+                 ("created_at", "TIMESTAMP")],
+    "dataset_rows": [("dataset_id", "VARCHAR"), ("row_id", "VARCHAR"), ("split", "VARCHAR"), ("request_id", "VARCHAR"), ("origin", "VARCHAR")],
+    "deploy_events": [("id", "VARCHAR"), ("model_version", "VARCHAR"), ("from_stage", "VARCHAR"), ("to_stage", "VARCHAR"),
+                      ("actor", "VARCHAR"), ("reason", "VARCHAR"), ("details", "JSON"), ("occurred_at", "TIMESTAMP")],
+    "canaries": [("id", "VARCHAR"), ("candidate", "VARCHAR"), ("production", "VARCHAR"), ("share", "DOUBLE"), ("status", "VARCHAR"),
+                 ("started_at", "TIMESTAMP"), ("decided_at", "TIMESTAMP"), ("decision", "JSON")],
+    "loop_runs": [("id", "VARCHAR"), ("step", "VARCHAR"), ("status", "VARCHAR"), ("started_at", "TIMESTAMP"),
+                  ("finished_at", "TIMESTAMP"), ("details", "JSON"), ("error", "VARCHAR")],
+    "schema_migrations": [("version", "INTEGER"), ("applied_at", "TIMESTAMP")],
+}
+
+
+def columns(db: Database, table: str) -> list[tuple[str, str]]:
+    rows = db.query("SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ? ORDER BY ordinal_position", [table])
+    return [(r["column_name"], r["data_type"]) for r in rows]
+
+
+@pytest.mark.parametrize("table", sorted(EXPECTED))
+def test_every_table_has_exactly_its_columns(db, table):
+    assert columns(db, table) == EXPECTED[table]
+
+
+def test_no_unexpected_tables(db):
+    tables = {r["table_name"] for r in db.query("SELECT table_name FROM information_schema.tables")}
+    assert tables == set(EXPECTED)
+
+
+def test_migrations_apply_once_and_are_recorded_in_order(tmp_path):
+    path = tmp_path / "t.duckdb"
+    con = duckdb.connect(str(path))
+    assert migrate(con) == len(MIGRATIONS)
+    assert migrate(con) == len(MIGRATIONS)  # second run is a no-op
+    versions = [r[0] for r in con.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()]
+    assert versions == list(range(1, len(MIGRATIONS) + 1))
+    con.close()
+
+
+def test_an_old_database_is_upgraded_in_place(tmp_path):
+    """A database created by an earlier release (fewer migrations) gains the new tables and keeps its rows."""
+    import tuneloop.migrations as m
+
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    saved = list(m.MIGRATIONS)
+    try:
+        m.MIGRATIONS[:] = saved[:1]
+        migrate(con)
+        con.execute("INSERT INTO datasets VALUES ('d@1', 'd', '1', 'sft', '/x', NULL, NULL, 1, 0, 0, NULL, now())")
+    finally:
+        m.MIGRATIONS[:] = saved
+    migrate(con)
+    assert con.execute("SELECT count(*) FROM datasets").fetchone()[0] == 1
+    assert con.execute("SELECT count(*) FROM requests").fetchone()[0] == 0
+    con.close()
+
+
+def test_failed_transaction_writes_nothing(db):
+    with pytest.raises(RuntimeError):
+        with db.connect() as con:
+            con.execute("INSERT INTO api_keys VALUES ('k', 'n', 'admin', 'h', 'p', now(), NULL)")
+            raise RuntimeError("crash mid-write")
+    assert db.query("SELECT count(*) AS n FROM api_keys")[0]["n"] == 0
+
+
+def test_a_second_process_waits_for_the_lock_then_proceeds(db, tmp_path):
+    """Short connections + retry: a writer that holds the file briefly does not make another process fail."""
+    import subprocess
+    import sys
+    import textwrap
+
+    db.execute("SELECT 1")  # create + migrate
+    script = textwrap.dedent(f"""
+        import duckdb, time
+        con = duckdb.connect({str(db.path)!r})
+        print('locked', flush=True)
+        time.sleep(1.5)
+        con.close()
+    """)
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "locked"
+    db.execute("INSERT INTO api_keys VALUES ('k2', 'n', 'admin', 'h2', 'p', now(), NULL)")
+    p.wait(10)
+    assert db.query("SELECT count(*) AS n FROM api_keys")[0]["n"] == 1
