@@ -31,3 +31,14 @@ def test_hub_ids_fail_clearly_offline(cli):
 def test_models_show_unknown_version(cli):
     r = cli("models", "show", "v9", check=False)
     assert r.returncode == 2 and "unknown model version" in r.stderr
+
+
+def test_config_show_reflects_file_env_and_set(cli, tmp_path):
+    (tmp_path / "tuneloop.yaml").write_text("server:\n  port: 9001\n")  # cli runs in tmp_path: picked up as ./tuneloop.yaml
+    out = cli("--set", "log.flush_rows=7", "config", "show").stdout
+    assert "port: 9001" in out and "flush_rows: 7" in out
+
+
+def test_config_keys_documents_every_key(cli):
+    out = cli("config", "keys").stdout
+    assert "engine.kv_cache_gib" in out and "VLLM_CPU_KVCACHE_SPACE" in out

@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one setting, e.g. --set server.port=9000 (repeatable)")
     p.add_argument("--home", metavar="DIR", help="data folder (database, datasets, runs); default $TUNELOOP_HOME or ./.tuneloop")
     sub = p.add_subparsers(dest="command", metavar="<command>")
+    _register_config(sub)
     for name in AREAS:
         try:
             mod = importlib.import_module(name)
@@ -96,6 +97,32 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _register_config(sub) -> None:
+    g = add_group(sub, "config", "show the effective settings and every settings key with its help")
+    c = g.add_parser("show", help="print the effective settings (defaults < YAML < env < --set) as YAML")
+    c.set_defaults(handler=_cmd_config_show)
+    c = g.add_parser("keys", help="list every settings key with its help and default")
+    c.set_defaults(handler=_cmd_config_keys)
+
+
+def _cmd_config_show(args, ctx) -> int:
+    import yaml
+
+    from tuneloop.config import to_dict
+
+    print(yaml.safe_dump(to_dict(ctx.settings), sort_keys=False).rstrip())
+    return 0
+
+
+def _cmd_config_keys(args, ctx) -> int:
+    from tuneloop.config import field_help
+    from tuneloop.settings import Settings
+
+    for key, text in field_help(Settings).items():
+        print(f"{key}\n    {text}")
+    return 0
 
 
 def add_group(sub, name: str, help: str) -> argparse._SubParsersAction:
