@@ -24,7 +24,7 @@ help:
 
 $(STAMP): requirements/cpu.lock requirements/gpu.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q --upgrade pip "setuptools>=77"
 	$(BIN)/pip install -q $(INSTALL_$(TARGET))
 	$(BIN)/pip install -q --no-deps $(EXTRAS)
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
