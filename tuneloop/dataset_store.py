@@ -1,0 +1,153 @@
+"""Versioned training datasets on disk, registered in the database.
+
+Contract
+--------
+* :func:`save_dataset` writes ``<home>/datasets/<name>-<hash12>/`` holding
+  ``data/`` (a ``datasets.DatasetDict`` saved with ``save_to_disk``, splits
+  ``train``/``validation``/``test``, each possibly empty) and ``card.json``,
+  atomically (temporary folder + rename: a crash leaves no half dataset). The
+  id is ``<name>@<hash12>`` where the hash is sha256 over the canonical JSON
+  of the rows per split, so the same rows give the same id (idempotent). It
+  registers the dataset in ``datasets`` and one ``dataset_rows`` row per row
+  (row id, split, request id, origin) in one transaction.
+* Row schema — SFT: ``{"id", "messages": [{"role","content"}...], "request_id", "origin"}``;
+  preference: ``{"id", "prompt": [...], "chosen": [...], "rejected": [...], "request_id", "origin"}``.
+* :func:`load_splits` loads a DatasetDict from a registered id/name or a path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+from tuneloop.db import Database, dumps, utcnow
+from tuneloop.errors import UserError
+from tuneloop.registry import DatasetRecord, get_dataset
+
+SPLITS = ("train", "validation", "test")
+KINDS = ("sft", "preference")
+
+
+def content_hash(splits: dict[str, list[dict]]) -> str:
+    h = hashlib.sha256()
+    for split in SPLITS:
+        h.update(split.encode() + b"\0")
+        for row in splits.get(split, []):
+            h.update(json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode() + b"\n")
+    return h.hexdigest()
+
+
+def _features(kind: str):
+    from datasets import Features, Value
+
+    msg = [{"role": Value("string"), "content": Value("string")}]
+    base = {"id": Value("string"), "request_id": Value("string"), "origin": Value("string")}
+    if kind == "sft":
+        return Features({"id": base["id"], "messages": msg, "request_id": base["request_id"], "origin": base["origin"]})
+    return Features({"id": base["id"], "prompt": msg, "chosen": msg, "rejected": msg,
+                     "request_id": base["request_id"], "origin": base["origin"]})
+
+
+def _normalise(kind: str, row: dict[str, Any]) -> dict[str, Any]:
+    keys = ("id", "messages", "request_id", "origin") if kind == "sft" else ("id", "prompt", "chosen", "rejected", "request_id", "origin")
+    missing = [k for k in keys if k not in ("request_id", "origin") and k not in row]
+    if missing:
+        raise UserError(f"dataset row {row.get('id', '?')!r} lacks {', '.join(missing)} (kind {kind})")
+    out = {k: row.get(k) for k in keys}
+    out["origin"] = out["origin"] or "file"
+    out["id"] = str(out["id"])
+    return out
+
+
+def save_dataset(db: Database, home: str | os.PathLike, name: str, splits: dict[str, list[dict]], kind: str,
+                 card: dict[str, Any], source: dict[str, Any], parent_ids: Iterable[str] = ()) -> DatasetRecord:
+    """Write, hash and register a dataset (see module doc). Raises UserError if it has no training rows."""
+    from datasets import Dataset, DatasetDict
+
+    if kind not in KINDS:
+        raise UserError(f"dataset kind must be one of {KINDS}, got {kind!r}")
+    unknown = set(splits) - set(SPLITS)
+    if unknown:
+        raise UserError(f"unknown split(s) {sorted(unknown)}; splits are {SPLITS}")
+    rows = {s: [_normalise(kind, r) for r in splits.get(s, [])] for s in SPLITS}
+    if not rows["train"]:
+        raise UserError(f"dataset {name!r} has no training rows")
+    digest = content_hash(rows)
+    ds_id = f"{name}@{digest[:12]}"
+    root = Path(home) / "datasets"
+    root.mkdir(parents=True, exist_ok=True)
+    dest = root / f"{name}-{digest[:12]}"
+    card = dict(card, id=ds_id, name=name, kind=kind, content_hash=digest, rows={s: len(rows[s]) for s in SPLITS})
+    if not (dest / "card.json").is_file():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+        try:
+            feats = _features(kind)
+            dd = DatasetDict({s: Dataset.from_dict({k: [r[k] for r in rows[s]] for k in feats}, features=feats) for s in SPLITS})
+            # one shard per split: datasets 5.x cannot reload an empty split saved with the default sharding
+            dd.save_to_disk(str(tmp / "data"), num_shards={s: 1 for s in SPLITS})
+            (tmp / "card.json").write_text(json.dumps(card, indent=2, default=str))
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(tmp, dest)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    rec = DatasetRecord(id=ds_id, name=name, content_hash=digest, kind=kind, path=str(dest),
+                        rows_train=len(rows["train"]), rows_validation=len(rows["validation"]), rows_test=len(rows["test"]),
+                        source=source, card=card, parent_ids=list(parent_ids), created_at=utcnow())
+    with db.connect() as con:
+        if con.execute("SELECT 1 FROM datasets WHERE id = ?", [ds_id]).fetchone():
+            return get_dataset(db, ds_id, con=con)
+        con.execute(
+            "INSERT INTO datasets (id, name, content_hash, kind, path, source, card, rows_train, rows_validation, rows_test, parent_ids, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [rec.id, rec.name, rec.content_hash, rec.kind, rec.path, dumps(rec.source), dumps(rec.card), rec.rows_train,
+             rec.rows_validation, rec.rows_test, dumps(rec.parent_ids), rec.created_at],
+        )
+        _insert_rows(con, ds_id, rows)
+    return rec
+
+
+def _insert_rows(con, ds_id: str, rows: dict[str, list[dict]]) -> None:
+    import pyarrow as pa
+
+    table = pa.table({
+        "dataset_id": [ds_id for s in SPLITS for _ in rows[s]],
+        "row_id": [r["id"] for s in SPLITS for r in rows[s]],
+        "split": [s for s in SPLITS for _ in rows[s]],
+        "request_id": [r.get("request_id") for s in SPLITS for r in rows[s]],
+        "origin": [r.get("origin") for s in SPLITS for r in rows[s]],
+    })
+    con.register("_tl_rows", table)
+    try:
+        con.execute("INSERT INTO dataset_rows SELECT dataset_id, row_id, split, request_id, origin FROM _tl_rows")
+    finally:
+        con.unregister("_tl_rows")
+
+
+def dataset_dir(db: Database | None, ref: str | os.PathLike) -> Path:
+    """Folder of a dataset given its id/name (registry) or a path."""
+    p = Path(ref)
+    if (p / "data").is_dir():
+        return p
+    if p.name == "data" and p.is_dir():
+        return p.parent
+    if db is None:
+        raise UserError(f"{ref} is not a dataset folder")
+    return Path(get_dataset(db, str(ref)).path)
+
+
+def load_splits(db: Database | None, ref: str | os.PathLike):
+    """The ``datasets.DatasetDict`` of a registered dataset (id, name) or of a dataset folder."""
+    from datasets import load_from_disk
+
+    return load_from_disk(str(dataset_dir(db, ref) / "data"))
+
+
+def load_card(db: Database | None, ref: str | os.PathLike) -> dict[str, Any]:
+    return json.loads((dataset_dir(db, ref) / "card.json").read_text())
