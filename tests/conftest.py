@@ -21,6 +21,7 @@ from tuneloop.runtime import configure_vllm_env  # noqa: E402
 configure_vllm_env(cache_root=Path(__file__).resolve().parent.parent / ".tuneloop")
 
 VENV_BIN = Path(sys.executable).parent
+pytest_plugins = ["fixtures_server"]  # live `tuneloop serve` + LoRA adapters (tests/fixtures_server.py)
 
 
 @pytest.fixture(scope="session")

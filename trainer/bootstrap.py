@@ -171,8 +171,11 @@ def tiny_corpus() -> list[str]:
     return texts + base * 20
 
 
-def build_tiny_model(dest: str | os.PathLike, hidden: int = 64, layers: int = 2, vocab_size: int = 1024, seed: int = 0) -> Path:
-    """Write a random-init tiny Llama + trained BPE tokenizer + ChatML template to ``dest``."""
+def build_tiny_model(dest: str | os.PathLike, hidden: int = 128, layers: int = 2, vocab_size: int = 1024, seed: int = 0) -> Path:
+    """Write a random-init tiny Llama + trained BPE tokenizer + ChatML template to ``dest``.
+
+    ``hidden`` / 4 heads must be a head size vLLM's CPU attention supports (>= 32): 64 fails at the first step.
+    """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast

@@ -1,0 +1,210 @@
+"""The eval gate: nothing is deployed unless it matches or beats what is in production.
+
+Contract
+--------
+* :func:`paired_bootstrap` — mean of ``candidate - baseline`` per example and
+  its percentile confidence interval from ``samples`` paired resamples
+  (the same example indices for both models in every resample).
+* :func:`judge_report` — pure: an evaluation report (trainer.evaluate's
+  contract: ``models``, ``summary[model][metric]``, ``per_example[model][metric]``,
+  ``golden[model]``) + :class:`tuneloop.settings.DeploySettings` ->
+  :class:`GateResult` with one :class:`Check` per criterion:
+
+  - ``quality``: lower bound of the CI of the per-example ``gate_metric``
+    difference >= ``-gate_min_delta`` (``neg_loss`` = minus per-example loss);
+  - ``forgetting``: relative increase of ``general_perplexity`` <= ``gate_max_forgetting``
+    (skipped when the report has no general set);
+  - ``golden``: candidate pass rate >= min(``gate_min_golden_pass``, baseline's rate)
+    (skipped without golden prompts).
+* :func:`run_gate` — evaluates a candidate against the production version (or,
+  with none yet, against the candidate's base model) on the candidate dataset's
+  held-out split, judges, and records the verdict as a ``deploy_events`` row
+  (actor ``gate``, stage unchanged) that ``deploy canary``/``promote`` check.
+* :func:`last_gate` — the latest recorded verdict for a version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tuneloop.db import Database, dumps, loads, utcnow
+from tuneloop.errors import UserError
+from tuneloop.ids import new_id
+
+
+class GateError(UserError, ValueError):
+    """The gate could not judge (bad report, mismatched examples ...)."""
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    value: float | None
+    threshold: float | None
+    detail: str
+    skipped: bool = False
+
+
+@dataclass
+class GateResult:
+    candidate: str
+    baseline: str
+    metric: str
+    passed: bool
+    checks: list[Check]
+    n_examples: int
+    report_id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def message(self) -> str:
+        head = f"gate {'PASSED' if self.passed else 'FAILED'}: {self.candidate} vs {self.baseline} ({self.n_examples} held-out examples)"
+        lines = [head] + [f"  [{'skip' if c.skipped else ('ok' if c.passed else 'FAIL')}] {c.name}: {c.detail}" for c in self.checks]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Bootstrap:
+    mean_delta: float
+    ci_low: float
+    ci_high: float
+    samples: int
+    confidence: float
+
+
+def paired_bootstrap(candidate, baseline, samples: int = 1000, confidence: float = 0.95, seed: int = 0) -> Bootstrap:
+    """Percentile CI of mean(candidate - baseline) over ``samples`` paired resamples (seeded)."""
+    a = np.asarray(candidate, dtype=np.float64)
+    b = np.asarray(baseline, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise GateError(f"paired bootstrap needs two equal-length lists, got {a.shape} and {b.shape}")
+    if len(a) == 0:
+        raise GateError("paired bootstrap needs at least one example")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise GateError("per-example metrics contain NaN or infinity")
+    d = a - b
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(d), size=(samples, len(d)))
+    means = d[idx].mean(axis=1)
+    alpha = (1 - confidence) / 2
+    lo, hi = np.quantile(means, [alpha, 1 - alpha])
+    return Bootstrap(float(d.mean()), float(lo), float(hi), samples, confidence)
+
+
+def _per_example(report: dict, model: str, metric: str) -> list[float]:
+    pe = report.get("per_example", {}).get(model)
+    if pe is None:
+        raise GateError(f"the eval report has no per-example metrics for {model!r} (models: {report.get('models')})")
+    if metric == "neg_loss":
+        if "loss" not in pe:
+            raise GateError(f"the eval report has no per-example 'loss' for {model!r}")
+        return [-float(v) for v in pe["loss"]]
+    if metric not in pe:
+        raise GateError(f"the eval report has no per-example {metric!r} for {model!r}; it has: {', '.join(sorted(pe))}")
+    return [float(v) for v in pe[metric]]
+
+
+def judge_report(report: dict, candidate: str, baseline: str, deploy, seed: int = 0) -> GateResult:
+    """Apply the gate criteria (module doc) to an eval report; pure, no I/O."""
+    metric = deploy.gate_metric
+    a = _per_example(report, candidate, metric)
+    b = _per_example(report, baseline, metric)
+    if len(a) != len(b):
+        raise GateError(f"{candidate} has {len(a)} per-example values but {baseline} has {len(b)}: not the same examples")
+    bs = paired_bootstrap(a, b, deploy.bootstrap_samples, 0.95, seed)
+    need = -deploy.gate_min_delta
+    checks = [Check(
+        "quality", bs.ci_low >= need, bs.ci_low, need,
+        f"{metric} candidate {np.mean(a):.4f} vs {np.mean(b):.4f}, mean delta {bs.mean_delta:+.4f}, "
+        f"95% CI [{bs.ci_low:+.4f}, {bs.ci_high:+.4f}] over {bs.samples} paired resamples; "
+        f"lower bound must be >= {need:+.4f}")]
+
+    summ = report.get("summary", {})
+    pc = (summ.get(candidate) or {}).get("general_perplexity")
+    pb = (summ.get(baseline) or {}).get("general_perplexity")
+    if pc is None or pb is None:
+        checks.append(Check("forgetting", True, None, deploy.gate_max_forgetting, "no general set evaluated", skipped=True))
+    else:
+        rel = float(pc) / float(pb) - 1.0
+        checks.append(Check("forgetting", rel <= deploy.gate_max_forgetting, rel, deploy.gate_max_forgetting,
+                            f"general-set perplexity {pc:.3f} vs {pb:.3f} ({rel:+.1%}); at most {deploy.gate_max_forgetting:+.1%} allowed"))
+
+    gold = report.get("golden") or {}
+    gc, gb = gold.get(candidate), gold.get(baseline)
+    if not gc or not gc.get("total"):
+        checks.append(Check("golden", True, None, deploy.gate_min_golden_pass, "no golden prompts", skipped=True))
+    else:
+        rc = gc["passed"] / gc["total"]
+        rb = gb["passed"] / gb["total"] if gb and gb.get("total") else 1.0
+        need_g = min(deploy.gate_min_golden_pass, rb)
+        checks.append(Check("golden", rc >= need_g - 1e-12, rc, need_g,
+                            f"passed {gc['passed']}/{gc['total']} golden prompts ({rc:.0%}); baseline {rb:.0%}; need >= {need_g:.0%}"))
+    return GateResult(candidate, baseline, metric, all(c.passed for c in checks), checks, len(a),
+                      report_id=report.get("id"),
+                      extra={"bootstrap": asdict(bs), "summary": {m: summ.get(m) for m in (candidate, baseline)}})
+
+
+def baseline_for(db: Database, candidate: str) -> tuple[str, str]:
+    """(label, evaluate() reference) of what ``candidate`` must beat: the production version, else its base model."""
+    from tuneloop.registry import get_version, version_by_stage
+
+    prod = version_by_stage(db, "production")
+    if prod is not None and prod.name != candidate:
+        return prod.name, prod.name
+    v = get_version(db, candidate)
+    return "base", v.base_model
+
+
+def run_gate(db: Database, settings, candidate: str, dataset: str | None = None, golden: str | None = None,
+             general: str | None = None, limit: int | None = None, actor: str = "gate", seed: int = 0) -> GateResult:
+    """Evaluate ``candidate`` against production (or its base) and judge; records the verdict."""
+    from trainer.evaluate import evaluate
+    from tuneloop.registry import get_version
+
+    v = get_version(db, candidate)
+    ds = dataset or v.dataset_id
+    if not ds:
+        raise GateError(f"{candidate} has no dataset recorded; pass --dataset with a held-out split")
+    label, ref = baseline_for(db, candidate)
+    report = evaluate([candidate, ref], ds, db, settings, golden=golden, general=general, limit=limit)
+    names = report.get("models") or [candidate, ref]
+    result = judge_report(report, names[0], names[1], settings.deploy, seed=seed)
+    result.candidate, result.baseline = candidate, label if label != "base" else f"base ({ref})"
+    result.extra["dataset"] = ds
+    record_verdict(db, candidate, result, actor)
+    return result
+
+
+def record_verdict(db: Database, candidate: str, result: GateResult, actor: str = "gate") -> None:
+    with db.connect() as con:
+        row = con.execute("SELECT stage FROM model_versions WHERE name = ?", [candidate]).fetchone()
+        stage = row[0] if row else "candidate"
+        con.execute("INSERT INTO deploy_events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [new_id(), candidate, stage, stage, actor,
+                     f"gate {'passed' if result.passed else 'failed'} vs {result.baseline}", dumps({"gate": result.to_dict()}), utcnow()])
+
+
+def last_gate(db: Database, version: str) -> dict[str, Any] | None:
+    """The latest recorded gate verdict of ``version`` (``GateResult.to_dict()``), or None."""
+    rows = db.query("""SELECT details FROM deploy_events WHERE model_version = ? AND reason LIKE 'gate %'
+                       ORDER BY occurred_at DESC LIMIT 1""", [version])
+    if not rows:
+        return None
+    return (loads(rows[0]["details"]) or {}).get("gate")
+
+
+def require_passed(db: Database, version: str) -> dict[str, Any]:
+    """The version's latest gate verdict if it passed; else a :class:`GateError` saying what to run."""
+    g = last_gate(db, version)
+    if g is None:
+        raise GateError(f"{version} has not been through the gate: run `tuneloop deploy gate {version}` (or pass --force)")
+    if not g.get("passed"):
+        failed = [c["detail"] for c in g.get("checks", []) if not c.get("passed")]
+        raise GateError(f"{version} did not pass the gate vs {g.get('baseline')}: {'; '.join(failed)} (pass --force to override)")
+    return g

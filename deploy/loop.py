@@ -1,0 +1,379 @@
+"""The continuous-training loop: sample -> train -> gate -> canary -> decide.
+
+Contract
+--------
+* :func:`run_cycle` runs one cycle, identified by a cycle id (new, or given to
+  resume). Each step writes a ``loop_runs`` row (``running`` when it starts,
+  ``done``/``skipped``/``failed`` when it ends) whose ``details`` hold what the
+  next steps need (dataset id, version name, gate verdict, canary id). A rerun
+  with the same cycle id skips every ``done`` step and reuses its details, so an
+  interrupted cycle resumes where it stopped; the inputs of a step are fixed
+  when it first starts (the sampling window, the version name), so a retried
+  step produces the same thing.
+* Steps: ``sample`` (feedback.sample over the window, replaying the production
+  version's data), ``train`` (trainer.train.train from the production version's
+  base model; ``method=dpo`` trains on the preference set), ``gate``
+  (deploy.gate.run_gate), ``canary`` (monitoring.canary start + watch; with no
+  production version yet, or ``canary=False``, the gated candidate is promoted
+  directly), ``decide`` (records the outcome).
+* Outcomes: ``promoted``, ``rolled_back``, ``gate_failed``, ``nothing_to_do``
+  (no new data to sample).
+* :func:`watch` keeps running cycles when a trigger fires: drift over threshold
+  for the production version, ``min_feedback`` new feedback items, or a schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Callable
+
+from tuneloop.db import Database, dumps, loads, utcnow
+from tuneloop.errors import UserError
+from tuneloop.ids import new_id
+
+STEPS = ("sample", "train", "gate", "canary", "decide")
+
+
+class LoopError(UserError, RuntimeError):
+    """A loop problem a user can fix (unknown cycle, bad options)."""
+
+
+@dataclass
+class LoopOptions:
+    window: str | None = field(default=None, metadata={"help": "Sample requests from this window (e.g. 24h); default: since the last cycle's sample."})
+    strategies: list[str] | None = field(default=None, metadata={"help": "Sampling strategies NAME[=SHARE] (default feedback=0.5 stratified=0.5)."})
+    limit: int = field(default=1000, metadata={"help": "Most production rows sampled."})
+    replay_fraction: float = field(default=0.2, metadata={"help": "Share of the train split replayed from the production version's dataset."})
+    train_overrides: list[str] = field(default_factory=list, metadata={"help": "TrainConfig key=value overrides."})
+    train_config: str | None = field(default=None, metadata={"help": "TrainConfig YAML file."})
+    golden: str | None = field(default=None, metadata={"help": "Golden prompts for the gate."})
+    general: str | None = field(default=None, metadata={"help": "General set for the gate's forgetting check."})
+    eval_limit: int | None = field(default=None, metadata={"help": "Most held-out examples evaluated by the gate."})
+    canary: bool = field(default=True, metadata={"help": "Canary before promoting (needs a running server to get traffic)."})
+    canary_share: float | None = field(default=None, metadata={"help": "Canary share (default deploy.canary_share)."})
+    canary_timeout_s: float | None = field(default=None, metadata={"help": "Longest wait for the canary decision."})
+    canary_poll_s: float = field(default=5.0, metadata={"help": "Seconds between canary judgements."})
+    version_prefix: str = field(default="", metadata={"help": "Name new versions <prefix>-v<N> (default: from the production version's name)."})
+    actor: str = field(default="loop", metadata={"help": "Who the deploy history records."})
+    progress: bool = field(default=True, metadata={"help": "Print step progress."})
+
+
+@dataclass
+class CycleResult:
+    cycle_id: str
+    outcome: str
+    steps: dict[str, dict[str, Any]]
+    candidate: str | None = None
+    dataset: str | None = None
+
+    def summary(self) -> str:
+        lines = [f"cycle {self.cycle_id}: {self.outcome}"]
+        for s in STEPS:
+            st = self.steps.get(s)
+            if st:
+                lines.append(f"  {s:<7} {st['status']:<8} {_brief(s, st.get('details') or {})}")
+        return "\n".join(lines)
+
+
+def _brief(step: str, d: dict[str, Any]) -> str:
+    if step == "sample":
+        return f"dataset {d.get('dataset')}" + (f" (+ pairs {d['preference']})" if d.get("preference") else "") if d.get("dataset") else d.get("reason", "")
+    if step == "train":
+        return f"version {d.get('version')} (run {d.get('run_id')})" if d.get("run_id") else f"version {d.get('version')}"
+    if step == "gate":
+        return f"{'passed' if d.get('passed') else 'failed'} vs {d.get('baseline')}" if "passed" in d else ""
+    if step == "canary":
+        return d.get("summary") or d.get("reason", "")
+    return d.get("reason", "") or d.get("outcome", "")
+
+
+# ---- loop_runs bookkeeping --------------------------------------------------------------------
+
+
+def steps_of(db: Database, cycle_id: str) -> dict[str, dict[str, Any]]:
+    rows = db.query("SELECT step, status, started_at, finished_at, details, error FROM loop_runs WHERE id = ?", [cycle_id])
+    return {r["step"]: {**r, "details": loads(r["details"]) or {}} for r in rows}
+
+
+def _begin(db: Database, cycle_id: str, step: str, details: dict[str, Any]) -> None:
+    with db.connect() as con:
+        con.execute("DELETE FROM loop_runs WHERE id = ? AND step = ?", [cycle_id, step])
+        con.execute("INSERT INTO loop_runs (id, step, status, started_at, details) VALUES (?, ?, 'running', ?, ?)",
+                    [cycle_id, step, utcnow(), dumps(details)])
+
+
+def _end(db: Database, cycle_id: str, step: str, status: str, details: dict[str, Any], error: str | None = None) -> None:
+    db.execute("UPDATE loop_runs SET status = ?, finished_at = ?, details = ?, error = ? WHERE id = ? AND step = ?",
+               [status, utcnow(), dumps(details), error, cycle_id, step])
+
+
+def list_cycles(db: Database, limit: int = 20) -> list[dict[str, Any]]:
+    return db.query("""SELECT id, min(started_at) AS started_at, max(finished_at) AS finished_at,
+                              string_agg(step || ':' || status, ' ' ORDER BY started_at) AS steps
+                       FROM loop_runs GROUP BY id ORDER BY min(started_at) DESC LIMIT ?""", [limit])
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+
+
+def next_version_name(db: Database, prod_name: str | None, prefix: str = "") -> str:
+    """``chat-v3`` after ``chat-v2``; ``<prefix or 'model'>-v1`` with nothing in production; never an existing name."""
+    names = {r["name"] for r in db.query("SELECT name FROM model_versions")}
+    m = re.match(r"^(.*?)-?v(\d+)$", prod_name or "")
+    if prefix:
+        stem, n = prefix, 1
+    elif m and m.group(1):
+        stem, n = m.group(1), int(m.group(2)) + 1
+    elif prod_name:
+        stem, n = prod_name, 2
+    else:
+        stem, n = "model", 1
+    while f"{stem}-v{n}" in names:
+        n += 1
+    return f"{stem}-v{n}"
+
+
+def _last_sample_until(db: Database, exclude: str) -> datetime | None:
+    rows = db.query("""SELECT details FROM loop_runs WHERE step = 'sample' AND status = 'done' AND id <> ?
+                       ORDER BY finished_at DESC LIMIT 1""", [exclude])
+    if not rows:
+        return None
+    u = (loads(rows[0]["details"]) or {}).get("until")
+    return datetime.fromisoformat(u) if u else None
+
+
+def build_train_config(opts: LoopOptions, base: str, dataset: str, name: str, parent: str | None):
+    """TrainConfig from the YAML file + overrides, with base/dataset/name set by the loop."""
+    from trainer.config import TrainConfig
+    from tuneloop.config import build, load_yaml
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    forced = [f"base={base}", f"dataset={dataset}", f"name={name}"]
+    if parent and "parent" in fields:
+        forced.append(f"parent={parent}")
+    return build(TrainConfig, load_yaml(opts.train_config), list(opts.train_overrides) + forced)
+
+
+# ---- one cycle ------------------------------------------------------------------------------------
+
+
+def run_cycle(db: Database, settings, opts: LoopOptions | None = None, cycle_id: str | None = None,
+              log: Callable[[str], None] | None = None) -> CycleResult:
+    """Run (or resume) one cycle; see the module docstring."""
+    from tuneloop.registry import get_version, version_by_stage
+
+    opts = opts or LoopOptions()
+    say = log or ((lambda m: print(m, flush=True)) if opts.progress else (lambda m: None))
+    if cycle_id:
+        if not db.query("SELECT 1 FROM loop_runs WHERE id = ? LIMIT 1", [cycle_id]):
+            raise LoopError(f"unknown cycle {cycle_id!r}; see `tuneloop loop --help` (start a new cycle without --cycle)")
+    cycle_id = cycle_id or new_id()
+    done = steps_of(db, cycle_id)
+
+    def finished(step: str) -> dict[str, Any] | None:
+        st = done.get(step)
+        if st and st["status"] in ("done", "skipped"):
+            say(f"[{cycle_id[:8]}] {step}: already {st['status']}, skipped")
+            return st["details"]
+        return None
+
+    def result(outcome: str, candidate=None, dataset=None) -> CycleResult:
+        return CycleResult(cycle_id, outcome, steps_of(db, cycle_id), candidate, dataset)
+
+    def step(name: str, details: dict[str, Any], fn: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+        prev = done.get(name)
+        inputs = {**details, **((prev or {}).get("details") or {})} if prev else details  # fixed inputs survive a retry
+        _begin(db, cycle_id, name, inputs)
+        say(f"[{cycle_id[:8]}] {name}: running")
+        try:
+            out = fn(inputs)
+        except BaseException as e:
+            _end(db, cycle_id, name, "failed", inputs, error=f"{type(e).__name__}: {e}")
+            raise
+        status = out.pop("_status", "done")
+        _end(db, cycle_id, name, status, {**inputs, **out})
+        say(f"[{cycle_id[:8]}] {name}: {status} {_brief(name, {**inputs, **out})}")
+        return {**inputs, **out}
+
+    prod = version_by_stage(db, "production")
+
+    # 1. sample
+    s = finished("sample")
+    if s is None:
+        until = utcnow()
+        since = None if opts.window else _last_sample_until(db, cycle_id)
+        s = step("sample", {"window": opts.window, "since": str(since) if since else None, "until": until.isoformat(),
+                            "production": prod.name if prod else None}, lambda d: _do_sample(db, settings, opts, d, cycle_id))
+    if s.get("outcome") == "nothing_to_do":
+        _record_decide(db, cycle_id, "nothing_to_do", s.get("reason", ""))
+        return result("nothing_to_do")
+
+    # 2. train
+    t = finished("train")
+    if t is None:
+        name = next_version_name(db, s.get("production"), opts.version_prefix)
+        t = step("train", {"version": name, "dataset": s["dataset"], "preference": s.get("preference"),
+                           "parent": s.get("production")}, lambda d: _do_train(db, settings, opts, d))
+    candidate = t["version"]
+
+    # 3. gate
+    g = finished("gate")
+    if g is None:
+        g = step("gate", {"version": candidate, "dataset": s["dataset"]}, lambda d: _do_gate(db, settings, opts, d))
+    if not g.get("passed"):
+        _record_decide(db, cycle_id, "gate_failed", g.get("message", ""))
+        return result("gate_failed", candidate, s["dataset"])
+
+    # 4. canary (or direct promotion)
+    c = finished("canary")
+    if c is None:
+        c = step("canary", {"version": candidate}, lambda d: _do_canary(db, settings, opts, d))
+    outcome = c.get("outcome", "promoted")
+    v = get_version(db, candidate)
+    _record_decide(db, cycle_id, outcome, c.get("reason", "") or c.get("summary", ""), {"stage": v.stage})
+    return result(outcome, candidate, s["dataset"])
+
+
+def _record_decide(db: Database, cycle_id: str, outcome: str, reason: str, extra: dict | None = None) -> None:
+    _begin(db, cycle_id, "decide", {})
+    _end(db, cycle_id, "decide", "done", {"outcome": outcome, "reason": reason, **(extra or {})})
+
+
+def _do_sample(db: Database, settings, opts: LoopOptions, d: dict[str, Any], cycle_id: str) -> dict[str, Any]:
+    from feedback.sample import SampleConfig, SampleError, parse_strategies
+    from tuneloop.registry import get_version
+
+    replay = None
+    if d.get("production"):
+        replay = get_version(db, d["production"]).dataset_id
+    cfg = SampleConfig(
+        name=f"loop-{cycle_id[-12:]}", strategies=parse_strategies(opts.strategies), limit=opts.limit,
+        since=datetime.fromisoformat(d["since"]) if d.get("since") else None,
+        until=datetime.fromisoformat(d["until"]), window=d.get("window"),
+        replay_from=replay, replay_fraction=opts.replay_fraction if replay else 0.0,
+    )
+    try:
+        res = sample(db, settings.paths.home_path, cfg, progress=opts.progress)
+    except SampleError as e:
+        if "nothing to sample" in str(e):
+            return {"_status": "skipped", "outcome": "nothing_to_do", "reason": str(e)}
+        raise
+    return {"dataset": res.sft.id, "preference": res.preference.id if res.preference else None,
+            "rows": {"train": res.sft.rows_train, "validation": res.sft.rows_validation, "test": res.sft.rows_test},
+            "counts": res.card["counts"]}
+
+
+def sample(*a, **kw):  # indirection so the step is easy to follow in a traceback
+    from feedback.sample import sample as _sample
+
+    return _sample(*a, **kw)
+
+
+def _do_train(db: Database, settings, opts: LoopOptions, d: dict[str, Any]) -> dict[str, Any]:
+    from trainer.bootstrap import DEFAULT_BASE, resolve_base
+    from tuneloop.registry import get_version
+
+    # a previous attempt may have registered the version before being interrupted
+    existing = db.query("""SELECT v.name, v.run_id FROM model_versions v JOIN runs r ON r.id = v.run_id
+                           WHERE v.name = ? AND r.status = 'succeeded'""", [d["version"]])
+    if existing:
+        return {"run_id": existing[0]["run_id"], "reused": True}
+    base = get_version(db, d["parent"]).base_model if d.get("parent") else str(resolve_base(settings.server.model or DEFAULT_BASE, settings.paths.models_path))
+    dataset = d["dataset"]
+    overrides = dict(o.split("=", 1) for o in opts.train_overrides if "=" in o)
+    if overrides.get("method") == "dpo":
+        if not d.get("preference"):
+            raise LoopError("method=dpo needs corrections to build preference pairs, and this sample has none")
+        dataset = d["preference"]
+    from trainer.train import train
+
+    cfg = build_train_config(opts, base, dataset, d["version"], d.get("parent"))
+    res = train(cfg, db, settings, progress=opts.progress)
+    return {"run_id": res.run_id, "version": res.version.name, "metrics": res.metrics, "train_dataset": dataset}
+
+
+def _do_gate(db: Database, settings, opts: LoopOptions, d: dict[str, Any]) -> dict[str, Any]:
+    from deploy.gate import run_gate
+
+    r = run_gate(db, settings, d["version"], dataset=d["dataset"], golden=opts.golden, general=opts.general,
+                 limit=opts.eval_limit, actor=opts.actor)
+    return {"passed": r.passed, "baseline": r.baseline, "message": r.message(), "report_id": r.report_id,
+            "checks": [dataclasses.asdict(c) for c in r.checks]}
+
+
+def _do_canary(db: Database, settings, opts: LoopOptions, d: dict[str, Any]) -> dict[str, Any]:
+    from monitoring import canary
+    from tuneloop.registry import set_stage, version_by_stage
+
+    name = d["version"]
+    prod = version_by_stage(db, "production")
+    if prod is None or not opts.canary:
+        why = "first production version" if prod is None else "canary disabled"
+        set_stage(db, name, "production", actor=opts.actor, reason=f"loop: gate passed; {why}")
+        return {"outcome": "promoted", "reason": f"promoted directly ({why})"}
+    run = canary.running(db)
+    if run is not None and run.candidate != name:
+        raise LoopError(f"another canary ({run.candidate}) is running: decide it before this cycle can canary {name}")
+    if run is None:
+        done = db.query("SELECT status, decision FROM canaries WHERE candidate = ? ORDER BY started_at DESC LIMIT 1", [name])
+        if done:  # decided while we were away (e.g. by `deploy canary --watch` or by hand)
+            st = done[0]["status"]
+            return {"outcome": "promoted" if st == "promoted" else "rolled_back", "canary_id": None,
+                    "reason": f"canary already {st}"}
+        run = canary.start(db, name, opts.canary_share or settings.deploy.canary_share, actor=opts.actor,
+                           reason="loop: gate passed")
+    timeout = opts.canary_timeout_s if opts.canary_timeout_s is not None else settings.deploy.canary_max_minutes * 60 + 2 * opts.canary_poll_s
+    dec = canary.watch(db, run.id, settings.deploy, poll_s=opts.canary_poll_s, timeout_s=timeout, actor=opts.actor,
+                       on_tick=(lambda x: print(f"  canary: {x.summary()}", flush=True)) if opts.progress else None)
+    return {"canary_id": run.id, "outcome": "promoted" if dec.action == "promote" else "rolled_back",
+            "summary": dec.summary(), "reason": "; ".join(dec.reasons)}
+
+
+# ---- watch ---------------------------------------------------------------------------------------------
+
+
+def trigger(db: Database, since: datetime | None, min_feedback: int, every_s: float | None) -> str | None:
+    """Why a new cycle should run now (or None): drift of the production version, new feedback, or the schedule."""
+    from tuneloop.registry import version_by_stage
+
+    since = since or datetime(1970, 1, 1)
+    prod = version_by_stage(db, "production")
+    if prod is not None:
+        d = db.query("""SELECT value, threshold FROM drift_reports WHERE model_version = ? AND feature = 'overall'
+                        AND drifted AND created_at > ? ORDER BY created_at DESC LIMIT 1""", [prod.name, since])
+        if d:
+            return f"drift on {prod.name} (overall {d[0]['value']:.3g} over {d[0]['threshold']})"
+    n = db.query("SELECT count(*) AS n FROM feedback WHERE created_at > ?", [since])[0]["n"]
+    if min_feedback and n >= min_feedback:
+        return f"{n} new feedback items"
+    if every_s is not None and (utcnow() - since).total_seconds() >= every_s:
+        return "schedule"
+    return None
+
+
+def watch(db: Database, settings, opts: LoopOptions, min_feedback: int = 50, every: str | None = None,
+          poll_s: float = 60.0, max_cycles: int | None = None, sleep: Callable[[float], None] = time.sleep) -> list[CycleResult]:
+    """Run cycles whenever :func:`trigger` fires (resuming an unfinished cycle first)."""
+    from feedback.sample import parse_duration
+
+    every_s = parse_duration(every).total_seconds() if every else None
+    results: list[CycleResult] = []
+    unfinished = db.query("""SELECT id FROM loop_runs GROUP BY id HAVING count(*) FILTER (WHERE step = 'decide') = 0
+                             ORDER BY min(started_at) DESC LIMIT 1""")
+    if unfinished:
+        print(f"resuming unfinished cycle {unfinished[0]['id']}", flush=True)
+        results.append(run_cycle(db, settings, opts, cycle_id=unfinished[0]["id"]))
+    while max_cycles is None or len(results) < max_cycles:
+        last = db.query("SELECT max(started_at) AS t FROM loop_runs")[0]["t"]
+        why = trigger(db, last, min_feedback, every_s)
+        if why:
+            print(f"trigger: {why}", flush=True)
+            results.append(run_cycle(db, settings, opts))
+            print(results[-1].summary(), flush=True)
+        else:
+            sleep(poll_s)
+    return results

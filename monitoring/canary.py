@@ -1,0 +1,326 @@
+"""Canary deployments: start, judge from the request log, promote or roll back.
+
+Contract
+--------
+Pure logic over the database (no HTTP, no engine), so the CLI, the loop or the
+server can run it. The server reads the state written here (DESIGN contract 9):
+a ``canaries`` row with status ``running`` (candidate, production, share) and
+the candidate's stage ``canary``; it sends ``share`` of the requests for
+``production`` to the candidate, sticky per user/key, and logs the arm in
+``requests.arm``.
+
+* :func:`start` — one transaction: refuse if a canary is running or there is no
+  production version, set the candidate's stage to ``canary`` and insert the row.
+* :func:`arm_stats` — per arm (``production``, ``canary``) since the canary
+  started: requests, server errors (status >= 500; client errors and aborts are
+  not the model's fault), p50 latency of successful requests, rated feedback
+  and its thumbs-down share, and the latest overall drift verdict per version.
+* :func:`judge` — :class:`Decision` ``wait`` until the canary has
+  ``canary_min_requests`` requests or ran ``canary_max_minutes``; then
+  ``promote`` if every check passes (error-rate delta, latency ratio,
+  negative-feedback delta, not drifted where production is not), else
+  ``rollback`` with the failing numbers. No canary traffic at the deadline is a
+  rollback.
+* :func:`apply` / :func:`promote` / :func:`rollback` — one transaction each:
+  stage changes (through :func:`tuneloop.registry.set_stage` with ``con=``,
+  so ``deploy_events`` records who/when/why) and the canary row's status
+  change together, or not at all.
+* :func:`rollback_production` — with no canary running: restore the version
+  that was in production before the current one (skipping versions that were
+  themselves rolled back), atomically.
+* :func:`watch` — poll :func:`judge` until it decides, then :func:`apply`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any, Callable
+
+from tuneloop.db import Database, dumps, loads, utcnow
+from tuneloop.errors import UserError
+from tuneloop.ids import new_id
+from tuneloop.registry import RegistryError, set_stage
+
+ARMS = ("production", "canary")
+
+
+class CanaryError(UserError, RuntimeError):
+    """A canary operation a user can fix (none running, one already running, no production ...)."""
+
+
+@dataclass
+class Canary:
+    id: str
+    candidate: str
+    production: str | None
+    share: float
+    status: str
+    started_at: datetime
+    decided_at: datetime | None = None
+    decision: dict[str, Any] | None = None
+
+
+@dataclass
+class ArmStats:
+    arm: str
+    model_version: str | None
+    requests: int = 0
+    errors: int = 0
+    error_rate: float = 0.0
+    latency_p50_s: float | None = None
+    rated: int = 0
+    negative: int = 0
+    negative_share: float = 0.0
+    drifted: bool | None = None
+    drift_score: float | None = None
+
+
+@dataclass
+class Decision:
+    action: str  # wait | promote | rollback
+    canary_id: str
+    reasons: list[str]
+    arms: dict[str, ArmStats]
+    elapsed_s: float
+    checks: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        c, p = self.arms["canary"], self.arms["production"]
+        return (f"{self.action}: canary {c.model_version} {c.requests} req (errors {c.error_rate:.1%}, p50 {_fmt_s(c.latency_p50_s)}, "
+                f"thumbs-down {c.negative_share:.0%} of {c.rated}) vs production {p.model_version} {p.requests} req "
+                f"(errors {p.error_rate:.1%}, p50 {_fmt_s(p.latency_p50_s)}, thumbs-down {p.negative_share:.0%} of {p.rated})"
+                + ("; " + "; ".join(self.reasons) if self.reasons else ""))
+
+
+def _fmt_s(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}s"
+
+
+def _canary(row: dict[str, Any]) -> Canary:
+    return Canary(id=row["id"], candidate=row["candidate"], production=row["production"], share=row["share"],
+                  status=row["status"], started_at=row["started_at"], decided_at=row["decided_at"],
+                  decision=loads(row["decision"]))
+
+
+def get(db: Database, canary_id: str | None = None) -> Canary:
+    """A canary by id (prefix ok), or the running one."""
+    if canary_id:
+        rows = db.query("SELECT * FROM canaries WHERE id = ? OR id LIKE ? || '%' ORDER BY started_at DESC LIMIT 1", [canary_id, canary_id])
+        if not rows:
+            raise CanaryError(f"unknown canary {canary_id!r}")
+        return _canary(rows[0])
+    c = running(db)
+    if c is None:
+        raise CanaryError("no canary is running (start one with `tuneloop deploy canary VERSION`)")
+    return c
+
+
+def running(db: Database) -> Canary | None:
+    rows = db.query("SELECT * FROM canaries WHERE status = 'running' ORDER BY started_at DESC LIMIT 1")
+    return _canary(rows[0]) if rows else None
+
+
+def start(db: Database, candidate: str, share: float, actor: str = "tuneloop", reason: str = "") -> Canary:
+    """Start a canary for ``candidate`` taking ``share`` of production traffic (see module doc)."""
+    if not 0 < share < 1:
+        raise CanaryError(f"share must be between 0 and 1 (exclusive), got {share}")
+    with db.connect() as con:
+        run = con.execute("SELECT id, candidate FROM canaries WHERE status = 'running'").fetchone()
+        if run:
+            raise CanaryError(f"canary {run[0]} for {run[1]} is still running: promote or roll it back first")
+        row = con.execute("SELECT stage FROM model_versions WHERE name = ?", [candidate]).fetchone()
+        if not row:
+            raise CanaryError(f"unknown model version {candidate!r}; see `tuneloop models list`")
+        if row[0] == "production":
+            raise CanaryError(f"{candidate} is already in production")
+        prod = con.execute("SELECT name FROM model_versions WHERE stage = 'production' ORDER BY stage_changed_at DESC LIMIT 1").fetchone()
+        if not prod:
+            raise CanaryError("no version is in production yet, so there is no traffic to split: promote the first one "
+                              f"directly with `tuneloop deploy promote {candidate}`")
+        c = Canary(id=new_id(), candidate=candidate, production=prod[0], share=float(share), status="running", started_at=utcnow())
+        set_stage(db, candidate, "canary", actor=actor, reason=reason or f"canary at {share:.0%} of production traffic",
+                  details={"canary_id": c.id, "production": prod[0], "share": share}, con=con)
+        con.execute("INSERT INTO canaries (id, candidate, production, share, status, started_at) VALUES (?, ?, ?, ?, 'running', ?)",
+                    [c.id, c.candidate, c.production, c.share, c.started_at])
+    return c
+
+
+_ARM_SQL = """
+WITH r AS (
+    SELECT id, arm, model_version, status, latency_s FROM requests
+    WHERE received_at >= ? AND arm IN ('production', 'canary')
+), fb AS (
+    SELECT request_id,
+           arg_max(rating, created_at) AS rating, arg_max(rating_kind, created_at) AS rating_kind
+    FROM feedback WHERE rating IS NOT NULL GROUP BY request_id
+)
+SELECT r.arm,
+       arg_max(r.model_version, r.id) AS model_version,
+       count(*) AS requests,
+       count(*) FILTER (WHERE r.status >= 500) AS errors,
+       quantile_cont(r.latency_s, 0.5) FILTER (WHERE r.status < 400) AS latency_p50_s,
+       count(fb.rating) AS rated,
+       count(*) FILTER (WHERE fb.rating IS NOT NULL AND (
+            (coalesce(fb.rating_kind, CASE WHEN fb.rating > 1 THEN 'stars' ELSE 'thumbs' END) = 'stars' AND fb.rating <= 2)
+         OR (coalesce(fb.rating_kind, CASE WHEN fb.rating > 1 THEN 'stars' ELSE 'thumbs' END) <> 'stars' AND fb.rating < 0))) AS negative
+FROM r LEFT JOIN fb ON fb.request_id = r.id
+GROUP BY r.arm
+"""
+
+
+def arm_stats(db: Database, c: Canary) -> dict[str, ArmStats]:
+    """Per-arm statistics since ``c`` started (see module doc)."""
+    out = {"production": ArmStats("production", c.production), "canary": ArmStats("canary", c.candidate)}
+    for r in db.query(_ARM_SQL, [c.started_at]):
+        s = out[r["arm"]]
+        s.model_version = r["model_version"] or s.model_version
+        s.requests, s.errors, s.rated, s.negative = int(r["requests"]), int(r["errors"]), int(r["rated"]), int(r["negative"])
+        s.error_rate = s.errors / s.requests if s.requests else 0.0
+        s.latency_p50_s = float(r["latency_p50_s"]) if r["latency_p50_s"] is not None else None
+        s.negative_share = s.negative / s.rated if s.rated else 0.0
+    for s in out.values():
+        if not s.model_version:
+            continue
+        d = db.query("""SELECT value, drifted FROM drift_reports WHERE model_version = ? AND feature = 'overall'
+                        AND created_at >= ? ORDER BY created_at DESC LIMIT 1""", [s.model_version, c.started_at])
+        if d:
+            s.drift_score, s.drifted = d[0]["value"], bool(d[0]["drifted"])
+    return out
+
+
+def judge(db: Database, canary_id: str | None, deploy, now: datetime | None = None) -> Decision:
+    """Decide wait / promote / rollback for a running canary (see module doc); writes nothing."""
+    c = get(db, canary_id)
+    if c.status != "running":
+        raise CanaryError(f"canary {c.id} is already decided: {c.status}")
+    arms = arm_stats(db, c)
+    elapsed = ((now or utcnow()) - c.started_at).total_seconds()
+    ca, pa = arms["canary"], arms["production"]
+    enough = ca.requests >= deploy.canary_min_requests
+    timed_out = elapsed >= deploy.canary_max_minutes * 60
+    if not enough and not timed_out:
+        return Decision("wait", c.id, [f"canary has {ca.requests}/{deploy.canary_min_requests} requests after "
+                                       f"{elapsed / 60:.1f}/{deploy.canary_max_minutes:g} min"], arms, elapsed)
+    if ca.requests == 0:
+        return Decision("rollback", c.id, [f"no canary traffic after {elapsed / 60:.1f} min"], arms, elapsed)
+    checks: dict[str, dict[str, Any]] = {}
+    delta = ca.error_rate - pa.error_rate
+    checks["error_rate"] = {"passed": delta <= deploy.canary_max_error_rate_delta, "value": delta,
+                            "threshold": deploy.canary_max_error_rate_delta,
+                            "detail": f"error rate {ca.error_rate:.2%} vs {pa.error_rate:.2%} (delta {delta:+.2%}, max {deploy.canary_max_error_rate_delta:+.2%})"}
+    if ca.latency_p50_s is not None and pa.latency_p50_s:
+        ratio = ca.latency_p50_s / pa.latency_p50_s
+        checks["latency"] = {"passed": ratio <= deploy.canary_max_latency_ratio, "value": ratio,
+                             "threshold": deploy.canary_max_latency_ratio,
+                             "detail": f"p50 latency {ca.latency_p50_s:.3f}s vs {pa.latency_p50_s:.3f}s (x{ratio:.2f}, max x{deploy.canary_max_latency_ratio:g})"}
+    if ca.rated:
+        nd = ca.negative_share - pa.negative_share
+        checks["negative_feedback"] = {"passed": nd <= deploy.canary_max_negative_feedback_delta, "value": nd,
+                                       "threshold": deploy.canary_max_negative_feedback_delta,
+                                       "detail": f"thumbs-down {ca.negative_share:.0%} of {ca.rated} vs {pa.negative_share:.0%} of {pa.rated} "
+                                                 f"(delta {nd:+.0%}, max {deploy.canary_max_negative_feedback_delta:+.0%})"}
+    if ca.drifted is not None:
+        ok = not ca.drifted or bool(pa.drifted)
+        checks["drift"] = {"passed": ok, "value": ca.drift_score, "threshold": None,
+                           "detail": f"canary drift {'drifted' if ca.drifted else 'ok'} (score {ca.drift_score}), production "
+                                     f"{'drifted' if pa.drifted else ('ok' if pa.drifted is not None else 'not measured')}"}
+    failed = [v["detail"] for v in checks.values() if not v["passed"]]
+    action = "rollback" if failed else "promote"
+    reasons = failed or [f"all checks passed after {ca.requests} canary requests"]
+    return Decision(action, c.id, reasons, arms, elapsed, checks)
+
+
+def apply(db: Database, decision: Decision, actor: str = "canary-judge") -> Canary:
+    """Carry out a promote/rollback decision atomically; a ``wait`` changes nothing."""
+    if decision.action == "promote":
+        return promote(db, decision.canary_id, actor=actor, reason="; ".join(decision.reasons), decision=decision.to_dict())
+    if decision.action == "rollback":
+        return rollback(db, decision.canary_id, actor=actor, reason="; ".join(decision.reasons), decision=decision.to_dict())
+    return get(db, decision.canary_id)
+
+
+def promote(db: Database, canary_id: str | None = None, actor: str = "tuneloop", reason: str = "manual promote",
+            decision: dict[str, Any] | None = None) -> Canary:
+    """Running canary -> production (the old production retires), canary row 'promoted'; one transaction."""
+    return _finish(db, canary_id, "promoted", actor, reason, decision)
+
+
+def rollback(db: Database, canary_id: str | None = None, actor: str = "tuneloop", reason: str = "manual rollback",
+             decision: dict[str, Any] | None = None) -> Canary:
+    """Running canary -> retired, production untouched, canary row 'rolled_back'; one transaction."""
+    return _finish(db, canary_id, "rolled_back", actor, reason, decision)
+
+
+def _finish(db: Database, canary_id: str | None, status: str, actor: str, reason: str, decision) -> Canary:
+    c = get(db, canary_id)
+    if c.status != "running":
+        raise CanaryError(f"canary {c.id} is already {c.status}")
+    now = utcnow()
+    details = {"canary_id": c.id, "decision": decision} if decision else {"canary_id": c.id}
+    with db.connect() as con:
+        st = con.execute("SELECT status FROM canaries WHERE id = ?", [c.id]).fetchone()
+        if st[0] != "running":  # decided by someone else between get() and here
+            raise CanaryError(f"canary {c.id} is already {st[0]}")
+        if status == "promoted":
+            set_stage(db, c.candidate, "production", actor=actor, reason=reason, details=details, con=con)
+        else:
+            set_stage(db, c.candidate, "retired", actor=actor, reason=f"rolled back: {reason}", details=details, con=con)
+            if c.production:
+                cur = con.execute("SELECT stage FROM model_versions WHERE name = ?", [c.production]).fetchone()
+                if cur and cur[0] != "production":  # production was changed meanwhile: restore it
+                    set_stage(db, c.production, "production", actor=actor, reason="restored by canary rollback", details=details, con=con)
+        con.execute("UPDATE canaries SET status = ?, decided_at = ?, decision = ? WHERE id = ?",
+                    [status, now, dumps({"action": status, "actor": actor, "reason": reason, **(decision or {})}), c.id])
+    return get(db, c.id)
+
+
+def rollback_production(db: Database, actor: str = "tuneloop", reason: str = "manual rollback", to: str | None = None) -> tuple[str, str]:
+    """No canary running: put the previous production version (or ``to``) back; returns (retired, restored)."""
+    if running(db) is not None:
+        raise CanaryError("a canary is running: `tuneloop deploy rollback` rolls the canary back first")
+    with db.connect() as con:
+        cur = con.execute("SELECT name FROM model_versions WHERE stage = 'production' ORDER BY stage_changed_at DESC LIMIT 1").fetchone()
+        if not cur:
+            raise CanaryError("no version is in production: nothing to roll back")
+        if to is None:
+            # the latest version retired from production that was not itself rolled back
+            prev = con.execute(
+                """WITH last AS (SELECT model_version, arg_max(reason, occurred_at) AS reason FROM deploy_events GROUP BY model_version)
+                   SELECT e.model_version FROM deploy_events e JOIN last l USING (model_version)
+                   WHERE e.from_stage = 'production' AND e.to_stage = 'retired' AND e.model_version <> ?
+                     AND coalesce(l.reason, '') NOT LIKE 'rolled back:%'
+                   ORDER BY e.occurred_at DESC LIMIT 1""", [cur[0]]).fetchone()
+            if not prev:
+                raise CanaryError(f"no previous production version to restore before {cur[0]} "
+                                  "(versions that were rolled back are not restored; use --to VERSION)")
+            to = prev[0]
+        elif not con.execute("SELECT 1 FROM model_versions WHERE name = ?", [to]).fetchone():
+            raise RegistryError(f"unknown model version {to!r}")
+        set_stage(db, to, "production", actor=actor, reason=f"rollback of {cur[0]}: {reason}", con=con)
+        # set_stage retired cur with 'replaced by'; record the rollback reason on it too
+        con.execute("UPDATE deploy_events SET reason = ? WHERE model_version = ? AND to_stage = 'retired' AND reason = ?",
+                    [f"rolled back: {reason}", cur[0], f"replaced by {to}"])
+    return cur[0], to
+
+
+def watch(db: Database, canary_id: str | None, deploy, poll_s: float = 5.0, timeout_s: float | None = None,
+          on_tick: Callable[[Decision], None] | None = None, actor: str = "canary-judge",
+          sleep: Callable[[float], None] = time.sleep) -> Decision:
+    """Judge every ``poll_s`` until it decides, then apply; ``timeout_s`` bounds the wait (still running -> CanaryError)."""
+    c = get(db, canary_id)
+    t0 = time.monotonic()
+    while True:
+        d = judge(db, c.id, deploy)
+        if on_tick:
+            on_tick(d)
+        if d.action != "wait":
+            apply(db, d, actor=actor)
+            return d
+        if timeout_s is not None and time.monotonic() - t0 >= timeout_s:
+            raise CanaryError(f"canary {c.id} undecided after {timeout_s:.0f} s: {d.reasons[0]}")
+        sleep(poll_s)

@@ -1,0 +1,421 @@
+"""The request log: every served request becomes one row of the DuckDB ``requests`` table.
+
+Contract
+--------
+* :class:`RequestRecord` is a ``msgspec.Struct`` with exactly the columns of
+  the ``requests`` table (:mod:`tuneloop.migrations`, migration 2), same names.
+  ``prompt`` and ``params`` are Python objects (messages list / prompt string,
+  sampling parameters) serialised to JSON when written; ``received_at`` is UTC
+  (naive, or aware and converted); ``status`` is the HTTP status, 499 when the
+  client went away.
+* :class:`RequestLogWriter` writes records in batches from a background
+  thread, so a response never waits on disk:
+
+  - :meth:`~RequestLogWriter.submit` never blocks (a dict insert under a lock
+    held for microseconds). It also calls ``metrics.observe(rec)``, so the
+    Prometheus counters and the log are fed from the same records.
+  - The queue is bounded by ``log.queue_max``. **When it is full the NEW row
+    is dropped** (``submit`` returns False) and counted in
+    ``tuneloop_log_rows_dropped_total``; rows already queued are kept, in order.
+  - A flush happens every ``log.flush_interval_s`` seconds and as soon as
+    ``log.flush_rows`` rows are queued. Each flush opens the database
+    (:meth:`tuneloop.db.Database.connect`, so other processes can write
+    between flushes), inserts the whole batch through a pyarrow table with one
+    ``INSERT OR IGNORE INTO requests SELECT ... FROM batch`` in one
+    transaction, and closes it. Writing is therefore all-or-nothing per flush,
+    and re-writing a batch is harmless (ids are primary keys).
+  - If the database is busy (held by another process past the lock timeout)
+    or unreachable, the flush fails: the rows stay queued (still bounded by
+    ``queue_max``), ``tuneloop_log_flush_errors_total`` is incremented and the
+    flush is retried one interval later. If the database rejects the batch's
+    data, rows are retried one by one and only the rejected rows are dropped
+    (counted, logged without their content).
+  - :meth:`~RequestLogWriter.close` (lifespan shutdown, i.e. SIGTERM) drains
+    every queued row within ``timeout_s`` and returns how many it could not
+    write. SIGKILL loses at most the rows of one flush interval; DuckDB's WAL
+    and the per-flush transaction leave a database that opens.
+  - ``log.redact_prompts`` stores no prompt/response text (NULL), only sizes
+    and timings; ``log.scrub_pii`` replaces emails, phones, card numbers and IPs
+    in prompt and response text with :func:`tuneloop.pii.scrub`. Both are
+    applied in the writer thread, never on the request path.
+  - ``log.enabled = false`` keeps the metrics but writes nothing.
+* Nothing here is module-global: the app owns one writer
+  (``app.state.log_writer``), started in the lifespan and closed on shutdown.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Callable
+
+import msgspec
+
+from tuneloop.db import Database, DatabaseBusy
+from tuneloop.errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from monitoring.metrics import ServingMetrics
+    from tuneloop.settings import LogSettings
+
+log = logging.getLogger(__name__)
+
+
+class RequestRecord(msgspec.Struct, kw_only=True):
+    """One served request: the columns of the ``requests`` table."""
+
+    id: str
+    received_at: datetime
+    route: str
+    status: int
+    model: str | None = None
+    model_version: str | None = None
+    arm: str | None = None
+    prompt: Any = None
+    response: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    ttft_s: float | None = None
+    latency_s: float | None = None
+    error: str | None = None
+    stream: bool | None = None
+    params: Any = None
+    user_id: str | None = None
+    key_id: str | None = None
+
+
+# column order of the requests table (tests/test_requestlog.py checks it against the schema)
+COLUMNS: tuple[str, ...] = (
+    "id", "received_at", "route", "model", "model_version", "arm", "prompt", "response", "finish_reason",
+    "prompt_tokens", "completion_tokens", "ttft_s", "latency_s", "status", "error", "stream", "params",
+    "user_id", "key_id",
+)
+_JSON_COLUMNS = ("prompt", "params")
+
+
+def _arrow_schema():
+    import pyarrow as pa
+
+    types = {
+        "received_at": pa.timestamp("us"), "prompt_tokens": pa.int32(), "completion_tokens": pa.int32(),
+        "ttft_s": pa.float64(), "latency_s": pa.float64(), "status": pa.int32(), "stream": pa.bool_(),
+    }
+    return pa.schema([(c, types.get(c, pa.string())) for c in COLUMNS])
+
+
+def _json(v: Any) -> str | None:
+    if v is None:
+        return None
+    try:
+        return msgspec.json.encode(v).decode()
+    except (TypeError, msgspec.EncodeError):
+        return json.dumps(v, default=str)
+
+
+def _naive_utc(t: datetime) -> datetime:
+    if t.tzinfo is not None:
+        t = t.astimezone(timezone.utc).replace(tzinfo=None)
+    return t
+
+
+def _map_strings(v: Any, fn: Callable[[str], str]) -> Any:
+    """Apply ``fn`` to every string inside a JSON-like value (messages, content parts, prompt lists)."""
+    if isinstance(v, str):
+        return fn(v)
+    if isinstance(v, list):
+        return [_map_strings(x, fn) for x in v]
+    if isinstance(v, dict):
+        # keys and structural fields (role, type, name) stay; values are scrubbed
+        return {k: (x if k in ("role", "type") else _map_strings(x, fn)) for k, x in v.items()}
+    return v
+
+
+class RequestLogWriter:
+    """Bounded, batched, background writer of :class:`RequestRecord` rows; see module docstring."""
+
+    # rows per INSERT transaction when a backlog is drained
+    MAX_BATCH = 50_000
+
+    def __init__(self, db: Database, settings: "LogSettings", metrics: "ServingMetrics | None" = None,
+                 *, lock_timeout_s: float | None = None):
+        for name, low in (("flush_interval_s", 0.0), ("flush_rows", 0), ("queue_max", 0)):
+            if not getattr(settings, name) > low:
+                raise UserError(f"log.{name} must be > {low:g}, got {getattr(settings, name)!r}")
+        self.settings = settings
+        self.metrics = metrics
+        # our own handle: a flush must not wait the CLI's long lock timeout before it can retry
+        if lock_timeout_s is None:
+            lock_timeout_s = max(2.0, 2 * settings.flush_interval_s)
+        self.db = Database(db.path, lock_timeout_s=lock_timeout_s)
+        self._scrub = None
+        if settings.scrub_pii and not settings.redact_prompts:
+            try:
+                from tuneloop.pii import scrub
+            except ImportError as e:  # pragma: no cover - tuneloop.pii ships with the package
+                raise UserError(f"log.scrub_pii needs tuneloop.pii, which failed to import: {e}") from None
+            self._scrub = scrub
+        self._pending: dict[str, RequestRecord] = {}
+        self._cond = threading.Condition()
+        self._write_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self._closed = False
+        self._close_deadline = 0.0
+        self._retry_at = 0.0
+        self.rows_written = 0
+        self.rows_dropped = 0
+        self.flush_errors = 0
+        self.flushes = 0
+
+    # -- life cycle ------------------------------------------------------------
+    def start(self) -> "RequestLogWriter":
+        """Start the background flush thread (idempotent)."""
+        with self._cond:
+            if self._thread is None and not self._closed and self.settings.enabled:
+                self._thread = threading.Thread(target=self._run, name="tuneloop-requestlog", daemon=True)
+                self._thread.start()
+        return self
+
+    def close(self, timeout_s: float = 10.0) -> int:
+        """Stop accepting rows, write every queued row within ``timeout_s``; return rows left unwritten (dropped)."""
+        with self._cond:
+            if self._closed:
+                return 0
+            self._closing = True
+            self._close_deadline = time.monotonic() + timeout_s
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout_s)
+        else:
+            self._drain()
+        with self._cond:
+            self._closed = True
+            left = len(self._pending)
+            if left:
+                self._pending.clear()
+        if left:
+            self._count_dropped(left)
+            log.error("request log: %d rows could not be written before shutdown", left)
+        self._set_depth()
+        return left
+
+    def __enter__(self) -> "RequestLogWriter":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- request path ------------------------------------------------------------
+    def submit(self, rec: RequestRecord) -> bool:
+        """Queue ``rec`` (never blocks) and count it in the metrics; False if it was dropped."""
+        if self.metrics is not None:
+            self.metrics.observe(rec)
+        if not self.settings.enabled:
+            return False
+        with self._cond:
+            if self._closing or self._closed or len(self._pending) >= self.settings.queue_max:
+                accepted = False
+            else:
+                self._pending[rec.id] = rec
+                accepted = True
+                if len(self._pending) >= self.settings.flush_rows:
+                    self._cond.notify()
+            depth = len(self._pending)
+        if not accepted:
+            self._count_dropped(1)
+        if self.metrics is not None:
+            self.metrics.log_queue_depth.set(depth)
+        return accepted
+
+    def pending(self, request_id: str) -> RequestRecord | None:
+        """The queued (not yet written) record ``request_id``, if any."""
+        with self._cond:
+            return self._pending.get(request_id)
+
+    @property
+    def queue_depth(self) -> int:
+        with self._cond:
+            return len(self._pending)
+
+    def stats(self) -> dict[str, int]:
+        return {"queued": self.queue_depth, "written": self.rows_written, "dropped": self.rows_dropped,
+                "flush_errors": self.flush_errors, "flushes": self.flushes}
+
+    # -- writing -------------------------------------------------------------
+    def flush(self) -> int:
+        """Write every queued row now, in the caller's thread; return rows written.
+
+        Blocking (disk): from async code call it in a worker thread. On failure
+        the rows stay queued for the next attempt and the error is counted.
+        """
+        # only the rows queued now: under steady traffic a flush must end, leaving the file to other processes
+        todo = self.queue_depth
+        total = 0
+        while todo > 0:
+            n, ok = self._write_batch()
+            total += n
+            todo -= self.MAX_BATCH
+            if not ok or n == 0:
+                break
+        return total
+
+    def _drain(self) -> None:
+        while self.queue_depth:
+            _, ok = self._write_batch()
+            if not ok:
+                if time.monotonic() >= self._close_deadline:
+                    return
+                time.sleep(min(0.1, max(0.0, self._close_deadline - time.monotonic())))
+
+    def _run(self) -> None:
+        interval = max(0.001, self.settings.flush_interval_s)
+        next_flush = time.monotonic() + interval
+        while True:
+            with self._cond:
+                while not self._closing:
+                    now = time.monotonic()
+                    due = next_flush
+                    if len(self._pending) >= self.settings.flush_rows and now >= self._retry_at:
+                        break
+                    if now >= due:
+                        break
+                    wait = due - now
+                    if len(self._pending) >= self.settings.flush_rows:
+                        wait = min(wait, self._retry_at - now)
+                    self._cond.wait(wait)
+                closing = self._closing
+            if closing:
+                self._drain()
+                return
+            try:
+                self.flush()
+            except Exception:  # never let the writer thread die
+                log.exception("request log: unexpected error in flush")
+            next_flush = time.monotonic() + interval
+
+    def _write_batch(self) -> tuple[int, bool]:
+        """Write up to MAX_BATCH queued rows in one transaction: (rows written, ok)."""
+        with self._write_lock:
+            with self._cond:
+                batch = []
+                for rec in self._pending.values():
+                    batch.append(rec)
+                    if len(batch) >= self.MAX_BATCH:
+                        break
+            if not batch:
+                return 0, True
+            t0 = time.perf_counter()
+            try:
+                written = self._insert(batch)
+            except (DatabaseBusy, OSError) as e:
+                return self._failed(e)
+            except Exception as e:  # noqa: BLE001 - duckdb IO errors included
+                import duckdb
+
+                if isinstance(e, duckdb.IOException):
+                    return self._failed(e)
+                log.warning("request log: batch of %d rejected (%s); retrying row by row", len(batch), type(e).__name__)
+                try:
+                    written = self._insert_one_by_one(batch)
+                except (DatabaseBusy, OSError, duckdb.IOException) as e2:
+                    return self._failed(e2)
+            self.flushes += 1
+            with self._cond:
+                for rec in batch:
+                    if self._pending.get(rec.id) is rec:
+                        del self._pending[rec.id]
+                depth = len(self._pending)
+            self.rows_written += written
+            self._retry_at = 0.0
+            if self.metrics is not None:
+                self.metrics.log_rows_written_total.inc(written)
+                self.metrics.log_flush_duration_seconds.observe(time.perf_counter() - t0)
+                self.metrics.log_queue_depth.set(depth)
+            return written, True
+
+    def _failed(self, e: BaseException) -> tuple[int, bool]:
+        self.flush_errors += 1
+        self._retry_at = time.monotonic() + max(0.001, self.settings.flush_interval_s)
+        if self.metrics is not None:
+            self.metrics.log_flush_errors_total.inc()
+        log.warning("request log: flush failed, %d rows kept for retry: %s", self.queue_depth, e)
+        return 0, False
+
+    def _count_dropped(self, n: int) -> None:
+        self.rows_dropped += n
+        if self.metrics is not None:
+            self.metrics.log_rows_dropped_total.inc(n)
+
+    def _set_depth(self) -> None:
+        if self.metrics is not None:
+            self.metrics.log_queue_depth.set(self.queue_depth)
+
+    # -- row preparation and SQL ---------------------------------------------------
+    def _prepare(self, rec: RequestRecord) -> dict[str, Any]:
+        row = {c: getattr(rec, c) for c in COLUMNS}
+        row["received_at"] = _naive_utc(rec.received_at)
+        if self.settings.redact_prompts:
+            row["prompt"] = None
+            row["response"] = None
+        elif self._scrub is not None:
+            scrub = self._scrub
+            row["prompt"] = _map_strings(row["prompt"], lambda s: scrub(s)[0])
+            if row["response"] is not None:
+                row["response"] = scrub(row["response"])[0]
+        for c in _JSON_COLUMNS:
+            row[c] = _json(row[c])
+        return row
+
+    def _table(self, batch: list[RequestRecord]):
+        import pyarrow as pa
+
+        rows = [self._prepare(r) for r in batch]
+        return pa.Table.from_pylist(rows, schema=_arrow_schema())
+
+    _SQL = (f"INSERT OR IGNORE INTO requests ({', '.join(COLUMNS)}) "
+            f"SELECT {', '.join(COLUMNS)} FROM _tuneloop_log_batch")
+
+    def _insert_table(self, con, table) -> None:
+        con.register("_tuneloop_log_batch", table)
+        try:
+            con.execute(self._SQL)
+        finally:
+            try:
+                con.unregister("_tuneloop_log_batch")
+            except Exception:  # noqa: BLE001 - an aborted transaction refuses it; the original error matters
+                pass
+
+    def _insert(self, batch: list[RequestRecord]) -> int:
+        table = self._table(batch)
+        with self.db.connect() as con:
+            self._insert_table(con, table)
+        return len(batch)
+
+    def _insert_one_by_one(self, batch: list[RequestRecord]) -> int:
+        """Each row in its own transaction on one connection; rows the database rejects are dropped."""
+        import duckdb
+
+        written = 0
+        with self.db.connect(transaction=False) as con:
+            for rec in batch:
+                try:
+                    table = self._table([rec])
+                    con.begin()
+                    try:
+                        self._insert_table(con, table)
+                    except BaseException:
+                        con.rollback()
+                        raise
+                    con.commit()
+                    written += 1
+                except duckdb.IOException:
+                    raise
+                except Exception as e:  # noqa: BLE001 - a bad row must not block the log
+                    self._count_dropped(1)
+                    log.error("request log: dropped request %s: %s: %s", rec.id, type(e).__name__, str(e)[:200])
+        return written

@@ -1,0 +1,258 @@
+"""The Litestar application: OpenAI API + admin API + health + metrics over one in-process vLLM engine.
+
+Contract
+--------
+:func:`create_app(settings, db, engine=None) <create_app>` returns a Litestar
+app whose ``app.state`` holds (contract 5): ``settings``, ``db``,
+``registry`` (a fresh prometheus ``CollectorRegistry``), ``metrics``
+(:class:`monitoring.metrics.ServingMetrics`), ``log_writer``
+(:class:`monitoring.requestlog.RequestLogWriter`), ``engine``
+(:class:`server.engine.Engine`), ``auth`` (:class:`server.auth.Auth`) and
+``router`` (:class:`server.routing.ModelRouter`). Nothing is module-global:
+two apps can live in one process.
+
+The lifespan starts the engine (unless the one passed in is already
+running), starts the log writer, reads deploy state and loads the start-up
+adapters, then refreshes deploy state every ``server.state_refresh_s``. On
+shutdown (uvicorn's SIGTERM handling: in-flight requests finish first) it
+stops the refresher, shuts the engine down and drains the log writer
+(``close()``), so every answered request is in the database.
+
+Routes: ``/v1/*`` (:mod:`server.openai_routes`, inference scope, plus
+``/v1/feedback`` from :mod:`server.feedback_routes`), ``/admin/*``
+(:mod:`server.admin_routes`, admin scope), ``GET /healthz`` (process alive),
+``GET /readyz`` (engine ready: 200, else 503), ``GET /metrics`` (Prometheus
+text of ``app.state.registry``), ``/schema`` (OpenAPI, generated from the
+typed structs). Bodies over ``server.max_body_bytes`` are a 413.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, AsyncIterator
+
+from litestar import Litestar, Request, Response, Router, get
+from litestar.connection import ASGIConnection
+from litestar.handlers import BaseRouteHandler
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+
+from tuneloop import __version__
+from tuneloop.db import Database, utcnow
+from tuneloop.errors import UserError
+
+from server.engine import Engine
+from server.errors import exception_handlers
+from server.protocol import Health
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tuneloop.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+# -- what to serve ------------------------------------------------------------------
+
+@dataclass
+class ServePlan:
+    """The base model folder, its served name, and the adapters to load at start-up (name -> version or path)."""
+
+    base: Path
+    served_name: str
+    adapters: dict[str, str] = field(default_factory=dict)
+
+
+def _base_folder(ref: str, models_dir: Path) -> Path:
+    p = Path(ref).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise UserError(f"{p} is not a Hugging Face model folder (no config.json)")
+        return p.resolve()
+    cached = models_dir / ref.lower()
+    if (cached / "config.json").is_file():
+        return cached.resolve()
+    if p.exists() or "/" in ref or os.sep in ref:
+        raise UserError(f"model folder {ref} does not exist")
+    raise UserError(f"unknown model {ref!r}: not a registered version, not a folder, and not pulled "
+                    f"(pull it first: tuneloop models pull {ref})")
+
+
+def plan_serving(settings: "Settings", db: Database) -> ServePlan:
+    """Decide what to serve from ``server.model`` / ``server.adapters`` and deploy state (see `tuneloop serve --help`)."""
+    from tuneloop.registry import RegistryError, get_version, version_by_stage
+
+    s = settings.server
+    models_dir = settings.paths.models_path
+    adapters: dict[str, str] = {}
+    ref = s.model
+    version = None
+    if ref:
+        try:
+            version = get_version(db, ref)
+        except RegistryError:
+            version = None
+    else:
+        version = version_by_stage(db, "production")
+    if version is not None:
+        if version.kind == "adapter":
+            base = _base_folder(version.base_model, models_dir)
+            adapters[version.name] = version.name
+        else:
+            base = _base_folder(version.path, models_dir)
+    else:
+        base = _base_folder(ref or "smollm2-135m-instruct", models_dir)
+    for item in s.adapters:
+        name, sep, target = item.partition("=")
+        if not sep:
+            name, target = item, item  # a registered version name
+        name, target = name.strip(), target.strip()
+        if not name or not target:
+            raise UserError(f"--adapter {item!r}: use NAME=PATH or a registered version name")
+        adapters[name] = target
+    served = s.served_model_name or (version.name if version is not None and version.kind != "adapter" else base.name)
+    return ServePlan(base=base, served_name=served, adapters=adapters)
+
+
+# -- auth guards ----------------------------------------------------------------------
+
+async def _authenticate(connection: ASGIConnection, scope: str) -> None:
+    auth = connection.app.state.auth
+    principal = await auth.authenticate(connection, scope)
+    connection.scope.setdefault("state", {})["principal"] = principal
+
+
+async def inference_guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    await _authenticate(connection, "inference")
+
+
+async def admin_guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    await _authenticate(connection, "admin")
+
+
+# -- plain endpoints ---------------------------------------------------------------
+
+@get("/healthz", summary="Liveness: the process answers", tags=["ops"])
+async def healthz() -> Health:
+    return Health("ok")
+
+
+@get("/readyz", summary="Readiness: the engine is loaded and healthy (503 otherwise)", tags=["ops"])
+async def readyz(request: Request) -> Response[Health]:
+    engine: Engine = request.app.state.engine
+    try:
+        if not engine.ready:
+            raise RuntimeError("engine starting" if not engine.closing else "shutting down")
+        await engine.check_health()
+    except Exception as e:  # noqa: BLE001
+        return Response(Health("unavailable", str(e) or type(e).__name__), status_code=503)
+    return Response(Health("ready"))
+
+
+@get("/metrics", summary="Prometheus metrics (text exposition format)", tags=["ops"], media_type=CONTENT_TYPE_LATEST)
+async def metrics(request: Request) -> Response[bytes]:
+    return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _timing_middleware(app):
+    """Stamp every HTTP request with its receipt time (the origin of ttft_s and latency_s)."""
+
+    async def middleware(scope, receive, send):
+        if scope["type"] == "http":
+            st = scope.setdefault("state", {})
+            st["tuneloop_t0"] = time.perf_counter()
+            st["tuneloop_received_at"] = utcnow()
+        await app(scope, receive, send)
+
+    return middleware
+
+
+# -- the app -------------------------------------------------------------------------
+
+def create_app(settings: "Settings", db: Database, engine: Engine | None = None,
+               plan: ServePlan | None = None) -> Litestar:
+    """Build the app (see module docstring). ``engine`` defaults to one over ``plan`` (default: :func:`plan_serving`)."""
+    from monitoring.metrics import ServingMetrics
+    from monitoring.requestlog import RequestLogWriter
+    from server.admin_routes import AdminController
+    from server.auth import Auth
+    from server.openai_routes import OpenAIController
+    from server.routing import ModelRouter
+
+    if engine is None:
+        plan = plan or plan_serving(settings, db)
+        engine = Engine(plan.base, settings.engine, plan.served_name)
+    startup_adapters = dict(plan.adapters) if plan else {}
+    registry = CollectorRegistry(auto_describe=True)
+    serving_metrics = ServingMetrics(registry)
+    writer = RequestLogWriter(db, settings.log, serving_metrics)
+    auth = Auth(db, settings.auth)
+    router = ModelRouter(db, engine, settings.server.state_refresh_s, serving_metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        owns_engine = not engine.ready
+        if owns_engine:
+            await engine.start()
+        serving_metrics.set_model_info(engine.served_name, str(engine.model_path), "base")
+        writer.start()
+        refresher = None
+        try:
+            await router.refresh()
+            for name, target in startup_adapters.items():
+                await _load_startup_adapter(router, name, target)
+            refresher = asyncio.create_task(router.run(), name="tuneloop-deploy-state")
+            log.info("serving %s as %r", engine.model_path, engine.served_name)
+            yield
+        finally:
+            if refresher is not None:
+                refresher.cancel()
+                await asyncio.gather(refresher, return_exceptions=True)
+            if owns_engine:
+                engine.shutdown()
+            left = await asyncio.to_thread(writer.close, 30.0)
+            log.info("request log drained (%d rows left unwritten)", left)
+
+    app = Litestar(
+        route_handlers=[Router("/", route_handlers=[OpenAIController], guards=[inference_guard]),
+                        Router("/", route_handlers=[AdminController], guards=[admin_guard]),
+                        healthz, readyz, metrics, *_feedback_handlers()],
+        lifespan=[lifespan],
+        exception_handlers=exception_handlers(),
+        middleware=[_timing_middleware],
+        request_max_body_size=settings.server.max_body_bytes,
+        openapi_config=OpenAPIConfig(
+            title="tuneloop", version=__version__, path="/schema", render_plugins=[SwaggerRenderPlugin()],
+            description="OpenAI-compatible API over a vLLM engine, with per-request adapter routing, request logging "
+                        "and an admin API. Errors are OpenAI-style: {\"error\": {\"message\", \"type\", \"code\", \"param\"}}.",
+        ),
+        debug=False,
+    )
+    st = app.state
+    st.settings, st.db, st.registry, st.metrics = settings, db, registry, serving_metrics
+    st.log_writer, st.engine, st.auth, st.router = writer, engine, auth, router
+    return app
+
+
+async def _load_startup_adapter(router, name: str, target: str) -> None:
+    p = Path(target).expanduser()
+    if p.is_dir():
+        await router.load(path=str(p), name=name)
+    else:
+        await router.load(version=target)
+
+
+def _feedback_handlers() -> list:
+    try:
+        from server.feedback_routes import FeedbackController
+    except ModuleNotFoundError as e:
+        if e.name != "server.feedback_routes":
+            raise
+        return []
+    return [FeedbackController]

@@ -1,0 +1,262 @@
+"""API keys: creation, listing, revocation, and request authentication.
+
+Contract
+--------
+* A key is ``tl-<43 url-safe chars>`` (256 random bits). Only its sha256 hex
+  digest (``api_keys.key_hash``) and a display prefix (first 10 characters,
+  ``api_keys.prefix``) are stored; the secret is shown once by
+  ``tuneloop keys create`` and never written anywhere, nor logged.
+* Scopes: ``inference`` (the ``/v1`` API) and ``admin`` (admin routes *and*
+  ``/v1``). :func:`create_key`, :func:`list_keys` and :func:`revoke_key` work
+  on the database directly (short connections; fine while a server runs).
+* Policy of :meth:`Auth.authenticate` (``scope`` is what the route needs):
+
+  - no key was ever created and ``auth.require_keys`` is false: every request
+    passes as ``Principal(key_id=None, scope="anonymous")`` (a fresh install
+    works out of the box);
+  - once any key exists (revoked ones included: revoking the last key does
+    not silently reopen the API), or with ``auth.require_keys``, a request
+    needs ``Authorization: Bearer <key>`` with a live key: otherwise
+    :class:`AuthError` 401 ``invalid_api_key``;
+  - an ``inference`` key on an ``admin`` route: :class:`AuthError` 403
+    ``insufficient_scope``.
+
+* :class:`Auth` keeps the key table in memory (a dict keyed by hash, on the
+  instance, nothing module-global), so authenticating costs no database hit.
+  It re-reads the table at most every ``refresh_s`` seconds (in a worker
+  thread, never blocking the event loop), and at most every
+  ``miss_refresh_s`` on an unknown key, so a key created or revoked with the
+  CLI while the server runs takes effect within seconds. If the database is
+  busy, the last known table stays in force.
+* :class:`AuthError` carries the HTTP status and the OpenAI-style body
+  (:meth:`AuthError.to_dict`); :func:`auth_error_handler` turns it into a
+  Litestar response for apps that register it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from tuneloop.db import Database, DatabaseBusy, utcnow
+from tuneloop.errors import UserError
+from tuneloop.ids import new_id
+
+log = logging.getLogger(__name__)
+
+SCOPES = ("inference", "admin")
+KEY_PREFIX = "tl-"
+DISPLAY_CHARS = 10
+
+
+class ApiKeyError(UserError, ValueError):
+    """A key-management mistake a user can fix (unknown key, bad scope)."""
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """One row of ``api_keys`` without its hash."""
+
+    id: str
+    name: str | None
+    scope: str
+    prefix: str
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who made a request: ``key_id`` None for anonymous access (no keys configured)."""
+
+    key_id: str | None
+    scope: str  # inference | admin | anonymous
+    name: str | None = None
+
+
+class AuthError(Exception):
+    """Authentication (401) or authorisation (403) failure with an OpenAI-style body."""
+
+    def __init__(self, status_code: Literal[401, 403], message: str, code: str,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.code = code
+        self.type = type
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": None}}
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="tuneloop"'} if self.status_code == 401 else {}
+
+
+def hash_key(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def generate_secret() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+# -- key management (CLI) ---------------------------------------------------------
+
+def create_key(db: Database, scope: str, name: str | None = None) -> tuple[ApiKey, str]:
+    """Create a key; return its record and the secret (the only time the secret exists outside the client)."""
+    if scope not in SCOPES:
+        raise ApiKeyError(f"unknown scope {scope!r}: use one of {', '.join(SCOPES)}")
+    name = (name or "").strip() or None
+    secret = generate_secret()
+    key = ApiKey(id=new_id(), name=name, scope=scope, prefix=secret[:DISPLAY_CHARS], created_at=utcnow())
+    with db.connect() as con:
+        if name is not None:
+            dup = con.execute("SELECT id FROM api_keys WHERE name = ? AND revoked_at IS NULL", [name]).fetchall()
+            if dup:
+                raise ApiKeyError(f"an active key named {name!r} already exists ({dup[0][0]}); pick another name "
+                                f"or revoke it first")
+        con.execute("INSERT INTO api_keys (id, name, scope, key_hash, prefix, created_at, revoked_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, NULL)",
+                    [key.id, key.name, key.scope, hash_key(secret), key.prefix, key.created_at])
+    return key, secret
+
+
+def _row_to_key(r: tuple) -> ApiKey:
+    return ApiKey(id=r[0], name=r[1], scope=r[2], prefix=r[3], created_at=r[4], revoked_at=r[5])
+
+
+_KEY_COLS = "id, name, scope, prefix, created_at, revoked_at"
+
+
+def list_keys(db: Database, include_revoked: bool = True) -> list[ApiKey]:
+    where = "" if include_revoked else "WHERE revoked_at IS NULL"
+    with db.connect(transaction=False) as con:
+        rows = con.execute(f"SELECT {_KEY_COLS} FROM api_keys {where} ORDER BY created_at, id").fetchall()
+    return [_row_to_key(r) for r in rows]
+
+
+def revoke_key(db: Database, ref: str) -> ApiKey:
+    """Revoke the key whose id, display prefix or (active) name is ``ref``; return it as revoked."""
+    ref = ref.strip()
+    if ref.startswith(KEY_PREFIX):
+        ref = ref.rstrip(".")  # the prefix as `keys list` shows it ("tl-AbCdEfG...")
+    with db.connect() as con:
+        rows = con.execute(f"SELECT {_KEY_COLS} FROM api_keys WHERE id = ? OR prefix = ? OR "
+                           f"(name = ? AND revoked_at IS NULL)", [ref, ref, ref]).fetchall()
+        if not rows:
+            raise ApiKeyError(f"no API key {ref!r}: see `tuneloop keys list` for ids")
+        if len(rows) > 1:
+            raise ApiKeyError(f"{ref!r} matches {len(rows)} keys: revoke by id ({', '.join(r[0] for r in rows)})")
+        key = _row_to_key(rows[0])
+        if key.revoked_at is not None:
+            raise ApiKeyError(f"key {key.id} was already revoked at {key.revoked_at:%Y-%m-%d %H:%M:%S} UTC")
+        now = utcnow()
+        con.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?", [now, key.id])
+    return ApiKey(**{**key.__dict__, "revoked_at": now})
+
+
+# -- request authentication (server) ------------------------------------------------
+
+@dataclass(frozen=True)
+class _Entry:
+    id: str
+    name: str | None
+    scope: str
+    revoked: bool
+
+
+class Auth:
+    """Authenticates requests against the ``api_keys`` table; see module docstring."""
+
+    def __init__(self, db: Database, settings, *, refresh_s: float = 2.0, miss_refresh_s: float = 0.5,
+                 lock_timeout_s: float = 2.0):
+        self.db = Database(db.path, lock_timeout_s=lock_timeout_s)
+        self.settings = settings
+        self.refresh_s = refresh_s
+        self.miss_refresh_s = miss_refresh_s
+        self._keys: dict[str, _Entry] = {}
+        self._any_key = False
+        self._loaded_at: float | None = None
+        self._lock: asyncio.Lock | None = None
+
+    # cache --------------------------------------------------------------------
+    def reload(self) -> None:
+        """Re-read the key table (blocking; :meth:`authenticate` calls it in a worker thread)."""
+        try:
+            with self.db.connect(transaction=False) as con:
+                rows = con.execute("SELECT key_hash, id, name, scope, revoked_at FROM api_keys").fetchall()
+        except DatabaseBusy as e:
+            log.warning("auth: key table not refreshed, database busy (%s); keeping the last one", e)
+            self._loaded_at = time.monotonic()
+            return
+        self._keys = {h: _Entry(i, n, s, r is not None) for h, i, n, s, r in rows}
+        self._any_key = bool(rows)
+        self._loaded_at = time.monotonic()
+
+    async def _refresh(self, max_age_s: float) -> None:
+        if self._loaded_at is not None and time.monotonic() - self._loaded_at < max_age_s:
+            return
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._loaded_at is not None and time.monotonic() - self._loaded_at < max_age_s:
+                return  # another request refreshed it while we waited
+            await asyncio.to_thread(self.reload)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether requests need a key now (as of the last refresh)."""
+        return self._any_key or bool(getattr(self.settings, "require_keys", False))
+
+    # authentication -------------------------------------------------------------
+    async def authenticate(self, request: Any, scope: str = "inference") -> Principal:
+        """The principal of ``request`` (anything with ``.headers``) for a route needing ``scope``; raises AuthError."""
+        if scope not in SCOPES:
+            raise ValueError(f"unknown scope {scope!r}")
+        await self._refresh(self.refresh_s)
+        secret = bearer_token(request.headers.get("authorization"))
+        if not self.enabled:
+            return Principal(key_id=None, scope="anonymous")
+        if secret is None:
+            raise AuthError(401, "Missing API key: send it as 'Authorization: Bearer <key>' "
+                                 "(create one with `tuneloop keys create --scope inference`).", "invalid_api_key")
+        h = hash_key(secret)
+        entry = self._keys.get(h)
+        if entry is None:
+            await self._refresh(self.miss_refresh_s)  # a key created seconds ago
+            entry = self._keys.get(h)
+        if entry is None or entry.revoked:
+            shown = secret[:DISPLAY_CHARS] + "..." if secret.startswith(KEY_PREFIX) else "(not a tuneloop key)"
+            raise AuthError(401, f"Incorrect or revoked API key provided: {shown}.", "invalid_api_key")
+        if scope == "admin" and entry.scope != "admin":
+            raise AuthError(403, "This API key has scope 'inference'; this route needs an 'admin' key.",
+                            "insufficient_scope", type="permission_error")
+        return Principal(key_id=entry.id, scope=entry.scope, name=entry.name)
+
+
+def bearer_token(header: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header (case-insensitive scheme), else None."""
+    if not header:
+        return None
+    parts = header.strip().split(None, 1)
+    if len(parts) != 2 or parts[0].lower() != "bearer" or not parts[1].strip():
+        return None
+    return parts[1].strip()
+
+
+def auth_error_handler(request: Any, exc: AuthError):
+    """Litestar exception handler: the OpenAI-style JSON body with the error's status."""
+    from litestar import Response
+
+    return Response(content=exc.to_dict(), status_code=exc.status_code, headers=exc.headers)

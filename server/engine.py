@@ -1,0 +1,418 @@
+"""The one wrapper around vLLM's in-process ``AsyncLLM``: every vLLM call of the server lives here.
+
+Contract
+--------
+* :meth:`Engine.start` builds ``AsyncLLM.from_engine_args(AsyncEngineArgs(...))``
+  over one base-model folder from :class:`tuneloop.settings.EngineSettings`
+  (LoRA enabled, dtype via :func:`tuneloop.runtime.pick_dtype`) after
+  :func:`tuneloop.runtime.configure_vllm_env`. vLLM is imported only here, and
+  only inside methods, so a vLLM upgrade touches this file alone.
+* Prompts go in as token ids: :meth:`render_chat` (the trainer's template path,
+  :func:`tuneloop.chat.render_prompt` when present, else the tokenizer's chat
+  template with ``add_generation_prompt``) and :meth:`encode`.
+* :meth:`generate` is an async iterator of :class:`Delta` (one per engine
+  output step and choice: new text, new token count, finish reason, optional
+  logprobs). It uses vLLM's DELTA output kind, so no per-token Python work is
+  done unless logprobs were asked for. Cancelling the iteration (client gone)
+  aborts the engine request; :meth:`abort` does it by id.
+* :class:`GenParams` holds the OpenAI sampling parameters; :meth:`sampling_params`
+  validates them through vLLM and raises :class:`EngineInputError` (a 400) on
+  values vLLM refuses.
+* Adapters are named: :meth:`add_adapter` validates ``adapter_config.json``
+  (PEFT LoRA, rank <= ``max_lora_rank``, trained on this base when it says so),
+  then test-loads it into the engine (a broken file fails here, not on the
+  first request) and raises :class:`AdapterError` otherwise. :meth:`remove_adapter`
+  stops new requests from using the name at once, waits until requests already
+  using it finish, then evicts it — so loading and unloading never fail a
+  request in flight. :meth:`adapters` lists what the engine holds.
+* :meth:`check_health` raises if the engine core died; :meth:`shutdown` stops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+from tuneloop.errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tuneloop.settings import EngineSettings
+
+log = logging.getLogger(__name__)
+
+
+class EngineInputError(UserError, ValueError):
+    """A request the engine refuses (bad sampling values, prompt too long): HTTP 400."""
+
+    def __init__(self, message: str, code: str = "invalid_request", param: str | None = None):
+        super().__init__(message)
+        self.code, self.param = code, param
+
+
+class AdapterError(UserError, ValueError):
+    """An adapter that cannot be served by this engine (missing, malformed, wrong base, rank too high)."""
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine is not started, shutting down or dead: HTTP 503."""
+
+
+@dataclass
+class GenParams:
+    """OpenAI sampling parameters, already type-checked by the API layer."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logprobs: int | None = None  # number of top alternatives per token (0 = only the sampled token)
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]
+
+
+@dataclass
+class Delta:
+    """New output of one choice since the previous delta."""
+
+    index: int
+    text: str
+    num_tokens: int
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class AdapterInfo:
+    name: str
+    path: str
+    rank: int
+    lora_id: int
+    loaded_at: float
+    in_flight: int = 0
+
+
+class Engine:
+    """One in-process vLLM engine over one base model; see module docstring."""
+
+    def __init__(self, model_path: str | os.PathLike, settings: "EngineSettings", served_name: str | None = None):
+        self.model_path = Path(model_path).expanduser().resolve()
+        self.settings = settings
+        self.served_name = served_name or self.model_path.name
+        self._llm = None
+        self._tokenizer = None
+        self._defaults: dict[str, Any] = {}
+        self._adapters: dict[str, AdapterInfo] = {}
+        self._lora_requests: dict[str, Any] = {}
+        self._ids = itertools.count(1)
+        self._adapter_lock = asyncio.Lock()
+        self._drained: dict[str, asyncio.Event] = {}
+        self.max_model_len = settings.max_model_len
+        self.started_at: float | None = None
+        self.closing = False
+
+    # -- life cycle -------------------------------------------------------------
+    def engine_args(self):
+        from tuneloop.runtime import pick_dtype
+        from vllm import AsyncEngineArgs
+
+        s = self.settings
+        kw: dict[str, Any] = dict(
+            model=str(self.model_path), served_model_name=self.served_name, dtype=pick_dtype(s.dtype),
+            max_model_len=s.max_model_len, enforce_eager=s.enforce_eager, seed=s.seed,
+            max_num_seqs=s.max_num_seqs, tensor_parallel_size=s.tensor_parallel_size,
+            disable_log_stats=True, max_logprobs=20,
+        )
+        from tuneloop.runtime import has_cuda
+
+        if has_cuda():
+            kw["gpu_memory_utilization"] = s.gpu_memory_utilization
+        if s.enable_lora:
+            kw.update(enable_lora=True, max_lora_rank=s.max_lora_rank, max_loras=s.max_loras,
+                      max_cpu_loras=max(s.max_loras, 4 * s.max_loras))
+        return AsyncEngineArgs(**kw)
+
+    async def start(self) -> "Engine":
+        """Create the AsyncLLM (tens of seconds on CPU)."""
+        from tuneloop.runtime import configure_vllm_env
+
+        configure_vllm_env(self.settings)
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = self.engine_args()
+        t0 = time.perf_counter()
+        self._llm = AsyncLLM.from_engine_args(args)
+        self._tokenizer = self._llm.get_tokenizer()
+        self.max_model_len = int(self._llm.model_config.max_model_len)
+        try:
+            self._defaults = dict(self._llm.model_config.get_diff_sampling_param() or {})
+        except Exception:  # noqa: BLE001 - older/newer vLLM: no generation_config defaults
+            self._defaults = {}
+        self.started_at = time.time()
+        log.info("engine ready in %.1f s: %s (served as %r)", time.perf_counter() - t0, self.model_path, self.served_name)
+        return self
+
+    @property
+    def ready(self) -> bool:
+        return self._llm is not None and not self.closing and not self._llm.errored
+
+    async def check_health(self) -> None:
+        if self._llm is None or self.closing:
+            raise EngineUnavailable("engine is not running")
+        await self._llm.check_health()
+
+    def shutdown(self) -> None:
+        self.closing = True
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+    # -- prompts ------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            raise EngineUnavailable("engine is not running")
+        return self._tokenizer
+
+    def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a chat prompt, rendered exactly as the trainer renders it (generation prompt added)."""
+        try:
+            from tuneloop.chat import render_prompt
+        except ImportError:
+            render_prompt = None
+        try:
+            if render_prompt is not None:
+                ids = render_prompt(self.tokenizer, messages)
+            else:
+                ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        except UserError:
+            raise
+        except Exception as e:  # template errors (e.g. role order a template forbids)
+            raise EngineInputError(f"could not render the messages with the model's chat template: {e}", "invalid_messages", "messages") from None
+        if hasattr(ids, "get") and not isinstance(ids, list):  # BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))
+
+    def check_length(self, prompt_len: int, max_tokens: int | None, param: str = "max_tokens", prompt_param: str = "messages") -> int:
+        """The completion budget for a prompt of ``prompt_len`` tokens; 400 if it does not fit the context."""
+        room = self.max_model_len - prompt_len
+        if room <= 0:
+            raise EngineInputError(
+                f"the prompt is {prompt_len} tokens; this model's context is {self.max_model_len} tokens "
+                f"(prompt + completion). Shorten the prompt.", "context_length_exceeded", prompt_param)
+        if max_tokens is None:
+            return room
+        if max_tokens > room:
+            raise EngineInputError(
+                f"{param}={max_tokens} plus the prompt's {prompt_len} tokens exceeds this model's context of "
+                f"{self.max_model_len} tokens; ask for at most {room}.", "context_length_exceeded", param)
+        return max_tokens
+
+    def sampling_params(self, p: GenParams, max_tokens: int):
+        """vLLM SamplingParams for ``p`` (model generation defaults for unset values); 400 on invalid values."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        kw: dict[str, Any] = {k: v for k, v in self._defaults.items()
+                              if k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
+        for k in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty"):
+            v = getattr(p, k)
+            if v is not None:
+                kw[k] = v
+        if p.logprobs is not None:
+            kw["logprobs"] = p.logprobs
+        try:
+            return SamplingParams(n=p.n, max_tokens=max_tokens, stop=list(p.stop) or None,
+                                  output_kind=RequestOutputKind.DELTA, **kw)
+        except _client_errors() as e:
+            raise EngineInputError(str(e).split("\n")[0], "invalid_parameter", getattr(e, "parameter", None)) from None
+
+    # -- generation -------------------------------------------------------------------
+    async def generate(self, prompt_ids: list[int], sampling_params, request_id: str,
+                       adapter: str | None = None) -> AsyncIterator[Delta]:
+        """Stream :class:`Delta` s of ``request_id``; closing/cancelling the iterator aborts it in the engine."""
+        if not self.ready:
+            raise EngineUnavailable("engine is not running")
+        from vllm.inputs import TokensPrompt
+
+        lora = None
+        if adapter is not None:
+            info = self._adapters.get(adapter)
+            if info is None:
+                raise AdapterError(f"adapter {adapter!r} is not loaded")
+            lora = self._lora_requests[adapter]
+            info.in_flight += 1
+        want_lp = sampling_params.logprobs is not None
+        try:
+            gen = self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), sampling_params, request_id, lora_request=lora)
+            try:
+                async for out in gen:
+                    for o in out.outputs:
+                        yield Delta(o.index, o.text, len(o.token_ids), o.finish_reason,
+                                    self._logprobs(o, sampling_params.logprobs) if want_lp else None)
+            except _client_errors() as e:  # validation inside vLLM (VLLMValidationError ...)
+                raise EngineInputError(str(e).split("\n")[0], "invalid_parameter", getattr(e, "parameter", None)) from None
+            finally:
+                await gen.aclose()
+        finally:
+            if adapter is not None:
+                info.in_flight -= 1
+                ev = self._drained.get(adapter)
+                if info.in_flight == 0 and ev is not None:
+                    ev.set()
+
+    def _logprobs(self, o, k: int) -> list[TokenLogprob]:
+        out: list[TokenLogprob] = []
+        for tid, lp in zip(o.token_ids, o.logprobs or []):
+            chosen = lp.get(tid)
+            ranked = sorted(lp.values(), key=lambda v: v.rank if v.rank is not None else 1 << 30)[:k]
+            out.append(TokenLogprob(
+                token=(chosen.decoded_token if chosen else None) or self.tokenizer.decode([tid]),
+                logprob=_finite(chosen.logprob) if chosen else -9999.0,
+                top=[(v.decoded_token or "", _finite(v.logprob)) for v in ranked],
+            ))
+        return out
+
+    async def abort(self, request_id: str) -> None:
+        if self._llm is not None:
+            await self._llm.abort(request_id)
+
+    # -- adapters -------------------------------------------------------------------
+    def has_adapter(self, name: str) -> bool:
+        return name in self._adapters
+
+    def adapters(self) -> list[AdapterInfo]:
+        return sorted(self._adapters.values(), key=lambda a: a.loaded_at)
+
+    def validate_adapter(self, path: str | os.PathLike) -> dict[str, Any]:
+        """Check ``adapter_config.json`` of ``path`` against this engine; return the config or raise :class:`AdapterError`."""
+        p = Path(path).expanduser()
+        if not p.is_dir():
+            raise AdapterError(f"adapter folder {str(p)!r} does not exist")
+        cfg_file = p / "adapter_config.json"
+        if not cfg_file.is_file():
+            raise AdapterError(f"{p} has no adapter_config.json: not a PEFT adapter folder")
+        try:
+            cfg = json.loads(cfg_file.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise AdapterError(f"{cfg_file}: unreadable adapter config: {e}") from None
+        if not isinstance(cfg, dict):
+            raise AdapterError(f"{cfg_file}: adapter config is not a JSON object")
+        if str(cfg.get("peft_type", "")).upper() != "LORA":
+            raise AdapterError(f"{p}: peft_type {cfg.get('peft_type')!r} cannot be served per request; only LoRA adapters "
+                               "can (merge other kinds with `tuneloop merge` and serve the merged model)")
+        if not self.settings.enable_lora:
+            raise AdapterError("this server runs with engine.enable_lora=false")
+        rank = cfg.get("r")
+        if not isinstance(rank, int) or rank < 1:
+            raise AdapterError(f"{cfg_file}: LoRA rank r={rank!r} is not a positive integer")
+        if rank > self.settings.max_lora_rank:
+            raise AdapterError(f"{p}: LoRA rank {rank} is above this server's engine.max_lora_rank={self.settings.max_lora_rank}; "
+                               f"restart with --set engine.max_lora_rank={_next_rank(rank)} to serve it")
+        base = cfg.get("base_model_name_or_path")
+        if base and Path(base).expanduser().is_dir() and Path(base).expanduser().resolve() != self.model_path:
+            if not _same_model(Path(base).expanduser().resolve(), self.model_path):
+                raise AdapterError(f"{p} was trained on base model {base}, but this server serves {self.model_path}")
+        if not any((p / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+            raise AdapterError(f"{p} has no adapter_model.safetensors / adapter_model.bin")
+        return cfg
+
+    async def add_adapter(self, name: str, path: str | os.PathLike) -> AdapterInfo:
+        """Validate and load ``path`` under ``name`` (idempotent for the same path); raise :class:`AdapterError`."""
+        from vllm.lora.request import LoRARequest
+
+        if not self.ready:
+            raise EngineUnavailable("engine is not running")
+        if not name or name == self.served_name:
+            raise AdapterError(f"adapter name {name!r} is empty or the base model's own name")
+        async with self._adapter_lock:
+            resolved = str(Path(path).expanduser().resolve())
+            cur = self._adapters.get(name)
+            if cur is not None:
+                if cur.path == resolved:
+                    return cur
+                raise AdapterError(f"an adapter named {name!r} is already loaded from {cur.path}; unload it first")
+            cfg = await asyncio.to_thread(self.validate_adapter, resolved)
+            lora_id = next(self._ids)
+            req = LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=resolved)
+            try:
+                ok = await self._llm.add_lora(req)
+            except Exception as e:  # noqa: BLE001 - vLLM raises many kinds on bad weights
+                msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                raise AdapterError(f"adapter {resolved} does not load into this engine: {msg[:400]}") from None
+            if ok is False:
+                raise AdapterError(f"adapter {resolved} was refused by the engine")
+            info = AdapterInfo(name=name, path=resolved, rank=int(cfg["r"]), lora_id=lora_id, loaded_at=time.time())
+            self._lora_requests[name] = req
+            self._adapters[name] = info
+            return info
+
+    async def remove_adapter(self, name: str, drain_timeout_s: float = 300.0) -> AdapterInfo:
+        """Stop routing to ``name``, wait for its requests to finish, evict it from the engine."""
+        async with self._adapter_lock:
+            info = self._adapters.pop(name, None)
+            if info is None:
+                raise AdapterError(f"adapter {name!r} is not loaded")
+            req = self._lora_requests.pop(name)
+            if info.in_flight:
+                ev = self._drained[name] = asyncio.Event()
+                try:
+                    await asyncio.wait_for(ev.wait(), drain_timeout_s)
+                except asyncio.TimeoutError:
+                    log.warning("adapter %s: %d requests still running after %.0f s; evicting anyway", name, info.in_flight, drain_timeout_s)
+                finally:
+                    self._drained.pop(name, None)
+            if self._llm is not None:
+                await self._llm.remove_lora(req.lora_int_id)
+            return info
+
+
+def _client_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions by which vLLM refuses a request's input (a 400, not a server error)."""
+    try:
+        from vllm.exceptions import VLLMClientError
+
+        return (ValueError, TypeError, VLLMClientError)
+    except ImportError:  # pragma: no cover - other vLLM versions
+        return (ValueError, TypeError)
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else -9999.0
+
+
+def _next_rank(r: int) -> int:
+    for c in (8, 16, 32, 64, 128, 256, 320, 512):
+        if c >= r:
+            return c
+    return r
+
+
+def _same_model(a: Path, b: Path) -> bool:
+    """Two folders hold the same model when their config.json and weight file sizes agree (a copy or a moved cache)."""
+    try:
+        if json.loads((a / "config.json").read_text()) != json.loads((b / "config.json").read_text()):
+            return False
+        sizes = lambda d: sorted((f.name, f.stat().st_size) for f in d.glob("*.safetensors"))  # noqa: E731
+        return sizes(a) == sizes(b)
+    except (OSError, json.JSONDecodeError):
+        return False

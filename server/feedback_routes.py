@@ -1,0 +1,320 @@
+"""``POST /v1/feedback`` and ``GET /v1/feedback/{request_id}``: user feedback on served responses.
+
+Contract
+--------
+* Body (:class:`FeedbackIn`): ``request_id`` (the ``id`` of a chat/completion
+  response, also its ``X-Request-Id``), ``rating`` (``"up"`` | ``"down"`` or an
+  integer 1..5), ``correction`` (the ideal response), ``comment``, ``labels``
+  (list of short strings) and ``source`` (who rates: ``"api"`` by default,
+  e.g. ``"web-thumbs"``, ``"reviewer"``). At least one of rating, correction,
+  comment or labels is required. Unknown fields and bad values are a 400 with
+  an OpenAI-style body naming the field (``param``).
+* The request must exist: it is looked up in the request writer's in-memory
+  queue first (a row not flushed yet), then in the ``requests`` table. Unknown
+  ids are a 404 ``request_not_found``. A request whose log row was dropped
+  (queue full) or never logged (``log.enabled=false``) cannot receive feedback.
+* Idempotent per ``(request_id, source)``: the first post creates the feedback
+  (**201**), later posts update that same record (**200**, same ``id``):
+  fields present in the body replace the stored ones (``null`` clears one),
+  omitted fields keep their value. Stored in the DuckDB ``feedback`` table in
+  one transaction, with the ``model_version`` that served the request; ratings
+  are stored as -1/+1 (``rating_kind='thumbs'``) or 1..5 (``'stars'``).
+* ``tuneloop_feedback_total{rating,model_version}`` counts each new feedback
+  once, and an update again only when it changes the rating (under the new one).
+* Auth: an ``inference`` (or admin) key via ``app.state.auth``, like ``/v1``.
+* Needs on ``app.state``: ``db``, ``auth``, ``metrics``, ``log_writer``
+  (contract 5). Database work runs in a worker thread; a database held by
+  another process past a few seconds gives a 503 ``database_busy`` with
+  ``Retry-After`` and writes nothing.
+* Errors raised here are turned into OpenAI-style JSON by this controller's
+  own exception handlers, so it behaves the same in any app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from datetime import datetime
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Controller, Request, Response, get, post
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.params import FromPath, JSONBody
+
+from server.auth import AuthError, auth_error_handler
+from tuneloop.db import Database, DatabaseBusy, dumps, loads, utcnow
+from tuneloop.ids import new_id
+
+MAX_TEXT = 100_000
+MAX_LABELS = 32
+MAX_LABEL_CHARS = 64
+SOURCE_RE = re.compile(r"^[A-Za-z0-9_.:/-]{1,64}$")
+THUMBS = {"up": 1, "down": -1}
+
+
+class FeedbackIn(msgspec.Struct, forbid_unknown_fields=True):
+    """Feedback on one served response."""
+
+    request_id: Annotated[str, msgspec.Meta(
+        min_length=1, max_length=200,
+        description="id of the chat/completion response (also its X-Request-Id header).")]
+    rating: Annotated[int | str | None | msgspec.UnsetType, msgspec.Meta(
+        description='"up" or "down" (thumbs), or an integer 1..5 (stars).')] = msgspec.UNSET
+    correction: Annotated[str | None | msgspec.UnsetType, msgspec.Meta(
+        description="The response the model should have given (used for SFT / DPO).")] = msgspec.UNSET
+    comment: Annotated[str | None | msgspec.UnsetType, msgspec.Meta(description="Free text.")] = msgspec.UNSET
+    labels: Annotated[list[str] | None | msgspec.UnsetType, msgspec.Meta(
+        description='Short tags, e.g. ["wrong-fact", "too-long"].')] = msgspec.UNSET
+    source: Annotated[str, msgspec.Meta(
+        description="Who gives the feedback; one record per (request_id, source).")] = "api"
+
+
+class FeedbackOut(msgspec.Struct):
+    """A stored feedback record."""
+
+    id: str
+    request_id: str
+    source: str
+    rating: int | str | None
+    rating_kind: str | None
+    correction: str | None
+    comment: str | None
+    labels: list[str]
+    model_version: str | None
+    created_at: str
+    object: str = "feedback"
+
+
+class FeedbackList(msgspec.Struct):
+    data: list[FeedbackOut]
+    object: str = "list"
+
+
+class FeedbackError(Exception):
+    """A 4xx/5xx with an OpenAI-style body."""
+
+    def __init__(self, status_code: int, message: str, code: str, param: str | None = None,
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status_code, self.message, self.code, self.param, self.type = status_code, message, code, param, type
+        self.headers = headers or {}
+
+
+def _error_response(status: int, message: str, code: str | None, param: str | None = None,
+                    type: str = "invalid_request_error", headers: dict[str, str] | None = None) -> Response:
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return Response(content=body, status_code=status, headers=headers or {})
+
+
+def _feedback_error_handler(request: Request, exc: FeedbackError) -> Response:
+    return _error_response(exc.status_code, exc.message, exc.code, exc.param, exc.type, exc.headers)
+
+
+def _validation_handler(request: Request, exc: ValidationException) -> Response:
+    extra = exc.extra if isinstance(exc.extra, list) else []
+    messages, param = [], None
+    for e in extra:
+        if not isinstance(e, dict):
+            messages.append(str(e))
+            continue
+        msg = str(e.get("message", ""))
+        key = e.get("key")
+        m = re.search(r"field `([A-Za-z_]+)`", msg)
+        field_name = key if key and key != "data" else (m.group(1) if m else None)
+        param = param or field_name
+        messages.append(f"{field_name}: {msg}" if field_name and field_name not in msg else msg)
+    details = "; ".join(messages) or str(exc.detail)
+    return _error_response(400, f"Invalid request body: {details}", "invalid_request_body", param)
+
+
+def _http_handler(request: Request, exc: HTTPException) -> Response:
+    code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code, "http_error")
+    type = "server_error" if exc.status_code >= 500 else "invalid_request_error"
+    return _error_response(exc.status_code, str(exc.detail), code, type=type)
+
+
+# -- validation ------------------------------------------------------------------------
+
+def normalise(body: FeedbackIn) -> dict[str, Any]:
+    """Validated column values for the fields present in ``body`` (raises FeedbackError 400)."""
+    def bad(param: str, message: str) -> FeedbackError:
+        return FeedbackError(400, message, "invalid_value", param)
+
+    out: dict[str, Any] = {}
+    if not body.request_id.strip():
+        raise bad("request_id", "request_id must not be empty")
+    if not SOURCE_RE.match(body.source):
+        raise bad("source", "source must be 1-64 characters of letters, digits and _ . : / -")
+    r = body.rating
+    if r is not msgspec.UNSET:
+        if r is None:
+            out["rating"], out["rating_kind"] = None, None
+        elif isinstance(r, str):
+            if r.strip().lower() not in THUMBS:
+                raise bad("rating", f'rating must be "up", "down" or an integer 1..5, got {r!r}')
+            out["rating"], out["rating_kind"] = THUMBS[r.strip().lower()], "thumbs"
+        elif isinstance(r, bool) or not 1 <= r <= 5:
+            raise bad("rating", f'rating must be "up", "down" or an integer 1..5, got {r!r}')
+        else:
+            out["rating"], out["rating_kind"] = int(r), "stars"
+    for name in ("correction", "comment"):
+        v = getattr(body, name)
+        if v is not msgspec.UNSET:
+            if v is not None and len(v) > MAX_TEXT:
+                raise bad(name, f"{name} is longer than {MAX_TEXT} characters")
+            out[name] = v
+    if body.labels is not msgspec.UNSET:
+        labels = body.labels or []
+        if len(labels) > MAX_LABELS:
+            raise bad("labels", f"at most {MAX_LABELS} labels")
+        cleaned = []
+        for lab in labels:
+            lab = lab.strip()
+            if not lab or len(lab) > MAX_LABEL_CHARS:
+                raise bad("labels", f"labels must be non-empty strings of at most {MAX_LABEL_CHARS} characters")
+            if lab not in cleaned:
+                cleaned.append(lab)
+        out["labels"] = cleaned
+    return out
+
+
+def rating_out(rating: int | None, kind: str | None) -> int | str | None:
+    if rating is None:
+        return None
+    if kind == "thumbs":
+        return "up" if rating > 0 else "down"
+    return int(rating)
+
+
+_COLS = "id, request_id, source, rating, rating_kind, correction, comment, labels, model_version, created_at"
+
+
+def _row_out(r: tuple) -> FeedbackOut:
+    created: datetime = r[9]
+    return FeedbackOut(id=r[0], request_id=r[1], source=r[2], rating=rating_out(r[3], r[4]), rating_kind=r[4],
+                       correction=r[5], comment=r[6], labels=loads(r[7]) or [], model_version=r[8],
+                       created_at=created.isoformat(timespec="milliseconds") + "Z")
+
+
+# -- storage (blocking; run in a worker thread) -----------------------------------------------
+
+def _lookup_request(db: Database, request_id: str) -> tuple[bool, str | None]:
+    rows = db.query("SELECT model_version FROM requests WHERE id = ?", [request_id])
+    return (True, rows[0]["model_version"]) if rows else (False, None)
+
+
+def upsert_feedback(db: Database, request_id: str, source: str, fields: dict[str, Any],
+                    model_version: str | None) -> tuple[FeedbackOut, bool, tuple[int | None, str | None] | None]:
+    """Create or update the (request_id, source) record: (record, created, previous (rating, kind) or None)."""
+    import duckdb
+
+    for attempt in range(2):
+        try:
+            with db.connect() as con:
+                old = con.execute(f"SELECT {_COLS} FROM feedback WHERE request_id = ? AND source = ?",
+                                  [request_id, source]).fetchall()
+                if not old:
+                    values = {"rating": None, "rating_kind": None, "correction": None, "comment": None,
+                              "labels": [], **fields}
+                    con.execute(f"INSERT INTO feedback ({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                [new_id(), request_id, source, values["rating"], values["rating_kind"],
+                                 values["correction"], values["comment"], dumps(values["labels"]),
+                                 model_version, utcnow()])
+                    prev = None
+                else:
+                    prev = (old[0][3], old[0][4])
+                    if fields:
+                        sets = ", ".join(f"{k} = ?" for k in fields)
+                        params = [dumps(v) if k == "labels" else v for k, v in fields.items()]
+                        con.execute(f"UPDATE feedback SET {sets} WHERE request_id = ? AND source = ?",
+                                    [*params, request_id, source])
+                row = con.execute(f"SELECT {_COLS} FROM feedback WHERE request_id = ? AND source = ?",
+                                  [request_id, source]).fetchall()[0]
+            return _row_out(row), prev is None, prev
+        except duckdb.ConstraintException:
+            if attempt:  # another writer created it between our read and insert: update instead
+                raise
+    raise AssertionError("unreachable")
+
+
+def list_feedback(db: Database, request_id: str) -> list[FeedbackOut]:
+    with db.connect(transaction=False) as con:
+        rows = con.execute(f"SELECT {_COLS} FROM feedback WHERE request_id = ? ORDER BY created_at, source",
+                           [request_id]).fetchall()
+    return [_row_out(r) for r in rows]
+
+
+def _busy(e: Exception) -> FeedbackError:
+    return FeedbackError(503, f"The database is busy, try again shortly ({e.__class__.__name__}).",
+                         "database_busy", type="server_error", headers={"Retry-After": "2"})
+
+
+class FeedbackController(Controller):
+    """Feedback on served responses; see module docstring."""
+
+    path = "/v1/feedback"
+    tags = ["feedback"]
+    exception_handlers = {
+        AuthError: auth_error_handler,
+        FeedbackError: _feedback_error_handler,
+        ValidationException: _validation_handler,
+        HTTPException: _http_handler,
+    }
+
+    @staticmethod
+    def _db(request: Request) -> Database:
+        db: Database = request.app.state.db
+        return Database(db.path, lock_timeout_s=min(db.lock_timeout_s, 5.0))
+
+    @post("/", status_code=201, summary="Rate or correct a served response",
+          description="Create (201) or update (200) the feedback of one (request_id, source). "
+                      "rating: \"up\" | \"down\" | 1..5; correction: the ideal answer; labels: short tags.")
+    async def create(self, request: Request, data: JSONBody[FeedbackIn]) -> Response[FeedbackOut]:
+        await request.app.state.auth.authenticate(request, "inference")
+        fields = normalise(data)
+        if not fields:
+            raise FeedbackError(400, "feedback needs at least one of rating, correction, comment or labels",
+                                "missing_feedback", "rating")
+        request_id = data.request_id.strip()
+        model_version = await self._model_version(request, request_id)
+        db = self._db(request)
+        try:
+            out, created, prev = await asyncio.to_thread(upsert_feedback, db, request_id, data.source, fields,
+                                                         model_version)
+        except DatabaseBusy as e:
+            raise _busy(e) from None
+        metrics = getattr(request.app.state, "metrics", None)
+        if metrics is not None:
+            if created:
+                metrics.observe_feedback(fields.get("rating"), fields.get("rating_kind"), out.model_version)
+            elif fields.get("rating") is not None and prev != (fields["rating"], fields["rating_kind"]):
+                metrics.observe_feedback(fields["rating"], fields["rating_kind"], out.model_version)
+        return Response(content=out, status_code=201 if created else 200)
+
+    @get("/{request_id:str}", summary="Feedback recorded for one response (every source)")
+    async def show(self, request: Request, request_id: FromPath[str]) -> FeedbackList:
+        await request.app.state.auth.authenticate(request, "inference")
+        db = self._db(request)
+        try:
+            items = await asyncio.to_thread(list_feedback, db, request_id)
+        except DatabaseBusy as e:
+            raise _busy(e) from None
+        if not items:
+            await self._model_version(request, request_id)  # 404 for an unknown request
+        return FeedbackList(data=items)
+
+    async def _model_version(self, request: Request, request_id: str) -> str | None:
+        writer = getattr(request.app.state, "log_writer", None)
+        if writer is not None:
+            rec = writer.pending(request_id)
+            if rec is not None:
+                return rec.model_version
+        try:
+            found, version = await asyncio.to_thread(_lookup_request, self._db(request), request_id)
+        except DatabaseBusy as e:
+            raise _busy(e) from None
+        if not found:
+            raise FeedbackError(404, f"No request with id {request_id!r} (use the 'id' of a chat/completion "
+                                     f"response or its X-Request-Id header).", "request_not_found", "request_id")
+        return version

@@ -1,0 +1,179 @@
+"""Server fixtures: LoRA adapters for the tiny model and a live ``tuneloop serve`` shared by the session.
+
+* ``tiny_adapters``: random-init LoRA adapters of the tiny model, written with
+  PEFT (``get_peft_model`` + ``save_pretrained``; plumbing, not quality):
+  ``a`` and ``b`` (r=8), ``wide`` (r=32, above the server's max_lora_rank=16).
+* ``live_server``: the real console script ``tuneloop serve`` started once per
+  session as a subprocess on a free port over the tiny model (real vLLM
+  engine, real DuckDB file, real HTTP), with adapter ``a`` registered as model
+  version ``tiny-a``. Tests talk to it with the official ``openai`` client or
+  httpx. :func:`start_server` starts further short-lived servers (SIGTERM /
+  SIGKILL tests).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+VENV_BIN = Path(sys.executable).parent
+SERVER_SETTINGS = {
+    "TUNELOOP_ENGINE__MAX_MODEL_LEN": "512",
+    "TUNELOOP_ENGINE__MAX_NUM_SEQS": "64",
+    "TUNELOOP_ENGINE__MAX_LORA_RANK": "16",
+    "TUNELOOP_ENGINE__MAX_LORAS": "4",
+    "TUNELOOP_LOG__FLUSH_INTERVAL_S": "0.2",
+    "TUNELOOP_SERVER__STATE_REFRESH_S": "0.5",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_lora(base: Path, dest: Path, r: int = 8, seed: int = 0) -> Path:
+    """A random-init (non-zero B) LoRA adapter of ``base`` saved with PEFT at ``dest``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(model, cfg)
+    peft_model.save_pretrained(str(dest))
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tiny_model, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {"a": make_lora(tiny_model, root / "a", r=8, seed=1),
+            "b": make_lora(tiny_model, root / "b", r=8, seed=2),
+            "wide": make_lora(tiny_model, root / "wide", r=32, seed=3)}
+
+
+@dataclass
+class LiveServer:
+    """A running ``tuneloop serve`` subprocess."""
+
+    proc: subprocess.Popen
+    url: str
+    home: Path
+    log_path: Path
+    base_name: str
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "tuneloop.duckdb"
+
+    def db(self):
+        from tuneloop.db import Database
+
+        return Database(self.db_path)
+
+    def openai(self, **kw):
+        import openai
+
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "unused"), max_retries=0, timeout=120, **kw)
+
+    def async_openai(self, **kw):
+        import openai
+
+        return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "unused"), max_retries=0, timeout=300, **kw)
+
+    def http(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=120, **kw)
+
+    def flush_log(self, headers: dict[str, str] | None = None) -> dict:
+        r = httpx.post(self.url + "/admin/log/flush", headers=headers or {}, timeout=60)
+        r.raise_for_status()
+        return r.json()
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 90) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
+        return self.proc.returncode
+
+
+def start_server(home: Path, model: Path, *extra: str, env: dict[str, str] | None = None,
+                 ready_timeout: float = 240) -> LiveServer:
+    """Start ``tuneloop serve --model MODEL`` on a free port and wait until /readyz answers 200."""
+    port = free_port()
+    home.mkdir(parents=True, exist_ok=True)
+    e = dict(os.environ, TUNELOOP_HOME=str(home), **SERVER_SETTINGS, **(env or {}))
+    e.pop("TUNELOOP_CONFIG", None)
+    log_path = home / f"serve-{port}.log"
+    fh = open(log_path, "w")
+    proc = subprocess.Popen([str(VENV_BIN / "tuneloop"), "serve", "--model", str(model), "--port", str(port), *extra],
+                            cwd=home, env=e, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    fh.close()
+    srv = LiveServer(proc, f"http://127.0.0.1:{port}", home, log_path, Path(model).name, e)
+    deadline = time.monotonic() + ready_timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"tuneloop serve exited {proc.returncode} during start-up:\n{srv.output()[-6000:]}")
+        try:
+            if httpx.get(srv.url + "/readyz", timeout=2).status_code == 200:
+                return srv
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    srv.stop(signal.SIGKILL)
+    raise AssertionError(f"tuneloop serve not ready after {ready_timeout:.0f} s:\n{srv.output()[-6000:]}")
+
+
+@pytest.fixture(scope="session")
+def live_server(tiny_model, tiny_adapters, tmp_path_factory):
+    """One live server for the session: tiny base served as its folder name, version ``tiny-a`` registered."""
+    from tuneloop.db import Database
+    from tuneloop.ids import hash_path
+    from tuneloop.registry import ModelVersion, register_version
+
+    home = tmp_path_factory.mktemp("serve-home")
+    db = Database(home / "tuneloop.duckdb")
+    register_version(db, ModelVersion(name="tiny-a", kind="adapter", base_model=str(tiny_model),
+                                      path=str(tiny_adapters["a"]), content_hash=hash_path(tiny_adapters["a"])))
+    srv = start_server(home, tiny_model)
+    yield srv
+    srv.stop()
+
+
+def read_requests(db_path: Path, where: str = "TRUE", params: list | None = None) -> list[dict]:
+    """Rows of the request log (short read-only connection that retries while the server writes)."""
+    from tuneloop.db import Database
+
+    return Database(db_path).query(f"SELECT * FROM requests WHERE {where} ORDER BY received_at", params or [])
+
+
+def sse_events(text: str) -> list:
+    """Parse an SSE body into the JSON payloads of its ``data:`` lines (``[DONE]`` kept as the string)."""
+    out = []
+    for block in text.split("\n\n"):
+        for line in block.splitlines():
+            if line.startswith("data: "):
+                payload = line[len("data: "):]
+                out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
