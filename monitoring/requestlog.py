@@ -273,6 +273,7 @@ class RequestLogWriter:
                 time.sleep(min(0.1, max(0.0, self._close_deadline - time.monotonic())))
 
     def _run(self) -> None:
+        _arrow_schema()  # import pyarrow now, not inside the first flush
         interval = max(0.001, self.settings.flush_interval_s)
         next_flush = time.monotonic() + interval
         while True:

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from server.auth import Auth, AuthError, Principal, bearer_token, create_key, list_keys, revoke_key
+from server.auth import Auth, AuthError, Principal, bearer_token, create_key, revoke_key
 from tuneloop.settings import AuthSettings
 
 

@@ -125,7 +125,7 @@ def schema_version(con: duckdb.DuckDBPyConnection) -> int:
     con.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TIMESTAMP NOT NULL)"
     )
-    row = con.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()
+    row = con.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchall()[0]
     return int(row[0])
 
 

@@ -1,0 +1,249 @@
+"""Serving overhead: ``tuneloop serve`` vs vLLM's own OpenAI server vs the offline engine, same model and settings.
+
+Usage::
+
+    python bench/serve_overhead.py            # SmolLM2-135M-Instruct from the model cache
+    python bench/serve_overhead.py --tiny     # the tiny random test model (fast smoke run)
+
+Same load on both servers: ``--clients`` concurrent clients, each sending
+chat requests with fixed prompts, greedy, fixed ``max_tokens``, streaming and
+non-streaming. Same vLLM settings on both sides (dtype float32, eager,
+max_model_len, LoRA enabled with the same rank/slots, max_num_seqs, seed) and
+the same CPU environment (tuneloop.runtime.configure_vllm_env). Prints
+ratios (tuneloop / vLLM): throughput (target >= 1.0), p50 TTFT (<= 1.0),
+logging on/off throughput (>= 0.98), server RSS of the whole process tree
+(<= 1.1); and tuneloop at ``--offline-clients`` concurrent clients vs the
+offline engine (``vllm.LLM`` on the same prompts, >= 0.95).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PROMPTS = [
+    "What is the capital of France?", "Give me three tips for learning to cook.", "Explain photosynthesis simply.",
+    "Write a haiku about the sea.", "How do I make a cup of tea?", "What is a prime number?",
+    "Name three planets in our solar system.", "Why is the sky blue?",
+]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tree_rss(pid: int) -> int:
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        return sum(q.memory_info().rss for q in [p, *p.children(recursive=True)])
+    except psutil.NoSuchProcess:
+        return 0
+
+
+class Server:
+    def __init__(self, cmd: list[str], env: dict[str, str], port: int, log: Path):
+        self.port, self.log = port, log
+        fh = open(log, "w")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, cwd=str(log.parent))
+        fh.close()
+        self.url = f"http://127.0.0.1:{port}"
+
+    def wait_ready(self, path: str, timeout: float = 600) -> float:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"server exited {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
+            try:
+                if httpx.get(self.url + path, timeout=2).status_code == 200:
+                    return time.monotonic() - t0
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise SystemExit(f"server not ready in {timeout} s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(120)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(30)
+
+
+async def load(url: str, model: str, clients: int, requests: int, max_tokens: int, stream: bool) -> dict:
+    """``requests`` chat requests from ``clients`` concurrent clients; tokens/s, TTFT and latency percentiles."""
+    ttfts, lats, tokens = [], [], 0
+    sem = asyncio.Semaphore(clients)
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as h:
+        async def one(i: int):
+            nonlocal tokens
+            body = {"model": model, "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                    "max_tokens": max_tokens, "temperature": 0}
+            async with sem:
+                t0 = time.perf_counter()
+                if stream:
+                    body |= {"stream": True, "stream_options": {"include_usage": True}}
+                    first = None
+                    async with h.stream("POST", "/v1/chat/completions", json=body) as r:
+                        r.raise_for_status()
+                        async for line in r.aiter_lines():
+                            if not line.startswith("data: ") or line == "data: [DONE]":
+                                continue
+                            d = json.loads(line[6:])
+                            if first is None and d.get("choices") and d["choices"][0]["delta"].get("content"):
+                                first = time.perf_counter() - t0
+                            if d.get("usage"):
+                                tokens += d["usage"]["completion_tokens"]
+                    ttfts.append(first if first is not None else time.perf_counter() - t0)
+                else:
+                    r = await h.post("/v1/chat/completions", json=body)
+                    r.raise_for_status()
+                    tokens += r.json()["usage"]["completion_tokens"]
+                lats.append(time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(requests)))
+        wall = time.perf_counter() - t0
+    q = lambda xs, p: statistics.quantiles(xs, n=100)[p - 1] if len(xs) > 1 else (xs[0] if xs else float("nan"))  # noqa: E731
+    return {"tok_s": tokens / wall, "tokens": tokens, "wall_s": wall, "ttft_p50": q(ttfts, 50) if ttfts else None,
+            "lat_p50": q(lats, 50), "lat_p95": q(lats, 95)}
+
+
+def run_side(name: str, server: Server, ready_path: str, model: str, a, results: dict) -> None:
+    start_s = server.wait_ready(ready_path)
+    asyncio.run(load(server.url, model, a.clients, a.clients, a.max_tokens, False))  # warm-up
+    out = {"start_s": start_s}
+    for stream in (False, True):
+        out["stream" if stream else "plain"] = asyncio.run(load(server.url, model, a.clients, a.requests, a.max_tokens, stream))
+    if a.offline_clients:
+        out["wide"] = asyncio.run(load(server.url, model, a.offline_clients, a.offline_clients * 2, a.max_tokens, False))
+    out["rss_bytes"] = tree_rss(server.proc.pid)
+    results[name] = out
+    print(f"{name}: {json.dumps(out, default=lambda x: round(x, 4) if isinstance(x, float) else x)}", flush=True)
+
+
+def offline(model_dir: str, a) -> dict:
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model_dir, dtype="float32", enforce_eager=True, max_model_len=a.max_model_len, enable_lora=True,
+              max_lora_rank=16, max_loras=4, max_num_seqs=64, seed=0)
+    msgs = [[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}] for i in range(a.offline_clients * 2)]
+    sp = SamplingParams(temperature=0, max_tokens=a.max_tokens)
+    llm.chat(msgs[:4], sp, use_tqdm=False)
+    t0 = time.perf_counter()
+    outs = llm.chat(msgs, sp, use_tqdm=False)
+    wall = time.perf_counter() - t0
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    return {"tok_s": tokens / wall, "tokens": tokens, "wall_s": wall}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(Path.home() / ".cache/tuneloop/models/smollm2-135m-instruct"), help="model folder")
+    ap.add_argument("--tiny", action="store_true", help="build and use the tiny random test model")
+    ap.add_argument("--clients", type=int, default=16, help="concurrent clients")
+    ap.add_argument("--requests", type=int, default=64, help="requests per measured phase")
+    ap.add_argument("--max-tokens", type=int, default=32, help="completion tokens per request")
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--offline-clients", type=int, default=64, help="concurrency of the offline-engine comparison (0 = skip)")
+    ap.add_argument("--skip-log-off", action="store_true", help="skip the logging-off run")
+    a = ap.parse_args()
+
+    from tuneloop.runtime import configure_vllm_env
+
+    work = Path(tempfile.mkdtemp(prefix="tuneloop-bench-"))
+    configure_vllm_env(cache_root=ROOT / ".tuneloop")
+    model = a.model
+    if a.tiny:
+        from trainer.bootstrap import build_tiny_model
+
+        model = str(build_tiny_model(work / "tiny-llama"))
+    name = Path(model).name
+    env = dict(os.environ, TUNELOOP_HOME=str(work / "home"), TUNELOOP_ENGINE__MAX_MODEL_LEN=str(a.max_model_len),
+               TUNELOOP_ENGINE__MAX_NUM_SEQS="64", TUNELOOP_ENGINE__MAX_LORA_RANK="16", TUNELOOP_ENGINE__MAX_LORAS="4")
+    env.pop("TUNELOOP_CONFIG", None)
+    results: dict = {"config": vars(a) | {"model": model, "cpus": os.cpu_count(),
+                                           "env": {k: v for k, v in os.environ.items() if k.startswith("VLLM_CPU")}}}
+    print(f"model {model}; {a.clients} clients x {a.requests} requests, max_tokens={a.max_tokens}; work dir {work}", flush=True)
+
+    sides = [("tuneloop", {}), ("tuneloop_nolog", {"TUNELOOP_LOG__ENABLED": "false"})]
+    if a.skip_log_off:
+        sides = sides[:1]
+    for side, extra in sides:
+        port = free_port()
+        srv = Server([str(Path(sys.executable).parent / "tuneloop"), "serve", "--model", model, "--port", str(port),
+                      "--log-level", "warning"], env | extra, port, work / f"{side}.log")
+        try:
+            run_side(side, srv, "/readyz", name, a, results)
+        finally:
+            srv.stop()
+    if "tuneloop" in results:
+        results["tuneloop"]["logged_rows"] = _count_rows(work / "home" / "tuneloop.duckdb")
+
+    port = free_port()
+    vcmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name", name,
+            "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", str(a.max_model_len),
+            "--enable-lora", "--max-lora-rank", "16", "--max-loras", "4", "--max-num-seqs", "64", "--seed", "0",
+            "--disable-log-stats", "--uvicorn-log-level", "warning"]
+    srv = Server(vcmd, env, port, work / "vllm.log")
+    try:
+        run_side("vllm", srv, "/health", name, a, results)
+    finally:
+        srv.stop()
+    if a.offline_clients:
+        results["offline"] = offline(model, a)
+        print(f"offline: {results['offline']}", flush=True)
+
+    t, v = results["tuneloop"], results["vllm"]
+    ratios = {
+        "throughput_plain (>=1.0)": t["plain"]["tok_s"] / v["plain"]["tok_s"],
+        "throughput_stream (>=1.0)": t["stream"]["tok_s"] / v["stream"]["tok_s"],
+        "ttft_p50_stream (<=1.0)": t["stream"]["ttft_p50"] / v["stream"]["ttft_p50"],
+        "rss_tree (<=1.1)": t["rss_bytes"] / v["rss_bytes"],
+    }
+    if "tuneloop_nolog" in results:
+        n = results["tuneloop_nolog"]
+        ratios["logging_on_off_plain (>=0.98)"] = t["plain"]["tok_s"] / n["plain"]["tok_s"]
+        ratios["logging_on_off_stream (>=0.98)"] = t["stream"]["tok_s"] / n["stream"]["tok_s"]
+    if a.offline_clients:
+        ratios[f"tuneloop_{a.offline_clients}_clients_vs_offline (>=0.95)"] = t["wide"]["tok_s"] / results["offline"]["tok_s"]
+    results["ratios"] = ratios
+    print("\nratios (tuneloop / baseline):")
+    for k, r in ratios.items():
+        print(f"  {k:45s} {r:.3f}")
+    (work / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    print(f"\nresults: {work / 'results.json'}")
+    return 0
+
+
+def _count_rows(db_path: Path) -> int:
+    from tuneloop.db import Database
+
+    return int(Database(db_path).query("SELECT count(*) AS n FROM requests")[0]["n"]) if db_path.exists() else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

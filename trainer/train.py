@@ -1,0 +1,337 @@
+"""Fine-tune a model with TRL + PEFT and register the result as a model version.
+
+Contract
+--------
+``train(cfg, db, settings, progress=True) -> TrainResult(run_id, version, output_path, metrics)``
+
+* Methods (``cfg.method``): ``lora`` (PEFT LoRA), ``qlora`` (base loaded 4-bit
+  nf4 with bitsandbytes + LoRA), ``full`` (all weights), ``prompt_tuning``
+  (PEFT prompt tuning), all through TRL's ``SFTTrainer``; ``dpo`` (TRL
+  ``DPOTrainer`` with a LoRA adapter) on a preference dataset.
+* SFT rows are tokenized with :func:`tuneloop.chat.training_example`: the
+  server's prompt rendering + the answer + EOS, loss on the answer only
+  (train/serve parity). Default batches are padding-free (no packing).
+* Precision by device: fp32 on CPU, bf16 on GPU (``precision=auto``).
+* The run lives in ``output_dir`` (default ``<home>/runs/<name>``): ``run.json``
+  (run id, name), checkpoints, ``model/`` (the adapter or the full model +
+  tokenizer), ``loss.json`` (+ ``loss.png`` when matplotlib is installed).
+  A checkpoint in ``output_dir`` resumes the same run (same run id).
+* Every run is a ``runs`` row (``failed`` with the error when it fails or is
+  interrupted) and every success registers a :class:`ModelVersion` (kind
+  ``adapter`` for lora/qlora/prompt_tuning/dpo, ``merged`` for full) with
+  parent, dataset id, run id and content hash. Bad input raises
+  :class:`~tuneloop.errors.UserError` before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from trainer.config import TrainConfig
+from tuneloop.config import to_dict
+from tuneloop.errors import UserError
+
+ADAPTER_METHODS = ("lora", "qlora", "prompt_tuning", "dpo")
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    version: Any  # tuneloop.registry.ModelVersion
+    output_path: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+# ---- inputs -----------------------------------------------------------------------------------
+
+
+def resolve_base_model(db, settings, ref: str) -> Path:
+    """Folder of the base weights: a HF folder, a pulled name, or the base of a registered version."""
+    from trainer.bootstrap import KNOWN, is_hf_folder, resolve_base
+
+    if is_hf_folder(ref) or ref.lower() in KNOWN or "/" in ref:
+        return resolve_base(ref, settings.paths.models_path)
+    from tuneloop.registry import RegistryError, get_version
+
+    try:
+        v = get_version(db, ref)
+    except RegistryError:
+        raise UserError(f"base {ref!r} is not a model folder, a known model ({', '.join(KNOWN)}) or a registered version") from None
+    return Path(v.path if v.kind in ("merged", "base") else v.base_model)
+
+
+def load_dataset_ref(db, ref: str):
+    """(DatasetDict, dataset id or None, kind) of a registered dataset or a dataset folder."""
+    from tuneloop.dataset_store import load_splits
+    from tuneloop.registry import RegistryError, get_dataset
+
+    try:
+        dd = load_splits(db, ref)
+    except (FileNotFoundError, RegistryError, UserError) as e:
+        raise UserError(f"cannot load dataset {ref!r}: {e}") from None
+    ds_id = None
+    if not Path(ref).exists():
+        try:
+            ds_id = get_dataset(db, ref).id
+        except RegistryError:
+            pass
+    cols = set(dd["train"].column_names)
+    kind = "preference" if {"prompt", "chosen", "rejected"} <= cols else "sft" if "messages" in cols else None
+    if kind is None:
+        raise UserError(f"dataset {ref!r} has columns {sorted(cols)}: expected 'messages' (sft) or prompt/chosen/rejected (preference)")
+    return dd, ds_id, kind
+
+
+def mix_replay(train_ds, replay_ds, fraction: float, seed: int):
+    """``train_ds`` plus rows of ``replay_ds`` so that they make up ``fraction`` of the result."""
+    from datasets import concatenate_datasets
+
+    if fraction <= 0 or len(replay_ds) == 0:
+        return train_ds, 0
+    n = min(len(replay_ds), max(1, round(len(train_ds) * fraction / (1 - fraction))))
+    picked = replay_ds.shuffle(seed=seed).select(range(n))
+    cols = [c for c in train_ds.column_names if c in picked.column_names]
+    mixed = concatenate_datasets([train_ds.select_columns(cols), picked.select_columns(cols).cast(train_ds.select_columns(cols).features)])
+    return mixed.shuffle(seed=seed), n
+
+
+def tokenize_sft(ds, tokenizer, max_length: int):
+    """SFT rows -> ``input_ids`` + ``completion_mask`` via :func:`tuneloop.chat.training_example`."""
+    from tuneloop.chat import training_example
+
+    return ds.map(lambda r: training_example(tokenizer, r["messages"], max_length), remove_columns=ds.column_names,
+                  desc="tokenizing")
+
+
+# ---- the run ------------------------------------------------------------------------------------
+
+
+def _default_name(cfg: TrainConfig) -> str:
+    stem = Path(cfg.dataset).name.split("@")[0] or "model"
+    return f"{stem}-{cfg.method}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+
+
+def _precision(cfg: TrainConfig) -> str:
+    from tuneloop.runtime import has_cuda
+
+    if cfg.precision != "auto":
+        return cfg.precision
+    return "bf16" if has_cuda() else "fp32"
+
+
+def _last_checkpoint(out: Path) -> str | None:
+    if not out.is_dir():
+        return None
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(out))
+
+
+def train(cfg: TrainConfig, db, settings, progress: bool = True) -> TrainResult:
+    """Train, save, record the run and register the version (see module doc)."""
+    from tuneloop.ids import new_id
+    from tuneloop.registry import RegistryError, finish_run, get_version, start_run
+
+    cfg.validate()
+    cfg.name = cfg.name or _default_name(cfg)
+    try:
+        get_version(db, cfg.name)
+        raise UserError(f"model version {cfg.name!r} already exists; pick another name=")
+    except RegistryError:
+        pass
+    base = resolve_base_model(db, settings, cfg.base)
+    dd, ds_id, kind = load_dataset_ref(db, cfg.dataset)
+    if cfg.method == "dpo" and kind != "preference":
+        raise UserError(f"method=dpo needs a preference dataset (prompt/chosen/rejected); {cfg.dataset!r} is {kind}")
+    if cfg.method != "dpo" and kind != "sft":
+        raise UserError(f"method={cfg.method} needs an SFT dataset (messages); {cfg.dataset!r} is {kind} (use method=dpo)")
+    if len(dd["train"]) == 0:
+        raise UserError(f"dataset {cfg.dataset!r} has an empty train split")
+    train_ds, replayed = dd["train"], 0
+    if cfg.replay_fraction > 0:
+        rdd, _, rkind = load_dataset_ref(db, cfg.replay_dataset)
+        if rkind != kind:
+            raise UserError(f"replay dataset {cfg.replay_dataset!r} is {rkind}, the training dataset is {kind}")
+        train_ds, replayed = mix_replay(train_ds, rdd["train"], cfg.replay_fraction, cfg.seed)
+
+    out = Path(cfg.output_dir) if cfg.output_dir else settings.paths.sub("runs") / cfg.name
+    resume_from = _last_checkpoint(out) if cfg.resume else None
+    run_file = out / "run.json"
+    run_id = None
+    if resume_from and run_file.is_file():
+        run_id = json.loads(run_file.read_text()).get("run_id")
+    out.mkdir(parents=True, exist_ok=True)
+    config = {**to_dict(cfg), "base_path": str(base), "replayed_rows": replayed}
+    run = start_run(db, cfg.method, str(base), ds_id, config, run_id=run_id)
+    run_file.write_text(json.dumps({"run_id": run.id, "name": cfg.name}, indent=2))
+    if resume_from:
+        print(f"resuming run {run.id} from {resume_from}", flush=True)
+    t0 = time.monotonic()
+    try:
+        trainer, tokenizer = _build_trainer(cfg, base, train_ds, dd.get("validation"), kind, out, progress)
+        res = trainer.train(resume_from_checkpoint=resume_from)
+        model_dir = out / "model"
+        trainer.save_model(str(model_dir))
+        tokenizer.save_pretrained(str(model_dir))
+        metrics = _metrics(trainer, res, time.monotonic() - t0, replayed, len(train_ds))
+        if dd.get("validation") is not None and len(dd["validation"]) > 0 and cfg.method != "dpo":
+            metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])
+        history = [{k: v for k, v in e.items()} for e in trainer.state.log_history if "loss" in e]
+        write_loss_history(out, history)
+        if progress:
+            print(loss_table(history), flush=True)
+    except BaseException as e:
+        finish_run(db, run, "failed", error=f"{type(e).__name__}: {e}"[:2000])
+        raise
+    from tuneloop.ids import hash_path
+    from tuneloop.registry import ModelVersion, register_version
+
+    digest = hash_path(model_dir)
+    finish_run(db, run, "succeeded", metrics, str(model_dir), digest)
+    v = register_version(db, ModelVersion(
+        name=cfg.name, kind="adapter" if cfg.method in ADAPTER_METHODS else "merged", base_model=str(base),
+        path=str(model_dir), content_hash=digest, parent_version=cfg.parent, dataset_id=ds_id, run_id=run.id,
+        config={**config, "method": cfg.method}, metrics=metrics))
+    del trainer
+    return TrainResult(run.id, v, str(model_dir), metrics)
+
+
+def _metrics(trainer, res, wall_s: float, replayed: int, rows: int) -> dict[str, Any]:
+    logs = trainer.state.log_history
+    losses = [e["loss"] for e in logs if "loss" in e]
+    toks = [e["num_tokens"] for e in logs if "num_tokens" in e]
+    runtime = float(res.metrics.get("train_runtime", wall_s))
+    m: dict[str, Any] = {
+        "train_loss": float(res.training_loss) if res.training_loss is not None and math.isfinite(res.training_loss) else None,
+        "final_loss": float(losses[-1]) if losses else None,
+        "steps": int(trainer.state.global_step),
+        "train_rows": rows, "replayed_rows": replayed,
+        "train_runtime_s": runtime, "duration_s": wall_s,
+    }
+    if toks:
+        m["num_tokens"] = int(toks[-1])
+        m["tokens_per_s"] = float(toks[-1]) / runtime if runtime > 0 else None
+    return m
+
+
+def _build_trainer(cfg: TrainConfig, base: Path, train_ds, val_ds, kind: str, out: Path, progress: bool):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prec = _precision(cfg)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[prec]
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    load_kw: dict[str, Any] = {"dtype": dtype}
+    if cfg.method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        load_kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True)
+    model = AutoModelForCausalLM.from_pretrained(str(base), **load_kw)
+    if cfg.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    peft_config = _peft_config(cfg)
+    has_val = val_ds is not None and len(val_ds) > 0
+    common = dict(
+        output_dir=str(out), learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_ratio=cfg.warmup_ratio, num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, weight_decay=cfg.weight_decay, optim=cfg.optim,
+        gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed, logging_steps=cfg.logging_steps,
+        save_strategy="steps" if cfg.save_steps > 0 else "no", save_steps=cfg.save_steps or 500,
+        save_total_limit=cfg.save_total_limit, report_to=[], disable_tqdm=not progress,
+        bf16=prec == "bf16", fp16=prec == "fp16", use_cpu=not torch.cuda.is_available(),
+        eval_strategy="steps" if (cfg.eval_steps > 0 and has_val) else "no", eval_steps=cfg.eval_steps or None,
+        dataloader_num_workers=0,
+    )
+    if cfg.method == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        args = DPOConfig(**common, beta=cfg.dpo_beta, max_length=cfg.max_seq_length)
+        keep = ["prompt", "chosen", "rejected"]
+        trainer = DPOTrainer(model=model, args=args, train_dataset=train_ds.select_columns(keep),
+                             eval_dataset=val_ds.select_columns(keep) if has_val else None,
+                             processing_class=tokenizer, peft_config=peft_config)
+        return trainer, tokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    padding_free = cfg.padding_free and not cfg.packing and cfg.method != "prompt_tuning"
+    args = SFTConfig(
+        **common, packing=cfg.packing, padding_free=padding_free,
+        # rows are pre-tokenized and truncated by tuneloop.chat; TRL must not cut them again when padding-free
+        max_length=None if padding_free else cfg.max_seq_length,
+        completion_only_loss=True, dataset_num_proc=None,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=tokenize_sft(train_ds, tokenizer, cfg.max_seq_length),
+                         eval_dataset=tokenize_sft(val_ds, tokenizer, cfg.max_seq_length) if has_val else None,
+                         processing_class=tokenizer, peft_config=peft_config)
+    return trainer, tokenizer
+
+
+def _peft_config(cfg: TrainConfig):
+    if cfg.method == "full":
+        return None
+    if cfg.method == "prompt_tuning":
+        from peft import PromptTuningConfig, PromptTuningInit, TaskType
+
+        return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens,
+                                  prompt_tuning_init=PromptTuningInit.RANDOM)
+    from peft import LoraConfig
+
+    targets: Any = cfg.lora.targets
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=targets, task_type="CAUSAL_LM", bias="none")
+
+
+# ---- loss history -------------------------------------------------------------------------------
+
+
+def write_loss_history(out: Path, history: list[dict[str, Any]]) -> None:
+    """``loss.json`` (step, loss, learning rate) and ``loss.png`` if matplotlib is importable."""
+    rows = [{"step": e.get("step"), "loss": e.get("loss"), "learning_rate": e.get("learning_rate"),
+             "num_tokens": e.get("num_tokens")} for e in history]
+    (out / "loss.json").write_text(json.dumps(rows, indent=1))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker=".")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=100)
+    plt.close(fig)
+
+
+def loss_table(history: list[dict[str, Any]], width: int = 40, max_rows: int = 12) -> str:
+    """A compact loss curve: one row per (sampled) logged step with a bar proportional to the loss."""
+    pts = [(e.get("step"), float(e["loss"])) for e in history if e.get("loss") is not None]
+    if not pts:
+        return "no loss recorded"
+    if len(pts) > max_rows:
+        idx = sorted({round(i * (len(pts) - 1) / (max_rows - 1)) for i in range(max_rows)})
+        pts = [pts[i] for i in idx]
+    hi, lo = max(p[1] for p in pts), min(p[1] for p in pts)
+    span = (hi - lo) or 1.0
+    lines = ["step     loss"]
+    for step, loss in pts:
+        bar = "#" * max(1, round(1 + (width - 1) * (loss - lo) / span))
+        lines.append(f"{step:>5}  {loss:8.4f}  {bar}")
+    return "\n".join(lines)

@@ -1,0 +1,71 @@
+"""One chat rendering for training and serving (train/serve parity, DESIGN decision 8).
+
+Contract
+--------
+* :func:`render_prompt` — the token ids of a conversation *prompt* exactly as
+  the server feeds it to the engine: the tokenizer's chat template over the
+  messages with the generation prompt added (``<|im_start|>assistant\\n`` for
+  ChatML). The server calls this; so does the trainer.
+* :func:`completion_ids` — the tokens the model must emit for an answer: the
+  answer's tokens followed by the end-of-turn token (the tokenizer's EOS,
+  ``<|im_end|>`` for ChatML), so a trained model learns to stop.
+* :func:`training_example` — ``{"input_ids", "completion_mask"}`` for one
+  conversation whose last message is the assistant's answer:
+  ``render_prompt(messages[:-1]) + completion_ids(answer)``, loss only on the
+  completion (mask 1), truncated to ``max_length`` by dropping the oldest prompt
+  tokens (the answer and its EOS are kept whole when they fit).
+Bad conversations (empty, last message not from the assistant) raise
+:class:`~tuneloop.errors.UserError`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tuneloop.errors import UserError
+
+
+def _ids(out: Any) -> list[int]:
+    if hasattr(out, "keys") and "input_ids" in out:  # BatchEncoding
+        out = out["input_ids"]
+    return [int(t) for t in out]
+
+
+def render_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of ``messages`` rendered with the chat template plus the generation prompt."""
+    if not messages:
+        raise UserError("a conversation needs at least one message")
+    return _ids(tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+def completion_ids(tokenizer, text: str) -> list[int]:
+    """Tokens of an assistant answer followed by EOS (the end-of-turn token the server stops on)."""
+    if tokenizer.eos_token_id is None:
+        raise UserError("the tokenizer has no EOS token; the model could not learn to stop")
+    return _ids(tokenizer(text, add_special_tokens=False)["input_ids"]) + [int(tokenizer.eos_token_id)]
+
+
+def split_answer(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], str]:
+    """(prompt messages, answer text) of a training conversation."""
+    if not messages or len(messages) < 2:
+        raise UserError("a training conversation needs a prompt and an assistant answer")
+    last = messages[-1]
+    if last.get("role") != "assistant":
+        raise UserError(f"the last message of a training conversation must be the assistant's, got {last.get('role')!r}")
+    return [dict(role=m["role"], content=m["content"]) for m in messages[:-1]], last["content"]
+
+
+def training_example(tokenizer, messages: list[dict[str, str]], max_length: int | None = None) -> dict[str, list[int]]:
+    """``input_ids`` + ``completion_mask`` of one conversation (see module doc)."""
+    prompt, answer = split_answer(messages)
+    p = render_prompt(tokenizer, prompt)
+    c = completion_ids(tokenizer, answer)
+    if max_length is not None and len(p) + len(c) > max_length:
+        if max_length < 2:
+            raise UserError(f"max_length must be at least 2, got {max_length}")
+        if len(c) >= max_length:  # keep the last prompt token (assistant header) and the EOS
+            c = c[: max_length - 2] + [c[-1]]
+            p = p[-1:]
+        else:
+            p = p[len(p) + len(c) - max_length:]
+    return {"input_ids": p + c, "completion_mask": [0] * len(p) + [1] * len(c)}
