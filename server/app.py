@@ -120,6 +120,40 @@ def plan_serving(settings: "Settings", db: Database) -> ServePlan:
     return ServePlan(base=base, served_name=served, adapters=adapters)
 
 
+def check_plan(plan: ServePlan, settings: "Settings", db: Database) -> None:
+    """Refuse, before the engine starts, start-up adapters that cannot load (UserError with the reason)."""
+    from tuneloop.registry import RegistryError, get_version
+
+    probe = Engine(plan.base, settings.engine, plan.served_name)
+    for name, target in plan.adapters.items():
+        p = Path(target).expanduser()
+        try:
+            if p.is_dir():
+                probe.validate_adapter(p)
+                continue
+            try:
+                v = get_version(db, target)
+            except RegistryError:
+                raise UserError(f"{target!r} is neither an adapter folder nor a registered version") from None
+            if v.kind != "adapter":
+                raise UserError(f"version {v.name!r} is a {v.kind} model, not an adapter; serve it with --model {v.name}")
+            probe.validate_adapter(v.path)
+        except UserError as e:
+            raise UserError(f"--adapter {name}: {e}") from None
+
+
+def check_port(host: str, port: int) -> None:
+    """UserError if ``host:port`` cannot be bound (before spending a minute starting the engine)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e} (pick another --port)") from None
+
+
 # -- auth guards ----------------------------------------------------------------------
 
 async def _authenticate(connection: ASGIConnection, scope: str) -> None:

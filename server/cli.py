@@ -69,9 +69,15 @@ def cmd_serve(args, ctx) -> int:
 
     import uvicorn
 
-    from server.app import create_app, plan_serving
+    from server.app import check_plan, check_port, create_app, plan_serving
 
+    if not 0 < s.port < 65536:
+        from tuneloop.errors import UserError
+
+        raise UserError(f"--port {s.port} is not a TCP port (1-65535)")
     plan = plan_serving(settings, ctx.db)
+    check_plan(plan, settings, ctx.db)
+    check_port(s.host, s.port)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(f"serving {plan.base} as {plan.served_name!r} on http://{s.host}:{s.port} "
           f"(adapters: {', '.join(plan.adapters) or 'none'}; database {ctx.db.path})", flush=True)

@@ -201,8 +201,10 @@ class Engine:
                 ids = render_prompt(self.tokenizer, messages)
             else:
                 ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-        except UserError:
+        except EngineInputError:
             raise
+        except UserError as e:
+            raise EngineInputError(str(e), "invalid_messages", "messages") from None
         except Exception as e:  # template errors (e.g. role order a template forbids)
             raise EngineInputError(f"could not render the messages with the model's chat template: {e}", "invalid_messages", "messages") from None
         if hasattr(ids, "get") and not isinstance(ids, list):  # BatchEncoding

@@ -26,6 +26,8 @@ import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
+from tuneloop.errors import UserError
+
 from server.engine import AdapterError, EngineInputError, EngineUnavailable
 from server.protocol import ErrorDetail, ErrorResponse
 from server.routing import RoutingError
@@ -91,6 +93,8 @@ def to_api_error(exc: BaseException) -> APIError:
         elif status == 413:
             msg = "request body too large (server.max_body_bytes)"
         return APIError(status, msg, headers=dict(exc.headers or {}))
+    if isinstance(exc, UserError):
+        return APIError(400, str(exc))
     if type(exc).__name__ == "EngineDeadError":
         return APIError(503, "the model engine stopped; the server must be restarted", "engine_dead")
     return APIError(500, "internal server error; see the server log", "internal_error")

@@ -346,7 +346,21 @@ class _Job:
         finally:
             await stream.aclose()
 
+    def _in_flight(self):
+        metrics = getattr(self.request.app.state, "metrics", None)
+        return metrics.in_flight(self.ctx.route) if metrics is not None else None
+
     async def collect(self) -> _Acc:
+        gauge = self._in_flight()
+        if gauge is not None:
+            gauge.inc()
+        try:
+            return await self._collect()
+        finally:
+            if gauge is not None:
+                gauge.dec()
+
+    async def _collect(self) -> _Acc:
         acc = _Acc(len(self.prompts) * self.n)
         work = asyncio.ensure_future(self._run(acc))
         watch = asyncio.ensure_future(_wait_disconnect(self.request))
@@ -379,6 +393,9 @@ class _Job:
         acc = _Acc(len(self.prompts) * self.n)
         stream = self._stream()
         status, error = 200, None
+        gauge = self._in_flight()
+        if gauge is not None:
+            gauge.inc()
         try:
             for c in first_chunks:
                 yield b"data: " + _enc.encode(c) + b"\n\n"
@@ -404,6 +421,8 @@ class _Job:
             yield b"data: " + msgspec.json.encode({"error": {"message": err.message, "type": err.type, "code": err.code}}) + b"\n\n"
             yield _DONE
         finally:
+            if gauge is not None:
+                gauge.dec()
             await stream.aclose()
             self._log(acc, status, error)
 

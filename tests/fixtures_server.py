@@ -123,7 +123,7 @@ def start_server(home: Path, model: Path, *extra: str, env: dict[str, str] | Non
     """Start ``tuneloop serve --model MODEL`` on a free port and wait until /readyz answers 200."""
     port = free_port()
     home.mkdir(parents=True, exist_ok=True)
-    e = dict(os.environ, TUNELOOP_HOME=str(home), **SERVER_SETTINGS, **(env or {}))
+    e = {**os.environ, "TUNELOOP_HOME": str(home), **SERVER_SETTINGS, **(env or {})}
     e.pop("TUNELOOP_CONFIG", None)
     log_path = home / f"serve-{port}.log"
     fh = open(log_path, "w")

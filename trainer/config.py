@@ -28,10 +28,6 @@ from tuneloop.errors import UserError
 METHODS = ("lora", "qlora", "full", "prompt_tuning", "dpo")
 ADAPTER_METHODS = ("lora", "qlora", "prompt_tuning", "dpo")
 
-# learning rates that work for each method when the user sets none
-DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5, "prompt_tuning": 3e-2, "dpo": 5e-5}
-
-
 @dataclass
 class LoraConfig:
     r: int = field(default=8, metadata={"help": "LoRA rank (the server's engine.max_lora_rank must be >= this to serve it)."})
@@ -43,66 +39,61 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    base: str = field(default="smollm2-135m-instruct", metadata={"help": "Base model: a known name (smollm2-135m-instruct), an HF folder, or a registered model version (its base and, for merged versions, its weights)."})
+    base: str = field(default="smollm2-135m-instruct", metadata={"help": "Base model: a known name (smollm2-135m-instruct), an HF folder, or a registered model version (merged versions give their weights, adapters their base)."})
     dataset: str = field(default="", metadata={"help": "Training dataset: registered id (name@hash), name (newest) or dataset folder (required)."})
-    name: str = field(default="", metadata={"help": "Name of the model version to register; empty = <dataset name>-<method>-<run id prefix>."})
+    name: str = field(default="", metadata={"help": "Name of the model version to register; empty = <dataset>-<method>-<UTC time>."})
     method: Literal["lora", "qlora", "full", "prompt_tuning", "dpo"] = field(default="lora", metadata={"help": "lora | qlora (4-bit nf4 base) | full | prompt_tuning | dpo (preference pairs, with a LoRA adapter)."})
-    output_dir: str = field(default="", metadata={"help": "Run folder (checkpoints, adapter, loss history); empty = <home>/runs/<run id>. If it holds a checkpoint, training resumes from it."})
-    parent_version: str = field(default="", metadata={"help": "Version this one continues from (lineage only); empty = none."})
-    learning_rate: float | None = field(default=None, metadata={"help": "Peak learning rate; empty = method default (lora/qlora 2e-4, full 2e-5, prompt_tuning 3e-2, dpo 5e-5)."})
-    lr_scheduler: str = field(default="cosine", metadata={"help": "Learning-rate schedule (transformers names: cosine, linear, constant, constant_with_warmup ...)."})
-    warmup: float = field(default=0.0, metadata={"help": "Warm-up: a fraction of the steps if < 1, else a step count."})
-    epochs: float = field(default=1.0, metadata={"help": "Passes over the training split (ignored when max_steps > 0)."})
-    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps; -1 = run `epochs`."})
+    output_dir: str = field(default="", metadata={"help": "Run folder (checkpoints, model/, loss history); empty = <home>/runs/<name>."})
+    resume: bool = field(default=True, metadata={"help": "Resume from the last checkpoint in output_dir when there is one."})
+    parent: str = field(default="", metadata={"help": "Model version this one continues from (lineage: parent_version); empty = none."})
+    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (2e-4 suits LoRA; use ~2e-5 for full, ~3e-2 for prompt_tuning, ~5e-5 for dpo)."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule (transformers names: cosine, linear, constant, constant_with_warmup ...)."})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "Share of the steps spent warming up the learning rate (0..1)."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the training split (ignored when max_steps > 0)."})
+    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps; -1 = run num_train_epochs."})
     batch_size: int = field(default=4, metadata={"help": "Examples per device per forward pass."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Forward passes per optimizer step (effective batch = batch_size x this x processes)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    optimizer: str = field(default="adamw_torch", metadata={"help": "Optimizer (transformers names: adamw_torch, adafactor, sgd, paged_adamw_8bit on GPU ...)."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
-    max_seq_length: int = field(default=1024, metadata={"help": "Longest training sequence in tokens (prompt + completion); longer examples are truncated from the end."})
+    optim: str = field(default="adamw_torch", metadata={"help": "Optimizer (transformers names: adamw_torch, adafactor, sgd, paged_adamw_8bit on GPU ...)."})
+    max_seq_length: int = field(default=1024, metadata={"help": "Longest training sequence in tokens (prompt + completion); longer examples lose their oldest prompt tokens."})
     packing: bool = field(default=False, metadata={"help": "Pack several examples into max_seq_length blocks (best-fit decreasing). Slower than padding_free on CPU."})
-    padding_free: bool = field(default=True, metadata={"help": "Concatenate the batch into one sequence with no padding (1.5x tokens/s on CPU vs padded batches)."})
+    padding_free: bool = field(default=True, metadata={"help": "Concatenate each batch into one sequence with no padding (1.5x tokens/s on CPU vs padded batches)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in the backward pass: less memory, ~30% slower."})
     precision: Literal["auto", "fp32", "bf16", "fp16"] = field(default="auto", metadata={"help": "auto = fp32 on CPU (bf16 is ~20x slower without bf16 instructions), bf16 on GPU."})
-    seed: int = field(default=42, metadata={"help": "Random seed (data order, initialisation of adapters)."})
+    seed: int = field(default=42, metadata={"help": "Random seed (data order, adapter initialisation)."})
     replay_dataset: str = field(default="", metadata={"help": "A dataset mixed into training against forgetting (e.g. the previous version's dataset)."})
-    replay_fraction: float = field(default=0.0, metadata={"help": "Share of the training rows drawn from replay_dataset (0..0.9); rows are marked origin=replay."})
+    replay_fraction: float = field(default=0.0, metadata={"help": "Share of the training rows drawn from replay_dataset (0..0.9)."})
     logging_steps: int = field(default=1, metadata={"help": "Record the loss every this many steps."})
-    save_steps: int = field(default=50, metadata={"help": "Write a resumable checkpoint every this many steps."})
+    save_steps: int = field(default=50, metadata={"help": "Write a resumable checkpoint every this many steps (0 = never)."})
     save_total_limit: int = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
-    eval_at_end: bool = field(default=True, metadata={"help": "Compute the validation loss at the end (when the dataset has a validation split)."})
-    dpo_beta: float = field(default=0.1, metadata={"help": "DPO: strength of the KL penalty towards the reference model."})
-    prompt_tokens: int = field(default=16, metadata={"help": "prompt_tuning: number of virtual tokens."})
+    eval_steps: int = field(default=0, metadata={"help": "Validation loss every this many steps (0 = only at the end)."})
+    dpo_beta: float = field(default=0.1, metadata={"help": "dpo: strength of the KL penalty towards the reference model."})
+    num_virtual_tokens: int = field(default=16, metadata={"help": "prompt_tuning: number of virtual tokens."})
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapter (lora, qlora, dpo)."})
-
-    @property
-    def lr(self) -> float:
-        return self.learning_rate if self.learning_rate is not None else DEFAULT_LR[self.method]
 
     def validate(self) -> "TrainConfig":
         if not self.dataset:
             raise UserError("no dataset given: pass dataset=<id|name|folder> (see `tuneloop data list`)")
         if not self.base:
             raise UserError("no base model given: pass base=<name|folder|version>")
-        if self.max_steps == 0 or (self.max_steps < 0 and self.epochs <= 0):
-            raise UserError("nothing to train: set max_steps > 0 or epochs > 0")
-        for key in ("batch_size", "gradient_accumulation_steps", "max_seq_length", "logging_steps", "save_steps", "prompt_tokens"):
+        if self.max_steps == 0 or (self.max_steps < 0 and self.num_train_epochs <= 0):
+            raise UserError("nothing to train: set max_steps > 0 or num_train_epochs > 0")
+        for key in ("batch_size", "gradient_accumulation_steps", "max_seq_length", "logging_steps", "num_virtual_tokens"):
             if getattr(self, key) < 1:
                 raise UserError(f"{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("save_steps", "eval_steps", "save_total_limit"):
+            if getattr(self, key) < 0:
+                raise UserError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.lora.r < 1:
             raise UserError(f"lora.r must be >= 1, got {self.lora.r}")
-        if self.learning_rate is not None and self.learning_rate <= 0:
+        if self.learning_rate <= 0:
             raise UserError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise UserError(f"warmup_ratio must be within [0, 1), got {self.warmup_ratio}")
         if not 0.0 <= self.replay_fraction <= 0.9:
             raise UserError(f"replay_fraction must be within 0..0.9, got {self.replay_fraction}")
         if self.replay_fraction > 0 and not self.replay_dataset:
             raise UserError("replay_fraction > 0 needs replay_dataset=<id|name|folder>")
-        if self.packing and self.padding_free:
-            # TRL's bfd packing is padding-free by construction; make the choice explicit
-            self.padding_free = False
-        if self.method == "prompt_tuning" and self.padding_free:
-            # virtual tokens are prepended per example: a flattened batch would share one prefix
-            self.padding_free = False
         return self
 
 

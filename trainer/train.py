@@ -245,7 +245,7 @@ def _build_trainer(cfg: TrainConfig, base: Path, train_ds, val_ds, kind: str, ou
     has_val = val_ds is not None and len(val_ds) > 0
     common = dict(
         output_dir=str(out), learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler_type,
-        warmup_ratio=cfg.warmup_ratio, num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps,
+        warmup_steps=cfg.warmup_ratio, num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, weight_decay=cfg.weight_decay, optim=cfg.optim,
         gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed, logging_steps=cfg.logging_steps,

@@ -111,6 +111,14 @@ class DriftSettings:
     embedding_pvalue: float = field(default=0.01, metadata={"help": "Permutation p-value of embedding MMD below which it is drifted."})
     length_share_threshold: float = field(default=0.1, metadata={"help": "Increase in finish_reason=length share above which output is drifted."})
     embedding_sample: int = field(default=256, metadata={"help": "Rows embedded per side for embedding drift."})
+    response_psi_threshold: float = field(default=0.2, metadata={"help": "PSI on response length (tokens) above which output length is drifted."})
+    empty_share_threshold: float = field(default=0.05, metadata={"help": "Increase in the share of empty responses above which output is drifted."})
+    negative_feedback_threshold: float = field(default=0.3, metadata={"help": "Share of rated requests rated negatively above which feedback is drifted."})
+    overall_threshold: float = field(default=0.2, metadata={"help": "Overall drift score (share of evaluated statistics that drifted) at or above which the version is drifted."})
+    psi_bins: int = field(default=10, metadata={"help": "Reference-quantile bins for PSI."})
+    permutations: int = field(default=200, metadata={"help": "Permutations for the embedding MMD p-value."})
+    vocab_size: int = field(default=10000, metadata={"help": "Most frequent reference words kept in a profile; rarer words count as out-of-vocabulary."})
+    embeddings: bool = field(default=True, metadata={"help": "Compute embedding drift (loads all-MiniLM-L6-v2 on CPU)."})
 
 
 @dataclass

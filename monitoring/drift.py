@@ -1,0 +1,457 @@
+"""Drift statistics of a model version's production traffic against its training data.
+
+Contract
+--------
+* Pure statistics on numpy arrays (each checked against scipy or a reference
+  implementation in ``tests/test_drift_stats.py``):
+  :func:`psi` / :func:`psi_counts` (population stability index over
+  reference-quantile bins), :func:`ks_counts` (two-sample Kolmogorov-Smirnov,
+  statistic and p-value as ``scipy.stats.ks_2samp``), :func:`wasserstein_counts`,
+  :func:`js_divergence` (Jensen-Shannon divergence in bits),
+  :func:`mmd_permutation_test` (unbiased MMD² with an RBF kernel, median
+  heuristic bandwidth, permutation p-value).
+* :func:`production_stats` aggregates one production window of the
+  ``requests`` table (per model version; last N minutes/hours or last N
+  requests, see :func:`parse_window`) with DuckDB SQL: prompt/response token
+  length value counts, word counts joined to the reference vocabulary, the
+  finish_reason=length and empty-response shares, negative feedback, and a
+  random sample of prompt texts for embeddings.
+* :func:`compare` turns a reference profile (:mod:`monitoring.profile`) and a
+  :class:`ProductionStats` into a :class:`DriftResult`: one
+  :class:`FeatureResult` per statistic with its value, threshold and drifted
+  flag, and an overall score (share of evaluated statistics that drifted;
+  drifted at or above ``DriftSettings.overall_threshold``).
+* Finite-sample honesty: PSI and JS are biased upwards on small windows, so
+  their effective threshold is the configured one or the 99th percentile of
+  the statistic between the reference and same-sized multinomial samples drawn
+  from it, whichever is larger (both are reported in ``details``).
+* Words are ``[a-z0-9']+`` runs of the lower-cased prompt text (the same regex
+  in Python and DuckDB SQL); a prompt's text is its messages' contents joined
+  by spaces (or the prompt string of a completion request).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from tuneloop.errors import UserError
+
+WORD_PATTERN = "[a-z0-9']+"
+_WORD_RE = re.compile(WORD_PATTERN)
+OOV = "<oov>"
+PSI_EPS = 1e-4
+NULL_DRAWS = 200
+NULL_QUANTILE = 0.99
+
+
+def words(text: str) -> list[str]:
+    """The words of ``text`` as drift counts them (lower-cased ``[a-z0-9']+`` runs)."""
+    return _WORD_RE.findall(text.lower())
+
+
+def prompt_text(prompt: Any) -> str:
+    """Text of a logged/training prompt: message contents joined by spaces, or the prompt string."""
+    if prompt is None:
+        return ""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list):
+        return " ".join(str(m.get("content") or "") if isinstance(m, dict) else str(m) for m in prompt)
+    return str(prompt)
+
+
+# ---- statistics ------------------------------------------------------------------------------
+
+
+def quantile_edges(ref_values: np.ndarray, ref_counts: np.ndarray | None = None, bins: int = 10) -> np.ndarray:
+    """Inner bin edges at the reference's 1/bins .. (bins-1)/bins quantiles (ties merged).
+
+    Bins are right-closed: (-inf, e1], (e1, e2], ..., (ek, inf).
+    """
+    v = np.asarray(ref_values, dtype=float)
+    c = np.ones_like(v) if ref_counts is None else np.asarray(ref_counts, dtype=float)
+    order = np.argsort(v, kind="stable")
+    v, c = v[order], c[order]
+    cdf = np.cumsum(c) / c.sum()
+    qs = np.arange(1, bins) / bins
+    edges = v[np.minimum(np.searchsorted(cdf, qs, side="left"), len(v) - 1)]
+    edges = np.unique(edges)
+    return edges[edges < v[-1]] if len(edges) else edges  # an edge at the max leaves an empty last bin
+
+
+def bin_counts(edges: np.ndarray, values: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
+    """Counts per right-closed bin defined by ``edges`` (len(edges) + 1 bins)."""
+    idx = np.searchsorted(edges, np.asarray(values, dtype=float), side="left")
+    w = None if counts is None else np.asarray(counts, dtype=float)
+    return np.bincount(idx, weights=w, minlength=len(edges) + 1).astype(float)
+
+
+def psi_from_bins(ref_bins: np.ndarray, prod_bins: np.ndarray, eps: float = PSI_EPS) -> float:
+    """PSI = sum((q - p) * ln(q / p)) over bins, shares clipped at ``eps``."""
+    p = np.clip(ref_bins / ref_bins.sum(), eps, None)
+    q = np.clip(prod_bins / prod_bins.sum(), eps, None)
+    return float(np.sum((q - p) * np.log(q / p)))
+
+
+def psi_counts(ref_values, ref_counts, prod_values, prod_counts, bins: int = 10) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    """(PSI, edges, reference bin counts, production bin counts) from value counts."""
+    edges = quantile_edges(ref_values, ref_counts, bins)
+    rb, pb = bin_counts(edges, ref_values, ref_counts), bin_counts(edges, prod_values, prod_counts)
+    return psi_from_bins(rb, pb), edges, rb, pb
+
+
+def psi(reference: Sequence[float], production: Sequence[float], bins: int = 10) -> float:
+    """PSI of two raw samples over ``bins`` reference-quantile bins."""
+    return psi_counts(np.asarray(reference), None, np.asarray(production), None, bins)[0]
+
+
+def _null_quantile(stat: Callable[[np.ndarray], float], p: np.ndarray, n: int, rng: np.random.Generator,
+                   draws: int = NULL_DRAWS, q: float = NULL_QUANTILE) -> float:
+    """``q`` quantile of ``stat(multinomial(n, p))``: the statistic's spread when nothing changed."""
+    if n <= 0:
+        return 0.0
+    samples = rng.multinomial(int(n), p / p.sum(), size=draws).astype(float)
+    return float(np.quantile([stat(s) for s in samples], q))
+
+
+def ks_counts(ref_values, ref_counts, prod_values, prod_counts) -> tuple[float, float]:
+    """Two-sided two-sample KS (statistic, p-value) from value counts, as ``scipy.stats.ks_2samp``.
+
+    Exact p-value (scipy) when both samples have at most 10,000 values, else the
+    asymptotic Kolmogorov distribution with n*m/(n+m) (scipy's ``method='asymp'``).
+    """
+    from scipy import stats
+
+    rv, rc = np.asarray(ref_values, dtype=float), np.asarray(ref_counts, dtype=np.int64)
+    pv, pc = np.asarray(prod_values, dtype=float), np.asarray(prod_counts, dtype=np.int64)
+    n, m = int(rc.sum()), int(pc.sum())
+    if n == 0 or m == 0:
+        raise UserError("KS needs at least one value on each side")
+    if max(n, m) <= 10_000:
+        r = stats.ks_2samp(np.repeat(rv, rc), np.repeat(pv, pc))
+        return float(r.statistic), float(r.pvalue)
+    grid = np.union1d(rv, pv)
+    o1, o2 = np.argsort(rv), np.argsort(pv)
+    cdf1 = np.cumsum(rc[o1])[np.searchsorted(rv[o1], grid, side="right") - 1] / n
+    cdf1[np.searchsorted(rv[o1], grid, side="right") == 0] = 0
+    cdf2 = np.cumsum(pc[o2])[np.searchsorted(pv[o2], grid, side="right") - 1] / m
+    cdf2[np.searchsorted(pv[o2], grid, side="right") == 0] = 0
+    d = float(np.max(np.abs(cdf1 - cdf2)))
+    en = n * m / (n + m)
+    return d, float(np.clip(stats.kstwo.sf(d, np.round(en)), 0, 1))
+
+
+def wasserstein_counts(ref_values, ref_counts, prod_values, prod_counts) -> float:
+    """Earth mover's distance between two value-count distributions (``scipy.stats.wasserstein_distance``)."""
+    from scipy import stats
+
+    return float(stats.wasserstein_distance(ref_values, prod_values, ref_counts, prod_counts))
+
+
+def js_divergence(p: np.ndarray, q: np.ndarray, base: float = 2.0) -> float:
+    """Jensen-Shannon divergence of two count/probability vectors (bits by default; 0..1 in base 2)."""
+    p = np.asarray(p, dtype=float)
+    q = np.asarray(q, dtype=float)
+    p, q = p / p.sum(), q / q.sum()
+    m = (p + q) / 2
+
+    def kl(a):
+        nz = a > 0
+        return float(np.sum(a[nz] * np.log(a[nz] / m[nz])))
+
+    return max(0.0, (kl(p) + kl(q)) / 2 / np.log(base))
+
+
+def rbf_kernel(z: np.ndarray, bandwidth: float) -> np.ndarray:
+    sq = np.sum(z * z, axis=1)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * z @ z.T, 0)
+    return np.exp(-d2 / (2 * bandwidth ** 2))
+
+
+def median_bandwidth(z: np.ndarray) -> float:
+    """Median heuristic: the median pairwise Euclidean distance of the pooled sample."""
+    sq = np.sum(z * z, axis=1)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * z @ z.T, 0)
+    iu = np.triu_indices(len(z), k=1)
+    med = float(np.median(np.sqrt(d2[iu])))
+    return med if med > 0 else 1.0
+
+
+def _mmd2_from_kernel(k: np.ndarray, ix: np.ndarray, iy: np.ndarray) -> float:
+    n, m = len(ix), len(iy)
+    kxx, kyy, kxy = k[np.ix_(ix, ix)], k[np.ix_(iy, iy)], k[np.ix_(ix, iy)]
+    return float((kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean())
+
+
+def mmd2_unbiased(x: np.ndarray, y: np.ndarray, bandwidth: float | None = None) -> float:
+    """Unbiased MMD² between samples ``x`` and ``y`` (rows) with an RBF kernel."""
+    z = np.vstack([x, y]).astype(np.float64)
+    bw = bandwidth or median_bandwidth(z)
+    return _mmd2_from_kernel(rbf_kernel(z, bw), np.arange(len(x)), np.arange(len(x), len(z)))
+
+
+def mmd_permutation_test(x: np.ndarray, y: np.ndarray, permutations: int = 200, seed: int = 0) -> dict[str, float]:
+    """MMD² with its permutation p-value ``(1 + #{perm >= observed}) / (1 + permutations)`` and bandwidth."""
+    if len(x) < 2 or len(y) < 2:
+        raise UserError("the embedding test needs at least 2 rows per side")
+    z = np.vstack([x, y]).astype(np.float64)
+    bw = median_bandwidth(z)
+    k = rbf_kernel(z, bw)
+    n = len(x)
+    idx = np.arange(len(z))
+    obs = _mmd2_from_kernel(k, idx[:n], idx[n:])
+    rng = np.random.default_rng(seed)
+    perm = np.empty(permutations)
+    for i in range(permutations):
+        p = rng.permutation(len(z))
+        perm[i] = _mmd2_from_kernel(k, p[:n], p[n:])
+    pval = (1 + int(np.sum(perm >= obs))) / (1 + permutations)
+    return {"mmd2": obs, "pvalue": pval, "bandwidth": bw, "null_q99": float(np.quantile(perm, 0.99))}
+
+
+# ---- windows and production aggregation -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Window:
+    """A production window: the last ``seconds`` of traffic, or the last ``requests`` requests."""
+
+    seconds: float | None = None
+    requests: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.requests}r" if self.requests else f"{self.seconds:g}s"
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_window(text: str) -> Window:
+    """'30m', '1h', '2d', '90s' (a duration) or '500r' (the last 500 requests)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdr])\s*", str(text).lower())
+    if not m or float(m.group(1)) <= 0:
+        raise UserError(f"bad window {text!r}: use a duration like 30m, 1h, 2d or a request count like 500r")
+    n, unit = float(m.group(1)), m.group(2)
+    if unit == "r":
+        return Window(requests=int(n))
+    return Window(seconds=n * _UNITS[unit])
+
+
+@dataclass
+class ProductionStats:
+    """Aggregates of one version's production window (see :func:`production_stats`)."""
+
+    model_version: str
+    n_requests: int
+    window_start: datetime | None
+    window_end: datetime | None
+    prompt_len: tuple[np.ndarray, np.ndarray] = field(default_factory=lambda: (np.zeros(0), np.zeros(0)))
+    response_len: tuple[np.ndarray, np.ndarray] = field(default_factory=lambda: (np.zeros(0), np.zeros(0)))
+    vocab_counts: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per reference vocab index
+    oov_tokens: int = 0
+    total_tokens: int = 0
+    new_words: list[tuple[str, int]] = field(default_factory=list)
+    finish_length: int = 0
+    empty: int = 0
+    rated: int = 0
+    negative: int = 0
+    texts: list[str] = field(default_factory=list)
+
+
+_TEXT_SQL = ("CASE WHEN json_type(prompt) = 'ARRAY' THEN array_to_string(json_extract_string(prompt, '$[*].content'), ' ') "
+             "ELSE json_extract_string(prompt, '$') END")
+
+
+def window_bounds(con, version: str, window: Window, now: datetime) -> tuple[datetime | None, datetime]:
+    """(start, end) of the window; a request-count window starts at its oldest request."""
+    if window.requests:
+        row = con.execute(
+            """SELECT min(received_at) FROM (SELECT received_at FROM requests WHERE model_version = ? AND status < 400
+                   AND received_at <= ? ORDER BY received_at DESC LIMIT ?)""", [version, now, window.requests]).fetchall()[0]
+        return row[0], now
+    return now - timedelta(seconds=window.seconds), now
+
+
+def production_stats(con, version: str, window: Window, vocab: Sequence[str], now: datetime,
+                     text_sample: int = 0, seed: int = 0) -> ProductionStats:
+    """Aggregate the window of ``version`` with DuckDB SQL (see module doc); ``con`` is an open connection."""
+    start, end = window_bounds(con, version, window, now)
+    if start is None:
+        return ProductionStats(version, 0, None, end)
+    where = "model_version = ? AND status < 400 AND received_at >= ? AND received_at <= ?"
+    params = [version, start, end]
+    n, flen, empty = con.execute(
+        f"""SELECT count(*), count(*) FILTER (WHERE finish_reason = 'length'),
+                   count(*) FILTER (WHERE coalesce(response, '') = '' AND coalesce(completion_tokens, 0) <= 1)
+            FROM requests WHERE {where}""", params).fetchall()[0]
+
+    def value_counts(col: str) -> tuple[np.ndarray, np.ndarray]:
+        rows = con.execute(f"SELECT {col}, count(*) FROM requests WHERE {where} AND {col} IS NOT NULL GROUP BY 1", params).fetchnumpy()
+        vals = list(rows.values())
+        return np.asarray(vals[0], dtype=float), np.asarray(vals[1], dtype=np.int64)
+
+    import pyarrow as pa
+
+    vt = pa.table({"word": list(vocab), "idx": np.arange(len(vocab), dtype=np.int32)})
+    con.register("_tl_vocab", vt)
+    try:
+        wc = con.execute(
+            f"""WITH w AS (SELECT unnest(regexp_extract_all(lower({_TEXT_SQL}), '{WORD_PATTERN.replace("'", "''")}')) AS word
+                           FROM requests WHERE {where} AND prompt IS NOT NULL),
+                    c AS (SELECT word, count(*) AS n FROM w GROUP BY word)
+               SELECT c.word, c.n, v.idx FROM c LEFT JOIN _tl_vocab v USING (word)""", params).fetchnumpy()
+    finally:
+        con.unregister("_tl_vocab")
+    idx = np.asarray(wc["idx"]) if len(wc["word"]) else np.zeros(0)
+    cnt = np.asarray(wc["n"], dtype=np.int64)
+    in_vocab = ~np.ma.getmaskarray(idx) if np.ma.isMaskedArray(idx) else ~np.isnan(idx.astype(float))
+    vocab_counts = np.bincount(np.asarray(idx[in_vocab], dtype=np.int64), weights=cnt[in_vocab], minlength=len(vocab))
+    oov_words = np.asarray(wc["word"], dtype=object)[~in_vocab]
+    oov_cnt = cnt[~in_vocab]
+    top = np.argsort(-oov_cnt, kind="stable")[:20]
+    rated, negative = con.execute(
+        f"""SELECT count(*), count(*) FILTER (WHERE (f.rating_kind = 'stars' AND f.rating <= 2)
+                                               OR (coalesce(f.rating_kind, 'thumbs') <> 'stars' AND f.rating < 0))
+            FROM feedback f JOIN requests r ON r.id = f.request_id
+            WHERE r.{where.replace(' AND ', ' AND r.')} AND f.rating IS NOT NULL""", params).fetchall()[0]
+    texts: list[str] = []
+    if text_sample:
+        texts = [r[0] for r in con.execute(
+            f"""SELECT t FROM (SELECT {_TEXT_SQL} AS t FROM requests WHERE {where} AND prompt IS NOT NULL)
+                USING SAMPLE reservoir({int(text_sample)} ROWS) REPEATABLE ({int(seed)})""", params).fetchall() if r[0]]
+    return ProductionStats(
+        model_version=version, n_requests=int(n), window_start=start, window_end=end,
+        prompt_len=value_counts("prompt_tokens"), response_len=value_counts("completion_tokens"),
+        vocab_counts=vocab_counts.astype(float), oov_tokens=int(oov_cnt.sum()), total_tokens=int(cnt.sum()),
+        new_words=[(str(oov_words[i]), int(oov_cnt[i])) for i in top], finish_length=int(flen), empty=int(empty),
+        rated=int(rated), negative=int(negative), texts=texts,
+    )
+
+
+# ---- comparison ------------------------------------------------------------------------------
+
+
+@dataclass
+class FeatureResult:
+    feature: str           # prompt_length_psi | prompt_length_ks | vocabulary | oov | embedding | response_length | finish_length | empty_response | negative_feedback
+    statistic: str         # psi | ks | js | share_delta | mmd | share
+    value: float | None
+    threshold: float
+    drifted: bool
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DriftResult:
+    """Drift of one version over one window: per-statistic results and the overall score."""
+
+    id: str
+    model_version: str
+    window: str
+    window_start: datetime | None
+    window_end: datetime | None
+    n_requests: int
+    features: list[FeatureResult]
+    score: float
+    threshold: float
+    drifted: bool
+    skipped: str | None = None
+    new_words: list[tuple[str, int]] = field(default_factory=list)
+    histograms: dict[str, Any] = field(default_factory=dict)
+
+    def feature(self, name: str) -> FeatureResult | None:
+        return next((f for f in self.features if f.feature == name), None)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "model_version": self.model_version, "window": self.window,
+            "window_start": self.window_start, "window_end": self.window_end, "n_requests": self.n_requests,
+            "score": self.score, "threshold": self.threshold, "drifted": self.drifted, "skipped": self.skipped,
+            "features": {f.feature: {k: v for k, v in asdict(f).items() if k != "feature"} for f in self.features},
+            "new_words": self.new_words,
+        }
+
+
+def _counts(pairs: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
+    a = np.asarray(pairs, dtype=float).reshape(-1, 2)
+    return a[:, 0], a[:, 1]
+
+
+def compare(profile: dict[str, Any], prod: ProductionStats, settings, result_id: str, window: str = "",
+            ref_embeddings: np.ndarray | None = None, prod_embeddings: np.ndarray | None = None,
+            seed: int = 0) -> DriftResult:
+    """Every drift statistic of ``prod`` against ``profile`` with ``settings`` (a DriftSettings)."""
+    rng = np.random.default_rng(seed)
+    feats: list[FeatureResult] = []
+    hist: dict[str, Any] = {}
+    bins = int(settings.psi_bins)
+
+    def length_psi(name: str, ref_pairs, prod_vc, threshold: float) -> None:
+        rv, rc = _counts(ref_pairs)
+        pv, pc = prod_vc
+        if not len(rv) or not pc.sum():
+            return
+        value, edges, rb, pb = psi_counts(rv, rc, pv, pc, bins)
+        null = _null_quantile(lambda s: psi_from_bins(rb, s), rb, int(pc.sum()), rng)
+        thr = max(threshold, null)
+        feats.append(FeatureResult(name, "psi", value, thr, value > thr, {
+            "configured_threshold": threshold, "null_q99": null, "edges": edges.tolist(),
+            "reference_bins": (rb / rb.sum()).tolist(), "production_bins": (pb / pb.sum()).tolist(),
+            "wasserstein": wasserstein_counts(rv, rc, pv, pc),
+            "reference_mean": float(np.average(rv, weights=rc)), "production_mean": float(np.average(pv, weights=pc))}))
+        hist[name] = {"edges": edges.tolist(), "reference": (rb / rb.sum()).tolist(), "production": (pb / pb.sum()).tolist()}
+
+    length_psi("prompt_length_psi", profile["prompt_length"], prod.prompt_len, settings.psi_threshold)
+    rv, rc = _counts(profile["prompt_length"])
+    if len(rv) and prod.prompt_len[1].sum():
+        d, p = ks_counts(rv, rc, *prod.prompt_len)
+        feats.append(FeatureResult("prompt_length_ks", "ks", d, settings.ks_pvalue, p < settings.ks_pvalue, {"pvalue": p}))
+
+    vocab = profile["vocab"]
+    if prod.total_tokens and vocab:
+        ref = np.append(np.asarray(profile["vocab_counts"], dtype=float), float(profile["oov_tokens"]))
+        cur = np.append(prod.vocab_counts, float(prod.oov_tokens))
+        value = js_divergence(ref, cur)
+        null = _null_quantile(lambda s: js_divergence(ref, s), ref, prod.total_tokens, rng, draws=100)
+        thr = max(settings.js_threshold, null)
+        feats.append(FeatureResult("vocabulary", "js", value, thr, value > thr, {"configured_threshold": settings.js_threshold, "null_q99": null,
+                                                                              "production_tokens": prod.total_tokens}))
+        base = float(profile["oov_expected"])
+        share = prod.oov_tokens / prod.total_tokens
+        delta = share - base
+        feats.append(FeatureResult("oov", "share_delta", delta, settings.oov_threshold, delta > settings.oov_threshold,
+                                   {"production_share": share, "reference_share": base}))
+
+    if ref_embeddings is not None and prod_embeddings is not None and len(ref_embeddings) >= 2 and len(prod_embeddings) >= 2:
+        t = mmd_permutation_test(ref_embeddings, prod_embeddings, int(settings.permutations), seed)
+        feats.append(FeatureResult("embedding", "mmd", t["mmd2"], settings.embedding_pvalue, t["pvalue"] < settings.embedding_pvalue,
+                                   {"pvalue": t["pvalue"], "bandwidth": t["bandwidth"], "null_q99": t["null_q99"],
+                                    "n_reference": len(ref_embeddings), "n_production": len(prod_embeddings)}))
+
+    length_psi("response_length", profile["response_length"], prod.response_len, settings.response_psi_threshold)
+    if prod.n_requests:
+        ref_len_share = float(profile.get("finish_mix", {}).get("length", 0)) / max(1, int(profile["n_rows"]))
+        share = prod.finish_length / prod.n_requests
+        feats.append(FeatureResult("finish_length", "share_delta", share - ref_len_share, settings.length_share_threshold,
+                                   share - ref_len_share > settings.length_share_threshold,
+                                   {"production_share": share, "reference_share": ref_len_share}))
+        ref_empty = float(profile.get("empty_share", 0.0))
+        share = prod.empty / prod.n_requests
+        feats.append(FeatureResult("empty_response", "share_delta", share - ref_empty, settings.empty_share_threshold,
+                                   share - ref_empty > settings.empty_share_threshold,
+                                   {"production_share": share, "reference_share": ref_empty}))
+    if prod.rated:
+        share = prod.negative / prod.rated
+        feats.append(FeatureResult("negative_feedback", "share", share, settings.negative_feedback_threshold,
+                                   share > settings.negative_feedback_threshold, {"rated": prod.rated, "negative": prod.negative}))
+
+    score = sum(f.drifted for f in feats) / len(feats) if feats else 0.0
+    return DriftResult(id=result_id, model_version=prod.model_version, window=window, window_start=prod.window_start,
+                       window_end=prod.window_end, n_requests=prod.n_requests, features=feats, score=score,
+                       threshold=settings.overall_threshold, drifted=bool(feats) and score >= settings.overall_threshold,
+                       new_words=prod.new_words, histograms=hist)

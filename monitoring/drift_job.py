@@ -1,0 +1,162 @@
+"""The drift job: drift of every served version, stored in ``drift_reports`` and exported as gauges.
+
+Contract
+--------
+* ``DriftJob(db, settings: DriftSettings, registry: CollectorRegistry | None)``
+  registers ``tuneloop_drift_score{feature,model_version}`` (the statistic's
+  value; feature ``overall`` = share of statistics that drifted) and
+  ``tuneloop_drifted{feature,model_version}`` (1 when over its threshold) on the
+  given registry (none = no gauges).
+* :meth:`DriftJob.run_once` computes drift for every version with traffic in
+  the window (or the named one): the version's reference profile from
+  ``reference_profiles`` (computed on demand from its training data when
+  missing), the window's aggregates (DuckDB SQL), embeddings of a sample of
+  production prompts (all-MiniLM-L6-v2) when enabled, and writes one
+  ``drift_reports`` row per statistic plus an ``overall`` row, all sharing one
+  id. Windows with fewer than ``min_requests`` requests, and versions without a
+  training dataset, are returned with ``skipped`` set and write nothing.
+* :meth:`DriftJob.run_forever` ``(stop_event)`` repeats it every
+  ``interval_s`` in a worker thread, logging (never raising) failures, so the
+  server starts it with one line in its lifespan::
+
+      task = asyncio.create_task(DriftJob(db, settings.drift, registry).run_forever(stop))
+* :func:`run_once` ``(db, settings, version=None, window=None) -> dict`` is the
+  one-call form for scripts (the demo): the result of ``version`` as a dict
+  (``features`` -> {value, threshold, drifted, ...}), or ``{"versions": ...}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime
+from typing import Any
+
+from monitoring.drift import DriftResult, Window, compare, parse_window, production_stats
+from monitoring.profile import Profile, compute_profile, load_profile
+from tuneloop.db import Database, dumps, utcnow
+from tuneloop.errors import UserError
+from tuneloop.ids import new_id
+
+log = logging.getLogger(__name__)
+
+
+class DriftJob:
+    """See module doc."""
+
+    def __init__(self, db: Database, settings, registry=None, embedder=None):
+        self.db, self.settings = db, settings
+        self._embedder = embedder
+        self.score = self.drifted = None
+        if registry is not None:
+            from prometheus_client import Gauge
+
+            self.score = Gauge("tuneloop_drift_score", "Drift statistic of a model version's production window vs its "
+                               "training data (feature 'overall' = share of statistics that drifted)",
+                               ["feature", "model_version"], registry=registry)
+            self.drifted = Gauge("tuneloop_drifted", "1 when the drift statistic is over its threshold, else 0",
+                                 ["feature", "model_version"], registry=registry)
+
+    # -- helpers -------------------------------------------------------------------------------
+    def embedder(self):
+        if self._embedder is None:
+            from monitoring.embeddings import Embedder
+
+            self._embedder = Embedder()
+        return self._embedder
+
+    def versions_with_traffic(self, window: Window, now: datetime) -> list[str]:
+        if window.requests:
+            sql, params = "SELECT DISTINCT model_version FROM requests WHERE model_version IS NOT NULL AND received_at <= ?", [now]
+        else:
+            from datetime import timedelta
+
+            sql = "SELECT DISTINCT model_version FROM requests WHERE model_version IS NOT NULL AND received_at BETWEEN ? AND ?"
+            params = [now - timedelta(seconds=window.seconds), now]
+        return sorted(r["model_version"] for r in self.db.query(sql, params))
+
+    def profile(self, version: str) -> Profile:
+        p = load_profile(self.db, version)
+        if p is None:
+            log.info("no reference profile for %s yet: computing it from its training data", version)
+            p = compute_profile(self.db, version, self.settings,
+                                embedder=self.embedder() if self.settings.embeddings else None)
+        return p
+
+    # -- one pass ------------------------------------------------------------------------------
+    def compute(self, version: str, window: Window, now: datetime) -> DriftResult:
+        """Drift of one version (nothing written)."""
+        rid = new_id()
+        try:
+            prof = self.profile(version)
+        except UserError as e:
+            return DriftResult(rid, version, str(window), None, now, 0, [], 0.0, self.settings.overall_threshold, False,
+                               skipped=str(e))
+        want_emb = bool(self.settings.embeddings and prof.embeddings is not None)
+        with self.db.connect(transaction=False) as con:
+            prod = production_stats(con, version, window, prof.profile["vocab"], now,
+                                    text_sample=self.settings.embedding_sample if want_emb else 0)
+        if prod.n_requests < self.settings.min_requests:
+            return DriftResult(rid, version, str(window), prod.window_start, prod.window_end, prod.n_requests, [], 0.0,
+                               self.settings.overall_threshold, False,
+                               skipped=f"{prod.n_requests} requests in the window, fewer than drift.min_requests={self.settings.min_requests}")
+        emb = self.embedder()(prod.texts) if want_emb and len(prod.texts) >= 2 else None
+        return compare(prof.profile, prod, self.settings, rid, str(window), prof.embeddings if emb is not None else None, emb)
+
+    def write(self, res: DriftResult) -> None:
+        now = utcnow()
+        rows = [[res.id, res.model_version, res.window_start, res.window_end, res.n_requests, f.feature, f.statistic,
+                 f.value, f.threshold, f.drifted, dumps(f.details), now] for f in res.features]
+        rows.append([res.id, res.model_version, res.window_start, res.window_end, res.n_requests, "overall", "score",
+                     res.score, res.threshold, res.drifted,
+                     dumps({"window": res.window, "drifted_features": [f.feature for f in res.features if f.drifted],
+                            "new_words": res.new_words, "histograms": res.histograms}), now])
+        with self.db.connect() as con:
+            con.executemany("INSERT INTO drift_reports VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def export(self, res: DriftResult) -> None:
+        if self.score is None:
+            return
+        for name, value, drifted in [(f.feature, f.value, f.drifted) for f in res.features] + [("overall", res.score, res.drifted)]:
+            if value is not None:
+                self.score.labels(name, res.model_version).set(value)
+            self.drifted.labels(name, res.model_version).set(1.0 if drifted else 0.0)
+
+    def run_once(self, version: str | None = None, window: str | Window | None = None,
+                 now: datetime | None = None, write: bool = True) -> list[DriftResult]:
+        """Drift of ``version`` (or every version with traffic in the window); stored and exported unless skipped."""
+        now = now or utcnow()
+        w = window if isinstance(window, Window) else parse_window(window or self.settings.window)
+        versions = [version] if version else self.versions_with_traffic(w, now)
+        out = []
+        for v in versions:
+            res = self.compute(v, w, now)
+            if res.skipped is None:
+                if write:
+                    self.write(res)
+                self.export(res)
+            out.append(res)
+        return out
+
+    async def run_forever(self, stop_event: asyncio.Event) -> None:
+        """Run :meth:`run_once` every ``interval_s`` (in a thread) until ``stop_event`` is set."""
+        if self.settings.interval_s <= 0:
+            return
+        while not stop_event.is_set():
+            try:
+                await asyncio.to_thread(self.run_once)
+            except Exception:  # a failed pass must not kill the server; the next one retries
+                log.exception("drift pass failed")
+            try:
+                await asyncio.wait_for(stop_event.wait(), timeout=self.settings.interval_s)
+            except asyncio.TimeoutError:
+                pass
+
+
+def run_once(db: Database, settings, version: str | None = None, window: str | None = None) -> dict[str, Any]:
+    """One drift pass without gauges; ``settings`` is a Settings or DriftSettings (see module doc)."""
+    ds = getattr(settings, "drift", settings)
+    results = DriftJob(db, ds, None).run_once(version, window)
+    if version:
+        return results[0].as_dict()
+    return {"versions": {r.model_version: r.as_dict() for r in results}}

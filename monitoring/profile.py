@@ -1,0 +1,159 @@
+"""Reference profiles: what a model version's training data looks like, for drift.
+
+Contract
+--------
+* :func:`build_profile` profiles training rows (SFT ``messages`` or preference
+  ``prompt``/``chosen``, contract 1) with the *serving* tokenizer: prompt length
+  = tokens of ``render_prompt(messages[:-1])`` (chat template + generation
+  prompt, the count the server logs in ``requests.prompt_tokens``), response
+  length = answer tokens + EOS (what the engine generates when it stops), word
+  counts of the prompt text (top ``vocab_size`` words kept; the rest count as
+  out-of-vocabulary), the expected out-of-vocabulary share of new text from the
+  same distribution (mass outside the kept vocabulary + the Good-Turing
+  estimate N1/N of unseen words), finish-reason mix, empty-answer share and an
+  optional embedding sample.
+* :func:`compute_profile` ``(db, version_name, settings=None) -> Profile``
+  profiles a registered version's dataset (train split) with its base model's
+  tokenizer and stores it in ``reference_profiles`` (replacing an older one).
+  The trainer calls it after registering a version; ``tuneloop drift profile
+  VERSION`` calls it on demand. A version without a dataset is a UserError.
+* :func:`load_profile` reads a stored one back (``None`` when absent).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from monitoring.drift import prompt_text, words
+from tuneloop.db import Database, dumps, loads, utcnow
+from tuneloop.errors import UserError
+
+
+@dataclass
+class Profile:
+    model_version: str
+    dataset_id: str | None
+    profile: dict[str, Any]
+    embeddings: np.ndarray | None = None
+
+
+def _split_row(row: dict[str, Any]) -> tuple[list[dict[str, str]], str]:
+    if row.get("messages"):
+        msgs = list(row["messages"])
+        if msgs[-1].get("role") == "assistant":
+            return msgs[:-1], msgs[-1].get("content") or ""
+        return msgs, ""
+    if row.get("prompt") is not None:
+        chosen = row.get("chosen") or [{}]
+        return list(row["prompt"]), (chosen[-1] or {}).get("content") or ""
+    raise UserError(f"dataset row {row.get('id', '?')!r} has neither messages nor prompt")
+
+
+def _value_counts(values: Iterable[int]) -> list[list[int]]:
+    return [[int(k), int(v)] for k, v in sorted(Counter(values).items())]
+
+
+def build_profile(rows: Iterable[dict[str, Any]], tokenizer, vocab_size: int = 10000,
+                  embedder: Callable[[list[str]], np.ndarray] | None = None, embedding_sample: int = 256,
+                  seed: int = 0) -> tuple[dict[str, Any], np.ndarray | None]:
+    """(profile dict, embedding sample or None) of training rows; see module doc."""
+    from tuneloop.chat import completion_ids, render_prompt
+
+    prompt_lens, resp_lens, texts = [], [], []
+    wc: Counter[str] = Counter()
+    empty = n = 0
+    for row in rows:
+        prompt, answer = _split_row(row)
+        if not prompt:
+            continue
+        n += 1
+        prompt_lens.append(len(render_prompt(tokenizer, prompt)))
+        resp_lens.append(len(completion_ids(tokenizer, answer)))
+        empty += not answer.strip()
+        t = prompt_text(prompt)
+        texts.append(t)
+        wc.update(words(t))
+    if n == 0:
+        raise UserError("no usable rows to profile (every row lacks a prompt)")
+    total = sum(wc.values())
+    top = wc.most_common(vocab_size)
+    kept = sum(c for _, c in top)
+    hapax_kept = sum(1 for _, c in top if c == 1)
+    profile = {
+        "n_rows": n,
+        "prompt_length": _value_counts(prompt_lens),
+        "response_length": _value_counts(resp_lens),
+        "vocab": [w for w, _ in top],
+        "vocab_counts": [c for _, c in top],
+        "total_tokens": total,
+        "oov_tokens": total - kept,
+        "oov_expected": ((total - kept) + hapax_kept) / total if total else 0.0,
+        "finish_mix": {"stop": n},  # training answers end with EOS
+        "empty_share": empty / n,
+        "tokenizer": getattr(tokenizer, "name_or_path", None),
+    }
+    emb = None
+    if embedder is not None and texts:
+        rng = np.random.default_rng(seed)
+        pick = rng.choice(len(texts), size=min(embedding_sample, len(texts)), replace=False)
+        emb = np.asarray(embedder([texts[i] for i in sorted(pick)]), dtype=np.float32)
+        profile["embedding_sample"] = int(len(emb))
+    return profile, emb
+
+
+def store_profile(db: Database, p: Profile) -> None:
+    emb = p.embeddings
+    with db.connect() as con:
+        con.execute("DELETE FROM reference_profiles WHERE model_version = ?", [p.model_version])
+        con.execute("INSERT INTO reference_profiles VALUES (?, ?, ?, ?, ?, ?)", [
+            p.model_version, p.dataset_id, dumps(p.profile),
+            None if emb is None else np.ascontiguousarray(emb, dtype=np.float32).tobytes(),
+            None if emb is None else int(emb.shape[1]), utcnow()])
+
+
+def load_profile(db: Database, version: str, con=None) -> Profile | None:
+    sql = "SELECT dataset_id, profile, embeddings, embedding_dim FROM reference_profiles WHERE model_version = ?"
+    rows = con.execute(sql, [version]).fetchall() if con is not None else [tuple(r.values()) for r in db.query(sql, [version])]
+    if not rows:
+        return None
+    ds, prof, blob, dim = rows[0]
+    emb = np.frombuffer(bytes(blob), dtype=np.float32).reshape(-1, dim) if blob is not None and dim else None
+    return Profile(version, ds, loads(prof), emb)
+
+
+def compute_profile(db: Database, version_name: str, settings=None, embedder=None, progress: bool = False) -> Profile:
+    """Profile ``version_name``'s training data with its serving tokenizer and store it (see module doc)."""
+    from transformers import AutoTokenizer
+
+    from tuneloop.dataset_store import load_splits
+    from tuneloop.registry import get_version
+    from tuneloop.settings import DriftSettings
+
+    ds = settings or DriftSettings()
+    v = get_version(db, version_name)
+    if not v.dataset_id:
+        raise UserError(f"version {version_name!r} has no training dataset to profile; drift needs one "
+                        "(versions registered by `tuneloop train` have one)")
+    splits = load_splits(db, v.dataset_id)
+    rows = splits["train"]
+    try:
+        tok = AutoTokenizer.from_pretrained(v.base_model)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the serving tokenizer of {version_name!r} from {v.base_model}: {e}") from None
+    if progress:
+        from tqdm import tqdm
+
+        rows = tqdm(rows, desc=f"profiling {version_name}", unit="row")
+    if embedder is None and ds.embeddings:
+        from monitoring.embeddings import Embedder
+
+        embedder = Embedder()
+    prof, emb = build_profile(rows, tok, ds.vocab_size, embedder if ds.embeddings else None, ds.embedding_sample)
+    prof["base_model"] = v.base_model
+    p = Profile(version_name, v.dataset_id, prof, emb)
+    store_profile(db, p)
+    return p

@@ -1,0 +1,154 @@
+"""Where request-log and feedback rows are read from: one DuckDB database, or Parquet exports of many.
+
+Contract
+--------
+* :func:`open_requests` makes the relations ``requests`` and ``feedback`` on an
+  open DuckDB connection come from ``source``:
+
+  - ``source=None``: nothing changes; the connection's own tables are used
+    (one box, one database).
+  - ``source`` = a folder (or an object-store URL DuckDB's httpfs reaches)
+    holding exports written by :mod:`monitoring.export`: TEMP views named
+    ``requests`` and ``feedback`` are created over
+    ``read_parquet('<source>/<table>/**/*.parquet', hive_partitioning=true)``.
+    TEMP views shadow the database tables of the same name for this
+    connection only (the file is not modified, read-only connections work),
+    so every other table (``model_versions``, ``reference_profiles`` ...)
+    still comes from the database.
+
+  The views expose exactly the columns of the tables in
+  :mod:`tuneloop.migrations`, with the same names and types (hive partition
+  values are decoded and cast back, JSON stays JSON), plus one extra column
+  ``replica`` naming the replica that exported the row. A source without any
+  file for a table gives an empty relation with the right columns. A folder
+  that does not exist raises :class:`~tuneloop.errors.UserError`.
+* :class:`LogSource` bundles a database with an optional Parquet source, with
+  ``connect()`` (a connection whose ``requests``/``feedback`` come from the
+  source) and ``query(sql, params)`` (rows as dicts, like
+  :meth:`tuneloop.db.Database.query`). Commands that take ``--from-parquet DIR``
+  build one with :func:`log_source` and run their SQL unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import duckdb
+
+from tuneloop.db import Database
+from tuneloop.errors import UserError
+
+TABLES = ("requests", "feedback")
+# the column that dates a row of each table (partitioning and export windows)
+TIME_COLUMN = {"requests": "received_at", "feedback": "created_at"}
+
+
+@functools.lru_cache(maxsize=None)
+def table_columns(table: str) -> tuple[tuple[str, str], ...]:
+    """``((name, duckdb_type), ...)`` of ``table`` as the migrations define it."""
+    from tuneloop.db import migrate
+
+    con = duckdb.connect()
+    try:
+        migrate(con)
+        rows = con.execute(
+            "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ? ORDER BY ordinal_position",
+            [table]).fetchall()
+    finally:
+        con.close()
+    if not rows:
+        raise ValueError(f"no table {table!r} in the schema")
+    return tuple((str(n), str(t)) for n, t in rows)
+
+
+def is_url(source: str) -> bool:
+    return "://" in source
+
+
+def _sql_str(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def _has_files(source: str, table: str) -> bool:
+    if is_url(source):
+        return True  # let DuckDB list the object store; an empty prefix raises there
+    root = os.path.join(source, table)
+    for _dirpath, _dirs, files in os.walk(root):
+        if any(f.endswith(".parquet") for f in files):
+            return True
+    return False
+
+
+def parquet_relation_sql(source: str, table: str) -> str:
+    """A SELECT giving ``table``'s columns (and ``replica``) from the Parquet exports under ``source``."""
+    cols = table_columns(table)
+    if not _has_files(source, table):
+        body = ", ".join(f"CAST(NULL AS {t}) AS {n}" for n, t in cols)
+        return f"SELECT {body}, CAST(NULL AS VARCHAR) AS replica WHERE false"
+    glob = _sql_str(source.rstrip("/") + f"/{table}/**/*.parquet")
+    body = ", ".join(f"CAST({n} AS {t}) AS {n}" for n, t in cols)
+    return (f"SELECT {body}, CAST(replica AS VARCHAR) AS replica FROM read_parquet({glob}, hive_partitioning = true, "
+            f"union_by_name = true, hive_types = {{'date': DATE, 'model_version': VARCHAR}})")
+
+
+def open_requests(con: duckdb.DuckDBPyConnection, source: str | os.PathLike | None) -> None:
+    """Make ``requests`` and ``feedback`` on ``con`` come from ``source`` (see module doc)."""
+    if source is None:
+        return
+    source = str(source)
+    if not is_url(source) and not os.path.isdir(source):
+        raise UserError(f"--from-parquet: {source} is not a folder of exported logs (see `tuneloop export logs --help`)")
+    if is_url(source):
+        con.execute("INSTALL httpfs; LOAD httpfs")
+    for table in TABLES:
+        con.execute(f"CREATE OR REPLACE TEMP VIEW {table} AS {parquet_relation_sql(source, table)}")
+
+
+@dataclass(frozen=True)
+class LogSource:
+    """A database plus, optionally, a folder of Parquet exports that replaces its request log and feedback."""
+
+    db: Database | None
+    parquet: str | None = None
+
+    @contextlib.contextmanager
+    def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection whose ``requests``/``feedback`` come from the source (other tables from the database)."""
+        if self.db is None:
+            con = duckdb.connect()
+            try:
+                open_requests(con, self.parquet)
+                yield con
+            finally:
+                con.close()
+            return
+        with self.db.connect(transaction=False) as con:
+            open_requests(con, self.parquet)
+            yield con
+
+    def query(self, sql: str, params: list | tuple | None = None) -> list[dict[str, Any]]:
+        """Rows of one statement as dicts (JSON columns as text), like ``Database.query``."""
+        with self.connect() as con:
+            cur = con.execute(sql, params or [])
+            if cur.description is None:
+                return []
+            cols = [d[0] for d in cur.description]
+            return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+
+def log_source(db: Database | None, from_parquet: str | os.PathLike | None = None) -> LogSource:
+    """The source a command reads: ``db`` alone, or ``db`` with its logs replaced by Parquet exports."""
+    if from_parquet is not None:
+        p = str(from_parquet)
+        if not is_url(p):
+            if not os.path.isdir(p):
+                raise UserError(f"--from-parquet: {p} is not a folder of exported logs (see `tuneloop export logs --help`)")
+            p = os.path.abspath(p)
+        return LogSource(db, p)
+    if db is None:
+        raise UserError("no database and no --from-parquet folder to read logs from")
+    return LogSource(db, None)
