@@ -307,9 +307,10 @@ def production_stats(con, version: str, window: Window, vocab: Sequence[str], no
                SELECT c.word, c.n, v.idx FROM c LEFT JOIN _tl_vocab v USING (word)""", params).fetchnumpy()
     finally:
         con.unregister("_tl_vocab")
-    idx = np.asarray(wc["idx"]) if len(wc["word"]) else np.zeros(0)
+    idx = wc["idx"]  # a masked array: words outside the vocabulary are NULL (masked)
     cnt = np.asarray(wc["n"], dtype=np.int64)
-    in_vocab = ~np.ma.getmaskarray(idx) if np.ma.isMaskedArray(idx) else ~np.isnan(idx.astype(float))
+    in_vocab = ~np.ma.getmaskarray(idx)
+    idx = np.ma.getdata(idx)
     vocab_counts = np.bincount(np.asarray(idx[in_vocab], dtype=np.int64), weights=cnt[in_vocab], minlength=len(vocab))
     oov_words = np.asarray(wc["word"], dtype=object)[~in_vocab]
     oov_cnt = cnt[~in_vocab]
@@ -344,6 +345,10 @@ class FeatureResult:
     threshold: float
     drifted: bool
     details: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:  # plain Python values for JSON, DuckDB and Prometheus
+        self.value = None if self.value is None else float(self.value)
+        self.threshold, self.drifted = float(self.threshold), bool(self.drifted)
 
 
 @dataclass
@@ -414,10 +419,18 @@ def compare(profile: dict[str, Any], prod: ProductionStats, settings, result_id:
 
     vocab = profile["vocab"]
     if prod.total_tokens and vocab:
-        ref = np.append(np.asarray(profile["vocab_counts"], dtype=float), float(profile["oov_tokens"]))
+        # the reference's out-of-vocabulary bucket holds the mass new text from the same distribution is
+        # expected to put outside the vocabulary (Good-Turing), not just the reference's own tail
+        kept = np.asarray(profile["vocab_counts"], dtype=float)
+        exp_oov = float(profile["oov_expected"])
+        ref = np.append(kept / kept.sum() * (1 - exp_oov), exp_oov)
         cur = np.append(prod.vocab_counts, float(prod.oov_tokens))
         value = js_divergence(ref, cur)
-        null = _null_quantile(lambda s: js_divergence(ref, s), ref, prod.total_tokens, rng, draws=100)
+        if profile.get("js_null"):  # same-distribution windows of whole prompts (monitoring.profile.js_null)
+            grid = np.asarray(profile["js_null"], dtype=float)
+            null = float(np.interp(np.log(prod.total_tokens), np.log(grid[:, 0]), grid[:, 1]))
+        else:
+            null = _null_quantile(lambda s: js_divergence(ref, s), ref, prod.total_tokens, rng, draws=100)
         thr = max(settings.js_threshold, null)
         feats.append(FeatureResult("vocabulary", "js", value, thr, value > thr, {"configured_threshold": settings.js_threshold, "null_q99": null,
                                                                               "production_tokens": prod.total_tokens}))

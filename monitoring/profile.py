@@ -96,6 +96,7 @@ def build_profile(rows: Iterable[dict[str, Any]], tokenizer, vocab_size: int = 1
         "empty_share": empty / n,
         "tokenizer": getattr(tokenizer, "name_or_path", None),
     }
+    profile["js_null"] = js_null(texts, vocab_size, np.random.default_rng(seed))
     emb = None
     if embedder is not None and texts:
         rng = np.random.default_rng(seed)
@@ -103,6 +104,49 @@ def build_profile(rows: Iterable[dict[str, Any]], tokenizer, vocab_size: int = 1
         emb = np.asarray(embedder([texts[i] for i in sorted(pick)]), dtype=np.float32)
         profile["embedding_sample"] = int(len(emb))
     return profile, emb
+
+
+JS_NULL_TOKENS = (100, 250, 500, 1000, 2500, 5000, 10000, 50000)
+
+
+def js_null(texts: list[str], vocab_size: int, rng: np.random.Generator, draws: int = 50, q: float = 0.99,
+            splits: int = 4) -> list[list[float]]:
+    """Vocabulary JS of same-distribution windows: ``[[tokens, q99 JS], ...]``.
+
+    Words cluster by prompt, so token-level multinomial noise understates how much a window of
+    real prompts moves the unigram distribution. This splits the rows 80/20, draws windows of
+    whole prompts (with replacement) from the 20% and measures their JS against the 80%'s
+    smoothed distribution, at several window sizes; drift compares a window against the
+    ``q`` quantile at its size.
+    """
+    from monitoring.drift import js_divergence
+
+    if len(texts) < 20:
+        return []
+    vals: dict[int, list[float]] = {n: [] for n in JS_NULL_TOKENS}
+    for _ in range(splits):  # several random splits, so one lucky split does not set the bar
+        perm = rng.permutation(len(texts))
+        cut = int(len(texts) * 0.8)
+        a_words = [words(texts[i]) for i in perm[:cut]]
+        b_words = [words(texts[i]) for i in perm[cut:]]
+        wc: Counter[str] = Counter(w for ws in a_words for w in ws)
+        top = wc.most_common(vocab_size)
+        index = {w: i for i, (w, _) in enumerate(top)}
+        total = sum(wc.values())
+        kept = np.array([c for _, c in top], dtype=float)
+        exp_oov = ((total - kept.sum()) + float(np.sum(kept == 1))) / total
+        ref = np.append(kept / kept.sum() * (1 - exp_oov), exp_oov)
+        oov = len(index)
+        rows = [np.bincount([index.get(w, oov) for w in ws], minlength=oov + 1) for ws in b_words if ws]
+        if not rows:
+            return []
+        mat = np.vstack(rows).astype(float)
+        mean_tokens = mat.sum() / len(mat)
+        for n_tok in JS_NULL_TOKENS:
+            k = max(1, int(round(n_tok / mean_tokens)))
+            vals[n_tok] += [js_divergence(ref, np.bincount(rng.integers(0, len(mat), k), minlength=len(mat)) @ mat)
+                            for _ in range(draws)]
+    return [[float(n), float(np.quantile(v, q))] for n, v in vals.items()]
 
 
 def store_profile(db: Database, p: Profile) -> None:

@@ -47,16 +47,19 @@ def make_rows(rng: random.Random, n: int, start: datetime, span_h: float) -> tup
 
 
 def insert(db: Database, reqs: list[dict], fbs: list[dict]) -> None:
+    import pyarrow as pa
+
     with db.connect() as con:
         for table, rows in (("requests", reqs), ("feedback", fbs)):
             cols = [n for n, _ in table_columns(table)]
-            con.executemany(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                            [[r[c] for c in cols] for r in rows])
+            batch = pa.Table.from_pylist([{c: r[c] for c in cols} for r in rows])  # noqa: F841 (read by DuckDB)
+            con.execute(f"INSERT INTO {table} ({', '.join(cols)}) SELECT {', '.join(cols)} FROM batch")
 
 
-@pytest.fixture
-def replicas(tmp_path):
-    """Two replicas' databases and one database holding all their rows."""
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory):
+    """Two replicas' databases and one database holding all their rows (tests only read them)."""
+    tmp_path = tmp_path_factory.mktemp("replicas")
     rng = random.Random(7)
     dbs = {name: Database(tmp_path / f"{name}.duckdb") for name in ("server-0", "server-1")}
     everything = Database(tmp_path / "all.duckdb")

@@ -6,6 +6,8 @@ import socket
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 
 def test_serve_help_explains_what_is_served(cli):
     out = cli("serve", "--help").stdout

@@ -109,12 +109,8 @@ def parse_field_map(items: list[str]) -> dict[str, str]:
 
 
 def cmd_prepare(args, ctx) -> int:
-    import datasets
-
     from trainer.bootstrap import DEFAULT_BASE
     from trainer.data import PrepareConfig, prepare, summary_lines
-
-    datasets.disable_progress_bars()  # per-split "Saving the dataset" bars are noise; ours cover the long steps
 
     if args.corpus and args.inputs:
         raise UserError("give either input files or --from CORPUS, not both")

@@ -99,7 +99,7 @@ def read_inputs(paths: Iterable[str | Path], skip_invalid: bool = False) -> tupl
 
 def _read_jsonl(p: Path, skip_invalid: bool) -> tuple[list[Record], list[str]]:
     out, bad = [], []
-    with p.open(encoding="utf-8", errors="strict") as f:
+    with p.open(encoding="utf-8-sig", errors="strict") as f:
         try:
             for i, line in enumerate(f, 1):
                 if not line.strip():
@@ -134,7 +134,16 @@ def _read_json(p: Path) -> list[Record]:
 
 
 def _read_csv(p: Path) -> list[Record]:
-    with p.open(encoding="utf-8", newline="") as f:
+    try:
+        return _read_csv_rows(p)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{p}: not UTF-8 text ({e.reason})") from None
+    except csv.Error as e:
+        raise DataError(f"{p}: malformed CSV ({e})") from None
+
+
+def _read_csv_rows(p: Path) -> list[Record]:
+    with p.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames:
             raise DataError(f"{p}: empty CSV (no header row)")
@@ -303,7 +312,10 @@ def _map_contents(row: dict[str, Any], fn: Callable[[str], str]) -> dict[str, An
 def load_tokenizer(base_dir: str | Path):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(base_dir))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(base_dir))
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot load the tokenizer of {base_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if not tok.chat_template:
         raise DataError(f"the tokenizer of {base_dir} has no chat template; pick a chat (instruct) base model with --base")
     return tok
@@ -364,7 +376,11 @@ def _length_stats(lengths: list[int]) -> dict[str, float]:
 
 
 def prepare_records(records: list[Record], cfg: PrepareConfig, tokenizer, progress: bool = False) -> tuple[str, dict[str, list[dict]], dict[str, Any]]:
-    """Run every cleaning step on ``records``; returns ``(kind, splits, card)``. Raises DataError when nothing is left."""
+    """Run every cleaning step on ``records``; returns ``(kind, splits, card)``. Raises DataError when nothing is left.
+
+    ``tokenizer`` is a tokenizer or a zero-argument callable returning one: it is only called once the
+    input has been validated and cleaned, so bad input fails fast without loading a model's tokenizer.
+    """
     from tuneloop.pii import add_counts, scrub
 
     if cfg.format not in FORMATS:
@@ -447,7 +463,10 @@ def prepare_records(records: list[Record], cfg: PrepareConfig, tokenizer, progre
     steps["near_duplicates"] = n_near if cfg.near_dedup else "disabled"
 
     # 5. token length (chat-template-rendered)
-    lengths = token_lengths(tokenizer, kept, progress=progress)
+    if kept and callable(tokenizer) and not hasattr(tokenizer, "apply_chat_template"):
+        tokenizer = tokenizer()
+    tok = tokenizer() if callable(tokenizer) and not hasattr(tokenizer, "apply_chat_template") else tokenizer
+    lengths = token_lengths(tok, kept, progress=progress) if kept else []
     final, final_strata, final_len, too_short, too_long = [], [], {}, 0, 0
     for row, st, n in zip(kept, kept_strata, lengths):
         if n < cfg.min_tokens:
@@ -464,7 +483,8 @@ def prepare_records(records: list[Record], cfg: PrepareConfig, tokenizer, progre
     steps["too_long"] = too_long
     steps["kept"] = len(final)
     if not final:
-        raise DataError(f"no rows left after cleaning ({_steps_line(steps)}); nothing was written")
+        first = f"; first invalid: {invalid[0]}" if invalid else ""
+        raise DataError(f"no rows left after cleaning ({_steps_line(steps)}{first}); nothing was written")
 
     # 6. split
     splits = split_rows(final, cfg.split, cfg.seed, final_strata if cfg.stratify else None)
@@ -511,8 +531,14 @@ def prepare(db, settings, cfg: PrepareConfig, records: list[Record] | None = Non
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name or ""):
         raise DataError(f"dataset name {name!r} must be letters, digits, '.', '_' or '-' (use --name)")
     base_dir = resolve_base(cfg.base, settings.paths.models_path)
-    tok = load_tokenizer(base_dir)
-    kind, splits, card = prepare_records(records, cfg, tok, progress=progress)
+    loaded: list[Any] = []
+
+    def tokenizer():  # loaded (transformers + torch: seconds) only once the input has passed validation
+        loaded.append(load_tokenizer(base_dir))
+        return loaded[0]
+
+    kind, splits, card = prepare_records(records, cfg, tokenizer, progress=progress)
+    tok = loaded[0]
     card["steps"] = {"read": card["steps"]["read"] + len(skipped), "malformed_skipped": len(skipped), **{k: v for k, v in card["steps"].items() if k != "read"}}
     card["malformed_examples"] = skipped[:20]
     card["tokenizer"] = {"base": cfg.base, "path": str(base_dir),

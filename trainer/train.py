@@ -110,6 +110,55 @@ def tokenize_sft(ds, tokenizer, max_length: int):
                   desc="tokenizing")
 
 
+class GracefulStop:
+    """Trainer callback: on SIGTERM/SIGINT finish the current step, save a checkpoint and stop.
+
+    A pre-empted or Ctrl-C'd run therefore always leaves a resumable checkpoint;
+    a second signal interrupts immediately.
+    """
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        # subclass TrainerCallback lazily (transformers is heavy to import for the CLI's --help)
+        sub = type("GracefulStopCallback", (cls, TrainerCallback), {"__new__": object.__new__})
+        obj = object.__new__(sub)
+        obj.requested = False
+        return obj
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        import sys
+
+        print("\nstopping after this step (saving a checkpoint); signal again to abort now", file=sys.stderr, flush=True)
+
+    def signals(self):
+        import contextlib
+        import signal
+        import threading
+
+        @contextlib.contextmanager
+        def cm():
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+            try:
+                yield
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
+        return cm()
+
+
 # ---- the run ------------------------------------------------------------------------------------
 
 
@@ -167,6 +216,13 @@ def train(cfg: TrainConfig, db, settings, progress: bool = True) -> TrainResult:
     run_id = None
     if resume_from and run_file.is_file():
         run_id = json.loads(run_file.read_text()).get("run_id")
+        from tuneloop.registry import get_run
+
+        try:
+            if get_run(db, run_id).status == "succeeded":
+                run_id = None  # continuing a finished run's checkpoints is a new run
+        except RegistryError:
+            run_id = None
     out.mkdir(parents=True, exist_ok=True)
     config = {**to_dict(cfg), "base_path": str(base), "replayed_rows": replayed}
     run = start_run(db, cfg.method, str(base), ds_id, config, run_id=run_id)
@@ -174,9 +230,17 @@ def train(cfg: TrainConfig, db, settings, progress: bool = True) -> TrainResult:
     if resume_from:
         print(f"resuming run {run.id} from {resume_from}", flush=True)
     t0 = time.monotonic()
+    stop = GracefulStop()
     try:
         trainer, tokenizer = _build_trainer(cfg, base, train_ds, dd.get("validation"), kind, out, progress)
-        res = trainer.train(resume_from_checkpoint=resume_from)
+        trainer.add_callback(stop)
+        with stop.signals():
+            res = trainer.train(resume_from_checkpoint=resume_from)
+        if stop.requested:
+            step = trainer.state.global_step
+            raise KeyboardInterrupt(
+                f"stopped at step {step} with a checkpoint in {out}; resume with the same "
+                f"{'output_dir=' + str(out) if cfg.output_dir else 'name=' + cfg.name}")
         model_dir = out / "model"
         trainer.save_model(str(model_dir))
         tokenizer.save_pretrained(str(model_dir))
@@ -189,6 +253,10 @@ def train(cfg: TrainConfig, db, settings, progress: bool = True) -> TrainResult:
             print(loss_table(history), flush=True)
     except BaseException as e:
         finish_run(db, run, "failed", error=f"{type(e).__name__}: {e}"[:2000])
+        if isinstance(e, KeyboardInterrupt) and str(e):
+            import sys
+
+            print(f"training interrupted: {e}", file=sys.stderr, flush=True)
         raise
     from tuneloop.ids import hash_path
     from tuneloop.registry import ModelVersion, register_version
@@ -197,7 +265,7 @@ def train(cfg: TrainConfig, db, settings, progress: bool = True) -> TrainResult:
     finish_run(db, run, "succeeded", metrics, str(model_dir), digest)
     v = register_version(db, ModelVersion(
         name=cfg.name, kind="adapter" if cfg.method in ADAPTER_METHODS else "merged", base_model=str(base),
-        path=str(model_dir), content_hash=digest, parent_version=cfg.parent, dataset_id=ds_id, run_id=run.id,
+        path=str(model_dir), content_hash=digest, parent_version=cfg.parent or None, dataset_id=ds_id, run_id=run.id,
         config={**config, "method": cfg.method}, metrics=metrics))
     del trainer
     return TrainResult(run.id, v, str(model_dir), metrics)
@@ -263,7 +331,7 @@ def _build_trainer(cfg: TrainConfig, base: Path, train_ds, val_ds, kind: str, ou
         trainer = DPOTrainer(model=model, args=args, train_dataset=train_ds.select_columns(keep),
                              eval_dataset=val_ds.select_columns(keep) if has_val else None,
                              processing_class=tokenizer, peft_config=peft_config)
-        return trainer, tokenizer
+        return _quiet(trainer, progress), tokenizer
     from trl import SFTConfig, SFTTrainer
 
     padding_free = cfg.padding_free and not cfg.packing and cfg.method != "prompt_tuning"
@@ -276,7 +344,16 @@ def _build_trainer(cfg: TrainConfig, base: Path, train_ds, val_ds, kind: str, ou
     trainer = SFTTrainer(model=model, args=args, train_dataset=tokenize_sft(train_ds, tokenizer, cfg.max_seq_length),
                          eval_dataset=tokenize_sft(val_ds, tokenizer, cfg.max_seq_length) if has_val else None,
                          processing_class=tokenizer, peft_config=peft_config)
-    return trainer, tokenizer
+    return _quiet(trainer, progress), tokenizer
+
+
+def _quiet(trainer, progress: bool):
+    """Without progress output, drop the callback that prints every log dict to stdout."""
+    if not progress:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def _peft_config(cfg: TrainConfig):

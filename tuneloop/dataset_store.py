@@ -17,6 +17,7 @@ Contract
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -89,7 +90,8 @@ def save_dataset(db: Database, home: str | os.PathLike, name: str, splits: dict[
             feats = _features(kind)
             dd = DatasetDict({s: Dataset.from_dict({k: [r[k] for r in rows[s]] for k in feats}, features=feats) for s in SPLITS})
             # one shard per split: datasets 5.x cannot reload an empty split saved with the default sharding
-            dd.save_to_disk(str(tmp / "data"), num_shards={s: 1 for s in SPLITS})
+            with _quiet_datasets():  # per-split "Saving the dataset" bars are noise next to the callers' own
+                dd.save_to_disk(str(tmp / "data"), num_shards={s: 1 for s in SPLITS})
             (tmp / "card.json").write_text(json.dumps(card, indent=2, default=str))
             if dest.exists():
                 shutil.rmtree(dest)
@@ -111,6 +113,19 @@ def save_dataset(db: Database, home: str | os.PathLike, name: str, splits: dict[
         )
         _insert_rows(con, ds_id, rows)
     return rec
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
 
 
 def _insert_rows(con, ds_id: str, rows: dict[str, list[dict]]) -> None:

@@ -1,0 +1,415 @@
+"""Held-out evaluation of model versions on the same examples.
+
+Contract
+--------
+``evaluate(models, dataset_ref, db, settings, golden=None, general=None, limit=None, max_new_tokens=64) -> dict``
+
+* ``models``: version names, HF model folders, or ``'base'`` (the base model of
+  the first registered version named). Each is loaded in turn (adapters on
+  their base with PEFT), evaluated, and freed.
+* On the dataset's ``test`` split (``validation`` when the test split is empty),
+  first ``limit`` rows, in the same order for every model:
+  - ``loss`` / ``perplexity``: mean NLL of the answer tokens (EOS included)
+    given the prompt, tokenized exactly as in training
+    (:func:`tuneloop.chat.training_example`);
+  - ``exact_match``, ``token_f1``, ``rouge_l``: greedy generation (HF
+    ``generate``, at most ``max_new_tokens``, stops at EOS) from the server's
+    prompt rendering (:func:`tuneloop.chat.render_prompt`) vs the reference answer.
+* ``golden``: a YAML list or JSONL of ``{name?, prompt | messages, expect?: str|[str], regex?: str|[str]}``;
+  a prompt passes when its greedy output contains every ``expect`` substring
+  (case-insensitive) and matches every ``regex``.
+* ``general``: forgetting check — perplexity on general held-out text (a .txt
+  file: one passage per non-empty line; a .jsonl with ``text`` or ``messages``;
+  or a dataset ref: its test split rendered with the chat template).
+* The report (JSON-safe dict) has ``id``, ``created_at``, ``dataset_id``,
+  ``split``, ``n_examples``, ``example_ids``, ``models`` (names as given),
+  ``summary[model][metric]`` (loss, perplexity, exact_match, token_f1, rouge_l,
+  golden_pass_rate, general_perplexity), ``per_example[model][metric]``
+  (loss, perplexity, exact_match, token_f1, rouge_l: one float per example,
+  same order for every model), ``golden[model] = {passed, total, results}``
+  and ``samples`` (a few generations). It is written to
+  ``<home>/reports/eval-<id>.json`` and stored in ``eval_reports``.
+* Bad input (unknown model or dataset, empty split, unreadable golden file)
+  raises :class:`~tuneloop.errors.UserError` before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import string
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tuneloop.errors import UserError
+
+METRICS = ("loss", "perplexity", "exact_match", "token_f1", "rouge_l")
+
+
+# ---- text metrics (SQuAD-style normalisation) ------------------------------------------------------
+
+_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def normalize(text: str) -> list[str]:
+    """Lower-cased, punctuation-free whitespace tokens."""
+    return _PUNCT.sub(" ", text.lower()).split()
+
+
+def exact_match(pred: str, ref: str) -> float:
+    return float(normalize(pred) == normalize(ref))
+
+
+def token_f1(pred: str, ref: str) -> float:
+    p, r = normalize(pred), normalize(ref)
+    if not p or not r:
+        return float(p == r)
+    common = sum((Counter(p) & Counter(r)).values())
+    if common == 0:
+        return 0.0
+    prec, rec = common / len(p), common / len(r)
+    return 2 * prec * rec / (prec + rec)
+
+
+def rouge_l(pred: str, ref: str) -> float:
+    """ROUGE-L F1 over normalized tokens (longest common subsequence)."""
+    p, r = normalize(pred), normalize(ref)
+    if not p or not r:
+        return float(p == r)
+    prev = [0] * (len(r) + 1)
+    for a in p:
+        cur = [0]
+        for j, b in enumerate(r, 1):
+            cur.append(prev[j - 1] + 1 if a == b else max(prev[j], cur[j - 1]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    prec, rec = lcs / len(p), lcs / len(r)
+    return 2 * prec * rec / (prec + rec)
+
+
+# ---- inputs --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelRef:
+    name: str          # as given by the user (the report's key)
+    base: Path         # folder of the weights to load
+    adapter: Path | None = None
+    version: str | None = None
+
+
+def resolve_models(refs: list[str], db, settings) -> list[ModelRef]:
+    from trainer.bootstrap import is_hf_folder, resolve_base
+    from tuneloop.registry import RegistryError, get_version
+
+    out: list[ModelRef] = []
+    first_base: Path | None = None
+    for ref in refs:
+        if ref == "base":
+            out.append(ModelRef("base", Path(""), None))
+            continue
+        try:
+            v = get_version(db, ref)
+        except RegistryError:
+            v = None
+        if v is not None:
+            if v.kind == "adapter":
+                m = ModelRef(ref, Path(v.base_model), Path(v.path), v.name)
+            else:
+                m = ModelRef(ref, Path(v.path), None, v.name)
+            if not Path(v.path).exists():
+                raise UserError(f"version {ref!r} points to {v.path}, which no longer exists")
+            first_base = first_base or Path(v.base_model)
+        elif is_hf_folder(ref) or Path(ref).exists():
+            m = ModelRef(ref, resolve_base(ref, settings.paths.models_path))
+        else:
+            raise UserError(f"unknown model {ref!r}: not a registered version, a model folder or 'base' (see `tuneloop models list`)")
+        out.append(m)
+    for m in out:
+        if m.name == "base":
+            if first_base is None:
+                raise UserError("'base' means the base model of a registered version: name a version too")
+            m.base = first_base
+    if len({m.name for m in out}) != len(out):
+        raise UserError(f"models must be distinct, got {refs}")
+    return out
+
+
+def load_eval_rows(db, dataset_ref: str, limit: int | None) -> tuple[list[dict[str, Any]], str | None, str]:
+    """(rows with id + messages, dataset id, split) of the held-out split."""
+    from tuneloop.dataset_store import load_card, load_splits
+    from tuneloop.registry import RegistryError
+
+    try:
+        dd = load_splits(db, dataset_ref)
+        ds_id = load_card(db, dataset_ref).get("id")
+    except (FileNotFoundError, RegistryError) as e:
+        raise UserError(f"cannot load dataset {dataset_ref!r}: {e}") from None
+    split = "test" if "test" in dd and len(dd["test"]) else "validation"
+    if split not in dd or not len(dd[split]):
+        raise UserError(f"dataset {dataset_ref!r} has no test or validation rows to evaluate on")
+    ds = dd[split]
+    if limit is not None:
+        if limit < 1:
+            raise UserError(f"--limit must be >= 1, got {limit}")
+        ds = ds.select(range(min(limit, len(ds))))
+    rows = []
+    for r in ds:
+        msgs = r["messages"] if "messages" in r else list(r["prompt"]) + list(r["chosen"])[:1]
+        rows.append({"id": r["id"], "messages": [{"role": m["role"], "content": m["content"]} for m in msgs]})
+    return rows, ds_id, split
+
+
+def load_golden(path: str | None) -> list[dict[str, Any]]:
+    if not path:
+        return []
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"golden prompts file not found: {p}")
+    try:
+        if p.suffix == ".jsonl":
+            items = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        else:
+            import yaml
+
+            items = yaml.safe_load(p.read_text()) or []
+    except (ValueError, Exception) as e:  # json / yaml errors
+        raise UserError(f"{p}: cannot parse golden prompts: {e}") from None
+    if isinstance(items, dict):
+        items = items.get("prompts", [])
+    if not isinstance(items, list) or not items:
+        raise UserError(f"{p}: expected a non-empty list of golden prompts")
+    out = []
+    for i, it in enumerate(items):
+        if not isinstance(it, dict) or not (it.get("prompt") or it.get("messages")):
+            raise UserError(f"{p}: golden prompt #{i + 1} needs 'prompt' or 'messages'")
+        msgs = it.get("messages") or [{"role": "user", "content": str(it["prompt"])}]
+        expect = it.get("expect") or []
+        regex = it.get("regex") or []
+        expect = [expect] if isinstance(expect, str) else [str(e) for e in expect]
+        regex = [regex] if isinstance(regex, str) else [str(r) for r in regex]
+        if not expect and not regex:
+            raise UserError(f"{p}: golden prompt #{i + 1} needs 'expect' (substrings) or 'regex'")
+        for rx in regex:
+            try:
+                re.compile(rx)
+            except re.error as e:
+                raise UserError(f"{p}: golden prompt #{i + 1}: bad regex {rx!r}: {e}") from None
+        out.append({"name": str(it.get("name") or f"golden-{i + 1}"), "messages": msgs, "expect": expect, "regex": regex})
+    return out
+
+
+def load_general(db, ref: str | None) -> list[dict[str, Any]] | None:
+    """General held-out items: ``{"text": ...}`` or ``{"messages": ...}`` (``None`` without a ref)."""
+    if not ref:
+        return None
+    p = Path(ref)
+    if p.is_file():
+        if p.suffix == ".jsonl":
+            items = []
+            for line in p.read_text().splitlines():
+                if line.strip():
+                    r = json.loads(line)
+                    items.append({"messages": r["messages"]} if "messages" in r else {"text": str(r.get("text", ""))})
+        else:
+            items = [{"text": line.strip()} for line in p.read_text().splitlines() if line.strip()]
+    else:
+        rows, _, _ = load_eval_rows(db, ref, None)
+        items = [{"messages": r["messages"]} for r in rows]
+    items = [i for i in items if i.get("messages") or i.get("text")]
+    if not items:
+        raise UserError(f"general set {ref!r} is empty")
+    return items
+
+
+# ---- model work ------------------------------------------------------------------------------------
+
+
+def _load(m: ModelRef):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneloop.runtime import has_cuda
+
+    dtype = torch.bfloat16 if has_cuda() else torch.float32
+    tok_dir = m.adapter if m.adapter and (m.adapter / "tokenizer_config.json").is_file() else m.base
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(m.base), dtype=dtype)
+    if m.adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(m.adapter))
+    if has_cuda():
+        model = model.to("cuda")
+    model.eval()
+    return model, tok
+
+
+def _nll(model, ids: list[int], mask: list[int]) -> tuple[float, int]:
+    """(sum of NLL over masked target tokens, their count) for one sequence."""
+    import torch
+
+    x = torch.tensor([ids], device=model.device)
+    with torch.no_grad():
+        logits = model(input_ids=x).logits[0, :-1].float()
+    tgt = x[0, 1:]
+    m = torch.tensor(mask[1:], device=model.device, dtype=torch.bool)
+    if not m.any():
+        return 0.0, 0
+    lp = torch.log_softmax(logits, -1).gather(1, tgt[:, None])[:, 0]
+    return float(-lp[m].sum()), int(m.sum())
+
+
+def _generate(model, tok, prompts: list[list[int]], max_new_tokens: int, batch: int = 8) -> list[str]:
+    import torch
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    outs: list[str] = []
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=model.device)
+        att = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device)
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=pad)
+        for row in gen[:, width:].tolist():
+            if tok.eos_token_id in row:
+                row = row[: row.index(tok.eos_token_id)]
+            outs.append(tok.decode(row, skip_special_tokens=True).strip())
+    return outs
+
+
+def _evaluate_one(m: ModelRef, rows, golden, general, max_new_tokens: int, progress: bool) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from tuneloop.chat import render_prompt, split_answer, training_example
+
+    model, tok = _load(m)
+    try:
+        per = {k: [] for k in METRICS}
+        tot_nll, tot_n = 0.0, 0
+        for r in tqdm(rows, desc=f"{m.name}: loss", disable=not progress, leave=False):
+            ex = training_example(tok, r["messages"])
+            s, n = _nll(model, ex["input_ids"], ex["completion_mask"])
+            tot_nll, tot_n = tot_nll + s, tot_n + n
+            loss = s / n if n else 0.0
+            per["loss"].append(loss)
+            per["perplexity"].append(math.exp(min(loss, 50.0)))
+        prompts = [render_prompt(tok, split_answer(r["messages"])[0]) for r in rows]
+        preds = _generate(model, tok, prompts, max_new_tokens)
+        for r, pred in zip(rows, preds):
+            ref = r["messages"][-1]["content"]
+            per["exact_match"].append(exact_match(pred, ref))
+            per["token_f1"].append(token_f1(pred, ref))
+            per["rouge_l"].append(rouge_l(pred, ref))
+        mean_loss = tot_nll / tot_n if tot_n else 0.0
+        summary = {"loss": mean_loss, "perplexity": math.exp(min(mean_loss, 50.0))}
+        for k in ("exact_match", "token_f1", "rouge_l"):
+            summary[k] = sum(per[k]) / len(per[k]) if per[k] else 0.0
+        gold = None
+        if golden:
+            outs = _generate(model, tok, [render_prompt(tok, g["messages"]) for g in golden], max_new_tokens)
+            results = []
+            for g, out in zip(golden, outs):
+                missing = [e for e in g["expect"] if e.lower() not in out.lower()]
+                unmatched = [rx for rx in g["regex"] if not re.search(rx, out)]
+                results.append({"name": g["name"], "output": out, "passed": not missing and not unmatched,
+                                "missing": missing, "unmatched": unmatched})
+            gold = {"passed": sum(r["passed"] for r in results), "total": len(results), "results": results}
+            summary["golden_pass_rate"] = gold["passed"] / gold["total"]
+        if general:
+            g_nll, g_n = 0.0, 0
+            for it in general:
+                if "messages" in it:
+                    ids = [int(t) for t in tok.apply_chat_template(it["messages"], tokenize=True, return_dict=False)]
+                else:
+                    ids = tok(it["text"], add_special_tokens=False)["input_ids"]
+                ids = ids[:1024]
+                if len(ids) < 2:
+                    continue
+                s, n = _nll(model, ids, [1] * len(ids))
+                g_nll, g_n = g_nll + s, g_n + n
+            summary["general_perplexity"] = math.exp(min(g_nll / g_n, 50.0)) if g_n else None
+        return {"summary": summary, "per_example": per, "golden": gold, "predictions": preds}
+    finally:
+        del model
+        import gc
+
+        gc.collect()
+
+
+def evaluate(models: list[str], dataset_ref: str | None, db, settings, golden: str | None = None,
+             general: str | None = None, limit: int | None = None, max_new_tokens: int = 64,
+             progress: bool = True) -> dict[str, Any]:
+    """Evaluate ``models`` on the same held-out examples and store the report (see module doc)."""
+    from tuneloop.db import dumps, utcnow
+    from tuneloop.ids import new_id
+
+    if not models:
+        raise UserError("name at least one model to evaluate")
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    refs = resolve_models(list(models), db, settings)
+    if dataset_ref is None:
+        from tuneloop.registry import get_version
+
+        ds = next((get_version(db, m.version).dataset_id for m in refs if m.version), None)
+        if not ds:
+            raise UserError("no dataset given and no version with a recorded dataset: pass --dataset")
+        dataset_ref = ds
+    rows, ds_id, split = load_eval_rows(db, dataset_ref, limit)
+    gold = load_golden(golden)
+    gen = load_general(db, general)
+    results = {}
+    for m in refs:
+        if progress:
+            print(f"evaluating {m.name} on {len(rows)} {split} examples ...", flush=True)
+        results[m.name] = _evaluate_one(m, rows, gold, gen, max_new_tokens, progress)
+    rid = new_id()
+    created = utcnow()
+    names = [m.name for m in refs]
+    report: dict[str, Any] = {
+        "id": rid, "created_at": created.isoformat() + "Z", "dataset_id": ds_id or str(dataset_ref), "split": split,
+        "n_examples": len(rows), "example_ids": [r["id"] for r in rows], "models": names,
+        "model_paths": {m.name: {"base": str(m.base), "adapter": str(m.adapter) if m.adapter else None} for m in refs},
+        "max_new_tokens": max_new_tokens, "golden_file": golden, "general_set": general,
+        "summary": {n: results[n]["summary"] for n in names},
+        "per_example": {n: results[n]["per_example"] for n in names},
+        "golden": {n: results[n]["golden"] for n in names} if gold else {},
+        "samples": [{"id": r["id"], "prompt": r["messages"][-2]["content"] if len(r["messages"]) > 1 else "",
+                     "reference": r["messages"][-1]["content"],
+                     **{n: results[n]["predictions"][i] for n in names}} for i, r in enumerate(rows[:5])],
+    }
+    out_dir = settings.paths.sub("reports")
+    path = out_dir / f"eval-{rid}.json"
+    path.write_text(json.dumps(report, indent=2, default=str))
+    report["path"] = str(path)
+    with db.connect() as con:
+        con.execute("INSERT INTO eval_reports (id, dataset_id, models, report, path, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    [rid, report["dataset_id"], dumps(names), dumps(report), str(path), created])
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A plain-text comparison table (one row per model) plus where the report lives."""
+    import io
+
+    from tuneloop.table import print_table
+
+    cols = ["loss", "perplexity", "exact_match", "token_f1", "rouge_l", "golden_pass_rate", "general_perplexity"]
+    present = [c for c in cols if any(report["summary"][m].get(c) is not None for m in report["models"])]
+    buf = io.StringIO()
+    print_table(["model", *present], [[m, *[report["summary"][m].get(c) for c in present]] for m in report["models"]],
+                title=f"{report['n_examples']} {report['split']} examples of {report['dataset_id']}", file=buf)
+    for m, g in (report.get("golden") or {}).items():
+        if g:
+            failed = [r["name"] for r in g["results"] if not r["passed"]]
+            buf.write(f"golden {m}: {g['passed']}/{g['total']} passed" + (f" (failed: {', '.join(failed)})" if failed else "") + "\n")
+    buf.write(f"report {report['id']}: {report.get('path')}\n")
+    return buf.getvalue().rstrip()
