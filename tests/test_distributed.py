@@ -80,7 +80,10 @@ def test_two_processes_train_like_one_and_only_rank_zero_records(cli, home, db, 
 
 
 def test_distributed_launch_rejects_bad_input_before_starting_processes(cli, home, db, tiny_model, dataset):
-    cli("train", f"base={tiny_model}", f"dataset={dataset}", "max_steps=1", "name=taken", "save_steps=0", "--quiet")
+    from tuneloop.registry import ModelVersion, register_version
+
+    register_version(db, ModelVersion(name="taken", kind="adapter", base_model=str(tiny_model), path=str(tiny_model),
+                                      content_hash="0" * 64))
     r = cli("train", "--nproc", "2", f"base={tiny_model}", f"dataset={dataset}", "max_steps=1", "name=taken", check=False)
     assert r.returncode == 2 and "already exists" in r.stderr and "launching" not in r.stderr
     r = cli("train", "--nproc", "2", f"base={tiny_model}", "max_steps=1", check=False)

@@ -115,6 +115,7 @@ def test_profile_uses_the_serving_tokenizer_and_chat_template(db, trained, tiny_
     assert load_profile(db, "chat-v1").profile == p.profile
 
 
+@pytest.mark.slow
 def test_same_distribution_raises_at_most_5_percent_false_alarms_over_40_windows(db, trained, tiny_model, corpus):
     from transformers import AutoTokenizer
 
@@ -135,6 +136,7 @@ def test_same_distribution_raises_at_most_5_percent_false_alarms_over_40_windows
     assert n_rows == {"n": 40, "runs": 40}
 
 
+@pytest.mark.slow
 def test_chitchat_traffic_on_a_chatterbot_model_is_detected_with_gauges_and_reports(db, trained, tiny_model):
     from prometheus_client import CollectorRegistry
     from transformers import AutoTokenizer

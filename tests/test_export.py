@@ -202,3 +202,19 @@ def test_bad_export_arguments_are_user_errors_and_write_nothing(tmp_path, kwargs
 def test_missing_parquet_folder_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="not a folder of exported logs"):
         log_source(None, tmp_path / "nope")
+
+
+def test_export_logs_command_as_a_user_runs_it(cli, db, tmp_path):
+    rng = random.Random(3)
+    reqs, fbs = make_rows(rng, 40, T0, span_h=3)
+    insert(db, reqs, fbs)
+    out = tmp_path / "exported"
+    r = cli("export", "logs", "--out", out, "--replica", "box-1", "--until", "2026-03-02T00:00:00Z", "--json")
+    res = json.loads(r.stdout)
+    assert res["replica"] == "box-1" and res["tables"][0]["rows"] == 40
+    again = cli("export", "logs", "--out", out, "--replica", "box-1", "--until", "2026-03-02")
+    assert "requests  nothing (no closed window after the last export)" in again.stdout
+    assert LogSource(None, str(out)).query("SELECT count(*) AS n FROM requests") == [{"n": 40}]
+    bad = cli("export", "logs", "--out", out, "--since", "yesterday", check=False)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+    assert "hive-partitioned Parquet" in cli("export", "logs", "--help").stdout

@@ -11,6 +11,7 @@ from tuneloop.pii import luhn_ok, scrub
     ("card 4111-1111-1111-1111", "card <CREDIT_CARD>", {"credit_card": 1}),
     ("call 555-123-4567 or +44 20 7946 0958", "call <PHONE> or <PHONE>", {"phone": 2}),
     ("from 192.168.1.20 and 2001:db8::1", "from <IP> and <IP>", {"ip": 2}),
+    ("it came from 10.0.0.7.", "it came from <IP>.", {"ip": 1}),
 ])
 def test_each_kind_is_replaced_and_counted(text, expected, counts):
     assert scrub(text) == (expected, counts)

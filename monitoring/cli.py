@@ -1,0 +1,94 @@
+"""``tuneloop drift report|profile``: drift per model version against its training data.
+
+Contract: :func:`register` adds the ``drift`` command group (and SCALE's export
+commands from :mod:`monitoring.cli_export` when that module exists). Heavy
+imports happen inside handlers.
+"""
+
+from __future__ import annotations
+
+from tuneloop.cli import add_group
+
+_REPORT_HELP = """Compute drift now for one version (or every version with traffic in the window), store it in
+drift_reports, print a table and optionally write a self-contained HTML report.
+
+examples:
+  tuneloop drift report
+  tuneloop drift report --version chat-v1 --window 500r --out drift.html
+"""
+
+
+def register(sub) -> None:
+    import argparse
+
+    g = add_group(sub, "drift", "drift of production traffic against each version's training data")
+    p = g.add_parser("report", help="compute drift now; table + optional HTML report", description=_REPORT_HELP,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", help="model version (default: every version with traffic in the window)")
+    p.add_argument("--window", help="production window: duration (30m, 1h, 2d) or request count (500r); default drift.window")
+    p.add_argument("--out", metavar="FILE.html", help="write an HTML report (histograms, drift over time, new words)")
+    p.add_argument("--no-embeddings", action="store_true", help="skip embedding drift (no MiniLM load)")
+    p.set_defaults(handler=_cmd_report)
+    p = g.add_parser("profile", help="(re)compute the reference profile of a version from its training data",
+                     description="Profile VERSION's training dataset with its serving tokenizer (prompt/response token "
+                                 "lengths, vocabulary, embeddings sample) and store it. Example: tuneloop drift profile chat-v1")
+    p.add_argument("version")
+    p.add_argument("--no-embeddings", action="store_true", help="store no embedding sample")
+    p.set_defaults(handler=_cmd_profile)
+    try:
+        from monitoring import cli_export
+    except ModuleNotFoundError as e:
+        if e.name != "monitoring.cli_export":
+            raise
+    else:
+        cli_export.register(sub)
+
+
+def _drift_settings(args, ctx):
+    import dataclasses
+
+    ds = ctx.settings.drift
+    return dataclasses.replace(ds, embeddings=False) if args.no_embeddings else ds
+
+
+def _cmd_report(args, ctx) -> int:
+    from pathlib import Path
+
+    from monitoring.drift import parse_window
+    from monitoring.drift_job import DriftJob
+    from monitoring.report import render_html
+    from tuneloop.table import print_table
+
+    ds = _drift_settings(args, ctx)
+    window = parse_window(args.window or ds.window)  # bad input fails before any work
+    results = DriftJob(ctx.db, ds, None).run_once(args.version, window)
+    if not results:
+        print(f"no model version had traffic in the last {args.window or ds.window}")
+    for r in results:
+        title = f"{r.model_version}: {r.n_requests} requests, window {args.window or ds.window}"
+        if r.skipped:
+            print(f"{title}: skipped ({r.skipped})")
+            continue
+        rows = [[f.feature, f.statistic, f.value, f.threshold, "DRIFTED" if f.drifted else "ok"] for f in r.features]
+        rows.append(["overall", "score", r.score, r.threshold, "DRIFTED" if r.drifted else "ok"])
+        print_table(["feature", "statistic", "value", "threshold", "status"], rows, title=title)
+        if r.new_words:
+            print("top new words: " + ", ".join(f"{w} ({c})" for w, c in r.new_words[:10]))
+    if args.out:
+        hist: dict[str, list] = {}
+        for row in ctx.db.query("SELECT model_version, created_at, value FROM drift_reports WHERE feature = 'overall' ORDER BY created_at"):
+            hist.setdefault(row["model_version"], []).append((row["created_at"], row["value"]))
+        Path(args.out).write_text(render_html(results, hist))
+        print(f"report: {args.out}")
+    return 0
+
+
+def _cmd_profile(args, ctx) -> int:
+    from monitoring.profile import compute_profile
+
+    p = compute_profile(ctx.db, args.version, _drift_settings(args, ctx), progress=True)
+    pr = p.profile
+    print(f"profiled {args.version} from {p.dataset_id}: {pr['n_rows']} rows, {len(pr['vocab'])} words, "
+          f"expected out-of-vocabulary share {pr['oov_expected']:.3f}, embeddings "
+          f"{0 if p.embeddings is None else len(p.embeddings)}")
+    return 0
