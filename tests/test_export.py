@@ -217,4 +217,4 @@ def test_export_logs_command_as_a_user_runs_it(cli, db, tmp_path):
     assert LogSource(None, str(out)).query("SELECT count(*) AS n FROM requests") == [{"n": 40}]
     bad = cli("export", "logs", "--out", out, "--since", "yesterday", check=False)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
-    assert "hive-partitioned Parquet" in cli("export", "logs", "--help").stdout
+    assert "partitioned by date and model_version" in cli("export", "logs", "--help").stdout
