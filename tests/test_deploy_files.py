@@ -99,10 +99,18 @@ def test_compose_file_follows_the_compose_spec_and_wires_prometheus_and_grafana(
         assert (DOCKER / src).resolve().exists(), f"compose mounts {src}, which does not exist"
 
 
-def test_compose_prometheus_scrapes_the_tuneloop_service():
+def test_compose_prometheus_reaches_the_tuneloop_server():
+    """deploy/prometheus/prometheus.yml scrapes 127.0.0.1:8000 (one box): in compose, Prometheus shares tuneloop's network."""
     prom = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
     targets = [t for job in prom["scrape_configs"] for sc in job.get("static_configs", []) for t in sc["targets"]]
-    assert "tuneloop:8000" in targets, f"no scrape target for the compose service tuneloop:8000 in {targets}"
+    raw = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]
+    port = raw["tuneloop"]["command"][raw["tuneloop"]["command"].index("--port") + 1]
+    if raw["prometheus"].get("network_mode") == "service:tuneloop":
+        assert {f"127.0.0.1:{port}", f"localhost:{port}"} & set(targets), targets
+    else:
+        assert f"tuneloop:{port}" in targets, targets
+    published = {p.split(":")[0] for p in raw["tuneloop"]["ports"]}
+    assert {"8000", "9090", "3000"} <= published
 
 
 def manifests() -> list[tuple[str, dict]]:
