@@ -95,7 +95,8 @@ async def load(url: str, model: str, clients: int, requests: int, max_tokens: in
     """``requests`` chat requests from ``clients`` concurrent clients; tokens/s, TTFT and latency percentiles."""
     ttfts, lats, tokens = [], [], 0
     sem = asyncio.Semaphore(clients)
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    # expire idle connections before the servers' 5 s keep-alive does (avoids the close/reuse race)
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients, keepalive_expiry=2.0)
 
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as h:
         async def one(i: int):

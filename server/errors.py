@@ -83,6 +83,8 @@ def to_api_error(exc: BaseException) -> APIError:
         return APIError(exc.status_code, exc.message, exc.code, headers=dict(exc.headers))
     if isinstance(exc, ValidationException):
         return APIError(400, _validation_message(exc), "invalid_request", _validation_param(exc))
+    if isinstance(exc, HTTPException) and "disconnected" in str(exc.detail or ""):
+        return APIError(499, "client closed the request while sending it")
     if isinstance(exc, HTTPException):
         status = exc.status_code
         msg = exc.detail or "error"
@@ -123,7 +125,7 @@ def _validation_param(exc: ValidationException) -> str | None:
 
 def handle(request: Request, exc: Exception) -> Response:
     err = to_api_error(exc)
-    if err.status >= 500 and not isinstance(exc, (APIError, EngineUnavailable)) and type(exc).__name__ != "EngineDeadError":
+    if err.status >= 500 and err.status != 499 and not isinstance(exc, (APIError, EngineUnavailable)) and type(exc).__name__ != "EngineDeadError":
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     headers = dict(err.headers)
     try:

@@ -229,7 +229,7 @@ class OpenAIController(Controller):
         router = request.app.state.router
         created = int(request.app.state.engine.started_at or time.time())
         base = request.app.state.engine.served_name
-        return ModelList(data=[ModelCard(id=n, created=created, owned_by="tuneloop", root=None if n == base else None,
+        return ModelList(data=[ModelCard(id=n, created=created, owned_by="tuneloop",
                                          parent=None if n == base else base) for n in router.model_names()])
 
     @post("/chat/completions", status_code=200, summary="Chat completion (OpenAI-compatible)",

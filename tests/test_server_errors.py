@@ -102,6 +102,9 @@ def _fuzz_schema(raw: dict, model_names: list[str]) -> dict:
         for key in ("max_tokens", "max_completion_tokens"):
             if key in props:
                 bound(props[key], maximum=4)
+        # always a small max_tokens (absent, it would default to the rest of the context)
+        props["max_tokens"] = {"type": "integer", "minimum": 1, "maximum": 4}
+        comps[name].setdefault("required", []).append("max_tokens")
         bound(props["n"], maximum=2)
         props["model"] = {"type": "string", "enum": model_names}
     comps["ChatCompletionRequest"]["properties"]["messages"]["maxItems"] = 3

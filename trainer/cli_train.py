@@ -22,11 +22,12 @@ def register(sub) -> None:
         "train", help="fine-tune a model (lora, qlora, full, prompt_tuning, dpo) and register the version",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Fine-tune a base model on a prepared dataset with TRL + PEFT, record the run and register the "
-                    "result as a model version. Settings come from --train-config YAML, then key=value overrides.",
+                    "result as a model version. Settings come from --config YAML (a TrainConfig file; platform settings go before the command: tuneloop --config tuneloop.yaml train ...), then key=value overrides.",
         epilog="examples:\n  tuneloop train dataset=chatterbot name=chat-v1 max_steps=20\n"
-               "  tuneloop train --train-config train.yaml method=qlora lora.r=16\n\nconfig keys:\n" + keys)
+               "  tuneloop train --config train.yaml method=qlora lora.r=16\n\nconfig keys:\n" + keys)
     p.add_argument("train_overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. method=qlora lora.r=16")
-    p.add_argument("--train-config", "-c", dest="train_config", metavar="FILE", help="TrainConfig YAML file")
+    p.add_argument("--config", "--train-config", "-c", dest="train_config", metavar="FILE",
+                   help="TrainConfig YAML file (flat keys, lora: as a mapping); key=value overrides win")
     p.add_argument("--fresh", action="store_true", help="ignore checkpoints in the run folder (default: resume from the last one)")
     p.add_argument("--resume", action="store_true", help="require a checkpoint to resume from (error if none)")
     p.add_argument("--nproc", type=int, default=1, help="processes for distributed data-parallel training (CPU: gloo)")

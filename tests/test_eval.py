@@ -1,0 +1,91 @@
+"""`tuneloop eval`: models compared on the same held-out examples; report stored as a file and a DB row.
+
+Two different random tiny models stand in for "candidate" and "baseline" (no
+training needed); adapter versions are evaluated in tests/test_merge.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import CLI
+from trainer.evaluate import exact_match, rouge_l, token_f1
+
+pytestmark = [pytest.mark.slow]
+
+
+def test_text_metrics_follow_their_definitions():
+    assert exact_match("Paris.", "paris") == 1.0 and exact_match("Paris is", "Paris") == 0.0
+    assert token_f1("the cat sat", "the cat sat down") == pytest.approx(2 * 1.0 * 0.75 / 1.75)
+    assert token_f1("dog", "cat") == 0.0
+    # LCS of (a b c d) and (a c d e) is (a c d): P = R = 3/4
+    assert rouge_l("a b c d", "a c d e") == pytest.approx(0.75)
+    assert rouge_l("", "") == 1.0 and rouge_l("x", "") == 0.0
+
+
+@pytest.fixture(scope="module")
+def ws(tiny_model, tmp_path_factory):
+    from trainer.bootstrap import build_tiny_model
+
+    root = tmp_path_factory.mktemp("eval")
+    other = build_tiny_model(root / "other-tiny", seed=1)
+    cli = CLI(root, dict(os.environ, TUNELOOP_HOME=str(root / "home")))
+    cli("data", "corpus", "chatterbot-corpus", "-o", root / "chat.jsonl", "--limit", "30")
+    cli("data", "prepare", root / "chat.jsonl", "--name", "chat", "--base", tiny_model, "--no-progress")
+    (root / "golden.yaml").write_text(
+        "- name: anything\n  prompt: Say something\n  regex: '(?s).*'\n"
+        "- name: impossible\n  prompt: What is AI?\n  expect: [this exact sentence will not be generated]\n")
+    (root / "general.txt").write_text("The quick brown fox jumps over the lazy dog.\n\nParis is the capital of France.\n")
+    from tuneloop.db import Database
+
+    return {"root": root, "cli": cli, "a": str(tiny_model), "b": str(other), "db": Database(root / "home" / "tuneloop.duckdb")}
+
+
+def test_eval_compares_models_on_the_same_examples_and_stores_the_report(ws):
+    r = ws["cli"]("eval", ws["a"], ws["b"], "--dataset", "chat", "--limit", "3", "--max-new-tokens", "4",
+                  "--golden", ws["root"] / "golden.yaml", "--general", ws["root"] / "general.txt", "--json")
+    rep = json.loads(r.stdout[r.stdout.index("{\n"):])
+    a, b = ws["a"], ws["b"]
+    assert rep["models"] == [a, b] and rep["split"] == "test" and rep["n_examples"] == 3
+    assert len(rep["example_ids"]) == 3
+    for m in (a, b):
+        s = rep["summary"][m]
+        for metric in ("loss", "perplexity", "exact_match", "token_f1", "rouge_l", "golden_pass_rate", "general_perplexity"):
+            assert s[metric] is not None
+        assert s["perplexity"] > 1 and s["general_perplexity"] > 1
+        for metric in ("loss", "perplexity", "exact_match", "token_f1", "rouge_l"):
+            assert len(rep["per_example"][m][metric]) == 3
+        g = rep["golden"][m]
+        assert (g["passed"], g["total"]) == (1, 2)
+        assert [x["passed"] for x in g["results"]] == [True, False]
+        assert g["results"][1]["missing"] == ["this exact sentence will not be generated"]
+    # different weights, same examples: different losses
+    assert rep["per_example"][a]["loss"] != rep["per_example"][b]["loss"]
+
+    rows = ws["db"].query("SELECT id, dataset_id, models, path FROM eval_reports WHERE id = ?", [rep["id"]])
+    assert len(rows) == 1 and json.loads(rows[0]["models"]) == [a, b]
+    assert rows[0]["dataset_id"].startswith("chat@")
+    saved = json.loads(Path(rows[0]["path"]).read_text())
+    assert saved["per_example"] == rep["per_example"]
+
+
+def test_eval_prints_a_table(ws):
+    r = ws["cli"]("eval", ws["a"], "--dataset", "chat", "--limit", "2", "--max-new-tokens", "2")
+    assert "perplexity" in r.stdout and "token_f1" in r.stdout and "report " in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["no-such-version"], "unknown model 'no-such-version'"),
+    (["base", "--dataset", "chat"], "'base' means the base model of a registered version"),
+    (["{a}", "--dataset", "nope"], "cannot load dataset 'nope'"),
+    (["{a}", "--dataset", "chat", "--golden", "missing.yaml"], "golden prompts file not found"),
+])
+def test_bad_eval_input_exits_2_without_a_report(ws, args, message):
+    before = ws["db"].query("SELECT count(*) AS n FROM eval_reports")[0]["n"]
+    r = ws["cli"]("eval", *[a.format(a=ws["a"]) for a in args], check=False)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+    assert ws["db"].query("SELECT count(*) AS n FROM eval_reports")[0]["n"] == before
