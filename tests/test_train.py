@@ -63,6 +63,7 @@ def test_unknown_key_is_an_error_listing_the_valid_keys(ws):
     (["dataset=chat", "method=dpo", "max_steps=1"], "needs a preference dataset"),
     (["dataset=chat", "batch_size=0"], "batch_size must be >= 1"),
     (["dataset=chat", "lora.r=many"], "lora.r: expected an integer"),
+    (["dataset=chat", "lora.targets=[nope_proj]", "max_steps=1"], "Target modules {'nope_proj'} not found"),
 ])
 def test_bad_input_exits_2_and_records_nothing(ws, args, message):
     before = ws["db"].query("SELECT count(*) AS n FROM runs")[0]["n"] if (ws["home"] / "tuneloop.duckdb").exists() else 0

@@ -15,7 +15,9 @@ Contract
 * The run lives in ``output_dir`` (default ``<home>/runs/<name>``): ``run.json``
   (run id, name), checkpoints, ``model/`` (the adapter or the full model +
   tokenizer), ``loss.json`` (+ ``loss.png`` when matplotlib is installed).
-  A checkpoint in ``output_dir`` resumes the same run (same run id).
+  A checkpoint in ``output_dir`` resumes the same run (same run id) unless
+  ``resume=false``. SIGTERM / Ctrl-C stop after the current step with a
+  checkpoint (run recorded ``failed``, KeyboardInterrupt raised: CLI exit 130).
 * Every run is a ``runs`` row (``failed`` with the error when it fails or is
   interrupted) and every success registers a :class:`ModelVersion` (kind
   ``adapter`` for lora/qlora/prompt_tuning/dpo, ``merged`` for full) with
@@ -223,6 +225,10 @@ def train(cfg: TrainConfig, db, settings, progress: bool = True) -> TrainResult:
                 run_id = None  # continuing a finished run's checkpoints is a new run
         except RegistryError:
             run_id = None
+    try:  # model, adapter and trainer set-up problems (e.g. lora.targets not in the model) are the user's to fix
+        trainer, tokenizer = _build_trainer(cfg, base, train_ds, dd.get("validation"), kind, out, progress)
+    except ValueError as e:
+        raise UserError(f"cannot set up {cfg.method} training on {base}: {e}") from None
     out.mkdir(parents=True, exist_ok=True)
     config = {**to_dict(cfg), "base_path": str(base), "replayed_rows": replayed}
     run = start_run(db, cfg.method, str(base), ds_id, config, run_id=run_id)
@@ -232,7 +238,6 @@ def train(cfg: TrainConfig, db, settings, progress: bool = True) -> TrainResult:
     t0 = time.monotonic()
     stop = GracefulStop()
     try:
-        trainer, tokenizer = _build_trainer(cfg, base, train_ds, dd.get("validation"), kind, out, progress)
         trainer.add_callback(stop)
         with stop.signals():
             res = trainer.train(resume_from_checkpoint=resume_from)
@@ -293,6 +298,12 @@ def _build_trainer(cfg: TrainConfig, base: Path, train_ds, val_ds, kind: str, ou
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not progress:
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     prec = _precision(cfg)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[prec]
     tokenizer = AutoTokenizer.from_pretrained(str(base))
