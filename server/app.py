@@ -48,6 +48,7 @@ from tuneloop import __version__
 from tuneloop.db import Database, utcnow
 from tuneloop.errors import UserError
 
+from server.background import start_background, stop_background
 from server.engine import Engine
 from server.errors import exception_handlers
 from server.protocol import Health
@@ -237,14 +238,18 @@ def create_app(settings: "Settings", db: Database, engine: Engine | None = None,
         serving_metrics.set_model_info(engine.served_name, str(engine.model_path), "base")
         writer.start()
         refresher = None
+        background = None
         try:
             await router.refresh()
             for name, target in startup_adapters.items():
                 await _load_startup_adapter(router, name, target)
             refresher = asyncio.create_task(router.run(), name="tuneloop-deploy-state")
+            background = start_background(settings, db, registry, router)
             log.info("serving %s as %r", engine.model_path, engine.served_name)
             yield
         finally:
+            if background is not None:
+                await stop_background(*background)
             if refresher is not None:
                 refresher.cancel()
                 await asyncio.gather(refresher, return_exceptions=True)

@@ -196,12 +196,14 @@ def canary_server(tiny_model, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("canary-live")
     db = Database(root / "home" / "tuneloop.duckdb")
-    for name, seed in (("live-a", 1), ("live-b", 2)):
+    for name, seed in (("live-a", 1), ("live-b", 2), ("live-c", 3)):
         path = make_lora(tiny_model, root / name, seed=seed)
         register_version(db, ModelVersion(name=name, kind="adapter", base_model=str(tiny_model), path=str(path),
                                           content_hash=hash_path(path)))
     set_stage(db, "live-a", "production", actor="test", reason="baseline")
-    srv = start_server(root / "home", tiny_model)
+    # the server judges canaries by itself every second, once a canary has 150 requests
+    srv = start_server(root / "home", tiny_model, env={"TUNELOOP_DEPLOY__CANARY_JUDGE_INTERVAL_S": "1",
+                                                       "TUNELOOP_DEPLOY__CANARY_MIN_REQUESTS": "150"})
     yield srv, db
     srv.stop()
 
@@ -257,3 +259,27 @@ def test_live_canary_gets_its_share_sticky_per_user_and_rolls_back_under_load_wi
     assert not failed, failed[:3]
     assert {r.model for r in after} == {"live-a"}  # every request after the rollback goes to production
     assert get_version(db, "live-b").stage == "retired" and version_by_stage(db, "production").name == "live-a"
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+def test_live_server_judges_the_canary_by_itself_once_it_has_enough_requests(canary_server):
+    import time
+
+    import httpx
+
+    srv, db = canary_server
+    c = canary.start(db, "live-c", 0.9, actor="test")
+    httpx.post(srv.url + "/admin/state/refresh", timeout=30).raise_for_status()
+    client = srv.openai()
+    for i in range(190):
+        _chat(client, f"judge-{i}", i)
+    srv.flush_log()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and canary.get(db, c.id).status == "running":
+        time.sleep(0.5)
+    decided = canary.get(db, c.id)
+    assert decided.status in ("promoted", "rolled_back")
+    events = db.query("SELECT to_stage, actor FROM deploy_events WHERE model_version = 'live-c' ORDER BY occurred_at")
+    assert events[-1]["actor"] == "server-canary-judge"
+    assert events[-1]["to_stage"] == ("production" if decided.status == "promoted" else "retired")

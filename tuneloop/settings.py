@@ -133,6 +133,7 @@ class DeploySettings:
     gate_min_delta: float = field(default=0.0, metadata={"help": "Lower bound of the paired-bootstrap CI of (candidate - production) must be >= -this."})
     gate_max_forgetting: float = field(default=0.1, metadata={"help": "Largest relative increase in general-set perplexity allowed."})
     gate_min_golden_pass: float = field(default=1.0, metadata={"help": "Share of golden prompts a candidate must pass (relative to production if lower)."})
+    canary_judge_interval_s: float = field(default=10.0, metadata={"help": "How often the live server judges a running canary and promotes or rolls it back by itself (0 = only `tuneloop deploy canary --watch`)."})
     bootstrap_samples: int = field(default=1000, metadata={"help": "Paired bootstrap resamples."})
 
 
