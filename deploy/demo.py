@@ -122,10 +122,9 @@ def base_model(ctx, opts: DemoOptions) -> Path:
 
 def prepare_chatterbot(ctx, base: Path, name: str = "chatterbot") -> str:
     """The chatterbot-corpus as a registered SFT dataset (DATA's corpora + prepare); returns its id."""
-    from trainer import corpora, data
+    from trainer import corpora
 
-    return corpora.prepare_corpus(ctx.db, ctx.settings, "chatterbot", name=name).id if hasattr(corpora, "prepare_corpus") \
-        else data.prepare(ctx.db, ctx.settings, corpora.path_of("chatterbot"), name=name).id
+    return corpora.prepare_corpus(ctx.db, ctx.settings, "chatterbot", name=name, base=str(base)).id
 
 
 def train_version(ctx, base: Path, dataset: str, name: str, steps: int, parent: str | None = None):
@@ -301,7 +300,8 @@ def run_demo(ctx, opts: DemoOptions) -> int:
 
     if opts.tiny:  # gibberish model: plumbing, not quality — say so, and let the gate judge with a wide tolerance
         ctx.overrides = list(ctx.overrides) + ["deploy.gate_min_delta=1.0", "deploy.gate_max_forgetting=100"]
-    ctx.overrides = list(ctx.overrides) + ["deploy.canary_min_requests=15", "deploy.canary_max_minutes=10"]
+    ctx.overrides = list(ctx.overrides) + ["deploy.canary_min_requests=15", "deploy.canary_max_minutes=10",
+                                           "deploy.canary_judge_interval_s=2"]
     ctx.__dict__.pop("settings", None)  # rebuild settings with the overrides
     steps = opts.steps or (4 if opts.tiny else 30)
     n_req = opts.requests or (60 if opts.tiny else 160)
@@ -373,14 +373,27 @@ def run_demo(ctx, opts: DemoOptions) -> int:
                     st.traffic["canary"] = simulate_traffic(srv.url, convs[n_req:2 * n_req], desc="canary traffic", seed=2)
                     _print_traffic(st.traffic["canary"])
                 with stages("judge the canary"):
-                    d = canary.judge(ctx.db, c.id, ctx.settings.deploy)
-                    if d.action == "wait":
-                        d.action, d.reasons = "rollback", d.reasons + ["not enough canary traffic in the demo"]
-                    canary.apply(ctx.db, d, actor="demo")
-                    st.canary = {"id": c.id, "decision": d.action, "reasons": d.reasons,
-                                 "arms": {k: v.__dict__ for k, v in d.arms.items()}}
-                    print(d.summary())
-                    st.promoted = v2 if d.action == "promote" else None
+                    # the live server judges a running canary by itself (deploy.canary_judge_interval_s);
+                    # give it a few intervals, then judge here if it has not decided yet
+                    deadline = time.monotonic() + 4 * ctx.settings.deploy.canary_judge_interval_s + 5
+                    while time.monotonic() < deadline and canary.get(ctx.db, c.id).status == "running":
+                        time.sleep(1)
+                    decided = canary.get(ctx.db, c.id)
+                    if decided.status == "running":
+                        d = canary.judge(ctx.db, c.id, ctx.settings.deploy)
+                        if d.action == "wait":
+                            d.action, d.reasons = "rollback", d.reasons + ["not enough canary traffic in the demo"]
+                        canary.apply(ctx.db, d, actor="demo")
+                        action, reasons, by = d.action, d.reasons, "demo"
+                        print(d.summary())
+                    else:
+                        info = decided.decision or {}
+                        action = "promote" if decided.status == "promoted" else "rollback"
+                        reasons, by = info.get("reasons") or [info.get("reason", "")], info.get("actor", "server")
+                        print(f"canary {c.id}: {decided.status} by {by}: {'; '.join(map(str, reasons))}")
+                    st.canary = {"id": c.id, "decision": action, "decided_by": by, "reasons": reasons,
+                                 "arms": {k: v.__dict__ for k, v in canary.arm_stats(ctx.db, canary.get(ctx.db, c.id)).items()}}
+                    st.promoted = v2 if action == "promote" else None
             with stages("drift after"):
                 prod = get_version(ctx.db, st.promoted or v1).name
                 time.sleep(2)

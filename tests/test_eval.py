@@ -15,9 +15,6 @@ import pytest
 from conftest import CLI
 from trainer.evaluate import exact_match, rouge_l, token_f1
 
-pytestmark = [pytest.mark.slow]
-
-
 def test_text_metrics_follow_their_definitions():
     assert exact_match("Paris.", "paris") == 1.0 and exact_match("Paris is", "Paris") == 0.0
     assert token_f1("the cat sat", "the cat sat down") == pytest.approx(2 * 1.0 * 0.75 / 1.75)
@@ -45,6 +42,7 @@ def ws(tiny_model, tmp_path_factory):
     return {"root": root, "cli": cli, "a": str(tiny_model), "b": str(other), "db": Database(root / "home" / "tuneloop.duckdb")}
 
 
+@pytest.mark.slow
 def test_eval_compares_models_on_the_same_examples_and_stores_the_report(ws):
     r = ws["cli"]("eval", ws["a"], ws["b"], "--dataset", "chat", "--limit", "3", "--max-new-tokens", "4",
                   "--golden", ws["root"] / "golden.yaml", "--general", ws["root"] / "general.txt", "--json")
@@ -73,11 +71,13 @@ def test_eval_compares_models_on_the_same_examples_and_stores_the_report(ws):
     assert saved["per_example"] == rep["per_example"]
 
 
+@pytest.mark.slow
 def test_eval_prints_a_table(ws):
     r = ws["cli"]("eval", ws["a"], "--dataset", "chat", "--limit", "2", "--max-new-tokens", "2")
     assert "perplexity" in r.stdout and "token_f1" in r.stdout and "report " in r.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["no-such-version"], "unknown model 'no-such-version'"),
     (["base", "--dataset", "chat"], "'base' means the base model of a registered version"),

@@ -78,8 +78,13 @@ def load_dataset_ref(db, ref: str):
         dd = load_splits(db, ref)
     except (FileNotFoundError, RegistryError, UserError) as e:
         raise UserError(f"cannot load dataset {ref!r}: {e}") from None
-    ds_id = None
-    if not Path(ref).exists():
+    from tuneloop.dataset_store import load_card
+
+    try:  # the id is in the data card, for registered refs and dataset folders alike
+        ds_id = load_card(db, ref).get("id")
+    except (OSError, ValueError, RegistryError):
+        ds_id = None
+    if ds_id is None and not Path(ref).exists():
         try:
             ds_id = get_dataset(db, ref).id
         except RegistryError:
