@@ -1,0 +1,317 @@
+"""Benchmark: tuneloop's drift statistics over 1,000,000 logged requests vs Evidently, same data, same run.
+
+What it does
+------------
+1. Writes 1,000,000 synthetic production requests (model version ``bench-v1``)
+   and 100,000 reference rows (``bench-ref``, the "training" side) into a fresh
+   DuckDB file with the real schema (``tuneloop.db.Database`` migrations), in
+   DuckDB SQL: chat-message prompts drawn from a Zipf-like 5,000-word
+   vocabulary, prompt/response token counts and a finish_reason mix; production
+   is mildly shifted (longer prompts, new words, more ``length`` finishes).
+   The reference profile (the dict ``monitoring.profile`` stores) is built from
+   the reference rows once, outside the timings, as the drift job finds it
+   stored in ``reference_profiles``.
+2. In a fresh child process (so peak RSS is the drift work's own), times
+   a) the statistics both tools compute, from the database: value counts in
+      DuckDB SQL of prompt_tokens and finish_reason on both sides, then PSI
+      (reference-quantile bins), KS, Wasserstein (``monitoring.drift``) and
+      categorical Jensen-Shannon;
+   b) tuneloop's full non-embedding drift pass: ``production_stats`` over the
+      1M-row window (lengths, word counts joined to the vocabulary, finish /
+      empty shares, feedback) + ``compare`` (every statistic with its null
+      calibration), i.e. what ``DriftJob`` does per version minus embeddings.
+3. Runs Evidently 0.7.23 in a separate venv (``.cache/bench-venv``, created here
+   with ``evidently==0.7.23 'pandas<3'`` when missing: Evidently does not import
+   with pandas 3) in a child process, on the same rows exported to Parquet:
+   ``ValueDrift`` with method psi / ks / wasserstein on prompt_tokens and
+   jensenshannon on finish_reason; timed is ``Report.run`` (the Parquet ->
+   pandas load is reported separately).
+4. Prints a table, the speed ratios, both tools' values side by side, and
+   checks the targets (<= 1 s for the statistics, >= 10x faster than
+   Evidently, peak RSS <= 0.4 GB). ``--json`` writes everything to a file.
+
+Usage::
+
+    python bench/drift.py                        # 1M production + 100k reference rows
+    python bench/drift.py --rows 200000 --repeats 1 --skip-evidently   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+BENCH_VENV = ROOT / ".cache" / "bench-venv"
+EVIDENTLY_REQ = ["evidently==0.7.23", "pandas<3"]
+VOCAB_WORDS = 5000
+TARGET_S, TARGET_RATIO, TARGET_RSS_GB = 1.0, 10.0, 0.4
+
+
+# ---- data ------------------------------------------------------------------------------------------
+
+
+def _insert_sql(version: str, n: int, max_words: int, new_word_share: float, length_share: float, day: str) -> str:
+    """INSERT of ``n`` synthetic requests of ``version`` (real columns; prompt = one user message)."""
+    return f"""
+    INSERT INTO requests
+    SELECT '{version}-' || i, TIMESTAMP '{day}' + to_seconds(i / 20), 'chat.completions', '{version}', '{version}',
+           'direct',
+           json_array(json_object('role', 'user', 'content', txt)),
+           CASE WHEN resp_tokens = 0 THEN '' ELSE 'answer ' || i END,
+           CASE WHEN random() < {length_share} THEN 'length' ELSE 'stop' END,
+           18 + round(nw * 1.3)::INTEGER, resp_tokens, 0.05, 0.5, 200, NULL, false, NULL, NULL, NULL
+    FROM (
+      SELECT i, nw, greatest(0, round(40 + 25 * sqrt(-2 * ln(random() + 1e-12)) * cos(2 * pi() * random())))::INTEGER AS resp_tokens,
+             array_to_string(list_transform(range(nw), lambda x: CASE WHEN random() < {new_word_share}
+                                  THEN 'new' || floor(random() * 500)::INTEGER
+                                  ELSE 'w' || floor(pow(random(), 3) * {VOCAB_WORDS})::INTEGER END), ' ') AS txt
+      FROM (SELECT i, (5 + floor(random() * {max_words - 4}))::INTEGER AS nw FROM range({n}) t(i))
+    )"""
+
+
+def make_database(path: Path, rows: int, ref_rows: int, seed: float = 0.42) -> dict:
+    """Fresh DuckDB file with the real schema, ``rows`` production + ``ref_rows`` reference requests."""
+    from tuneloop.db import Database
+
+    db = Database(path)
+    t = time.perf_counter()
+    with db.connect() as con:
+        con.execute(f"SELECT setseed({seed})")
+        con.execute(_insert_sql("bench-ref", ref_rows, 40, 0.0, 0.10, "2025-01-01"))
+        con.execute(_insert_sql("bench-v1", rows, 48, 0.02, 0.15, "2025-02-01"))
+    return {"generate_s": time.perf_counter() - t, "db_bytes": path.stat().st_size}
+
+
+def reference_profile(path: Path, vocab_size: int = 10000, seed: int = 0) -> dict:
+    """The profile dict ``monitoring.profile`` stores, built from the reference rows with SQL (not timed)."""
+    import numpy as np
+
+    from monitoring.drift import WORD_PATTERN, _TEXT_SQL
+    from monitoring.profile import js_null
+    from tuneloop.db import Database
+
+    ref = "model_version = 'bench-ref'"
+    with Database(path).connect(transaction=False) as con:
+        def vc(col):
+            return [[int(a), int(b)] for a, b in con.execute(f"SELECT {col}, count(*) FROM requests WHERE {ref} GROUP BY 1 ORDER BY 1").fetchall()]
+        n, flen, empty = con.execute(f"""SELECT count(*), count(*) FILTER (WHERE finish_reason = 'length'),
+                                         count(*) FILTER (WHERE response = '') FROM requests WHERE {ref}""").fetchone()
+        wc = con.execute(f"""SELECT word, count(*) AS c FROM (SELECT unnest(regexp_extract_all(lower({_TEXT_SQL}), '{WORD_PATTERN.replace("'", "''")}')) AS word
+                             FROM requests WHERE {ref}) GROUP BY word ORDER BY c DESC, word""").fetchall()
+        texts = [r[0] for r in con.execute(f"SELECT {_TEXT_SQL} FROM requests WHERE {ref} USING SAMPLE reservoir(5000 ROWS) REPEATABLE (1)").fetchall()]
+        prompt_length, response_length = vc("prompt_tokens"), vc("completion_tokens")
+    total = sum(c for _, c in wc)
+    top = wc[:vocab_size]
+    kept = sum(c for _, c in top)
+    return {
+        "n_rows": int(n), "prompt_length": prompt_length, "response_length": response_length,
+        "vocab": [w for w, _ in top], "vocab_counts": [c for _, c in top], "total_tokens": total,
+        "oov_tokens": total - kept, "oov_expected": ((total - kept) + sum(1 for _, c in top if c == 1)) / total,
+        "finish_mix": {"length": int(flen), "stop": int(n - flen)}, "empty_share": empty / n,
+        "js_null": js_null(texts, vocab_size, np.random.default_rng(seed)),
+    }
+
+
+# ---- tuneloop side (runs in a child process) -------------------------------------------------------
+
+
+def common_statistics(path: Path) -> dict:
+    """PSI, KS, Wasserstein on prompt_tokens and categorical JS on finish_reason, from the database."""
+    import numpy as np
+
+    from monitoring.drift import js_divergence, ks_counts, psi_counts, wasserstein_counts
+    from tuneloop.db import Database
+
+    with Database(path, read_only=True).connect(transaction=False) as con:
+        lens = con.execute("""SELECT model_version = 'bench-v1' AS prod, prompt_tokens, count(*) FROM requests
+                              WHERE model_version IN ('bench-ref', 'bench-v1') AND status < 400 GROUP BY ALL""").fetchnumpy()
+        fin = con.execute("""SELECT model_version = 'bench-v1' AS prod, finish_reason, count(*) FROM requests
+                             WHERE model_version IN ('bench-ref', 'bench-v1') AND status < 400 GROUP BY ALL""").fetchall()
+    prod, val, cnt = np.asarray(lens["prod"]), np.asarray(lens["prompt_tokens"], float), np.asarray(lens["count_star()"], float)
+    rv, rc, pv, pc = val[~prod], cnt[~prod], val[prod], cnt[prod]
+    psi, *_ = psi_counts(rv, rc, pv, pc, 10)
+    d, p = ks_counts(rv, rc, pv, pc)
+    wd = wasserstein_counts(rv, rc, pv, pc)
+    mean = np.average(rv, weights=rc)
+    ref_std = float(np.sqrt(np.average((rv - mean) ** 2, weights=rc)))  # ddof=0, as Evidently normalises
+    cats = sorted({c for _, c, _ in fin})
+    ref_f = np.array([sum(n for pr, c, n in fin if c == k and not pr) for k in cats], float)
+    prod_f = np.array([sum(n for pr, c, n in fin if c == k and pr) for k in cats], float)
+    js_nat = js_divergence(ref_f, prod_f, base=np.e)
+    return {"psi": psi, "ks_statistic": d, "ks_pvalue": p, "wasserstein": wd, "wasserstein_normed": wd / ref_std,
+            "js_divergence_nat": js_nat, "js_distance_nat": float(np.sqrt(js_nat)),
+            "n_reference": int(rc.sum()), "n_production": int(pc.sum())}
+
+
+def full_pass(path: Path, profile: dict) -> dict:
+    """``production_stats`` over the whole production window + ``compare`` without embeddings."""
+    from datetime import datetime
+
+    from monitoring.drift import compare, parse_window, production_stats
+    from tuneloop.db import Database
+    from tuneloop.settings import DriftSettings
+
+    settings = DriftSettings(embeddings=False)
+    with Database(path, read_only=True).connect(transaction=False) as con:
+        prod = production_stats(con, "bench-v1", parse_window("3650d"), profile["vocab"], datetime(2026, 1, 1))
+    res = compare(profile, prod, settings, "bench")
+    return {"n_requests": prod.n_requests, "score": res.score,
+            "features": {f.feature: {"value": f.value, "threshold": f.threshold, "drifted": f.drifted} for f in res.features}}
+
+
+def ours_child(path: Path, profile_path: Path, which: str, repeats: int) -> None:
+    """Child-process entry: time one measurement (``common`` or ``full``) and print JSON with this process's peak RSS."""
+    import numpy as np  # noqa: F401  (imports are not timed: a server has them loaded)
+    import scipy.stats  # noqa: F401
+
+    profile = json.loads(profile_path.read_text())
+    fn = (lambda: common_statistics(path)) if which == "common" else (lambda: full_pass(path, profile))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        values = fn()
+        times.append(time.perf_counter() - t)
+    print(json.dumps({"times_s": times, "values": values,
+                      "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2}))
+
+
+# ---- Evidently side (runs in the bench venv) -------------------------------------------------------
+
+EVIDENTLY_CHILD = r'''
+import json, resource, sys, time, warnings
+warnings.filterwarnings("ignore")
+import pandas as pd
+import evidently
+from evidently import DataDefinition, Dataset, Report
+from evidently.metrics import ValueDrift
+
+ref_path, prod_path, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3])
+t = time.perf_counter()
+ref, cur = pd.read_parquet(ref_path), pd.read_parquet(prod_path)
+load_s = time.perf_counter() - t
+definition = DataDefinition(numerical_columns=["prompt_tokens"], categorical_columns=["finish_reason"])
+metrics = [ValueDrift(column="prompt_tokens", method="psi"), ValueDrift(column="prompt_tokens", method="ks"),
+           ValueDrift(column="prompt_tokens", method="wasserstein"), ValueDrift(column="finish_reason", method="jensenshannon")]
+times = []
+for _ in range(repeats):
+    t = time.perf_counter()
+    snap = Report(metrics).run(Dataset.from_pandas(cur, data_definition=definition),
+                               Dataset.from_pandas(ref, data_definition=definition))
+    d = snap.dict()
+    times.append(time.perf_counter() - t)
+values = {}
+for m, name in zip(d["metrics"], ["psi", "ks_pvalue", "wasserstein_normed", "js_distance_nat"]):
+    v = m["value"]
+    values[name] = float(v if not isinstance(v, dict) else next(iter(v.values())))
+print(json.dumps({"version": evidently.__version__, "pandas": pd.__version__, "load_s": load_s, "times_s": times,
+                  "values": values, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2}))
+'''
+
+
+def ensure_bench_venv() -> Path:
+    """``.cache/bench-venv`` with Evidently 0.7.23 and pandas<3 (created on first use)."""
+    py = BENCH_VENV / "bin" / "python"
+    if py.exists() and subprocess.run([str(py), "-c", "import evidently"], capture_output=True).returncode == 0:
+        return py
+    print(f"creating {BENCH_VENV} with {' '.join(EVIDENTLY_REQ)} (once) ...", file=sys.stderr)
+    subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", str(BENCH_VENV)], check=True)
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", *EVIDENTLY_REQ], check=True)
+    return py
+
+
+def run_evidently(path: Path, tmp: Path, repeats: int) -> dict:
+    import duckdb
+
+    py = ensure_bench_venv()
+    con = duckdb.connect(str(path), read_only=True)
+    for name, version in (("ref", "bench-ref"), ("prod", "bench-v1")):
+        con.execute(f"""COPY (SELECT prompt_tokens, finish_reason FROM requests WHERE model_version = '{version}' AND status < 400)
+                        TO '{tmp / name}.parquet' (FORMAT parquet)""")
+    con.close()
+    (tmp / "evidently_child.py").write_text(EVIDENTLY_CHILD)
+    r = subprocess.run([str(py), str(tmp / "evidently_child.py"), str(tmp / "ref.parquet"), str(tmp / "prod.parquet"), str(repeats)],
+                       capture_output=True, text=True, cwd=tmp)
+    if r.returncode != 0:
+        raise SystemExit(f"Evidently run failed:\n{r.stderr[-4000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# ---- main ------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=1_000_000, help="production requests (default 1,000,000)")
+    ap.add_argument("--reference-rows", type=int, default=100_000, help="reference rows (default 100,000)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement; the best is reported")
+    ap.add_argument("--skip-evidently", action="store_true", help="only time tuneloop")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--_ours", nargs=3, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a._ours:
+        ours_child(Path(a._ours[0]), Path(a._ours[1]), a._ours[2], a.repeats)
+        return 0
+
+    with tempfile.TemporaryDirectory(prefix="tuneloop-bench-drift-") as d:
+        tmp = Path(d)
+        db_path = tmp / "tuneloop.duckdb"
+        print(f"generating {a.rows:,} production + {a.reference_rows:,} reference requests ...", file=sys.stderr)
+        gen = make_database(db_path, a.rows, a.reference_rows)
+        (tmp / "profile.json").write_text(json.dumps(reference_profile(db_path)))
+        print(f"  {gen['generate_s']:.1f} s, {gen['db_bytes'] / 1e6:.0f} MB; timing tuneloop ...", file=sys.stderr)
+        ours = {}
+        for which in ("common", "full"):  # one fresh process each: its peak RSS is that measurement's own
+            r = subprocess.run([sys.executable, __file__, "--_ours", str(db_path), str(tmp / "profile.json"), which,
+                                "--repeats", str(a.repeats)], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            if r.returncode != 0:
+                raise SystemExit(f"tuneloop run failed:\n{r.stderr[-4000:]}")
+            ours[which] = json.loads(r.stdout.strip().splitlines()[-1])
+        ev = None
+        if not a.skip_evidently:
+            print("timing Evidently ...", file=sys.stderr)
+            ev = run_evidently(db_path, tmp, max(1, min(a.repeats, 2)))
+
+    common_s, full_s = min(ours["common"]["times_s"]), min(ours["full"]["times_s"])
+    result = {"rows": a.rows, "reference_rows": a.reference_rows, "cpus": os.cpu_count(), "load_avg": os.getloadavg(),
+              "generate": gen, "tuneloop": ours, "evidently": ev}
+    print(f"\n{a.rows:,} production vs {a.reference_rows:,} reference requests; {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f}; best of {a.repeats}")
+    print(f"{'what':58s} {'seconds':>8s} {'peak RSS GB':>12s}")
+    print(f"{'tuneloop: PSI+KS+Wasserstein+categorical JS (SQL + numpy)':58s} {common_s:8.3f} {ours['common']['peak_rss_gb']:12.2f}")
+    print(f"{'tuneloop: full non-embedding drift pass (production_stats+compare)':58s} {full_s:8.3f} {ours['full']['peak_rss_gb']:12.2f}")
+    if ev:
+        ev_s = min(ev["times_s"])
+        print(f"{'Evidently ' + ev['version'] + ': the same 4 statistics (Report.run)':58s} {ev_s:8.3f} {ev['peak_rss_gb']:12.2f}")
+        print(f"{'Evidently: Parquet -> pandas load (not in its time)':58s} {ev['load_s']:8.3f}")
+        result["ratio_common"] = ev_s / common_s
+        result["ratio_full"] = ev_s / full_s
+        print(f"\nspeed-up vs Evidently: {ev_s / common_s:.1f}x (same statistics), {ev_s / full_s:.1f}x (our full pass)")
+        print("\nvalues        tuneloop              Evidently")
+        ov = ours["common"]["values"]
+        for key, ours_key in (("psi", "psi"), ("ks_pvalue", "ks_pvalue"), ("wasserstein_normed", "wasserstein_normed"),
+                              ("js_distance_nat", "js_distance_nat")):
+            print(f"{key:18s} {ov[ours_key]:<20.6g} {ev['values'][key]:.6g}")
+        print("(PSI differs by design: ours bins at reference quantiles, Evidently equal-width over both samples)")
+    checks = {"stats_under_1s": common_s <= TARGET_S, "full_pass_under_1s": full_s <= TARGET_S,
+              "stats_rss_under_0.4GB": ours["common"]["peak_rss_gb"] <= TARGET_RSS_GB,
+              "full_pass_rss_under_0.4GB": ours["full"]["peak_rss_gb"] <= TARGET_RSS_GB}
+    if ev:
+        checks["10x_faster"] = result["ratio_common"] >= TARGET_RATIO
+    result["checks"] = checks
+    print("\ntargets: " + ", ".join(f"{k} {'OK' if v else 'MISSED'}" for k, v in checks.items()))
+    if a.json:
+        a.json.write_text(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
