@@ -44,6 +44,10 @@ from typing import Any
 from tuneloop.errors import UserError
 
 
+# held-out examples the demo's gates evaluate per model (greedy generation on CPU is the slow part)
+GATE_EXAMPLES = 48
+
+
 @dataclass
 class DemoOptions:
     tiny: bool = False
@@ -327,7 +331,7 @@ def run_demo(ctx, opts: DemoOptions) -> int:
         with stages(f"gate {v1} vs base"):
             from deploy.gate import run_gate
 
-            g1 = run_gate(ctx.db, ctx.settings, v1, actor="demo")
+            g1 = run_gate(ctx.db, ctx.settings, v1, actor="demo", limit=GATE_EXAMPLES)
             st.gates[v1] = g1.to_dict()
             print(g1.message())
         if opts.offline_only:
@@ -359,7 +363,7 @@ def run_demo(ctx, opts: DemoOptions) -> int:
                 r2 = train_version(ctx, base, res.sft.id, v2, steps, parent=v1)
                 st.versions[v2] = {"dataset": res.sft.id, "metrics": r2.metrics, "run_id": r2.run_id}
             with stages(f"gate {v2} vs {v1}"):
-                g2 = run_gate(ctx.db, ctx.settings, v2, actor="demo")
+                g2 = run_gate(ctx.db, ctx.settings, v2, actor="demo", limit=GATE_EXAMPLES)
                 st.gates[v2] = g2.to_dict()
                 print(g2.message())
             if not g2.passed:
