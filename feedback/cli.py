@@ -22,6 +22,7 @@ examples:
   tuneloop feedback sample --name support-v2 --strategy feedback=0.5 --strategy drift=0.3 --strategy random=0.2 \\
       --limit 500 --replay-from chatterbot --replay-fraction 0.2
   tuneloop feedback sample --since 2026-11-01T00:00 --until 2026-11-02T00:00 --version chat-v1
+  tuneloop feedback sample --from-parquet /mnt/logs   # every replica's `tuneloop export logs` output
 """
 
 
@@ -53,6 +54,10 @@ def register(sub) -> None:
     p.add_argument("--topics", type=int, default=8, help="topic clusters for 'stratified' (default 8)")
     p.add_argument("--no-preference", action="store_true", help="do not write the DPO preference dataset")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--from-parquet", metavar="DIR",
+                   help="read requests and feedback from Parquet exports of many replicas (`tuneloop export logs "
+                        "--out DIR`, a folder or s3:// URL) instead of this database; datasets are still registered "
+                        "in the database")
     p.add_argument("--json", action="store_true", help="print the data card as JSON")
     p.set_defaults(handler=cmd_sample)
 
@@ -79,6 +84,7 @@ def build_config(args):
         dedup_against=[] if args.no_dedup_against else args.dedup_against, replay_from=args.replay_from,
         replay_fraction=args.replay_fraction, validation_fraction=args.validation_fraction,
         test_fraction=args.test_fraction, topics=args.topics, preference=not args.no_preference, seed=args.seed,
+        from_parquet=args.from_parquet,
     )
 
 

@@ -3,8 +3,12 @@
 Contract
 --------
 :func:`sample` reads the request log (``requests``) joined with ``feedback``
-from the database, in a time window and optionally for one model version, and
-writes up to two datasets through :func:`tuneloop.dataset_store.save_dataset`:
+from the database — or, with ``from_parquet``, from the Parquet exports of many
+replicas (``tuneloop export logs``) read through
+:func:`monitoring.sources.log_source`, which gives the same rows and so the
+same dataset as one database holding them all — in a time window and
+optionally for one model version, and writes up to two datasets through
+:func:`tuneloop.dataset_store.save_dataset` (always into the database):
 
 * an SFT dataset (``<name>``): one row per picked request, the prompt messages
   followed by the assistant answer — the user's *correction* when there is one,
@@ -54,6 +58,7 @@ from typing import Any
 
 import numpy as np
 
+from monitoring.sources import LogSource, log_source
 from tuneloop.db import Database, loads, utcnow
 from tuneloop.errors import UserError
 
@@ -83,6 +88,7 @@ class SampleConfig:
     topics: int = field(default=8, metadata={"help": "k of the k-means topic clusters used by 'stratified'."})
     preference: bool = field(default=True, metadata={"help": "Also write a DPO preference dataset from corrections."})
     seed: int = field(default=0, metadata={"help": "Seed of every random choice (sampling, clustering, split)."})
+    from_parquet: str | None = field(default=None, metadata={"help": "Read requests and feedback from this folder (or URL) of Parquet exports of many replicas instead of the database."})
 
 
 @dataclass
@@ -271,9 +277,12 @@ def prompt_messages(prompt: Any) -> list[dict[str, str]] | None:
     return None
 
 
-def read_candidates(db: Database, since: datetime, until: datetime, model_version: str | None,
+def read_candidates(db: Database | LogSource, since: datetime, until: datetime, model_version: str | None,
                     counts: dict[str, int]) -> list[Candidate]:
-    """Requests in the window that survive the filters; ``counts`` gets one entry per filter."""
+    """Requests in the window that survive the filters; ``counts`` gets one entry per filter.
+
+    ``db`` is anything with ``query(sql, params)``: the database, or a log source over Parquet exports.
+    """
     sql = _SQL.format(version="AND r.model_version = ?" if model_version else "")
     params: list[Any] = [since, until] + ([model_version] if model_version else [])
     rows = db.query(sql, params)
@@ -542,10 +551,11 @@ def sample(db: Database, home: Path, cfg: SampleConfig, progress: bool = True) -
     if since >= until:
         raise SampleError(f"empty time window: since {since} is not before until {until}")
     replay_rec = get_dataset(db, cfg.replay_from) if cfg.replay_from else None  # fail early on a bad name
+    logs = log_source(db, cfg.from_parquet)  # a missing export folder fails early too
     steps = tqdm(total=6, desc="sample", unit="step", disable=not progress)
 
     counts: dict[str, int] = {}
-    cands = read_candidates(db, since, until, cfg.model_version, counts)
+    cands = read_candidates(logs, since, until, cfg.model_version, counts)
     counts["after_filters"] = len(cands)
     steps.update()
     if cfg.scrub_pii:
@@ -637,7 +647,8 @@ def sample(db: Database, home: Path, cfg: SampleConfig, progress: bool = True) -
         "seed": cfg.seed,
         "notes": ctx.notes,
     }
-    source = {"requests": {"since": str(since), "until": str(until), "model_version": cfg.model_version},
+    source = {"requests": {"since": str(since), "until": str(until), "model_version": cfg.model_version,
+                           "from_parquet": logs.parquet},
               "config": _cfg_dict(cfg), "replay_from": replay_rec.id if replay_rec else None}
     parents = [replay_rec.id] if replay_rec else []
     sft = save_dataset(db, home, cfg.name, splits, "sft", card, source, parents)

@@ -15,6 +15,7 @@ drift_reports, print a table and optionally write a self-contained HTML report.
 examples:
   tuneloop drift report
   tuneloop drift report --version chat-v1 --window 500r --out drift.html
+  tuneloop drift report --from-parquet /mnt/logs   # every replica's `tuneloop export logs` output
 """
 
 
@@ -28,6 +29,10 @@ def register(sub) -> None:
     p.add_argument("--window", help="production window: duration (30m, 1h, 2d) or request count (500r); default drift.window")
     p.add_argument("--out", metavar="FILE.html", help="write an HTML report (histograms, drift over time, new words)")
     p.add_argument("--no-embeddings", action="store_true", help="skip embedding drift (no MiniLM load)")
+    p.add_argument("--from-parquet", metavar="DIR",
+                   help="read requests and feedback from Parquet exports of many replicas (`tuneloop export logs "
+                        "--out DIR`, a folder or s3:// URL) instead of this database; versions, profiles and "
+                        "drift_reports stay in the database")
     p.set_defaults(handler=_cmd_report)
     p = g.add_parser("profile", help="(re)compute the reference profile of a version from its training data",
                      description="Profile VERSION's training dataset with its serving tokenizer (prompt/response token "
@@ -57,11 +62,13 @@ def _cmd_report(args, ctx) -> int:
     from monitoring.drift import parse_window
     from monitoring.drift_job import DriftJob
     from monitoring.report import render_html
+    from monitoring.sources import log_source
     from tuneloop.table import print_table
 
     ds = _drift_settings(args, ctx)
     window = parse_window(args.window or ds.window)  # bad input fails before any work
-    results = DriftJob(ctx.db, ds, None).run_once(args.version, window)
+    source = log_source(ctx.db, args.from_parquet)  # a missing folder fails before any work
+    results = DriftJob(ctx.db, ds, None, source=source).run_once(args.version, window)
     if not results:
         print(f"no model version had traffic in the last {args.window or ds.window}")
     for r in results:

@@ -2,9 +2,9 @@
 
 Contract
 --------
-* ``DriftJob(db, settings: DriftSettings, registry: CollectorRegistry | None)``
-  registers ``tuneloop_drift_score{feature,model_version}`` (the statistic's
-  value; feature ``overall`` = share of statistics that drifted) and
+* ``DriftJob(db, settings: DriftSettings, registry: CollectorRegistry | None,
+  source=None)`` registers ``tuneloop_drift_score{feature,model_version}`` (the
+  statistic's value; feature ``overall`` = share of statistics that drifted) and
   ``tuneloop_drifted{feature,model_version}`` (1 when over its threshold) on the
   given registry (none = no gauges).
 * :meth:`DriftJob.run_once` computes drift for every version with traffic in
@@ -13,8 +13,12 @@ Contract
   missing), the window's aggregates (DuckDB SQL), embeddings of a sample of
   production prompts (all-MiniLM-L6-v2) when enabled, and writes one
   ``drift_reports`` row per statistic plus an ``overall`` row, all sharing one
-  id. Windows with fewer than ``min_requests`` requests, and versions without a
-  training dataset, are returned with ``skipped`` set and write nothing.
+  id. The window's ``requests``/``feedback`` are read through ``source`` (a
+  :class:`monitoring.sources.LogSource`; default: ``db`` itself), so a
+  source over Parquet exports of many replicas (``--from-parquet``) gives the
+  same statistics as one database holding all their rows; profiles, datasets
+  and ``drift_reports`` always live in ``db``. Windows with fewer than
+  ``min_requests`` requests, and versions without a training dataset, are returned with ``skipped`` set and write nothing.
 * :meth:`DriftJob.run_forever` ``(stop_event)`` repeats it every
   ``interval_s`` in a worker thread, logging (never raising) failures, so the
   server starts it with one line in its lifespan::
@@ -34,6 +38,7 @@ from typing import Any
 
 from monitoring.drift import DriftResult, Window, compare, parse_window, production_stats
 from monitoring.profile import Profile, compute_profile, load_profile
+from monitoring.sources import LogSource, log_source
 from tuneloop.db import Database, dumps, utcnow
 from tuneloop.errors import UserError
 from tuneloop.ids import new_id
@@ -44,8 +49,9 @@ log = logging.getLogger(__name__)
 class DriftJob:
     """See module doc."""
 
-    def __init__(self, db: Database, settings, registry=None, embedder=None):
+    def __init__(self, db: Database, settings, registry=None, embedder=None, source: LogSource | None = None):
         self.db, self.settings = db, settings
+        self.source = source if source is not None else log_source(db)
         self._embedder = embedder
         self.score = self.drifted = None
         if registry is not None:
@@ -73,7 +79,7 @@ class DriftJob:
 
             sql = "SELECT DISTINCT model_version FROM requests WHERE model_version IS NOT NULL AND received_at BETWEEN ? AND ?"
             params = [now - timedelta(seconds=window.seconds), now]
-        return sorted(r["model_version"] for r in self.db.query(sql, params))
+        return sorted(r["model_version"] for r in self.source.query(sql, params))
 
     def profile(self, version: str) -> Profile:
         p = load_profile(self.db, version)
@@ -93,7 +99,7 @@ class DriftJob:
             return DriftResult(rid, version, str(window), None, now, 0, [], 0.0, self.settings.overall_threshold, False,
                                skipped=str(e))
         want_emb = bool(self.settings.embeddings and prof.embeddings is not None)
-        with self.db.connect(transaction=False) as con:
+        with self.source.connect() as con:
             prod = production_stats(con, version, window, prof.profile["vocab"], now,
                                     text_sample=self.settings.embedding_sample if want_emb else 0)
         if prod.n_requests < self.settings.min_requests:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -56,6 +57,15 @@ def loads(v: Any) -> Any:
     return json.loads(v)
 
 
+_LOCKS: dict[str, threading.RLock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def _file_lock(path: Path) -> threading.RLock:
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(str(path), threading.RLock())
+
+
 class Database:
     """Handle on a DuckDB file; see module docstring."""
 
@@ -88,6 +98,12 @@ class Database:
     @contextlib.contextmanager
     def connect(self, transaction: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
         """Open, migrate if needed, yield a connection, commit/rollback, close."""
+        with _file_lock(self.path):
+            with self._connect(transaction) as con:
+                yield con
+
+    @contextlib.contextmanager
+    def _connect(self, transaction: bool) -> Iterator[duckdb.DuckDBPyConnection]:
         con = self._open()
         try:
             if not self.read_only:
