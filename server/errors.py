@@ -26,6 +26,7 @@ import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
+from tuneloop.db import DatabaseBusy
 from tuneloop.errors import UserError
 
 from server.engine import AdapterError, EngineInputError, EngineUnavailable
@@ -95,6 +96,8 @@ def to_api_error(exc: BaseException) -> APIError:
         elif status == 413:
             msg = "request body too large (server.max_body_bytes)"
         return APIError(status, msg, headers=dict(exc.headers or {}))
+    if isinstance(exc, DatabaseBusy):
+        return APIError(503, "the database is busy; retry shortly", "database_busy", headers={"Retry-After": "1"})
     if isinstance(exc, UserError):
         return APIError(400, str(exc))
     if type(exc).__name__ == "EngineDeadError":
