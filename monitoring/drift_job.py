@@ -51,7 +51,7 @@ class DriftJob:
 
     def __init__(self, db: Database, settings, registry=None, embedder=None, source: LogSource | None = None):
         self.db, self.settings = db, settings
-        self.source = source if source is not None else log_source(db)
+        self.source = source if source is not None else (log_source(db) if db is not None else None)
         self._embedder = embedder
         self.score = self.drifted = None
         if registry is not None:
