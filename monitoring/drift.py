@@ -304,7 +304,7 @@ def production_stats(con, version: str, window: Window, vocab: Sequence[str], no
             f"""WITH w AS (SELECT unnest(regexp_extract_all(lower({_TEXT_SQL}), '{WORD_PATTERN.replace("'", "''")}')) AS word
                            FROM requests WHERE {where} AND prompt IS NOT NULL),
                     c AS (SELECT word, count(*) AS n FROM w GROUP BY word)
-               SELECT c.word, c.n, v.idx FROM c LEFT JOIN _tl_vocab v USING (word)""", params).fetchnumpy()
+               SELECT c.word, c.n, v.idx FROM c LEFT JOIN _tl_vocab v USING (word) ORDER BY c.word""", params).fetchnumpy()
     finally:
         con.unregister("_tl_vocab")
     idx = wc["idx"]  # a masked array: words outside the vocabulary are NULL (masked)
@@ -314,7 +314,7 @@ def production_stats(con, version: str, window: Window, vocab: Sequence[str], no
     vocab_counts = np.bincount(np.asarray(idx[in_vocab], dtype=np.int64), weights=cnt[in_vocab], minlength=len(vocab))
     oov_words = np.asarray(wc["word"], dtype=object)[~in_vocab]
     oov_cnt = cnt[~in_vocab]
-    top = np.argsort(-oov_cnt, kind="stable")[:20]
+    top = np.argsort(-oov_cnt, kind="stable")[:20]  # rows come sorted by word: ties break alphabetically
     rated, negative = con.execute(
         f"""SELECT count(*), count(*) FILTER (WHERE (f.rating_kind = 'stars' AND f.rating <= 2)
                                                OR (coalesce(f.rating_kind, 'thumbs') <> 'stars' AND f.rating < 0))
