@@ -162,7 +162,8 @@ def full_pass(path: Path, profile: dict) -> dict:
 
     settings = DriftSettings(embeddings=False)
     with Database(path, read_only=True).connect(transaction=False) as con:
-        prod = production_stats(con, "bench-v1", parse_window("3650d"), profile["vocab"], datetime(2026, 1, 1))
+        prod = production_stats(con, "bench-v1", parse_window("3650d"), profile["vocab"], datetime(2026, 1, 1),
+                                word_sample=settings.word_sample)
     res = compare(profile, prod, settings, "bench")
     return {"n_requests": prod.n_requests, "score": res.score,
             "features": {f.feature: {"value": f.value, "threshold": f.threshold, "drifted": f.drifted} for f in res.features}}

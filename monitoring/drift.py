@@ -15,7 +15,9 @@ Contract
   requests, see :func:`parse_window`) with DuckDB SQL: prompt/response token
   length value counts, word counts joined to the reference vocabulary, the
   finish_reason=length and empty-response shares, negative feedback, and a
-  random sample of prompt texts for embeddings.
+  random sample of prompt texts for embeddings. Words of a window larger than
+  ``word_sample`` requests are counted on a deterministic uniform subset
+  (hash of the request id); everything else uses every request.
 * :func:`compare` turns a reference profile (:mod:`monitoring.profile`) and a
   :class:`ProductionStats` into a :class:`DriftResult`: one
   :class:`FeatureResult` per statistic with its value, threshold and drifted
@@ -261,6 +263,7 @@ class ProductionStats:
     rated: int = 0
     negative: int = 0
     texts: list[str] = field(default_factory=list)
+    word_requests: int = 0  # requests whose words were counted (all of them unless word_sample bounded it)
 
 
 _TEXT_SQL = ("CASE WHEN json_type(prompt) = 'ARRAY' THEN array_to_string(json_extract_string(prompt, '$[*].content'), ' ') "
@@ -278,8 +281,14 @@ def window_bounds(con, version: str, window: Window, now: datetime) -> tuple[dat
 
 
 def production_stats(con, version: str, window: Window, vocab: Sequence[str], now: datetime,
-                     text_sample: int = 0, seed: int = 0) -> ProductionStats:
-    """Aggregate the window of ``version`` with DuckDB SQL (see module doc); ``con`` is an open connection."""
+                     text_sample: int = 0, seed: int = 0, word_sample: int = 0) -> ProductionStats:
+    """Aggregate the window of ``version`` with DuckDB SQL (see module doc); ``con`` is an open connection.
+
+    ``word_sample`` > 0 bounds the requests whose prompt words are counted: a window with more
+    requests has its words counted on a uniform pseudo-random subset of about that many requests,
+    chosen by a hash of the request id (so the same rows are picked from any source, on any thread
+    count). Lengths, shares and feedback always use every request of the window.
+    """
     start, end = window_bounds(con, version, window, now)
     if start is None:
         return ProductionStats(version, 0, None, end)
@@ -295,6 +304,14 @@ def production_stats(con, version: str, window: Window, vocab: Sequence[str], no
         vals = list(rows.values())
         return np.asarray(vals[0], dtype=float), np.asarray(vals[1], dtype=np.int64)
 
+    word_where, word_params = where, params
+    sampled = int(n)
+    if word_sample and n > word_sample:  # ~word_sample requests: hash(id) is uniform on [0, 2^64)
+        buckets = 1_000_003
+        keep = max(1, round(buckets * word_sample / n))
+        word_where, word_params = f"{where} AND hash(id) % {buckets} < {keep}", params
+        sampled = int(con.execute(f"SELECT count(*) FROM requests WHERE {word_where}", word_params).fetchall()[0][0])
+
     import pyarrow as pa
 
     vt = pa.table({"word": list(vocab), "idx": np.arange(len(vocab), dtype=np.int32)})
@@ -302,9 +319,9 @@ def production_stats(con, version: str, window: Window, vocab: Sequence[str], no
     try:
         wc = con.execute(
             f"""WITH w AS (SELECT unnest(regexp_extract_all(lower({_TEXT_SQL}), '{WORD_PATTERN.replace("'", "''")}')) AS word
-                           FROM requests WHERE {where} AND prompt IS NOT NULL),
+                           FROM requests WHERE {word_where} AND prompt IS NOT NULL),
                     c AS (SELECT word, count(*) AS n FROM w GROUP BY word)
-               SELECT c.word, c.n, v.idx FROM c LEFT JOIN _tl_vocab v USING (word) ORDER BY c.word""", params).fetchnumpy()
+               SELECT c.word, c.n, v.idx FROM c LEFT JOIN _tl_vocab v USING (word) ORDER BY c.word""", word_params).fetchnumpy()
     finally:
         con.unregister("_tl_vocab")
     idx = wc["idx"]  # a masked array: words outside the vocabulary are NULL (masked)
@@ -330,7 +347,7 @@ def production_stats(con, version: str, window: Window, vocab: Sequence[str], no
         prompt_len=value_counts("prompt_tokens"), response_len=value_counts("completion_tokens"),
         vocab_counts=vocab_counts.astype(float), oov_tokens=int(oov_cnt.sum()), total_tokens=int(cnt.sum()),
         new_words=[(str(oov_words[i]), int(oov_cnt[i])) for i in top], finish_length=int(flen), empty=int(empty),
-        rated=int(rated), negative=int(negative), texts=texts,
+        rated=int(rated), negative=int(negative), texts=texts, word_requests=sampled,
     )
 
 
@@ -433,7 +450,8 @@ def compare(profile: dict[str, Any], prod: ProductionStats, settings, result_id:
             null = _null_quantile(lambda s: js_divergence(ref, s), ref, prod.total_tokens, rng, draws=100)
         thr = max(settings.js_threshold, null)
         feats.append(FeatureResult("vocabulary", "js", value, thr, value > thr, {"configured_threshold": settings.js_threshold, "null_q99": null,
-                                                                              "production_tokens": prod.total_tokens}))
+                                                                              "production_tokens": prod.total_tokens,
+                                                                              "word_requests": prod.word_requests}))
         base = float(profile["oov_expected"])
         share = prod.oov_tokens / prod.total_tokens
         delta = share - base

@@ -101,7 +101,8 @@ class DriftJob:
         want_emb = bool(self.settings.embeddings and prof.embeddings is not None)
         with self.source.connect() as con:
             prod = production_stats(con, version, window, prof.profile["vocab"], now,
-                                    text_sample=self.settings.embedding_sample if want_emb else 0)
+                                    text_sample=self.settings.embedding_sample if want_emb else 0,
+                                    word_sample=self.settings.word_sample)
         if prod.n_requests < self.settings.min_requests:
             return DriftResult(rid, version, str(window), prod.window_start, prod.window_end, prod.n_requests, [], 0.0,
                                self.settings.overall_threshold, False,

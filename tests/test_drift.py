@@ -184,3 +184,31 @@ def test_a_version_without_training_data_is_skipped_with_the_reason(db, tiny_mod
     register_version(db, ModelVersion(name="raw", kind="base", base_model=str(tiny_model), path=str(tiny_model), content_hash="1" * 64))
     [res] = DriftJob(db, DriftSettings(embeddings=False), None).run_once("raw")
     assert res.skipped and "no training dataset" in res.skipped
+
+
+def test_a_large_window_counts_words_on_a_deterministic_sample_that_agrees_with_the_full_count(db, trained, tiny_model, corpus):
+    from transformers import AutoTokenizer
+
+    from monitoring.drift import compare, parse_window, production_stats
+
+    settings = DriftSettings(embeddings=False)
+    prof = compute_profile(db, "chat-v1", settings)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    shifted = [(p, "ok") for p in chitchat_prompts(1000, seed=1)]
+    rows = _production_rows(tok, shifted + corpus[1])  # 1,000 chitchat + 426 held-out chatterbot prompts
+    insert_requests(db, "chat-v1", rows)
+    now, vocab = utcnow(), prof.profile["vocab"]
+
+    def stats(word_sample):
+        with db.connect() as con:
+            return production_stats(con, "chat-v1", parse_window("1h"), vocab, now, word_sample=word_sample)
+
+    full, sampled, again = stats(0), stats(500), stats(500)
+    assert full.n_requests == sampled.n_requests == full.word_requests == len(rows)
+    assert 350 <= sampled.word_requests <= 650 and sampled.total_tokens < full.total_tokens / 2
+    assert (sampled.word_requests, sampled.total_tokens, sampled.new_words) == (again.word_requests, again.total_tokens, again.new_words)
+    assert sampled.prompt_len[1].sum() == full.prompt_len[1].sum() == len(rows)  # lengths always use every request
+    assert sampled.oov_tokens / sampled.total_tokens == pytest.approx(full.oov_tokens / full.total_tokens, abs=0.03)
+    f_full, f_sampled = (compare(prof.profile, s, settings, "t").feature("vocabulary") for s in (full, sampled))
+    assert f_sampled.details["word_requests"] == sampled.word_requests
+    assert f_sampled.value == pytest.approx(f_full.value, abs=0.03) and f_sampled.drifted and f_full.drifted

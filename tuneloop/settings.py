@@ -111,6 +111,7 @@ class DriftSettings:
     embedding_pvalue: float = field(default=0.01, metadata={"help": "Permutation p-value of embedding MMD below which it is drifted."})
     length_share_threshold: float = field(default=0.1, metadata={"help": "Increase in finish_reason=length share above which output is drifted."})
     embedding_sample: int = field(default=256, metadata={"help": "Rows embedded per side for embedding drift."})
+    word_sample: int = field(default=50_000, metadata={"help": "Most requests whose prompt words are counted for the vocabulary, OOV and new-word statistics; larger windows are sampled uniformly by request id (0 = count every request)."})
     response_psi_threshold: float = field(default=0.2, metadata={"help": "PSI on response length (tokens) above which output length is drifted."})
     empty_share_threshold: float = field(default=0.05, metadata={"help": "Increase in the share of empty responses above which output is drifted."})
     negative_feedback_threshold: float = field(default=0.3, metadata={"help": "Share of rated requests rated negatively above which feedback is drifted."})
