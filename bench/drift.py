@@ -19,7 +19,11 @@ What it does
    b) tuneloop's full non-embedding drift pass: ``production_stats`` over the
       1M-row window (lengths, word counts joined to the vocabulary, finish /
       empty shares, feedback) + ``compare`` (every statistic with its null
-      calibration), i.e. what ``DriftJob`` does per version minus embeddings.
+      calibration), i.e. what ``DriftJob`` does per version minus embeddings,
+      with the default ``drift.word_sample`` (words of 50k requests counted);
+   c) the same pass counting every word (``word_sample=0``), once, to show
+      what the sample costs in accuracy (values printed side by side).
+   Peak RSS is each child's VmHWM (``ru_maxrss`` carries the parent's over).
 3. Runs Evidently 0.7.23 in a separate venv (``.cache/bench-venv``, created here
    with ``evidently==0.7.23 'pandas<3'`` when missing: Evidently does not import
    with pandas 3) in a child process, on the same rows exported to Parquet:
@@ -41,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -152,8 +155,11 @@ def common_statistics(path: Path) -> dict:
             "n_reference": int(rc.sum()), "n_production": int(pc.sum())}
 
 
-def full_pass(path: Path, profile: dict) -> dict:
-    """``production_stats`` over the whole production window + ``compare`` without embeddings."""
+def full_pass(path: Path, profile: dict, word_sample: int | None = None) -> dict:
+    """``production_stats`` over the whole production window + ``compare`` without embeddings.
+
+    Words are counted as the drift job counts them (``drift.word_sample`` requests at most) unless
+    ``word_sample`` overrides it (0: every request, the exact count)."""
     from datetime import datetime
 
     from monitoring.drift import compare, parse_window, production_stats
@@ -161,6 +167,8 @@ def full_pass(path: Path, profile: dict) -> dict:
     from tuneloop.settings import DriftSettings
 
     settings = DriftSettings(embeddings=False)
+    if word_sample is not None:
+        settings.word_sample = word_sample
     with Database(path, read_only=True).connect(transaction=False) as con:
         prod = production_stats(con, "bench-v1", parse_window("3650d"), profile["vocab"], datetime(2026, 1, 1),
                                 word_sample=settings.word_sample)
@@ -169,26 +177,36 @@ def full_pass(path: Path, profile: dict) -> dict:
             "features": {f.feature: {"value": f.value, "threshold": f.threshold, "drifted": f.drifted} for f in res.features}}
 
 
+def peak_rss_gb() -> float:
+    """This process's peak RSS in GB: VmHWM, the high-water mark of this program's own memory.
+
+    Not ``getrusage().ru_maxrss``: Linux carries that over from the parent at fork+exec, so a child
+    started by this benchmark right after it generated 1M rows reported the parent's ~0.37 GB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024 ** 2
+
+
 def ours_child(path: Path, profile_path: Path, which: str, repeats: int) -> None:
     """Child-process entry: time one measurement (``common`` or ``full``) and print JSON with this process's peak RSS."""
     import numpy as np  # noqa: F401  (imports are not timed: a server has them loaded)
     import scipy.stats  # noqa: F401
 
     profile = json.loads(profile_path.read_text())
-    fn = (lambda: common_statistics(path)) if which == "common" else (lambda: full_pass(path, profile))
+    fn = {"common": lambda: common_statistics(path), "full": lambda: full_pass(path, profile),
+          "full_exact": lambda: full_pass(path, profile, word_sample=0)}[which]
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         values = fn()
         times.append(time.perf_counter() - t)
     print(json.dumps({"times_s": times, "values": values,
-                      "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2}))
+                      "peak_rss_gb": peak_rss_gb()}))
 
 
 # ---- Evidently side (runs in the bench venv) -------------------------------------------------------
 
 EVIDENTLY_CHILD = r'''
-import json, resource, sys, time, warnings
+import json, sys, time, warnings
 warnings.filterwarnings("ignore")
 import pandas as pd
 import evidently
@@ -213,8 +231,11 @@ values = {}
 for m, name in zip(d["metrics"], ["psi", "ks_pvalue", "wasserstein_normed", "js_distance_nat"]):
     v = m["value"]
     values[name] = float(v if not isinstance(v, dict) else next(iter(v.values())))
+def peak_rss_gb():  # VmHWM, as on our side (ru_maxrss would include the parent's RSS)
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024 ** 2
 print(json.dumps({"version": evidently.__version__, "pandas": pd.__version__, "load_s": load_s, "times_s": times,
-                  "values": values, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2}))
+                  "values": values, "peak_rss_gb": peak_rss_gb()}))
 '''
 
 
@@ -270,9 +291,9 @@ def main(argv: list[str] | None = None) -> int:
         (tmp / "profile.json").write_text(json.dumps(reference_profile(db_path)))
         print(f"  {gen['generate_s']:.1f} s, {gen['db_bytes'] / 1e6:.0f} MB; timing tuneloop ...", file=sys.stderr)
         ours = {}
-        for which in ("common", "full"):  # one fresh process each: its peak RSS is that measurement's own
+        for which in ("common", "full", "full_exact"):  # one fresh process each: its peak RSS is that measurement's own
             r = subprocess.run([sys.executable, __file__, "--_ours", str(db_path), str(tmp / "profile.json"), which,
-                                "--repeats", str(a.repeats)], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                "--repeats", "1" if which == "full_exact" else str(a.repeats)], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
             if r.returncode != 0:
                 raise SystemExit(f"tuneloop run failed:\n{r.stderr[-4000:]}")
             ours[which] = json.loads(r.stdout.strip().splitlines()[-1])
@@ -289,6 +310,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'what':58s} {'seconds':>8s} {'peak RSS GB':>12s}")
     print(f"{'tuneloop: PSI+KS+Wasserstein+categorical JS (SQL + numpy)':58s} {common_s:8.3f} {ours['common']['peak_rss_gb']:12.2f}")
     print(f"{'tuneloop: full non-embedding drift pass (production_stats+compare)':58s} {full_s:8.3f} {ours['full']['peak_rss_gb']:12.2f}")
+    exact = ours["full_exact"]
+    print(f"{'  the same, counting every word (drift.word_sample=0)':58s} {min(exact['times_s']):8.3f} {exact['peak_rss_gb']:12.2f}")
+    fs, fe = ours["full"]["values"]["features"], exact["values"]["features"]
+    print("  sampled vs exact word statistics: " + ", ".join(
+        f"{k} {fs[k]['value']:.4f} vs {fe[k]['value']:.4f} (drifted {fs[k]['drifted']} / {fe[k]['drifted']})" for k in ("vocabulary", "oov")))
     if ev:
         ev_s = min(ev["times_s"])
         print(f"{'Evidently ' + ev['version'] + ': the same 4 statistics (Report.run)':58s} {ev_s:8.3f} {ev['peak_rss_gb']:12.2f}")
