@@ -40,4 +40,16 @@ print(f"submit (queue + metrics.observe): {statistics.median(submit)*1e6:.1f} us
 print(f"flush 1,000 rows, pyarrow + INSERT..SELECT (open+insert+commit+close): {a*1000:.1f} ms")
 print(f"baseline executemany 1,000 rows (same open/commit): {e*1000:.1f} ms  -> {e/a:.1f}x slower")
 print(f"flush 10,000 rows backlog: {big_s*1000:.0f} ms")
+# does the flush slow down as the log grows? (the primary key on requests.id is checked on every insert)
+with db.connect() as con:
+    con.execute("""INSERT INTO requests (id, received_at, route, status, model_version, prompt, response, prompt_tokens)
+                   SELECT 'old-' || i, TIMESTAMP '2025-01-01' + to_seconds(i // 20), 'chat.completions', 200, 'v0',
+                          json_array(json_object('role', 'user', 'content', 'question ' || i)), 'answer ' || i, 20
+                   FROM range(1000000) t(i)""")
+grown = []
+for _ in range(5):
+    for r in recs(1000): w.submit(r)
+    t = time.perf_counter(); assert w.flush() == 1000; grown.append(time.perf_counter() - t)
+g = statistics.median(grown)
+print(f"flush 1,000 rows into a log of 1,000,000+ rows: {g*1000:.1f} ms ({g/a:.2f}x the small-log flush)")
 w.close()

@@ -14,6 +14,11 @@ ratios (tuneloop / vLLM): throughput (target >= 1.0), p50 TTFT (<= 1.0),
 logging on/off throughput (>= 0.98), server RSS of the whole process tree
 (<= 1.1); and tuneloop at ``--offline-clients`` concurrent clients vs the
 offline engine (``vllm.LLM`` on the same prompts, >= 0.95).
+
+All three servers run at once (each idle while another is measured) and are
+measured in ``--rounds`` interleaved rounds with a rotating order, so a
+change in background load hits every side alike; ratios compare per-side
+medians over the rounds (every round is kept in the JSON).
 """
 
 from __future__ import annotations
@@ -92,13 +97,18 @@ class Server:
 
 
 async def load(url: str, model: str, clients: int, requests: int, max_tokens: int, stream: bool) -> dict:
-    """``requests`` chat requests from ``clients`` concurrent clients; tokens/s, TTFT and latency percentiles."""
+    """``requests`` chat requests from ``clients`` concurrent clients; tokens/s, TTFT and latency percentiles.
+
+    The client is aiohttp (as in vLLM's own serving benchmark): it shares the 2 cores with the
+    servers, so it has to be cheap per chunk, or it becomes the bottleneck it is meant to measure.
+    """
+    import aiohttp
+
     ttfts, lats, tokens = [], [], 0
     sem = asyncio.Semaphore(clients)
-    # expire idle connections before the servers' 5 s keep-alive does (avoids the close/reuse race)
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients, keepalive_expiry=2.0)
+    conn = aiohttp.TCPConnector(limit=clients, keepalive_timeout=2.0)  # below the servers' 5 s keep-alive
 
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as h:
+    async with aiohttp.ClientSession(base_url=url, connector=conn, timeout=aiohttp.ClientTimeout(total=600)) as h:
         async def one(i: int):
             nonlocal tokens
             body = {"model": model, "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
@@ -108,10 +118,11 @@ async def load(url: str, model: str, clients: int, requests: int, max_tokens: in
                 if stream:
                     body |= {"stream": True, "stream_options": {"include_usage": True}}
                     first = None
-                    async with h.stream("POST", "/v1/chat/completions", json=body) as r:
+                    async with h.post("/v1/chat/completions", json=body) as r:
                         r.raise_for_status()
-                        async for line in r.aiter_lines():
-                            if not line.startswith("data: ") or line == "data: [DONE]":
+                        async for raw in r.content:  # one SSE line at a time
+                            line = raw.strip()
+                            if not line.startswith(b"data: ") or line == b"data: [DONE]":
                                 continue
                             d = json.loads(line[6:])
                             if first is None and d.get("choices") and d["choices"][0]["delta"].get("content"):
@@ -120,9 +131,9 @@ async def load(url: str, model: str, clients: int, requests: int, max_tokens: in
                                 tokens += d["usage"]["completion_tokens"]
                     ttfts.append(first if first is not None else time.perf_counter() - t0)
                 else:
-                    r = await h.post("/v1/chat/completions", json=body)
-                    r.raise_for_status()
-                    tokens += r.json()["usage"]["completion_tokens"]
+                    async with h.post("/v1/chat/completions", json=body) as r:
+                        r.raise_for_status()
+                        tokens += (await r.json())["usage"]["completion_tokens"]
                 lats.append(time.perf_counter() - t0)
 
         t0 = time.perf_counter()
@@ -133,17 +144,23 @@ async def load(url: str, model: str, clients: int, requests: int, max_tokens: in
             "lat_p50": q(lats, 50), "lat_p95": q(lats, 95)}
 
 
-def run_side(name: str, server: Server, ready_path: str, model: str, a, results: dict) -> None:
-    start_s = server.wait_ready(ready_path)
-    asyncio.run(load(server.url, model, a.clients, a.clients, a.max_tokens, False))  # warm-up
-    out = {"start_s": start_s}
+def phases(server: Server, model: str, a) -> dict:
+    """One round of measured phases on ``server``: non-streaming, streaming, and (optionally) wide."""
+    out = {}
     for stream in (False, True):
         out["stream" if stream else "plain"] = asyncio.run(load(server.url, model, a.clients, a.requests, a.max_tokens, stream))
     if a.offline_clients:
         out["wide"] = asyncio.run(load(server.url, model, a.offline_clients, a.offline_clients * 2, a.max_tokens, False))
-    out["rss_bytes"] = tree_rss(server.proc.pid)
-    results[name] = out
-    print(f"{name}: {json.dumps(out, default=lambda x: round(x, 4) if isinstance(x, float) else x)}", flush=True)
+    return out
+
+
+def median_round(rounds: list[dict]) -> dict:
+    """Per phase and metric, the median over rounds (robust to one disturbed round)."""
+    out: dict = {}
+    for phase in rounds[0]:
+        out[phase] = {k: statistics.median(r[phase][k] for r in rounds) for k in rounds[0][phase]
+                      if all(r[phase][k] is not None for r in rounds)}
+    return out
 
 
 def offline(model_dir: str, a) -> dict:
@@ -171,6 +188,7 @@ def main() -> int:
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--offline-clients", type=int, default=64, help="concurrency of the offline-engine comparison (0 = skip)")
     ap.add_argument("--skip-log-off", action="store_true", help="skip the logging-off run")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds per side (medians are compared)")
     a = ap.parse_args()
 
     from tuneloop.runtime import configure_vllm_env
@@ -183,7 +201,7 @@ def main() -> int:
 
         model = str(build_tiny_model(work / "tiny-llama"))
     name = Path(model).name
-    env = dict(os.environ, TUNELOOP_HOME=str(work / "home"), TUNELOOP_ENGINE__MAX_MODEL_LEN=str(a.max_model_len),
+    env = dict(os.environ, TUNELOOP_ENGINE__MAX_MODEL_LEN=str(a.max_model_len),
                TUNELOOP_ENGINE__MAX_NUM_SEQS="64", TUNELOOP_ENGINE__MAX_LORA_RANK="16", TUNELOOP_ENGINE__MAX_LORAS="4")
     env.pop("TUNELOOP_CONFIG", None)
     results: dict = {"config": vars(a) | {"model": model, "cpus": os.cpu_count(),
@@ -193,27 +211,35 @@ def main() -> int:
     sides = [("tuneloop", {}), ("tuneloop_nolog", {"TUNELOOP_LOG__ENABLED": "false"})]
     if a.skip_log_off:
         sides = sides[:1]
-    for side, extra in sides:
+    servers: dict[str, tuple[Server, str]] = {}
+    for side, extra in sides:  # separate homes: each tuneloop side owns its database
         port = free_port()
-        srv = Server([str(Path(sys.executable).parent / "tuneloop"), "serve", "--model", model, "--port", str(port),
-                      "--log-level", "warning"], env | extra, port, work / f"{side}.log")
-        try:
-            run_side(side, srv, "/readyz", name, a, results)
-        finally:
-            srv.stop()
-    if "tuneloop" in results:
-        results["tuneloop"]["logged_rows"] = _count_rows(work / "home" / "tuneloop.duckdb")
-
+        home = {"TUNELOOP_HOME": str(work / f"home-{side}")}
+        servers[side] = (Server([str(Path(sys.executable).parent / "tuneloop"), "serve", "--model", model, "--port", str(port),
+                                 "--log-level", "warning"], env | home | extra, port, work / f"{side}.log"), "/readyz")
     port = free_port()
     vcmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name", name,
             "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", str(a.max_model_len),
             "--enable-lora", "--max-lora-rank", "16", "--max-loras", "4", "--max-num-seqs", "64", "--seed", "0",
             "--disable-log-stats", "--uvicorn-log-level", "warning"]
-    srv = Server(vcmd, env, port, work / "vllm.log")
+    servers["vllm"] = (Server(vcmd, env, port, work / "vllm.log"), "/health")
+    rounds: dict[str, list[dict]] = {side: [] for side in servers}
     try:
-        run_side("vllm", srv, "/health", name, a, results)
+        for side, (srv, ready) in servers.items():  # all up at once, idle while another side is measured
+            results[side] = {"start_s": srv.wait_ready(ready)}
+            asyncio.run(load(srv.url, name, a.clients, a.clients, a.max_tokens, False))  # warm-up
+        order = list(servers)
+        for r in range(a.rounds):  # interleaved rounds, rotating the order so no side always goes first
+            for side in order[r % len(order):] + order[:r % len(order)]:
+                rounds[side].append(phases(servers[side][0], name, a))
+                print(f"round {r + 1} {side}: {json.dumps(rounds[side][-1], default=lambda x: round(x, 4) if isinstance(x, float) else x)}", flush=True)
+        for side, (srv, _) in servers.items():
+            results[side] |= median_round(rounds[side]) | {"rounds": rounds[side], "rss_bytes": tree_rss(srv.proc.pid)}
     finally:
-        srv.stop()
+        for srv, _ in servers.values():
+            srv.stop()
+    if "tuneloop" in results:
+        results["tuneloop"]["logged_rows"] = _count_rows(work / "home-tuneloop" / "tuneloop.duckdb")
     if a.offline_clients:
         results["offline"] = offline(model, a)
         print(f"offline: {results['offline']}", flush=True)

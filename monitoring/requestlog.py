@@ -393,7 +393,7 @@ class RequestLogWriter:
 
     def _insert(self, batch: list[RequestRecord]) -> int:
         table = self._table(batch)
-        with self.db.connect() as con:
+        with self.db.connect(log_only=True) as con:
             self._insert_table(con, table)
         return len(batch)
 
@@ -402,7 +402,7 @@ class RequestLogWriter:
         import duckdb
 
         written = 0
-        with self.db.connect(transaction=False) as con:
+        with self.db.connect(transaction=False, log_only=True) as con:
             for rec in batch:
                 try:
                     table = self._table([rec])

@@ -23,8 +23,10 @@ Contract
 
 * :class:`Auth` keeps the key table in memory (a dict keyed by hash, on the
   instance, nothing module-global), so authenticating costs no database hit.
-  It re-reads the table at most every ``refresh_s`` seconds (in a worker
-  thread, never blocking the event loop), and at most every
+  It re-reads the table at most every ``refresh_s`` seconds, and only when
+  the database changed since its last read (``Database.data_version``, a
+  ``stat``; at least every 30 s regardless), in a worker thread, never
+  blocking the event loop; and at most every
   ``miss_refresh_s`` on an unknown key, so a key created or revoked with the
   CLI while the server runs takes effect within seconds. If the database is
   busy, the last known table stays in force.
@@ -49,6 +51,7 @@ from tuneloop.errors import UserError
 from tuneloop.ids import new_id
 
 log = logging.getLogger(__name__)
+_MAX_STALE_S = 30.0  # the key table is re-read at least this often even when the file looks unchanged
 
 SCOPES = ("inference", "admin")
 KEY_PREFIX = "tl-"
@@ -187,12 +190,22 @@ class Auth:
         self.miss_refresh_s = miss_refresh_s
         self._keys: dict[str, _Entry] = {}
         self._any_key = False
-        self._loaded_at: float | None = None
+        self._loaded_at: float | None = None  # last check (read or found unchanged)
+        self._read_at = 0.0                    # last actual read of the table
+        self._loaded_version = -1              # Database.data_version() of that read
         self._lock: asyncio.Lock | None = None
 
     # cache --------------------------------------------------------------------
     def reload(self) -> None:
-        """Re-read the key table (blocking; :meth:`authenticate` calls it in a worker thread)."""
+        """Re-read the key table (blocking; :meth:`authenticate` calls it in a worker thread).
+
+        Skipped while the database has not changed since the last read (``Database.data_version``,
+        a ``stat``), except that it re-reads at least every ``_MAX_STALE_S``."""
+        version = self.db.data_version()
+        if (self._loaded_at is not None and version == self._loaded_version
+                and time.monotonic() - self._read_at < _MAX_STALE_S):
+            self._loaded_at = time.monotonic()
+            return
         try:
             with self.db.connect(transaction=False) as con:
                 rows = con.execute("SELECT key_hash, id, name, scope, revoked_at FROM api_keys").fetchall()
@@ -202,7 +215,8 @@ class Auth:
             return
         self._keys = {h: _Entry(i, n, s, r is not None) for h, i, n, s, r in rows}
         self._any_key = bool(rows)
-        self._loaded_at = time.monotonic()
+        self._loaded_at = self._read_at = time.monotonic()
+        self._loaded_version = version
 
     async def _refresh(self, max_age_s: float) -> None:
         if self._loaded_at is not None and time.monotonic() - self._loaded_at < max_age_s:

@@ -48,6 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from server.engine import Engine
 
 log = logging.getLogger(__name__)
+_MAX_STALE_S = 30.0  # deploy state is re-read at least this often even when the file looks unchanged
 
 ALIASES = ("production", "canary")
 
@@ -93,9 +94,21 @@ class ModelRouter:
         self._adapter_version: dict[str, str] = {}  # engine adapter name -> version name (None for raw paths)
         self._load_errors: dict[str, str] = {}
         self._loading: dict[str, asyncio.Task] = {}
+        self._read_cache: tuple[int, float, tuple] | None = None  # (data version, monotonic time, result)
 
     # -- deploy state ---------------------------------------------------------------
     def _read(self) -> tuple[dict[str, ModelVersion], dict | None]:
+        """Versions and the running canary; the last result while the database has not changed
+        (``Database.data_version``), re-read at least every ``_MAX_STALE_S`` regardless."""
+        version = self.db.data_version()
+        cached = self._read_cache
+        if cached is not None and cached[0] == version and time.monotonic() - cached[1] < _MAX_STALE_S:
+            return cached[2]
+        out = self._read_db()
+        self._read_cache = (version, time.monotonic(), out)
+        return out
+
+    def _read_db(self) -> tuple[dict[str, ModelVersion], dict | None]:
         with self.db.connect(transaction=False) as con:
             cur = con.execute("SELECT * FROM model_versions")
             cols = [d[0] for d in cur.description]

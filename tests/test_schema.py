@@ -118,3 +118,27 @@ def test_a_second_process_waits_for_the_lock_then_proceeds(db, tmp_path):
     db.execute("INSERT INTO api_keys VALUES ('k2', 'n', 'admin', 'h2', 'p', now(), NULL)")
     p.wait(10)
     assert db.query("SELECT count(*) AS n FROM api_keys")[0]["n"] == 1
+
+
+def test_data_version_moves_on_writes_from_any_process_but_not_on_reads_or_own_log_appends(db):
+    """Pollers (deploy state, API keys) re-read only when data_version moved: a stat instead of a 15 ms open."""
+    import subprocess
+    import sys
+
+    db.execute("SELECT 1")  # create + migrate
+    v0 = db.data_version()
+    assert db.data_version() == v0
+    db.query("SELECT count(*) FROM api_keys")  # a read is not a change
+    assert db.data_version() == v0
+    with db.connect(log_only=True) as con:  # this process's request-log appends are not either
+        con.execute("INSERT INTO requests (id, received_at, route, status) VALUES ('r1', now(), 'chat.completions', 200)")
+    assert db.data_version() == v0
+    db.execute("INSERT INTO api_keys VALUES ('k', 'n', 'admin', 'h', 'p', now(), NULL)")  # an ordinary write is
+    v1 = db.data_version()
+    assert v1 != v0 and db.data_version() == v1
+    other = Database(db.path)  # another handle on the same file shares what this process has seen
+    assert other.data_version() == v1
+    subprocess.run([sys.executable, "-c", f"import duckdb; con = duckdb.connect({str(db.path)!r}); "
+                    "con.execute(\"UPDATE api_keys SET name = 'renamed'\"); con.close()"], check=True)
+    v2 = db.data_version()  # another process's write: seen without opening the file
+    assert v2 != v1 and db.data_version() == v2

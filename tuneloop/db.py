@@ -11,6 +11,9 @@ Contract
   ``lock_timeout_s`` before raising :class:`DatabaseBusy`. This is the
   "open per flush" design of DESIGN.md decision 3, measured there at ~19 ms
   for open + 1,000 inserts + close; see docs/ARCHITECTURE.md.
+* :meth:`Database.data_version` tells pollers, for the price of a ``stat``,
+  whether anything but this process's own request-log appends changed the
+  file since they last read it (opening DuckDB costs ~15 ms of CPU).
 * Each ``connect()`` block is one transaction when ``transaction=True``
   (default): committed on success, rolled back on error, so a crash never
   leaves half a write. DuckDB's WAL makes a SIGKILL mid-write safe.
@@ -23,6 +26,7 @@ import json
 import random
 import threading
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
@@ -57,13 +61,38 @@ def loads(v: Any) -> Any:
     return json.loads(v)
 
 
-_LOCKS: dict[str, threading.RLock] = {}
-_LOCKS_GUARD = threading.Lock()
+@dataclass
+class _FileState:
+    """What this process knows of one database file (shared by every :class:`Database` on that path).
+
+    Like the OS file lock DuckDB takes, this is per file and per process, so it lives in one
+    registry keyed by path rather than on a handle."""
+
+    lock: threading.RLock = field(default_factory=threading.RLock)  # serialises connect blocks in this process
+    seen: tuple | None = None  # file signature after this process last touched the file
+    version: int = 0           # bumped on any change except this process's log-only writes
 
 
-def _file_lock(path: Path) -> threading.RLock:
-    with _LOCKS_GUARD:
-        return _LOCKS.setdefault(str(path), threading.RLock())
+_FILES: dict[str, _FileState] = {}
+_FILES_GUARD = threading.Lock()
+
+
+def _file_state(path: Path) -> _FileState:
+    with _FILES_GUARD:
+        return _FILES.setdefault(str(path), _FileState())
+
+
+def _signature(path: Path) -> tuple:
+    """(mtime_ns, size, inode) of the file and of its write-ahead log: changes whenever either is written."""
+    out = []
+    for p in (path, path.with_name(path.name + ".wal")):
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            out.append(None)
+        else:
+            out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+    return tuple(out)
 
 
 class Database:
@@ -96,11 +125,39 @@ class Database:
                 delay = min(delay * 2, 0.25)
 
     @contextlib.contextmanager
-    def connect(self, transaction: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
-        """Open, migrate if needed, yield a connection, commit/rollback, close."""
-        with _file_lock(self.path):
-            with self._connect(transaction) as con:
-                yield con
+    def connect(self, transaction: bool = True, log_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """Open, migrate if needed, yield a connection, commit/rollback, close.
+
+        ``log_only=True`` declares that the block only appends log rows (the request-log
+        writer): it does not count as a change for :meth:`data_version`.
+        """
+        fs = _file_state(self.path)
+        with fs.lock:
+            before = _signature(self.path)
+            if before != fs.seen:  # written by another process since we last looked
+                fs.version += 1
+            try:
+                with self._connect(transaction) as con:
+                    yield con
+            finally:
+                after = _signature(self.path)
+                if after != before and not log_only:
+                    fs.version += 1
+                fs.seen = after
+
+    def data_version(self) -> int:
+        """A number that changes whenever the data may have changed, by any process, except for this
+        process's own log-only writes (:meth:`connect`). Costs a ``stat``, not an open: pollers
+        (deploy state, API keys) re-read only when it moved. Based on the file's and WAL's
+        mtime/size/inode, so callers should still re-read now and then (a write inside the same
+        mtime tick that keeps the WAL's size is not seen)."""
+        fs = _file_state(self.path)
+        with fs.lock:
+            sig = _signature(self.path)
+            if sig != fs.seen:
+                fs.version += 1
+                fs.seen = sig
+            return fs.version
 
     @contextlib.contextmanager
     def _connect(self, transaction: bool) -> Iterator[duckdb.DuckDBPyConnection]:
