@@ -304,13 +304,12 @@ def production_stats(con, version: str, window: Window, vocab: Sequence[str], no
         vals = list(rows.values())
         return np.asarray(vals[0], dtype=float), np.asarray(vals[1], dtype=np.int64)
 
-    word_where, word_params = where, params
-    sampled = int(n)
+    word_where, sampled = where, int(n)
     if word_sample and n > word_sample:  # ~word_sample requests: hash(id) is uniform on [0, 2^64)
         buckets = 1_000_003
         keep = max(1, round(buckets * word_sample / n))
-        word_where, word_params = f"{where} AND hash(id) % {buckets} < {keep}", params
-        sampled = int(con.execute(f"SELECT count(*) FROM requests WHERE {word_where}", word_params).fetchall()[0][0])
+        word_where = f"{where} AND hash(id) % {buckets} < {keep}"
+        sampled = int(con.execute(f"SELECT count(*) FROM requests WHERE {word_where}", params).fetchall()[0][0])
 
     import pyarrow as pa
 
@@ -321,7 +320,7 @@ def production_stats(con, version: str, window: Window, vocab: Sequence[str], no
             f"""WITH w AS (SELECT unnest(regexp_extract_all(lower({_TEXT_SQL}), '{WORD_PATTERN.replace("'", "''")}')) AS word
                            FROM requests WHERE {word_where} AND prompt IS NOT NULL),
                     c AS (SELECT word, count(*) AS n FROM w GROUP BY word)
-               SELECT c.word, c.n, v.idx FROM c LEFT JOIN _tl_vocab v USING (word) ORDER BY c.word""", word_params).fetchnumpy()
+               SELECT c.word, c.n, v.idx FROM c LEFT JOIN _tl_vocab v USING (word) ORDER BY c.word""", params).fetchnumpy()
     finally:
         con.unregister("_tl_vocab")
     idx = wc["idx"]  # a masked array: words outside the vocabulary are NULL (masked)

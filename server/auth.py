@@ -46,12 +46,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from tuneloop.db import Database, DatabaseBusy, utcnow
+from tuneloop.db import CachedRead, Database, DatabaseBusy, utcnow
 from tuneloop.errors import UserError
 from tuneloop.ids import new_id
 
 log = logging.getLogger(__name__)
-_MAX_STALE_S = 30.0  # the key table is re-read at least this often even when the file looks unchanged
 
 SCOPES = ("inference", "admin")
 KEY_PREFIX = "tl-"
@@ -190,33 +189,24 @@ class Auth:
         self.miss_refresh_s = miss_refresh_s
         self._keys: dict[str, _Entry] = {}
         self._any_key = False
-        self._loaded_at: float | None = None  # last check (read or found unchanged)
-        self._read_at = 0.0                    # last actual read of the table
-        self._loaded_version = -1              # Database.data_version() of that read
+        self._loaded_at: float | None = None
+        self._table = CachedRead(self.db, lambda con: con.execute(
+            "SELECT key_hash, id, name, scope, revoked_at FROM api_keys").fetchall())
         self._lock: asyncio.Lock | None = None
 
     # cache --------------------------------------------------------------------
     def reload(self) -> None:
-        """Re-read the key table (blocking; :meth:`authenticate` calls it in a worker thread).
-
-        Skipped while the database has not changed since the last read (``Database.data_version``,
-        a ``stat``), except that it re-reads at least every ``_MAX_STALE_S``."""
-        version = self.db.data_version()
-        if (self._loaded_at is not None and version == self._loaded_version
-                and time.monotonic() - self._read_at < _MAX_STALE_S):
-            self._loaded_at = time.monotonic()
-            return
+        """Re-read the key table (blocking; :meth:`authenticate` calls it in a worker thread); a
+        ``stat`` only while the database has not changed (:class:`tuneloop.db.CachedRead`)."""
         try:
-            with self.db.connect(transaction=False) as con:
-                rows = con.execute("SELECT key_hash, id, name, scope, revoked_at FROM api_keys").fetchall()
+            rows = self._table.get()
         except DatabaseBusy as e:
             log.warning("auth: key table not refreshed, database busy (%s); keeping the last one", e)
             self._loaded_at = time.monotonic()
             return
         self._keys = {h: _Entry(i, n, s, r is not None) for h, i, n, s, r in rows}
         self._any_key = bool(rows)
-        self._loaded_at = self._read_at = time.monotonic()
-        self._loaded_version = version
+        self._loaded_at = time.monotonic()
 
     async def _refresh(self, max_age_s: float) -> None:
         if self._loaded_at is not None and time.monotonic() - self._loaded_at < max_age_s:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tuneloop.db import Database, DatabaseBusy
+from tuneloop.db import CachedRead, Database, DatabaseBusy
 from tuneloop.registry import ModelVersion, _row_to
 
 from server.engine import AdapterError, AdapterInfo, _same_model
@@ -48,7 +48,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from server.engine import Engine
 
 log = logging.getLogger(__name__)
-_MAX_STALE_S = 30.0  # deploy state is re-read at least this often even when the file looks unchanged
 
 ALIASES = ("production", "canary")
 
@@ -94,35 +93,24 @@ class ModelRouter:
         self._adapter_version: dict[str, str] = {}  # engine adapter name -> version name (None for raw paths)
         self._load_errors: dict[str, str] = {}
         self._loading: dict[str, asyncio.Task] = {}
-        self._read_cache: tuple[int, float, tuple] | None = None  # (data version, monotonic time, result)
+        self._state_read = CachedRead(self.db, self._read)  # re-read only when the database changed
 
     # -- deploy state ---------------------------------------------------------------
-    def _read(self) -> tuple[dict[str, ModelVersion], dict | None]:
-        """Versions and the running canary; the last result while the database has not changed
-        (``Database.data_version``), re-read at least every ``_MAX_STALE_S`` regardless."""
-        version = self.db.data_version()
-        cached = self._read_cache
-        if cached is not None and cached[0] == version and time.monotonic() - cached[1] < _MAX_STALE_S:
-            return cached[2]
-        out = self._read_db()
-        self._read_cache = (version, time.monotonic(), out)
-        return out
-
-    def _read_db(self) -> tuple[dict[str, ModelVersion], dict | None]:
-        with self.db.connect(transaction=False) as con:
-            cur = con.execute("SELECT * FROM model_versions")
-            cols = [d[0] for d in cur.description]
-            versions = {r[0]: _row_to(ModelVersion, dict(zip(cols, r))) for r in cur.fetchall()}
-            cur = con.execute("SELECT id, candidate, production, share FROM canaries WHERE status = 'running' "
-                              "ORDER BY started_at DESC LIMIT 1")
-            row = cur.fetchone()
+    @staticmethod
+    def _read(con) -> tuple[dict[str, ModelVersion], dict | None]:
+        cur = con.execute("SELECT * FROM model_versions")
+        cols = [d[0] for d in cur.description]
+        versions = {r[0]: _row_to(ModelVersion, dict(zip(cols, r))) for r in cur.fetchall()}
+        cur = con.execute("SELECT id, candidate, production, share FROM canaries WHERE status = 'running' "
+                          "ORDER BY started_at DESC LIMIT 1")
+        row = cur.fetchone()
         canary = dict(zip(("id", "candidate", "production", "share"), row)) if row else None
         return versions, canary
 
     async def refresh(self) -> DeployState:
         """Re-read versions, stages and the running canary; load adapters of aliased versions."""
         try:
-            versions, canary = await asyncio.to_thread(self._read)
+            versions, canary = await asyncio.to_thread(self._state_read.get)
         except DatabaseBusy as e:
             log.warning("deploy state not refreshed (database busy): %s", e)
             return self.state
@@ -136,7 +124,7 @@ class ModelRouter:
             st.canary_id, st.canary_candidate = canary["id"], canary["candidate"]
             st.canary_production = canary["production"] or (st.production.name if st.production else None)
             st.canary_share = float(canary["share"] or 0.0)
-        self._versions, self._missing = versions, set()
+        self._versions, self._missing = dict(versions), set()  # a copy: version() adds to it, the cached read stays as read
         self.state = st
         for name in {n for n in (st.production and st.production.name, st.canary and st.canary.name,
                                  st.canary_candidate, st.canary_production) if n}:

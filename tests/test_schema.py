@@ -142,3 +142,14 @@ def test_data_version_moves_on_writes_from_any_process_but_not_on_reads_or_own_l
                     "con.execute(\"UPDATE api_keys SET name = 'renamed'\"); con.close()"], check=True)
     v2 = db.data_version()  # another process's write: seen without opening the file
     assert v2 != v1 and db.data_version() == v2
+
+
+def test_cached_read_reruns_only_after_a_change(db):
+    from tuneloop.db import CachedRead
+
+    db.execute("SELECT 1")  # create + migrate (a first open writes the schema: that is a change)
+    calls = []
+    keys = CachedRead(db, lambda con: calls.append(1) or con.execute("SELECT count(*) FROM api_keys").fetchone()[0])
+    assert keys.get() == 0 and keys.get() == 0 and len(calls) == 1  # unchanged: a stat, no open
+    db.execute("INSERT INTO api_keys VALUES ('k', 'n', 'admin', 'h', 'p', now(), NULL)")
+    assert keys.get() == 1 and len(calls) == 2

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import duckdb
 
@@ -192,6 +192,28 @@ class Database:
         """Run one statement in its own transaction."""
         with self.connect() as con:
             con.execute(sql, params or [])
+
+
+class CachedRead:
+    """``read(con)``'s last result, run again only when :meth:`Database.data_version` moved (or
+    ``max_stale_s`` passed): what the server's pollers (deploy state, API keys) call every few
+    seconds, at the price of a ``stat`` instead of a DuckDB open. Errors (e.g. :class:`DatabaseBusy`)
+    propagate and leave the cached value in place."""
+
+    def __init__(self, db: Database, read: Callable[[duckdb.DuckDBPyConnection], Any], max_stale_s: float = 30.0):
+        self.db, self.read, self.max_stale_s = db, read, max_stale_s
+        self._version: int | None = None
+        self._at = 0.0
+        self._value: Any = None
+
+    def get(self) -> Any:
+        version = self.db.data_version()  # before the read: a change during it is caught next time
+        if version == self._version and time.monotonic() - self._at < self.max_stale_s:
+            return self._value
+        with self.db.connect(transaction=False) as con:
+            self._value = self.read(con)
+        self._version, self._at = version, time.monotonic()
+        return self._value
 
 
 def schema_version(con: duckdb.DuckDBPyConnection) -> int:
