@@ -378,13 +378,24 @@ class RequestLogWriter:
         rows = [self._prepare(r) for r in batch]
         return pa.Table.from_pylist(rows, schema=_arrow_schema())
 
-    _SQL = (f"INSERT OR IGNORE INTO requests ({', '.join(COLUMNS)}) "
+    _SQL = (f"INSERT INTO requests ({', '.join(COLUMNS)}) "
             f"SELECT {', '.join(COLUMNS)} FROM _tuneloop_log_batch")
 
     def _insert_table(self, con, table) -> None:
+        """Append ``table``'s rows. A row whose id is already logged (a batch retried after a
+        commit whose success was not seen) is skipped: the plain INSERT is tried first because
+        ``INSERT OR IGNORE`` costs twice as much on every flush, for a case that is rare. Runs
+        inside the caller's transaction; a duplicate rolls that back and begins a new one."""
+        import duckdb
+
         con.register("_tuneloop_log_batch", table)
         try:
-            con.execute(self._SQL)
+            try:
+                con.execute(self._SQL)
+            except duckdb.ConstraintException:
+                con.rollback()
+                con.begin()
+                con.execute(self._SQL.replace("INSERT INTO", "INSERT OR IGNORE INTO"))
         finally:
             try:
                 con.unregister("_tuneloop_log_batch")

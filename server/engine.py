@@ -229,8 +229,12 @@ class Engine:
                 f"{self.max_model_len} tokens; ask for at most {room}.", "context_length_exceeded", param)
         return max_tokens
 
-    def sampling_params(self, p: GenParams, max_tokens: int):
-        """vLLM SamplingParams for ``p`` (model generation defaults for unset values); 400 on invalid values."""
+    def sampling_params(self, p: GenParams, max_tokens: int, stream: bool = True):
+        """vLLM SamplingParams for ``p`` (model generation defaults for unset values); 400 on invalid values.
+
+        ``stream=False`` (a client that wants the whole answer at once): the engine hands over the
+        first token (so time to first token is still measured) and then only the rest at the end,
+        instead of one output per token, which would cost this process CPU per token for nothing."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -244,7 +248,7 @@ class Engine:
             kw["logprobs"] = p.logprobs
         try:
             return SamplingParams(n=p.n, max_tokens=max_tokens, stop=list(p.stop) or None,
-                                  output_kind=RequestOutputKind.DELTA, **kw)
+                                  output_kind=RequestOutputKind.DELTA, stream_interval=None if stream else max_tokens + 1, **kw)
         except _client_errors() as e:
             raise EngineInputError(str(e).split("\n")[0], "invalid_parameter", getattr(e, "parameter", None)) from None
 

@@ -255,7 +255,7 @@ class OpenAIController(Controller):
                        stop=_stops(data.stop), seed=data.seed, presence_penalty=data.presence_penalty,
                        frequency_penalty=data.frequency_penalty,
                        logprobs=(data.top_logprobs or 0) if data.logprobs else None)
-        sp = engine.sampling_params(gp, max_tokens)
+        sp = engine.sampling_params(gp, max_tokens, stream=data.stream)
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
         job = _Job(request, ctx, engine, [prompt_ids], sp, route.adapter, data.n)
         if data.stream:
@@ -287,7 +287,7 @@ class OpenAIController(Controller):
         gp = GenParams(max_tokens=max_tokens, temperature=data.temperature, top_p=data.top_p, n=data.n,
                        stop=_stops(data.stop), seed=data.seed, presence_penalty=data.presence_penalty,
                        frequency_penalty=data.frequency_penalty, logprobs=data.logprobs)
-        sp = engine.sampling_params(gp, max_tokens)
+        sp = engine.sampling_params(gp, max_tokens, stream=data.stream)
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
         job = _Job(request, ctx, engine, ids, sp, route.adapter, data.n)
         if data.stream:

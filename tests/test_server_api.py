@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from fixtures_server import sse_events
+from fixtures_server import read_requests, sse_events
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
@@ -57,6 +57,15 @@ def test_chat_streaming_with_usage_matches_non_streaming(live_server):
     last = chunks[-1]
     assert last.choices == [] and last.usage.completion_tokens == full.usage.completion_tokens
     assert last.usage.prompt_tokens == full.usage.prompt_tokens
+
+    # the engine hands a non-streaming request its first token and then the rest at once, yet the
+    # log still has its time to first token, like the streamed one's
+    live_server.flush_log()
+    rows = {r["id"]: r for r in read_requests(live_server.db_path, "id IN (?, ?)", [full.id, chunks[0].id])}
+    assert rows[full.id]["response"] == rows[chunks[0].id]["response"] == text
+    for row in rows.values():
+        assert row["completion_tokens"] == full.usage.completion_tokens
+        assert 0 < row["ttft_s"] < row["latency_s"]
 
 
 def test_sse_wire_format(live_server):
