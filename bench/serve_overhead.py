@@ -15,10 +15,11 @@ logging on/off throughput (>= 0.98), server RSS of the whole process tree
 (<= 1.1); and tuneloop at ``--offline-clients`` concurrent clients vs the
 offline engine (``vllm.LLM`` on the same prompts, >= 0.95).
 
-All three servers run at once (each idle while another is measured) and are
-measured in ``--rounds`` interleaved rounds with a rotating order, so a
-change in background load hits every side alike; ratios compare per-side
-medians over the rounds (every round is kept in the JSON).
+All three servers and the offline engine run at once (each idle while another
+is measured) and are measured in ``--rounds`` interleaved rounds with a
+rotating order, so a change in background load (including the idle sides'
+own) hits every side alike; ratios compare per-side medians over the rounds
+(every round is kept in the JSON).
 """
 
 from __future__ import annotations
@@ -163,14 +164,23 @@ def median_round(rounds: list[dict]) -> dict:
     return out
 
 
-def offline(model_dir: str, a) -> dict:
+def offline_engine(model_dir: str, a):
+    """The offline engine, same settings as the servers, warmed up."""
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=model_dir, dtype="float32", enforce_eager=True, max_model_len=a.max_model_len, enable_lora=True,
               max_lora_rank=16, max_loras=4, max_num_seqs=64, seed=0)
+    llm.chat([[{"role": "user", "content": p}] for p in PROMPTS[:4]], SamplingParams(temperature=0, max_tokens=a.max_tokens),
+             use_tqdm=False)
+    return llm
+
+
+def offline(llm, a) -> dict:
+    """One measured batch: ``2 x --offline-clients`` chats in one ``LLM.chat`` call."""
+    from vllm import SamplingParams
+
     msgs = [[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}] for i in range(a.offline_clients * 2)]
     sp = SamplingParams(temperature=0, max_tokens=a.max_tokens)
-    llm.chat(msgs[:4], sp, use_tqdm=False)
     t0 = time.perf_counter()
     outs = llm.chat(msgs, sp, use_tqdm=False)
     wall = time.perf_counter() - t0
@@ -229,20 +239,24 @@ def main() -> int:
             results[side] = {"start_s": srv.wait_ready(ready)}
             asyncio.run(load(srv.url, name, a.clients, a.clients, a.max_tokens, False))  # warm-up
         order = list(servers)
+        llm = None
+        if a.offline_clients:
+            llm = offline_engine(model, a)
+            order.append("offline")
+            rounds["offline"] = []
         for r in range(a.rounds):  # interleaved rounds, rotating the order so no side always goes first
             for side in order[r % len(order):] + order[:r % len(order)]:
-                rounds[side].append(phases(servers[side][0], name, a))
+                rounds[side].append({"wide": offline(llm, a)} if side == "offline" else phases(servers[side][0], name, a))
                 print(f"round {r + 1} {side}: {json.dumps(rounds[side][-1], default=lambda x: round(x, 4) if isinstance(x, float) else x)}", flush=True)
         for side, (srv, _) in servers.items():
             results[side] |= median_round(rounds[side]) | {"rounds": rounds[side], "rss_bytes": tree_rss(srv.proc.pid)}
+        if llm is not None:
+            results["offline"] = median_round(rounds["offline"])["wide"] | {"rounds": rounds["offline"]}
     finally:
         for srv, _ in servers.values():
             srv.stop()
     if "tuneloop" in results:
         results["tuneloop"]["logged_rows"] = _count_rows(work / "home-tuneloop" / "tuneloop.duckdb")
-    if a.offline_clients:
-        results["offline"] = offline(model, a)
-        print(f"offline: {results['offline']}", flush=True)
 
     t, v = results["tuneloop"], results["vllm"]
     ratios = {

@@ -21,9 +21,19 @@ Contract
     ``log.flush_rows`` rows are queued. Each flush opens the database
     (:meth:`tuneloop.db.Database.connect`, so other processes can write
     between flushes), inserts the whole batch through a pyarrow table with one
-    ``INSERT OR IGNORE INTO requests SELECT ... FROM batch`` in one
-    transaction, and closes it. Writing is therefore all-or-nothing per flush,
-    and re-writing a batch is harmless (ids are primary keys).
+    ``INSERT INTO requests SELECT ... FROM batch`` in one transaction (again
+    as ``INSERT OR IGNORE`` if an id is already there), and closes it. Writing
+    is therefore all-or-nothing per flush, and re-writing a batch is harmless
+    (ids are primary keys).
+  - Under steady traffic the writer thread keeps the file open between its
+    flushes (``Database.connect(keep_open=True)``) for up to ``log.hold_s``
+    at a time, saving the open and the checkpoint of every flush. It closes
+    it when a flush finds nothing to write, every ``log.hold_s``, at close,
+    and within one flush interval when another process knocks
+    (``Database.knocked``: a tuneloop process that finds the file locked
+    touches ``<db>.knock``); after a knock it reopens per flush for
+    ``10 x log.flush_interval_s`` (at least 10 s), so a CLI command of many
+    short writes is not held up at each of them.
   - If the database is busy (held by another process past the lock timeout)
     or unreachable, the flush fails: the rows stay queued (still bounded by
     ``queue_max``), ``tuneloop_log_flush_errors_total`` is incremented and the
@@ -170,6 +180,8 @@ class RequestLogWriter:
         self.rows_dropped = 0
         self.flush_errors = 0
         self.flushes = 0
+        self._held_since: float | None = None  # when the writer thread began keeping the file open
+        self._no_hold_until = 0.0              # after a knock: reopen per flush until then
 
     # -- life cycle ------------------------------------------------------------
     def start(self) -> "RequestLogWriter":
@@ -247,8 +259,10 @@ class RequestLogWriter:
                 "flush_errors": self.flush_errors, "flushes": self.flushes}
 
     # -- writing -------------------------------------------------------------
-    def flush(self) -> int:
+    def flush(self, hold: bool = False) -> int:
         """Write every queued row now, in the caller's thread; return rows written.
+
+        ``hold=True`` (the writer thread only) may leave the file open for its next flush.
 
         Blocking (disk): from async code call it in a worker thread. On failure
         the rows stay queued for the next attempt and the error is counted.
@@ -257,7 +271,7 @@ class RequestLogWriter:
         todo = self.queue_depth
         total = 0
         while todo > 0:
-            n, ok = self._write_batch()
+            n, ok = self._write_batch(hold)
             total += n
             todo -= self.MAX_BATCH
             if not ok or n == 0:
@@ -291,15 +305,37 @@ class RequestLogWriter:
                     self._cond.wait(wait)
                 closing = self._closing
             if closing:
-                self._drain()
+                try:
+                    self._drain()
+                finally:
+                    self.db.release()
                 return
             try:
-                self.flush()
+                wrote = self.flush(hold=self._may_hold())
+                self._after_flush(wrote)
             except Exception:  # never let the writer thread die
                 log.exception("request log: unexpected error in flush")
             next_flush = time.monotonic() + interval
 
-    def _write_batch(self) -> tuple[int, bool]:
+    def _may_hold(self) -> bool:
+        return self.settings.hold_s > 0 and time.monotonic() >= self._no_hold_until
+
+    def _after_flush(self, wrote: int) -> None:
+        """Let go of a file kept open: on a knock, when idle, and every ``hold_s`` (see module doc)."""
+        now = time.monotonic()
+        knocked = self.db.knocked()
+        if not self.db.held:
+            self._held_since = None
+            return
+        if self._held_since is None:
+            self._held_since = now
+        if knocked:
+            self._no_hold_until = now + max(10.0, 10 * self.settings.flush_interval_s)
+        if knocked or wrote == 0 or now - self._held_since >= self.settings.hold_s:
+            self.db.release()
+            self._held_since = None
+
+    def _write_batch(self, hold: bool = False) -> tuple[int, bool]:
         """Write up to MAX_BATCH queued rows in one transaction: (rows written, ok)."""
         with self._write_lock:
             with self._cond:
@@ -312,7 +348,7 @@ class RequestLogWriter:
                 return 0, True
             t0 = time.perf_counter()
             try:
-                written = self._insert(batch)
+                written = self._insert(batch, hold)
             except (DatabaseBusy, OSError) as e:
                 return self._failed(e)
             except Exception as e:  # noqa: BLE001 - duckdb IO errors included
@@ -402,9 +438,9 @@ class RequestLogWriter:
             except Exception:  # noqa: BLE001 - an aborted transaction refuses it; the original error matters
                 pass
 
-    def _insert(self, batch: list[RequestRecord]) -> int:
+    def _insert(self, batch: list[RequestRecord], hold: bool = False) -> int:
         table = self._table(batch)
-        with self.db.connect(log_only=True) as con:
+        with self.db.connect(log_only=True, keep_open=hold) as con:
             self._insert_table(con, table)
         return len(batch)
 

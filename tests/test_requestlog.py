@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -309,6 +310,63 @@ print("ok")
         assert w.close(timeout_s=30) == 0
     assert db.query("SELECT count(*) AS n FROM api_keys")[0]["n"] == 20
     assert count(db) == n > 0
+
+
+def test_under_steady_traffic_the_file_stays_open_between_flushes_until_another_process_knocks(db, metrics):
+    with db.connect():
+        pass
+    w = RequestLogWriter(db, LogSettings(flush_interval_s=0.1, hold_s=60), metrics).start()
+    stop, sent = threading.Event(), []
+
+    def traffic():
+        while not stop.is_set():
+            rec = record(len(sent))
+            w.submit(rec)
+            sent.append(rec.id)
+            time.sleep(0.01)
+
+    t = threading.Thread(target=traffic)
+    t.start()
+    # one write from another process, which gives up after 5 s: far less than the 60 s hold
+    other = """
+import sys
+from tuneloop.db import Database, utcnow
+from tuneloop.ids import new_id
+with Database(sys.argv[1], lock_timeout_s=5).connect() as con:
+    con.execute("INSERT INTO api_keys VALUES (?, 'cli', 'inference', ?, 'tl-x', ?, NULL)", [new_id(), new_id(), utcnow()])
+print("ok")
+"""
+    try:
+        assert wait_for(lambda: w.flushes >= 3 and w.db.held)  # kept open across flushes
+        before = w.flushes
+        p = _python(other, str(db.path))
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0 and out.strip() == "ok", err
+        assert wait_for(lambda: w.flushes >= before + 3)  # the writer carries on after letting go
+    finally:
+        stop.set()
+        t.join()
+        assert w.close(timeout_s=30) == 0
+    assert not w.db.held  # closing lets go of the file
+    assert db.query("SELECT count(*) AS n FROM api_keys")[0]["n"] == 1
+    assert {r["id"] for r in db.query("SELECT id FROM requests")} == set(sent)
+
+
+def test_an_idle_writer_does_not_keep_the_file_open(db, metrics):
+    w = RequestLogWriter(db, LogSettings(flush_interval_s=0.05, hold_s=60), metrics).start()
+    try:
+        for i in range(5):
+            w.submit(record(i))
+        assert wait_for(lambda: w.rows_written == 5)
+        assert wait_for(lambda: not w.db.held)  # the first flush with nothing to write lets go
+        # so another process opens it at once: no knock, no waiting (a lock timeout of 10 ms)
+        p = _python("import sys; from tuneloop.db import Database; "
+                    "print(Database(sys.argv[1], lock_timeout_s=0.01).query('SELECT count(*) AS n FROM requests')[0]['n'])",
+                    str(db.path))
+        out, err = p.communicate(timeout=120)
+        assert out.strip() == "5", err
+    finally:
+        w.close()
 
 
 def test_a_busy_database_keeps_rows_and_retries(db, metrics):

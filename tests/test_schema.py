@@ -153,3 +153,21 @@ def test_cached_read_reruns_only_after_a_change(db):
     assert keys.get() == 0 and keys.get() == 0 and len(calls) == 1  # unchanged: a stat, no open
     db.execute("INSERT INTO api_keys VALUES ('k', 'n', 'admin', 'h', 'p', now(), NULL)")
     assert keys.get() == 1 and len(calls) == 2
+
+
+def test_a_process_waiting_for_the_lock_knocks_and_the_holder_hears_each_knock_once(db):
+    import subprocess
+    import sys
+
+    with db.connect(keep_open=True):
+        pass
+    assert db.held and not db.knocked()
+    p = subprocess.run([sys.executable, "-c", "import sys; from tuneloop.db import Database, DatabaseBusy\n"
+                        "try:\n    Database(sys.argv[1], lock_timeout_s=0.3).query('SELECT 1')\n"
+                        "except DatabaseBusy:\n    print('busy')", str(db.path)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.stdout.strip() == "busy", p.stderr  # held: the other process had to wait, and knocked
+    assert db.knocked() and not db.knocked()
+    db.release()
+    assert not db.held
+    assert db.query("SELECT 1 AS one") == [{"one": 1}]

@@ -18,6 +18,11 @@ Contract
 * :meth:`Database.data_version` tells pollers, for the price of a ``stat``,
   whether anything but this process's own request-log appends changed the
   file since they last read it (opening DuckDB costs ~15 ms of CPU).
+* ``connect(keep_open=True)`` leaves the file attached for this process's
+  next block (the request-log writer under steady traffic) until
+  :meth:`Database.release`. A process that finds the file locked touches
+  ``<db>.knock`` while it waits; :meth:`Database.knocked` tells the holder,
+  which lets go.
 * Each ``connect()`` block is one transaction when ``transaction=True``
   (default): committed on success, rolled back on error, so a crash never
   leaves half a write. DuckDB's WAL makes a SIGKILL mid-write safe.
@@ -79,7 +84,9 @@ class _FileState:
     seen: tuple | None = None  # file signature after this process last touched the file
     version: int = 0           # bumped on any change except this process's log-only writes
     depth: int = 0             # nested connect blocks (same thread) sharing the current attachment
-    host: duckdb.DuckDBPyConnection | None = None  # the host instance the file is attached to while depth > 0
+    host: duckdb.DuckDBPyConnection | None = None  # the host instance the file is attached to (depth > 0 or held)
+    held: bool = False         # attached with no block open, kept for the next block (connect(keep_open=True))
+    knock: tuple | None | bool = False  # the knock file's state when :meth:`Database.knocked` last looked (False: never)
 
 
 _FILES: dict[str, _FileState] = {}
@@ -122,6 +129,28 @@ def _host(light: bool = False) -> duckdb.DuckDBPyConnection:
         return _HOST[0].light if light else _HOST[0].full
 
 
+def _knock_path(path: Path) -> Path:
+    return path.with_name(path.name + ".knock")
+
+
+def _knock(path: Path) -> None:
+    """Tell the process holding ``path`` that another one waits for it: touch ``<db>.knock``.
+    A server that keeps the file open between log flushes (:meth:`Database.knocked`) lets go
+    within one flush interval."""
+    try:
+        _knock_path(path).touch()
+    except OSError:
+        pass
+
+
+def _signature_of(p: Path) -> tuple | None:
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
 def _alias(path: Path) -> str:
     """The catalog name a file is attached under (unique per path, a valid identifier)."""
     return "tl_" + hashlib.sha1(str(path).encode()).hexdigest()[:16]
@@ -133,15 +162,7 @@ def _sql_str(s: str) -> str:
 
 def _signature(path: Path) -> tuple:
     """(mtime_ns, size, inode) of the file and of its write-ahead log: changes whenever either is written."""
-    out = []
-    for p in (path, path.with_name(path.name + ".wal")):
-        try:
-            st = p.stat()
-        except FileNotFoundError:
-            out.append(None)
-        else:
-            out.append((st.st_mtime_ns, st.st_size, st.st_ino))
-    return tuple(out)
+    return (_signature_of(path), _signature_of(path.with_name(path.name + ".wal")))
 
 
 class Database:
@@ -161,9 +182,14 @@ class Database:
         alias = _alias(self.path)
         if fs.depth == 0:
             host = _host(light)
-            host.execute(f"DETACH DATABASE IF EXISTS {alias}")  # left over only if a DETACH ever failed
-            self._attach(host, alias)
-            fs.host = host
+            if fs.held and fs.host is not host:  # held by the other instance: one instance per file at a time
+                self._detach(fs)
+            if fs.held:
+                fs.held = False  # reuse the attachment kept by the last block
+            else:
+                host.execute(f"DETACH DATABASE IF EXISTS {alias}")  # left over only if a DETACH ever failed
+                self._attach(host, alias)
+                fs.host = host
         host = fs.host
         cur = host.cursor()
         try:
@@ -171,10 +197,15 @@ class Database:
         except BaseException:
             cur.close()
             if fs.depth == 0:
-                host.execute(f"DETACH {alias}")
-                fs.host = None
+                self._detach(fs)
             raise
         return cur
+
+    def _detach(self, fs: _FileState) -> None:
+        """Close the file (DuckDB checkpoints on DETACH) and free its lock."""
+        host, fs.host, fs.held = fs.host, None, False
+        if host is not None:
+            host.execute(f"DETACH {_alias(self.path)}")
 
     def _attach(self, host: duckdb.DuckDBPyConnection, alias: str) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -188,6 +219,7 @@ class Database:
             except duckdb.IOException as e:
                 if not any(m in str(e) for m in _LOCK_MARKERS):
                     raise
+                _knock(self.path)  # ask a server that keeps the file open between flushes to let go
                 if time.monotonic() >= deadline:
                     raise DatabaseBusy(
                         f"database {self.path} is held by another process for over "
@@ -197,19 +229,27 @@ class Database:
                 delay = min(delay * 2, 0.25)
 
     @contextlib.contextmanager
-    def connect(self, transaction: bool = True, log_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+    def connect(self, transaction: bool = True, log_only: bool = False,
+                keep_open: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
         """Open, migrate if needed, yield a connection, commit/rollback, close.
 
         ``log_only=True`` declares that the block only appends log rows (the request-log
         writer): it does not count as a change for :meth:`data_version`.
+        ``keep_open=True`` leaves the file attached (and locked) after the block, for the next
+        block of this process to reuse, until :meth:`release` (or a block that needs the other
+        host instance). Only for a writer that releases it when :meth:`knocked` says another
+        process is waiting, and when it goes idle: the request-log writer under steady traffic.
         """
         fs = _file_state(self.path)
         with fs.lock:
+            if fs.held and fs.depth == 0 and not log_only:  # held for log appends: close it first, so the
+                self._detach(fs)                             # checkpoint is not taken for a change of data
+                fs.seen = _signature(self.path)
             before = _signature(self.path)
             if before != fs.seen:  # written by another process since we last looked
                 fs.version += 1
             try:
-                with self._connect(transaction, light=log_only) as con:
+                with self._connect(transaction, light=log_only, keep_open=keep_open) as con:
                     yield con
             finally:
                 after = _signature(self.path)
@@ -232,7 +272,7 @@ class Database:
             return fs.version
 
     @contextlib.contextmanager
-    def _connect(self, transaction: bool, light: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+    def _connect(self, transaction: bool, light: bool = False, keep_open: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
         fs = _file_state(self.path)
         con = self._open(fs, light)
         fs.depth += 1
@@ -254,8 +294,33 @@ class Database:
             con.close()
             fs.depth -= 1
             if fs.depth == 0:  # last block out closes the file (checkpointing as a close does) and frees the lock
-                host, fs.host = fs.host, None
-                host.execute(f"DETACH {_alias(self.path)}")
+                if keep_open and fs.host is not None:
+                    fs.held = True
+                else:
+                    self._detach(fs)
+
+    def release(self) -> None:
+        """Close the file if a ``keep_open`` block left it attached; no-op otherwise."""
+        fs = _file_state(self.path)
+        with fs.lock:
+            if fs.held and fs.depth == 0:
+                self._detach(fs)
+                fs.seen = _signature(self.path)
+
+    @property
+    def held(self) -> bool:
+        """Whether this process keeps the file attached between blocks right now."""
+        return _file_state(self.path).held
+
+    def knocked(self) -> bool:
+        """True once per knock: another process found the file locked since the last call (see
+        :func:`_knock`). Costs a ``stat``."""
+        fs = _file_state(self.path)
+        k = _signature_of(_knock_path(self.path))
+        with fs.lock:
+            moved = fs.knock is not False and k != fs.knock
+            fs.knock = k
+            return moved
 
     def query(self, sql: str, params: list | tuple | None = None) -> list[dict[str, Any]]:
         """Run one statement and return rows as dicts (JSON columns left as text)."""

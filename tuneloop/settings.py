@@ -89,6 +89,7 @@ class LogSettings:
     enabled: bool = field(default=True, metadata={"help": "Write every request to the request log."})
     flush_interval_s: float = field(default=1.0, metadata={"help": "Longest time a row waits in memory before it is written."})
     flush_rows: int = field(default=1000, metadata={"help": "Flush as soon as this many rows are queued."})
+    hold_s: float = field(default=10.0, metadata={"help": "Under steady traffic keep the database open between flushes for up to this long at a time (saves an open and a checkpoint per flush); another tuneloop process that needs the file gets it within one flush interval. 0 = open it for each flush."})
     queue_max: int = field(default=100_000, metadata={"help": "Bounded queue size; when full, new rows are dropped and counted (tuneloop_log_rows_dropped_total)."})
     redact_prompts: bool = field(default=False, metadata={"help": "Store no prompt/response text, only sizes and timings."})
     scrub_pii: bool = field(default=False, metadata={"help": "Scrub emails, phones, card numbers and IPs from logged text."})
