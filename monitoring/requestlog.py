@@ -155,6 +155,8 @@ class RequestLogWriter:
         for name, low in (("flush_interval_s", 0.0), ("flush_rows", 0), ("queue_max", 0)):
             if not getattr(settings, name) > low:
                 raise UserError(f"log.{name} must be > {low:g}, got {getattr(settings, name)!r}")
+        if not settings.hold_s >= 0:
+            raise UserError(f"log.hold_s must be >= 0 (0 = reopen the database for each flush), got {settings.hold_s!r}")
         self.settings = settings
         self.metrics = metrics
         # our own handle: a flush must not wait the CLI's long lock timeout before it can retry

@@ -399,10 +399,10 @@ print("released", flush=True)
     assert {r["id"] for r in db.query("SELECT id FROM requests")} == {r.id for r in recs}
 
 
-@pytest.mark.parametrize("bad", ["flush_rows=0", "flush_interval_s=0", "queue_max=-1"])
+@pytest.mark.parametrize("bad", ["flush_rows=0", "flush_interval_s=0", "queue_max=-1", "hold_s=-1"])
 def test_nonsense_settings_are_a_clear_error(db, bad):
     from tuneloop.errors import UserError
 
     key, value = bad.split("=")
-    with pytest.raises(UserError, match=f"log.{key} must be > "):
+    with pytest.raises(UserError, match=f"log.{key} must be >"):
         RequestLogWriter(db, LogSettings(**{key: type(getattr(LogSettings(), key))(value)}))
