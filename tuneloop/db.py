@@ -4,11 +4,12 @@ Contract
 --------
 * :class:`Database` is a value (a path), not an open connection.
   ``with db.connect() as con:`` opens the file, applies any pending migrations
-  and closes it on exit. Opening is an ATTACH onto one in-memory DuckDB
-  instance per process (:class:`_Host`), ~2.5 ms of CPU instead of the ~13 ms a
-  new instance costs; the only process-wide state here mirrors what DuckDB and
-  the OS already keep per process (that instance, and per file a lock and a
-  change counter), and no file stays open between blocks.
+  and closes it on exit. Opening is an ATTACH onto an in-memory DuckDB
+  instance the process keeps (:class:`_Host`), ~2.5 ms of CPU instead of the
+  ~13 ms a new instance costs. The only process-wide state here mirrors what
+  DuckDB and the OS already keep per process (those instances, and per file a
+  lock and a change counter); no file stays open between blocks unless a
+  block asks for it (``keep_open``, below).
 * DuckDB lets one process hold the file at a time. Every tuneloop process
   (server log writer, CLI, trainer) therefore keeps its connections short and
   :meth:`Database.connect` retries on the lock error with back-off for up to
@@ -17,7 +18,7 @@ Contract
   for open + 1,000 inserts + close; see docs/ARCHITECTURE.md.
 * :meth:`Database.data_version` tells pollers, for the price of a ``stat``,
   whether anything but this process's own request-log appends changed the
-  file since they last read it (opening DuckDB costs ~15 ms of CPU).
+  file since they last read it (cheaper than any open).
 * ``connect(keep_open=True)`` leaves the file attached for this process's
   next block (the request-log writer under steady traffic) until
   :meth:`Database.release`. A process that finds the file locked touches
