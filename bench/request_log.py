@@ -68,10 +68,9 @@ def cpu_ms(fn, n=50):
 
 
 def new_instance():
-    w2 = RequestLogWriter(db, LogSettings())
-    table = w2._table(recs(5))
+    table = w._table(recs(5))
     con = duckdb.connect(str(db.path))
-    con.begin(); w2._insert_table(con, table); con.commit(); con.close()
+    con.begin(); w._insert_table(con, table); con.commit(); con.close()
 
 
 def five(hold):

@@ -243,9 +243,8 @@ class Database:
         """
         fs = _file_state(self.path)
         with fs.lock:
-            if fs.held and fs.depth == 0 and not log_only:  # held for log appends: close it first, so the
-                self._detach(fs)                             # checkpoint is not taken for a change of data
-                fs.seen = _signature(self.path)
+            if not log_only:  # a file held for log appends is closed first: its checkpoint is no change of data
+                self.release()
             before = _signature(self.path)
             if before != fs.seen:  # written by another process since we last looked
                 fs.version += 1
