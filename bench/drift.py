@@ -98,28 +98,46 @@ def reference_profile(path: Path, vocab_size: int = 10000, seed: int = 0) -> dic
     """The profile dict ``monitoring.profile`` stores, built from the reference rows with SQL (not timed)."""
     import numpy as np
 
-    from monitoring.drift import WORD_PATTERN, _TEXT_SQL
-    from monitoring.profile import js_null
     from tuneloop.db import Database
+    from tuneloop.monitoring.drift import _TEXT_SQL, WORD_PATTERN
+    from tuneloop.monitoring.profile import js_null
 
     ref = "model_version = 'bench-ref'"
     with Database(path).connect(transaction=False) as con:
+
         def vc(col):
-            return [[int(a), int(b)] for a, b in con.execute(f"SELECT {col}, count(*) FROM requests WHERE {ref} GROUP BY 1 ORDER BY 1").fetchall()]
+            return [
+                [int(a), int(b)]
+                for a, b in con.execute(
+                    f"SELECT {col}, count(*) FROM requests WHERE {ref} GROUP BY 1 ORDER BY 1"
+                ).fetchall()
+            ]
+
         n, flen, empty = con.execute(f"""SELECT count(*), count(*) FILTER (WHERE finish_reason = 'length'),
                                          count(*) FILTER (WHERE response = '') FROM requests WHERE {ref}""").fetchone()
         wc = con.execute(f"""SELECT word, count(*) AS c FROM (SELECT unnest(regexp_extract_all(lower({_TEXT_SQL}), '{WORD_PATTERN.replace("'", "''")}')) AS word
                              FROM requests WHERE {ref}) GROUP BY word ORDER BY c DESC, word""").fetchall()
-        texts = [r[0] for r in con.execute(f"SELECT {_TEXT_SQL} FROM requests WHERE {ref} USING SAMPLE reservoir(5000 ROWS) REPEATABLE (1)").fetchall()]
+        texts = [
+            r[0]
+            for r in con.execute(
+                f"SELECT {_TEXT_SQL} FROM requests WHERE {ref} USING SAMPLE reservoir(5000 ROWS) REPEATABLE (1)"
+            ).fetchall()
+        ]
         prompt_length, response_length = vc("prompt_tokens"), vc("completion_tokens")
     total = sum(c for _, c in wc)
     top = wc[:vocab_size]
     kept = sum(c for _, c in top)
     return {
-        "n_rows": int(n), "prompt_length": prompt_length, "response_length": response_length,
-        "vocab": [w for w, _ in top], "vocab_counts": [c for _, c in top], "total_tokens": total,
-        "oov_tokens": total - kept, "oov_expected": ((total - kept) + sum(1 for _, c in top if c == 1)) / total,
-        "finish_mix": {"length": int(flen), "stop": int(n - flen)}, "empty_share": empty / n,
+        "n_rows": int(n),
+        "prompt_length": prompt_length,
+        "response_length": response_length,
+        "vocab": [w for w, _ in top],
+        "vocab_counts": [c for _, c in top],
+        "total_tokens": total,
+        "oov_tokens": total - kept,
+        "oov_expected": ((total - kept) + sum(1 for _, c in top if c == 1)) / total,
+        "finish_mix": {"length": int(flen), "stop": int(n - flen)},
+        "empty_share": empty / n,
         "js_null": js_null(texts, vocab_size, np.random.default_rng(seed)),
     }
 
@@ -131,15 +149,19 @@ def common_statistics(path: Path) -> dict:
     """PSI, KS, Wasserstein on prompt_tokens and categorical JS on finish_reason, from the database."""
     import numpy as np
 
-    from monitoring.drift import js_divergence, ks_counts, psi_counts, wasserstein_counts
     from tuneloop.db import Database
+    from tuneloop.monitoring.drift import js_divergence, ks_counts, psi_counts, wasserstein_counts
 
     with Database(path, read_only=True).connect(transaction=False) as con:
         lens = con.execute("""SELECT model_version = 'bench-v1' AS prod, prompt_tokens, count(*) FROM requests
                               WHERE model_version IN ('bench-ref', 'bench-v1') AND status < 400 GROUP BY ALL""").fetchnumpy()
         fin = con.execute("""SELECT model_version = 'bench-v1' AS prod, finish_reason, count(*) FROM requests
                              WHERE model_version IN ('bench-ref', 'bench-v1') AND status < 400 GROUP BY ALL""").fetchall()
-    prod, val, cnt = np.asarray(lens["prod"]), np.asarray(lens["prompt_tokens"], float), np.asarray(lens["count_star()"], float)
+    prod, val, cnt = (
+        np.asarray(lens["prod"]),
+        np.asarray(lens["prompt_tokens"], float),
+        np.asarray(lens["count_star()"], float),
+    )
     rv, rc, pv, pc = val[~prod], cnt[~prod], val[prod], cnt[prod]
     psi, *_ = psi_counts(rv, rc, pv, pc, 10)
     d, p = ks_counts(rv, rc, pv, pc)
@@ -150,9 +172,17 @@ def common_statistics(path: Path) -> dict:
     ref_f = np.array([sum(n for pr, c, n in fin if c == k and not pr) for k in cats], float)
     prod_f = np.array([sum(n for pr, c, n in fin if c == k and pr) for k in cats], float)
     js_nat = js_divergence(ref_f, prod_f, base=np.e)
-    return {"psi": psi, "ks_statistic": d, "ks_pvalue": p, "wasserstein": wd, "wasserstein_normed": wd / ref_std,
-            "js_divergence_nat": js_nat, "js_distance_nat": float(np.sqrt(js_nat)),
-            "n_reference": int(rc.sum()), "n_production": int(pc.sum())}
+    return {
+        "psi": psi,
+        "ks_statistic": d,
+        "ks_pvalue": p,
+        "wasserstein": wd,
+        "wasserstein_normed": wd / ref_std,
+        "js_divergence_nat": js_nat,
+        "js_distance_nat": float(np.sqrt(js_nat)),
+        "n_reference": int(rc.sum()),
+        "n_production": int(pc.sum()),
+    }
 
 
 def full_pass(path: Path, profile: dict, word_sample: int | None = None) -> dict:
@@ -162,19 +192,30 @@ def full_pass(path: Path, profile: dict, word_sample: int | None = None) -> dict
     ``word_sample`` overrides it (0: every request, the exact count)."""
     from datetime import datetime
 
-    from monitoring.drift import compare, parse_window, production_stats
     from tuneloop.db import Database
+    from tuneloop.monitoring.drift import compare, parse_window, production_stats
     from tuneloop.settings import DriftSettings
 
     settings = DriftSettings(embeddings=False)
     if word_sample is not None:
         settings.word_sample = word_sample
     with Database(path, read_only=True).connect(transaction=False) as con:
-        prod = production_stats(con, "bench-v1", parse_window("3650d"), profile["vocab"], datetime(2026, 1, 1),
-                                word_sample=settings.word_sample)
+        prod = production_stats(
+            con,
+            "bench-v1",
+            parse_window("3650d"),
+            profile["vocab"],
+            datetime(2026, 1, 1),
+            word_sample=settings.word_sample,
+        )
     res = compare(profile, prod, settings, "bench")
-    return {"n_requests": prod.n_requests, "score": res.score,
-            "features": {f.feature: {"value": f.value, "threshold": f.threshold, "drifted": f.drifted} for f in res.features}}
+    return {
+        "n_requests": prod.n_requests,
+        "score": res.score,
+        "features": {
+            f.feature: {"value": f.value, "threshold": f.threshold, "drifted": f.drifted} for f in res.features
+        },
+    }
 
 
 def peak_rss_gb() -> float:
@@ -183,7 +224,7 @@ def peak_rss_gb() -> float:
     Not ``getrusage().ru_maxrss``: Linux carries that over from the parent at fork+exec, so a child
     started by this benchmark right after it generated 1M rows reported the parent's ~0.37 GB."""
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024 ** 2
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024**2
 
 
 def ours_child(path: Path, profile_path: Path, which: str, repeats: int) -> None:
@@ -192,20 +233,22 @@ def ours_child(path: Path, profile_path: Path, which: str, repeats: int) -> None
     import scipy.stats  # noqa: F401
 
     profile = json.loads(profile_path.read_text())
-    fn = {"common": lambda: common_statistics(path), "full": lambda: full_pass(path, profile),
-          "full_exact": lambda: full_pass(path, profile, word_sample=0)}[which]
+    fn = {
+        "common": lambda: common_statistics(path),
+        "full": lambda: full_pass(path, profile),
+        "full_exact": lambda: full_pass(path, profile, word_sample=0),
+    }[which]
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         values = fn()
         times.append(time.perf_counter() - t)
-    print(json.dumps({"times_s": times, "values": values,
-                      "peak_rss_gb": peak_rss_gb()}))
+    print(json.dumps({"times_s": times, "values": values, "peak_rss_gb": peak_rss_gb()}))
 
 
 # ---- Evidently side (runs in the bench venv) -------------------------------------------------------
 
-EVIDENTLY_CHILD = r'''
+EVIDENTLY_CHILD = r"""
 import json, sys, time, warnings
 warnings.filterwarnings("ignore")
 import pandas as pd
@@ -236,7 +279,7 @@ def peak_rss_gb():  # VmHWM, as on our side (ru_maxrss would include the parent'
         return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024 ** 2
 print(json.dumps({"version": evidently.__version__, "pandas": pd.__version__, "load_s": load_s, "times_s": times,
                   "values": values, "peak_rss_gb": peak_rss_gb()}))
-'''
+"""
 
 
 def ensure_bench_venv() -> Path:
@@ -260,8 +303,12 @@ def run_evidently(path: Path, tmp: Path, repeats: int) -> dict:
                         TO '{tmp / name}.parquet' (FORMAT parquet)""")
     con.close()
     (tmp / "evidently_child.py").write_text(EVIDENTLY_CHILD)
-    r = subprocess.run([str(py), str(tmp / "evidently_child.py"), str(tmp / "ref.parquet"), str(tmp / "prod.parquet"), str(repeats)],
-                       capture_output=True, text=True, cwd=tmp)
+    r = subprocess.run(
+        [str(py), str(tmp / "evidently_child.py"), str(tmp / "ref.parquet"), str(tmp / "prod.parquet"), str(repeats)],
+        capture_output=True,
+        text=True,
+        cwd=tmp,
+    )
     if r.returncode != 0:
         raise SystemExit(f"Evidently run failed:\n{r.stderr[-4000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -271,7 +318,9 @@ def run_evidently(path: Path, tmp: Path, repeats: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--rows", type=int, default=1_000_000, help="production requests (default 1,000,000)")
     ap.add_argument("--reference-rows", type=int, default=100_000, help="reference rows (default 100,000)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement; the best is reported")
@@ -292,8 +341,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {gen['generate_s']:.1f} s, {gen['db_bytes'] / 1e6:.0f} MB; timing tuneloop ...", file=sys.stderr)
         ours = {}
         for which in ("common", "full", "full_exact"):  # one fresh process each: its peak RSS is that measurement's own
-            r = subprocess.run([sys.executable, __file__, "--_ours", str(db_path), str(tmp / "profile.json"), which,
-                                "--repeats", "1" if which == "full_exact" else str(a.repeats)], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            r = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--_ours",
+                    str(db_path),
+                    str(tmp / "profile.json"),
+                    which,
+                    "--repeats",
+                    "1" if which == "full_exact" else str(a.repeats),
+                ],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )
             if r.returncode != 0:
                 raise SystemExit(f"tuneloop run failed:\n{r.stderr[-4000:]}")
             ours[which] = json.loads(r.stdout.strip().splitlines()[-1])
@@ -303,34 +365,65 @@ def main(argv: list[str] | None = None) -> int:
             ev = run_evidently(db_path, tmp, max(1, min(a.repeats, 2)))
 
     common_s, full_s = min(ours["common"]["times_s"]), min(ours["full"]["times_s"])
-    result = {"rows": a.rows, "reference_rows": a.reference_rows, "cpus": os.cpu_count(), "load_avg": os.getloadavg(),
-              "generate": gen, "tuneloop": ours, "evidently": ev}
-    print(f"\n{a.rows:,} production vs {a.reference_rows:,} reference requests; {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f}; best of {a.repeats}")
+    result = {
+        "rows": a.rows,
+        "reference_rows": a.reference_rows,
+        "cpus": os.cpu_count(),
+        "load_avg": os.getloadavg(),
+        "generate": gen,
+        "tuneloop": ours,
+        "evidently": ev,
+    }
+    print(
+        f"\n{a.rows:,} production vs {a.reference_rows:,} reference requests; {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f}; best of {a.repeats}"
+    )
     print(f"{'what':58s} {'seconds':>8s} {'peak RSS GB':>12s}")
-    print(f"{'tuneloop: PSI+KS+Wasserstein+categorical JS (SQL + numpy)':58s} {common_s:8.3f} {ours['common']['peak_rss_gb']:12.2f}")
-    print(f"{'tuneloop: full non-embedding drift pass (production_stats+compare)':58s} {full_s:8.3f} {ours['full']['peak_rss_gb']:12.2f}")
+    print(
+        f"{'tuneloop: PSI+KS+Wasserstein+categorical JS (SQL + numpy)':58s} {common_s:8.3f} {ours['common']['peak_rss_gb']:12.2f}"
+    )
+    print(
+        f"{'tuneloop: full non-embedding drift pass (production_stats+compare)':58s} {full_s:8.3f} {ours['full']['peak_rss_gb']:12.2f}"
+    )
     exact = ours["full_exact"]
-    print(f"{'  the same, counting every word (drift.word_sample=0)':58s} {min(exact['times_s']):8.3f} {exact['peak_rss_gb']:12.2f}")
+    print(
+        f"{'  the same, counting every word (drift.word_sample=0)':58s} {min(exact['times_s']):8.3f} {exact['peak_rss_gb']:12.2f}"
+    )
     fs, fe = ours["full"]["values"]["features"], exact["values"]["features"]
-    print("  sampled vs exact word statistics: " + ", ".join(
-        f"{k} {fs[k]['value']:.4f} vs {fe[k]['value']:.4f} (drifted {fs[k]['drifted']} / {fe[k]['drifted']})" for k in ("vocabulary", "oov")))
+    print(
+        "  sampled vs exact word statistics: "
+        + ", ".join(
+            f"{k} {fs[k]['value']:.4f} vs {fe[k]['value']:.4f} (drifted {fs[k]['drifted']} / {fe[k]['drifted']})"
+            for k in ("vocabulary", "oov")
+        )
+    )
     if ev:
         ev_s = min(ev["times_s"])
-        print(f"{'Evidently ' + ev['version'] + ': the same 4 statistics (Report.run)':58s} {ev_s:8.3f} {ev['peak_rss_gb']:12.2f}")
+        print(
+            f"{'Evidently ' + ev['version'] + ': the same 4 statistics (Report.run)':58s} {ev_s:8.3f} {ev['peak_rss_gb']:12.2f}"
+        )
         print(f"{'Evidently: Parquet -> pandas load (not in its time)':58s} {ev['load_s']:8.3f}")
         result["ratio_common"] = ev_s / common_s
         result["ratio_full"] = ev_s / full_s
-        print(f"\nspeed-up vs Evidently: {ev_s / common_s:.1f}x (same statistics), {ev_s / full_s:.1f}x (our full pass)")
+        print(
+            f"\nspeed-up vs Evidently: {ev_s / common_s:.1f}x (same statistics), {ev_s / full_s:.1f}x (our full pass)"
+        )
         print("\nvalues        tuneloop              Evidently")
         ov = ours["common"]["values"]
-        for key, ours_key in (("psi", "psi"), ("ks_pvalue", "ks_pvalue"), ("wasserstein_normed", "wasserstein_normed"),
-                              ("js_distance_nat", "js_distance_nat")):
+        for key, ours_key in (
+            ("psi", "psi"),
+            ("ks_pvalue", "ks_pvalue"),
+            ("wasserstein_normed", "wasserstein_normed"),
+            ("js_distance_nat", "js_distance_nat"),
+        ):
             print(f"{key:18s} {ov[ours_key]:<20.6g} {ev['values'][key]:.6g}")
         print("(PSI differs by design: ours bins at reference quantiles, Evidently equal-width over both samples)")
-    checks = {"stats_under_1s": common_s <= TARGET_S, "full_pass_under_1s": full_s <= TARGET_S,
-              "stats_rss_under_0.4GB": ours["common"]["peak_rss_gb"] <= TARGET_RSS_GB,
-              "full_pass_rss_under_0.4GB": ours["full"]["peak_rss_gb"] <= TARGET_RSS_GB}
+    checks = {
+        "stats_under_1s": common_s <= TARGET_S,
+        "full_pass_under_1s": full_s <= TARGET_S,
+        "stats_rss_under_0.4GB": ours["common"]["peak_rss_gb"] <= TARGET_RSS_GB,
+        "full_pass_rss_under_0.4GB": ours["full"]["peak_rss_gb"] <= TARGET_RSS_GB,
+    }
     if ev:
         checks["10x_faster"] = result["ratio_common"] >= TARGET_RATIO
     result["checks"] = checks

@@ -42,9 +42,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 PROMPTS = [
-    "What is the capital of France?", "Give me three tips for learning to cook.", "Explain photosynthesis simply.",
-    "Write a haiku about the sea.", "How do I make a cup of tea?", "What is a prime number?",
-    "Name three planets in our solar system.", "Why is the sky blue?",
+    "What is the capital of France?",
+    "Give me three tips for learning to cook.",
+    "Explain photosynthesis simply.",
+    "Write a haiku about the sea.",
+    "How do I make a cup of tea?",
+    "What is a prime number?",
+    "Name three planets in our solar system.",
+    "Why is the sky blue?",
 ]
 
 
@@ -69,8 +74,10 @@ def tree_rss(pid: int) -> int:
 class Server:
     def __init__(self, cmd: list[str], env: dict[str, str], port: int, log: Path):
         self.port, self.log = port, log
-        fh = open(log, "w")
-        self.proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, cwd=str(log.parent))
+        fh = open(log, "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, cwd=str(log.parent)
+        )
         fh.close()
         self.url = f"http://127.0.0.1:{port}"
 
@@ -110,10 +117,15 @@ async def load(url: str, model: str, clients: int, requests: int, max_tokens: in
     conn = aiohttp.TCPConnector(limit=clients, keepalive_timeout=2.0)  # below the servers' 5 s keep-alive
 
     async with aiohttp.ClientSession(base_url=url, connector=conn, timeout=aiohttp.ClientTimeout(total=600)) as h:
+
         async def one(i: int):
             nonlocal tokens
-            body = {"model": model, "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-                    "max_tokens": max_tokens, "temperature": 0}
+            body = {
+                "model": model,
+                "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+            }
             async with sem:
                 t0 = time.perf_counter()
                 if stream:
@@ -141,17 +153,27 @@ async def load(url: str, model: str, clients: int, requests: int, max_tokens: in
         await asyncio.gather(*(one(i) for i in range(requests)))
         wall = time.perf_counter() - t0
     q = lambda xs, p: statistics.quantiles(xs, n=100)[p - 1] if len(xs) > 1 else (xs[0] if xs else float("nan"))  # noqa: E731
-    return {"tok_s": tokens / wall, "tokens": tokens, "wall_s": wall, "ttft_p50": q(ttfts, 50) if ttfts else None,
-            "lat_p50": q(lats, 50), "lat_p95": q(lats, 95)}
+    return {
+        "tok_s": tokens / wall,
+        "tokens": tokens,
+        "wall_s": wall,
+        "ttft_p50": q(ttfts, 50) if ttfts else None,
+        "lat_p50": q(lats, 50),
+        "lat_p95": q(lats, 95),
+    }
 
 
 def phases(server: Server, model: str, a) -> dict:
     """One round of measured phases on ``server``: non-streaming, streaming, and (optionally) wide."""
     out = {}
     for stream in (False, True):
-        out["stream" if stream else "plain"] = asyncio.run(load(server.url, model, a.clients, a.requests, a.max_tokens, stream))
+        out["stream" if stream else "plain"] = asyncio.run(
+            load(server.url, model, a.clients, a.requests, a.max_tokens, stream)
+        )
     if a.offline_clients:
-        out["wide"] = asyncio.run(load(server.url, model, a.offline_clients, a.offline_clients * 2, a.max_tokens, False))
+        out["wide"] = asyncio.run(
+            load(server.url, model, a.offline_clients, a.offline_clients * 2, a.max_tokens, False)
+        )
     return out
 
 
@@ -159,8 +181,11 @@ def median_round(rounds: list[dict]) -> dict:
     """Per phase and metric, the median over rounds (robust to one disturbed round)."""
     out: dict = {}
     for phase in rounds[0]:
-        out[phase] = {k: statistics.median(r[phase][k] for r in rounds) for k in rounds[0][phase]
-                      if all(r[phase][k] is not None for r in rounds)}
+        out[phase] = {
+            k: statistics.median(r[phase][k] for r in rounds)
+            for k in rounds[0][phase]
+            if all(r[phase][k] is not None for r in rounds)
+        }
     return out
 
 
@@ -168,10 +193,22 @@ def offline_engine(model_dir: str, a):
     """The offline engine, same settings as the servers, warmed up."""
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model_dir, dtype="float32", enforce_eager=True, max_model_len=a.max_model_len, enable_lora=True,
-              max_lora_rank=16, max_loras=4, max_num_seqs=64, seed=0)
-    llm.chat([[{"role": "user", "content": p}] for p in PROMPTS[:4]], SamplingParams(temperature=0, max_tokens=a.max_tokens),
-             use_tqdm=False)
+    llm = LLM(
+        model=model_dir,
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=a.max_model_len,
+        enable_lora=True,
+        max_lora_rank=16,
+        max_loras=4,
+        max_num_seqs=64,
+        seed=0,
+    )
+    llm.chat(
+        [[{"role": "user", "content": p}] for p in PROMPTS[:4]],
+        SamplingParams(temperature=0, max_tokens=a.max_tokens),
+        use_tqdm=False,
+    )
     return llm
 
 
@@ -190,15 +227,21 @@ def offline(llm, a) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(Path.home() / ".cache/tuneloop/models/smollm2-135m-instruct"), help="model folder")
+    ap.add_argument(
+        "--model", default=str(Path.home() / ".cache/tuneloop/models/smollm2-135m-instruct"), help="model folder"
+    )
     ap.add_argument("--tiny", action="store_true", help="build and use the tiny random test model")
     ap.add_argument("--clients", type=int, default=16, help="concurrent clients")
     ap.add_argument("--requests", type=int, default=64, help="requests per measured phase")
     ap.add_argument("--max-tokens", type=int, default=32, help="completion tokens per request")
     ap.add_argument("--max-model-len", type=int, default=2048)
-    ap.add_argument("--offline-clients", type=int, default=64, help="concurrency of the offline-engine comparison (0 = skip)")
+    ap.add_argument(
+        "--offline-clients", type=int, default=64, help="concurrency of the offline-engine comparison (0 = skip)"
+    )
     ap.add_argument("--skip-log-off", action="store_true", help="skip the logging-off run")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds per side (medians are compared)")
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="interleaved measurement rounds per side (medians are compared)"
+    )
     a = ap.parse_args()
 
     from tuneloop.runtime import configure_vllm_env
@@ -207,16 +250,30 @@ def main() -> int:
     configure_vllm_env(cache_root=ROOT / ".tuneloop")
     model = a.model
     if a.tiny:
-        from trainer.bootstrap import build_tiny_model
+        from tuneloop.trainer.bootstrap import build_tiny_model
 
         model = str(build_tiny_model(work / "tiny-llama"))
     name = Path(model).name
-    env = dict(os.environ, TUNELOOP_ENGINE__MAX_MODEL_LEN=str(a.max_model_len),
-               TUNELOOP_ENGINE__MAX_NUM_SEQS="64", TUNELOOP_ENGINE__MAX_LORA_RANK="16", TUNELOOP_ENGINE__MAX_LORAS="4")
+    env = dict(
+        os.environ,
+        TUNELOOP_ENGINE__MAX_MODEL_LEN=str(a.max_model_len),
+        TUNELOOP_ENGINE__MAX_NUM_SEQS="64",
+        TUNELOOP_ENGINE__MAX_LORA_RANK="16",
+        TUNELOOP_ENGINE__MAX_LORAS="4",
+    )
     env.pop("TUNELOOP_CONFIG", None)
-    results: dict = {"config": vars(a) | {"model": model, "cpus": os.cpu_count(),
-                                           "env": {k: v for k, v in os.environ.items() if k.startswith("VLLM_CPU")}}}
-    print(f"model {model}; {a.clients} clients x {a.requests} requests, max_tokens={a.max_tokens}; work dir {work}", flush=True)
+    results: dict = {
+        "config": vars(a)
+        | {
+            "model": model,
+            "cpus": os.cpu_count(),
+            "env": {k: v for k, v in os.environ.items() if k.startswith("VLLM_CPU")},
+        }
+    }
+    print(
+        f"model {model}; {a.clients} clients x {a.requests} requests, max_tokens={a.max_tokens}; work dir {work}",
+        flush=True,
+    )
 
     sides = [("tuneloop", {}), ("tuneloop_nolog", {"TUNELOOP_LOG__ENABLED": "false"})]
     if a.skip_log_off:
@@ -225,13 +282,53 @@ def main() -> int:
     for side, extra in sides:  # separate homes: each tuneloop side owns its database
         port = free_port()
         home = {"TUNELOOP_HOME": str(work / f"home-{side}")}
-        servers[side] = (Server([str(Path(sys.executable).parent / "tuneloop"), "serve", "--model", model, "--port", str(port),
-                                 "--log-level", "warning"], env | home | extra, port, work / f"{side}.log"), "/readyz")
+        servers[side] = (
+            Server(
+                [
+                    str(Path(sys.executable).parent / "tuneloop"),
+                    "serve",
+                    "--model",
+                    model,
+                    "--port",
+                    str(port),
+                    "--log-level",
+                    "warning",
+                ],
+                env | home | extra,
+                port,
+                work / f"{side}.log",
+            ),
+            "/readyz",
+        )
     port = free_port()
-    vcmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name", name,
-            "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", str(a.max_model_len),
-            "--enable-lora", "--max-lora-rank", "16", "--max-loras", "4", "--max-num-seqs", "64", "--seed", "0",
-            "--disable-log-stats", "--uvicorn-log-level", "warning"]
+    vcmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model,
+        "--served-model-name",
+        name,
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--max-model-len",
+        str(a.max_model_len),
+        "--enable-lora",
+        "--max-lora-rank",
+        "16",
+        "--max-loras",
+        "4",
+        "--max-num-seqs",
+        "64",
+        "--seed",
+        "0",
+        "--disable-log-stats",
+        "--uvicorn-log-level",
+        "warning",
+    ]
     servers["vllm"] = (Server(vcmd, env, port, work / "vllm.log"), "/health")
     rounds: dict[str, list[dict]] = {side: [] for side in servers}
     try:
@@ -245,9 +342,14 @@ def main() -> int:
             order.append("offline")
             rounds["offline"] = []
         for r in range(a.rounds):  # interleaved rounds, rotating the order so no side always goes first
-            for side in order[r % len(order):] + order[:r % len(order)]:
-                rounds[side].append({"wide": offline(llm, a)} if side == "offline" else phases(servers[side][0], name, a))
-                print(f"round {r + 1} {side}: {json.dumps(rounds[side][-1], default=lambda x: round(x, 4) if isinstance(x, float) else x)}", flush=True)
+            for side in order[r % len(order) :] + order[: r % len(order)]:
+                rounds[side].append(
+                    {"wide": offline(llm, a)} if side == "offline" else phases(servers[side][0], name, a)
+                )
+                print(
+                    f"round {r + 1} {side}: {json.dumps(rounds[side][-1], default=lambda x: round(x, 4) if isinstance(x, float) else x)}",
+                    flush=True,
+                )
         for side, (srv, _) in servers.items():
             results[side] |= median_round(rounds[side]) | {"rounds": rounds[side], "rss_bytes": tree_rss(srv.proc.pid)}
         if llm is not None:
@@ -270,7 +372,9 @@ def main() -> int:
         ratios["logging_on_off_plain (>=0.98)"] = t["plain"]["tok_s"] / n["plain"]["tok_s"]
         ratios["logging_on_off_stream (>=0.98)"] = t["stream"]["tok_s"] / n["stream"]["tok_s"]
     if a.offline_clients:
-        ratios[f"tuneloop_{a.offline_clients}_clients_vs_offline (>=0.95)"] = t["wide"]["tok_s"] / results["offline"]["tok_s"]
+        ratios[f"tuneloop_{a.offline_clients}_clients_vs_offline (>=0.95)"] = (
+            t["wide"]["tok_s"] / results["offline"]["tok_s"]
+        )
     results["ratios"] = ratios
     print("\nratios (tuneloop / baseline):")
     for k, r in ratios.items():

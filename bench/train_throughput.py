@@ -57,22 +57,48 @@ def baseline(args) -> None:
     from trl import SFTConfig, SFTTrainer
 
     dd = load_from_disk(str(Path(args.dataset_dir) / "data"))
-    ds = dd["train"].map(lambda r: {"prompt": r["messages"][:-1], "completion": r["messages"][-1:]},
-                         remove_columns=dd["train"].column_names)
+    ds = dd["train"].map(
+        lambda r: {"prompt": r["messages"][:-1], "completion": r["messages"][-1:]},
+        remove_columns=dd["train"].column_names,
+    )
     tok = AutoTokenizer.from_pretrained(args.base)
     model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
-    cfg = SFTConfig(output_dir=args.out, bf16=False, gradient_checkpointing=False, per_device_train_batch_size=4,
-                    learning_rate=2e-4, lr_scheduler_type="cosine", max_steps=args.steps, seed=42, logging_steps=1,
-                    save_strategy="no", report_to=[], disable_tqdm=True)
-    peft = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                      task_type="CAUSAL_LM")
+    cfg = SFTConfig(
+        output_dir=args.out,
+        bf16=False,
+        gradient_checkpointing=False,
+        per_device_train_batch_size=4,
+        learning_rate=2e-4,
+        lr_scheduler_type="cosine",
+        max_steps=args.steps,
+        seed=42,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+    )
+    peft = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.05,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        task_type="CAUSAL_LM",
+    )
     tr = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft)
     res = tr.train()
     logs = tr.state.log_history
     losses = [e["loss"] for e in logs if "loss" in e]
     toks = [e["num_tokens"] for e in logs if "num_tokens" in e]
-    print(json.dumps({"num_tokens": int(toks[-1]), "train_runtime_s": float(res.metrics["train_runtime"]),
-                      "losses": losses, "steps": tr.state.global_step}))
+    print(
+        json.dumps(
+            {
+                "num_tokens": int(toks[-1]),
+                "train_runtime_s": float(res.metrics["train_runtime"]),
+                "losses": losses,
+                "steps": tr.state.global_step,
+            }
+        )
+    )
 
 
 def main() -> int:
@@ -89,37 +115,95 @@ def main() -> int:
         baseline(args)
         return 0
 
-    from trainer.bootstrap import resolve_base
+    from tuneloop.trainer.bootstrap import resolve_base
 
     work = Path(tempfile.mkdtemp(prefix="tl-bench-train-"))
     env = dict(os.environ, TUNELOOP_HOME=str(work / "home"), TOKENIZERS_PARALLELISM="false")
     models = Path(os.environ.get("TUNELOOP_MODEL_CACHE", Path.home() / ".cache" / "tuneloop" / "models"))
     base = str(resolve_base(args.base, models))
     tl = str(VENV_BIN / "tuneloop")
-    subprocess.run([tl, "data", "corpus", "chatterbot-corpus", "-o", str(work / "chat.jsonl"), "--limit", str(args.rows)],
-                   env=env, check=True, capture_output=True)
-    r = subprocess.run([tl, "data", "prepare", str(work / "chat.jsonl"), "--name", "bench", "--base", base,
-                        "--split", "100/0/0", "--json", "--no-progress"], env=env, check=True, capture_output=True, text=True)
+    subprocess.run(
+        [tl, "data", "corpus", "chatterbot-corpus", "-o", str(work / "chat.jsonl"), "--limit", str(args.rows)],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    r = subprocess.run(
+        [
+            tl,
+            "data",
+            "prepare",
+            str(work / "chat.jsonl"),
+            "--name",
+            "bench",
+            "--base",
+            base,
+            "--split",
+            "100/0/0",
+            "--json",
+            "--no-progress",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     ds = json.loads(r.stdout)
     ds_path = ds.get("path") or ds["dataset"]["path"]
-    print(f"dataset {ds.get('id')} ({(ds.get('rows') or {}).get('train')} train rows), base {base}, {args.steps} steps per side", flush=True)
+    print(
+        f"dataset {ds.get('id')} ({(ds.get('rows') or {}).get('train')} train rows), base {base}, {args.steps} steps per side",
+        flush=True,
+    )
 
     def side_a(i: int) -> dict:
         t0 = time.monotonic()
-        rc, rss, out = run_child([tl, "train", f"base={base}", f"dataset={ds_path}", f"name=bench-tuneloop-{i}",
-                                  f"max_steps={args.steps}", "save_steps=0", "eval_steps=0", "--quiet", "--json"],
-                                 env, work / f"tuneloop-{i}.log")
+        rc, rss, out = run_child(
+            [
+                tl,
+                "train",
+                f"base={base}",
+                f"dataset={ds_path}",
+                f"name=bench-tuneloop-{i}",
+                f"max_steps={args.steps}",
+                "save_steps=0",
+                "eval_steps=0",
+                "--quiet",
+                "--json",
+            ],
+            env,
+            work / f"tuneloop-{i}.log",
+        )
         if rc != 0:
             raise SystemExit(f"tuneloop train failed (exit {rc}); see {work / f'tuneloop-{i}.log'}")
-        m = json.loads(out[out.index("{\n"):])["metrics"]
+        m = json.loads(out[out.index("{\n") :])["metrics"]
         hist = json.loads((work / "home" / "runs" / f"bench-tuneloop-{i}" / "loss.json").read_text())
-        return {"num_tokens": m["num_tokens"], "train_runtime_s": m["train_runtime_s"], "rss": rss,
-                "losses": [e["loss"] for e in hist if e.get("loss") is not None], "wall": time.monotonic() - t0}
+        return {
+            "num_tokens": m["num_tokens"],
+            "train_runtime_s": m["train_runtime_s"],
+            "rss": rss,
+            "losses": [e["loss"] for e in hist if e.get("loss") is not None],
+            "wall": time.monotonic() - t0,
+        }
 
     def side_b(i: int) -> dict:
         t0 = time.monotonic()
-        rc, rss, out = run_child([sys.executable, __file__, "--baseline", "--dataset-dir", ds_path, "--base", base,
-                                  "--steps", str(args.steps), "--out", str(work / f"trl-default-{i}")], env, work / f"trl-{i}.log")
+        rc, rss, out = run_child(
+            [
+                sys.executable,
+                __file__,
+                "--baseline",
+                "--dataset-dir",
+                ds_path,
+                "--base",
+                base,
+                "--steps",
+                str(args.steps),
+                "--out",
+                str(work / f"trl-default-{i}"),
+            ],
+            env,
+            work / f"trl-{i}.log",
+        )
         if rc != 0:
             raise SystemExit(f"baseline failed (exit {rc}); see {work / f'trl-{i}.log'}")
         return {**json.loads(out.strip().splitlines()[-1]), "rss": rss, "wall": time.monotonic() - t0}
@@ -131,11 +215,15 @@ def main() -> int:
         runs["trl-default"].append(side_b(i))
     tps = lambda r: r["num_tokens"] / r["train_runtime_s"]  # noqa: E731
     tail = lambda xs: sum(xs[-5:]) / len(xs[-5:])  # noqa: E731
-    print(f"{'side':<12} {'run':>3} {'tokens':>7} {'train_s':>8} {'tokens/s':>9} {'final loss':>10} {'peak RSS MiB':>12}")
+    print(
+        f"{'side':<12} {'run':>3} {'tokens':>7} {'train_s':>8} {'tokens/s':>9} {'final loss':>10} {'peak RSS MiB':>12}"
+    )
     for side, rs in runs.items():
         for i, r in enumerate(rs):
-            print(f"{side:<12} {i:>3} {r['num_tokens']:>7} {r['train_runtime_s']:>8.1f} {tps(r):>9.1f} "
-                  f"{tail(r['losses']):>10.4f} {r['rss']:>12.0f}")
+            print(
+                f"{side:<12} {i:>3} {r['num_tokens']:>7} {r['train_runtime_s']:>8.1f} {tps(r):>9.1f} "
+                f"{tail(r['losses']):>10.4f} {r['rss']:>12.0f}"
+            )
     best_a = max(tps(r) for r in runs["tuneloop"])
     best_b = max(tps(r) for r in runs["trl-default"])
     print(f"best tokens/s: tuneloop {best_a:.1f}, trl-default {best_b:.1f}")

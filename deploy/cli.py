@@ -25,15 +25,18 @@ def _actor() -> str:
 def register(sub) -> None:
     g = add_group(sub, "deploy", "eval gate, canary, promote, rollback and the deploy state")
 
-    p = g.add_parser("gate", help="evaluate a candidate against production (or its base) and pass/refuse it",
-                     description="Evaluate VERSION and the production version (the base model if none) on the held-out "
-                                 "split of VERSION's dataset (and golden prompts / a general set when given); pass when the "
-                                 "lower bound of the paired-bootstrap 95% CI of the per-example metric "
-                                 "(deploy.gate_metric) is >= -deploy.gate_min_delta, general-set perplexity rose by at most "
-                                 "deploy.gate_max_forgetting, and golden prompts pass. Exit 1 when refused.",
-                     epilog="examples:\n  tuneloop deploy gate chat-v2\n  tuneloop deploy gate chat-v2 --golden golden.jsonl --limit 200\n"
-                            "  tuneloop deploy gate chat-v2 --report 01a2...   (judge an existing eval report)",
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = g.add_parser(
+        "gate",
+        help="evaluate a candidate against production (or its base) and pass/refuse it",
+        description="Evaluate VERSION and the production version (the base model if none) on the held-out "
+        "split of VERSION's dataset (and golden prompts / a general set when given); pass when the "
+        "lower bound of the paired-bootstrap 95% CI of the per-example metric "
+        "(deploy.gate_metric) is >= -deploy.gate_min_delta, general-set perplexity rose by at most "
+        "deploy.gate_max_forgetting, and golden prompts pass. Exit 1 when refused.",
+        epilog="examples:\n  tuneloop deploy gate chat-v2\n  tuneloop deploy gate chat-v2 --golden golden.jsonl --limit 200\n"
+        "  tuneloop deploy gate chat-v2 --report 01a2...   (judge an existing eval report)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("version", help="candidate version")
     p.add_argument("--dataset", help="dataset whose test split is used (default: the candidate's own dataset)")
     p.add_argument("--golden", metavar="FILE", help="golden prompts file (JSONL)")
@@ -43,15 +46,18 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the verdict as JSON")
     p.set_defaults(handler=cmd_gate)
 
-    p = g.add_parser("canary", help="start a canary (a share of production traffic) and optionally watch and decide",
-                     description="Start a canary: VERSION takes --share of the requests for 'production' (sticky per user "
-                                 "or key; the server re-reads this within server.state_refresh_s). With --watch, judge "
-                                 "the arms from the request log and feedback every --poll seconds and promote or roll back "
-                                 "by itself after deploy.canary_min_requests requests or deploy.canary_max_minutes. "
-                                 "Without VERSION, --watch watches the canary already running.",
-                     epilog="examples:\n  tuneloop deploy canary chat-v2 --share 0.1\n  tuneloop deploy canary chat-v2 --watch\n"
-                            "  tuneloop deploy canary --watch --timeout 1800",
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = g.add_parser(
+        "canary",
+        help="start a canary (a share of production traffic) and optionally watch and decide",
+        description="Start a canary: VERSION takes --share of the requests for 'production' (sticky per user "
+        "or key; the server re-reads this within server.state_refresh_s). With --watch, judge "
+        "the arms from the request log and feedback every --poll seconds and promote or roll back "
+        "by itself after deploy.canary_min_requests requests or deploy.canary_max_minutes. "
+        "Without VERSION, --watch watches the canary already running.",
+        epilog="examples:\n  tuneloop deploy canary chat-v2 --share 0.1\n  tuneloop deploy canary chat-v2 --watch\n"
+        "  tuneloop deploy canary --watch --timeout 1800",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("version", nargs="?", help="candidate version (must have passed the gate)")
     p.add_argument("--share", type=float, help="share of production traffic (default deploy.canary_share)")
     p.add_argument("--watch", action="store_true", help="poll, judge and promote/roll back by itself")
@@ -61,19 +67,25 @@ def register(sub) -> None:
     p.add_argument("--reason", default="", help="why (recorded in the deploy history)")
     p.set_defaults(handler=cmd_canary)
 
-    p = g.add_parser("promote", help="promote the running canary, or a gated version directly, to production",
-                     description="Without VERSION (or with the canary's version): promote the running canary. With "
-                                 "another VERSION and no canary: put it in production directly (it must have passed the "
-                                 "gate). The previous production version is retired in the same transaction.")
+    p = g.add_parser(
+        "promote",
+        help="promote the running canary, or a gated version directly, to production",
+        description="Without VERSION (or with the canary's version): promote the running canary. With "
+        "another VERSION and no canary: put it in production directly (it must have passed the "
+        "gate). The previous production version is retired in the same transaction.",
+    )
     p.add_argument("version", nargs="?", help="version to promote (default: the running canary)")
     p.add_argument("--force", action="store_true", help="skip the passed-gate requirement")
     p.add_argument("--reason", default="manual promote", help="why (recorded in the deploy history)")
     p.set_defaults(handler=cmd_promote)
 
-    p = g.add_parser("rollback", help="roll back the running canary, or restore the previous production version",
-                     description="With a canary running: retire it (production keeps serving). Otherwise: put the "
-                                 "version that was in production before the current one back (or --to VERSION), "
-                                 "atomically.")
+    p = g.add_parser(
+        "rollback",
+        help="roll back the running canary, or restore the previous production version",
+        description="With a canary running: retire it (production keeps serving). Otherwise: put the "
+        "version that was in production before the current one back (or --to VERSION), "
+        "atomically.",
+    )
     p.add_argument("--to", metavar="VERSION", help="restore this version instead of the previous one")
     p.add_argument("--reason", default="manual rollback", help="why (recorded in the deploy history)")
     p.set_defaults(handler=cmd_rollback)
@@ -91,15 +103,17 @@ def register(sub) -> None:
 
 
 def cmd_gate(args, ctx) -> int:
-    from deploy.gate import GateError, judge_report, record_verdict, run_gate
     from tuneloop.db import loads
+    from tuneloop.deploy.gate import GateError, judge_report, record_verdict, run_gate
     from tuneloop.registry import get_version
 
     db = ctx.db
     get_version(db, args.version)
     if args.report:
-        rows = db.query("SELECT id, report FROM eval_reports WHERE id = ? OR id LIKE ? || '%' ORDER BY created_at DESC LIMIT 1",
-                        [args.report, args.report])
+        rows = db.query(
+            "SELECT id, report FROM eval_reports WHERE id = ? OR id LIKE ? || '%' ORDER BY created_at DESC LIMIT 1",
+            [args.report, args.report],
+        )
         if not rows:
             raise GateError(f"unknown eval report {args.report!r}")
         rep = loads(rows[0]["report"])
@@ -111,8 +125,16 @@ def cmd_gate(args, ctx) -> int:
         result = judge_report(rep, args.version, baseline, ctx.settings.deploy)
         record_verdict(db, args.version, result, actor=_actor())
     else:
-        result = run_gate(db, ctx.settings, args.version, dataset=args.dataset, golden=args.golden,
-                          general=args.general, limit=args.limit, actor=_actor())
+        result = run_gate(
+            db,
+            ctx.settings,
+            args.version,
+            dataset=args.dataset,
+            golden=args.golden,
+            general=args.general,
+            limit=args.limit,
+            actor=_actor(),
+        )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=str))
     else:
@@ -124,32 +146,46 @@ def cmd_gate(args, ctx) -> int:
 
 
 def cmd_canary(args, ctx) -> int:
-    from monitoring import canary
+    from tuneloop.monitoring import canary
 
     db, deploy = ctx.db, ctx.settings.deploy
     if args.version:
         if not args.force:
-            from deploy.gate import require_passed
+            from tuneloop.deploy.gate import require_passed
 
             require_passed(db, args.version)
-        c = canary.start(db, args.version, args.share if args.share is not None else deploy.canary_share,
-                         actor=_actor(), reason=args.reason)
+        c = canary.start(
+            db,
+            args.version,
+            args.share if args.share is not None else deploy.canary_share,
+            actor=_actor(),
+            reason=args.reason,
+        )
         print(f"canary {c.id}: {c.candidate} takes {c.share:.0%} of production traffic (production: {c.production})")
     elif not args.watch:
         raise canary.CanaryError("name the VERSION to start a canary, or pass --watch to watch the running one")
     if not args.watch:
         return 0
     c = canary.get(db, None)
-    print(f"watching canary {c.id} ({c.candidate} vs {c.production}); decides after {deploy.canary_min_requests} "
-          f"canary requests or {deploy.canary_max_minutes:g} min")
-    d = canary.watch(db, c.id, deploy, poll_s=args.poll, timeout_s=args.timeout,
-                     on_tick=lambda d: print(d.summary(), flush=True), actor=_actor())
+    print(
+        f"watching canary {c.id} ({c.candidate} vs {c.production}); decides after {deploy.canary_min_requests} "
+        f"canary requests or {deploy.canary_max_minutes:g} min"
+    )
+    d = canary.watch(
+        db,
+        c.id,
+        deploy,
+        poll_s=args.poll,
+        timeout_s=args.timeout,
+        on_tick=lambda d: print(d.summary(), flush=True),
+        actor=_actor(),
+    )
     print(f"{'promoted' if d.action == 'promote' else 'rolled back'} {c.candidate}: {'; '.join(d.reasons)}")
     return 0 if d.action == "promote" else 1
 
 
 def cmd_promote(args, ctx) -> int:
-    from monitoring import canary
+    from tuneloop.monitoring import canary
     from tuneloop.registry import get_version, set_stage, version_by_stage
 
     db = ctx.db
@@ -159,7 +195,9 @@ def cmd_promote(args, ctx) -> int:
         print(f"promoted canary {c.candidate} to production (retired {c.production})")
         return 0
     if run is not None:
-        raise canary.CanaryError(f"canary {run.candidate} is running: promote or roll it back before promoting {args.version}")
+        raise canary.CanaryError(
+            f"canary {run.candidate} is running: promote or roll it back before promoting {args.version}"
+        )
     if not args.version:
         raise canary.CanaryError("no canary is running: name the VERSION to promote")
     v = get_version(db, args.version)
@@ -168,24 +206,32 @@ def cmd_promote(args, ctx) -> int:
         return 0
     gate = None
     if not args.force:
-        from deploy.gate import require_passed
+        from tuneloop.deploy.gate import require_passed
 
         gate = require_passed(db, v.name)
     prev = version_by_stage(db, "production")
-    set_stage(db, v.name, "production", actor=_actor(), reason=args.reason,
-              details={"gate": {"baseline": gate.get("baseline"), "passed": True} if gate else "forced"})
+    set_stage(
+        db,
+        v.name,
+        "production",
+        actor=_actor(),
+        reason=args.reason,
+        details={"gate": {"baseline": gate.get("baseline"), "passed": True} if gate else "forced"},
+    )
     print(f"promoted {v.name} to production" + (f" (retired {prev.name})" if prev else ""))
     return 0
 
 
 def cmd_rollback(args, ctx) -> int:
-    from monitoring import canary
+    from tuneloop.monitoring import canary
 
     db = ctx.db
     run = canary.running(db)
     if run is not None:
         if args.to:
-            raise canary.CanaryError("a canary is running: `deploy rollback` rolls the canary back; --to applies without one")
+            raise canary.CanaryError(
+                "a canary is running: `deploy rollback` rolls the canary back; --to applies without one"
+            )
         c = canary.rollback(db, run.id, actor=_actor(), reason=args.reason)
         print(f"rolled back canary {c.candidate}; {c.production} keeps serving production")
         return 0
@@ -196,7 +242,7 @@ def cmd_rollback(args, ctx) -> int:
 
 def status(db, deploy, events: int = 10) -> dict:
     """Deploy state as a dict (production, canary + live judgement, recent events)."""
-    from monitoring import canary
+    from tuneloop.monitoring import canary
     from tuneloop.registry import version_by_stage
 
     prod = version_by_stage(db, "production")
@@ -204,11 +250,22 @@ def status(db, deploy, events: int = 10) -> dict:
     run = canary.running(db)
     if run is not None:
         d = canary.judge(db, run.id, deploy)
-        out["canary"] = {"id": run.id, "candidate": run.candidate, "production": run.production, "share": run.share,
-                         "started_at": str(run.started_at), "judgement": d.to_dict(), "summary": d.summary()}
-    out["events"] = [{k: (str(v) if k == "occurred_at" else v) for k, v in e.items()} for e in db.query(
-        "SELECT occurred_at, model_version, from_stage, to_stage, actor, reason FROM deploy_events ORDER BY occurred_at DESC LIMIT ?",
-        [events])]
+        out["canary"] = {
+            "id": run.id,
+            "candidate": run.candidate,
+            "production": run.production,
+            "share": run.share,
+            "started_at": str(run.started_at),
+            "judgement": d.to_dict(),
+            "summary": d.summary(),
+        }
+    out["events"] = [
+        {k: (str(v) if k == "occurred_at" else v) for k, v in e.items()}
+        for e in db.query(
+            "SELECT occurred_at, model_version, from_stage, to_stage, actor, reason FROM deploy_events ORDER BY occurred_at DESC LIMIT ?",
+            [events],
+        )
+    ]
     return out
 
 
@@ -228,9 +285,21 @@ def cmd_status(args, ctx) -> int:
         print("canary:     -")
     if st["events"]:
         print()
-        print_table(["occurred_at", "version", "from", "to", "actor", "reason"],
-                    [[e["occurred_at"][:19], e["model_version"], e["from_stage"], e["to_stage"], e["actor"], (e["reason"] or "")[:70]]
-                     for e in st["events"]], title="recent deploy events")
+        print_table(
+            ["occurred_at", "version", "from", "to", "actor", "reason"],
+            [
+                [
+                    e["occurred_at"][:19],
+                    e["model_version"],
+                    e["from_stage"],
+                    e["to_stage"],
+                    e["actor"],
+                    (e["reason"] or "")[:70],
+                ]
+                for e in st["events"]
+            ],
+            title="recent deploy events",
+        )
     return 0
 
 
@@ -238,31 +307,55 @@ def cmd_status(args, ctx) -> int:
 
 
 def _register_loop(sub) -> None:
-    p = sub.add_parser("loop", help="one cycle (or --watch: continuous) of sample -> train -> gate -> canary -> decide",
-                       description="Run the continuous-training loop: sample production data and feedback into a dataset, "
-                                   "train a new version from the production one, gate it, canary it and promote or roll "
-                                   "back. Every step is recorded in loop_runs; rerunning with --cycle ID resumes an "
-                                   "interrupted cycle, skipping finished steps. --watch keeps cycling, triggered by drift "
-                                   "over threshold, N new feedback items, or a schedule.",
-                       epilog="examples:\n  tuneloop loop --window 24h --set train.max_steps=20\n"
-                              "  tuneloop loop --cycle 01a2...            (resume)\n"
-                              "  tuneloop loop --watch --min-feedback 50 --every 24h",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "loop",
+        help="one cycle (or --watch: continuous) of sample -> train -> gate -> canary -> decide",
+        description="Run the continuous-training loop: sample production data and feedback into a dataset, "
+        "train a new version from the production one, gate it, canary it and promote or roll "
+        "back. Every step is recorded in loop_runs; rerunning with --cycle ID resumes an "
+        "interrupted cycle, skipping finished steps. --watch keeps cycling, triggered by drift "
+        "over threshold, N new feedback items, or a schedule.",
+        epilog="examples:\n  tuneloop loop --window 24h --set train.max_steps=20\n"
+        "  tuneloop loop --cycle 01a2...            (resume)\n"
+        "  tuneloop loop --watch --min-feedback 50 --every 24h",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--cycle", help="resume this cycle id (default: a new cycle)")
-    p.add_argument("--window", default=None, help="sample requests from this window (e.g. 24h; default: since the last cycle)")
-    p.add_argument("--strategy", action="append", metavar="NAME[=SHARE]", help="sampling strategies (see `feedback sample --help`)")
+    p.add_argument(
+        "--window", default=None, help="sample requests from this window (e.g. 24h; default: since the last cycle)"
+    )
+    p.add_argument(
+        "--strategy", action="append", metavar="NAME[=SHARE]", help="sampling strategies (see `feedback sample --help`)"
+    )
     p.add_argument("--limit", type=int, default=1000, help="most production rows to sample (default 1000)")
-    p.add_argument("--replay-fraction", type=float, default=0.2, help="replay share of the production version's data (default 0.2)")
-    p.add_argument("--train", dest="train_overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="training config override, e.g. --train max_steps=20 --train method=dpo (repeatable)")
+    p.add_argument(
+        "--replay-fraction", type=float, default=0.2, help="replay share of the production version's data (default 0.2)"
+    )
+    p.add_argument(
+        "--train",
+        dest="train_overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="training config override, e.g. --train max_steps=20 --train method=dpo (repeatable)",
+    )
     p.add_argument("--train-config", metavar="FILE", help="training config YAML")
     p.add_argument("--golden", metavar="FILE", help="golden prompts for the gate")
     p.add_argument("--general", metavar="FILE", help="general set for the gate's forgetting check")
     p.add_argument("--eval-limit", type=int, help="evaluate at most this many held-out examples")
-    p.add_argument("--canary-timeout", type=float, default=None, help="seconds to wait for the canary decision (default deploy.canary_max_minutes)")
-    p.add_argument("--no-canary", action="store_true", help="promote directly after the gate (no live traffic to split)")
+    p.add_argument(
+        "--canary-timeout",
+        type=float,
+        default=None,
+        help="seconds to wait for the canary decision (default deploy.canary_max_minutes)",
+    )
+    p.add_argument(
+        "--no-canary", action="store_true", help="promote directly after the gate (no live traffic to split)"
+    )
     p.add_argument("--watch", action="store_true", help="keep cycling when a trigger fires")
-    p.add_argument("--min-feedback", type=int, default=50, help="--watch: new feedback items that trigger a cycle (default 50)")
+    p.add_argument(
+        "--min-feedback", type=int, default=50, help="--watch: new feedback items that trigger a cycle (default 50)"
+    )
     p.add_argument("--every", default=None, help="--watch: also run on this schedule (e.g. 24h)")
     p.add_argument("--poll", type=float, default=60.0, help="--watch: seconds between trigger checks (default 60)")
     p.add_argument("--max-cycles", type=int, default=None, help="--watch: stop after this many cycles")
@@ -270,17 +363,32 @@ def _register_loop(sub) -> None:
 
 
 def cmd_loop(args, ctx) -> int:
-    from deploy.loop import LoopOptions, run_cycle, watch
+    from tuneloop.deploy.loop import LoopOptions, run_cycle, watch
 
     opts = LoopOptions(
-        window=args.window, strategies=args.strategy, limit=args.limit, replay_fraction=args.replay_fraction,
-        train_overrides=args.train_overrides, train_config=args.train_config, golden=args.golden,
-        general=args.general, eval_limit=args.eval_limit, canary=not args.no_canary,
-        canary_timeout_s=args.canary_timeout, actor=_actor(),
+        window=args.window,
+        strategies=args.strategy,
+        limit=args.limit,
+        replay_fraction=args.replay_fraction,
+        train_overrides=args.train_overrides,
+        train_config=args.train_config,
+        golden=args.golden,
+        general=args.general,
+        eval_limit=args.eval_limit,
+        canary=not args.no_canary,
+        canary_timeout_s=args.canary_timeout,
+        actor=_actor(),
     )
     if args.watch:
-        watch(ctx.db, ctx.settings, opts, min_feedback=args.min_feedback, every=args.every, poll_s=args.poll,
-              max_cycles=args.max_cycles)
+        watch(
+            ctx.db,
+            ctx.settings,
+            opts,
+            min_feedback=args.min_feedback,
+            every=args.every,
+            poll_s=args.poll,
+            max_cycles=args.max_cycles,
+        )
         return 0
     res = run_cycle(ctx.db, ctx.settings, opts, cycle_id=args.cycle)
     print(res.summary())
@@ -288,26 +396,40 @@ def cmd_loop(args, ctx) -> int:
 
 
 def _register_demo(sub) -> None:
-    p = sub.add_parser("demo", help="the whole loop, offline, on this machine: train, serve, drift, retrain, canary, promote",
-                       description="Pull SmolLM2-135M-Instruct, prepare the chatterbot-corpus data, LoRA-train v1, gate "
-                                   "it, serve it, replay drifting traffic (chitchat-dataset) with simulated feedback through "
-                                   "the OpenAI client, detect drift, sample, train v2, gate, canary and promote; ends with "
-                                   "a summary and an HTML report. --tiny runs the same on a tiny random model in minutes.",
-                       epilog="examples:\n  tuneloop demo\n  tuneloop demo --tiny\n  tuneloop demo --base /path/to/hf-model --steps 10",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "demo",
+        help="the whole loop, offline, on this machine: train, serve, drift, retrain, canary, promote",
+        description="Pull SmolLM2-135M-Instruct, prepare the chatterbot-corpus data, LoRA-train v1, gate "
+        "it, serve it, replay drifting traffic (chitchat-dataset) with simulated feedback through "
+        "the OpenAI client, detect drift, sample, train v2, gate, canary and promote; ends with "
+        "a summary and an HTML report. --tiny runs the same on a tiny random model in minutes.",
+        epilog="examples:\n  tuneloop demo\n  tuneloop demo --tiny\n  tuneloop demo --base /path/to/hf-model --steps 10",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--tiny", action="store_true", help="use a tiny random Llama (fast; outputs are gibberish)")
     p.add_argument("--base", metavar="PATH", help="base model folder (default: smollm2-135m-instruct)")
     p.add_argument("--steps", type=int, default=None, help="training steps per version (default 30; 4 with --tiny)")
-    p.add_argument("--requests", type=int, default=None, help="simulated production requests (default 160; 60 with --tiny)")
+    p.add_argument(
+        "--requests", type=int, default=None, help="simulated production requests (default 160; 60 with --tiny)"
+    )
     p.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
     p.add_argument("--out", metavar="DIR", help="where the report goes (default <home>/reports/demo-<time>)")
-    p.add_argument("--offline-only", action="store_true", help="stop after v1 (pull, prepare, train, eval, register): no server")
+    p.add_argument(
+        "--offline-only", action="store_true", help="stop after v1 (pull, prepare, train, eval, register): no server"
+    )
     p.set_defaults(handler=cmd_demo)
 
 
 def cmd_demo(args, ctx) -> int:
-    from deploy.demo import DemoOptions, run_demo
+    from tuneloop.deploy.demo import DemoOptions, run_demo
 
-    opts = DemoOptions(tiny=args.tiny, base=args.base, steps=args.steps, requests=args.requests, port=args.port,
-                       out=args.out, offline_only=args.offline_only)
+    opts = DemoOptions(
+        tiny=args.tiny,
+        base=args.base,
+        steps=args.steps,
+        requests=args.requests,
+        port=args.port,
+        out=args.out,
+        offline_only=args.offline_only,
+    )
     return run_demo(ctx, opts)

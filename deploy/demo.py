@@ -43,7 +43,6 @@ from typing import Any
 
 from tuneloop.errors import UserError
 
-
 # held-out examples the demo's gates evaluate per model (greedy generation on CPU is the slow part)
 GATE_EXAMPLES = 48
 
@@ -110,7 +109,7 @@ class Stages:
 
 
 def base_model(ctx, opts: DemoOptions) -> Path:
-    from trainer.bootstrap import DEFAULT_BASE, build_tiny_model, is_hf_folder, pull
+    from tuneloop.trainer.bootstrap import DEFAULT_BASE, build_tiny_model, is_hf_folder, pull
 
     if opts.base:
         if not is_hf_folder(opts.base):
@@ -126,16 +125,18 @@ def base_model(ctx, opts: DemoOptions) -> Path:
 
 def prepare_chatterbot(ctx, base: Path, name: str = "chatterbot") -> str:
     """The chatterbot-corpus as a registered SFT dataset (DATA's corpora + prepare); returns its id."""
-    from trainer import corpora
+    from tuneloop.trainer import corpora
 
     return corpora.prepare_corpus(ctx.db, ctx.settings, "chatterbot", name=name, base=str(base)).id
 
 
 def train_version(ctx, base: Path, dataset: str, name: str, steps: int, parent: str | None = None):
-    from deploy.loop import LoopOptions, build_train_config
-    from trainer.train import train
+    from tuneloop.deploy.loop import LoopOptions, build_train_config
+    from tuneloop.trainer.train import train
 
-    cfg = build_train_config(LoopOptions(train_overrides=[f"max_steps={steps}", "method=lora"]), str(base), dataset, name, parent)
+    cfg = build_train_config(
+        LoopOptions(train_overrides=[f"max_steps={steps}", "method=lora"]), str(base), dataset, name, parent
+    )
     return train(cfg, ctx.db, ctx.settings, progress=True)
 
 
@@ -158,12 +159,21 @@ class ServerProcess:
         cmd = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "tuneloop.cli"])]
         if self.ctx.config_path:
             cmd += ["--config", self.ctx.config_path]
-        for o in self.ctx.overrides + [f"server.port={self.port}", "server.host=127.0.0.1", "server.state_refresh_s=1"] + self.extra:
+        for o in (
+            self.ctx.overrides
+            + [f"server.port={self.port}", "server.host=127.0.0.1", "server.state_refresh_s=1"]
+            + self.extra
+        ):
             cmd += ["--set", o]
         cmd += ["serve"]
         self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env=dict(os.environ, TUNELOOP_HOME=str(self.ctx.settings.paths.home_path)))
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=dict(os.environ, TUNELOOP_HOME=str(self.ctx.settings.paths.home_path)),
+        )
         self.wait_ready()
         return self
 
@@ -173,7 +183,9 @@ class ServerProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise UserError(f"`tuneloop serve` exited with {self.proc.returncode}; see {self.log_path}:\n{_tail(self.log_path)}")
+                raise UserError(
+                    f"`tuneloop serve` exited with {self.proc.returncode}; see {self.log_path}:\n{_tail(self.log_path)}"
+                )
             try:
                 if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
                     return
@@ -208,7 +220,9 @@ def chitchat_conversations(n: int, seed: int = 0) -> list[tuple[str, str]]:
 
     spec = importlib.util.find_spec("chitchat_dataset")
     if spec is None or spec.origin is None:
-        raise UserError("the demo's production traffic needs the PyPI package chitchat-dataset: pip install --no-deps chitchat-dataset==0.9.0")
+        raise UserError(
+            "the demo's production traffic needs the PyPI package chitchat-dataset: pip install --no-deps chitchat-dataset==0.9.0"
+        )
     data = json.loads((Path(spec.origin).parent / "dataset.json").read_text())
     pairs = []
     for conv in data.values():
@@ -233,8 +247,16 @@ def token_f1(a: str, b: str) -> float:
     return 2 * p * r / (p + r)
 
 
-def simulate_traffic(url: str, convs: list[tuple[str, str]], users: int = 32, concurrency: int = 8,
-                     max_tokens: int = 48, good_f1: float = 0.2, seed: int = 0, desc: str = "traffic") -> dict[str, Any]:
+def simulate_traffic(
+    url: str,
+    convs: list[tuple[str, str]],
+    users: int = 32,
+    concurrency: int = 8,
+    max_tokens: int = 48,
+    good_f1: float = 0.2,
+    seed: int = 0,
+    desc: str = "traffic",
+) -> dict[str, Any]:
     """Chat requests for ``production`` via the openai client + simulated feedback; per-arm stats from the responses."""
     import random
     from concurrent.futures import ThreadPoolExecutor
@@ -243,18 +265,36 @@ def simulate_traffic(url: str, convs: list[tuple[str, str]], users: int = 32, co
     from openai import OpenAI
     from tqdm import tqdm
 
-    client = OpenAI(base_url=url + "/v1", api_key=os.environ.get("TUNELOOP_API_KEY", "none"), max_retries=2, timeout=120)
-    http = httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {os.environ.get('TUNELOOP_API_KEY', 'none')}"})
+    client = OpenAI(
+        base_url=url + "/v1", api_key=os.environ.get("TUNELOOP_API_KEY", "none"), max_retries=2, timeout=120
+    )
+    http = httpx.Client(
+        base_url=url, timeout=30, headers={"Authorization": f"Bearer {os.environ.get('TUNELOOP_API_KEY', 'none')}"}
+    )
     rng = random.Random(seed)
     jobs = [(i, prompt, ref, f"user-{rng.randrange(users)}") for i, (prompt, ref) in enumerate(convs)]
-    stats: dict[str, Any] = {"requests": 0, "failed": 0, "up": 0, "down": 0, "corrections": 0, "f1": [], "by_version": {}}
+    stats: dict[str, Any] = {
+        "requests": 0,
+        "failed": 0,
+        "up": 0,
+        "down": 0,
+        "corrections": 0,
+        "f1": [],
+        "by_version": {},
+    }
 
     def one(job):
         i, prompt, ref, user = job
         try:
-            r = client.chat.completions.create(model="production", messages=[{"role": "user", "content": prompt}],
-                                               max_tokens=max_tokens, temperature=0.7, user=user, seed=seed + i)
-        except Exception as e:  # noqa: BLE001 - counted, the demo reports failures
+            r = client.chat.completions.create(
+                model="production",
+                messages=[{"role": "user", "content": prompt}],
+                max_tokens=max_tokens,
+                temperature=0.7,
+                user=user,
+                seed=seed + i,
+            )
+        except Exception as e:
             return {"ok": False, "error": str(e)}
         answer = r.choices[0].message.content or ""
         f1 = token_f1(answer, ref)
@@ -290,7 +330,7 @@ def simulate_traffic(url: str, convs: list[tuple[str, str]], users: int = 32, co
 
 def measure_drift(ctx, version: str) -> dict[str, Any]:
     """DRIFT's drift computation for ``version`` over its recent traffic; returns {feature: {value, threshold, drifted}}."""
-    from monitoring import drift_job
+    from tuneloop.monitoring import drift_job
 
     res = drift_job.run_once(ctx.db, ctx.settings, version)  # contract of DRIFT's module
     return res if isinstance(res, dict) else getattr(res, "__dict__", {"result": str(res)})
@@ -304,14 +344,19 @@ def run_demo(ctx, opts: DemoOptions) -> int:
 
     if opts.tiny:  # gibberish model: plumbing, not quality — say so, and let the gate judge with a wide tolerance
         ctx.overrides = list(ctx.overrides) + ["deploy.gate_min_delta=1.0", "deploy.gate_max_forgetting=100"]
-    ctx.overrides = list(ctx.overrides) + ["deploy.canary_min_requests=15", "deploy.canary_max_minutes=10",
-                                           "deploy.canary_judge_interval_s=2"]
+    ctx.overrides = list(ctx.overrides) + [
+        "deploy.canary_min_requests=15",
+        "deploy.canary_max_minutes=10",
+        "deploy.canary_judge_interval_s=2",
+    ]
     ctx.__dict__.pop("settings", None)  # rebuild settings with the overrides
     steps = opts.steps or (4 if opts.tiny else 30)
     n_req = opts.requests or (60 if opts.tiny else 160)
     st = DemoState()
     if opts.tiny:
-        st.notes.append("--tiny: a random-init model; outputs are gibberish, gate tolerance widened (deploy.gate_min_delta=1.0)")
+        st.notes.append(
+            "--tiny: a random-init model; outputs are gibberish, gate tolerance widened (deploy.gate_min_delta=1.0)"
+        )
     home = ctx.settings.paths.home_path
     out = Path(opts.out) if opts.out else ctx.settings.paths.sub("reports") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
@@ -329,7 +374,7 @@ def run_demo(ctx, opts: DemoOptions) -> int:
             r1 = train_version(ctx, base, ds1, v1, steps)
             st.versions[v1] = {"dataset": ds1, "metrics": r1.metrics, "run_id": r1.run_id}
         with stages(f"gate {v1} vs base"):
-            from deploy.gate import run_gate
+            from tuneloop.deploy.gate import run_gate
 
             g1 = run_gate(ctx.db, ctx.settings, v1, actor="demo", limit=GATE_EXAMPLES)
             st.gates[v1] = g1.to_dict()
@@ -352,11 +397,24 @@ def run_demo(ctx, opts: DemoOptions) -> int:
             with stages(f"drift of {v1}"):
                 st.drift["before"] = _drift_or_note(ctx, v1, st)
             with stages("sample production + feedback"):
-                from feedback.sample import SampleConfig, sample
+                from tuneloop.feedback.sample import SampleConfig, sample
 
-                res = sample(ctx.db, home, SampleConfig(name=f"{tag}-production", strategies={"feedback": 0.7, "stratified": 0.3},
-                                                        replay_from=ds1, replay_fraction=0.2, dedup_against=[ds1]))
-                st.sample = {"dataset": res.sft.id, "preference": res.preference.id if res.preference else None, "card": res.card}
+                res = sample(
+                    ctx.db,
+                    home,
+                    SampleConfig(
+                        name=f"{tag}-production",
+                        strategies={"feedback": 0.7, "stratified": 0.3},
+                        replay_from=ds1,
+                        replay_fraction=0.2,
+                        dedup_against=[ds1],
+                    ),
+                )
+                st.sample = {
+                    "dataset": res.sft.id,
+                    "preference": res.preference.id if res.preference else None,
+                    "card": res.card,
+                }
                 print(f"dataset {res.sft.id}: {res.card['splits']}, origins {res.card['origins']}")
             v2 = _fresh_name(ctx.db, f"{tag}-v2")
             with stages(f"train {v2} on production data"):
@@ -369,12 +427,14 @@ def run_demo(ctx, opts: DemoOptions) -> int:
             if not g2.passed:
                 st.notes.append(f"{v2} did not pass the gate vs {v1}: not deployed")
             else:
-                from monitoring import canary
+                from tuneloop.monitoring import canary
 
                 with stages(f"canary {v2} (50% of production traffic)"):
                     c = canary.start(ctx.db, v2, 0.5, actor="demo", reason="gate passed")
                     time.sleep(3)  # the server re-reads the deploy state every second
-                    st.traffic["canary"] = simulate_traffic(srv.url, convs[n_req:2 * n_req], desc="canary traffic", seed=2)
+                    st.traffic["canary"] = simulate_traffic(
+                        srv.url, convs[n_req : 2 * n_req], desc="canary traffic", seed=2
+                    )
                     _print_traffic(st.traffic["canary"])
                 with stages("judge the canary"):
                     # the live server judges a running canary by itself (deploy.canary_judge_interval_s);
@@ -395,13 +455,20 @@ def run_demo(ctx, opts: DemoOptions) -> int:
                         action = "promote" if decided.status == "promoted" else "rollback"
                         reasons, by = info.get("reasons") or [info.get("reason", "")], info.get("actor", "server")
                         print(f"canary {c.id}: {decided.status} by {by}: {'; '.join(map(str, reasons))}")
-                    st.canary = {"id": c.id, "decision": action, "decided_by": by, "reasons": reasons,
-                                 "arms": {k: v.__dict__ for k, v in canary.arm_stats(ctx.db, canary.get(ctx.db, c.id)).items()}}
+                    st.canary = {
+                        "id": c.id,
+                        "decision": action,
+                        "decided_by": by,
+                        "reasons": reasons,
+                        "arms": {k: v.__dict__ for k, v in canary.arm_stats(ctx.db, canary.get(ctx.db, c.id)).items()},
+                    }
                     st.promoted = v2 if action == "promote" else None
             with stages("drift after"):
                 prod = get_version(ctx.db, st.promoted or v1).name
                 time.sleep(2)
-                st.traffic["after"] = simulate_traffic(srv.url, convs[2 * n_req:2 * n_req + 20], desc="traffic after", seed=3)
+                st.traffic["after"] = simulate_traffic(
+                    srv.url, convs[2 * n_req : 2 * n_req + 20], desc="traffic after", seed=3
+                )
                 st.drift["after"] = _drift_or_note(ctx, prod, st)
         return _finish(ctx, st, out, stages)
     except BaseException:
@@ -428,9 +495,11 @@ def _drift_or_note(ctx, version: str, st: DemoState) -> dict[str, Any]:
 
 
 def _print_traffic(t: dict[str, Any]) -> None:
-    print(f"{t['requests']} requests ({t['failed']} failed), feedback: {t['up']} up, {t['down']} down with a correction; "
-          f"mean token F1 vs the reference reply {t['mean_f1']:.3f}; by version: "
-          + ", ".join(f"{k} {v['requests']} (F1 {v['f1']:.3f})" for k, v in t["by_version"].items()))
+    print(
+        f"{t['requests']} requests ({t['failed']} failed), feedback: {t['up']} up, {t['down']} down with a correction; "
+        f"mean token F1 vs the reference reply {t['mean_f1']:.3f}; by version: "
+        + ", ".join(f"{k} {v['requests']} (F1 {v['f1']:.3f})" for k, v in t["by_version"].items())
+    )
 
 
 def _finish(ctx, st: DemoState, out: Path, stages: Stages, code: int = 0) -> int:
@@ -445,15 +514,28 @@ def _finish(ctx, st: DemoState, out: Path, stages: Stages, code: int = 0) -> int
     for v in versions:
         g = st.gates.get(v.name) or {}
         q = next((c for c in g.get("checks", []) if c["name"] == "quality"), None)
-        summ = (g.get("extra", {}).get("summary") or {})
+        summ = g.get("extra", {}).get("summary") or {}
         mine = next(iter(summ.values()), None) or {}
-        rows.append([v.name, v.stage, v.dataset_id or "-", _fmt(mine.get("loss")), _fmt(mine.get("token_f1")),
-                     ("passed" if g.get("passed") else "failed") if g else "-", _fmt(q["value"]) if q else "-"])
-    print_table(["version", "stage", "dataset", "eval loss", "token F1", "gate", "CI low"], rows, title="model versions")
+        rows.append(
+            [
+                v.name,
+                v.stage,
+                v.dataset_id or "-",
+                _fmt(mine.get("loss")),
+                _fmt(mine.get("token_f1")),
+                ("passed" if g.get("passed") else "failed") if g else "-",
+                _fmt(q["value"]) if q else "-",
+            ]
+        )
+    print_table(
+        ["version", "stage", "dataset", "eval loss", "token F1", "gate", "CI low"], rows, title="model versions"
+    )
     n = ctx.db.query("SELECT count(*) AS n FROM requests")[0]["n"]
     f = ctx.db.query("SELECT count(*) AS n, count(correction) AS c FROM feedback")[0]
-    print(f"\nrequests served: {n}; feedback: {f['n']} ({f['c']} corrections); "
-          f"used in training: {st.sample.get('card', {}).get('origins', {})}")
+    print(
+        f"\nrequests served: {n}; feedback: {f['n']} ({f['c']} corrections); "
+        f"used in training: {st.sample.get('card', {}).get('origins', {})}"
+    )
     if st.promoted:
         why = "; ".join(st.canary.get("reasons", [])) if st.canary else "gate passed"
         print(f"promoted: {st.promoted} ({why})")
@@ -462,9 +544,20 @@ def _finish(ctx, st: DemoState, out: Path, stages: Stages, code: int = 0) -> int
             print(f"drift {k}: {_drift_line(st.drift[k])}")
     for note in st.notes:
         print(f"note: {note}")
-    summary = {"total_s": round(total, 1), "timings_s": st.timings, "versions": st.versions, "gates": st.gates,
-               "traffic": st.traffic, "drift": st.drift, "sample": st.sample, "canary": st.canary, "promoted": st.promoted,
-               "requests": n, "feedback": f, "notes": st.notes}
+    summary = {
+        "total_s": round(total, 1),
+        "timings_s": st.timings,
+        "versions": st.versions,
+        "gates": st.gates,
+        "traffic": st.traffic,
+        "drift": st.drift,
+        "sample": st.sample,
+        "canary": st.canary,
+        "promoted": st.promoted,
+        "requests": n,
+        "feedback": f,
+        "notes": st.notes,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     write_report(out / "report.html", summary)
     print(f"\nreport: {out / 'report.html'}  (total {total / 60:.1f} min)")
@@ -500,13 +593,17 @@ def _bars(title: str, items: list[tuple[str, float]], fmt: str = "{:.3g}", thres
     for i, (label, v) in enumerate(items):
         y = 10 + i * row
         bw = max(1, (w - left - 70) * max(v, 0) / top)
-        out.append(f'<text x="{left - 6}" y="{y + 15}" text-anchor="end" font-size="12">{escape(label)}</text>'
-                   f'<rect x="{left}" y="{y + 3}" width="{bw:.1f}" height="{row - 8}" fill="#4c78a8"/>'
-                   f'<text x="{left + bw + 4}" y="{y + 15}" font-size="12">{escape(fmt.format(v))}</text>')
+        out.append(
+            f'<text x="{left - 6}" y="{y + 15}" text-anchor="end" font-size="12">{escape(label)}</text>'
+            f'<rect x="{left}" y="{y + 3}" width="{bw:.1f}" height="{row - 8}" fill="#4c78a8"/>'
+            f'<text x="{left + bw + 4}" y="{y + 15}" font-size="12">{escape(fmt.format(v))}</text>'
+        )
     if threshold is not None:
         x = left + (w - left - 70) * threshold / top
-        out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="5" y2="{h - 15}" stroke="#e45756" stroke-dasharray="4"/>'
-                   f'<text x="{x + 3:.1f}" y="{h - 4}" font-size="11" fill="#e45756">threshold</text>')
+        out.append(
+            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="5" y2="{h - 15}" stroke="#e45756" stroke-dasharray="4"/>'
+            f'<text x="{x + 3:.1f}" y="{h - 4}" font-size="11" fill="#e45756">threshold</text>'
+        )
     out.append("</svg>")
     return "".join(out)
 
@@ -515,18 +612,25 @@ def write_report(path: Path, summary: dict[str, Any]) -> None:
     """``report.html``: versions and gates, traffic and feedback, drift before/after, stage timings."""
     from html import escape
 
-    parts = ["<!doctype html><meta charset='utf-8'><title>tuneloop demo</title>",
-             "<style>body{font-family:sans-serif;max-width:900px;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}pre{background:#f6f6f6;padding:8px;white-space:pre-wrap}</style>",
-             f"<h1>tuneloop demo</h1><p>total {summary['total_s'] / 60:.1f} min; promoted: <b>{escape(str(summary.get('promoted')))}</b>; "
-             f"requests served: {summary.get('requests')}; feedback: {summary.get('feedback')}</p>"]
+    parts = [
+        "<!doctype html><meta charset='utf-8'><title>tuneloop demo</title>",
+        "<style>body{font-family:sans-serif;max-width:900px;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}pre{background:#f6f6f6;padding:8px;white-space:pre-wrap}</style>",
+        f"<h1>tuneloop demo</h1><p>total {summary['total_s'] / 60:.1f} min; promoted: <b>{escape(str(summary.get('promoted')))}</b>; "
+        f"requests served: {summary.get('requests')}; feedback: {summary.get('feedback')}</p>",
+    ]
     for n in summary.get("notes", []):
         parts.append(f"<p><i>note: {escape(n)}</i></p>")
     parts.append("<h2>Gates</h2>")
     for name, g in summary.get("gates", {}).items():
         summ = g.get("extra", {}).get("summary") or {}
         metric = g.get("metric", "token_f1")
-        parts.append(_bars(f"{name}: mean {metric} on the held-out split", [(k, float((v or {}).get(metric) or 0)) for k, v in summ.items()]))
+        parts.append(
+            _bars(
+                f"{name}: mean {metric} on the held-out split",
+                [(k, float((v or {}).get(metric) or 0)) for k, v in summ.items()],
+            )
+        )
         lines = [f"gate {'PASSED' if g.get('passed') else 'FAILED'}: {g.get('candidate')} vs {g.get('baseline')}"]
         lines += [f"  {c['name']}: {c['detail']}" for c in g.get("checks", [])]
         parts.append(f"<pre>{escape(chr(10).join(lines))}</pre>")
@@ -540,14 +644,31 @@ def write_report(path: Path, summary: dict[str, Any]) -> None:
     parts.append(_bars("mean token F1 of answers vs the reference reply, per phase and serving version", items))
     if summary.get("canary"):
         c = summary["canary"]
-        parts.append(f"<h2>Canary</h2><p>decision: <b>{escape(c['decision'])}</b> — {escape('; '.join(c['reasons']))}</p>")
+        parts.append(
+            f"<h2>Canary</h2><p>decision: <b>{escape(c['decision'])}</b> — {escape('; '.join(c['reasons']))}</p>"
+        )
         arms = c.get("arms", {})
-        parts.append(_bars("thumbs-down share per arm", [(f"{a} ({s.get('model_version')})", s.get("negative_share", 0)) for a, s in arms.items()], "{:.0%}"))
-        parts.append(_bars("p50 latency per arm (s)", [(f"{a} ({s.get('model_version')})", s.get("latency_p50_s") or 0) for a, s in arms.items()]))
+        parts.append(
+            _bars(
+                "thumbs-down share per arm",
+                [(f"{a} ({s.get('model_version')})", s.get("negative_share", 0)) for a, s in arms.items()],
+                "{:.0%}",
+            )
+        )
+        parts.append(
+            _bars(
+                "p50 latency per arm (s)",
+                [(f"{a} ({s.get('model_version')})", s.get("latency_p50_s") or 0) for a, s in arms.items()],
+            )
+        )
     parts.append("<h2>Drift</h2>")
     for phase, d in summary.get("drift", {}).items():
         feats = d.get("features") if isinstance(d.get("features"), dict) else d
-        items = [(k, float(v["value"])) for k, v in feats.items() if isinstance(v, dict) and isinstance(v.get("value"), (int, float))]
+        items = [
+            (k, float(v["value"]))
+            for k, v in feats.items()
+            if isinstance(v, dict) and isinstance(v.get("value"), (int, float))
+        ]
         parts.append(_bars(f"drift statistics {phase}", items))
     if not summary.get("drift"):
         parts.append("<p>not measured</p>")

@@ -62,7 +62,9 @@ class GateResult:
 
     def message(self) -> str:
         head = f"gate {'PASSED' if self.passed else 'FAILED'}: {self.candidate} vs {self.baseline} ({self.n_examples} held-out examples)"
-        lines = [head] + [f"  [{'skip' if c.skipped else ('ok' if c.passed else 'FAIL')}] {c.name}: {c.detail}" for c in self.checks]
+        lines = [head] + [
+            f"  [{'skip' if c.skipped else ('ok' if c.passed else 'FAIL')}] {c.name}: {c.detail}" for c in self.checks
+        ]
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,24 +118,41 @@ def judge_report(report: dict, candidate: str, baseline: str, deploy, seed: int 
     a = _per_example(report, candidate, metric)
     b = _per_example(report, baseline, metric)
     if len(a) != len(b):
-        raise GateError(f"{candidate} has {len(a)} per-example values but {baseline} has {len(b)}: not the same examples")
+        raise GateError(
+            f"{candidate} has {len(a)} per-example values but {baseline} has {len(b)}: not the same examples"
+        )
     bs = paired_bootstrap(a, b, deploy.bootstrap_samples, 0.95, seed)
     need = -deploy.gate_min_delta
-    checks = [Check(
-        "quality", bs.ci_low >= need, bs.ci_low, need,
-        f"{metric} candidate {np.mean(a):.4f} vs {np.mean(b):.4f}, mean delta {bs.mean_delta:+.4f}, "
-        f"95% CI [{bs.ci_low:+.4f}, {bs.ci_high:+.4f}] over {bs.samples} paired resamples; "
-        f"lower bound must be >= {need:+.4f}")]
+    checks = [
+        Check(
+            "quality",
+            bs.ci_low >= need,
+            bs.ci_low,
+            need,
+            f"{metric} candidate {np.mean(a):.4f} vs {np.mean(b):.4f}, mean delta {bs.mean_delta:+.4f}, "
+            f"95% CI [{bs.ci_low:+.4f}, {bs.ci_high:+.4f}] over {bs.samples} paired resamples; "
+            f"lower bound must be >= {need:+.4f}",
+        )
+    ]
 
     summ = report.get("summary", {})
     pc = (summ.get(candidate) or {}).get("general_perplexity")
     pb = (summ.get(baseline) or {}).get("general_perplexity")
     if pc is None or pb is None:
-        checks.append(Check("forgetting", True, None, deploy.gate_max_forgetting, "no general set evaluated", skipped=True))
+        checks.append(
+            Check("forgetting", True, None, deploy.gate_max_forgetting, "no general set evaluated", skipped=True)
+        )
     else:
         rel = float(pc) / float(pb) - 1.0
-        checks.append(Check("forgetting", rel <= deploy.gate_max_forgetting, rel, deploy.gate_max_forgetting,
-                            f"general-set perplexity {pc:.3f} vs {pb:.3f} ({rel:+.1%}); at most {deploy.gate_max_forgetting:+.1%} allowed"))
+        checks.append(
+            Check(
+                "forgetting",
+                rel <= deploy.gate_max_forgetting,
+                rel,
+                deploy.gate_max_forgetting,
+                f"general-set perplexity {pc:.3f} vs {pb:.3f} ({rel:+.1%}); at most {deploy.gate_max_forgetting:+.1%} allowed",
+            )
+        )
 
     gold = report.get("golden") or {}
     gc, gb = gold.get(candidate), gold.get(baseline)
@@ -143,11 +162,25 @@ def judge_report(report: dict, candidate: str, baseline: str, deploy, seed: int 
         rc = gc["passed"] / gc["total"]
         rb = gb["passed"] / gb["total"] if gb and gb.get("total") else 1.0
         need_g = min(deploy.gate_min_golden_pass, rb)
-        checks.append(Check("golden", rc >= need_g - 1e-12, rc, need_g,
-                            f"passed {gc['passed']}/{gc['total']} golden prompts ({rc:.0%}); baseline {rb:.0%}; need >= {need_g:.0%}"))
-    return GateResult(candidate, baseline, metric, all(c.passed for c in checks), checks, len(a),
-                      report_id=report.get("id"),
-                      extra={"bootstrap": asdict(bs), "summary": {m: summ.get(m) for m in (candidate, baseline)}})
+        checks.append(
+            Check(
+                "golden",
+                rc >= need_g - 1e-12,
+                rc,
+                need_g,
+                f"passed {gc['passed']}/{gc['total']} golden prompts ({rc:.0%}); baseline {rb:.0%}; need >= {need_g:.0%}",
+            )
+        )
+    return GateResult(
+        candidate,
+        baseline,
+        metric,
+        all(c.passed for c in checks),
+        checks,
+        len(a),
+        report_id=report.get("id"),
+        extra={"bootstrap": asdict(bs), "summary": {m: summ.get(m) for m in (candidate, baseline)}},
+    )
 
 
 def baseline_for(db: Database, candidate: str) -> tuple[str, str]:
@@ -161,11 +194,20 @@ def baseline_for(db: Database, candidate: str) -> tuple[str, str]:
     return "base", v.base_model
 
 
-def run_gate(db: Database, settings, candidate: str, dataset: str | None = None, golden: str | None = None,
-             general: str | None = None, limit: int | None = None, actor: str = "gate", seed: int = 0) -> GateResult:
+def run_gate(
+    db: Database,
+    settings,
+    candidate: str,
+    dataset: str | None = None,
+    golden: str | None = None,
+    general: str | None = None,
+    limit: int | None = None,
+    actor: str = "gate",
+    seed: int = 0,
+) -> GateResult:
     """Evaluate ``candidate`` against production (or its base) and judge; records the verdict."""
-    from trainer.evaluate import evaluate
     from tuneloop.registry import get_version
+    from tuneloop.trainer.evaluate import evaluate
 
     v = get_version(db, candidate)
     ds = dataset or v.dataset_id
@@ -185,15 +227,28 @@ def record_verdict(db: Database, candidate: str, result: GateResult, actor: str 
     with db.connect() as con:
         row = con.execute("SELECT stage FROM model_versions WHERE name = ?", [candidate]).fetchone()
         stage = row[0] if row else "candidate"
-        con.execute("INSERT INTO deploy_events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [new_id(), candidate, stage, stage, actor,
-                     f"gate {'passed' if result.passed else 'failed'} vs {result.baseline}", dumps({"gate": result.to_dict()}), utcnow()])
+        con.execute(
+            "INSERT INTO deploy_events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                new_id(),
+                candidate,
+                stage,
+                stage,
+                actor,
+                f"gate {'passed' if result.passed else 'failed'} vs {result.baseline}",
+                dumps({"gate": result.to_dict()}),
+                utcnow(),
+            ],
+        )
 
 
 def last_gate(db: Database, version: str) -> dict[str, Any] | None:
     """The latest recorded gate verdict of ``version`` (``GateResult.to_dict()``), or None."""
-    rows = db.query("""SELECT details FROM deploy_events WHERE model_version = ? AND reason LIKE 'gate %'
-                       ORDER BY occurred_at DESC LIMIT 1""", [version])
+    rows = db.query(
+        """SELECT details FROM deploy_events WHERE model_version = ? AND reason LIKE 'gate %'
+                       ORDER BY occurred_at DESC LIMIT 1""",
+        [version],
+    )
     if not rows:
         return None
     return (loads(rows[0]["details"]) or {}).get("gate")
@@ -203,8 +258,12 @@ def require_passed(db: Database, version: str) -> dict[str, Any]:
     """The version's latest gate verdict if it passed; else a :class:`GateError` saying what to run."""
     g = last_gate(db, version)
     if g is None:
-        raise GateError(f"{version} has not been through the gate: run `tuneloop deploy gate {version}` (or pass --force)")
+        raise GateError(
+            f"{version} has not been through the gate: run `tuneloop deploy gate {version}` (or pass --force)"
+        )
     if not g.get("passed"):
         failed = [c["detail"] for c in g.get("checks", []) if not c.get("passed")]
-        raise GateError(f"{version} did not pass the gate vs {g.get('baseline')}: {'; '.join(failed)} (pass --force to override)")
+        raise GateError(
+            f"{version} did not pass the gate vs {g.get('baseline')}: {'; '.join(failed)} (pass --force to override)"
+        )
     return g

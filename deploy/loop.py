@@ -27,9 +27,10 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Callable
+from typing import Any
 
 from tuneloop.db import Database, dumps, loads, utcnow
 from tuneloop.errors import UserError
@@ -44,20 +45,31 @@ class LoopError(UserError, RuntimeError):
 
 @dataclass
 class LoopOptions:
-    window: str | None = field(default=None, metadata={"help": "Sample requests from this window (e.g. 24h); default: since the last cycle's sample."})
-    strategies: list[str] | None = field(default=None, metadata={"help": "Sampling strategies NAME[=SHARE] (default feedback=0.5 stratified=0.5)."})
+    window: str | None = field(
+        default=None,
+        metadata={"help": "Sample requests from this window (e.g. 24h); default: since the last cycle's sample."},
+    )
+    strategies: list[str] | None = field(
+        default=None, metadata={"help": "Sampling strategies NAME[=SHARE] (default feedback=0.5 stratified=0.5)."}
+    )
     limit: int = field(default=1000, metadata={"help": "Most production rows sampled."})
-    replay_fraction: float = field(default=0.2, metadata={"help": "Share of the train split replayed from the production version's dataset."})
+    replay_fraction: float = field(
+        default=0.2, metadata={"help": "Share of the train split replayed from the production version's dataset."}
+    )
     train_overrides: list[str] = field(default_factory=list, metadata={"help": "TrainConfig key=value overrides."})
     train_config: str | None = field(default=None, metadata={"help": "TrainConfig YAML file."})
     golden: str | None = field(default=None, metadata={"help": "Golden prompts for the gate."})
     general: str | None = field(default=None, metadata={"help": "General set for the gate's forgetting check."})
     eval_limit: int | None = field(default=None, metadata={"help": "Most held-out examples evaluated by the gate."})
-    canary: bool = field(default=True, metadata={"help": "Canary before promoting (needs a running server to get traffic)."})
+    canary: bool = field(
+        default=True, metadata={"help": "Canary before promoting (needs a running server to get traffic)."}
+    )
     canary_share: float | None = field(default=None, metadata={"help": "Canary share (default deploy.canary_share)."})
     canary_timeout_s: float | None = field(default=None, metadata={"help": "Longest wait for the canary decision."})
     canary_poll_s: float = field(default=5.0, metadata={"help": "Seconds between canary judgements."})
-    version_prefix: str = field(default="", metadata={"help": "Name new versions <prefix>-v<N> (default: from the production version's name)."})
+    version_prefix: str = field(
+        default="", metadata={"help": "Name new versions <prefix>-v<N> (default: from the production version's name)."}
+    )
     actor: str = field(default="loop", metadata={"help": "Who the deploy history records."})
     progress: bool = field(default=True, metadata={"help": "Print step progress."})
 
@@ -81,9 +93,15 @@ class CycleResult:
 
 def _brief(step: str, d: dict[str, Any]) -> str:
     if step == "sample":
-        return f"dataset {d.get('dataset')}" + (f" (+ pairs {d['preference']})" if d.get("preference") else "") if d.get("dataset") else d.get("reason", "")
+        return (
+            f"dataset {d.get('dataset')}" + (f" (+ pairs {d['preference']})" if d.get("preference") else "")
+            if d.get("dataset")
+            else d.get("reason", "")
+        )
     if step == "train":
-        return f"version {d.get('version')} (run {d.get('run_id')})" if d.get("run_id") else f"version {d.get('version')}"
+        return (
+            f"version {d.get('version')} (run {d.get('run_id')})" if d.get("run_id") else f"version {d.get('version')}"
+        )
     if step == "gate":
         return f"{'passed' if d.get('passed') else 'failed'} vs {d.get('baseline')}" if "passed" in d else ""
     if step == "canary":
@@ -95,26 +113,37 @@ def _brief(step: str, d: dict[str, Any]) -> str:
 
 
 def steps_of(db: Database, cycle_id: str) -> dict[str, dict[str, Any]]:
-    rows = db.query("SELECT step, status, started_at, finished_at, details, error FROM loop_runs WHERE id = ?", [cycle_id])
+    rows = db.query(
+        "SELECT step, status, started_at, finished_at, details, error FROM loop_runs WHERE id = ?", [cycle_id]
+    )
     return {r["step"]: {**r, "details": loads(r["details"]) or {}} for r in rows}
 
 
 def _begin(db: Database, cycle_id: str, step: str, details: dict[str, Any]) -> None:
     with db.connect() as con:
         con.execute("DELETE FROM loop_runs WHERE id = ? AND step = ?", [cycle_id, step])
-        con.execute("INSERT INTO loop_runs (id, step, status, started_at, details) VALUES (?, ?, 'running', ?, ?)",
-                    [cycle_id, step, utcnow(), dumps(details)])
+        con.execute(
+            "INSERT INTO loop_runs (id, step, status, started_at, details) VALUES (?, ?, 'running', ?, ?)",
+            [cycle_id, step, utcnow(), dumps(details)],
+        )
 
 
-def _end(db: Database, cycle_id: str, step: str, status: str, details: dict[str, Any], error: str | None = None) -> None:
-    db.execute("UPDATE loop_runs SET status = ?, finished_at = ?, details = ?, error = ? WHERE id = ? AND step = ?",
-               [status, utcnow(), dumps(details), error, cycle_id, step])
+def _end(
+    db: Database, cycle_id: str, step: str, status: str, details: dict[str, Any], error: str | None = None
+) -> None:
+    db.execute(
+        "UPDATE loop_runs SET status = ?, finished_at = ?, details = ?, error = ? WHERE id = ? AND step = ?",
+        [status, utcnow(), dumps(details), error, cycle_id, step],
+    )
 
 
 def list_cycles(db: Database, limit: int = 20) -> list[dict[str, Any]]:
-    return db.query("""SELECT id, min(started_at) AS started_at, max(finished_at) AS finished_at,
+    return db.query(
+        """SELECT id, min(started_at) AS started_at, max(finished_at) AS finished_at,
                               string_agg(step || ':' || status, ' ' ORDER BY started_at) AS steps
-                       FROM loop_runs GROUP BY id ORDER BY min(started_at) DESC LIMIT ?""", [limit])
+                       FROM loop_runs GROUP BY id ORDER BY min(started_at) DESC LIMIT ?""",
+        [limit],
+    )
 
 
 # ---- helpers -----------------------------------------------------------------------------------
@@ -138,8 +167,11 @@ def next_version_name(db: Database, prod_name: str | None, prefix: str = "") -> 
 
 
 def _last_sample_until(db: Database, exclude: str) -> datetime | None:
-    rows = db.query("""SELECT details FROM loop_runs WHERE step = 'sample' AND status = 'done' AND id <> ?
-                       ORDER BY finished_at DESC LIMIT 1""", [exclude])
+    rows = db.query(
+        """SELECT details FROM loop_runs WHERE step = 'sample' AND status = 'done' AND id <> ?
+                       ORDER BY finished_at DESC LIMIT 1""",
+        [exclude],
+    )
     if not rows:
         return None
     u = (loads(rows[0]["details"]) or {}).get("until")
@@ -148,8 +180,8 @@ def _last_sample_until(db: Database, exclude: str) -> datetime | None:
 
 def build_train_config(opts: LoopOptions, base: str, dataset: str, name: str, parent: str | None):
     """TrainConfig from the YAML file + overrides, with base/dataset/name set by the loop."""
-    from trainer.config import TrainConfig
     from tuneloop.config import build, load_yaml
+    from tuneloop.trainer.config import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     forced = [f"base={base}", f"dataset={dataset}", f"name={name}"]
@@ -161,16 +193,20 @@ def build_train_config(opts: LoopOptions, base: str, dataset: str, name: str, pa
 # ---- one cycle ------------------------------------------------------------------------------------
 
 
-def run_cycle(db: Database, settings, opts: LoopOptions | None = None, cycle_id: str | None = None,
-              log: Callable[[str], None] | None = None) -> CycleResult:
+def run_cycle(
+    db: Database,
+    settings,
+    opts: LoopOptions | None = None,
+    cycle_id: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> CycleResult:
     """Run (or resume) one cycle; see the module docstring."""
     from tuneloop.registry import get_version, version_by_stage
 
     opts = opts or LoopOptions()
     say = log or ((lambda m: print(m, flush=True)) if opts.progress else (lambda m: None))
-    if cycle_id:
-        if not db.query("SELECT 1 FROM loop_runs WHERE id = ? LIMIT 1", [cycle_id]):
-            raise LoopError(f"unknown cycle {cycle_id!r}; see `tuneloop loop --help` (start a new cycle without --cycle)")
+    if cycle_id and not db.query("SELECT 1 FROM loop_runs WHERE id = ? LIMIT 1", [cycle_id]):
+        raise LoopError(f"unknown cycle {cycle_id!r}; see `tuneloop loop --help` (start a new cycle without --cycle)")
     cycle_id = cycle_id or new_id()
     done = steps_of(db, cycle_id)
 
@@ -206,8 +242,16 @@ def run_cycle(db: Database, settings, opts: LoopOptions | None = None, cycle_id:
     if s is None:
         until = utcnow()
         since = None if opts.window else _last_sample_until(db, cycle_id)
-        s = step("sample", {"window": opts.window, "since": str(since) if since else None, "until": until.isoformat(),
-                            "production": prod.name if prod else None}, lambda d: _do_sample(db, settings, opts, d, cycle_id))
+        s = step(
+            "sample",
+            {
+                "window": opts.window,
+                "since": str(since) if since else None,
+                "until": until.isoformat(),
+                "production": prod.name if prod else None,
+            },
+            lambda d: _do_sample(db, settings, opts, d, cycle_id),
+        )
     if s.get("outcome") == "nothing_to_do":
         _record_decide(db, cycle_id, "nothing_to_do", s.get("reason", ""))
         return result("nothing_to_do")
@@ -216,8 +260,16 @@ def run_cycle(db: Database, settings, opts: LoopOptions | None = None, cycle_id:
     t = finished("train")
     if t is None:
         name = next_version_name(db, s.get("production"), opts.version_prefix)
-        t = step("train", {"version": name, "dataset": s["dataset"], "preference": s.get("preference"),
-                           "parent": s.get("production")}, lambda d: _do_train(db, settings, opts, d))
+        t = step(
+            "train",
+            {
+                "version": name,
+                "dataset": s["dataset"],
+                "preference": s.get("preference"),
+                "parent": s.get("production"),
+            },
+            lambda d: _do_train(db, settings, opts, d),
+        )
     candidate = t["version"]
 
     # 3. gate
@@ -244,17 +296,21 @@ def _record_decide(db: Database, cycle_id: str, outcome: str, reason: str, extra
 
 
 def _do_sample(db: Database, settings, opts: LoopOptions, d: dict[str, Any], cycle_id: str) -> dict[str, Any]:
-    from feedback.sample import SampleConfig, SampleError, parse_strategies
+    from tuneloop.feedback.sample import SampleConfig, SampleError, parse_strategies
     from tuneloop.registry import get_version
 
     replay = None
     if d.get("production"):
         replay = get_version(db, d["production"]).dataset_id
     cfg = SampleConfig(
-        name=f"loop-{cycle_id[-12:]}", strategies=parse_strategies(opts.strategies), limit=opts.limit,
+        name=f"loop-{cycle_id[-12:]}",
+        strategies=parse_strategies(opts.strategies),
+        limit=opts.limit,
         since=datetime.fromisoformat(d["since"]) if d.get("since") else None,
-        until=datetime.fromisoformat(d["until"]), window=d.get("window"),
-        replay_from=replay, replay_fraction=opts.replay_fraction if replay else 0.0,
+        until=datetime.fromisoformat(d["until"]),
+        window=d.get("window"),
+        replay_from=replay,
+        replay_fraction=opts.replay_fraction if replay else 0.0,
     )
     try:
         res = sample(db, settings.paths.home_path, cfg, progress=opts.progress)
@@ -262,34 +318,44 @@ def _do_sample(db: Database, settings, opts: LoopOptions, d: dict[str, Any], cyc
         if "nothing to sample" in str(e):
             return {"_status": "skipped", "outcome": "nothing_to_do", "reason": str(e)}
         raise
-    return {"dataset": res.sft.id, "preference": res.preference.id if res.preference else None,
-            "rows": {"train": res.sft.rows_train, "validation": res.sft.rows_validation, "test": res.sft.rows_test},
-            "counts": res.card["counts"]}
+    return {
+        "dataset": res.sft.id,
+        "preference": res.preference.id if res.preference else None,
+        "rows": {"train": res.sft.rows_train, "validation": res.sft.rows_validation, "test": res.sft.rows_test},
+        "counts": res.card["counts"],
+    }
 
 
 def sample(*a, **kw):  # indirection so the step is easy to follow in a traceback
-    from feedback.sample import sample as _sample
+    from tuneloop.feedback.sample import sample as _sample
 
     return _sample(*a, **kw)
 
 
 def _do_train(db: Database, settings, opts: LoopOptions, d: dict[str, Any]) -> dict[str, Any]:
-    from trainer.bootstrap import DEFAULT_BASE, resolve_base
     from tuneloop.registry import get_version
+    from tuneloop.trainer.bootstrap import DEFAULT_BASE, resolve_base
 
     # a previous attempt may have registered the version before being interrupted
-    existing = db.query("""SELECT v.name, v.run_id FROM model_versions v JOIN runs r ON r.id = v.run_id
-                           WHERE v.name = ? AND r.status = 'succeeded'""", [d["version"]])
+    existing = db.query(
+        """SELECT v.name, v.run_id FROM model_versions v JOIN runs r ON r.id = v.run_id
+                           WHERE v.name = ? AND r.status = 'succeeded'""",
+        [d["version"]],
+    )
     if existing:
         return {"run_id": existing[0]["run_id"], "reused": True}
-    base = get_version(db, d["parent"]).base_model if d.get("parent") else str(resolve_base(settings.server.model or DEFAULT_BASE, settings.paths.models_path))
+    base = (
+        get_version(db, d["parent"]).base_model
+        if d.get("parent")
+        else str(resolve_base(settings.server.model or DEFAULT_BASE, settings.paths.models_path))
+    )
     dataset = d["dataset"]
     overrides = dict(o.split("=", 1) for o in opts.train_overrides if "=" in o)
     if overrides.get("method") == "dpo":
         if not d.get("preference"):
             raise LoopError("method=dpo needs corrections to build preference pairs, and this sample has none")
         dataset = d["preference"]
-    from trainer.train import train
+    from tuneloop.trainer.train import train
 
     cfg = build_train_config(opts, base, dataset, d["version"], d.get("parent"))
     res = train(cfg, db, settings, progress=opts.progress)
@@ -297,16 +363,29 @@ def _do_train(db: Database, settings, opts: LoopOptions, d: dict[str, Any]) -> d
 
 
 def _do_gate(db: Database, settings, opts: LoopOptions, d: dict[str, Any]) -> dict[str, Any]:
-    from deploy.gate import run_gate
+    from tuneloop.deploy.gate import run_gate
 
-    r = run_gate(db, settings, d["version"], dataset=d["dataset"], golden=opts.golden, general=opts.general,
-                 limit=opts.eval_limit, actor=opts.actor)
-    return {"passed": r.passed, "baseline": r.baseline, "message": r.message(), "report_id": r.report_id,
-            "checks": [dataclasses.asdict(c) for c in r.checks]}
+    r = run_gate(
+        db,
+        settings,
+        d["version"],
+        dataset=d["dataset"],
+        golden=opts.golden,
+        general=opts.general,
+        limit=opts.eval_limit,
+        actor=opts.actor,
+    )
+    return {
+        "passed": r.passed,
+        "baseline": r.baseline,
+        "message": r.message(),
+        "report_id": r.report_id,
+        "checks": [dataclasses.asdict(c) for c in r.checks],
+    }
 
 
 def _do_canary(db: Database, settings, opts: LoopOptions, d: dict[str, Any]) -> dict[str, Any]:
-    from monitoring import canary
+    from tuneloop.monitoring import canary
     from tuneloop.registry import set_stage, version_by_stage
 
     name = d["version"]
@@ -319,18 +398,39 @@ def _do_canary(db: Database, settings, opts: LoopOptions, d: dict[str, Any]) -> 
     if run is not None and run.candidate != name:
         raise LoopError(f"another canary ({run.candidate}) is running: decide it before this cycle can canary {name}")
     if run is None:
-        done = db.query("SELECT status, decision FROM canaries WHERE candidate = ? ORDER BY started_at DESC LIMIT 1", [name])
+        done = db.query(
+            "SELECT status, decision FROM canaries WHERE candidate = ? ORDER BY started_at DESC LIMIT 1", [name]
+        )
         if done:  # decided while we were away (e.g. by `deploy canary --watch` or by hand)
             st = done[0]["status"]
-            return {"outcome": "promoted" if st == "promoted" else "rolled_back", "canary_id": None,
-                    "reason": f"canary already {st}"}
-        run = canary.start(db, name, opts.canary_share or settings.deploy.canary_share, actor=opts.actor,
-                           reason="loop: gate passed")
-    timeout = opts.canary_timeout_s if opts.canary_timeout_s is not None else settings.deploy.canary_max_minutes * 60 + 2 * opts.canary_poll_s
-    dec = canary.watch(db, run.id, settings.deploy, poll_s=opts.canary_poll_s, timeout_s=timeout, actor=opts.actor,
-                       on_tick=(lambda x: print(f"  canary: {x.summary()}", flush=True)) if opts.progress else None)
-    return {"canary_id": run.id, "outcome": "promoted" if dec.action == "promote" else "rolled_back",
-            "summary": dec.summary(), "reason": "; ".join(dec.reasons)}
+            return {
+                "outcome": "promoted" if st == "promoted" else "rolled_back",
+                "canary_id": None,
+                "reason": f"canary already {st}",
+            }
+        run = canary.start(
+            db, name, opts.canary_share or settings.deploy.canary_share, actor=opts.actor, reason="loop: gate passed"
+        )
+    timeout = (
+        opts.canary_timeout_s
+        if opts.canary_timeout_s is not None
+        else settings.deploy.canary_max_minutes * 60 + 2 * opts.canary_poll_s
+    )
+    dec = canary.watch(
+        db,
+        run.id,
+        settings.deploy,
+        poll_s=opts.canary_poll_s,
+        timeout_s=timeout,
+        actor=opts.actor,
+        on_tick=(lambda x: print(f"  canary: {x.summary()}", flush=True)) if opts.progress else None,
+    )
+    return {
+        "canary_id": run.id,
+        "outcome": "promoted" if dec.action == "promote" else "rolled_back",
+        "summary": dec.summary(),
+        "reason": "; ".join(dec.reasons),
+    }
 
 
 # ---- watch ---------------------------------------------------------------------------------------------
@@ -343,8 +443,11 @@ def trigger(db: Database, since: datetime | None, min_feedback: int, every_s: fl
     since = since or datetime(1970, 1, 1)
     prod = version_by_stage(db, "production")
     if prod is not None:
-        d = db.query("""SELECT value, threshold FROM drift_reports WHERE model_version = ? AND feature = 'overall'
-                        AND drifted AND created_at > ? ORDER BY created_at DESC LIMIT 1""", [prod.name, since])
+        d = db.query(
+            """SELECT value, threshold FROM drift_reports WHERE model_version = ? AND feature = 'overall'
+                        AND drifted AND created_at > ? ORDER BY created_at DESC LIMIT 1""",
+            [prod.name, since],
+        )
         if d:
             return f"drift on {prod.name} (overall {d[0]['value']:.3g} over {d[0]['threshold']})"
     n = db.query("SELECT count(*) AS n FROM feedback WHERE created_at > ?", [since])[0]["n"]
@@ -355,10 +458,18 @@ def trigger(db: Database, since: datetime | None, min_feedback: int, every_s: fl
     return None
 
 
-def watch(db: Database, settings, opts: LoopOptions, min_feedback: int = 50, every: str | None = None,
-          poll_s: float = 60.0, max_cycles: int | None = None, sleep: Callable[[float], None] = time.sleep) -> list[CycleResult]:
+def watch(
+    db: Database,
+    settings,
+    opts: LoopOptions,
+    min_feedback: int = 50,
+    every: str | None = None,
+    poll_s: float = 60.0,
+    max_cycles: int | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[CycleResult]:
     """Run cycles whenever :func:`trigger` fires (resuming an unfinished cycle first)."""
-    from feedback.sample import parse_duration
+    from tuneloop.feedback.sample import parse_duration
 
     every_s = parse_duration(every).total_seconds() if every else None
     results: list[CycleResult] = []

@@ -28,15 +28,23 @@ examples:
 
 def register(sub) -> None:
     g = add_group(sub, "feedback", "turn production requests and feedback into new training sets")
-    p = g.add_parser("sample", help="sample logged requests + feedback into a registered SFT (and DPO) dataset",
-                     description="Sample the request log (with its feedback) into a new registered dataset: filters "
-                                 "(errors, aborts, truncated, thumbs-down), PII scrub, dedup (within and against "
-                                 "earlier sets), strategies with quotas, replay against forgetting, a seeded split. "
-                                 "Corrections become SFT targets and DPO pairs (written as '<name>-pref').",
-                     epilog=SAMPLE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = g.add_parser(
+        "sample",
+        help="sample logged requests + feedback into a registered SFT (and DPO) dataset",
+        description="Sample the request log (with its feedback) into a new registered dataset: filters "
+        "(errors, aborts, truncated, thumbs-down), PII scrub, dedup (within and against "
+        "earlier sets), strategies with quotas, replay against forgetting, a seeded split. "
+        "Corrections become SFT targets and DPO pairs (written as '<name>-pref').",
+        epilog=SAMPLE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--name", default="production", help="dataset name (default: production)")
-    p.add_argument("--strategy", action="append", metavar="NAME[=SHARE]",
-                   help="feedback, drift, stratified, random (repeatable; default feedback=0.5 stratified=0.5)")
+    p.add_argument(
+        "--strategy",
+        action="append",
+        metavar="NAME[=SHARE]",
+        help="feedback, drift, stratified, random (repeatable; default feedback=0.5 stratified=0.5)",
+    )
     p.add_argument("--limit", type=int, default=1000, help="most production rows (default 1000)")
     w = p.add_mutually_exclusive_group()
     w.add_argument("--window", metavar="DURATION", help="only the last DURATION (30m, 1h, 2d)")
@@ -44,20 +52,32 @@ def register(sub) -> None:
     p.add_argument("--until", metavar="TIME", help="only requests before TIME (default now)")
     p.add_argument("--version", dest="model_version", metavar="VERSION", help="only requests served by this version")
     p.add_argument("--no-scrub", action="store_true", help="keep PII (emails, phones, cards, IPs) — not recommended")
-    p.add_argument("--dedup-against", action="append", metavar="DATASET",
-                   help="dedup against these datasets (repeatable; default: every registered SFT dataset)")
+    p.add_argument(
+        "--dedup-against",
+        action="append",
+        metavar="DATASET",
+        help="dedup against these datasets (repeatable; default: every registered SFT dataset)",
+    )
     p.add_argument("--no-dedup-against", action="store_true", help="do not dedup against earlier datasets")
     p.add_argument("--replay-from", metavar="DATASET", help="mix back train rows of this dataset against forgetting")
-    p.add_argument("--replay-fraction", type=float, default=0.0, help="share of the final train split from --replay-from (e.g. 0.2)")
+    p.add_argument(
+        "--replay-fraction",
+        type=float,
+        default=0.0,
+        help="share of the final train split from --replay-from (e.g. 0.2)",
+    )
     p.add_argument("--validation-fraction", type=float, default=0.1, help="held-out validation share (default 0.1)")
     p.add_argument("--test-fraction", type=float, default=0.1, help="held-out test share (default 0.1)")
     p.add_argument("--topics", type=int, default=8, help="topic clusters for 'stratified' (default 8)")
     p.add_argument("--no-preference", action="store_true", help="do not write the DPO preference dataset")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    p.add_argument("--from-parquet", metavar="DIR",
-                   help="read requests and feedback from Parquet exports of many replicas (`tuneloop export logs "
-                        "--out DIR`, a folder or s3:// URL) instead of this database; datasets are still registered "
-                        "in the database")
+    p.add_argument(
+        "--from-parquet",
+        metavar="DIR",
+        help="read requests and feedback from Parquet exports of many replicas (`tuneloop export logs "
+        "--out DIR`, a folder or s3:// URL) instead of this database; datasets are still registered "
+        "in the database",
+    )
     p.add_argument("--json", action="store_true", help="print the data card as JSON")
     p.set_defaults(handler=cmd_sample)
 
@@ -65,50 +85,78 @@ def register(sub) -> None:
     p.add_argument("--limit", type=int, default=20, help="rows (default 20)")
     p.set_defaults(handler=cmd_list)
 
-    p = sub.add_parser("lineage", help="trace a request or a model version through datasets and versions",
-                       description="Given a request id: the version that served it, that version's dataset and the "
-                                   "requests it was built from, parent versions; and the datasets/versions the request "
-                                   "itself went into. Given a version: its chain back to the base model.")
+    p = sub.add_parser(
+        "lineage",
+        help="trace a request or a model version through datasets and versions",
+        description="Given a request id: the version that served it, that version's dataset and the "
+        "requests it was built from, parent versions; and the datasets/versions the request "
+        "itself went into. Given a version: its chain back to the base model.",
+    )
     p.add_argument("ref", metavar="REQUEST_ID|VERSION")
     p.add_argument("--json", action="store_true", help="full JSON (all source request ids)")
     p.set_defaults(handler=cmd_lineage)
 
 
 def build_config(args):
-    from feedback.sample import SampleConfig, parse_strategies, parse_time
+    from tuneloop.feedback.sample import SampleConfig, parse_strategies, parse_time
 
     return SampleConfig(
-        name=args.name, strategies=parse_strategies(args.strategy), limit=args.limit,
-        since=parse_time(args.since) if args.since else None, until=parse_time(args.until) if args.until else None,
-        window=args.window, model_version=args.model_version, scrub_pii=not args.no_scrub,
-        dedup_against=[] if args.no_dedup_against else args.dedup_against, replay_from=args.replay_from,
-        replay_fraction=args.replay_fraction, validation_fraction=args.validation_fraction,
-        test_fraction=args.test_fraction, topics=args.topics, preference=not args.no_preference, seed=args.seed,
+        name=args.name,
+        strategies=parse_strategies(args.strategy),
+        limit=args.limit,
+        since=parse_time(args.since) if args.since else None,
+        until=parse_time(args.until) if args.until else None,
+        window=args.window,
+        model_version=args.model_version,
+        scrub_pii=not args.no_scrub,
+        dedup_against=[] if args.no_dedup_against else args.dedup_against,
+        replay_from=args.replay_from,
+        replay_fraction=args.replay_fraction,
+        validation_fraction=args.validation_fraction,
+        test_fraction=args.test_fraction,
+        topics=args.topics,
+        preference=not args.no_preference,
+        seed=args.seed,
         from_parquet=args.from_parquet,
     )
 
 
 def cmd_sample(args, ctx) -> int:
-    from feedback.sample import sample
+    from tuneloop.feedback.sample import sample
 
     cfg = build_config(args)
     res = sample(ctx.db, ctx.settings.paths.home_path, cfg, progress=not args.json)
     if args.json:
-        print(json.dumps({"dataset": res.sft.id, "preference_dataset": res.preference.id if res.preference else None,
-                          "card": res.card}, indent=2, default=str))
+        print(
+            json.dumps(
+                {
+                    "dataset": res.sft.id,
+                    "preference_dataset": res.preference.id if res.preference else None,
+                    "card": res.card,
+                },
+                indent=2,
+                default=str,
+            )
+        )
         return 0
     c = res.card["counts"]
-    print(f"dataset {res.sft.id}: train {res.sft.rows_train}, validation {res.sft.rows_validation}, test {res.sft.rows_test}")
-    print(f"  from {c['requests_in_window']} requests: {c['after_filters']} passed filters "
-          f"(errors {c['error']}, aborted {c['aborted']}, truncated {c['truncated']}, thumbs-down {c['negative_feedback']}), "
-          f"{c['duplicates_within']} duplicates, {c['duplicates_of_earlier_sets']} seen in earlier sets, "
-          f"{c['picked']} picked, {c['replay']} replayed")
+    print(
+        f"dataset {res.sft.id}: train {res.sft.rows_train}, validation {res.sft.rows_validation}, test {res.sft.rows_test}"
+    )
+    print(
+        f"  from {c['requests_in_window']} requests: {c['after_filters']} passed filters "
+        f"(errors {c['error']}, aborted {c['aborted']}, truncated {c['truncated']}, thumbs-down {c['negative_feedback']}), "
+        f"{c['duplicates_within']} duplicates, {c['duplicates_of_earlier_sets']} seen in earlier sets, "
+        f"{c['picked']} picked, {c['replay']} replayed"
+    )
     print("  strategies: " + ", ".join(f"{k} {v['picked']}/{v['quota']}" for k, v in res.card["per_strategy"].items()))
     pii = {k[4:]: v for k, v in c.items() if k.startswith("pii_")}
     if pii:
         print("  PII scrubbed: " + ", ".join(f"{k} {v}" for k, v in pii.items()))
     if res.preference:
-        print(f"preference dataset {res.preference.id}: {res.preference.rows_train + res.preference.rows_validation + res.preference.rows_test} pairs")
+        print(
+            f"preference dataset {res.preference.id}: {res.preference.rows_train + res.preference.rows_validation + res.preference.rows_test} pairs"
+        )
     for n in res.card["notes"]:
         print(f"  note: {n}")
     return 0
@@ -120,18 +168,32 @@ def cmd_list(args, ctx) -> int:
     rows = ctx.db.query(
         """SELECT f.created_at, f.request_id, f.model_version, f.rating, f.rating_kind,
                   CASE WHEN f.correction IS NULL THEN '' ELSE 'yes' END AS correction, f.comment
-           FROM feedback f ORDER BY f.created_at DESC LIMIT ?""", [args.limit])
+           FROM feedback f ORDER BY f.created_at DESC LIMIT ?""",
+        [args.limit],
+    )
     if not rows:
         print("no feedback yet (clients post it to /v1/feedback)")
         return 0
-    print_table(["created_at", "request_id", "version", "rating", "kind", "correction", "comment"],
-                [[str(r["created_at"])[:19], r["request_id"], r["model_version"], r["rating"], r["rating_kind"],
-                  r["correction"], (r["comment"] or "")[:40]] for r in rows])
+    print_table(
+        ["created_at", "request_id", "version", "rating", "kind", "correction", "comment"],
+        [
+            [
+                str(r["created_at"])[:19],
+                r["request_id"],
+                r["model_version"],
+                r["rating"],
+                r["rating_kind"],
+                r["correction"],
+                (r["comment"] or "")[:40],
+            ]
+            for r in rows
+        ],
+    )
     return 0
 
 
 def cmd_lineage(args, ctx) -> int:
-    from feedback.sample import lineage
+    from tuneloop.feedback.sample import lineage
 
     info = lineage(ctx.db, args.ref)
     if args.json:
@@ -143,7 +205,10 @@ def cmd_lineage(args, ctx) -> int:
         print(f"  served by: {r['model_version'] or '-'}")
         _print_chain(info["served_by"], indent="  ")
         if info["used_in_datasets"]:
-            print("  used in datasets: " + ", ".join(f"{u['dataset_id']} ({u['split']}, {u['origin']})" for u in info["used_in_datasets"]))
+            print(
+                "  used in datasets: "
+                + ", ".join(f"{u['dataset_id']} ({u['split']}, {u['origin']})" for u in info["used_in_datasets"])
+            )
         else:
             print("  used in datasets: none yet")
         if info["trained_versions"]:

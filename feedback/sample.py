@@ -52,15 +52,15 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from monitoring.sources import LogSource, log_source
 from tuneloop.db import Database, loads, utcnow
 from tuneloop.errors import UserError
+from tuneloop.monitoring.sources import LogSource, log_source
 
 STRATEGIES = ("feedback", "drift", "stratified", "random")  # application order
 
@@ -71,24 +71,47 @@ class SampleError(UserError, ValueError):
 
 @dataclass
 class SampleConfig:
-    name: str = field(default="production", metadata={"help": "Name of the dataset to write (the preference set gets '-pref')."})
-    strategies: dict[str, float] = field(default_factory=lambda: {"feedback": 0.5, "stratified": 0.5},
-                                         metadata={"help": "Strategy -> share of the sample (feedback, drift, stratified, random); shares are normalised."})
+    name: str = field(
+        default="production", metadata={"help": "Name of the dataset to write (the preference set gets '-pref')."}
+    )
+    strategies: dict[str, float] = field(
+        default_factory=lambda: {"feedback": 0.5, "stratified": 0.5},
+        metadata={
+            "help": "Strategy -> share of the sample (feedback, drift, stratified, random); shares are normalised."
+        },
+    )
     limit: int = field(default=1000, metadata={"help": "Most production rows in the SFT set (before replay)."})
     since: datetime | None = field(default=None, metadata={"help": "Only requests received at or after this UTC time."})
     until: datetime | None = field(default=None, metadata={"help": "Only requests received before this UTC time."})
-    window: str | None = field(default=None, metadata={"help": "Shorthand for since = now - window ('30m', '1h', '2d')."})
+    window: str | None = field(
+        default=None, metadata={"help": "Shorthand for since = now - window ('30m', '1h', '2d')."}
+    )
     model_version: str | None = field(default=None, metadata={"help": "Only requests served by this version."})
     scrub_pii: bool = field(default=True, metadata={"help": "Replace emails, phones, card numbers and IPs."})
-    dedup_against: list[str] | None = field(default=None, metadata={"help": "Datasets to dedup against; None = every registered SFT dataset, [] = none."})
-    replay_from: str | None = field(default=None, metadata={"help": "Dataset whose train rows are mixed back in against forgetting."})
-    replay_fraction: float = field(default=0.0, metadata={"help": "Share of the final train split drawn from replay_from (0..0.9)."})
-    validation_fraction: float = field(default=0.1, metadata={"help": "Share of production rows held out for validation."})
-    test_fraction: float = field(default=0.1, metadata={"help": "Share of production rows held out for test (the gate's split)."})
+    dedup_against: list[str] | None = field(
+        default=None, metadata={"help": "Datasets to dedup against; None = every registered SFT dataset, [] = none."}
+    )
+    replay_from: str | None = field(
+        default=None, metadata={"help": "Dataset whose train rows are mixed back in against forgetting."}
+    )
+    replay_fraction: float = field(
+        default=0.0, metadata={"help": "Share of the final train split drawn from replay_from (0..0.9)."}
+    )
+    validation_fraction: float = field(
+        default=0.1, metadata={"help": "Share of production rows held out for validation."}
+    )
+    test_fraction: float = field(
+        default=0.1, metadata={"help": "Share of production rows held out for test (the gate's split)."}
+    )
     topics: int = field(default=8, metadata={"help": "k of the k-means topic clusters used by 'stratified'."})
     preference: bool = field(default=True, metadata={"help": "Also write a DPO preference dataset from corrections."})
     seed: int = field(default=0, metadata={"help": "Seed of every random choice (sampling, clustering, split)."})
-    from_parquet: str | None = field(default=None, metadata={"help": "Read requests and feedback from this folder (or URL) of Parquet exports of many replicas instead of the database."})
+    from_parquet: str | None = field(
+        default=None,
+        metadata={
+            "help": "Read requests and feedback from this folder (or URL) of Parquet exports of many replicas instead of the database."
+        },
+    )
 
 
 @dataclass
@@ -146,9 +169,7 @@ def parse_time(text: str) -> datetime:
     except ValueError:
         raise SampleError(f"bad time {text!r}: use ISO-8601 (2026-11-02T10:00) or an offset like -1h") from None
     if d.tzinfo is not None:
-        from datetime import timezone
-
-        d = d.astimezone(timezone.utc).replace(tzinfo=None)
+        d = d.astimezone(UTC).replace(tzinfo=None)
     return d
 
 
@@ -277,8 +298,9 @@ def prompt_messages(prompt: Any) -> list[dict[str, str]] | None:
     return None
 
 
-def read_candidates(db: Database | LogSource, since: datetime, until: datetime, model_version: str | None,
-                    counts: dict[str, int]) -> list[Candidate]:
+def read_candidates(
+    db: Database | LogSource, since: datetime, until: datetime, model_version: str | None, counts: dict[str, int]
+) -> list[Candidate]:
     """Requests in the window that survive the filters; ``counts`` gets one entry per filter.
 
     ``db`` is anything with ``query(sql, params)``: the database, or a log source over Parquet exports.
@@ -493,7 +515,7 @@ def drift_scores(db: Database, cands: list[Candidate], notes: list[str]) -> list
         q = hashed_bow([cands[i].prompt_text() for i in idx])
         best = np.zeros(len(idx), dtype=np.float32)
         for s in range(0, len(ref), 2048):
-            best = np.maximum(best, (q @ ref[s:s + 2048].T).max(axis=1))
+            best = np.maximum(best, (q @ ref[s : s + 2048].T).max(axis=1))
         for j, i in enumerate(idx):
             scores[i] = float(1.0 - best[j])
     return scores
@@ -502,7 +524,7 @@ def drift_scores(db: Database, cands: list[Candidate], notes: list[str]) -> list
 def allocate(strategies: dict[str, float], limit: int) -> dict[str, int]:
     """Row quota per strategy (largest remainder, total = limit)."""
     raw = {k: strategies[k] * limit for k in STRATEGIES if k in strategies}
-    out = {k: int(math.floor(v)) for k, v in raw.items()}
+    out = {k: math.floor(v) for k, v in raw.items()}
     rest = limit - sum(out.values())
     for k in sorted(raw, key=lambda k: raw[k] - out[k], reverse=True)[:rest]:
         out[k] += 1
@@ -514,8 +536,8 @@ def split_ids(ids: list[str], val: float, test: float, seed: int) -> dict[str, s
     ordered = sorted(ids)
     perm = np.random.default_rng(seed).permutation(len(ordered))
     n = len(ordered)
-    n_test = int(round(n * test))
-    n_val = int(round(n * val))
+    n_test = round(n * test)
+    n_val = round(n * val)
     if n >= 3:
         n_test = max(n_test, 1) if test > 0 else 0
         n_val = max(n_val, 1) if val > 0 else 0
@@ -543,7 +565,9 @@ def sample(db: Database, home: Path, cfg: SampleConfig, progress: bool = True) -
         raise SampleError("--replay-fraction needs --replay-from DATASET")
     if cfg.validation_fraction < 0 or cfg.test_fraction < 0 or cfg.validation_fraction + cfg.test_fraction >= 1:
         raise SampleError("validation and test fractions must be >= 0 and add up to less than 1")
-    strategies = parse_strategies([f"{k}={v}" for k, v in cfg.strategies.items()]) if cfg.strategies else parse_strategies(None)
+    strategies = (
+        parse_strategies([f"{k}={v}" for k, v in cfg.strategies.items()]) if cfg.strategies else parse_strategies(None)
+    )
     if cfg.window and cfg.since:
         raise SampleError("give either --window or --since, not both")
     until = cfg.until or utcnow()
@@ -607,8 +631,14 @@ def sample(db: Database, home: Path, cfg: SampleConfig, progress: bool = True) -
         origin = "feedback" if (c.correction or c.feedback == "positive") else "production"
         rid = f"req-{c.request_id}"
         strategy_of[rid] = name
-        rows.append({"id": rid, "messages": c.messages + [{"role": "assistant", "content": c.target}],
-                     "request_id": c.request_id, "origin": origin})
+        rows.append(
+            {
+                "id": rid,
+                "messages": c.messages + [{"role": "assistant", "content": c.target}],
+                "request_id": c.request_id,
+                "origin": origin,
+            }
+        )
     assign = split_ids([r["id"] for r in rows], cfg.validation_fraction, cfg.test_fraction, cfg.seed)
     splits: dict[str, list[dict]] = {"train": [], "validation": [], "test": []}
     for r in sorted(rows, key=lambda r: r["id"]):
@@ -618,13 +648,23 @@ def sample(db: Database, home: Path, cfg: SampleConfig, progress: bool = True) -
     if replay_rec is not None and cfg.replay_fraction > 0:
         src = load_splits(db, replay_rec.id)
         train = src["train"] if "train" in src else next(iter(src.values()))
-        want = int(round(len(splits["train"]) * cfg.replay_fraction / (1 - cfg.replay_fraction)))
+        want = round(len(splits["train"]) * cfg.replay_fraction / (1 - cfg.replay_fraction))
         want = min(want, len(train))
-        idx = sorted(np.random.default_rng(cfg.seed + 1).choice(len(train), size=want, replace=False).tolist()) if want else []
+        idx = (
+            sorted(np.random.default_rng(cfg.seed + 1).choice(len(train), size=want, replace=False).tolist())
+            if want
+            else []
+        )
         for j in idx:
             row = train[int(j)]
-            splits["train"].append({"id": f"replay-{row.get('id') or j}", "messages": row["messages"],
-                                    "request_id": row.get("request_id"), "origin": "replay"})
+            splits["train"].append(
+                {
+                    "id": f"replay-{row.get('id') or j}",
+                    "messages": row["messages"],
+                    "request_id": row.get("request_id"),
+                    "origin": "replay",
+                }
+            )
         replay_n = len(idx)
     steps.update()
 
@@ -647,28 +687,55 @@ def sample(db: Database, home: Path, cfg: SampleConfig, progress: bool = True) -
         "seed": cfg.seed,
         "notes": ctx.notes,
     }
-    source = {"requests": {"since": str(since), "until": str(until), "model_version": cfg.model_version,
-                           "from_parquet": logs.parquet},
-              "config": _cfg_dict(cfg), "replay_from": replay_rec.id if replay_rec else None}
+    source = {
+        "requests": {
+            "since": str(since),
+            "until": str(until),
+            "model_version": cfg.model_version,
+            "from_parquet": logs.parquet,
+        },
+        "config": _cfg_dict(cfg),
+        "replay_from": replay_rec.id if replay_rec else None,
+    }
     parents = [replay_rec.id] if replay_rec else []
     sft = save_dataset(db, home, cfg.name, splits, "sft", card, source, parents)
 
     pref = None
-    pairs = [cands[i] for i, _ in picked if cands[i].correction and cands[i].response.strip()
-             and normalise(cands[i].correction) != normalise(cands[i].response)]
+    pairs = [
+        cands[i]
+        for i, _ in picked
+        if cands[i].correction
+        and cands[i].response.strip()
+        and normalise(cands[i].correction) != normalise(cands[i].response)
+    ]
     if cfg.preference and pairs:
-        prow = [{"id": f"pref-{c.request_id}", "prompt": c.messages,
-                 "chosen": [{"role": "assistant", "content": c.correction}],
-                 "rejected": [{"role": "assistant", "content": c.response}],
-                 "request_id": c.request_id, "origin": "feedback"} for c in pairs]
+        prow = [
+            {
+                "id": f"pref-{c.request_id}",
+                "prompt": c.messages,
+                "chosen": [{"role": "assistant", "content": c.correction}],
+                "rejected": [{"role": "assistant", "content": c.response}],
+                "request_id": c.request_id,
+                "origin": "feedback",
+            }
+            for c in pairs
+        ]
         passign = split_ids([r["id"] for r in prow], cfg.validation_fraction, cfg.test_fraction, cfg.seed)
         psplits: dict[str, list[dict]] = {"train": [], "validation": [], "test": []}
         for r in sorted(prow, key=lambda r: r["id"]):
             psplits[passign[r["id"]]].append(r)
-        pcard = {"kind": "preference", "built_by": "tuneloop feedback sample",
-                 "window": card["window"], "pairs": len(prow), "splits": {k: len(v) for k, v in psplits.items()},
-                 "chosen": "the user's correction", "rejected": "the logged response",
-                 "pii_scrubbed": cfg.scrub_pii, "seed": cfg.seed, "sft_dataset": sft.id}
+        pcard = {
+            "kind": "preference",
+            "built_by": "tuneloop feedback sample",
+            "window": card["window"],
+            "pairs": len(prow),
+            "splits": {k: len(v) for k, v in psplits.items()},
+            "chosen": "the user's correction",
+            "rejected": "the logged response",
+            "pii_scrubbed": cfg.scrub_pii,
+            "seed": cfg.seed,
+            "sft_dataset": sft.id,
+        }
         pref = save_dataset(db, home, f"{cfg.name}-pref", psplits, "preference", pcard, source, [sft.id])
         card["preference_dataset"] = pref.id
     steps.update()
@@ -683,7 +750,16 @@ def _cfg_dict(cfg: SampleConfig) -> dict[str, Any]:
 
 
 def _fmt_counts(counts: dict[str, int]) -> str:
-    keys = ("error", "aborted", "truncated", "redacted", "empty", "negative_feedback", "duplicates_within", "duplicates_of_earlier_sets")
+    keys = (
+        "error",
+        "aborted",
+        "truncated",
+        "redacted",
+        "empty",
+        "negative_feedback",
+        "duplicates_within",
+        "duplicates_of_earlier_sets",
+    )
     return ", ".join(f"{k}={counts[k]}" for k in keys if counts.get(k))
 
 
@@ -702,14 +778,25 @@ def lineage(db: Database, ref: str) -> dict[str, Any]:
         r = req[0]
         used_in = db.query(
             """SELECT DISTINCT dr.dataset_id, dr.split, dr.origin FROM dataset_rows dr WHERE dr.request_id = ?
-               ORDER BY dr.dataset_id""", [ref])
+               ORDER BY dr.dataset_id""",
+            [ref],
+        )
         ds_ids = sorted({u["dataset_id"] for u in used_in})
-        trained = db.query(
-            f"SELECT name, stage, dataset_id FROM model_versions WHERE dataset_id IN ({','.join('?' * len(ds_ids))}) ORDER BY created_at",
-            ds_ids) if ds_ids else []
+        trained = (
+            db.query(
+                f"SELECT name, stage, dataset_id FROM model_versions WHERE dataset_id IN ({','.join('?' * len(ds_ids))}) ORDER BY created_at",
+                ds_ids,
+            )
+            if ds_ids
+            else []
+        )
         served_by = _version_chain(db, r["model_version"]) if r["model_version"] else []
-        return {"request": {k: (str(v) if k.endswith("_at") else v) for k, v in r.items()},
-                "served_by": served_by, "used_in_datasets": used_in, "trained_versions": trained}
+        return {
+            "request": {k: (str(v) if k.endswith("_at") else v) for k, v in r.items()},
+            "served_by": served_by,
+            "used_in_datasets": used_in,
+            "trained_versions": trained,
+        }
     v = db.query("SELECT name FROM model_versions WHERE name = ?", [ref])
     if v:
         return {"version": ref, "chain": _version_chain(db, ref)}
@@ -721,13 +808,22 @@ def _version_chain(db: Database, name: str) -> list[dict[str, Any]]:
     seen = set()
     while name and name not in seen:
         seen.add(name)
-        rows = db.query("SELECT name, kind, stage, base_model, dataset_id, run_id, parent_version FROM model_versions WHERE name = ?", [name])
+        rows = db.query(
+            "SELECT name, kind, stage, base_model, dataset_id, run_id, parent_version FROM model_versions WHERE name = ?",
+            [name],
+        )
         if not rows:
             chain.append({"version": name, "registered": False})
             break
         v = rows[0]
-        entry: dict[str, Any] = {"version": v["name"], "kind": v["kind"], "stage": v["stage"], "base_model": v["base_model"],
-                                 "run_id": v["run_id"], "dataset": None}
+        entry: dict[str, Any] = {
+            "version": v["name"],
+            "kind": v["kind"],
+            "stage": v["stage"],
+            "base_model": v["base_model"],
+            "run_id": v["run_id"],
+            "dataset": None,
+        }
         if v["dataset_id"]:
             entry["dataset"] = _dataset_lineage(db, v["dataset_id"])
         chain.append(entry)
@@ -739,12 +835,23 @@ def _dataset_lineage(db: Database, dataset_id: str, depth: int = 0) -> dict[str,
     d = db.query("SELECT id, kind, parent_ids FROM datasets WHERE id = ?", [dataset_id])
     counts = db.query(
         """SELECT origin, count(*) AS n, count(request_id) AS with_request FROM dataset_rows WHERE dataset_id = ?
-           GROUP BY origin ORDER BY origin""", [dataset_id])
-    reqs = [r["request_id"] for r in db.query(
-        "SELECT DISTINCT request_id FROM dataset_rows WHERE dataset_id = ? AND request_id IS NOT NULL ORDER BY request_id",
-        [dataset_id])]
-    out: dict[str, Any] = {"id": dataset_id, "kind": d[0]["kind"] if d else None,
-                           "rows_by_origin": {c["origin"]: c["n"] for c in counts}, "source_requests": reqs, "parents": []}
+           GROUP BY origin ORDER BY origin""",
+        [dataset_id],
+    )
+    reqs = [
+        r["request_id"]
+        for r in db.query(
+            "SELECT DISTINCT request_id FROM dataset_rows WHERE dataset_id = ? AND request_id IS NOT NULL ORDER BY request_id",
+            [dataset_id],
+        )
+    ]
+    out: dict[str, Any] = {
+        "id": dataset_id,
+        "kind": d[0]["kind"] if d else None,
+        "rows_by_origin": {c["origin"]: c["n"] for c in counts},
+        "source_requests": reqs,
+        "parents": [],
+    }
     if d and depth < 5:
         for p in loads(d[0]["parent_ids"]) or []:
             out["parents"].append(_dataset_lineage(db, p, depth + 1))

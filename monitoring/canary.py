@@ -34,9 +34,10 @@ the candidate's stage ``canary``; it sends ``share`` of the requests for
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any, Callable
+from typing import Any
 
 from tuneloop.db import Database, dumps, loads, utcnow
 from tuneloop.errors import UserError
@@ -91,10 +92,12 @@ class Decision:
 
     def summary(self) -> str:
         c, p = self.arms["canary"], self.arms["production"]
-        return (f"{self.action}: canary {c.model_version} {c.requests} req (errors {c.error_rate:.1%}, p50 {_fmt_s(c.latency_p50_s)}, "
-                f"thumbs-down {c.negative_share:.0%} of {c.rated}) vs production {p.model_version} {p.requests} req "
-                f"(errors {p.error_rate:.1%}, p50 {_fmt_s(p.latency_p50_s)}, thumbs-down {p.negative_share:.0%} of {p.rated})"
-                + ("; " + "; ".join(self.reasons) if self.reasons else ""))
+        return (
+            f"{self.action}: canary {c.model_version} {c.requests} req (errors {c.error_rate:.1%}, p50 {_fmt_s(c.latency_p50_s)}, "
+            f"thumbs-down {c.negative_share:.0%} of {c.rated}) vs production {p.model_version} {p.requests} req "
+            f"(errors {p.error_rate:.1%}, p50 {_fmt_s(p.latency_p50_s)}, thumbs-down {p.negative_share:.0%} of {p.rated})"
+            + ("; " + "; ".join(self.reasons) if self.reasons else "")
+        )
 
 
 def _fmt_s(v: float | None) -> str:
@@ -102,15 +105,25 @@ def _fmt_s(v: float | None) -> str:
 
 
 def _canary(row: dict[str, Any]) -> Canary:
-    return Canary(id=row["id"], candidate=row["candidate"], production=row["production"], share=row["share"],
-                  status=row["status"], started_at=row["started_at"], decided_at=row["decided_at"],
-                  decision=loads(row["decision"]))
+    return Canary(
+        id=row["id"],
+        candidate=row["candidate"],
+        production=row["production"],
+        share=row["share"],
+        status=row["status"],
+        started_at=row["started_at"],
+        decided_at=row["decided_at"],
+        decision=loads(row["decision"]),
+    )
 
 
 def get(db: Database, canary_id: str | None = None) -> Canary:
     """A canary by id (prefix ok), or the running one."""
     if canary_id:
-        rows = db.query("SELECT * FROM canaries WHERE id = ? OR id LIKE ? || '%' ORDER BY started_at DESC LIMIT 1", [canary_id, canary_id])
+        rows = db.query(
+            "SELECT * FROM canaries WHERE id = ? OR id LIKE ? || '%' ORDER BY started_at DESC LIMIT 1",
+            [canary_id, canary_id],
+        )
         if not rows:
             raise CanaryError(f"unknown canary {canary_id!r}")
         return _canary(rows[0])
@@ -138,15 +151,35 @@ def start(db: Database, candidate: str, share: float, actor: str = "tuneloop", r
             raise CanaryError(f"unknown model version {candidate!r}; see `tuneloop models list`")
         if row[0] == "production":
             raise CanaryError(f"{candidate} is already in production")
-        prod = con.execute("SELECT name FROM model_versions WHERE stage = 'production' ORDER BY stage_changed_at DESC LIMIT 1").fetchone()
+        prod = con.execute(
+            "SELECT name FROM model_versions WHERE stage = 'production' ORDER BY stage_changed_at DESC LIMIT 1"
+        ).fetchone()
         if not prod:
-            raise CanaryError("no version is in production yet, so there is no traffic to split: promote the first one "
-                              f"directly with `tuneloop deploy promote {candidate}`")
-        c = Canary(id=new_id(), candidate=candidate, production=prod[0], share=float(share), status="running", started_at=utcnow())
-        set_stage(db, candidate, "canary", actor=actor, reason=reason or f"canary at {share:.0%} of production traffic",
-                  details={"canary_id": c.id, "production": prod[0], "share": share}, con=con)
-        con.execute("INSERT INTO canaries (id, candidate, production, share, status, started_at) VALUES (?, ?, ?, ?, 'running', ?)",
-                    [c.id, c.candidate, c.production, c.share, c.started_at])
+            raise CanaryError(
+                "no version is in production yet, so there is no traffic to split: promote the first one "
+                f"directly with `tuneloop deploy promote {candidate}`"
+            )
+        c = Canary(
+            id=new_id(),
+            candidate=candidate,
+            production=prod[0],
+            share=float(share),
+            status="running",
+            started_at=utcnow(),
+        )
+        set_stage(
+            db,
+            candidate,
+            "canary",
+            actor=actor,
+            reason=reason or f"canary at {share:.0%} of production traffic",
+            details={"canary_id": c.id, "production": prod[0], "share": share},
+            con=con,
+        )
+        con.execute(
+            "INSERT INTO canaries (id, candidate, production, share, status, started_at) VALUES (?, ?, ?, ?, 'running', ?)",
+            [c.id, c.candidate, c.production, c.share, c.started_at],
+        )
     return c
 
 
@@ -179,15 +212,23 @@ def arm_stats(db: Database, c: Canary) -> dict[str, ArmStats]:
     for r in db.query(_ARM_SQL, [c.started_at]):
         s = out[r["arm"]]
         s.model_version = r["model_version"] or s.model_version
-        s.requests, s.errors, s.rated, s.negative = int(r["requests"]), int(r["errors"]), int(r["rated"]), int(r["negative"])
+        s.requests, s.errors, s.rated, s.negative = (
+            int(r["requests"]),
+            int(r["errors"]),
+            int(r["rated"]),
+            int(r["negative"]),
+        )
         s.error_rate = s.errors / s.requests if s.requests else 0.0
         s.latency_p50_s = float(r["latency_p50_s"]) if r["latency_p50_s"] is not None else None
         s.negative_share = s.negative / s.rated if s.rated else 0.0
     for s in out.values():
         if not s.model_version:
             continue
-        d = db.query("""SELECT value, drifted FROM drift_reports WHERE model_version = ? AND feature = 'overall'
-                        AND created_at >= ? ORDER BY created_at DESC LIMIT 1""", [s.model_version, c.started_at])
+        d = db.query(
+            """SELECT value, drifted FROM drift_reports WHERE model_version = ? AND feature = 'overall'
+                        AND created_at >= ? ORDER BY created_at DESC LIMIT 1""",
+            [s.model_version, c.started_at],
+        )
         if d:
             s.drift_score, s.drifted = d[0]["value"], bool(d[0]["drifted"])
     return out
@@ -204,31 +245,52 @@ def judge(db: Database, canary_id: str | None, deploy, now: datetime | None = No
     enough = ca.requests >= deploy.canary_min_requests
     timed_out = elapsed >= deploy.canary_max_minutes * 60
     if not enough and not timed_out:
-        return Decision("wait", c.id, [f"canary has {ca.requests}/{deploy.canary_min_requests} requests after "
-                                       f"{elapsed / 60:.1f}/{deploy.canary_max_minutes:g} min"], arms, elapsed)
+        return Decision(
+            "wait",
+            c.id,
+            [
+                f"canary has {ca.requests}/{deploy.canary_min_requests} requests after "
+                f"{elapsed / 60:.1f}/{deploy.canary_max_minutes:g} min"
+            ],
+            arms,
+            elapsed,
+        )
     if ca.requests == 0:
         return Decision("rollback", c.id, [f"no canary traffic after {elapsed / 60:.1f} min"], arms, elapsed)
     checks: dict[str, dict[str, Any]] = {}
     delta = ca.error_rate - pa.error_rate
-    checks["error_rate"] = {"passed": delta <= deploy.canary_max_error_rate_delta, "value": delta,
-                            "threshold": deploy.canary_max_error_rate_delta,
-                            "detail": f"error rate {ca.error_rate:.2%} vs {pa.error_rate:.2%} (delta {delta:+.2%}, max {deploy.canary_max_error_rate_delta:+.2%})"}
+    checks["error_rate"] = {
+        "passed": delta <= deploy.canary_max_error_rate_delta,
+        "value": delta,
+        "threshold": deploy.canary_max_error_rate_delta,
+        "detail": f"error rate {ca.error_rate:.2%} vs {pa.error_rate:.2%} (delta {delta:+.2%}, max {deploy.canary_max_error_rate_delta:+.2%})",
+    }
     if ca.latency_p50_s is not None and pa.latency_p50_s:
         ratio = ca.latency_p50_s / pa.latency_p50_s
-        checks["latency"] = {"passed": ratio <= deploy.canary_max_latency_ratio, "value": ratio,
-                             "threshold": deploy.canary_max_latency_ratio,
-                             "detail": f"p50 latency {ca.latency_p50_s:.3f}s vs {pa.latency_p50_s:.3f}s (x{ratio:.2f}, max x{deploy.canary_max_latency_ratio:g})"}
+        checks["latency"] = {
+            "passed": ratio <= deploy.canary_max_latency_ratio,
+            "value": ratio,
+            "threshold": deploy.canary_max_latency_ratio,
+            "detail": f"p50 latency {ca.latency_p50_s:.3f}s vs {pa.latency_p50_s:.3f}s (x{ratio:.2f}, max x{deploy.canary_max_latency_ratio:g})",
+        }
     if ca.rated:
         nd = ca.negative_share - pa.negative_share
-        checks["negative_feedback"] = {"passed": nd <= deploy.canary_max_negative_feedback_delta, "value": nd,
-                                       "threshold": deploy.canary_max_negative_feedback_delta,
-                                       "detail": f"thumbs-down {ca.negative_share:.0%} of {ca.rated} vs {pa.negative_share:.0%} of {pa.rated} "
-                                                 f"(delta {nd:+.0%}, max {deploy.canary_max_negative_feedback_delta:+.0%})"}
+        checks["negative_feedback"] = {
+            "passed": nd <= deploy.canary_max_negative_feedback_delta,
+            "value": nd,
+            "threshold": deploy.canary_max_negative_feedback_delta,
+            "detail": f"thumbs-down {ca.negative_share:.0%} of {ca.rated} vs {pa.negative_share:.0%} of {pa.rated} "
+            f"(delta {nd:+.0%}, max {deploy.canary_max_negative_feedback_delta:+.0%})",
+        }
     if ca.drifted is not None:
         ok = not ca.drifted or bool(pa.drifted)
-        checks["drift"] = {"passed": ok, "value": ca.drift_score, "threshold": None,
-                           "detail": f"canary drift {'drifted' if ca.drifted else 'ok'} (score {ca.drift_score}), production "
-                                     f"{'drifted' if pa.drifted else ('ok' if pa.drifted is not None else 'not measured')}"}
+        checks["drift"] = {
+            "passed": ok,
+            "value": ca.drift_score,
+            "threshold": None,
+            "detail": f"canary drift {'drifted' if ca.drifted else 'ok'} (score {ca.drift_score}), production "
+            f"{'drifted' if pa.drifted else ('ok' if pa.drifted is not None else 'not measured')}",
+        }
     failed = [v["detail"] for v in checks.values() if not v["passed"]]
     action = "rollback" if failed else "promote"
     reasons = failed or [f"all checks passed after {ca.requests} canary requests"]
@@ -238,20 +300,34 @@ def judge(db: Database, canary_id: str | None, deploy, now: datetime | None = No
 def apply(db: Database, decision: Decision, actor: str = "canary-judge") -> Canary:
     """Carry out a promote/rollback decision atomically; a ``wait`` changes nothing."""
     if decision.action == "promote":
-        return promote(db, decision.canary_id, actor=actor, reason="; ".join(decision.reasons), decision=decision.to_dict())
+        return promote(
+            db, decision.canary_id, actor=actor, reason="; ".join(decision.reasons), decision=decision.to_dict()
+        )
     if decision.action == "rollback":
-        return rollback(db, decision.canary_id, actor=actor, reason="; ".join(decision.reasons), decision=decision.to_dict())
+        return rollback(
+            db, decision.canary_id, actor=actor, reason="; ".join(decision.reasons), decision=decision.to_dict()
+        )
     return get(db, decision.canary_id)
 
 
-def promote(db: Database, canary_id: str | None = None, actor: str = "tuneloop", reason: str = "manual promote",
-            decision: dict[str, Any] | None = None) -> Canary:
+def promote(
+    db: Database,
+    canary_id: str | None = None,
+    actor: str = "tuneloop",
+    reason: str = "manual promote",
+    decision: dict[str, Any] | None = None,
+) -> Canary:
     """Running canary -> production (the old production retires), canary row 'promoted'; one transaction."""
     return _finish(db, canary_id, "promoted", actor, reason, decision)
 
 
-def rollback(db: Database, canary_id: str | None = None, actor: str = "tuneloop", reason: str = "manual rollback",
-             decision: dict[str, Any] | None = None) -> Canary:
+def rollback(
+    db: Database,
+    canary_id: str | None = None,
+    actor: str = "tuneloop",
+    reason: str = "manual rollback",
+    decision: dict[str, Any] | None = None,
+) -> Canary:
     """Running canary -> retired, production untouched, canary row 'rolled_back'; one transaction."""
     return _finish(db, canary_id, "rolled_back", actor, reason, decision)
 
@@ -269,22 +345,38 @@ def _finish(db: Database, canary_id: str | None, status: str, actor: str, reason
         if status == "promoted":
             set_stage(db, c.candidate, "production", actor=actor, reason=reason, details=details, con=con)
         else:
-            set_stage(db, c.candidate, "retired", actor=actor, reason=f"rolled back: {reason}", details=details, con=con)
+            set_stage(
+                db, c.candidate, "retired", actor=actor, reason=f"rolled back: {reason}", details=details, con=con
+            )
             if c.production:
                 cur = con.execute("SELECT stage FROM model_versions WHERE name = ?", [c.production]).fetchone()
                 if cur and cur[0] != "production":  # production was changed meanwhile: restore it
-                    set_stage(db, c.production, "production", actor=actor, reason="restored by canary rollback", details=details, con=con)
-        con.execute("UPDATE canaries SET status = ?, decided_at = ?, decision = ? WHERE id = ?",
-                    [status, now, dumps({"action": status, "actor": actor, "reason": reason, **(decision or {})}), c.id])
+                    set_stage(
+                        db,
+                        c.production,
+                        "production",
+                        actor=actor,
+                        reason="restored by canary rollback",
+                        details=details,
+                        con=con,
+                    )
+        con.execute(
+            "UPDATE canaries SET status = ?, decided_at = ?, decision = ? WHERE id = ?",
+            [status, now, dumps({"action": status, "actor": actor, "reason": reason, **(decision or {})}), c.id],
+        )
     return get(db, c.id)
 
 
-def rollback_production(db: Database, actor: str = "tuneloop", reason: str = "manual rollback", to: str | None = None) -> tuple[str, str]:
+def rollback_production(
+    db: Database, actor: str = "tuneloop", reason: str = "manual rollback", to: str | None = None
+) -> tuple[str, str]:
     """No canary running: put the previous production version (or ``to``) back; returns (retired, restored)."""
     if running(db) is not None:
         raise CanaryError("a canary is running: `tuneloop deploy rollback` rolls the canary back first")
     with db.connect() as con:
-        cur = con.execute("SELECT name FROM model_versions WHERE stage = 'production' ORDER BY stage_changed_at DESC LIMIT 1").fetchone()
+        cur = con.execute(
+            "SELECT name FROM model_versions WHERE stage = 'production' ORDER BY stage_changed_at DESC LIMIT 1"
+        ).fetchone()
         if not cur:
             raise CanaryError("no version is in production: nothing to roll back")
         if to is None:
@@ -294,23 +386,36 @@ def rollback_production(db: Database, actor: str = "tuneloop", reason: str = "ma
                    SELECT e.model_version FROM deploy_events e JOIN last l USING (model_version)
                    WHERE e.from_stage = 'production' AND e.to_stage = 'retired' AND e.model_version <> ?
                      AND coalesce(l.reason, '') NOT LIKE 'rolled back:%'
-                   ORDER BY e.occurred_at DESC LIMIT 1""", [cur[0]]).fetchone()
+                   ORDER BY e.occurred_at DESC LIMIT 1""",
+                [cur[0]],
+            ).fetchone()
             if not prev:
-                raise CanaryError(f"no previous production version to restore before {cur[0]} "
-                                  "(versions that were rolled back are not restored; use --to VERSION)")
+                raise CanaryError(
+                    f"no previous production version to restore before {cur[0]} "
+                    "(versions that were rolled back are not restored; use --to VERSION)"
+                )
             to = prev[0]
         elif not con.execute("SELECT 1 FROM model_versions WHERE name = ?", [to]).fetchone():
             raise RegistryError(f"unknown model version {to!r}")
         set_stage(db, to, "production", actor=actor, reason=f"rollback of {cur[0]}: {reason}", con=con)
         # set_stage retired cur with 'replaced by'; record the rollback reason on it too
-        con.execute("UPDATE deploy_events SET reason = ? WHERE model_version = ? AND to_stage = 'retired' AND reason = ?",
-                    [f"rolled back: {reason}", cur[0], f"replaced by {to}"])
+        con.execute(
+            "UPDATE deploy_events SET reason = ? WHERE model_version = ? AND to_stage = 'retired' AND reason = ?",
+            [f"rolled back: {reason}", cur[0], f"replaced by {to}"],
+        )
     return cur[0], to
 
 
-def watch(db: Database, canary_id: str | None, deploy, poll_s: float = 5.0, timeout_s: float | None = None,
-          on_tick: Callable[[Decision], None] | None = None, actor: str = "canary-judge",
-          sleep: Callable[[float], None] = time.sleep) -> Decision:
+def watch(
+    db: Database,
+    canary_id: str | None,
+    deploy,
+    poll_s: float = 5.0,
+    timeout_s: float | None = None,
+    on_tick: Callable[[Decision], None] | None = None,
+    actor: str = "canary-judge",
+    sleep: Callable[[float], None] = time.sleep,
+) -> Decision:
     """Judge every ``poll_s`` until it decides, then apply; ``timeout_s`` bounds the wait (still running -> CanaryError)."""
     c = get(db, canary_id)
     t0 = time.monotonic()

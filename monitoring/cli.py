@@ -23,27 +23,39 @@ def register(sub) -> None:
     import argparse
 
     g = add_group(sub, "drift", "drift of production traffic against each version's training data")
-    p = g.add_parser("report", help="compute drift now; table + optional HTML report", description=_REPORT_HELP,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = g.add_parser(
+        "report",
+        help="compute drift now; table + optional HTML report",
+        description=_REPORT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--version", help="model version (default: every version with traffic in the window)")
-    p.add_argument("--window", help="production window: duration (30m, 1h, 2d) or request count (500r); default drift.window")
+    p.add_argument(
+        "--window", help="production window: duration (30m, 1h, 2d) or request count (500r); default drift.window"
+    )
     p.add_argument("--out", metavar="FILE.html", help="write an HTML report (histograms, drift over time, new words)")
     p.add_argument("--no-embeddings", action="store_true", help="skip embedding drift (no MiniLM load)")
-    p.add_argument("--from-parquet", metavar="DIR",
-                   help="read requests and feedback from Parquet exports of many replicas (`tuneloop export logs "
-                        "--out DIR`, a folder or s3:// URL) instead of this database; versions, profiles and "
-                        "drift_reports stay in the database")
+    p.add_argument(
+        "--from-parquet",
+        metavar="DIR",
+        help="read requests and feedback from Parquet exports of many replicas (`tuneloop export logs "
+        "--out DIR`, a folder or s3:// URL) instead of this database; versions, profiles and "
+        "drift_reports stay in the database",
+    )
     p.set_defaults(handler=_cmd_report)
-    p = g.add_parser("profile", help="(re)compute the reference profile of a version from its training data",
-                     description="Profile VERSION's training dataset with its serving tokenizer (prompt/response token "
-                                 "lengths, vocabulary, embeddings sample) and store it. Example: tuneloop drift profile chat-v1")
+    p = g.add_parser(
+        "profile",
+        help="(re)compute the reference profile of a version from its training data",
+        description="Profile VERSION's training dataset with its serving tokenizer (prompt/response token "
+        "lengths, vocabulary, embeddings sample) and store it. Example: tuneloop drift profile chat-v1",
+    )
     p.add_argument("version")
     p.add_argument("--no-embeddings", action="store_true", help="store no embedding sample")
     p.set_defaults(handler=_cmd_profile)
     try:
-        from monitoring import cli_export
+        from tuneloop.monitoring import cli_export
     except ModuleNotFoundError as e:
-        if e.name != "monitoring.cli_export":
+        if e.name != "tuneloop.monitoring.cli_export":
             raise
     else:
         cli_export.register(sub)
@@ -59,10 +71,10 @@ def _drift_settings(args, ctx):
 def _cmd_report(args, ctx) -> int:
     from pathlib import Path
 
-    from monitoring.drift import parse_window
-    from monitoring.drift_job import DriftJob
-    from monitoring.report import render_html
-    from monitoring.sources import log_source
+    from tuneloop.monitoring.drift import parse_window
+    from tuneloop.monitoring.drift_job import DriftJob
+    from tuneloop.monitoring.report import render_html
+    from tuneloop.monitoring.sources import log_source
     from tuneloop.table import print_table
 
     ds = _drift_settings(args, ctx)
@@ -83,7 +95,9 @@ def _cmd_report(args, ctx) -> int:
             print("top new words: " + ", ".join(f"{w} ({c})" for w, c in r.new_words[:10]))
     if args.out:
         hist: dict[str, list] = {}
-        for row in ctx.db.query("SELECT model_version, created_at, value FROM drift_reports WHERE feature = 'overall' ORDER BY created_at"):
+        for row in ctx.db.query(
+            "SELECT model_version, created_at, value FROM drift_reports WHERE feature = 'overall' ORDER BY created_at"
+        ):
             hist.setdefault(row["model_version"], []).append((row["created_at"], row["value"]))
         Path(args.out).write_text(render_html(results, hist))
         print(f"report: {args.out}")
@@ -91,11 +105,13 @@ def _cmd_report(args, ctx) -> int:
 
 
 def _cmd_profile(args, ctx) -> int:
-    from monitoring.profile import compute_profile
+    from tuneloop.monitoring.profile import compute_profile
 
     p = compute_profile(ctx.db, args.version, _drift_settings(args, ctx), progress=True)
     pr = p.profile
-    print(f"profiled {args.version} from {p.dataset_id}: {pr['n_rows']} rows, {len(pr['vocab'])} words, "
-          f"expected out-of-vocabulary share {pr['oov_expected']:.3f}, embeddings "
-          f"{0 if p.embeddings is None else len(p.embeddings)}")
+    print(
+        f"profiled {args.version} from {p.dataset_id}: {pr['n_rows']} rows, {len(pr['vocab'])} words, "
+        f"expected out-of-vocabulary share {pr['oov_expected']:.3f}, embeddings "
+        f"{0 if p.embeddings is None else len(p.embeddings)}"
+    )
     return 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from tuneloop.errors import UserError
 
@@ -27,12 +27,12 @@ def parse_duration_s(text: str) -> float:
 def parse_when(text: str) -> datetime:
     """An ISO date/time (UTC unless it has an offset) or a duration ago ('2d' = two days ago) -> naive UTC."""
     if _DUR.match(text):
-        return datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(seconds=parse_duration_s(text))
+        return datetime.now(UTC).replace(tzinfo=None) - timedelta(seconds=parse_duration_s(text))
     try:
         t = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
         raise UserError(f"{text!r} is not an ISO time (2026-01-31, 2026-01-31T12:00) or a duration ago (2d)") from None
-    return t.astimezone(timezone.utc).replace(tzinfo=None) if t.tzinfo else t
+    return t.astimezone(UTC).replace(tzinfo=None) if t.tzinfo else t
 
 
 def register(sub) -> None:
@@ -40,7 +40,8 @@ def register(sub) -> None:
 
     g = add_group(sub, "export", "export data for other tools and for many-replica deployments")
     p = g.add_parser(
-        "logs", help="export closed windows of the request log and feedback as hive-partitioned Parquet",
+        "logs",
+        help="export closed windows of the request log and feedback as hive-partitioned Parquet",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
             "Copy this replica's request log and feedback into OUT/requests/ and OUT/feedback/ as Parquet, "
@@ -48,30 +49,68 @@ def register(sub) -> None:
             "Only windows that have closed are exported, and each run continues where the last one for this "
             "replica stopped (state in OUT/_manifests/REPLICA.json), so running it from cron is safe. "
             "Many replicas can export into one folder; `tuneloop drift report --from-parquet OUT` and "
-            "`tuneloop feedback sample --from-parquet OUT` then read all of them as one log."),
-        epilog=("examples:\n"
-                "  tuneloop export logs --out /mnt/logs\n"
-                "  tuneloop export logs --out /mnt/logs --replica server-0 --since 2026-01-01 --window 5m\n"
-                "  tuneloop export logs --out s3://bucket/tuneloop-logs   # DuckDB httpfs + AWS env credentials\n"
-                "  duckdb -c \"SELECT model_version, count(*) FROM read_parquet('/mnt/logs/requests/**/*.parquet',"
-                " hive_partitioning=true) GROUP BY 1\""))
-    p.add_argument("--out", required=True, metavar="DIR", help="destination folder (or s3://, gs://, az:// URL reachable by DuckDB httpfs)")
-    p.add_argument("--replica", metavar="NAME", help="this replica's name, used in file names (default: $TUNELOOP_REPLICA or the host name)")
-    p.add_argument("--since", metavar="WHEN", help="do not export rows before this (ISO time, or a duration ago like 7d); default: where the last export stopped, else everything")
-    p.add_argument("--until", metavar="WHEN", help="do not export rows at or after this (default: the end of the last closed window)")
-    p.add_argument("--window", default="1h", metavar="DUR", help="export window length; a window is exported once it has closed (default 1h)")
-    p.add_argument("--grace", default="60s", metavar="DUR", help="wait this long after a window ends before it counts as closed (default 60s, > log.flush_interval_s)")
+            "`tuneloop feedback sample --from-parquet OUT` then read all of them as one log."
+        ),
+        epilog=(
+            "examples:\n"
+            "  tuneloop export logs --out /mnt/logs\n"
+            "  tuneloop export logs --out /mnt/logs --replica server-0 --since 2026-01-01 --window 5m\n"
+            "  tuneloop export logs --out s3://bucket/tuneloop-logs   # DuckDB httpfs + AWS env credentials\n"
+            "  duckdb -c \"SELECT model_version, count(*) FROM read_parquet('/mnt/logs/requests/**/*.parquet',"
+            ' hive_partitioning=true) GROUP BY 1"'
+        ),
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="destination folder (or s3://, gs://, az:// URL reachable by DuckDB httpfs)",
+    )
+    p.add_argument(
+        "--replica",
+        metavar="NAME",
+        help="this replica's name, used in file names (default: $TUNELOOP_REPLICA or the host name)",
+    )
+    p.add_argument(
+        "--since",
+        metavar="WHEN",
+        help="do not export rows before this (ISO time, or a duration ago like 7d); default: where the last export stopped, else everything",
+    )
+    p.add_argument(
+        "--until",
+        metavar="WHEN",
+        help="do not export rows at or after this (default: the end of the last closed window)",
+    )
+    p.add_argument(
+        "--window",
+        default="1h",
+        metavar="DUR",
+        help="export window length; a window is exported once it has closed (default 1h)",
+    )
+    p.add_argument(
+        "--grace",
+        default="60s",
+        metavar="DUR",
+        help="wait this long after a window ends before it counts as closed (default 60s, > log.flush_interval_s)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=cmd_export_logs)
 
 
 def cmd_export_logs(args, ctx) -> int:
-    from monitoring.export import export_logs
+    from tuneloop.monitoring.export import export_logs
 
     since = parse_when(args.since) if args.since else None
     until = parse_when(args.until) if args.until else None
-    res = export_logs(ctx.db, args.out, args.replica, since=since, until=until,
-                      window_s=parse_duration_s(args.window), grace_s=parse_duration_s(args.grace))
+    res = export_logs(
+        ctx.db,
+        args.out,
+        args.replica,
+        since=since,
+        until=until,
+        window_s=parse_duration_s(args.window),
+        grace_s=parse_duration_s(args.grace),
+    )
     if args.json:
         print(json.dumps(res.as_dict(), indent=2))
         return 0

@@ -35,9 +35,10 @@ Contract
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -100,7 +101,9 @@ def psi_from_bins(ref_bins: np.ndarray, prod_bins: np.ndarray, eps: float = PSI_
     return float(np.sum((q - p) * np.log(q / p)))
 
 
-def psi_counts(ref_values, ref_counts, prod_values, prod_counts, bins: int = 10) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+def psi_counts(
+    ref_values, ref_counts, prod_values, prod_counts, bins: int = 10
+) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
     """(PSI, edges, reference bin counts, production bin counts) from value counts."""
     edges = quantile_edges(ref_values, ref_counts, bins)
     rb, pb = bin_counts(edges, ref_values, ref_counts), bin_counts(edges, prod_values, prod_counts)
@@ -112,8 +115,14 @@ def psi(reference: Sequence[float], production: Sequence[float], bins: int = 10)
     return psi_counts(np.asarray(reference), None, np.asarray(production), None, bins)[0]
 
 
-def _null_quantile(stat: Callable[[np.ndarray], float], p: np.ndarray, n: int, rng: np.random.Generator,
-                   draws: int = NULL_DRAWS, q: float = NULL_QUANTILE) -> float:
+def _null_quantile(
+    stat: Callable[[np.ndarray], float],
+    p: np.ndarray,
+    n: int,
+    rng: np.random.Generator,
+    draws: int = NULL_DRAWS,
+    q: float = NULL_QUANTILE,
+) -> float:
     """``q`` quantile of ``stat(multinomial(n, p))``: the statistic's spread when nothing changed."""
     if n <= 0:
         return 0.0
@@ -172,7 +181,7 @@ def js_divergence(p: np.ndarray, q: np.ndarray, base: float = 2.0) -> float:
 def rbf_kernel(z: np.ndarray, bandwidth: float) -> np.ndarray:
     sq = np.sum(z * z, axis=1)
     d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * z @ z.T, 0)
-    return np.exp(-d2 / (2 * bandwidth ** 2))
+    return np.exp(-d2 / (2 * bandwidth**2))
 
 
 def median_bandwidth(z: np.ndarray) -> float:
@@ -187,7 +196,9 @@ def median_bandwidth(z: np.ndarray) -> float:
 def _mmd2_from_kernel(k: np.ndarray, ix: np.ndarray, iy: np.ndarray) -> float:
     n, m = len(ix), len(iy)
     kxx, kyy, kxy = k[np.ix_(ix, ix)], k[np.ix_(iy, iy)], k[np.ix_(ix, iy)]
-    return float((kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean())
+    return float(
+        (kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean()
+    )
 
 
 def mmd2_unbiased(x: np.ndarray, y: np.ndarray, bandwidth: float | None = None) -> float:
@@ -266,8 +277,10 @@ class ProductionStats:
     word_requests: int = 0  # requests whose words were counted (all of them unless word_sample bounded it)
 
 
-_TEXT_SQL = ("CASE WHEN json_type(prompt) = 'ARRAY' THEN array_to_string(json_extract_string(prompt, '$[*].content'), ' ') "
-             "ELSE json_extract_string(prompt, '$') END")
+_TEXT_SQL = (
+    "CASE WHEN json_type(prompt) = 'ARRAY' THEN array_to_string(json_extract_string(prompt, '$[*].content'), ' ') "
+    "ELSE json_extract_string(prompt, '$') END"
+)
 
 
 def window_bounds(con, version: str, window: Window, now: datetime) -> tuple[datetime | None, datetime]:
@@ -275,13 +288,23 @@ def window_bounds(con, version: str, window: Window, now: datetime) -> tuple[dat
     if window.requests:
         row = con.execute(
             """SELECT min(received_at) FROM (SELECT received_at FROM requests WHERE model_version = ? AND status < 400
-                   AND received_at <= ? ORDER BY received_at DESC LIMIT ?)""", [version, now, window.requests]).fetchall()[0]
+                   AND received_at <= ? ORDER BY received_at DESC LIMIT ?)""",
+            [version, now, window.requests],
+        ).fetchall()[0]
         return row[0], now
     return now - timedelta(seconds=window.seconds), now
 
 
-def production_stats(con, version: str, window: Window, vocab: Sequence[str], now: datetime,
-                     text_sample: int = 0, seed: int = 0, word_sample: int = 0) -> ProductionStats:
+def production_stats(
+    con,
+    version: str,
+    window: Window,
+    vocab: Sequence[str],
+    now: datetime,
+    text_sample: int = 0,
+    seed: int = 0,
+    word_sample: int = 0,
+) -> ProductionStats:
     """Aggregate the window of ``version`` with DuckDB SQL (see module doc); ``con`` is an open connection.
 
     ``word_sample`` > 0 bounds the requests whose prompt words are counted: a window with more
@@ -297,10 +320,14 @@ def production_stats(con, version: str, window: Window, vocab: Sequence[str], no
     n, flen, empty = con.execute(
         f"""SELECT count(*), count(*) FILTER (WHERE finish_reason = 'length'),
                    count(*) FILTER (WHERE coalesce(response, '') = '' AND coalesce(completion_tokens, 0) <= 1)
-            FROM requests WHERE {where}""", params).fetchall()[0]
+            FROM requests WHERE {where}""",
+        params,
+    ).fetchall()[0]
 
     def value_counts(col: str) -> tuple[np.ndarray, np.ndarray]:
-        rows = con.execute(f"SELECT {col}, count(*) FROM requests WHERE {where} AND {col} IS NOT NULL GROUP BY 1", params).fetchnumpy()
+        rows = con.execute(
+            f"SELECT {col}, count(*) FROM requests WHERE {where} AND {col} IS NOT NULL GROUP BY 1", params
+        ).fetchnumpy()
         vals = list(rows.values())
         return np.asarray(vals[0], dtype=float), np.asarray(vals[1], dtype=np.int64)
 
@@ -320,7 +347,9 @@ def production_stats(con, version: str, window: Window, vocab: Sequence[str], no
             f"""WITH w AS (SELECT unnest(regexp_extract_all(lower({_TEXT_SQL}), '{WORD_PATTERN.replace("'", "''")}')) AS word
                            FROM requests WHERE {word_where} AND prompt IS NOT NULL),
                     c AS (SELECT word, count(*) AS n FROM w GROUP BY word)
-               SELECT c.word, c.n, v.idx FROM c LEFT JOIN _tl_vocab v USING (word) ORDER BY c.word""", params).fetchnumpy()
+               SELECT c.word, c.n, v.idx FROM c LEFT JOIN _tl_vocab v USING (word) ORDER BY c.word""",
+            params,
+        ).fetchnumpy()
     finally:
         con.unregister("_tl_vocab")
     idx = wc["idx"]  # a masked array: words outside the vocabulary are NULL (masked)
@@ -335,18 +364,37 @@ def production_stats(con, version: str, window: Window, vocab: Sequence[str], no
         f"""SELECT count(*), count(*) FILTER (WHERE (f.rating_kind = 'stars' AND f.rating <= 2)
                                                OR (coalesce(f.rating_kind, 'thumbs') <> 'stars' AND f.rating < 0))
             FROM feedback f JOIN requests r ON r.id = f.request_id
-            WHERE r.{where.replace(' AND ', ' AND r.')} AND f.rating IS NOT NULL""", params).fetchall()[0]
+            WHERE r.{where.replace(" AND ", " AND r.")} AND f.rating IS NOT NULL""",
+        params,
+    ).fetchall()[0]
     texts: list[str] = []
     if text_sample:
-        texts = [r[0] for r in con.execute(
-            f"""SELECT t FROM (SELECT {_TEXT_SQL} AS t FROM requests WHERE {where} AND prompt IS NOT NULL)
-                USING SAMPLE reservoir({int(text_sample)} ROWS) REPEATABLE ({int(seed)})""", params).fetchall() if r[0]]
+        texts = [
+            r[0]
+            for r in con.execute(
+                f"""SELECT t FROM (SELECT {_TEXT_SQL} AS t FROM requests WHERE {where} AND prompt IS NOT NULL)
+                USING SAMPLE reservoir({int(text_sample)} ROWS) REPEATABLE ({int(seed)})""",
+                params,
+            ).fetchall()
+            if r[0]
+        ]
     return ProductionStats(
-        model_version=version, n_requests=int(n), window_start=start, window_end=end,
-        prompt_len=value_counts("prompt_tokens"), response_len=value_counts("completion_tokens"),
-        vocab_counts=vocab_counts.astype(float), oov_tokens=int(oov_cnt.sum()), total_tokens=int(cnt.sum()),
-        new_words=[(str(oov_words[i]), int(oov_cnt[i])) for i in top], finish_length=int(flen), empty=int(empty),
-        rated=int(rated), negative=int(negative), texts=texts, word_requests=sampled,
+        model_version=version,
+        n_requests=int(n),
+        window_start=start,
+        window_end=end,
+        prompt_len=value_counts("prompt_tokens"),
+        response_len=value_counts("completion_tokens"),
+        vocab_counts=vocab_counts.astype(float),
+        oov_tokens=int(oov_cnt.sum()),
+        total_tokens=int(cnt.sum()),
+        new_words=[(str(oov_words[i]), int(oov_cnt[i])) for i in top],
+        finish_length=int(flen),
+        empty=int(empty),
+        rated=int(rated),
+        negative=int(negative),
+        texts=texts,
+        word_requests=sampled,
     )
 
 
@@ -355,8 +403,8 @@ def production_stats(con, version: str, window: Window, vocab: Sequence[str], no
 
 @dataclass
 class FeatureResult:
-    feature: str           # prompt_length_psi | prompt_length_ks | vocabulary | oov | embedding | response_length | finish_length | empty_response | negative_feedback
-    statistic: str         # psi | ks | js | share_delta | mmd | share
+    feature: str  # prompt_length_psi | prompt_length_ks | vocabulary | oov | embedding | response_length | finish_length | empty_response | negative_feedback
+    statistic: str  # psi | ks | js | share_delta | mmd | share
     value: float | None
     threshold: float
     drifted: bool
@@ -390,9 +438,16 @@ class DriftResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "id": self.id, "model_version": self.model_version, "window": self.window,
-            "window_start": self.window_start, "window_end": self.window_end, "n_requests": self.n_requests,
-            "score": self.score, "threshold": self.threshold, "drifted": self.drifted, "skipped": self.skipped,
+            "id": self.id,
+            "model_version": self.model_version,
+            "window": self.window,
+            "window_start": self.window_start,
+            "window_end": self.window_end,
+            "n_requests": self.n_requests,
+            "score": self.score,
+            "threshold": self.threshold,
+            "drifted": self.drifted,
+            "skipped": self.skipped,
             "features": {f.feature: {k: v for k, v in asdict(f).items() if k != "feature"} for f in self.features},
             "new_words": self.new_words,
         }
@@ -403,9 +458,16 @@ def _counts(pairs: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
     return a[:, 0], a[:, 1]
 
 
-def compare(profile: dict[str, Any], prod: ProductionStats, settings, result_id: str, window: str = "",
-            ref_embeddings: np.ndarray | None = None, prod_embeddings: np.ndarray | None = None,
-            seed: int = 0) -> DriftResult:
+def compare(
+    profile: dict[str, Any],
+    prod: ProductionStats,
+    settings,
+    result_id: str,
+    window: str = "",
+    ref_embeddings: np.ndarray | None = None,
+    prod_embeddings: np.ndarray | None = None,
+    seed: int = 0,
+) -> DriftResult:
     """Every drift statistic of ``prod`` against ``profile`` with ``settings`` (a DriftSettings)."""
     rng = np.random.default_rng(seed)
     feats: list[FeatureResult] = []
@@ -420,18 +482,38 @@ def compare(profile: dict[str, Any], prod: ProductionStats, settings, result_id:
         value, edges, rb, pb = psi_counts(rv, rc, pv, pc, bins)
         null = _null_quantile(lambda s: psi_from_bins(rb, s), rb, int(pc.sum()), rng)
         thr = max(threshold, null)
-        feats.append(FeatureResult(name, "psi", value, thr, value > thr, {
-            "configured_threshold": threshold, "null_q99": null, "edges": edges.tolist(),
-            "reference_bins": (rb / rb.sum()).tolist(), "production_bins": (pb / pb.sum()).tolist(),
-            "wasserstein": wasserstein_counts(rv, rc, pv, pc),
-            "reference_mean": float(np.average(rv, weights=rc)), "production_mean": float(np.average(pv, weights=pc))}))
-        hist[name] = {"edges": edges.tolist(), "reference": (rb / rb.sum()).tolist(), "production": (pb / pb.sum()).tolist()}
+        feats.append(
+            FeatureResult(
+                name,
+                "psi",
+                value,
+                thr,
+                value > thr,
+                {
+                    "configured_threshold": threshold,
+                    "null_q99": null,
+                    "edges": edges.tolist(),
+                    "reference_bins": (rb / rb.sum()).tolist(),
+                    "production_bins": (pb / pb.sum()).tolist(),
+                    "wasserstein": wasserstein_counts(rv, rc, pv, pc),
+                    "reference_mean": float(np.average(rv, weights=rc)),
+                    "production_mean": float(np.average(pv, weights=pc)),
+                },
+            )
+        )
+        hist[name] = {
+            "edges": edges.tolist(),
+            "reference": (rb / rb.sum()).tolist(),
+            "production": (pb / pb.sum()).tolist(),
+        }
 
     length_psi("prompt_length_psi", profile["prompt_length"], prod.prompt_len, settings.psi_threshold)
     rv, rc = _counts(profile["prompt_length"])
     if len(rv) and prod.prompt_len[1].sum():
         d, p = ks_counts(rv, rc, *prod.prompt_len)
-        feats.append(FeatureResult("prompt_length_ks", "ks", d, settings.ks_pvalue, p < settings.ks_pvalue, {"pvalue": p}))
+        feats.append(
+            FeatureResult("prompt_length_ks", "ks", d, settings.ks_pvalue, p < settings.ks_pvalue, {"pvalue": p})
+        )
 
     vocab = profile["vocab"]
     if prod.total_tokens and vocab:
@@ -448,40 +530,110 @@ def compare(profile: dict[str, Any], prod: ProductionStats, settings, result_id:
         else:
             null = _null_quantile(lambda s: js_divergence(ref, s), ref, prod.total_tokens, rng, draws=100)
         thr = max(settings.js_threshold, null)
-        feats.append(FeatureResult("vocabulary", "js", value, thr, value > thr, {"configured_threshold": settings.js_threshold, "null_q99": null,
-                                                                              "production_tokens": prod.total_tokens,
-                                                                              "word_requests": prod.word_requests}))
+        feats.append(
+            FeatureResult(
+                "vocabulary",
+                "js",
+                value,
+                thr,
+                value > thr,
+                {
+                    "configured_threshold": settings.js_threshold,
+                    "null_q99": null,
+                    "production_tokens": prod.total_tokens,
+                    "word_requests": prod.word_requests,
+                },
+            )
+        )
         base = float(profile["oov_expected"])
         share = prod.oov_tokens / prod.total_tokens
         delta = share - base
-        feats.append(FeatureResult("oov", "share_delta", delta, settings.oov_threshold, delta > settings.oov_threshold,
-                                   {"production_share": share, "reference_share": base}))
+        feats.append(
+            FeatureResult(
+                "oov",
+                "share_delta",
+                delta,
+                settings.oov_threshold,
+                delta > settings.oov_threshold,
+                {"production_share": share, "reference_share": base},
+            )
+        )
 
-    if ref_embeddings is not None and prod_embeddings is not None and len(ref_embeddings) >= 2 and len(prod_embeddings) >= 2:
+    if (
+        ref_embeddings is not None
+        and prod_embeddings is not None
+        and len(ref_embeddings) >= 2
+        and len(prod_embeddings) >= 2
+    ):
         t = mmd_permutation_test(ref_embeddings, prod_embeddings, int(settings.permutations), seed)
-        feats.append(FeatureResult("embedding", "mmd", t["mmd2"], settings.embedding_pvalue, t["pvalue"] < settings.embedding_pvalue,
-                                   {"pvalue": t["pvalue"], "bandwidth": t["bandwidth"], "null_q99": t["null_q99"],
-                                    "n_reference": len(ref_embeddings), "n_production": len(prod_embeddings)}))
+        feats.append(
+            FeatureResult(
+                "embedding",
+                "mmd",
+                t["mmd2"],
+                settings.embedding_pvalue,
+                t["pvalue"] < settings.embedding_pvalue,
+                {
+                    "pvalue": t["pvalue"],
+                    "bandwidth": t["bandwidth"],
+                    "null_q99": t["null_q99"],
+                    "n_reference": len(ref_embeddings),
+                    "n_production": len(prod_embeddings),
+                },
+            )
+        )
 
     length_psi("response_length", profile["response_length"], prod.response_len, settings.response_psi_threshold)
     if prod.n_requests:
         ref_len_share = float(profile.get("finish_mix", {}).get("length", 0)) / max(1, int(profile["n_rows"]))
         share = prod.finish_length / prod.n_requests
-        feats.append(FeatureResult("finish_length", "share_delta", share - ref_len_share, settings.length_share_threshold,
-                                   share - ref_len_share > settings.length_share_threshold,
-                                   {"production_share": share, "reference_share": ref_len_share}))
+        feats.append(
+            FeatureResult(
+                "finish_length",
+                "share_delta",
+                share - ref_len_share,
+                settings.length_share_threshold,
+                share - ref_len_share > settings.length_share_threshold,
+                {"production_share": share, "reference_share": ref_len_share},
+            )
+        )
         ref_empty = float(profile.get("empty_share", 0.0))
         share = prod.empty / prod.n_requests
-        feats.append(FeatureResult("empty_response", "share_delta", share - ref_empty, settings.empty_share_threshold,
-                                   share - ref_empty > settings.empty_share_threshold,
-                                   {"production_share": share, "reference_share": ref_empty}))
+        feats.append(
+            FeatureResult(
+                "empty_response",
+                "share_delta",
+                share - ref_empty,
+                settings.empty_share_threshold,
+                share - ref_empty > settings.empty_share_threshold,
+                {"production_share": share, "reference_share": ref_empty},
+            )
+        )
     if prod.rated:
         share = prod.negative / prod.rated
-        feats.append(FeatureResult("negative_feedback", "share", share, settings.negative_feedback_threshold,
-                                   share > settings.negative_feedback_threshold, {"rated": prod.rated, "negative": prod.negative}))
+        feats.append(
+            FeatureResult(
+                "negative_feedback",
+                "share",
+                share,
+                settings.negative_feedback_threshold,
+                share > settings.negative_feedback_threshold,
+                {"rated": prod.rated, "negative": prod.negative},
+            )
+        )
 
     score = sum(f.drifted for f in feats) / len(feats) if feats else 0.0
-    return DriftResult(id=result_id, model_version=prod.model_version, window=window, window_start=prod.window_start,
-                       window_end=prod.window_end, n_requests=prod.n_requests, features=feats, score=score,
-                       threshold=settings.overall_threshold, drifted=bool(feats) and score >= settings.overall_threshold,
-                       new_words=prod.new_words, histograms=hist)
+    return DriftResult(
+        id=result_id,
+        model_version=prod.model_version,
+        window=window,
+        window_start=prod.window_start,
+        window_end=prod.window_end,
+        n_requests=prod.n_requests,
+        features=feats,
+        score=score,
+        threshold=settings.overall_threshold,
+        drifted=bool(feats) and score >= settings.overall_threshold,
+        new_words=prod.new_words,
+        histograms=hist,
+    )

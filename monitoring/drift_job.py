@@ -36,12 +36,12 @@ import logging
 from datetime import datetime
 from typing import Any
 
-from monitoring.drift import DriftResult, Window, compare, parse_window, production_stats
-from monitoring.profile import Profile, compute_profile, load_profile
-from monitoring.sources import LogSource, log_source
 from tuneloop.db import Database, dumps, utcnow
 from tuneloop.errors import UserError
 from tuneloop.ids import new_id
+from tuneloop.monitoring.drift import DriftResult, Window, compare, parse_window, production_stats
+from tuneloop.monitoring.profile import Profile, compute_profile, load_profile
+from tuneloop.monitoring.sources import LogSource, log_source
 
 log = logging.getLogger(__name__)
 
@@ -57,23 +57,34 @@ class DriftJob:
         if registry is not None:
             from prometheus_client import Gauge
 
-            self.score = Gauge("tuneloop_drift_score", "Drift statistic of a model version's production window vs its "
-                               "training data (feature 'overall' = share of statistics that drifted)",
-                               ["feature", "model_version"], registry=registry)
-            self.drifted = Gauge("tuneloop_drifted", "1 when the drift statistic is over its threshold, else 0",
-                                 ["feature", "model_version"], registry=registry)
+            self.score = Gauge(
+                "tuneloop_drift_score",
+                "Drift statistic of a model version's production window vs its "
+                "training data (feature 'overall' = share of statistics that drifted)",
+                ["feature", "model_version"],
+                registry=registry,
+            )
+            self.drifted = Gauge(
+                "tuneloop_drifted",
+                "1 when the drift statistic is over its threshold, else 0",
+                ["feature", "model_version"],
+                registry=registry,
+            )
 
     # -- helpers -------------------------------------------------------------------------------
     def embedder(self):
         if self._embedder is None:
-            from monitoring.embeddings import Embedder
+            from tuneloop.monitoring.embeddings import Embedder
 
             self._embedder = Embedder()
         return self._embedder
 
     def versions_with_traffic(self, window: Window, now: datetime) -> list[str]:
         if window.requests:
-            sql, params = "SELECT DISTINCT model_version FROM requests WHERE model_version IS NOT NULL AND received_at <= ?", [now]
+            sql, params = (
+                "SELECT DISTINCT model_version FROM requests WHERE model_version IS NOT NULL AND received_at <= ?",
+                [now],
+            )
         else:
             from datetime import timedelta
 
@@ -85,8 +96,9 @@ class DriftJob:
         p = load_profile(self.db, version)
         if p is None:
             log.info("no reference profile for %s yet: computing it from its training data", version)
-            p = compute_profile(self.db, version, self.settings,
-                                embedder=self.embedder() if self.settings.embeddings else None)
+            p = compute_profile(
+                self.db, version, self.settings, embedder=self.embedder() if self.settings.embeddings else None
+            )
         return p
 
     # -- one pass ------------------------------------------------------------------------------
@@ -96,41 +108,101 @@ class DriftJob:
         try:
             prof = self.profile(version)
         except UserError as e:
-            return DriftResult(rid, version, str(window), None, now, 0, [], 0.0, self.settings.overall_threshold, False,
-                               skipped=str(e))
+            return DriftResult(
+                rid, version, str(window), None, now, 0, [], 0.0, self.settings.overall_threshold, False, skipped=str(e)
+            )
         want_emb = bool(self.settings.embeddings and prof.embeddings is not None)
         with self.source.connect() as con:
-            prod = production_stats(con, version, window, prof.profile["vocab"], now,
-                                    text_sample=self.settings.embedding_sample if want_emb else 0,
-                                    word_sample=self.settings.word_sample)
+            prod = production_stats(
+                con,
+                version,
+                window,
+                prof.profile["vocab"],
+                now,
+                text_sample=self.settings.embedding_sample if want_emb else 0,
+                word_sample=self.settings.word_sample,
+            )
         if prod.n_requests < self.settings.min_requests:
-            return DriftResult(rid, version, str(window), prod.window_start, prod.window_end, prod.n_requests, [], 0.0,
-                               self.settings.overall_threshold, False,
-                               skipped=f"{prod.n_requests} requests in the window, fewer than drift.min_requests={self.settings.min_requests}")
+            return DriftResult(
+                rid,
+                version,
+                str(window),
+                prod.window_start,
+                prod.window_end,
+                prod.n_requests,
+                [],
+                0.0,
+                self.settings.overall_threshold,
+                False,
+                skipped=f"{prod.n_requests} requests in the window, fewer than drift.min_requests={self.settings.min_requests}",
+            )
         emb = self.embedder()(prod.texts) if want_emb and len(prod.texts) >= 2 else None
-        return compare(prof.profile, prod, self.settings, rid, str(window), prof.embeddings if emb is not None else None, emb)
+        return compare(
+            prof.profile, prod, self.settings, rid, str(window), prof.embeddings if emb is not None else None, emb
+        )
 
     def write(self, res: DriftResult) -> None:
         now = utcnow()
-        rows = [[res.id, res.model_version, res.window_start, res.window_end, res.n_requests, f.feature, f.statistic,
-                 f.value, f.threshold, f.drifted, dumps(f.details), now] for f in res.features]
-        rows.append([res.id, res.model_version, res.window_start, res.window_end, res.n_requests, "overall", "score",
-                     res.score, res.threshold, res.drifted,
-                     dumps({"window": res.window, "drifted_features": [f.feature for f in res.features if f.drifted],
-                            "new_words": res.new_words, "histograms": res.histograms}), now])
+        rows = [
+            [
+                res.id,
+                res.model_version,
+                res.window_start,
+                res.window_end,
+                res.n_requests,
+                f.feature,
+                f.statistic,
+                f.value,
+                f.threshold,
+                f.drifted,
+                dumps(f.details),
+                now,
+            ]
+            for f in res.features
+        ]
+        rows.append(
+            [
+                res.id,
+                res.model_version,
+                res.window_start,
+                res.window_end,
+                res.n_requests,
+                "overall",
+                "score",
+                res.score,
+                res.threshold,
+                res.drifted,
+                dumps(
+                    {
+                        "window": res.window,
+                        "drifted_features": [f.feature for f in res.features if f.drifted],
+                        "new_words": res.new_words,
+                        "histograms": res.histograms,
+                    }
+                ),
+                now,
+            ]
+        )
         with self.db.connect() as con:
             con.executemany("INSERT INTO drift_reports VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     def export(self, res: DriftResult) -> None:
         if self.score is None:
             return
-        for name, value, drifted in [(f.feature, f.value, f.drifted) for f in res.features] + [("overall", res.score, res.drifted)]:
+        for name, value, drifted in [(f.feature, f.value, f.drifted) for f in res.features] + [
+            ("overall", res.score, res.drifted)
+        ]:
             if value is not None:
                 self.score.labels(name, res.model_version).set(value)
             self.drifted.labels(name, res.model_version).set(1.0 if drifted else 0.0)
 
-    def run_once(self, version: str | None = None, window: str | Window | None = None,
-                 now: datetime | None = None, write: bool = True) -> list[DriftResult]:
+    def run_once(
+        self,
+        version: str | None = None,
+        window: str | Window | None = None,
+        now: datetime | None = None,
+        write: bool = True,
+    ) -> list[DriftResult]:
         """Drift of ``version`` (or every version with traffic in the window); stored and exported unless skipped."""
         now = now or utcnow()
         w = window if isinstance(window, Window) else parse_window(window or self.settings.window)
@@ -156,7 +228,7 @@ class DriftJob:
                 log.exception("drift pass failed")
             try:
                 await asyncio.wait_for(stop_event.wait(), timeout=self.settings.interval_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
 

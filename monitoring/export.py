@@ -35,13 +35,12 @@ import re
 import socket
 import tempfile
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from tuneloop.db import Database, utcnow
 from tuneloop.errors import UserError
-
-from monitoring.sources import TABLES, TIME_COLUMN, _sql_str, is_url, table_columns
+from tuneloop.monitoring.sources import TABLES, TIME_COLUMN, _sql_str, is_url, table_columns
 
 _REPLICA_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 EPOCH = datetime(1970, 1, 1)
@@ -69,9 +68,15 @@ class ExportResult:
         return sum(t.rows for t in self.tables)
 
     def as_dict(self) -> dict:
-        return {"replica": self.replica, "out": self.out, "rows": self.rows,
-                "tables": [{k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in asdict(t).items()}
-                           for t in self.tables]}
+        return {
+            "replica": self.replica,
+            "out": self.out,
+            "rows": self.rows,
+            "tables": [
+                {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in asdict(t).items()}
+                for t in self.tables
+            ],
+        }
 
 
 def default_replica() -> str:
@@ -89,7 +94,7 @@ def floor_window(t: datetime, window_s: float) -> datetime:
 def _naive_utc(t: datetime | None) -> datetime | None:
     if t is None or t.tzinfo is None:
         return t
-    return t.astimezone(timezone.utc).replace(tzinfo=None)
+    return t.astimezone(UTC).replace(tzinfo=None)
 
 
 def manifest_path(out: str, replica: str) -> str:
@@ -129,7 +134,9 @@ def _write_manifest(out: str, replica: str, state: dict) -> None:
         con = duckdb.connect()
         try:
             con.execute("INSTALL httpfs; LOAD httpfs")
-            con.execute(f"COPY (SELECT {_sql_str(text)} AS content) TO {_sql_str(p)} (FORMAT csv, HEADER false, QUOTE '')")
+            con.execute(
+                f"COPY (SELECT {_sql_str(text)} AS content) TO {_sql_str(p)} (FORMAT csv, HEADER false, QUOTE '')"
+            )
         finally:
             con.close()
         return
@@ -140,9 +147,17 @@ def _write_manifest(out: str, replica: str, state: dict) -> None:
     os.replace(tmp, p)
 
 
-def export_logs(db: Database, out: str | os.PathLike, replica: str | None = None, *, since: datetime | None = None,
-                until: datetime | None = None, window_s: float = 3600.0, grace_s: float = 60.0,
-                now: datetime | None = None) -> ExportResult:
+def export_logs(
+    db: Database,
+    out: str | os.PathLike,
+    replica: str | None = None,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    window_s: float = 3600.0,
+    grace_s: float = 60.0,
+    now: datetime | None = None,
+) -> ExportResult:
     """Export this replica's closed windows of ``requests`` and ``feedback`` to ``out`` (see module doc)."""
     replica = replica or default_replica()
     if not _REPLICA_RE.match(replica):
@@ -180,13 +195,19 @@ def export_logs(db: Database, out: str | os.PathLike, replica: str | None = None
                     continue
                 start = floor_window(oldest, window_s)
             if end_cap <= start:
-                result.tables.append(TableExport(table, start, end_cap, skipped="no closed window after the last export"))
+                result.tables.append(
+                    TableExport(table, start, end_cap, skipped="no closed window after the last export")
+                )
                 continue
             n = _copy(con, table, out, replica, start, end_cap)
             result.tables.append(TableExport(table, start, end_cap, rows=n))
             entry = state.setdefault(table, {"rows": 0, "runs": 0})
-            entry.update(until=end_cap.isoformat(), rows=int(entry.get("rows", 0)) + n, runs=int(entry.get("runs", 0)) + 1,
-                         last_export_at=utcnow().isoformat())
+            entry.update(
+                until=end_cap.isoformat(),
+                rows=int(entry.get("rows", 0)) + n,
+                runs=int(entry.get("runs", 0)) + 1,
+                last_export_at=utcnow().isoformat(),
+            )
     if any(t.skipped is None for t in result.tables):
         state.update(replica=replica, window_s=window_s, format=1)
         _write_manifest(out, replica, state)
@@ -208,9 +229,10 @@ def _copy(con, table: str, out: str, replica: str, start: datetime, end: datetim
     con.execute(
         f"""COPY (SELECT {cols}, {_sql_str(replica)} AS replica, CAST({tcol} AS DATE) AS date
                   FROM {table}
-                  WHERE {tcol} >= TIMESTAMP {_sql_str(start.isoformat(sep=' '))}
-                    AND {tcol} < TIMESTAMP {_sql_str(end.isoformat(sep=' '))}
+                  WHERE {tcol} >= TIMESTAMP {_sql_str(start.isoformat(sep=" "))}
+                    AND {tcol} < TIMESTAMP {_sql_str(end.isoformat(sep=" "))}
                   ORDER BY {tcol}, id)
             TO {target} (FORMAT parquet, PARTITION_BY (date, model_version), FILENAME_PATTERN {pattern},
-                         OVERWRITE_OR_IGNORE true, COMPRESSION zstd)""")
+                         OVERWRITE_OR_IGNORE true, COMPRESSION zstd)"""
+    )
     return int(n)

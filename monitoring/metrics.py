@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 if TYPE_CHECKING:  # pragma: no cover
-    from monitoring.requestlog import RequestRecord
+    from tuneloop.monitoring.requestlog import RequestRecord
 
 PREFIX = "tuneloop_"
 LATENCY_BUCKETS_S: tuple[float, ...] = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 120)
@@ -72,43 +72,72 @@ class ServingMetrics:
         self.registry = registry
         r = registry
         self.requests_total = Counter(
-            PREFIX + "requests", "Finished requests by route, resolved model version and HTTP status (499 = client went away).",
-            ["route", "model_version", "status"], registry=r)
+            PREFIX + "requests",
+            "Finished requests by route, resolved model version and HTTP status (499 = client went away).",
+            ["route", "model_version", "status"],
+            registry=r,
+        )
         self.request_duration_seconds = Histogram(
-            PREFIX + "request_duration_seconds", "Request latency from receipt to the last byte, in seconds.",
-            ["route", "model_version"], buckets=LATENCY_BUCKETS_S, registry=r)
+            PREFIX + "request_duration_seconds",
+            "Request latency from receipt to the last byte, in seconds.",
+            ["route", "model_version"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.time_to_first_token_seconds = Histogram(
-            PREFIX + "time_to_first_token_seconds", "Time from receipt to the first generated token, in seconds.",
-            ["route", "model_version"], buckets=LATENCY_BUCKETS_S, registry=r)
+            PREFIX + "time_to_first_token_seconds",
+            "Time from receipt to the first generated token, in seconds.",
+            ["route", "model_version"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.prompt_tokens_total = Counter(
-            PREFIX + "prompt_tokens", "Prompt tokens processed.", ["model_version"], registry=r)
+            PREFIX + "prompt_tokens", "Prompt tokens processed.", ["model_version"], registry=r
+        )
         self.generation_tokens_total = Counter(
-            PREFIX + "generation_tokens", "Completion tokens generated.", ["model_version"], registry=r)
+            PREFIX + "generation_tokens", "Completion tokens generated.", ["model_version"], registry=r
+        )
         self.requests_in_flight = Gauge(
-            PREFIX + "requests_in_flight", "Requests being served right now.", ["route"], registry=r)
+            PREFIX + "requests_in_flight", "Requests being served right now.", ["route"], registry=r
+        )
         self.log_queue_depth = Gauge(
-            PREFIX + "log_queue_depth", "Request-log rows waiting in memory to be written.", registry=r)
+            PREFIX + "log_queue_depth", "Request-log rows waiting in memory to be written.", registry=r
+        )
         self.log_rows_written_total = Counter(
-            PREFIX + "log_rows_written", "Request-log rows committed to the database.", registry=r)
+            PREFIX + "log_rows_written", "Request-log rows committed to the database.", registry=r
+        )
         self.log_rows_dropped_total = Counter(
-            PREFIX + "log_rows_dropped", "Request-log rows dropped: queue full, writer closed, or rows the database rejected.",
-            registry=r)
+            PREFIX + "log_rows_dropped",
+            "Request-log rows dropped: queue full, writer closed, or rows the database rejected.",
+            registry=r,
+        )
         self.log_flush_errors_total = Counter(
-            PREFIX + "log_flush_errors", "Request-log flushes that failed (database busy or error); rows are kept and retried.",
-            registry=r)
+            PREFIX + "log_flush_errors",
+            "Request-log flushes that failed (database busy or error); rows are kept and retried.",
+            registry=r,
+        )
         self.log_flush_duration_seconds = Histogram(
-            PREFIX + "log_flush_duration_seconds", "Duration of one request-log flush (open, insert, commit), in seconds.",
-            buckets=FLUSH_BUCKETS_S, registry=r)
+            PREFIX + "log_flush_duration_seconds",
+            "Duration of one request-log flush (open, insert, commit), in seconds.",
+            buckets=FLUSH_BUCKETS_S,
+            registry=r,
+        )
         self.model_info = Gauge(
-            PREFIX + "model_info", "1 for every model version the server serves, with its base model and kind.",
-            ["model_version", "base_model", "kind"], registry=r)
+            PREFIX + "model_info",
+            "1 for every model version the server serves, with its base model and kind.",
+            ["model_version", "base_model", "kind"],
+            registry=r,
+        )
         self.feedback_total = Counter(
-            PREFIX + "feedback", "Feedback received by rating (up|down|1..5) and the model version that answered.",
-            ["rating", "model_version"], registry=r)
+            PREFIX + "feedback",
+            "Feedback received by rating (up|down|1..5) and the model version that answered.",
+            ["rating", "model_version"],
+            registry=r,
+        )
         self._model_info_labels: dict[str, tuple[str, str, str]] = {}
 
     # -- per request ---------------------------------------------------------
-    def observe(self, rec: "RequestRecord") -> None:
+    def observe(self, rec: RequestRecord) -> None:
         """Count one finished request (status, latency, TTFT, tokens) from its log record."""
         version = rec.model_version or UNKNOWN
         route = rec.route or UNKNOWN

@@ -23,14 +23,15 @@ Contract
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 
-from monitoring.drift import prompt_text, words
 from tuneloop.db import Database, dumps, loads, utcnow
 from tuneloop.errors import UserError
+from tuneloop.monitoring.drift import prompt_text, words
 
 
 @dataclass
@@ -57,9 +58,14 @@ def _value_counts(values: Iterable[int]) -> list[list[int]]:
     return [[int(k), int(v)] for k, v in sorted(Counter(values).items())]
 
 
-def build_profile(rows: Iterable[dict[str, Any]], tokenizer, vocab_size: int = 10000,
-                  embedder: Callable[[list[str]], np.ndarray] | None = None, embedding_sample: int = 256,
-                  seed: int = 0) -> tuple[dict[str, Any], np.ndarray | None]:
+def build_profile(
+    rows: Iterable[dict[str, Any]],
+    tokenizer,
+    vocab_size: int = 10000,
+    embedder: Callable[[list[str]], np.ndarray] | None = None,
+    embedding_sample: int = 256,
+    seed: int = 0,
+) -> tuple[dict[str, Any], np.ndarray | None]:
     """(profile dict, embedding sample or None) of training rows; see module doc."""
     from tuneloop.chat import completion_ids, render_prompt
 
@@ -102,15 +108,16 @@ def build_profile(rows: Iterable[dict[str, Any]], tokenizer, vocab_size: int = 1
         rng = np.random.default_rng(seed)
         pick = rng.choice(len(texts), size=min(embedding_sample, len(texts)), replace=False)
         emb = np.asarray(embedder([texts[i] for i in sorted(pick)]), dtype=np.float32)
-        profile["embedding_sample"] = int(len(emb))
+        profile["embedding_sample"] = len(emb)
     return profile, emb
 
 
 JS_NULL_TOKENS = (100, 250, 500, 1000, 2500, 5000, 10000, 50000)
 
 
-def js_null(texts: list[str], vocab_size: int, rng: np.random.Generator, draws: int = 50, q: float = 0.99,
-            splits: int = 4) -> list[list[float]]:
+def js_null(
+    texts: list[str], vocab_size: int, rng: np.random.Generator, draws: int = 50, q: float = 0.99, splits: int = 4
+) -> list[list[float]]:
     """Vocabulary JS of same-distribution windows: ``[[tokens, q99 JS], ...]``.
 
     Words cluster by prompt, so token-level multinomial noise understates how much a window of
@@ -119,7 +126,7 @@ def js_null(texts: list[str], vocab_size: int, rng: np.random.Generator, draws: 
     smoothed distribution, at several window sizes; drift compares a window against the
     ``q`` quantile at its size.
     """
-    from monitoring.drift import js_divergence
+    from tuneloop.monitoring.drift import js_divergence
 
     if len(texts) < 20:
         return []
@@ -143,9 +150,11 @@ def js_null(texts: list[str], vocab_size: int, rng: np.random.Generator, draws: 
         mat = np.vstack(rows).astype(float)
         mean_tokens = mat.sum() / len(mat)
         for n_tok in JS_NULL_TOKENS:
-            k = max(1, int(round(n_tok / mean_tokens)))
-            vals[n_tok] += [js_divergence(ref, np.bincount(rng.integers(0, len(mat), k), minlength=len(mat)) @ mat)
-                            for _ in range(draws)]
+            k = max(1, round(n_tok / mean_tokens))
+            vals[n_tok] += [
+                js_divergence(ref, np.bincount(rng.integers(0, len(mat), k), minlength=len(mat)) @ mat)
+                for _ in range(draws)
+            ]
     return [[float(n), float(np.quantile(v, q))] for n, v in vals.items()]
 
 
@@ -153,15 +162,26 @@ def store_profile(db: Database, p: Profile) -> None:
     emb = p.embeddings
     with db.connect() as con:
         con.execute("DELETE FROM reference_profiles WHERE model_version = ?", [p.model_version])
-        con.execute("INSERT INTO reference_profiles VALUES (?, ?, ?, ?, ?, ?)", [
-            p.model_version, p.dataset_id, dumps(p.profile),
-            None if emb is None else np.ascontiguousarray(emb, dtype=np.float32).tobytes(),
-            None if emb is None else int(emb.shape[1]), utcnow()])
+        con.execute(
+            "INSERT INTO reference_profiles VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                p.model_version,
+                p.dataset_id,
+                dumps(p.profile),
+                None if emb is None else np.ascontiguousarray(emb, dtype=np.float32).tobytes(),
+                None if emb is None else int(emb.shape[1]),
+                utcnow(),
+            ],
+        )
 
 
 def load_profile(db: Database, version: str, con=None) -> Profile | None:
     sql = "SELECT dataset_id, profile, embeddings, embedding_dim FROM reference_profiles WHERE model_version = ?"
-    rows = con.execute(sql, [version]).fetchall() if con is not None else [tuple(r.values()) for r in db.query(sql, [version])]
+    rows = (
+        con.execute(sql, [version]).fetchall()
+        if con is not None
+        else [tuple(r.values()) for r in db.query(sql, [version])]
+    )
     if not rows:
         return None
     ds, prof, blob, dim = rows[0]
@@ -180,8 +200,10 @@ def compute_profile(db: Database, version_name: str, settings=None, embedder=Non
     ds = settings or DriftSettings()
     v = get_version(db, version_name)
     if not v.dataset_id:
-        raise UserError(f"version {version_name!r} has no training dataset to profile; drift needs one "
-                        "(versions registered by `tuneloop train` have one)")
+        raise UserError(
+            f"version {version_name!r} has no training dataset to profile; drift needs one "
+            "(versions registered by `tuneloop train` have one)"
+        )
     splits = load_splits(db, v.dataset_id)
     rows = splits["train"]
     try:
@@ -193,7 +215,7 @@ def compute_profile(db: Database, version_name: str, settings=None, embedder=Non
 
         rows = tqdm(rows, desc=f"profiling {version_name}", unit="row")
     if embedder is None and ds.embeddings:
-        from monitoring.embeddings import Embedder
+        from tuneloop.monitoring.embeddings import Embedder
 
         embedder = Embedder()
     prof, emb = build_profile(rows, tok, ds.vocab_size, embedder if ds.embeddings else None, ds.embedding_sample)

@@ -59,8 +59,9 @@ import json
 import logging
 import threading
 import time
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -68,7 +69,7 @@ from tuneloop.db import Database, DatabaseBusy
 from tuneloop.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from monitoring.metrics import ServingMetrics
+    from tuneloop.monitoring.metrics import ServingMetrics
     from tuneloop.settings import LogSettings
 
 log = logging.getLogger(__name__)
@@ -100,9 +101,25 @@ class RequestRecord(msgspec.Struct, kw_only=True):
 
 # column order of the requests table (tests/test_requestlog.py checks it against the schema)
 COLUMNS: tuple[str, ...] = (
-    "id", "received_at", "route", "model", "model_version", "arm", "prompt", "response", "finish_reason",
-    "prompt_tokens", "completion_tokens", "ttft_s", "latency_s", "status", "error", "stream", "params",
-    "user_id", "key_id",
+    "id",
+    "received_at",
+    "route",
+    "model",
+    "model_version",
+    "arm",
+    "prompt",
+    "response",
+    "finish_reason",
+    "prompt_tokens",
+    "completion_tokens",
+    "ttft_s",
+    "latency_s",
+    "status",
+    "error",
+    "stream",
+    "params",
+    "user_id",
+    "key_id",
 )
 _JSON_COLUMNS = ("prompt", "params")
 
@@ -111,8 +128,13 @@ def _arrow_schema():
     import pyarrow as pa
 
     types = {
-        "received_at": pa.timestamp("us"), "prompt_tokens": pa.int32(), "completion_tokens": pa.int32(),
-        "ttft_s": pa.float64(), "latency_s": pa.float64(), "status": pa.int32(), "stream": pa.bool_(),
+        "received_at": pa.timestamp("us"),
+        "prompt_tokens": pa.int32(),
+        "completion_tokens": pa.int32(),
+        "ttft_s": pa.float64(),
+        "latency_s": pa.float64(),
+        "status": pa.int32(),
+        "stream": pa.bool_(),
     }
     return pa.schema([(c, types.get(c, pa.string())) for c in COLUMNS])
 
@@ -128,7 +150,7 @@ def _json(v: Any) -> str | None:
 
 def _naive_utc(t: datetime) -> datetime:
     if t.tzinfo is not None:
-        t = t.astimezone(timezone.utc).replace(tzinfo=None)
+        t = t.astimezone(UTC).replace(tzinfo=None)
     return t
 
 
@@ -150,13 +172,21 @@ class RequestLogWriter:
     # rows per INSERT transaction when a backlog is drained
     MAX_BATCH = 50_000
 
-    def __init__(self, db: Database, settings: "LogSettings", metrics: "ServingMetrics | None" = None,
-                 *, lock_timeout_s: float | None = None):
+    def __init__(
+        self,
+        db: Database,
+        settings: LogSettings,
+        metrics: ServingMetrics | None = None,
+        *,
+        lock_timeout_s: float | None = None,
+    ):
         for name, low in (("flush_interval_s", 0.0), ("flush_rows", 0), ("queue_max", 0)):
             if not getattr(settings, name) > low:
                 raise UserError(f"log.{name} must be > {low:g}, got {getattr(settings, name)!r}")
         if not settings.hold_s >= 0:
-            raise UserError(f"log.hold_s must be >= 0 (0 = reopen the database for each flush), got {settings.hold_s!r}")
+            raise UserError(
+                f"log.hold_s must be >= 0 (0 = reopen the database for each flush), got {settings.hold_s!r}"
+            )
         self.settings = settings
         self.metrics = metrics
         # our own handle: a flush must not wait the CLI's long lock timeout before it can retry
@@ -183,10 +213,10 @@ class RequestLogWriter:
         self.flush_errors = 0
         self.flushes = 0
         self._held_since: float | None = None  # when the writer thread began keeping the file open
-        self._no_hold_until = 0.0              # after a knock: reopen per flush until then
+        self._no_hold_until = 0.0  # after a knock: reopen per flush until then
 
     # -- life cycle ------------------------------------------------------------
-    def start(self) -> "RequestLogWriter":
+    def start(self) -> RequestLogWriter:
         """Start the background flush thread (idempotent)."""
         with self._cond:
             if self._thread is None and not self._closed and self.settings.enabled:
@@ -218,7 +248,7 @@ class RequestLogWriter:
         self._set_depth()
         return left
 
-    def __enter__(self) -> "RequestLogWriter":
+    def __enter__(self) -> RequestLogWriter:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -257,8 +287,13 @@ class RequestLogWriter:
             return len(self._pending)
 
     def stats(self) -> dict[str, int]:
-        return {"queued": self.queue_depth, "written": self.rows_written, "dropped": self.rows_dropped,
-                "flush_errors": self.flush_errors, "flushes": self.flushes}
+        return {
+            "queued": self.queue_depth,
+            "written": self.rows_written,
+            "dropped": self.rows_dropped,
+            "flush_errors": self.flush_errors,
+            "flushes": self.flushes,
+        }
 
     # -- writing -------------------------------------------------------------
     def flush(self, hold: bool = False) -> int:
@@ -353,7 +388,7 @@ class RequestLogWriter:
                 written = self._insert(batch, hold)
             except (DatabaseBusy, OSError) as e:
                 return self._failed(e)
-            except Exception as e:  # noqa: BLE001 - duckdb IO errors included
+            except Exception as e:
                 import duckdb
 
                 if isinstance(e, duckdb.IOException):
@@ -416,8 +451,7 @@ class RequestLogWriter:
         rows = [self._prepare(r) for r in batch]
         return pa.Table.from_pylist(rows, schema=_arrow_schema())
 
-    _SQL = (f"INSERT INTO requests ({', '.join(COLUMNS)}) "
-            f"SELECT {', '.join(COLUMNS)} FROM _tuneloop_log_batch")
+    _SQL = f"INSERT INTO requests ({', '.join(COLUMNS)}) SELECT {', '.join(COLUMNS)} FROM _tuneloop_log_batch"
 
     def _insert_table(self, con, table) -> None:
         """Append ``table``'s rows. A row whose id is already logged (a batch retried after a
@@ -437,7 +471,7 @@ class RequestLogWriter:
         finally:
             try:
                 con.unregister("_tuneloop_log_batch")
-            except Exception:  # noqa: BLE001 - an aborted transaction refuses it; the original error matters
+            except Exception:
                 pass
 
     def _insert(self, batch: list[RequestRecord], hold: bool = False) -> int:
@@ -465,7 +499,7 @@ class RequestLogWriter:
                     written += 1
                 except duckdb.IOException:
                     raise
-                except Exception as e:  # noqa: BLE001 - a bad row must not block the log
+                except Exception as e:
                     self._count_dropped(1)
                     log.error("request log: dropped request %s: %s: %s", rec.id, type(e).__name__, str(e)[:200])
         return written

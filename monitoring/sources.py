@@ -34,8 +34,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import duckdb
 
@@ -47,7 +48,7 @@ TABLES = ("requests", "feedback")
 TIME_COLUMN = {"requests": "received_at", "feedback": "created_at"}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def table_columns(table: str) -> tuple[tuple[str, str], ...]:
     """``((name, duckdb_type), ...)`` of ``table`` as the migrations define it."""
     from tuneloop.db import migrate
@@ -57,7 +58,8 @@ def table_columns(table: str) -> tuple[tuple[str, str], ...]:
         migrate(con)
         rows = con.execute(
             "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ? ORDER BY ordinal_position",
-            [table]).fetchall()
+            [table],
+        ).fetchall()
     finally:
         con.close()
     if not rows:
@@ -77,10 +79,7 @@ def _has_files(source: str, table: str) -> bool:
     if is_url(source):
         return True  # let DuckDB list the object store; an empty prefix raises there
     root = os.path.join(source, table)
-    for _dirpath, _dirs, files in os.walk(root):
-        if any(f.endswith(".parquet") for f in files):
-            return True
-    return False
+    return any(any(f.endswith(".parquet") for f in files) for _dirpath, _dirs, files in os.walk(root))
 
 
 def parquet_relation_sql(source: str, table: str) -> str:
@@ -91,8 +90,10 @@ def parquet_relation_sql(source: str, table: str) -> str:
         return f"SELECT {body}, CAST(NULL AS VARCHAR) AS replica WHERE false"
     glob = _sql_str(source.rstrip("/") + f"/{table}/**/*.parquet")
     body = ", ".join(f"CAST({n} AS {t}) AS {n}" for n, t in cols)
-    return (f"SELECT {body}, CAST(replica AS VARCHAR) AS replica FROM read_parquet({glob}, hive_partitioning = true, "
-            f"union_by_name = true, hive_types = {{'date': DATE, 'model_version': VARCHAR}})")
+    return (
+        f"SELECT {body}, CAST(replica AS VARCHAR) AS replica FROM read_parquet({glob}, hive_partitioning = true, "
+        f"union_by_name = true, hive_types = {{'date': DATE, 'model_version': VARCHAR}})"
+    )
 
 
 def open_requests(con: duckdb.DuckDBPyConnection, source: str | os.PathLike | None) -> None:
@@ -101,7 +102,9 @@ def open_requests(con: duckdb.DuckDBPyConnection, source: str | os.PathLike | No
         return
     source = str(source)
     if not is_url(source) and not os.path.isdir(source):
-        raise UserError(f"--from-parquet: {source} is not a folder of exported logs (see `tuneloop export logs --help`)")
+        raise UserError(
+            f"--from-parquet: {source} is not a folder of exported logs (see `tuneloop export logs --help`)"
+        )
     if is_url(source):
         con.execute("INSTALL httpfs; LOAD httpfs")
     for table in TABLES:
@@ -146,7 +149,9 @@ def log_source(db: Database | None, from_parquet: str | os.PathLike | None = Non
         p = str(from_parquet)
         if not is_url(p):
             if not os.path.isdir(p):
-                raise UserError(f"--from-parquet: {p} is not a folder of exported logs (see `tuneloop export logs --help`)")
+                raise UserError(
+                    f"--from-parquet: {p} is not a folder of exported logs (see `tuneloop export logs --help`)"
+                )
             p = os.path.abspath(p)
         return LogSource(db, p)
     if db is None:

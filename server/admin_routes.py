@@ -24,12 +24,18 @@ from typing import Any
 
 from litestar import Controller, Request, Response, delete, get, post
 
-from server.protocol import AdapterList, AdapterOut, LoadAdapterRequest, RoutingStateOut
+from tuneloop.server.protocol import AdapterList, AdapterOut, LoadAdapterRequest, RoutingStateOut
 
 
 def _out(router, a) -> AdapterOut:
-    return AdapterOut(name=a.name, path=a.path, rank=a.rank, in_flight=a.in_flight, loaded_at=a.loaded_at,
-                      version=router.version_of(a.name))
+    return AdapterOut(
+        name=a.name,
+        path=a.path,
+        rank=a.rank,
+        in_flight=a.in_flight,
+        loaded_at=a.loaded_at,
+        version=router.version_of(a.name),
+    )
 
 
 def _state(request: Request) -> RoutingStateOut:
@@ -37,9 +43,13 @@ def _state(request: Request) -> RoutingStateOut:
     st = router.state
     eng = request.app.state.engine
     return RoutingStateOut(
-        served_name=eng.served_name, base_model=str(eng.model_path),
-        production=st.production.name if st.production else None, canary=st.canary.name if st.canary else None,
-        canary_share=st.canary_share, canary_production=st.canary_production, refreshed_at=st.refreshed_at,
+        served_name=eng.served_name,
+        base_model=str(eng.model_path),
+        production=st.production.name if st.production else None,
+        canary=st.canary.name if st.canary else None,
+        canary_share=st.canary_share,
+        canary_production=st.canary_production,
+        refreshed_at=st.refreshed_at,
         adapters=[a.name for a in eng.adapters()],
     )
 
@@ -54,9 +64,13 @@ class AdminController(Controller):
     async def list_adapters(self, request: Request) -> AdapterList:
         eng = request.app.state.engine
         router = request.app.state.router
-        return AdapterList(base_model=str(eng.model_path), served_name=eng.served_name,
-                           adapters=[_out(router, a) for a in eng.adapters()],
-                           max_loras=eng.settings.max_loras, max_lora_rank=eng.settings.max_lora_rank)
+        return AdapterList(
+            base_model=str(eng.model_path),
+            served_name=eng.served_name,
+            adapters=[_out(router, a) for a in eng.adapters()],
+            max_loras=eng.settings.max_loras,
+            max_lora_rank=eng.settings.max_lora_rank,
+        )
 
     @post("/adapters", summary="Load an adapter (registered version or folder) into the engine", status_code=201)
     async def load_adapter(self, request: Request, data: LoadAdapterRequest) -> Response[AdapterOut]:

@@ -33,9 +33,10 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import TYPE_CHECKING
 
 from litestar import Litestar, Request, Response, Router, get
 from litestar.connection import ASGIConnection
@@ -47,11 +48,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from tuneloop import __version__
 from tuneloop.db import Database, utcnow
 from tuneloop.errors import UserError
-
-from server.background import start_background, stop_background
-from server.engine import Engine
-from server.errors import exception_handlers
-from server.protocol import Health
+from tuneloop.server.background import start_background, stop_background
+from tuneloop.server.engine import Engine
+from tuneloop.server.errors import exception_handlers
+from tuneloop.server.protocol import Health
 
 if TYPE_CHECKING:  # pragma: no cover
     from tuneloop.settings import Settings
@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 
 
 # -- what to serve ------------------------------------------------------------------
+
 
 @dataclass
 class ServePlan:
@@ -81,11 +82,13 @@ def _base_folder(ref: str, models_dir: Path) -> Path:
         return cached.resolve()
     if p.exists() or "/" in ref or os.sep in ref:
         raise UserError(f"model folder {ref} does not exist")
-    raise UserError(f"unknown model {ref!r}: not a registered version, not a folder, and not pulled "
-                    f"(pull it first: tuneloop models pull {ref})")
+    raise UserError(
+        f"unknown model {ref!r}: not a registered version, not a folder, and not pulled "
+        f"(pull it first: tuneloop models pull {ref})"
+    )
 
 
-def plan_serving(settings: "Settings", db: Database) -> ServePlan:
+def plan_serving(settings: Settings, db: Database) -> ServePlan:
     """Decide what to serve from ``server.model`` / ``server.adapters`` and deploy state (see `tuneloop serve --help`)."""
     from tuneloop.registry import RegistryError, get_version, version_by_stage
 
@@ -121,7 +124,7 @@ def plan_serving(settings: "Settings", db: Database) -> ServePlan:
     return ServePlan(base=base, served_name=served, adapters=adapters)
 
 
-def check_plan(plan: ServePlan, settings: "Settings", db: Database) -> None:
+def check_plan(plan: ServePlan, settings: Settings, db: Database) -> None:
     """Refuse, before the engine starts, start-up adapters that cannot load (UserError with the reason)."""
     from tuneloop.registry import RegistryError, get_version
 
@@ -137,7 +140,9 @@ def check_plan(plan: ServePlan, settings: "Settings", db: Database) -> None:
             except RegistryError:
                 raise UserError(f"{target!r} is neither an adapter folder nor a registered version") from None
             if v.kind != "adapter":
-                raise UserError(f"version {v.name!r} is a {v.kind} model, not an adapter; serve it with --model {v.name}")
+                raise UserError(
+                    f"version {v.name!r} is a {v.kind} model, not an adapter; serve it with --model {v.name}"
+                )
             probe.validate_adapter(v.path)
         except UserError as e:
             raise UserError(f"--adapter {name}: {e}") from None
@@ -157,6 +162,7 @@ def check_port(host: str, port: int) -> None:
 
 # -- auth guards ----------------------------------------------------------------------
 
+
 async def _authenticate(connection: ASGIConnection, scope: str) -> None:
     auth = connection.app.state.auth
     principal = await auth.authenticate(connection, scope)
@@ -173,6 +179,7 @@ async def admin_guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
 
 # -- plain endpoints ---------------------------------------------------------------
 
+
 @get("/healthz", summary="Liveness: the process answers", tags=["ops"])
 async def healthz() -> Health:
     return Health("ok")
@@ -185,7 +192,7 @@ async def readyz(request: Request) -> Response[Health]:
         if not engine.ready:
             raise RuntimeError("engine starting" if not engine.closing else "shutting down")
         await engine.check_health()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return Response(Health("unavailable", str(e) or type(e).__name__), status_code=503)
     return Response(Health("ready"))
 
@@ -210,15 +217,17 @@ def _timing_middleware(app):
 
 # -- the app -------------------------------------------------------------------------
 
-def create_app(settings: "Settings", db: Database, engine: Engine | None = None,
-               plan: ServePlan | None = None) -> Litestar:
+
+def create_app(
+    settings: Settings, db: Database, engine: Engine | None = None, plan: ServePlan | None = None
+) -> Litestar:
     """Build the app (see module docstring). ``engine`` defaults to one over ``plan`` (default: :func:`plan_serving`)."""
-    from monitoring.metrics import ServingMetrics
-    from monitoring.requestlog import RequestLogWriter
-    from server.admin_routes import AdminController
-    from server.auth import Auth
-    from server.openai_routes import OpenAIController
-    from server.routing import ModelRouter
+    from tuneloop.monitoring.metrics import ServingMetrics
+    from tuneloop.monitoring.requestlog import RequestLogWriter
+    from tuneloop.server.admin_routes import AdminController
+    from tuneloop.server.auth import Auth
+    from tuneloop.server.openai_routes import OpenAIController
+    from tuneloop.server.routing import ModelRouter
 
     if engine is None:
         plan = plan or plan_serving(settings, db)
@@ -259,17 +268,25 @@ def create_app(settings: "Settings", db: Database, engine: Engine | None = None,
             log.info("request log drained (%d rows left unwritten)", left)
 
     app = Litestar(
-        route_handlers=[Router("/", route_handlers=[OpenAIController], guards=[inference_guard]),
-                        Router("/", route_handlers=[AdminController], guards=[admin_guard]),
-                        healthz, readyz, metrics, *_feedback_handlers()],
+        route_handlers=[
+            Router("/", route_handlers=[OpenAIController], guards=[inference_guard]),
+            Router("/", route_handlers=[AdminController], guards=[admin_guard]),
+            healthz,
+            readyz,
+            metrics,
+            *_feedback_handlers(),
+        ],
         lifespan=[lifespan],
         exception_handlers=exception_handlers(),
         middleware=[_timing_middleware],
         request_max_body_size=settings.server.max_body_bytes,
         openapi_config=OpenAPIConfig(
-            title="tuneloop", version=__version__, path="/schema", render_plugins=[SwaggerRenderPlugin()],
+            title="tuneloop",
+            version=__version__,
+            path="/schema",
+            render_plugins=[SwaggerRenderPlugin()],
             description="OpenAI-compatible API over a vLLM engine, with per-request adapter routing, request logging "
-                        "and an admin API. Errors are OpenAI-style: {\"error\": {\"message\", \"type\", \"code\", \"param\"}}.",
+            'and an admin API. Errors are OpenAI-style: {"error": {"message", "type", "code", "param"}}.',
         ),
         debug=False,
     )
@@ -289,9 +306,9 @@ async def _load_startup_adapter(router, name: str, target: str) -> None:
 
 def _feedback_handlers() -> list:
     try:
-        from server.feedback_routes import FeedbackController
+        from tuneloop.server.feedback_routes import FeedbackController
     except ModuleNotFoundError as e:
-        if e.name != "server.feedback_routes":
+        if e.name != "tuneloop.server.feedback_routes":
             raise
         return []
     return [FeedbackController]

@@ -89,8 +89,7 @@ class Principal:
 class AuthError(Exception):
     """Authentication (401) or authorisation (403) failure with an OpenAI-style body."""
 
-    def __init__(self, status_code: Literal[401, 403], message: str, code: str,
-                 type: str = "invalid_request_error"):
+    def __init__(self, status_code: Literal[401, 403], message: str, code: str, type: str = "invalid_request_error"):
         super().__init__(message)
         self.status_code = status_code
         self.message = message
@@ -115,6 +114,7 @@ def generate_secret() -> str:
 
 # -- key management (CLI) ---------------------------------------------------------
 
+
 def create_key(db: Database, scope: str, name: str | None = None) -> tuple[ApiKey, str]:
     """Create a key; return its record and the secret (the only time the secret exists outside the client)."""
     if scope not in SCOPES:
@@ -126,11 +126,14 @@ def create_key(db: Database, scope: str, name: str | None = None) -> tuple[ApiKe
         if name is not None:
             dup = con.execute("SELECT id FROM api_keys WHERE name = ? AND revoked_at IS NULL", [name]).fetchall()
             if dup:
-                raise ApiKeyError(f"an active key named {name!r} already exists ({dup[0][0]}); pick another name "
-                                f"or revoke it first")
-        con.execute("INSERT INTO api_keys (id, name, scope, key_hash, prefix, created_at, revoked_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, NULL)",
-                    [key.id, key.name, key.scope, hash_key(secret), key.prefix, key.created_at])
+                raise ApiKeyError(
+                    f"an active key named {name!r} already exists ({dup[0][0]}); pick another name or revoke it first"
+                )
+        con.execute(
+            "INSERT INTO api_keys (id, name, scope, key_hash, prefix, created_at, revoked_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, NULL)",
+            [key.id, key.name, key.scope, hash_key(secret), key.prefix, key.created_at],
+        )
     return key, secret
 
 
@@ -154,8 +157,10 @@ def revoke_key(db: Database, ref: str) -> ApiKey:
     if ref.startswith(KEY_PREFIX):
         ref = ref.rstrip(".")  # the prefix as `keys list` shows it ("tl-AbCdEfG...")
     with db.connect() as con:
-        rows = con.execute(f"SELECT {_KEY_COLS} FROM api_keys WHERE id = ? OR prefix = ? OR "
-                           f"(name = ? AND revoked_at IS NULL)", [ref, ref, ref]).fetchall()
+        rows = con.execute(
+            f"SELECT {_KEY_COLS} FROM api_keys WHERE id = ? OR prefix = ? OR (name = ? AND revoked_at IS NULL)",
+            [ref, ref, ref],
+        ).fetchall()
         if not rows:
             raise ApiKeyError(f"no API key {ref!r}: see `tuneloop keys list` for ids")
         if len(rows) > 1:
@@ -170,6 +175,7 @@ def revoke_key(db: Database, ref: str) -> ApiKey:
 
 # -- request authentication (server) ------------------------------------------------
 
+
 @dataclass(frozen=True)
 class _Entry:
     id: str
@@ -181,8 +187,15 @@ class _Entry:
 class Auth:
     """Authenticates requests against the ``api_keys`` table; see module docstring."""
 
-    def __init__(self, db: Database, settings, *, refresh_s: float = 2.0, miss_refresh_s: float = 0.5,
-                 lock_timeout_s: float = 2.0):
+    def __init__(
+        self,
+        db: Database,
+        settings,
+        *,
+        refresh_s: float = 2.0,
+        miss_refresh_s: float = 0.5,
+        lock_timeout_s: float = 2.0,
+    ):
         self.db = Database(db.path, lock_timeout_s=lock_timeout_s)
         self.settings = settings
         self.refresh_s = refresh_s
@@ -190,8 +203,9 @@ class Auth:
         self._keys: dict[str, _Entry] = {}
         self._any_key = False
         self._loaded_at: float | None = None
-        self._table = CachedRead(self.db, lambda con: con.execute(
-            "SELECT key_hash, id, name, scope, revoked_at FROM api_keys").fetchall())
+        self._table = CachedRead(
+            self.db, lambda con: con.execute("SELECT key_hash, id, name, scope, revoked_at FROM api_keys").fetchall()
+        )
         self._lock: asyncio.Lock | None = None
 
     # cache --------------------------------------------------------------------
@@ -233,8 +247,12 @@ class Auth:
         if not self.enabled:
             return Principal(key_id=None, scope="anonymous")
         if secret is None:
-            raise AuthError(401, "Missing API key: send it as 'Authorization: Bearer <key>' "
-                                 "(create one with `tuneloop keys create --scope inference`).", "invalid_api_key")
+            raise AuthError(
+                401,
+                "Missing API key: send it as 'Authorization: Bearer <key>' "
+                "(create one with `tuneloop keys create --scope inference`).",
+                "invalid_api_key",
+            )
         h = hash_key(secret)
         entry = self._keys.get(h)
         if entry is None:
@@ -244,8 +262,12 @@ class Auth:
             shown = secret[:DISPLAY_CHARS] + "..." if secret.startswith(KEY_PREFIX) else "(not a tuneloop key)"
             raise AuthError(401, f"Incorrect or revoked API key provided: {shown}.", "invalid_api_key")
         if scope == "admin" and entry.scope != "admin":
-            raise AuthError(403, "This API key has scope 'inference'; this route needs an 'admin' key.",
-                            "insufficient_scope", type="permission_error")
+            raise AuthError(
+                403,
+                "This API key has scope 'inference'; this route needs an 'admin' key.",
+                "insufficient_scope",
+                type="permission_error",
+            )
         return Principal(key_id=entry.id, scope=entry.scope, name=entry.name)
 
 

@@ -21,16 +21,17 @@ log = logging.getLogger("tuneloop.server")
 
 
 async def _canary_loop(db, deploy, router, stop: asyncio.Event) -> None:
-    from monitoring import canary
+    from tuneloop.monitoring import canary
 
     interval = deploy.canary_judge_interval_s
     while not stop.is_set():
         try:
             await asyncio.wait_for(stop.wait(), timeout=interval)
             return
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         try:
+
             def judge_once():
                 if canary.running(db) is None:
                     return None
@@ -52,7 +53,7 @@ async def _drift_loop(job, interval: float, stop: asyncio.Event) -> None:
     try:
         await asyncio.wait_for(stop.wait(), timeout=interval)
         return
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
     await job.run_forever(stop)
 
@@ -61,7 +62,7 @@ def start_background(settings, db, registry, router) -> tuple[asyncio.Event, lis
     stop = asyncio.Event()
     tasks: list[asyncio.Task] = []
     if settings.drift.interval_s > 0:
-        from monitoring.drift_job import DriftJob
+        from tuneloop.monitoring.drift_job import DriftJob
 
         job = DriftJob(db, settings.drift, registry)
         tasks.append(asyncio.create_task(_drift_loop(job, settings.drift.interval_s, stop), name="tuneloop-drift"))

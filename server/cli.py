@@ -30,17 +30,30 @@ requests and the log, then exits. Docs: docs/serving.md
 
 
 def register(sub) -> None:
-    p = sub.add_parser("serve", help="serve models behind an OpenAI-compatible API (vLLM engine, request log, metrics)",
-                       description=SERVE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "serve",
+        help="serve models behind an OpenAI-compatible API (vLLM engine, request log, metrics)",
+        description=SERVE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", metavar="BASE_OR_VERSION", help="what to serve (see above; default: production's base)")
-    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH_OR_VERSION",
-                   help="load an adapter at start-up: NAME=FOLDER, NAME=VERSION, or a version name (repeatable)")
-    p.add_argument("--served-model-name", metavar="NAME", help="name the base answers to in `model` (default: its folder name)")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=PATH_OR_VERSION",
+        help="load an adapter at start-up: NAME=FOLDER, NAME=VERSION, or a version name (repeatable)",
+    )
+    p.add_argument(
+        "--served-model-name", metavar="NAME", help="name the base answers to in `model` (default: its folder name)"
+    )
     p.add_argument("--host", help="bind address (default: server.host = 127.0.0.1)")
     p.add_argument("--port", type=int, help="bind port (default: server.port = 8000)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="server log level")
+    p.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="server log level"
+    )
     p.set_defaults(handler=cmd_serve)
-    for name in ("server.cli_keys",):
+    for name in ("tuneloop.server.cli_keys",):
         try:
             importlib.import_module(name).register(sub)
         except ModuleNotFoundError as e:
@@ -69,7 +82,7 @@ def cmd_serve(args, ctx) -> int:
 
     import uvicorn
 
-    from server.app import check_plan, check_port, create_app, plan_serving
+    from tuneloop.server.app import check_plan, check_port, create_app, plan_serving
 
     if not 0 < s.port < 65536:
         from tuneloop.errors import UserError
@@ -78,10 +91,22 @@ def cmd_serve(args, ctx) -> int:
     plan = plan_serving(settings, ctx.db)
     check_plan(plan, settings, ctx.db)
     check_port(s.host, s.port)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    print(f"serving {plan.base} as {plan.served_name!r} on http://{s.host}:{s.port} "
-          f"(adapters: {', '.join(plan.adapters) or 'none'}; database {ctx.db.path})", flush=True)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    print(
+        f"serving {plan.base} as {plan.served_name!r} on http://{s.host}:{s.port} "
+        f"(adapters: {', '.join(plan.adapters) or 'none'}; database {ctx.db.path})",
+        flush=True,
+    )
     app = create_app(settings, ctx.db, plan=plan)
-    uvicorn.run(app, host=s.host, port=s.port, log_level=args.log_level, access_log=False,
-                timeout_graceful_shutdown=60, lifespan="on")
+    uvicorn.run(
+        app,
+        host=s.host,
+        port=s.port,
+        log_level=args.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=60,
+        lifespan="on",
+    )
     return 0

@@ -37,9 +37,10 @@ import logging
 import math
 import os
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 from tuneloop.errors import UserError
 
@@ -111,7 +112,7 @@ class AdapterInfo:
 class Engine:
     """One in-process vLLM engine over one base model; see module docstring."""
 
-    def __init__(self, model_path: str | os.PathLike, settings: "EngineSettings", served_name: str | None = None):
+    def __init__(self, model_path: str | os.PathLike, settings: EngineSettings, served_name: str | None = None):
         self.model_path = Path(model_path).expanduser().resolve()
         self.settings = settings
         self.served_name = served_name or self.model_path.name
@@ -129,26 +130,37 @@ class Engine:
 
     # -- life cycle -------------------------------------------------------------
     def engine_args(self):
-        from tuneloop.runtime import pick_dtype
         from vllm import AsyncEngineArgs
+
+        from tuneloop.runtime import pick_dtype
 
         s = self.settings
         kw: dict[str, Any] = dict(
-            model=str(self.model_path), served_model_name=self.served_name, dtype=pick_dtype(s.dtype),
-            max_model_len=s.max_model_len, enforce_eager=s.enforce_eager, seed=s.seed,
-            max_num_seqs=s.max_num_seqs, tensor_parallel_size=s.tensor_parallel_size,
-            disable_log_stats=True, max_logprobs=20,
+            model=str(self.model_path),
+            served_model_name=self.served_name,
+            dtype=pick_dtype(s.dtype),
+            max_model_len=s.max_model_len,
+            enforce_eager=s.enforce_eager,
+            seed=s.seed,
+            max_num_seqs=s.max_num_seqs,
+            tensor_parallel_size=s.tensor_parallel_size,
+            disable_log_stats=True,
+            max_logprobs=20,
         )
         from tuneloop.runtime import has_cuda
 
         if has_cuda():
             kw["gpu_memory_utilization"] = s.gpu_memory_utilization
         if s.enable_lora:
-            kw.update(enable_lora=True, max_lora_rank=s.max_lora_rank, max_loras=s.max_loras,
-                      max_cpu_loras=max(s.max_loras, 4 * s.max_loras))
+            kw.update(
+                enable_lora=True,
+                max_lora_rank=s.max_lora_rank,
+                max_loras=s.max_loras,
+                max_cpu_loras=max(s.max_loras, 4 * s.max_loras),
+            )
         return AsyncEngineArgs(**kw)
 
-    async def start(self) -> "Engine":
+    async def start(self) -> Engine:
         """Create the AsyncLLM (tens of seconds on CPU)."""
         from tuneloop.runtime import configure_vllm_env
 
@@ -162,10 +174,12 @@ class Engine:
         self.max_model_len = int(self._llm.model_config.max_model_len)
         try:
             self._defaults = dict(self._llm.model_config.get_diff_sampling_param() or {})
-        except Exception:  # noqa: BLE001 - older/newer vLLM: no generation_config defaults
+        except Exception:
             self._defaults = {}
         self.started_at = time.time()
-        log.info("engine ready in %.1f s: %s (served as %r)", time.perf_counter() - t0, self.model_path, self.served_name)
+        log.info(
+            "engine ready in %.1f s: %s (served as %r)", time.perf_counter() - t0, self.model_path, self.served_name
+        )
         return self
 
     @property
@@ -200,13 +214,17 @@ class Engine:
             if render_prompt is not None:
                 ids = render_prompt(self.tokenizer, messages)
             else:
-                ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+                ids = self.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=True, return_dict=False
+                )
         except EngineInputError:
             raise
         except UserError as e:
             raise EngineInputError(str(e), "invalid_messages", "messages") from None
         except Exception as e:  # template errors (e.g. role order a template forbids)
-            raise EngineInputError(f"could not render the messages with the model's chat template: {e}", "invalid_messages", "messages") from None
+            raise EngineInputError(
+                f"could not render the messages with the model's chat template: {e}", "invalid_messages", "messages"
+            ) from None
         if hasattr(ids, "get") and not isinstance(ids, list):  # BatchEncoding
             ids = ids["input_ids"]
         return list(ids)
@@ -214,19 +232,27 @@ class Engine:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))
 
-    def check_length(self, prompt_len: int, max_tokens: int | None, param: str = "max_tokens", prompt_param: str = "messages") -> int:
+    def check_length(
+        self, prompt_len: int, max_tokens: int | None, param: str = "max_tokens", prompt_param: str = "messages"
+    ) -> int:
         """The completion budget for a prompt of ``prompt_len`` tokens; 400 if it does not fit the context."""
         room = self.max_model_len - prompt_len
         if room <= 0:
             raise EngineInputError(
                 f"the prompt is {prompt_len} tokens; this model's context is {self.max_model_len} tokens "
-                f"(prompt + completion). Shorten the prompt.", "context_length_exceeded", prompt_param)
+                f"(prompt + completion). Shorten the prompt.",
+                "context_length_exceeded",
+                prompt_param,
+            )
         if max_tokens is None:
             return room
         if max_tokens > room:
             raise EngineInputError(
                 f"{param}={max_tokens} plus the prompt's {prompt_len} tokens exceeds this model's context of "
-                f"{self.max_model_len} tokens; ask for at most {room}.", "context_length_exceeded", param)
+                f"{self.max_model_len} tokens; ask for at most {room}.",
+                "context_length_exceeded",
+                param,
+            )
         return max_tokens
 
     def sampling_params(self, p: GenParams, max_tokens: int, stream: bool = True):
@@ -238,8 +264,11 @@ class Engine:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        kw: dict[str, Any] = {k: v for k, v in self._defaults.items()
-                              if k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
+        kw: dict[str, Any] = {
+            k: v
+            for k, v in self._defaults.items()
+            if k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+        }
         for k in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty"):
             v = getattr(p, k)
             if v is not None:
@@ -247,14 +276,21 @@ class Engine:
         if p.logprobs is not None:
             kw["logprobs"] = p.logprobs
         try:
-            return SamplingParams(n=p.n, max_tokens=max_tokens, stop=list(p.stop) or None,
-                                  output_kind=RequestOutputKind.DELTA, stream_interval=None if stream else max_tokens + 1, **kw)
+            return SamplingParams(
+                n=p.n,
+                max_tokens=max_tokens,
+                stop=list(p.stop) or None,
+                output_kind=RequestOutputKind.DELTA,
+                stream_interval=None if stream else max_tokens + 1,
+                **kw,
+            )
         except _client_errors() as e:
             raise EngineInputError(str(e).split("\n")[0], "invalid_parameter", getattr(e, "parameter", None)) from None
 
     # -- generation -------------------------------------------------------------------
-    async def generate(self, prompt_ids: list[int], sampling_params, request_id: str,
-                       adapter: str | None = None) -> AsyncIterator[Delta]:
+    async def generate(
+        self, prompt_ids: list[int], sampling_params, request_id: str, adapter: str | None = None
+    ) -> AsyncIterator[Delta]:
         """Stream :class:`Delta` s of ``request_id``; closing/cancelling the iterator aborts it in the engine."""
         if not self.ready:
             raise EngineUnavailable("engine is not running")
@@ -269,14 +305,23 @@ class Engine:
             info.in_flight += 1
         want_lp = sampling_params.logprobs is not None
         try:
-            gen = self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), sampling_params, request_id, lora_request=lora)
+            gen = self._llm.generate(
+                TokensPrompt(prompt_token_ids=prompt_ids), sampling_params, request_id, lora_request=lora
+            )
             try:
                 async for out in gen:
                     for o in out.outputs:
-                        yield Delta(o.index, o.text, len(o.token_ids), o.finish_reason,
-                                    self._logprobs(o, sampling_params.logprobs) if want_lp else None)
+                        yield Delta(
+                            o.index,
+                            o.text,
+                            len(o.token_ids),
+                            o.finish_reason,
+                            self._logprobs(o, sampling_params.logprobs) if want_lp else None,
+                        )
             except _client_errors() as e:  # validation inside vLLM (VLLMValidationError ...)
-                raise EngineInputError(str(e).split("\n")[0], "invalid_parameter", getattr(e, "parameter", None)) from None
+                raise EngineInputError(
+                    str(e).split("\n")[0], "invalid_parameter", getattr(e, "parameter", None)
+                ) from None
             finally:
                 await gen.aclose()
         finally:
@@ -291,11 +336,13 @@ class Engine:
         for tid, lp in zip(o.token_ids, o.logprobs or []):
             chosen = lp.get(tid)
             ranked = sorted(lp.values(), key=lambda v: v.rank if v.rank is not None else 1 << 30)[:k]
-            out.append(TokenLogprob(
-                token=(chosen.decoded_token if chosen else None) or self.tokenizer.decode([tid]),
-                logprob=_finite(chosen.logprob) if chosen else -9999.0,
-                top=[(v.decoded_token or "", _finite(v.logprob)) for v in ranked],
-            ))
+            out.append(
+                TokenLogprob(
+                    token=(chosen.decoded_token if chosen else None) or self.tokenizer.decode([tid]),
+                    logprob=_finite(chosen.logprob) if chosen else -9999.0,
+                    top=[(v.decoded_token or "", _finite(v.logprob)) for v in ranked],
+                )
+            )
         return out
 
     async def abort(self, request_id: str) -> None:
@@ -324,18 +371,22 @@ class Engine:
         if not isinstance(cfg, dict):
             raise AdapterError(f"{cfg_file}: adapter config is not a JSON object")
         if str(cfg.get("peft_type", "")).upper() != "LORA":
-            raise AdapterError(f"{p}: peft_type {cfg.get('peft_type')!r} cannot be served per request; only LoRA adapters "
-                               "can (merge other kinds with `tuneloop merge` and serve the merged model)")
+            raise AdapterError(
+                f"{p}: peft_type {cfg.get('peft_type')!r} cannot be served per request; only LoRA adapters "
+                "can (merge other kinds with `tuneloop merge` and serve the merged model)"
+            )
         if not self.settings.enable_lora:
             raise AdapterError("this server runs with engine.enable_lora=false")
         rank = cfg.get("r")
         if not isinstance(rank, int) or rank < 1:
             raise AdapterError(f"{cfg_file}: LoRA rank r={rank!r} is not a positive integer")
         if rank > self.settings.max_lora_rank:
-            raise AdapterError(f"{p}: LoRA rank {rank} is above this server's engine.max_lora_rank={self.settings.max_lora_rank}; "
-                               f"restart with --set engine.max_lora_rank={_next_rank(rank)} to serve it")
+            raise AdapterError(
+                f"{p}: LoRA rank {rank} is above this server's engine.max_lora_rank={self.settings.max_lora_rank}; "
+                f"restart with --set engine.max_lora_rank={_next_rank(rank)} to serve it"
+            )
         base = cfg.get("base_model_name_or_path")
-        if base and Path(base).expanduser().is_dir() and Path(base).expanduser().resolve() != self.model_path:
+        if base and Path(base).expanduser().is_dir() and Path(base).expanduser().resolve() != self.model_path:  # noqa: SIM102
             if not _same_model(Path(base).expanduser().resolve(), self.model_path):
                 raise AdapterError(f"{p} was trained on base model {base}, but this server serves {self.model_path}")
         if not any((p / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
@@ -362,7 +413,7 @@ class Engine:
             req = LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=resolved)
             try:
                 ok = await self._llm.add_lora(req)
-            except Exception as e:  # noqa: BLE001 - vLLM raises many kinds on bad weights
+            except Exception as e:
                 msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
                 raise AdapterError(f"adapter {resolved} does not load into this engine: {msg[:400]}") from None
             if ok is False:
@@ -383,8 +434,13 @@ class Engine:
                 ev = self._drained[name] = asyncio.Event()
                 try:
                     await asyncio.wait_for(ev.wait(), drain_timeout_s)
-                except asyncio.TimeoutError:
-                    log.warning("adapter %s: %d requests still running after %.0f s; evicting anyway", name, info.in_flight, drain_timeout_s)
+                except TimeoutError:
+                    log.warning(
+                        "adapter %s: %d requests still running after %.0f s; evicting anyway",
+                        name,
+                        info.in_flight,
+                        drain_timeout_s,
+                    )
                 finally:
                     self._drained.pop(name, None)
             if self._llm is not None:

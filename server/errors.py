@@ -28,23 +28,39 @@ from litestar.exceptions import HTTPException, ValidationException
 
 from tuneloop.db import DatabaseBusy
 from tuneloop.errors import UserError
-
-from server.engine import AdapterError, EngineInputError, EngineUnavailable
-from server.protocol import ErrorDetail, ErrorResponse
-from server.routing import RoutingError
+from tuneloop.server.engine import AdapterError, EngineInputError, EngineUnavailable
+from tuneloop.server.protocol import ErrorDetail, ErrorResponse
+from tuneloop.server.routing import RoutingError
 
 log = logging.getLogger(__name__)
 
-_CODES = {400: "invalid_request", 401: "invalid_api_key", 403: "insufficient_scope", 404: "not_found",
-          405: "method_not_allowed", 409: "conflict", 413: "request_too_large", 415: "unsupported_media_type",
-          429: "rate_limited", 499: "client_closed_request", 500: "internal_error", 503: "unavailable"}
+_CODES = {
+    400: "invalid_request",
+    401: "invalid_api_key",
+    403: "insufficient_scope",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+    429: "rate_limited",
+    499: "client_closed_request",
+    500: "internal_error",
+    503: "unavailable",
+}
 
 
 class APIError(Exception):
     """A refused request with its HTTP status and OpenAI-style error fields."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message = status, message
         self.code = code or _CODES.get(status, "error")
@@ -77,7 +93,7 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, EngineUnavailable):
         return APIError(503, f"the model engine is unavailable: {exc}", "engine_unavailable")
     try:
-        from server.auth import AuthError
+        from tuneloop.server.auth import AuthError
     except ImportError:  # pragma: no cover - LOGS' module not present
         AuthError = ()  # type: ignore[assignment]
     if AuthError and isinstance(exc, AuthError):
@@ -112,7 +128,10 @@ def _validation_message(exc: ValidationException) -> str:
         for e in extra[:5]:
             if isinstance(e, dict):
                 key = e.get("key")
-                parts.append(f"{e.get('message', 'invalid value')}" + (f" (at {key})" if key and key not in str(e.get("message")) else ""))
+                parts.append(
+                    f"{e.get('message', 'invalid value')}"
+                    + (f" (at {key})" if key and key not in str(e.get("message")) else "")
+                )
         if parts:
             return "invalid request body: " + "; ".join(parts)
     detail = exc.detail or "invalid request"
@@ -128,16 +147,21 @@ def _validation_param(exc: ValidationException) -> str | None:
 
 def handle(request: Request, exc: Exception) -> Response:
     err = to_api_error(exc)
-    if err.status >= 500 and err.status != 499 and not isinstance(exc, (APIError, EngineUnavailable)) and type(exc).__name__ != "EngineDeadError":
+    if (
+        err.status >= 500
+        and err.status != 499
+        and not isinstance(exc, (APIError, EngineUnavailable))
+        and type(exc).__name__ != "EngineDeadError"
+    ):
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     headers = dict(err.headers)
     try:
-        from server.openai_routes import record_failure
+        from tuneloop.server.openai_routes import record_failure
 
         rid = record_failure(request, err)
         if rid:
             headers["X-Request-Id"] = rid
-    except Exception:  # noqa: BLE001 - logging a failure must never turn it into another one
+    except Exception:
         log.exception("could not log a failed request")
     return Response(content=error_body(err), status_code=err.status, media_type="application/json", headers=headers)
 

@@ -42,9 +42,9 @@ from litestar import Controller, Request, Response, get, post
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.params import FromPath, JSONBody
 
-from server.auth import AuthError, auth_error_handler
 from tuneloop.db import Database, DatabaseBusy, dumps, loads, utcnow
 from tuneloop.ids import new_id
+from tuneloop.server.auth import AuthError, auth_error_handler
 
 MAX_TEXT = 100_000
 MAX_LABELS = 32
@@ -56,18 +56,29 @@ THUMBS = {"up": 1, "down": -1}
 class FeedbackIn(msgspec.Struct, forbid_unknown_fields=True):
     """Feedback on one served response."""
 
-    request_id: Annotated[str, msgspec.Meta(
-        min_length=1, max_length=200,
-        description="id of the chat/completion response (also its X-Request-Id header).")]
-    rating: Annotated[int | str | None | msgspec.UnsetType, msgspec.Meta(
-        description='"up" or "down" (thumbs), or an integer 1..5 (stars).')] = msgspec.UNSET
-    correction: Annotated[str | None | msgspec.UnsetType, msgspec.Meta(
-        description="The response the model should have given (used for SFT / DPO).")] = msgspec.UNSET
-    comment: Annotated[str | None | msgspec.UnsetType, msgspec.Meta(description="Free text.")] = msgspec.UNSET
-    labels: Annotated[list[str] | None | msgspec.UnsetType, msgspec.Meta(
-        description='Short tags, e.g. ["wrong-fact", "too-long"].')] = msgspec.UNSET
-    source: Annotated[str, msgspec.Meta(
-        description="Who gives the feedback; one record per (request_id, source).")] = "api"
+    request_id: Annotated[
+        str,
+        msgspec.Meta(
+            min_length=1,
+            max_length=200,
+            description="id of the chat/completion response (also its X-Request-Id header).",
+        ),
+    ]
+    rating: Annotated[
+        int | str | msgspec.UnsetType | None,
+        msgspec.Meta(description='"up" or "down" (thumbs), or an integer 1..5 (stars).'),
+    ] = msgspec.UNSET
+    correction: Annotated[
+        str | msgspec.UnsetType | None,
+        msgspec.Meta(description="The response the model should have given (used for SFT / DPO)."),
+    ] = msgspec.UNSET
+    comment: Annotated[str | msgspec.UnsetType | None, msgspec.Meta(description="Free text.")] = msgspec.UNSET
+    labels: Annotated[
+        list[str] | msgspec.UnsetType | None, msgspec.Meta(description='Short tags, e.g. ["wrong-fact", "too-long"].')
+    ] = msgspec.UNSET
+    source: Annotated[str, msgspec.Meta(description="Who gives the feedback; one record per (request_id, source).")] = (
+        "api"
+    )
 
 
 class FeedbackOut(msgspec.Struct):
@@ -94,15 +105,28 @@ class FeedbackList(msgspec.Struct):
 class FeedbackError(Exception):
     """A 4xx/5xx with an OpenAI-style body."""
 
-    def __init__(self, status_code: int, message: str, code: str, param: str | None = None,
-                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        code: str,
+        param: str | None = None,
+        type: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status_code, self.message, self.code, self.param, self.type = status_code, message, code, param, type
         self.headers = headers or {}
 
 
-def _error_response(status: int, message: str, code: str | None, param: str | None = None,
-                    type: str = "invalid_request_error", headers: dict[str, str] | None = None) -> Response:
+def _error_response(
+    status: int,
+    message: str,
+    code: str | None,
+    param: str | None = None,
+    type: str = "invalid_request_error",
+    headers: dict[str, str] | None = None,
+) -> Response:
     body = {"error": {"message": message, "type": type, "param": param, "code": code}}
     return Response(content=body, status_code=status, headers=headers or {})
 
@@ -136,8 +160,10 @@ def _http_handler(request: Request, exc: HTTPException) -> Response:
 
 # -- validation ------------------------------------------------------------------------
 
+
 def normalise(body: FeedbackIn) -> dict[str, Any]:
     """Validated column values for the fields present in ``body`` (raises FeedbackError 400)."""
+
     def bad(param: str, message: str) -> FeedbackError:
         return FeedbackError(400, message, "invalid_value", param)
 
@@ -192,45 +218,77 @@ _COLS = "id, request_id, source, rating, rating_kind, correction, comment, label
 
 def _row_out(r: tuple) -> FeedbackOut:
     created: datetime = r[9]
-    return FeedbackOut(id=r[0], request_id=r[1], source=r[2], rating=rating_out(r[3], r[4]), rating_kind=r[4],
-                       correction=r[5], comment=r[6], labels=loads(r[7]) or [], model_version=r[8],
-                       created_at=created.isoformat(timespec="milliseconds") + "Z")
+    return FeedbackOut(
+        id=r[0],
+        request_id=r[1],
+        source=r[2],
+        rating=rating_out(r[3], r[4]),
+        rating_kind=r[4],
+        correction=r[5],
+        comment=r[6],
+        labels=loads(r[7]) or [],
+        model_version=r[8],
+        created_at=created.isoformat(timespec="milliseconds") + "Z",
+    )
 
 
 # -- storage (blocking; run in a worker thread) -----------------------------------------------
+
 
 def _lookup_request(db: Database, request_id: str) -> tuple[bool, str | None]:
     rows = db.query("SELECT model_version FROM requests WHERE id = ?", [request_id])
     return (True, rows[0]["model_version"]) if rows else (False, None)
 
 
-def upsert_feedback(db: Database, request_id: str, source: str, fields: dict[str, Any],
-                    model_version: str | None) -> tuple[FeedbackOut, bool, tuple[int | None, str | None] | None]:
+def upsert_feedback(
+    db: Database, request_id: str, source: str, fields: dict[str, Any], model_version: str | None
+) -> tuple[FeedbackOut, bool, tuple[int | None, str | None] | None]:
     """Create or update the (request_id, source) record: (record, created, previous (rating, kind) or None)."""
     import duckdb
 
     for attempt in range(2):
         try:
             with db.connect() as con:
-                old = con.execute(f"SELECT {_COLS} FROM feedback WHERE request_id = ? AND source = ?",
-                                  [request_id, source]).fetchall()
+                old = con.execute(
+                    f"SELECT {_COLS} FROM feedback WHERE request_id = ? AND source = ?", [request_id, source]
+                ).fetchall()
                 if not old:
-                    values = {"rating": None, "rating_kind": None, "correction": None, "comment": None,
-                              "labels": [], **fields}
-                    con.execute(f"INSERT INTO feedback ({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                                [new_id(), request_id, source, values["rating"], values["rating_kind"],
-                                 values["correction"], values["comment"], dumps(values["labels"]),
-                                 model_version, utcnow()])
+                    values = {
+                        "rating": None,
+                        "rating_kind": None,
+                        "correction": None,
+                        "comment": None,
+                        "labels": [],
+                        **fields,
+                    }
+                    con.execute(
+                        f"INSERT INTO feedback ({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [
+                            new_id(),
+                            request_id,
+                            source,
+                            values["rating"],
+                            values["rating_kind"],
+                            values["correction"],
+                            values["comment"],
+                            dumps(values["labels"]),
+                            model_version,
+                            utcnow(),
+                        ],
+                    )
                     prev = None
                 else:
                     prev = (old[0][3], old[0][4])
                     if fields:
                         sets = ", ".join(f"{k} = ?" for k in fields)
                         params = [dumps(v) if k == "labels" else v for k, v in fields.items()]
-                        con.execute(f"UPDATE feedback SET {sets} WHERE request_id = ? AND source = ?",
-                                    [*params, request_id, source])
-                row = con.execute(f"SELECT {_COLS} FROM feedback WHERE request_id = ? AND source = ?",
-                                  [request_id, source]).fetchall()[0]
+                        con.execute(
+                            f"UPDATE feedback SET {sets} WHERE request_id = ? AND source = ?",
+                            [*params, request_id, source],
+                        )
+                row = con.execute(
+                    f"SELECT {_COLS} FROM feedback WHERE request_id = ? AND source = ?", [request_id, source]
+                ).fetchall()[0]
             return _row_out(row), prev is None, prev
         except duckdb.ConstraintException:
             if attempt:  # another writer created it between our read and insert: update instead
@@ -240,14 +298,20 @@ def upsert_feedback(db: Database, request_id: str, source: str, fields: dict[str
 
 def list_feedback(db: Database, request_id: str) -> list[FeedbackOut]:
     with db.connect(transaction=False) as con:
-        rows = con.execute(f"SELECT {_COLS} FROM feedback WHERE request_id = ? ORDER BY created_at, source",
-                           [request_id]).fetchall()
+        rows = con.execute(
+            f"SELECT {_COLS} FROM feedback WHERE request_id = ? ORDER BY created_at, source", [request_id]
+        ).fetchall()
     return [_row_out(r) for r in rows]
 
 
 def _busy(e: Exception) -> FeedbackError:
-    return FeedbackError(503, f"The database is busy, try again shortly ({e.__class__.__name__}).",
-                         "database_busy", type="server_error", headers={"Retry-After": "2"})
+    return FeedbackError(
+        503,
+        f"The database is busy, try again shortly ({e.__class__.__name__}).",
+        "database_busy",
+        type="server_error",
+        headers={"Retry-After": "2"},
+    )
 
 
 class FeedbackController(Controller):
@@ -267,21 +331,30 @@ class FeedbackController(Controller):
         db: Database = request.app.state.db
         return Database(db.path, lock_timeout_s=min(db.lock_timeout_s, 5.0))
 
-    @post("/", status_code=201, summary="Rate or correct a served response",
-          description="Create (201) or update (200) the feedback of one (request_id, source). "
-                      "rating: \"up\" | \"down\" | 1..5; correction: the ideal answer; labels: short tags.")
+    @post(
+        "/",
+        status_code=201,
+        summary="Rate or correct a served response",
+        description="Create (201) or update (200) the feedback of one (request_id, source). "
+        'rating: "up" | "down" | 1..5; correction: the ideal answer; labels: short tags.',
+    )
     async def create(self, request: Request, data: JSONBody[FeedbackIn]) -> Response[FeedbackOut]:
         await request.app.state.auth.authenticate(request, "inference")
         fields = normalise(data)
         if not fields:
-            raise FeedbackError(400, "feedback needs at least one of rating, correction, comment or labels",
-                                "missing_feedback", "rating")
+            raise FeedbackError(
+                400,
+                "feedback needs at least one of rating, correction, comment or labels",
+                "missing_feedback",
+                "rating",
+            )
         request_id = data.request_id.strip()
         model_version = await self._model_version(request, request_id)
         db = self._db(request)
         try:
-            out, created, prev = await asyncio.to_thread(upsert_feedback, db, request_id, data.source, fields,
-                                                         model_version)
+            out, created, prev = await asyncio.to_thread(
+                upsert_feedback, db, request_id, data.source, fields, model_version
+            )
         except DatabaseBusy as e:
             raise _busy(e) from None
         metrics = getattr(request.app.state, "metrics", None)
@@ -315,6 +388,11 @@ class FeedbackController(Controller):
         except DatabaseBusy as e:
             raise _busy(e) from None
         if not found:
-            raise FeedbackError(404, f"No request with id {request_id!r} (use the 'id' of a chat/completion "
-                                     f"response or its X-Request-Id header).", "request_not_found", "request_id")
+            raise FeedbackError(
+                404,
+                f"No request with id {request_id!r} (use the 'id' of a chat/completion "
+                f"response or its X-Request-Id header).",
+                "request_not_found",
+                "request_id",
+            )
         return version

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
@@ -34,22 +35,43 @@ from litestar.response import Stream
 
 from tuneloop.db import utcnow
 from tuneloop.ids import new_id
-
-from server.engine import Delta, GenParams
-from server.errors import APIError, to_api_error
-from server.protocol import (
-    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
-    ChatDelta, ChatLogprobs, ChatTokenLogprob, Completion, CompletionChoice, CompletionLogprobs, CompletionRequest,
-    ErrorResponse, ModelCard, ModelList, TopLogprob, Usage,
+from tuneloop.server.engine import Delta, GenParams
+from tuneloop.server.errors import APIError, to_api_error
+from tuneloop.server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    ChatLogprobs,
+    ChatTokenLogprob,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    TopLogprob,
+    Usage,
 )
 
 ROUTES = {"/v1/chat/completions": ("chat.completions", "chatcmpl-"), "/v1/completions": ("completions", "cmpl-")}
 _enc = msgspec.json.Encoder()
 _DONE = b"data: [DONE]\n\n"
-_ERRORS = {s: ResponseSpec(data_container=ErrorResponse, description=d, generate_examples=False) for s, d in {
-    400: "invalid request (bad JSON, types, values, prompt too long for the context)", 401: "missing or invalid API key",
-    403: "key lacks the scope", 404: "unknown model", 413: "body over server.max_body_bytes",
-    503: "engine unavailable"}.items()}
+_ERRORS = {
+    s: ResponseSpec(data_container=ErrorResponse, description=d, generate_examples=False)
+    for s, d in {
+        400: "invalid request (bad JSON, types, values, prompt too long for the context)",
+        401: "missing or invalid API key",
+        403: "key lacks the scope",
+        404: "unknown model",
+        413: "body over server.max_body_bytes",
+        503: "engine unavailable",
+    }.items()
+}
 
 
 @dataclass
@@ -73,7 +95,7 @@ class RequestContext:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, request: Request) -> "RequestContext | None":
+    def of(cls, request: Request) -> RequestContext | None:
         """The context of ``request`` (created on first use for an inference route), else None."""
         st = request.scope.setdefault("state", {})
         ctx = st.get("tuneloop_ctx")
@@ -82,25 +104,52 @@ class RequestContext:
             if spec is None:
                 return None
             principal = st.get("principal")
-            ctx = cls(id=new_id(spec[1]), route=spec[0], t0=st.get("tuneloop_t0") or time.perf_counter(),
-                      received_at=st.get("tuneloop_received_at") or utcnow(),
-                      key_id=getattr(principal, "key_id", None))
+            ctx = cls(
+                id=new_id(spec[1]),
+                route=spec[0],
+                t0=st.get("tuneloop_t0") or time.perf_counter(),
+                received_at=st.get("tuneloop_received_at") or utcnow(),
+                key_id=getattr(principal, "key_id", None),
+            )
             st["tuneloop_ctx"] = ctx
         return ctx
 
-    def submit(self, request: Request, status: int, *, response: str | None = None, finish_reason: str | None = None,
-               prompt_tokens: int | None = None, completion_tokens: int | None = None, error: str | None = None) -> None:
+    def submit(
+        self,
+        request: Request,
+        status: int,
+        *,
+        response: str | None = None,
+        finish_reason: str | None = None,
+        prompt_tokens: int | None = None,
+        completion_tokens: int | None = None,
+        error: str | None = None,
+    ) -> None:
         if self.logged:
             return
         self.logged = True
-        from monitoring.requestlog import RequestRecord
+        from tuneloop.monitoring.requestlog import RequestRecord
 
         rec = RequestRecord(
-            id=self.id, received_at=self.received_at, route=self.route, status=status, model=self.model,
-            model_version=self.version, arm=self.arm, prompt=self.prompt, response=response, finish_reason=finish_reason,
-            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, ttft_s=self.ttft_s,
-            latency_s=time.perf_counter() - self.t0, error=error, stream=self.stream, params=self.params,
-            user_id=self.user, key_id=self.key_id,
+            id=self.id,
+            received_at=self.received_at,
+            route=self.route,
+            status=status,
+            model=self.model,
+            model_version=self.version,
+            arm=self.arm,
+            prompt=self.prompt,
+            response=response,
+            finish_reason=finish_reason,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            ttft_s=self.ttft_s,
+            latency_s=time.perf_counter() - self.t0,
+            error=error,
+            stream=self.stream,
+            params=self.params,
+            user_id=self.user,
+            key_id=self.key_id,
         )
         writer = getattr(request.app.state, "log_writer", None)
         if writer is not None:
@@ -152,7 +201,7 @@ async def _merged(gens: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, 
         try:
             async for d in g:
                 await q.put((i, d))
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+        except BaseException as e:
             await q.put((i, e))
             return
         finally:
@@ -200,8 +249,12 @@ class _Acc:
 
 def _chat_logprobs(items) -> ChatLogprobs:
     b = lambda s: list(s.encode("utf-8", "replace"))  # noqa: E731
-    return ChatLogprobs(content=[ChatTokenLogprob(t.token, t.logprob, b(t.token), [TopLogprob(tok, lp, b(tok)) for tok, lp in t.top])
-                                 for t in items])
+    return ChatLogprobs(
+        content=[
+            ChatTokenLogprob(t.token, t.logprob, b(t.token), [TopLogprob(tok, lp, b(tok)) for tok, lp in t.top])
+            for t in items
+        ]
+    )
 
 
 def _cmpl_logprobs(items, offset0: int = 0) -> CompletionLogprobs:
@@ -210,7 +263,7 @@ def _cmpl_logprobs(items, offset0: int = 0) -> CompletionLogprobs:
     for t in items:
         tokens.append(t.token)
         lps.append(t.logprob)
-        tops.append({tok: lp for tok, lp in t.top})
+        tops.append(dict(t.top))
         offs.append(off)
         off += len(t.token)
     return CompletionLogprobs(tokens, lps, tops, offs)
@@ -222,27 +275,52 @@ class OpenAIController(Controller):
     path = "/v1"
     tags = ["OpenAI"]
 
-    @get("/models", summary="List the models this server answers to",
-         description="The base model's served name, the `production` alias (and `canary` while one exists), "
-                     "adapters loaded in the engine and registered adapter versions of this base (loaded on first use).")
+    @get(
+        "/models",
+        summary="List the models this server answers to",
+        description="The base model's served name, the `production` alias (and `canary` while one exists), "
+        "adapters loaded in the engine and registered adapter versions of this base (loaded on first use).",
+    )
     async def models(self, request: Request) -> ModelList:
         router = request.app.state.router
         created = int(request.app.state.engine.started_at or time.time())
         base = request.app.state.engine.served_name
-        return ModelList(data=[ModelCard(id=n, created=created, owned_by="tuneloop",
-                                         parent=None if n == base else base) for n in router.model_names()])
+        return ModelList(
+            data=[
+                ModelCard(id=n, created=created, owned_by="tuneloop", parent=None if n == base else base)
+                for n in router.model_names()
+            ]
+        )
 
-    @post("/chat/completions", status_code=200, summary="Chat completion (OpenAI-compatible)",
-          description="Generate a reply to `messages` with the model named by `model`. `stream: true` answers with "
-                      "server-sent events in OpenAI's chunk format, ended by `data: [DONE]`.",
-          responses=_ERRORS)
+    @post(
+        "/chat/completions",
+        status_code=200,
+        summary="Chat completion (OpenAI-compatible)",
+        description="Generate a reply to `messages` with the model named by `model`. `stream: true` answers with "
+        "server-sent events in OpenAI's chunk format, ended by `data: [DONE]`.",
+        responses=_ERRORS,
+    )
     async def chat_completions(self, request: Request, data: ChatCompletionRequest) -> Response:
         ctx = RequestContext.of(request)
         ctx.model, ctx.user, ctx.stream = data.model, data.user, data.stream
         messages = [{"role": m.role, "content": _text(m.content)} for m in data.messages]
         ctx.prompt = messages
-        ctx.params = _params(data, ("max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop", "seed",
-                                    "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs"))
+        ctx.params = _params(
+            data,
+            (
+                "max_tokens",
+                "max_completion_tokens",
+                "temperature",
+                "top_p",
+                "n",
+                "stop",
+                "seed",
+                "presence_penalty",
+                "frequency_penalty",
+                "logprobs",
+                "top_logprobs",
+            ),
+        )
         if data.top_logprobs is not None and not data.logprobs:
             raise APIError(400, "top_logprobs requires logprobs: true", "invalid_parameter", "top_logprobs")
         engine = request.app.state.engine
@@ -251,32 +329,65 @@ class OpenAIController(Controller):
         prompt_ids = engine.render_chat(messages)
         param = "max_completion_tokens" if data.max_completion_tokens is not None else "max_tokens"
         max_tokens = engine.check_length(len(prompt_ids), data.max_completion_tokens or data.max_tokens, param)
-        gp = GenParams(max_tokens=max_tokens, temperature=data.temperature, top_p=data.top_p, n=data.n,
-                       stop=_stops(data.stop), seed=data.seed, presence_penalty=data.presence_penalty,
-                       frequency_penalty=data.frequency_penalty,
-                       logprobs=(data.top_logprobs or 0) if data.logprobs else None)
+        gp = GenParams(
+            max_tokens=max_tokens,
+            temperature=data.temperature,
+            top_p=data.top_p,
+            n=data.n,
+            stop=_stops(data.stop),
+            seed=data.seed,
+            presence_penalty=data.presence_penalty,
+            frequency_penalty=data.frequency_penalty,
+            logprobs=(data.top_logprobs or 0) if data.logprobs else None,
+        )
         sp = engine.sampling_params(gp, max_tokens, stream=data.stream)
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
         job = _Job(request, ctx, engine, [prompt_ids], sp, route.adapter, data.n)
         if data.stream:
-            return Stream(job.chat_sse(include_usage), media_type="text/event-stream",
-                          headers={**_headers(ctx), "Cache-Control": "no-cache"})
+            return Stream(
+                job.chat_sse(include_usage),
+                media_type="text/event-stream",
+                headers={**_headers(ctx), "Cache-Control": "no-cache"},
+            )
         acc = await job.collect()
-        choices = [ChatChoice(i, AssistantMessage("assistant", acc.text(i)),
-                              _chat_logprobs(acc.logprobs[i]) if data.logprobs else None, acc.finish[i]) for i in range(data.n)]
+        choices = [
+            ChatChoice(
+                i,
+                AssistantMessage("assistant", acc.text(i)),
+                _chat_logprobs(acc.logprobs[i]) if data.logprobs else None,
+                acc.finish[i],
+            )
+            for i in range(data.n)
+        ]
         body = ChatCompletion(ctx.id, job.created, ctx.version, choices, job.usage(acc))
         return Response(_enc.encode(body), media_type="application/json", headers=_headers(ctx))
 
-    @post("/completions", status_code=200, summary="Text completion (OpenAI-compatible, legacy)",
-          description="Continue `prompt` (a string or a list of strings) with the model named by `model`.",
-          responses=_ERRORS)
+    @post(
+        "/completions",
+        status_code=200,
+        summary="Text completion (OpenAI-compatible, legacy)",
+        description="Continue `prompt` (a string or a list of strings) with the model named by `model`.",
+        responses=_ERRORS,
+    )
     async def completions(self, request: Request, data: CompletionRequest) -> Response:
         ctx = RequestContext.of(request)
         ctx.model, ctx.user, ctx.stream = data.model, data.user, data.stream
         prompts = [data.prompt] if isinstance(data.prompt, str) else list(data.prompt)
         ctx.prompt = data.prompt
-        ctx.params = _params(data, ("max_tokens", "temperature", "top_p", "n", "stop", "seed", "presence_penalty",
-                                    "frequency_penalty", "logprobs"))
+        ctx.params = _params(
+            data,
+            (
+                "max_tokens",
+                "temperature",
+                "top_p",
+                "n",
+                "stop",
+                "seed",
+                "presence_penalty",
+                "frequency_penalty",
+                "logprobs",
+            ),
+        )
         engine = request.app.state.engine
         route = await request.app.state.router.resolve(data.model, data.user or ctx.key_id)
         ctx.version, ctx.arm = route.version, route.arm
@@ -284,18 +395,33 @@ class OpenAIController(Controller):
         if any(len(i) == 0 for i in ids):
             raise APIError(400, "prompt must not be empty", "invalid_prompt", "prompt")
         max_tokens = min(engine.check_length(len(i), data.max_tokens, prompt_param="prompt") for i in ids)
-        gp = GenParams(max_tokens=max_tokens, temperature=data.temperature, top_p=data.top_p, n=data.n,
-                       stop=_stops(data.stop), seed=data.seed, presence_penalty=data.presence_penalty,
-                       frequency_penalty=data.frequency_penalty, logprobs=data.logprobs)
+        gp = GenParams(
+            max_tokens=max_tokens,
+            temperature=data.temperature,
+            top_p=data.top_p,
+            n=data.n,
+            stop=_stops(data.stop),
+            seed=data.seed,
+            presence_penalty=data.presence_penalty,
+            frequency_penalty=data.frequency_penalty,
+            logprobs=data.logprobs,
+        )
         sp = engine.sampling_params(gp, max_tokens, stream=data.stream)
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
         job = _Job(request, ctx, engine, ids, sp, route.adapter, data.n)
         if data.stream:
-            return Stream(job.completion_sse(include_usage), media_type="text/event-stream",
-                          headers={**_headers(ctx), "Cache-Control": "no-cache"})
+            return Stream(
+                job.completion_sse(include_usage),
+                media_type="text/event-stream",
+                headers={**_headers(ctx), "Cache-Control": "no-cache"},
+            )
         acc = await job.collect()
-        choices = [CompletionChoice(i, acc.text(i), _cmpl_logprobs(acc.logprobs[i]) if data.logprobs is not None else None,
-                                    acc.finish[i]) for i in range(len(acc.texts))]
+        choices = [
+            CompletionChoice(
+                i, acc.text(i), _cmpl_logprobs(acc.logprobs[i]) if data.logprobs is not None else None, acc.finish[i]
+            )
+            for i in range(len(acc.texts))
+        ]
         body = Completion(ctx.id, job.created, ctx.version, choices, job.usage(acc))
         return Response(_enc.encode(body), media_type="application/json", headers=_headers(ctx))
 
@@ -333,8 +459,15 @@ class _Job:
 
     def _log(self, acc: _Acc, status: int, error: str | None = None) -> None:
         fr = acc.finish[0] if acc.finish else None
-        self.ctx.submit(self.request, status, response=acc.text(0), finish_reason=fr if status == 200 else (fr or ("abort" if status == 499 else None)),
-                        prompt_tokens=self.prompt_tokens, completion_tokens=acc.tokens, error=error)
+        self.ctx.submit(
+            self.request,
+            status,
+            response=acc.text(0),
+            finish_reason=fr if status == 200 else (fr or ("abort" if status == 499 else None)),
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=acc.tokens,
+            error=error,
+        )
 
     async def _run(self, acc: _Acc) -> None:
         stream = self._stream()
@@ -411,14 +544,18 @@ class _Job:
         except (asyncio.CancelledError, GeneratorExit):
             status, error = 499, "client closed the request"
             raise
-        except Exception as e:  # noqa: BLE001 - report in-band: the 200 header is already sent
+        except Exception as e:
             err = to_api_error(e)
             status, error = err.status, f"{err.code}: {err.message}"
             if err.status >= 500:
                 import logging
 
                 logging.getLogger(__name__).error("generation failed for %s", self.ctx.id, exc_info=e)
-            yield b"data: " + msgspec.json.encode({"error": {"message": err.message, "type": err.type, "code": err.code}}) + b"\n\n"
+            yield (
+                b"data: "
+                + msgspec.json.encode({"error": {"message": err.message, "type": err.type, "code": err.code}})
+                + b"\n\n"
+            )
             yield _DONE
         finally:
             if gauge is not None:
@@ -435,13 +572,28 @@ class _Job:
         usage_none = None
 
         def chunk(idx: int, d: Delta) -> ChatCompletionChunk:
-            return ChatCompletionChunk(ctx.id, created, ctx.version, [ChatChunkChoice(
-                idx, ChatDelta(content=d.text), _chat_logprobs(d.logprobs or []) if want_lp else None, d.finish_reason)],
-                usage=usage_none)
+            return ChatCompletionChunk(
+                ctx.id,
+                created,
+                ctx.version,
+                [
+                    ChatChunkChoice(
+                        idx,
+                        ChatDelta(content=d.text),
+                        _chat_logprobs(d.logprobs or []) if want_lp else None,
+                        d.finish_reason,
+                    )
+                ],
+                usage=usage_none,
+            )
 
         self.usage_chunk = lambda acc: ChatCompletionChunk(ctx.id, created, ctx.version, [], usage=self.usage(acc))  # type: ignore[method-assign]
-        first = [ChatCompletionChunk(ctx.id, created, ctx.version, [ChatChunkChoice(i, ChatDelta(role="assistant", content=""), None, None)])
-                 for i in range(self.n)]
+        first = [
+            ChatCompletionChunk(
+                ctx.id, created, ctx.version, [ChatChunkChoice(i, ChatDelta(role="assistant", content=""), None, None)]
+            )
+            for i in range(self.n)
+        ]
         return self._sse(include_usage, first, chunk)
 
     def completion_sse(self, include_usage: bool) -> AsyncIterator[bytes]:

@@ -23,11 +23,17 @@ TopP = Annotated[float, Meta(gt=0.0, le=1.0, description="nucleus mass in (0, 1]
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0, description="-2..2")]
 Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1, description="64-bit seed for reproducible sampling")]
 StopList = Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(max_length=4)]
-ModelName = Annotated[str, Meta(min_length=1, max_length=512, description="base model name, adapter version name, or alias (production, canary)")]
+ModelName = Annotated[
+    str,
+    Meta(
+        min_length=1, max_length=512, description="base model name, adapter version name, or alias (production, canary)"
+    ),
+]
 UserName = Annotated[str, Meta(max_length=256, description="end-user id; also the sticky key of canary routing")]
 
 
 # -- chat ------------------------------------------------------------------------
+
 
 class TextPart(msgspec.Struct, kw_only=True):
     type: Literal["text"]
@@ -132,6 +138,7 @@ class ChatCompletionChunk(msgspec.Struct):
 
 # -- completions -----------------------------------------------------------------------
 
+
 class CompletionRequest(msgspec.Struct, kw_only=True):
     model: ModelName
     prompt: str | Annotated[list[str], Meta(min_length=1, max_length=64)]
@@ -175,6 +182,7 @@ class Completion(msgspec.Struct):
 
 # -- models ---------------------------------------------------------------------
 
+
 class ModelCard(msgspec.Struct):
     id: str
     created: int
@@ -191,6 +199,7 @@ class ModelList(msgspec.Struct):
 
 # -- errors ------------------------------------------------------------------------
 
+
 class ErrorDetail(msgspec.Struct):
     message: str
     type: str
@@ -203,6 +212,7 @@ class ErrorResponse(msgspec.Struct):
 
 
 # -- admin -------------------------------------------------------------------------
+
 
 class LoadAdapterRequest(msgspec.Struct, kw_only=True):
     """Load a registered adapter version (``version``) or a PEFT folder (``path``, served as ``name``)."""

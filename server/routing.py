@@ -40,12 +40,11 @@ from typing import TYPE_CHECKING
 
 from tuneloop.db import CachedRead, Database, DatabaseBusy
 from tuneloop.registry import ModelVersion, _row_to
-
-from server.engine import AdapterError, AdapterInfo, _same_model
+from tuneloop.server.engine import AdapterError, AdapterInfo, _same_model
 
 if TYPE_CHECKING:  # pragma: no cover
-    from monitoring.metrics import ServingMetrics
-    from server.engine import Engine
+    from tuneloop.monitoring.metrics import ServingMetrics
+    from tuneloop.server.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +61,16 @@ class RoutingError(Exception):
 
 @dataclass(frozen=True)
 class Route:
-    version: str          # the served model version (the base's served name for the base)
-    adapter: str | None   # engine adapter name, None for the base
-    arm: str              # production | canary | direct
+    version: str  # the served model version (the base's served name for the base)
+    adapter: str | None  # engine adapter name, None for the base
+    arm: str  # production | canary | direct
 
 
 @dataclass
 class DeployState:
     production: ModelVersion | None = None
     canary: ModelVersion | None = None
-    canary_id: str | None = None            # running canary row
+    canary_id: str | None = None  # running canary row
     canary_candidate: str | None = None
     canary_production: str | None = None
     canary_share: float = 0.0
@@ -81,7 +80,7 @@ class DeployState:
 class ModelRouter:
     """Resolves ``model`` names per request and keeps aliased adapters loaded; see module docstring."""
 
-    def __init__(self, db: Database, engine: "Engine", refresh_s: float = 2.0, metrics: "ServingMetrics | None" = None):
+    def __init__(self, db: Database, engine: Engine, refresh_s: float = 2.0, metrics: ServingMetrics | None = None):
         # our own handle with a short lock timeout: a busy database must not stall routing
         self.db = Database(db.path, lock_timeout_s=2.0)
         self.engine = engine
@@ -101,8 +100,10 @@ class ModelRouter:
         cur = con.execute("SELECT * FROM model_versions")
         cols = [d[0] for d in cur.description]
         versions = {r[0]: _row_to(ModelVersion, dict(zip(cols, r))) for r in cur.fetchall()}
-        cur = con.execute("SELECT id, candidate, production, share FROM canaries WHERE status = 'running' "
-                          "ORDER BY started_at DESC LIMIT 1")
+        cur = con.execute(
+            "SELECT id, candidate, production, share FROM canaries WHERE status = 'running' "
+            "ORDER BY started_at DESC LIMIT 1"
+        )
         row = cur.fetchone()
         canary = dict(zip(("id", "candidate", "production", "share"), row)) if row else None
         return versions, canary
@@ -124,10 +125,21 @@ class ModelRouter:
             st.canary_id, st.canary_candidate = canary["id"], canary["candidate"]
             st.canary_production = canary["production"] or (st.production.name if st.production else None)
             st.canary_share = float(canary["share"] or 0.0)
-        self._versions, self._missing = dict(versions), set()  # a copy: version() adds to it, the cached read stays as read
+        self._versions, self._missing = (
+            dict(versions),
+            set(),
+        )  # a copy: version() adds to it, the cached read stays as read
         self.state = st
-        for name in {n for n in (st.production and st.production.name, st.canary and st.canary.name,
-                                 st.canary_candidate, st.canary_production) if n}:
+        for name in {
+            n
+            for n in (
+                st.production and st.production.name,
+                st.canary and st.canary.name,
+                st.canary_candidate,
+                st.canary_production,
+            )
+            if n
+        }:
             v = versions.get(name)
             if v is not None and v.kind == "adapter" and not self.engine.has_adapter(v.name):
                 try:
@@ -144,7 +156,7 @@ class ModelRouter:
                 await self.refresh()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - keep serving with the last state
+            except Exception:
                 log.exception("deploy state refresh failed")
 
     # -- resolution ----------------------------------------------------------------
@@ -168,7 +180,11 @@ class ModelRouter:
                 try:
                     return await self._route_version(st.canary_candidate, "canary")
                 except (RoutingError, AdapterError) as e:
-                    log.error("canary %s unavailable, sending to production: %s", st.canary_candidate, getattr(e, "message", e))
+                    log.error(
+                        "canary %s unavailable, sending to production: %s",
+                        st.canary_candidate,
+                        getattr(e, "message", e),
+                    )
             target = st.canary_production if st.canary_candidate else (st.production.name if st.production else None)
             if target is None:
                 return Route(eng.served_name, None, "production")
@@ -176,7 +192,9 @@ class ModelRouter:
         if model == "canary":
             name = self.state.canary.name if self.state.canary else self.state.canary_candidate
             if name is None:
-                raise RoutingError(404, "no model version is in the canary stage (start one with `tuneloop deploy canary`)")
+                raise RoutingError(
+                    404, "no model version is in the canary stage (start one with `tuneloop deploy canary`)"
+                )
             return await self._route_version(name, "canary")
         if eng.has_adapter(model):
             return Route(self._adapter_version.get(model) or model, model, "direct")
@@ -185,16 +203,22 @@ class ModelRouter:
     async def _route_version(self, name: str, arm: str) -> Route:
         v = await self.version(name)
         if v is None:
-            raise RoutingError(404, f"the model {name!r} does not exist on this server: use one of "
-                                    f"{', '.join(self.model_names()) or self.engine.served_name} (GET /v1/models)")
+            raise RoutingError(
+                404,
+                f"the model {name!r} does not exist on this server: use one of "
+                f"{', '.join(self.model_names()) or self.engine.served_name} (GET /v1/models)",
+            )
         if v.kind == "adapter":
             await self.ensure_loaded(v)
             return Route(v.name, v.name, arm)
         if self._is_base(v.path):
             return Route(v.name, None, arm)
-        raise RoutingError(400, f"model version {v.name!r} is a {v.kind} model at {v.path}; this server serves "
-                                f"{self.engine.model_path}. Start a server on it: tuneloop serve --model {v.name}",
-                           "model_not_servable")
+        raise RoutingError(
+            400,
+            f"model version {v.name!r} is a {v.kind} model at {v.path}; this server serves "
+            f"{self.engine.model_path}. Start a server on it: tuneloop serve --model {v.name}",
+            "model_not_servable",
+        )
 
     def _is_base(self, path: str) -> bool:
         p = Path(path).expanduser().resolve()
@@ -205,11 +229,16 @@ class ModelRouter:
         if self.engine.has_adapter(v.name):
             return next(a for a in self.engine.adapters() if a.name == v.name)
         if v.kind != "adapter":
-            raise RoutingError(400, f"model version {v.name!r} is a {v.kind} model, not an adapter", "model_not_servable")
+            raise RoutingError(
+                400, f"model version {v.name!r} is a {v.kind} model, not an adapter", "model_not_servable"
+            )
         if not self._is_base(v.base_model):
-            raise RoutingError(400, f"adapter version {v.name!r} was trained on {v.base_model}; this server serves "
-                                    f"{self.engine.model_path}. Start a server on that base: tuneloop serve --model {v.name}",
-                               "model_not_servable")
+            raise RoutingError(
+                400,
+                f"adapter version {v.name!r} was trained on {v.base_model}; this server serves "
+                f"{self.engine.model_path}. Start a server on that base: tuneloop serve --model {v.name}",
+                "model_not_servable",
+            )
         task = self._loading.get(v.name)
         if task is None:
             task = self._loading[v.name] = asyncio.ensure_future(self.engine.add_adapter(v.name, v.path))
@@ -220,22 +249,32 @@ class ModelRouter:
             self.metrics.set_model_info(v.name, v.base_model, "adapter")
         return info
 
-    async def load(self, version: str | None = None, path: str | None = None, name: str | None = None) -> tuple[AdapterInfo, str | None]:
+    async def load(
+        self, version: str | None = None, path: str | None = None, name: str | None = None
+    ) -> tuple[AdapterInfo, str | None]:
         """Admin load: a registered adapter ``version``, or a folder ``path`` served as ``name``."""
         if bool(version) == bool(path):
-            raise RoutingError(400, "give exactly one of 'version' (a registered adapter version) or 'path' (a PEFT adapter folder)",
-                               "invalid_request")
+            raise RoutingError(
+                400,
+                "give exactly one of 'version' (a registered adapter version) or 'path' (a PEFT adapter folder)",
+                "invalid_request",
+            )
         if version:
             v = await self.version(version)
             if v is None:
                 raise RoutingError(404, f"unknown model version {version!r} (see `tuneloop models list`)")
             if name and name != v.name:
-                raise RoutingError(400, "a registered version is served under its own name; leave 'name' out", "invalid_request")
+                raise RoutingError(
+                    400, "a registered version is served under its own name; leave 'name' out", "invalid_request"
+                )
             return await self.ensure_loaded(v), v.name
         name = name or Path(path).expanduser().name
         if name in ALIASES or name == self.engine.served_name or (await self.version(name)) is not None:
-            raise RoutingError(409, f"the name {name!r} is taken by the base model, an alias or a registered version; pick another 'name'",
-                               "name_conflict")
+            raise RoutingError(
+                409,
+                f"the name {name!r} is taken by the base model, an alias or a registered version; pick another 'name'",
+                "name_conflict",
+            )
         info = await self.engine.add_adapter(name, path)
         self._adapter_version.pop(name, None)
         if self.metrics is not None:
@@ -244,10 +283,20 @@ class ModelRouter:
 
     async def unload(self, name: str) -> AdapterInfo:
         st = self.state
-        pinned = {n for n in (st.production and st.production.name, st.canary and st.canary.name,
-                              st.canary_candidate, st.canary_production) if n}
+        pinned = {
+            n
+            for n in (
+                st.production and st.production.name,
+                st.canary and st.canary.name,
+                st.canary_candidate,
+                st.canary_production,
+            )
+            if n
+        }
         if name in pinned:
-            raise RoutingError(409, f"{name!r} is in production or canary; change its stage before unloading it", "adapter_in_use")
+            raise RoutingError(
+                409, f"{name!r} is in production or canary; change its stage before unloading it", "adapter_in_use"
+            )
         if not self.engine.has_adapter(name):
             raise RoutingError(404, f"adapter {name!r} is not loaded", "adapter_not_found")
         info = await self.engine.remove_adapter(name)

@@ -16,7 +16,7 @@ import pytest
 
 # vLLM on this CPU (see ENVIRONMENT.md); must be set before vllm is imported.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-from tuneloop.runtime import configure_vllm_env  # noqa: E402
+from tuneloop.runtime import configure_vllm_env
 
 configure_vllm_env(cache_root=Path(__file__).resolve().parent.parent / ".tuneloop")
 
@@ -27,7 +27,7 @@ pytest_plugins = ["fixtures_server"]  # live `tuneloop serve` + LoRA adapters (t
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A random-init 2-layer Llama + BPE tokenizer + ChatML template (built once, ~7 s)."""
-    from trainer.bootstrap import build_tiny_model
+    from tuneloop.trainer.bootstrap import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
 
@@ -55,10 +55,18 @@ class CLI:
         self.cwd, self.env = cwd, env
 
     def __call__(self, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
-        r = subprocess.run([str(VENV_BIN / "tuneloop"), *map(str, args)], cwd=self.cwd, env=self.env,
-                           capture_output=True, text=True, timeout=timeout)
+        r = subprocess.run(
+            [str(VENV_BIN / "tuneloop"), *map(str, args)],
+            cwd=self.cwd,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if check and r.returncode != 0:
-            raise AssertionError(f"tuneloop {' '.join(map(str, args))} exited {r.returncode}\nSTDOUT:\n{r.stdout}\nSTDERR:\n{r.stderr}")
+            raise AssertionError(
+                f"tuneloop {' '.join(map(str, args))} exited {r.returncode}\nSTDOUT:\n{r.stdout}\nSTDERR:\n{r.stderr}"
+            )
         return r
 
 

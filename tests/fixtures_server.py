@@ -61,9 +61,11 @@ def make_lora(base: Path, dest: Path, r: int = 8, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_adapters(tiny_model, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
-    return {"a": make_lora(tiny_model, root / "a", r=8, seed=1),
-            "b": make_lora(tiny_model, root / "b", r=8, seed=2),
-            "wide": make_lora(tiny_model, root / "wide", r=32, seed=3)}
+    return {
+        "a": make_lora(tiny_model, root / "a", r=8, seed=1),
+        "b": make_lora(tiny_model, root / "b", r=8, seed=2),
+        "wide": make_lora(tiny_model, root / "wide", r=32, seed=3),
+    }
 
 
 @dataclass
@@ -89,12 +91,16 @@ class LiveServer:
     def openai(self, **kw):
         import openai
 
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "unused"), max_retries=0, timeout=120, **kw)
+        return openai.OpenAI(
+            base_url=self.url + "/v1", api_key=kw.pop("api_key", "unused"), max_retries=0, timeout=120, **kw
+        )
 
     def async_openai(self, **kw):
         import openai
 
-        return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "unused"), max_retries=0, timeout=300, **kw)
+        return openai.AsyncOpenAI(
+            base_url=self.url + "/v1", api_key=kw.pop("api_key", "unused"), max_retries=0, timeout=300, **kw
+        )
 
     def http(self, **kw) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=120, **kw)
@@ -118,17 +124,24 @@ class LiveServer:
         return self.proc.returncode
 
 
-def start_server(home: Path, model: Path, *extra: str, env: dict[str, str] | None = None,
-                 ready_timeout: float = 240) -> LiveServer:
+def start_server(
+    home: Path, model: Path, *extra: str, env: dict[str, str] | None = None, ready_timeout: float = 240
+) -> LiveServer:
     """Start ``tuneloop serve --model MODEL`` on a free port and wait until /readyz answers 200."""
     port = free_port()
     home.mkdir(parents=True, exist_ok=True)
     e = {**os.environ, "TUNELOOP_HOME": str(home), **SERVER_SETTINGS, **(env or {})}
     e.pop("TUNELOOP_CONFIG", None)
     log_path = home / f"serve-{port}.log"
-    fh = open(log_path, "w")
-    proc = subprocess.Popen([str(VENV_BIN / "tuneloop"), "serve", "--model", str(model), "--port", str(port), *extra],
-                            cwd=home, env=e, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    fh = open(log_path, "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "tuneloop"), "serve", "--model", str(model), "--port", str(port), *extra],
+        cwd=home,
+        env=e,
+        stdout=fh,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     fh.close()
     srv = LiveServer(proc, f"http://127.0.0.1:{port}", home, log_path, Path(model).name, e)
     deadline = time.monotonic() + ready_timeout
@@ -154,8 +167,16 @@ def live_server(tiny_model, tiny_adapters, tmp_path_factory):
 
     home = tmp_path_factory.mktemp("serve-home")
     db = Database(home / "tuneloop.duckdb")
-    register_version(db, ModelVersion(name="tiny-a", kind="adapter", base_model=str(tiny_model),
-                                      path=str(tiny_adapters["a"]), content_hash=hash_path(tiny_adapters["a"])))
+    register_version(
+        db,
+        ModelVersion(
+            name="tiny-a",
+            kind="adapter",
+            base_model=str(tiny_model),
+            path=str(tiny_adapters["a"]),
+            content_hash=hash_path(tiny_adapters["a"]),
+        ),
+    )
     srv = start_server(home, tiny_model)
     yield srv
     srv.stop()
@@ -174,6 +195,6 @@ def sse_events(text: str) -> list:
     for block in text.split("\n\n"):
         for line in block.splitlines():
             if line.startswith("data: "):
-                payload = line[len("data: "):]
+                payload = line[len("data: ") :]
                 out.append(payload if payload == "[DONE]" else json.loads(payload))
     return out

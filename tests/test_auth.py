@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from server.auth import Auth, AuthError, Principal, bearer_token, create_key, revoke_key
+from tuneloop.server.auth import Auth, AuthError, Principal, bearer_token, create_key, revoke_key
 from tuneloop.settings import AuthSettings
 
 
@@ -38,6 +38,7 @@ def denied(auth: Auth, request, scope: str = "inference") -> AuthError:
 
 
 # -- the CLI, as a user runs it ---------------------------------------------------------
+
 
 def test_keys_create_prints_the_secret_once_and_stores_only_its_hash(cli, db):
     r = cli("keys", "create", "--scope", "inference", "--name", "web-app")
@@ -97,6 +98,7 @@ def test_keys_list_on_a_fresh_home_says_the_api_is_open(cli):
 
 # -- authentication --------------------------------------------------------------------
 
+
 def test_no_keys_means_open_access(db):
     auth = Auth(db, AuthSettings())
     p = authenticate(auth, req())
@@ -116,8 +118,9 @@ def test_keys_and_scopes(db):
 
     e = denied(auth, req())
     assert e.status_code == 401
-    assert e.to_dict() == {"error": {"message": e.message, "type": "invalid_request_error",
-                                     "code": "invalid_api_key", "param": None}}
+    assert e.to_dict() == {
+        "error": {"message": e.message, "type": "invalid_request_error", "code": "invalid_api_key", "param": None}
+    }
     assert "Bearer" in e.message and e.headers["WWW-Authenticate"].startswith("Bearer")
     assert denied(auth, req("tl-wrong")).status_code == 401
     assert denied(auth, req(raw=f"Basic {s_inf}")).status_code == 401
@@ -163,9 +166,16 @@ def test_authentication_needs_no_database_access_per_request(db):
     auth = Auth(db, AuthSettings(), refresh_s=60)
     authenticate(auth, req(secret))  # loads the key table once
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('held', flush=True); "
-                               "time.sleep(30)", str(db.path)],
-        stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+        [
+            sys.executable,
+            "-c",
+            "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('held', flush=True); time.sleep(30)",
+            str(db.path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+    )
     try:
         assert holder.stdout.readline().strip() == "held"  # another process now holds the database file
 

@@ -6,10 +6,10 @@ from datetime import timedelta
 
 import pytest
 
-from monitoring import canary
-from monitoring.canary import CanaryError
 from tuneloop.db import utcnow
 from tuneloop.ids import new_id
+from tuneloop.monitoring import canary
+from tuneloop.monitoring.canary import CanaryError
 from tuneloop.registry import ModelVersion, get_version, register_version, set_stage, version_by_stage
 from tuneloop.settings import DeploySettings
 
@@ -19,7 +19,9 @@ DEPLOY = DeploySettings(canary_min_requests=20, canary_max_minutes=30)
 @pytest.fixture
 def prod_and_candidate(db):
     for name in ("v1", "v2"):
-        register_version(db, ModelVersion(name=name, kind="adapter", base_model="/b", path=f"/p/{name}", content_hash=name))
+        register_version(
+            db, ModelVersion(name=name, kind="adapter", base_model="/b", path=f"/p/{name}", content_hash=name)
+        )
     set_stage(db, "v1", "production", actor="alice", reason="first")
     return db
 
@@ -30,13 +32,17 @@ def traffic(db, arm, n, *, errors=0, latency=0.5, thumbs_down=0, thumbs_up=0, ve
         for i in range(n):
             rid = new_id("chatcmpl-")
             status = 500 if i < errors else 200
-            con.execute("""INSERT INTO requests (id, received_at, route, model, model_version, arm, status, latency_s, response)
+            con.execute(
+                """INSERT INTO requests (id, received_at, route, model, model_version, arm, status, latency_s, response)
                            VALUES (?, ?, 'chat.completions', 'production', ?, ?, ?, ?, 'ok')""",
-                        [rid, utcnow(), version, arm, status, latency])
+                [rid, utcnow(), version, arm, status, latency],
+            )
             rating = -1 if i < thumbs_down else (1 if i < thumbs_down + thumbs_up else None)
             if rating is not None:
-                con.execute("INSERT INTO feedback (id, request_id, rating, rating_kind, model_version, created_at) VALUES (?, ?, ?, 'thumbs', ?, ?)",
-                            [new_id(), rid, rating, version, utcnow()])
+                con.execute(
+                    "INSERT INTO feedback (id, request_id, rating, rating_kind, model_version, created_at) VALUES (?, ?, ?, 'thumbs', ?, ?)",
+                    [new_id(), rid, rating, version, utcnow()],
+                )
 
 
 def test_start_moves_the_candidate_to_canary_and_records_the_split(prod_and_candidate):
@@ -44,7 +50,9 @@ def test_start_moves_the_candidate_to_canary_and_records_the_split(prod_and_cand
     c = canary.start(db, "v2", 0.25, actor="bob", reason="try v2")
     assert (c.candidate, c.production, c.share, c.status) == ("v2", "v1", 0.25, "running")
     assert get_version(db, "v2").stage == "canary" and get_version(db, "v1").stage == "production"
-    ev = db.query("SELECT actor, reason, to_stage FROM deploy_events WHERE model_version = 'v2' ORDER BY occurred_at DESC LIMIT 1")[0]
+    ev = db.query(
+        "SELECT actor, reason, to_stage FROM deploy_events WHERE model_version = 'v2' ORDER BY occurred_at DESC LIMIT 1"
+    )[0]
     assert ev == {"actor": "bob", "reason": "try v2", "to_stage": "canary"}
     with pytest.raises(CanaryError, match="still running"):
         canary.start(db, "v2", 0.1)
@@ -85,11 +93,14 @@ def test_a_healthy_canary_is_promoted(prod_and_candidate):
     assert row["status"] == "promoted" and "all checks passed" in row["decision"]
 
 
-@pytest.mark.parametrize("canary_traffic, expect", [
-    (dict(errors=5), "error rate 20.00% vs 0.00%"),
-    (dict(latency=2.0), "p50 latency 2.000s vs 0.500s"),
-    (dict(thumbs_down=10, thumbs_up=2), "thumbs-down 83% of 12 vs 10% of 20"),
-])
+@pytest.mark.parametrize(
+    "canary_traffic, expect",
+    [
+        (dict(errors=5), "error rate 20.00% vs 0.00%"),
+        (dict(latency=2.0), "p50 latency 2.000s vs 0.500s"),
+        (dict(thumbs_down=10, thumbs_up=2), "thumbs-down 83% of 12 vs 10% of 20"),
+    ],
+)
 def test_an_unhealthy_canary_is_rolled_back_with_the_numbers(prod_and_candidate, canary_traffic, expect):
     db = prod_and_candidate
     c = canary.start(db, "v2", 0.1)
@@ -109,8 +120,11 @@ def test_a_canary_drifting_where_production_does_not_is_rolled_back(prod_and_can
     traffic(db, "canary", 25)
     with db.connect() as con:
         for v, drifted in (("v1", False), ("v2", True)):
-            con.execute("""INSERT INTO drift_reports (id, model_version, feature, statistic, value, drifted, created_at)
-                           VALUES (?, ?, 'overall', 'score', ?, ?, ?)""", [new_id(), v, 0.9 if drifted else 0.1, drifted, utcnow()])
+            con.execute(
+                """INSERT INTO drift_reports (id, model_version, feature, statistic, value, drifted, created_at)
+                           VALUES (?, ?, 'overall', 'score', ?, ?, ?)""",
+                [new_id(), v, 0.9 if drifted else 0.1, drifted, utcnow()],
+            )
     d = canary.judge(db, c.id, DEPLOY)
     assert d.action == "rollback" and "canary drift drifted" in d.reasons[0]
 
@@ -198,19 +212,27 @@ def canary_server(tiny_model, tmp_path_factory):
     db = Database(root / "home" / "tuneloop.duckdb")
     for name, seed in (("live-a", 1), ("live-b", 2), ("live-c", 3)):
         path = make_lora(tiny_model, root / name, seed=seed)
-        register_version(db, ModelVersion(name=name, kind="adapter", base_model=str(tiny_model), path=str(path),
-                                          content_hash=hash_path(path)))
+        register_version(
+            db,
+            ModelVersion(
+                name=name, kind="adapter", base_model=str(tiny_model), path=str(path), content_hash=hash_path(path)
+            ),
+        )
     set_stage(db, "live-a", "production", actor="test", reason="baseline")
     # the server judges canaries by itself every second, once a canary has 150 requests
-    srv = start_server(root / "home", tiny_model, env={"TUNELOOP_DEPLOY__CANARY_JUDGE_INTERVAL_S": "1",
-                                                       "TUNELOOP_DEPLOY__CANARY_MIN_REQUESTS": "150"})
+    srv = start_server(
+        root / "home",
+        tiny_model,
+        env={"TUNELOOP_DEPLOY__CANARY_JUDGE_INTERVAL_S": "1", "TUNELOOP_DEPLOY__CANARY_MIN_REQUESTS": "150"},
+    )
     yield srv, db
     srv.stop()
 
 
 def _chat(client, user, i):
-    return client.chat.completions.create(model="production", messages=[{"role": "user", "content": f"hello {i}"}],
-                                          max_tokens=8, user=user)
+    return client.chat.completions.create(
+        model="production", messages=[{"role": "user", "content": f"hello {i}"}], max_tokens=8, user=user
+    )
 
 
 @pytest.mark.engine
@@ -231,7 +253,9 @@ def test_live_canary_gets_its_share_sticky_per_user_and_rolls_back_under_load_wi
     again = {u: _chat(client, u, 0).model for u in list(served)[:20]}
     assert again == {u: served[u] for u in again}  # sticky per user
     srv.flush_log()
-    rows = db.query("SELECT arm, model_version, count(*) AS n FROM requests WHERE received_at >= ? GROUP BY ALL", [c.started_at])
+    rows = db.query(
+        "SELECT arm, model_version, count(*) AS n FROM requests WHERE received_at >= ? GROUP BY ALL", [c.started_at]
+    )
     by_arm = {r["arm"]: r for r in rows}
     share = by_arm["canary"]["n"] / sum(r["n"] for r in rows)
     assert abs(share - 0.3) < 0.1, rows  # binomial sd ~0.03 at n=220
@@ -243,8 +267,9 @@ def test_live_canary_gets_its_share_sticky_per_user_and_rolls_back_under_load_wi
         ac = srv.async_openai()
 
         async def one(i):
-            return await ac.chat.completions.create(model="production", messages=[{"role": "user", "content": f"load {i}"}],
-                                                    max_tokens=16, user=f"load-{i}")
+            return await ac.chat.completions.create(
+                model="production", messages=[{"role": "user", "content": f"load {i}"}], max_tokens=16, user=f"load-{i}"
+            )
 
         tasks = [asyncio.create_task(one(i)) for i in range(48)]
         await asyncio.sleep(0.3)

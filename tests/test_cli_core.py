@@ -34,7 +34,9 @@ def test_models_show_unknown_version(cli):
 
 
 def test_config_show_reflects_file_env_and_set(cli, tmp_path):
-    (tmp_path / "tuneloop.yaml").write_text("server:\n  port: 9001\n")  # cli runs in tmp_path: picked up as ./tuneloop.yaml
+    (tmp_path / "tuneloop.yaml").write_text(
+        "server:\n  port: 9001\n"
+    )  # cli runs in tmp_path: picked up as ./tuneloop.yaml
     out = cli("--set", "log.flush_rows=7", "config", "show").stdout
     assert "port: 9001" in out and "flush_rows: 7" in out
 

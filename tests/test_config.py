@@ -37,12 +37,18 @@ def test_unknown_key_lists_the_valid_ones():
 
 
 def test_unknown_nested_key_names_its_section():
-    with pytest.raises(ConfigError, match="section 'lora'.*rank"):
+    with pytest.raises(ConfigError, match="section 'lora'.*rank"):  # noqa: RUF043
         build(Cfg, {"lora": {"rank": 4}})
 
 
-@pytest.mark.parametrize("override,msg", [("lr=fast", "lr: expected a number"), ("packing=maybe", "packing: expected true/false"),
-                                          ("lora.r=1.5", "lora.r: expected an integer")])
+@pytest.mark.parametrize(
+    "override,msg",
+    [
+        ("lr=fast", "lr: expected a number"),
+        ("packing=maybe", "packing: expected true/false"),
+        ("lora.r=1.5", "lora.r: expected an integer"),
+    ],
+)
 def test_wrong_types_are_errors_naming_the_key(override, msg):
     with pytest.raises(ConfigError, match=msg):
         build(Cfg, {}, [override])
@@ -56,7 +62,9 @@ def test_override_without_equals_is_an_error():
 def test_every_leaf_field_has_help():
     helps = field_help(Settings)
     assert "server.port" in helps and "engine.kv_cache_gib" in helps
-    assert all(h and not h.startswith("(default") for h in helps.values()), [k for k, h in helps.items() if h.startswith("(default")]
+    assert all(h and not h.startswith("(default") for h in helps.values()), [
+        k for k, h in helps.items() if h.startswith("(default")
+    ]
 
 
 def test_settings_from_yaml_env_and_overrides(tmp_path, monkeypatch):

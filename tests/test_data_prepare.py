@@ -41,7 +41,7 @@ def nothing_written(home: Path, db) -> bool:
 def test_chat_jsonl_every_step_is_counted_and_the_dataset_is_registered(cli, tiny_model, tmp_path, db, home):
     rows = [
         chat("Hello   there,\tmail me at jane.doe@example.com", "Sure, I will."),
-        chat("Hello there, mail me at jane.doe@example.com", "Sure, I will."),   # exact duplicate after whitespace
+        chat("Hello there, mail me at jane.doe@example.com", "Sure, I will."),  # exact duplicate after whitespace
         chat("hello there -- mail me at jane.doe@example.com!", "sure i will"),  # near duplicate
         chat("My card is 4111 1111 1111 1111, call 555-123-4567", "Noted, from 10.0.0.7 today"),
         chat("Order 4111 1111 1111 1112 arrived?", "Yes it did."),  # Luhn-invalid: not a card
@@ -74,7 +74,9 @@ def test_chat_jsonl_every_step_is_counted_and_the_dataset_is_registered(cli, tin
 
     (reg,) = registered(db)
     assert reg["id"] == out["id"] and (reg["rows_train"], reg["rows_validation"], reg["rows_test"]) == (11, 1, 1)
-    lineage = db.query("SELECT split, count(*) n FROM dataset_rows WHERE dataset_id = ? GROUP BY split ORDER BY split", [out["id"]])
+    lineage = db.query(
+        "SELECT split, count(*) n FROM dataset_rows WHERE dataset_id = ? GROUP BY split ORDER BY split", [out["id"]]
+    )
     assert lineage == [{"split": "test", "n": 1}, {"split": "train", "n": 11}, {"split": "validation", "n": 1}]
 
     listed = cli("data", "list").stdout
@@ -86,7 +88,9 @@ def test_chat_jsonl_every_step_is_counted_and_the_dataset_is_registered(cli, tin
 
 def test_no_scrub_keeps_pii_and_no_near_dedup_keeps_near_duplicates(cli, tiny_model, tmp_path):
     rows = [chat("Mail jane@example.com", "ok"), chat("mail JANE@example.com!!", "OK."), chat("Thanks", "Bye")]
-    card = json.loads(prepare(cli, tiny_model, write_jsonl(tmp_path / "raw.jsonl", rows), "--no-scrub", "--no-near-dedup").stdout)["card"]
+    card = json.loads(
+        prepare(cli, tiny_model, write_jsonl(tmp_path / "raw.jsonl", rows), "--no-scrub", "--no-near-dedup").stdout
+    )["card"]
     assert card["steps"]["pii"] == "disabled" and card["steps"]["near_duplicates"] == "disabled"
     assert card["steps"]["kept"] == 3
 
@@ -94,10 +98,16 @@ def test_no_scrub_keeps_pii_and_no_near_dedup_keeps_near_duplicates(cli, tiny_mo
 def test_token_length_filter_uses_the_chat_template(cli, tiny_model, tmp_path):
     long = " ".join(["word"] * 300)
     rows = [chat("short question", "short answer"), chat(long, "fine"), chat("another one", "here")]
-    card = json.loads(prepare(cli, tiny_model, write_jsonl(tmp_path / "len.jsonl", rows), "--max-tokens", "100").stdout)["card"]
+    card = json.loads(
+        prepare(cli, tiny_model, write_jsonl(tmp_path / "len.jsonl", rows), "--max-tokens", "100").stdout
+    )["card"]
     assert card["steps"]["too_long"] == 1 and card["steps"]["kept"] == 2
     # the rendered conversation includes the template's system prompt, so even "short" rows exceed 20 tokens
-    card = json.loads(prepare(cli, tiny_model, tmp_path / "len.jsonl", "--min-tokens", "20", "--max-tokens", "100", "--name", "len2").stdout)["card"]
+    card = json.loads(
+        prepare(
+            cli, tiny_model, tmp_path / "len.jsonl", "--min-tokens", "20", "--max-tokens", "100", "--name", "len2"
+        ).stdout
+    )["card"]
     assert card["steps"]["too_short"] == 0 and card["tokens"]["train"]["min"] >= 20
 
 
@@ -114,14 +124,22 @@ def test_each_input_format_becomes_chat_rows(shape, cli, tiny_model, tmp_path):
     n = 10
     extra: list[str] = []
     if shape == "prompt_completion":
-        src = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": f"Capital number {i}?", "completion": f"City {i}."} for i in range(n)])
+        src = write_jsonl(
+            tmp_path / "pc.jsonl", [{"prompt": f"Capital number {i}?", "completion": f"City {i}."} for i in range(n)]
+        )
         expect_user = "Capital number 0?"
     elif shape == "alpaca":
-        src = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Translate to French", "input": f"cat {i}", "output": f"chat {i}"}
-                                                        for i in range(n)])
+        src = write_jsonl(
+            tmp_path / "alpaca.jsonl",
+            [{"instruction": "Translate to French", "input": f"cat {i}", "output": f"chat {i}"} for i in range(n)],
+        )
         expect_user = "Translate to French\n\ncat 0"
     elif shape == "csv_field_map":
-        src = _write_csv(tmp_path / "faq.csv", ["question", "answer"], [[f"How do I reset {i}?", f"Press reset {i}."] for i in range(n)])
+        src = _write_csv(
+            tmp_path / "faq.csv",
+            ["question", "answer"],
+            [[f"How do I reset {i}?", f"Press reset {i}."] for i in range(n)],
+        )
         extra = ["--field-map", "question=prompt", "--field-map", "answer=completion"]
         expect_user = "How do I reset 0?"
     else:
@@ -141,10 +159,19 @@ def test_each_input_format_becomes_chat_rows(shape, cli, tiny_model, tmp_path):
 
 def test_preference_rows_become_a_dpo_dataset(cli, tiny_model, tmp_path):
     rows = [{"prompt": f"Say hi to {i}", "chosen": f"Hi {i}!", "rejected": "no"} for i in range(5)]
-    rows.append({"prompt": [{"role": "user", "content": "Email me at x@example.org"}],
-                 "chosen": [{"role": "assistant", "content": "Sure"}], "rejected": [{"role": "assistant", "content": "Nope"}]})
+    rows.append(
+        {
+            "prompt": [{"role": "user", "content": "Email me at x@example.org"}],
+            "chosen": [{"role": "assistant", "content": "Sure"}],
+            "rejected": [{"role": "assistant", "content": "Nope"}],
+        }
+    )
     out = json.loads(prepare(cli, tiny_model, write_jsonl(tmp_path / "prefs.jsonl", rows), "--split", "100/0/0").stdout)
-    assert out["kind"] == "preference" and out["card"]["format"] == "preference" and out["card"]["steps"]["pii"]["email"] == 1
+    assert (
+        out["kind"] == "preference"
+        and out["card"]["format"] == "preference"
+        and out["card"]["steps"]["pii"]["email"] == 1
+    )
     train = load_splits(None, out["path"])["train"]
     assert train.num_rows == 6 and set(train.column_names) >= {"prompt", "chosen", "rejected"}
     row = next(r for r in train if r["prompt"][0]["content"] == "Say hi to 3")
@@ -168,8 +195,8 @@ def test_split_is_deterministic_per_seed_and_can_be_stratified(cli, tiny_model, 
     assert a["content_hash"] == b["content_hash"] and _split_ids(db, a["id"]) == _split_ids(db, b["id"])
     assert _split_ids(db, a["id"])["test"] != _split_ids(db, c["id"])["test"]
     assert c["card"]["splits"] == {"train": 32, "validation": 4, "test": 4}
-    assert c["card"]["strata"]["test"] == {t: 1 for t in sorted(topics)}
-    assert c["card"]["strata"]["train"] == {t: 8 for t in sorted(topics)}
+    assert c["card"]["strata"]["test"] == dict.fromkeys(sorted(topics), 1)
+    assert c["card"]["strata"]["train"] == dict.fromkeys(sorted(topics), 8)
 
 
 def test_malformed_line_fails_with_file_and_line_and_writes_nothing(cli, tiny_model, tmp_path, home, db):
@@ -184,13 +211,16 @@ def test_malformed_line_fails_with_file_and_line_and_writes_nothing(cli, tiny_mo
     assert card["malformed_examples"][0].startswith(f"{src}:2:")
 
 
-@pytest.mark.parametrize("case,message", [
-    ("missing_file", "no such file"),
-    ("empty_after_cleaning", "no rows left after cleaning"),
-    ("unknown_field_map", "--field-map names unknown field(s) nope"),
-    ("unknown_stratify", "--stratify names unknown field 'nope'"),
-    ("undetectable", "cannot detect the record format"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("missing_file", "no such file"),
+        ("empty_after_cleaning", "no rows left after cleaning"),
+        ("unknown_field_map", "--field-map names unknown field(s) nope"),
+        ("unknown_stratify", "--stratify names unknown field 'nope'"),
+        ("undetectable", "cannot detect the record format"),
+    ],
+)
 def test_bad_input_fails_clearly_and_writes_nothing(case, message, cli, tiny_model, tmp_path, home, db):
     good = write_jsonl(tmp_path / "good.jsonl", [chat("hi", "hello")])
     args = {
@@ -207,14 +237,22 @@ def test_bad_input_fails_clearly_and_writes_nothing(case, message, cli, tiny_mod
 
 
 def test_chatterbot_corpus_in_one_command(cli, tiny_model, db):
-    out = json.loads(cli("data", "prepare", "--from", "chatterbot-corpus", "--base", tiny_model, "--no-progress", "--json").stdout)
+    out = json.loads(
+        cli("data", "prepare", "--from", "chatterbot-corpus", "--base", tiny_model, "--no-progress", "--json").stdout
+    )
     assert out["id"].startswith("chatterbot@") and out["source"]["corpus"] == "chatterbot-corpus==1.3.3"
     steps = out["card"]["steps"]
     # the corpus repeats many tech-support pairs: about half the pairs are exact duplicates
     assert steps["read"] == 2393 and steps["exact_duplicates"] > 1000 and steps["kept"] > 1000
-    dropped = sum(steps[k] for k in ("invalid", "empty", "exact_duplicates", "near_duplicates", "too_short", "too_long"))
+    dropped = sum(
+        steps[k] for k in ("invalid", "empty", "exact_duplicates", "near_duplicates", "too_short", "too_long")
+    )
     assert steps["kept"] == steps["read"] - dropped
-    assert out["card"]["stratify"] == "topic" and set(out["card"]["strata"]["test"]) >= {"greetings", "science", "history"}
+    assert out["card"]["stratify"] == "topic" and set(out["card"]["strata"]["test"]) >= {
+        "greetings",
+        "science",
+        "history",
+    }
     assert sum(out["card"]["splits"].values()) == steps["kept"]
 
 

@@ -7,8 +7,12 @@ from tuneloop.errors import UserError
 
 
 def chat(i, rid=None):
-    return {"id": f"r{i}", "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}],
-            "request_id": rid, "origin": "production" if rid else "file"}
+    return {
+        "id": f"r{i}",
+        "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}],
+        "request_id": rid,
+        "origin": "production" if rid else "file",
+    }
 
 
 def test_same_rows_same_id_and_one_registration(db, home):
@@ -24,9 +28,13 @@ def test_same_rows_same_id_and_one_registration(db, home):
 
 def test_rows_keep_the_request_they_came_from(db, home):
     rec = save_dataset(db, home, "prod", {"train": [chat(1, "req-1"), chat(2)]}, "sft", {}, {})
-    rows = db.query("SELECT row_id, split, request_id, origin FROM dataset_rows WHERE dataset_id = ? ORDER BY row_id", [rec.id])
-    assert rows == [{"row_id": "r1", "split": "train", "request_id": "req-1", "origin": "production"},
-                    {"row_id": "r2", "split": "train", "request_id": None, "origin": "file"}]
+    rows = db.query(
+        "SELECT row_id, split, request_id, origin FROM dataset_rows WHERE dataset_id = ? ORDER BY row_id", [rec.id]
+    )
+    assert rows == [
+        {"row_id": "r1", "split": "train", "request_id": "req-1", "origin": "production"},
+        {"row_id": "r2", "split": "train", "request_id": None, "origin": "file"},
+    ]
 
 
 def test_empty_or_malformed_datasets_write_nothing(db, home):

@@ -35,8 +35,11 @@ def test_tiny_demo_closes_the_loop(cli, home, tmp_path):
     prod = version_by_stage(db, "production").name
     assert prod == ("tiny-v2" if s["canary"]["decision"] == "promote" else "tiny-v1")
     # lineage: training rows of v2 point back to logged production requests
-    linked = db.query("""SELECT count(*) AS n FROM dataset_rows d JOIN requests r ON r.id = d.request_id
-                         WHERE d.dataset_id = ?""", [s["versions"]["tiny-v2"]["dataset"]])[0]["n"]
+    linked = db.query(
+        """SELECT count(*) AS n FROM dataset_rows d JOIN requests r ON r.id = d.request_id
+                         WHERE d.dataset_id = ?""",
+        [s["versions"]["tiny-v2"]["dataset"]],
+    )[0]["n"]
     assert linked > 0
     html = (out / "report.html").read_text()
     assert "<svg" in html and "tiny-v2" in html

@@ -70,7 +70,7 @@ def test_image_runs_as_non_root_serves_on_all_interfaces_and_checks_healthz(dock
 
 def test_cpu_image_installs_the_lock_with_the_torch_cpu_index_and_sets_vllm_cpu_env():
     text = (DOCKER / "Dockerfile.cpu").read_text()
-    assert "--no-deps --extra-index-url \"${TORCH_INDEX}\" -r requirements/cpu.lock" in text
+    assert '--no-deps --extra-index-url "${TORCH_INDEX}" -r requirements/cpu.lock' in text
     assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in text
     for var in ("VLLM_TARGET_DEVICE=cpu", "VLLM_CPU_KVCACHE_SPACE=", "VLLM_CACHE_ROOT="):
         assert var in text
@@ -133,8 +133,11 @@ def test_kustomization_lists_every_manifest():
     assert sorted(k["resources"]) == sorted(f.name for f in K8S.glob("*.yaml") if f.name != "kustomization.yaml")
 
 
-@pytest.mark.parametrize("name, doc", [m for m in manifests() if m[1]["apiVersion"] != "monitoring.coreos.com/v1"],
-                         ids=lambda x: x if isinstance(x, str) else x["kind"])
+@pytest.mark.parametrize(
+    "name, doc",
+    [m for m in manifests() if m[1]["apiVersion"] != "monitoring.coreos.com/v1"],
+    ids=lambda x: x if isinstance(x, str) else x["kind"],
+)
 def test_manifest_validates_against_the_kubernetes_schema(name, doc):
     import kubernetes_validate
 
@@ -224,8 +227,9 @@ def test_service_monitor_selects_the_service_and_scrapes_metrics():
 ACCELERATE = ROOT / "deploy" / "accelerate"
 
 
-@pytest.mark.parametrize("name, kind", [("fsdp.yaml", "FSDP"), ("deepspeed_zero3.yaml", "DEEPSPEED"),
-                                        ("multi_gpu.yaml", "MULTI_GPU")])
+@pytest.mark.parametrize(
+    "name, kind", [("fsdp.yaml", "FSDP"), ("deepspeed_zero3.yaml", "DEEPSPEED"), ("multi_gpu.yaml", "MULTI_GPU")]
+)
 def test_accelerate_configs_load_in_accelerate(name, kind):
     """The files `TUNELOOP_ACCELERATE_CONFIG` points at parse as accelerate configs (unknown keys are rejected)."""
     from accelerate.commands.config.config_args import load_config_from_file

@@ -21,9 +21,17 @@ def chats(n: int, seed: int) -> list[dict]:
     rows = []
     for i in range(n):
         t = rng.choice(TOPICS)
-        rows.append({"id": f"r{seed}-{i}", "request_id": None, "origin": "file", "messages": [
-            {"role": "user", "content": f"tell me about {t} number {i}"},
-            {"role": "assistant", "content": f"{t} is nice and {t} is fun, item {i % 7}"}]})
+        rows.append(
+            {
+                "id": f"r{seed}-{i}",
+                "request_id": None,
+                "origin": "file",
+                "messages": [
+                    {"role": "user", "content": f"tell me about {t} number {i}"},
+                    {"role": "assistant", "content": f"{t} is nice and {t} is fun, item {i % 7}"},
+                ],
+            }
+        )
     return rows
 
 
@@ -31,8 +39,15 @@ def chats(n: int, seed: int) -> list[dict]:
 def dataset(db, home):
     from tuneloop.dataset_store import save_dataset
 
-    rec = save_dataset(db, home, "dist", {"train": chats(48, 1), "validation": chats(8, 2), "test": chats(8, 3)}, "sft",
-                       card={}, source={"test": True})
+    rec = save_dataset(
+        db,
+        home,
+        "dist",
+        {"train": chats(48, 1), "validation": chats(8, 2), "test": chats(8, 3)},
+        "sft",
+        card={},
+        source={"test": True},
+    )
     return rec.id
 
 
@@ -41,8 +56,17 @@ def losses(run_dir) -> list[float]:
 
 
 def test_two_processes_train_like_one_and_only_rank_zero_records(cli, home, db, tiny_model, dataset):
-    common = [f"base={tiny_model}", f"dataset={dataset}", "max_steps=6", "learning_rate=3e-3", "save_steps=0",
-              "lr_scheduler_type=constant", "padding_free=false", "max_seq_length=64", "seed=3"]
+    common = [
+        f"base={tiny_model}",
+        f"dataset={dataset}",
+        "max_steps=6",
+        "learning_rate=3e-3",
+        "save_steps=0",
+        "lr_scheduler_type=constant",
+        "padding_free=false",
+        "max_seq_length=64",
+        "seed=3",
+    ]
     cli("train", *common, "name=single", "batch_size=4", "--quiet")
     r = cli("train", "--nproc", "2", *common, "name=ddp", "batch_size=2")
     assert "registered ddp (adapter)" in r.stdout
@@ -82,9 +106,15 @@ def test_two_processes_train_like_one_and_only_rank_zero_records(cli, home, db, 
 def test_distributed_launch_rejects_bad_input_before_starting_processes(cli, home, db, tiny_model, dataset):
     from tuneloop.registry import ModelVersion, register_version
 
-    register_version(db, ModelVersion(name="taken", kind="adapter", base_model=str(tiny_model), path=str(tiny_model),
-                                      content_hash="0" * 64))
-    r = cli("train", "--nproc", "2", f"base={tiny_model}", f"dataset={dataset}", "max_steps=1", "name=taken", check=False)
+    register_version(
+        db,
+        ModelVersion(
+            name="taken", kind="adapter", base_model=str(tiny_model), path=str(tiny_model), content_hash="0" * 64
+        ),
+    )
+    r = cli(
+        "train", "--nproc", "2", f"base={tiny_model}", f"dataset={dataset}", "max_steps=1", "name=taken", check=False
+    )
     assert r.returncode == 2 and "already exists" in r.stderr and "launching" not in r.stderr
     r = cli("train", "--nproc", "2", f"base={tiny_model}", "max_steps=1", check=False)
     assert r.returncode == 2 and "no dataset" in r.stderr

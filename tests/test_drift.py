@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from monitoring.drift_job import DriftJob, run_once
-from monitoring.profile import Profile, compute_profile, load_profile, store_profile
 from tuneloop.db import utcnow
 from tuneloop.ids import new_id
+from tuneloop.monitoring.drift_job import DriftJob, run_once
+from tuneloop.monitoring.profile import Profile, compute_profile, load_profile, store_profile
 from tuneloop.registry import ModelVersion, register_version
 from tuneloop.settings import DriftSettings, Settings
 
@@ -49,13 +49,22 @@ def insert_requests(db, version: str, rows: list[dict]) -> None:
     import pyarrow as pa
 
     now = utcnow()
-    cols = {k: [r.get(k) for r in rows] for k in ("prompt", "response", "finish_reason", "prompt_tokens", "completion_tokens")}
-    t = pa.table({
-        "id": [new_id() for _ in rows], "received_at": [now - timedelta(seconds=60 + i) for i in range(len(rows))],
-        "model_version": [version] * len(rows), "prompt": [json.dumps(p) for p in cols["prompt"]],
-        "response": cols["response"], "finish_reason": cols["finish_reason"],
-        "prompt_tokens": pa.array(cols["prompt_tokens"], pa.int32()), "completion_tokens": pa.array(cols["completion_tokens"], pa.int32()),
-    })
+    cols = {
+        k: [r.get(k) for r in rows]
+        for k in ("prompt", "response", "finish_reason", "prompt_tokens", "completion_tokens")
+    }
+    t = pa.table(
+        {
+            "id": [new_id() for _ in rows],
+            "received_at": [now - timedelta(seconds=60 + i) for i in range(len(rows))],
+            "model_version": [version] * len(rows),
+            "prompt": [json.dumps(p) for p in cols["prompt"]],
+            "response": cols["response"],
+            "finish_reason": cols["finish_reason"],
+            "prompt_tokens": pa.array(cols["prompt_tokens"], pa.int32()),
+            "completion_tokens": pa.array(cols["completion_tokens"], pa.int32()),
+        }
+    )
     with db.connect() as con:
         con.register("_rows", t)
         con.execute("""INSERT INTO requests (id, received_at, route, model, model_version, arm, prompt, response, finish_reason,
@@ -78,11 +87,27 @@ def trained(db, home, tiny_model, corpus):
     from tuneloop.dataset_store import save_dataset
 
     train, _ = corpus
-    rows = [{"id": str(i), "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
-             "request_id": None, "origin": "file"} for i, (q, a) in enumerate(train)]
+    rows = [
+        {
+            "id": str(i),
+            "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+            "request_id": None,
+            "origin": "file",
+        }
+        for i, (q, a) in enumerate(train)
+    ]
     ds = save_dataset(db, home, "chatterbot", {"train": rows}, "sft", card={}, source={"test": True})
-    register_version(db, ModelVersion(name="chat-v1", kind="adapter", base_model=str(tiny_model), path=str(tiny_model),
-                                      content_hash="0" * 64, dataset_id=ds.id))
+    register_version(
+        db,
+        ModelVersion(
+            name="chat-v1",
+            kind="adapter",
+            base_model=str(tiny_model),
+            path=str(tiny_model),
+            content_hash="0" * 64,
+            dataset_id=ds.id,
+        ),
+    )
     return ds
 
 
@@ -93,9 +118,15 @@ def _production_rows(tok, prompts_answers, finish_length_share=0.0, seed=0):
     out = []
     for q, a in prompts_answers:
         msgs = [{"role": "user", "content": q}]
-        out.append({"prompt": msgs, "response": a, "prompt_tokens": len(render_prompt(tok, msgs)),
-                    "completion_tokens": len(completion_ids(tok, a)),
-                    "finish_reason": "length" if rng.random() < finish_length_share else "stop"})
+        out.append(
+            {
+                "prompt": msgs,
+                "response": a,
+                "prompt_tokens": len(render_prompt(tok, msgs)),
+                "completion_tokens": len(completion_ids(tok, a)),
+                "finish_reason": "length" if rng.random() < finish_length_share else "stop",
+            }
+        )
     return out
 
 
@@ -132,7 +163,9 @@ def test_same_distribution_raises_at_most_5_percent_false_alarms_over_40_windows
     per_feature = {f.feature: sum(r.feature(f.feature).drifted for r in results) for f in results[0].features}
     assert overall <= 2, per_feature
     assert all(v <= 2 for v in per_feature.values()), per_feature
-    n_rows = db.query("SELECT count(*) AS n, count(DISTINCT id) AS runs FROM drift_reports WHERE feature = 'overall'")[0]
+    n_rows = db.query("SELECT count(*) AS n, count(DISTINCT id) AS runs FROM drift_reports WHERE feature = 'overall'")[
+        0
+    ]
     assert n_rows == {"n": 40, "runs": 40}
 
 
@@ -149,8 +182,10 @@ def test_chitchat_traffic_on_a_chatterbot_model_is_detected_with_gauges_and_repo
     ids = [r["id"] for r in db.query("SELECT id FROM requests ORDER BY id LIMIT 40")]
     with db.connect() as con:
         for i, rid in enumerate(ids):
-            con.execute("INSERT INTO feedback (id, request_id, rating, rating_kind, model_version, created_at) VALUES (?, ?, ?, 'thumbs', 'chat-v1', now())",
-                        [new_id(), rid, -1 if i < 30 else 1])
+            con.execute(
+                "INSERT INTO feedback (id, request_id, rating, rating_kind, model_version, created_at) VALUES (?, ?, ?, 'thumbs', 'chat-v1', now())",
+                [new_id(), rid, -1 if i < 30 else 1],
+            )
     registry = CollectorRegistry()
     [res] = DriftJob(db, settings, registry).run_once()  # profile computed on demand (with embeddings)
     feats = {f.feature: f for f in res.features}
@@ -162,8 +197,13 @@ def test_chitchat_traffic_on_a_chatterbot_model_is_detected_with_gauges_and_repo
     labels = {"feature": "overall", "model_version": "chat-v1"}
     assert registry.get_sample_value("tuneloop_drifted", labels) == 1.0
     assert registry.get_sample_value("tuneloop_drift_score", labels) == pytest.approx(res.score)
-    assert registry.get_sample_value("tuneloop_drift_score", {"feature": "vocabulary", "model_version": "chat-v1"}) == pytest.approx(feats["vocabulary"].value)
-    stored = db.query("SELECT feature, statistic, value, threshold, drifted FROM drift_reports WHERE id = ? ORDER BY feature", [res.id])
+    assert registry.get_sample_value(
+        "tuneloop_drift_score", {"feature": "vocabulary", "model_version": "chat-v1"}
+    ) == pytest.approx(feats["vocabulary"].value)
+    stored = db.query(
+        "SELECT feature, statistic, value, threshold, drifted FROM drift_reports WHERE id = ? ORDER BY feature",
+        [res.id],
+    )
     assert {r["feature"] for r in stored} == set(feats) | {"overall"}
     # the one-call form the demo uses returns the same verdict as a dict
     d = run_once(db, Settings(drift=settings), "chat-v1")
@@ -181,15 +221,20 @@ def test_a_thin_window_is_skipped_and_writes_nothing(db, trained, tiny_model, co
 
 
 def test_a_version_without_training_data_is_skipped_with_the_reason(db, tiny_model):
-    register_version(db, ModelVersion(name="raw", kind="base", base_model=str(tiny_model), path=str(tiny_model), content_hash="1" * 64))
+    register_version(
+        db,
+        ModelVersion(name="raw", kind="base", base_model=str(tiny_model), path=str(tiny_model), content_hash="1" * 64),
+    )
     [res] = DriftJob(db, DriftSettings(embeddings=False), None).run_once("raw")
     assert res.skipped and "no training dataset" in res.skipped
 
 
-def test_a_large_window_counts_words_on_a_deterministic_sample_that_agrees_with_the_full_count(db, trained, tiny_model, corpus):
+def test_a_large_window_counts_words_on_a_deterministic_sample_that_agrees_with_the_full_count(
+    db, trained, tiny_model, corpus
+):
     from transformers import AutoTokenizer
 
-    from monitoring.drift import compare, parse_window, production_stats
+    from tuneloop.monitoring.drift import compare, parse_window, production_stats
 
     settings = DriftSettings(embeddings=False)
     prof = compute_profile(db, "chat-v1", settings)
@@ -206,7 +251,11 @@ def test_a_large_window_counts_words_on_a_deterministic_sample_that_agrees_with_
     full, sampled, again = stats(0), stats(500), stats(500)
     assert full.n_requests == sampled.n_requests == full.word_requests == len(rows)
     assert 350 <= sampled.word_requests <= 650 and sampled.total_tokens < full.total_tokens / 2
-    assert (sampled.word_requests, sampled.total_tokens, sampled.new_words) == (again.word_requests, again.total_tokens, again.new_words)
+    assert (sampled.word_requests, sampled.total_tokens, sampled.new_words) == (
+        again.word_requests,
+        again.total_tokens,
+        again.new_words,
+    )
     assert sampled.prompt_len[1].sum() == full.prompt_len[1].sum() == len(rows)  # lengths always use every request
     assert sampled.oov_tokens / sampled.total_tokens == pytest.approx(full.oov_tokens / full.total_tokens, abs=0.03)
     f_full, f_sampled = (compare(prof.profile, s, settings, "t").feature("vocabulary") for s in (full, sampled))

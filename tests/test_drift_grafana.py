@@ -13,7 +13,7 @@ import json
 import re
 import shutil
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -21,9 +21,9 @@ import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from monitoring.drift_job import DriftJob
-from monitoring.metrics import ServingMetrics
-from monitoring.requestlog import RequestRecord
+from tuneloop.monitoring.drift_job import DriftJob
+from tuneloop.monitoring.metrics import ServingMetrics
+from tuneloop.monitoring.requestlog import RequestRecord
 from tuneloop.settings import DriftSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,8 +40,19 @@ def exposition() -> dict[str, set[str]]:
     registry = CollectorRegistry()
     metrics = ServingMetrics(registry)
     job = DriftJob(None, DriftSettings(), registry)
-    metrics.observe(RequestRecord(id="r1", received_at=datetime.now(timezone.utc), route="chat.completions", status=200,
-                                  model_version="chat-v1", prompt_tokens=12, completion_tokens=7, ttft_s=0.4, latency_s=1.2))
+    metrics.observe(
+        RequestRecord(
+            id="r1",
+            received_at=datetime.now(UTC),
+            route="chat.completions",
+            status=200,
+            model_version="chat-v1",
+            prompt_tokens=12,
+            completion_tokens=7,
+            ttft_s=0.4,
+            latency_s=1.2,
+        )
+    )
     metrics.in_flight("chat.completions").inc()
     metrics.set_model_info("chat-v1", "smollm2-135m-instruct", "adapter")
     metrics.observe_feedback(-1, "thumbs", "chat-v1")
@@ -72,8 +83,12 @@ def targets(d: dict) -> list[tuple[str, str]]:
 
 def concrete(expr: str) -> str:
     """The expression as Grafana sends it, with template variables filled in."""
-    return (expr.replace("$__rate_interval", "1m").replace("$version", ".+")
-            .replace("$production", "chat-v1").replace("$canary", "chat-v2"))
+    return (
+        expr.replace("$__rate_interval", "1m")
+        .replace("$version", ".+")
+        .replace("$production", "chat-v1")
+        .replace("$canary", "chat-v2")
+    )
 
 
 def test_dashboard_json_is_a_grafana_dashboard_with_unique_panels():
@@ -83,7 +98,7 @@ def test_dashboard_json_is_a_grafana_dashboard_with_unique_panels():
     assert len(ids) == len(set(ids))
     for p in d["panels"]:
         g = p["gridPos"]
-        assert 0 <= g["x"] and g["x"] + g["w"] <= 24 and g["h"] > 0, p["title"]
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24 and g["h"] > 0, p["title"]
         if p["type"] != "row":
             assert p["targets"], f"panel {p['title']!r} has no query"
     titles = " | ".join(p["title"].lower() for p in d["panels"])
@@ -107,16 +122,24 @@ def test_every_metric_and_label_the_dashboard_queries_is_in_our_exposition():
             labels = {g.strip() for g in grouping.split(",") if g.strip()}
             assert any(labels <= exposed[n] for n in names), f"{title!r}: no metric of {names} has labels {labels}"
     # the panels the issue asks for: traffic, latency, TTFT, tokens, drift, canary vs production
-    for name in ("tuneloop_requests_total", "tuneloop_request_duration_seconds_bucket",
-                 "tuneloop_time_to_first_token_seconds_bucket", "tuneloop_generation_tokens_total",
-                 "tuneloop_drift_score", "tuneloop_drifted"):
+    for name in (
+        "tuneloop_requests_total",
+        "tuneloop_request_duration_seconds_bucket",
+        "tuneloop_time_to_first_token_seconds_bucket",
+        "tuneloop_generation_tokens_total",
+        "tuneloop_drift_score",
+        "tuneloop_drifted",
+    ):
         assert name in used, name
 
 
 def test_the_check_catches_a_metric_we_do_not_export():
     exposed = exposition()
     assert "tuneloop_request_latency_seconds_bucket" not in exposed  # a plausible typo would be reported
-    assert "tuneloop_requests_total" in exposed and {"route", "model_version", "status"} <= exposed["tuneloop_requests_total"]
+    assert (
+        "tuneloop_requests_total" in exposed
+        and {"route", "model_version", "status"} <= exposed["tuneloop_requests_total"]
+    )
 
 
 def test_template_variables_and_datasource_are_defined_by_the_dashboard_and_provisioning():
@@ -143,8 +166,12 @@ def test_template_variables_and_datasource_are_defined_by_the_dashboard_and_prov
 
 @pytest.mark.skipif(not shutil.which("promtool"), reason="promtool not installed (make system-deps)")
 def test_every_dashboard_query_is_valid_promql(tmp_path):
-    rules = [{"record": f"tuneloop:dashboard_query_{i}", "expr": concrete(expr)}
-             for i, (_, expr) in enumerate(targets(dashboard()))]
+    rules = [
+        {"record": f"tuneloop:dashboard_query_{i}", "expr": concrete(expr)}
+        for i, (_, expr) in enumerate(targets(dashboard()))
+    ]
     (tmp_path / "q.yml").write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
-    r = subprocess.run(["promtool", "check", "rules", str(tmp_path / "q.yml")], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        ["promtool", "check", "rules", str(tmp_path / "q.yml")], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0 and f"{len(rules)} rules found" in r.stdout, r.stdout + r.stderr

@@ -10,8 +10,8 @@ import pytest
 from scipy import stats
 from scipy.spatial.distance import jensenshannon
 
-from monitoring import drift
 from tuneloop.errors import UserError
+from tuneloop.monitoring import drift
 
 
 def _vc(x):
@@ -49,11 +49,13 @@ def _psi_reference(ref, prod, bins):
     """Textbook PSI: reference deciles via sorted positions, right-closed bins, shares clipped at 1e-4."""
     srt = np.sort(ref)
     edges = sorted({srt[math.ceil(len(srt) * k / bins) - 1] for k in range(1, bins)} - {srt[-1]})
+
     def shares(x):
         c = [0] * (len(edges) + 1)
         for v in x:
             c[sum(v > e for e in edges)] += 1
         return [max(ci / len(x), 1e-4) for ci in c]
+
     p, q = shares(ref), shares(prod)
     return sum((qi - pi) * math.log(qi / pi) for pi, qi in zip(p, q))
 
@@ -69,7 +71,9 @@ def test_psi_matches_textbook_definition_on_reference_quantile_bins():
 
 
 def _mmd2_loops(x, y, bw):
-    k = lambda a, b: math.exp(-float(np.sum((a - b) ** 2)) / (2 * bw * bw))
+    def k(a, b):
+        return math.exp(-float(np.sum((a - b) ** 2)) / (2 * bw * bw))
+
     n, m = len(x), len(y)
     xx = sum(k(x[i], x[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
     yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
@@ -105,8 +109,8 @@ def test_psi_and_ks_false_alarm_rates_on_same_distribution_and_detect_a_length_s
     rv, rc = _vc(ref)
     for seed in range(40):
         prod = np.random.default_rng(seed + 1).poisson(30, 300)
-        value, edges, rb, pb = drift.psi_counts(rv, rc, *_vc(prod), bins=10)
-        null = drift._null_quantile(lambda s: drift.psi_from_bins(rb, s), rb, len(prod), np.random.default_rng(seed))
+        value, _edges, rb, _pb = drift.psi_counts(rv, rc, *_vc(prod), bins=10)
+        null = drift._null_quantile(lambda s: drift.psi_from_bins(rb, s), rb, len(prod), np.random.default_rng(seed))  # noqa: B023
         psi_alarms += value > max(0.2, null)
         ks_alarms += drift.ks_counts(rv, rc, *_vc(prod))[1] < 0.01
     assert psi_alarms <= 2 and ks_alarms <= 2
@@ -115,8 +119,10 @@ def test_psi_and_ks_false_alarm_rates_on_same_distribution_and_detect_a_length_s
     assert drift.ks_counts(rv, rc, *_vc(shifted))[1] < 1e-6
 
 
-@pytest.mark.parametrize("text,seconds,requests", [("30m", 1800, None), ("1h", 3600, None), ("2d", 172800, None),
-                                                    ("45s", 45, None), ("500r", None, 500)])
+@pytest.mark.parametrize(
+    "text,seconds,requests",
+    [("30m", 1800, None), ("1h", 3600, None), ("2d", 172800, None), ("45s", 45, None), ("500r", None, 500)],
+)
 def test_windows_are_durations_or_request_counts(text, seconds, requests):
     w = drift.parse_window(text)
     assert (w.seconds, w.requests) == (seconds, requests)

@@ -11,9 +11,10 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import CLI
-from trainer.evaluate import exact_match, rouge_l, token_f1
+
+from tuneloop.textmetrics import exact_match, rouge_l, token_f1
+
 
 def test_text_metrics_follow_their_definitions():
     assert exact_match("Paris.", "paris") == 1.0 and exact_match("Paris is", "Paris") == 0.0
@@ -26,7 +27,7 @@ def test_text_metrics_follow_their_definitions():
 
 @pytest.fixture(scope="module")
 def ws(tiny_model, tmp_path_factory):
-    from trainer.bootstrap import build_tiny_model
+    from tuneloop.trainer.bootstrap import build_tiny_model
 
     root = tmp_path_factory.mktemp("eval")
     other = build_tiny_model(root / "other-tiny", seed=1)
@@ -35,24 +36,55 @@ def ws(tiny_model, tmp_path_factory):
     cli("data", "prepare", root / "chat.jsonl", "--name", "chat", "--base", tiny_model, "--no-progress")
     (root / "golden.yaml").write_text(
         "- name: anything\n  prompt: Say something\n  regex: '(?s).*'\n"
-        "- name: impossible\n  prompt: What is AI?\n  expect: [this exact sentence will not be generated]\n")
-    (root / "general.txt").write_text("The quick brown fox jumps over the lazy dog.\n\nParis is the capital of France.\n")
+        "- name: impossible\n  prompt: What is AI?\n  expect: [this exact sentence will not be generated]\n"
+    )
+    (root / "general.txt").write_text(
+        "The quick brown fox jumps over the lazy dog.\n\nParis is the capital of France.\n"
+    )
     from tuneloop.db import Database
 
-    return {"root": root, "cli": cli, "a": str(tiny_model), "b": str(other), "db": Database(root / "home" / "tuneloop.duckdb")}
+    return {
+        "root": root,
+        "cli": cli,
+        "a": str(tiny_model),
+        "b": str(other),
+        "db": Database(root / "home" / "tuneloop.duckdb"),
+    }
 
 
 @pytest.mark.slow
 def test_eval_compares_models_on_the_same_examples_and_stores_the_report(ws):
-    r = ws["cli"]("eval", ws["a"], ws["b"], "--dataset", "chat", "--limit", "3", "--max-new-tokens", "4",
-                  "--golden", ws["root"] / "golden.yaml", "--general", ws["root"] / "general.txt", "--json")
-    rep = json.loads(r.stdout[r.stdout.index("{\n"):])
+    r = ws["cli"](
+        "eval",
+        ws["a"],
+        ws["b"],
+        "--dataset",
+        "chat",
+        "--limit",
+        "3",
+        "--max-new-tokens",
+        "4",
+        "--golden",
+        ws["root"] / "golden.yaml",
+        "--general",
+        ws["root"] / "general.txt",
+        "--json",
+    )
+    rep = json.loads(r.stdout[r.stdout.index("{\n") :])
     a, b = ws["a"], ws["b"]
     assert rep["models"] == [a, b] and rep["split"] == "test" and rep["n_examples"] == 3
     assert len(rep["example_ids"]) == 3
     for m in (a, b):
         s = rep["summary"][m]
-        for metric in ("loss", "perplexity", "exact_match", "token_f1", "rouge_l", "golden_pass_rate", "general_perplexity"):
+        for metric in (
+            "loss",
+            "perplexity",
+            "exact_match",
+            "token_f1",
+            "rouge_l",
+            "golden_pass_rate",
+            "general_perplexity",
+        ):
             assert s[metric] is not None
         assert s["perplexity"] > 1 and s["general_perplexity"] > 1
         for metric in ("loss", "perplexity", "exact_match", "token_f1", "rouge_l"):
@@ -78,12 +110,15 @@ def test_eval_prints_a_table(ws):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args, message", [
-    (["no-such-version"], "unknown model 'no-such-version'"),
-    (["base", "--dataset", "chat"], "'base' means the base model of a registered version"),
-    (["{a}", "--dataset", "nope"], "cannot load dataset 'nope'"),
-    (["{a}", "--dataset", "chat", "--golden", "missing.yaml"], "golden prompts file not found"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["no-such-version"], "unknown model 'no-such-version'"),
+        (["base", "--dataset", "chat"], "'base' means the base model of a registered version"),
+        (["{a}", "--dataset", "nope"], "cannot load dataset 'nope'"),
+        (["{a}", "--dataset", "chat", "--golden", "missing.yaml"], "golden prompts file not found"),
+    ],
+)
 def test_bad_eval_input_exits_2_without_a_report(ws, args, message):
     before = ws["db"].query("SELECT count(*) AS n FROM eval_reports")[0]["n"]
     r = ws["cli"]("eval", *[a.format(a=ws["a"]) for a in args], check=False)

@@ -10,15 +10,14 @@ import json
 import os
 import random
 from datetime import datetime, timedelta
-from pathlib import Path
 
 import pytest
 
-from monitoring.export import export_logs, floor_window, read_manifest
-from monitoring.sources import LogSource, log_source, open_requests, table_columns
 from tuneloop.db import Database
 from tuneloop.errors import UserError
 from tuneloop.ids import new_id
+from tuneloop.monitoring.export import export_logs, floor_window, read_manifest
+from tuneloop.monitoring.sources import LogSource, log_source, open_requests, table_columns
 
 T0 = datetime(2026, 3, 1, 21, 0, 0)  # rows span midnight: two date partitions
 VERSIONS = ["chat-v1", "chat-v2", "org/base model", None]  # a '/' and a space in a name, and no version
@@ -30,19 +29,44 @@ def make_rows(rng: random.Random, n: int, start: datetime, span_h: float) -> tup
         at = start + timedelta(seconds=rng.uniform(0, span_h * 3600))
         v = rng.choice(VERSIONS)
         rid = new_id()
-        reqs.append(dict(
-            id=rid, received_at=at, route=rng.choice(["chat.completions", "completions"]), model=v or "base",
-            model_version=v, arm=rng.choice(["production", "canary", "direct"]),
-            prompt=json.dumps([{"role": "user", "content": f"question {rng.randint(0, 999)}"}]),
-            response=f"answer {rng.random():.3f}", finish_reason=rng.choice(["stop", "length"]),
-            prompt_tokens=rng.randint(3, 200), completion_tokens=rng.randint(0, 64),
-            ttft_s=rng.uniform(0.01, 2), latency_s=rng.uniform(0.1, 9), status=rng.choice([200, 200, 200, 400, 499]),
-            error=None, stream=rng.random() < 0.5, params=json.dumps({"temperature": 0.7}), user_id=f"u{rng.randint(0, 9)}",
-            key_id=None))
+        reqs.append(
+            dict(
+                id=rid,
+                received_at=at,
+                route=rng.choice(["chat.completions", "completions"]),
+                model=v or "base",
+                model_version=v,
+                arm=rng.choice(["production", "canary", "direct"]),
+                prompt=json.dumps([{"role": "user", "content": f"question {rng.randint(0, 999)}"}]),
+                response=f"answer {rng.random():.3f}",
+                finish_reason=rng.choice(["stop", "length"]),
+                prompt_tokens=rng.randint(3, 200),
+                completion_tokens=rng.randint(0, 64),
+                ttft_s=rng.uniform(0.01, 2),
+                latency_s=rng.uniform(0.1, 9),
+                status=rng.choice([200, 200, 200, 400, 499]),
+                error=None,
+                stream=rng.random() < 0.5,
+                params=json.dumps({"temperature": 0.7}),
+                user_id=f"u{rng.randint(0, 9)}",
+                key_id=None,
+            )
+        )
         if rng.random() < 0.3:
-            fbs.append(dict(id=new_id(), request_id=rid, source="api", rating=rng.choice([-1, 1]), rating_kind="thumbs",
-                            correction=rng.choice([None, "better answer"]), comment=None, labels=json.dumps(["x"]),
-                            model_version=v, created_at=at + timedelta(seconds=rng.uniform(1, 600))))
+            fbs.append(
+                dict(
+                    id=new_id(),
+                    request_id=rid,
+                    source="api",
+                    rating=rng.choice([-1, 1]),
+                    rating_kind="thumbs",
+                    correction=rng.choice([None, "better answer"]),
+                    comment=None,
+                    labels=json.dumps(["x"]),
+                    model_version=v,
+                    created_at=at + timedelta(seconds=rng.uniform(1, 600)),
+                )
+            )
     return reqs, fbs
 
 
@@ -63,7 +87,7 @@ def replicas(tmp_path_factory):
     rng = random.Random(7)
     dbs = {name: Database(tmp_path / f"{name}.duckdb") for name in ("server-0", "server-1")}
     everything = Database(tmp_path / "all.duckdb")
-    for name, db in dbs.items():
+    for _name, db in dbs.items():
         reqs, fbs = make_rows(rng, 300, T0, span_h=6)
         insert(db, reqs, fbs)
         insert(everything, reqs, fbs)
@@ -92,14 +116,19 @@ def test_two_replicas_exported_to_one_folder_read_like_one_database(replicas, tm
     for name, db in dbs.items():
         res = export_logs(db, out, name, now=now)
         assert {t.table: t.rows for t in res.tables} == {
-            "requests": 300, "feedback": db.query("SELECT count(*) AS n FROM feedback")[0]["n"]}
+            "requests": 300,
+            "feedback": db.query("SELECT count(*) AS n FROM feedback")[0]["n"],
+        }
 
     # hive layout: date and model_version partitions, the replica name in every file name
     files = sorted(out.glob("requests/date=*/model_version=*/*.parquet"))
     assert {p.parent.parent.name for p in files} == {"date=2026-03-01", "date=2026-03-02"}
-    assert {p.parent.name for p in files} == {"model_version=chat-v1", "model_version=chat-v2",
-                                              "model_version=org%2Fbase%20model",
-                                              "model_version=__HIVE_DEFAULT_PARTITION__"}
+    assert {p.parent.name for p in files} == {
+        "model_version=chat-v1",
+        "model_version=chat-v2",
+        "model_version=org%2Fbase%20model",
+        "model_version=__HIVE_DEFAULT_PARTITION__",
+    }
     assert {p.name.split("-2026")[0] for p in files} == {"server-0", "server-1"}
 
     parquet = LogSource(None, str(out))
@@ -144,7 +173,9 @@ def test_export_is_idempotent_and_only_exports_closed_windows(replicas, tmp_path
     # at this moment the window holding the newest rows is still open
     now = floor_window(last_row, 3600) + timedelta(minutes=30)
     first = export_logs(db, out, "server-0", now=now)
-    open_rows = db.query("SELECT count(*) AS n FROM requests WHERE received_at >= ?", [floor_window(last_row, 3600)])[0]["n"]
+    open_rows = db.query("SELECT count(*) AS n FROM requests WHERE received_at >= ?", [floor_window(last_row, 3600)])[
+        0
+    ]["n"]
     assert open_rows > 0
     assert first.tables[0].rows == 300 - open_rows
     snapshot = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
@@ -166,7 +197,9 @@ def test_a_run_interrupted_before_its_manifest_is_redone_without_duplicates(repl
     export_logs(db, out, "server-1", now=T0 + timedelta(days=1))
     os.remove(out / "_manifests" / "server-1.json")  # as if killed between the data and the manifest
     export_logs(db, out, "server-1", now=T0 + timedelta(days=1, hours=3))
-    assert LogSource(None, str(out)).query("SELECT count(*) AS n, count(DISTINCT id) AS d FROM requests") == [{"n": 300, "d": 300}]
+    assert LogSource(None, str(out)).query("SELECT count(*) AS n, count(DISTINCT id) AS d FROM requests") == [
+        {"n": 300, "d": 300}
+    ]
 
 
 def test_since_and_until_bound_the_export(replicas, tmp_path):
@@ -187,11 +220,14 @@ def test_an_empty_export_folder_reads_as_empty_tables(tmp_path):
     assert src.query("SELECT count(*) AS n FROM feedback") == [{"n": 0}]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"replica": "../escape"}, "replica name"),
-    ({"replica": "ok", "window_s": 0}, "window must be positive"),
-    ({"replica": "ok", "since": T0, "until": T0 - timedelta(hours=1)}, "must be after"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"replica": "../escape"}, "replica name"),
+        ({"replica": "ok", "window_s": 0}, "window must be positive"),
+        ({"replica": "ok", "since": T0, "until": T0 - timedelta(hours=1)}, "must be after"),
+    ],
+)
 def test_bad_export_arguments_are_user_errors_and_write_nothing(tmp_path, kwargs, message):
     db = Database(tmp_path / "r.duckdb")
     with pytest.raises(UserError, match=message):

@@ -17,12 +17,12 @@ from litestar import Litestar
 from litestar.datastructures import State
 from prometheus_client import CollectorRegistry
 
-from monitoring.metrics import ServingMetrics
-from monitoring.requestlog import RequestLogWriter, RequestRecord
-from server.auth import Auth, create_key
-from server.feedback_routes import FeedbackController
 from tuneloop.db import utcnow
 from tuneloop.ids import new_id
+from tuneloop.monitoring.metrics import ServingMetrics
+from tuneloop.monitoring.requestlog import RequestLogWriter, RequestRecord
+from tuneloop.server.auth import Auth, create_key
+from tuneloop.server.feedback_routes import FeedbackController
 from tuneloop.settings import AuthSettings, LogSettings
 
 
@@ -44,23 +44,47 @@ class Api:
             finally:
                 self.writer.close()
 
-        self.app = Litestar(route_handlers=[FeedbackController], lifespan=[lifespan],
-                            state=State({"db": db, "registry": self.registry, "metrics": self.metrics,
-                                         "log_writer": self.writer, "auth": self.auth}))
+        self.app = Litestar(
+            route_handlers=[FeedbackController],
+            lifespan=[lifespan],
+            state=State(
+                {
+                    "db": db,
+                    "registry": self.registry,
+                    "metrics": self.metrics,
+                    "log_writer": self.writer,
+                    "auth": self.auth,
+                }
+            ),
+        )
 
     def served(self, model_version: str = "v1", flush: bool = True) -> str:
         """Log one served request, as the chat route does, and return its id."""
         rid = new_id("chatcmpl-")
-        self.writer.submit(RequestRecord(id=rid, received_at=utcnow(), route="chat.completions", status=200,
-                                         model="production", model_version=model_version, arm="production",
-                                         prompt=[{"role": "user", "content": "hi"}], response="hello",
-                                         prompt_tokens=3, completion_tokens=2, latency_s=0.1))
+        self.writer.submit(
+            RequestRecord(
+                id=rid,
+                received_at=utcnow(),
+                route="chat.completions",
+                status=200,
+                model="production",
+                model_version=model_version,
+                arm="production",
+                prompt=[{"role": "user", "content": "hi"}],
+                response="hello",
+                prompt_tokens=3,
+                completion_tokens=2,
+                latency_s=0.1,
+            )
+        )
         if flush:
             self.writer.flush()
         return rid
 
     def feedback_count(self, rating: str, version: str) -> float:
-        return self.registry.get_sample_value("tuneloop_feedback_total", {"rating": rating, "model_version": version}) or 0
+        return (
+            self.registry.get_sample_value("tuneloop_feedback_total", {"rating": rating, "model_version": version}) or 0
+        )
 
 
 def _serve(app) -> tuple[str, callable]:
@@ -99,9 +123,15 @@ def api(db):
 
 def test_thumbs_down_with_a_correction_is_stored_with_the_serving_version(api):
     rid = api.served("chat-v2")
-    r = api.client.post("/v1/feedback", json={"request_id": rid, "rating": "down",
-                                              "correction": "Paris is the capital of France.",
-                                              "labels": ["wrong-fact", "wrong-fact", "short"]})
+    r = api.client.post(
+        "/v1/feedback",
+        json={
+            "request_id": rid,
+            "rating": "down",
+            "correction": "Paris is the capital of France.",
+            "labels": ["wrong-fact", "wrong-fact", "short"],
+        },
+    )
     assert r.status_code == 201, r.text
     fb = r.json()
     assert fb["object"] == "feedback" and fb["request_id"] == rid and fb["source"] == "api"
@@ -151,23 +181,28 @@ def test_unknown_request_is_a_404_and_writes_nothing(api):
     r = api.client.post("/v1/feedback", json={"request_id": "chatcmpl-nope", "rating": "up"})
     assert r.status_code == 404
     err = r.json()["error"]
-    assert err["code"] == "request_not_found" and err["param"] == "request_id" and err["type"] == "invalid_request_error"
+    assert (
+        err["code"] == "request_not_found" and err["param"] == "request_id" and err["type"] == "invalid_request_error"
+    )
     assert api.client.get("/v1/feedback/chatcmpl-nope").status_code == 404
     assert api.db.query("SELECT count(*) AS n FROM feedback")[0]["n"] == 0
 
 
-@pytest.mark.parametrize("body,param", [
-    ({"request_id": "x", "rating": "meh"}, "rating"),
-    ({"request_id": "x", "rating": 0}, "rating"),
-    ({"request_id": "x", "rating": 6}, "rating"),
-    ({"request_id": "x", "rating": True}, "rating"),
-    ({"request_id": "x", "rating": "up", "labels": "oops"}, "labels"),
-    ({"request_id": "x", "rating": "up", "labels": [""]}, "labels"),
-    ({"request_id": "x", "rating": "up", "source": "has spaces"}, "source"),
-    ({"request_id": "x", "rating": "up", "extra": 1}, "extra"),
-    ({"rating": "up"}, "request_id"),
-    ({"request_id": "x"}, "rating"),
-])
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"request_id": "x", "rating": "meh"}, "rating"),
+        ({"request_id": "x", "rating": 0}, "rating"),
+        ({"request_id": "x", "rating": 6}, "rating"),
+        ({"request_id": "x", "rating": True}, "rating"),
+        ({"request_id": "x", "rating": "up", "labels": "oops"}, "labels"),
+        ({"request_id": "x", "rating": "up", "labels": [""]}, "labels"),
+        ({"request_id": "x", "rating": "up", "source": "has spaces"}, "source"),
+        ({"request_id": "x", "rating": "up", "extra": 1}, "extra"),
+        ({"rating": "up"}, "request_id"),
+        ({"request_id": "x"}, "rating"),
+    ],
+)
 def test_bad_bodies_are_400_with_an_openai_style_error(api, body, param):
     rid = api.served()
     body = {**body, "request_id": rid} if "request_id" in body else body
@@ -192,8 +227,9 @@ def test_feedback_needs_a_key_once_keys_exist(api):
     r = api.client.post("/v1/feedback", json={"request_id": rid, "rating": "up"})
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert r.headers["www-authenticate"].startswith("Bearer")
-    r = api.client.post("/v1/feedback", json={"request_id": rid, "rating": "up"},
-                        headers={"Authorization": f"Bearer {secret}"})
+    r = api.client.post(
+        "/v1/feedback", json={"request_id": rid, "rating": "up"}, headers={"Authorization": f"Bearer {secret}"}
+    )
     assert r.status_code == 201
 
 

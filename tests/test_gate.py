@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from deploy.gate import GateError, judge_report, last_gate, paired_bootstrap, record_verdict
 from tuneloop.db import dumps, utcnow
+from tuneloop.deploy.gate import GateError, judge_report, last_gate, paired_bootstrap, record_verdict
 from tuneloop.ids import new_id
 from tuneloop.registry import ModelVersion, register_version, set_stage
 from tuneloop.settings import DeploySettings
@@ -18,9 +18,14 @@ def report(cand, base, metric="token_f1", general=None, golden=None):
     n = len(cand)
     return {
         "models": ["cand", "prod"],
-        "summary": {"cand": {metric: float(np.mean(cand)), **({"general_perplexity": general[0]} if general else {})},
-                    "prod": {metric: float(np.mean(base)), **({"general_perplexity": general[1]} if general else {})}},
-        "per_example": {"cand": {metric: list(cand), "loss": [1.0] * n}, "prod": {metric: list(base), "loss": [1.0] * n}},
+        "summary": {
+            "cand": {metric: float(np.mean(cand)), **({"general_perplexity": general[0]} if general else {})},
+            "prod": {metric: float(np.mean(base)), **({"general_perplexity": general[1]} if general else {})},
+        },
+        "per_example": {
+            "cand": {metric: list(cand), "loss": [1.0] * n},
+            "prod": {metric: list(base), "loss": [1.0] * n},
+        },
         "golden": golden or {},
     }
 
@@ -42,7 +47,9 @@ def test_paired_bootstrap_matches_a_direct_computation():
     # and it agrees with scipy's percentile bootstrap of the paired differences (different draws, same estimator)
     from scipy.stats import bootstrap
 
-    ci = bootstrap((d,), np.mean, n_resamples=20000, confidence_level=0.9, method="percentile", rng=1).confidence_interval
+    ci = bootstrap(
+        (d,), np.mean, n_resamples=20000, confidence_level=0.9, method="percentile", rng=1
+    ).confidence_interval
     assert got.ci_low == pytest.approx(ci.low, abs=0.02) and got.ci_high == pytest.approx(ci.high, abs=0.02)
 
 
@@ -124,14 +131,18 @@ def test_verdicts_are_recorded_without_changing_the_stage(db):
 
 def _store_report(db, rep, models):
     rid = new_id()
-    db.execute("INSERT INTO eval_reports (id, dataset_id, models, report, path, created_at) VALUES (?, NULL, ?, ?, NULL, ?)",
-               [rid, dumps(models), dumps(rep), utcnow()])
+    db.execute(
+        "INSERT INTO eval_reports (id, dataset_id, models, report, path, created_at) VALUES (?, NULL, ?, ?, NULL, ?)",
+        [rid, dumps(models), dumps(rep), utcnow()],
+    )
     return rid
 
 
 def test_cli_gate_refuses_a_worse_candidate_with_exit_1_and_the_numbers(cli, db):
     for name in ("prod", "cand"):
-        register_version(db, ModelVersion(name=name, kind="adapter", base_model="/b", path=f"/p/{name}", content_hash=name))
+        register_version(
+            db, ModelVersion(name=name, kind="adapter", base_model="/b", path=f"/p/{name}", content_hash=name)
+        )
     set_stage(db, "prod", "production")
     base = list(np.linspace(0.5, 0.9, 40))
     bad = _store_report(db, report([v - 0.2 for v in base], base), ["cand", "prod"])

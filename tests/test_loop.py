@@ -6,9 +6,9 @@ from datetime import timedelta
 
 import pytest
 
-from deploy import loop
-from deploy.loop import LoopError, LoopOptions, next_version_name, run_cycle, steps_of, trigger
 from tuneloop.db import dumps, utcnow
+from tuneloop.deploy import loop
+from tuneloop.deploy.loop import LoopError, LoopOptions, next_version_name, run_cycle, steps_of, trigger
 from tuneloop.ids import new_id
 from tuneloop.registry import ModelVersion, get_version, register_version, set_stage, version_by_stage
 from tuneloop.settings import load_settings
@@ -17,13 +17,17 @@ from tuneloop.settings import load_settings
 def add_request(db, prompt, response, version, correction=None, rating=None):
     rid = new_id("chatcmpl-")
     with db.connect() as con:
-        con.execute("""INSERT INTO requests (id, received_at, route, model, model_version, arm, prompt, response, finish_reason,
+        con.execute(
+            """INSERT INTO requests (id, received_at, route, model, model_version, arm, prompt, response, finish_reason,
                        prompt_tokens, completion_tokens, latency_s, status) VALUES (?, ?, 'chat.completions', 'production', ?,
                        'production', ?, ?, 'stop', 5, 5, 0.2, 200)""",
-                    [rid, utcnow() - timedelta(minutes=1), version, dumps([{"role": "user", "content": prompt}]), response])
+            [rid, utcnow() - timedelta(minutes=1), version, dumps([{"role": "user", "content": prompt}]), response],
+        )
         if correction or rating:
-            con.execute("INSERT INTO feedback (id, request_id, rating, rating_kind, correction, model_version, created_at) VALUES (?, ?, ?, 'thumbs', ?, ?, ?)",
-                        [new_id(), rid, rating, correction, version, utcnow()])
+            con.execute(
+                "INSERT INTO feedback (id, request_id, rating, rating_kind, correction, model_version, created_at) VALUES (?, ?, ?, 'thumbs', ?, ?, ?)",
+                [new_id(), rid, rating, correction, version, utcnow()],
+            )
     return rid
 
 
@@ -57,19 +61,34 @@ def test_triggers_fire_on_drift_feedback_or_schedule(home, db):
     for i in range(3):
         add_request(db, f"q{i}", "a", "v1", rating=1)
     assert trigger(db, t0, min_feedback=3, every_s=None) == "3 new feedback items"
-    db.execute("""INSERT INTO drift_reports (id, model_version, feature, statistic, value, threshold, drifted, created_at)
-                  VALUES (?, 'v1', 'overall', 'score', 0.7, 0.5, true, ?)""", [new_id(), utcnow()])
+    db.execute(
+        """INSERT INTO drift_reports (id, model_version, feature, statistic, value, threshold, drifted, created_at)
+                  VALUES (?, 'v1', 'overall', 'score', 0.7, 0.5, true, ?)""",
+        [new_id(), utcnow()],
+    )
     assert trigger(db, t0, min_feedback=3, every_s=None).startswith("drift on v1")
 
 
 @pytest.mark.train
 @pytest.mark.slow
 def test_an_interrupted_cycle_resumes_skipping_finished_steps_and_promotes(home, db, tiny_model, monkeypatch):
-    register_version(db, ModelVersion(name="tiny-v1", kind="base", base_model=str(tiny_model), path=str(tiny_model),
-                                      content_hash="tiny"))
+    register_version(
+        db,
+        ModelVersion(
+            name="tiny-v1", kind="base", base_model=str(tiny_model), path=str(tiny_model), content_hash="tiny"
+        ),
+    )
     set_stage(db, "tiny-v1", "production")
-    src = [add_request(db, f"what is the capital of country number {i}?", "I do not know.", "tiny-v1",
-                       correction=f"The capital of country {i} is City {i}.") for i in range(12)]
+    src = [
+        add_request(
+            db,
+            f"what is the capital of country number {i}?",
+            "I do not know.",
+            "tiny-v1",
+            correction=f"The capital of country {i} is City {i}.",
+        )
+        for i in range(12)
+    ]
     src += [add_request(db, f"say hello number {i}", f"hello {i}", "tiny-v1", rating=1) for i in range(8)]
     # gibberish model: the gate judges the plumbing with a wide tolerance
     settings = load_settings(overrides=["deploy.gate_min_delta=1.0", "deploy.gate_max_forgetting=100"])
@@ -105,7 +124,9 @@ def test_an_interrupted_cycle_resumes_skipping_finished_steps_and_promotes(home,
     assert get_version(db, "tiny-v1").stage == "retired"
     # lineage: the promoted version's dataset was built from the logged requests
     v = get_version(db, new)
-    used = {r["request_id"] for r in db.query("SELECT request_id FROM dataset_rows WHERE dataset_id = ?", [v.dataset_id])}
+    used = {
+        r["request_id"] for r in db.query("SELECT request_id FROM dataset_rows WHERE dataset_id = ?", [v.dataset_id])
+    }
     assert used == set(src)
     # a rerun of a finished cycle changes nothing
     again = run_cycle(db, settings, opts, cycle_id=cycle)

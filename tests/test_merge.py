@@ -15,12 +15,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from conftest import CLI
 
 pytestmark = [pytest.mark.train, pytest.mark.slow]
 
-VLLM_SCRIPT = textwrap.dedent('''
+VLLM_SCRIPT = textwrap.dedent("""
     import json, sys
     if __name__ == "__main__":
         from transformers import AutoTokenizer
@@ -38,7 +37,7 @@ VLLM_SCRIPT = textwrap.dedent('''
                            lora_request=LoRARequest("adapter", 1, adapter) if adapter else None)
         o = out[0].outputs[0]
         print("RESULT " + json.dumps({"token_ids": list(o.token_ids), "text": o.text}))
-''')
+""")
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +54,7 @@ def ws(tiny_model, tmp_path_factory):
 
 def test_adapter_version_is_evaluated_against_its_base(ws):
     r = ws["cli"]("eval", "chat-v1", "base", "--limit", "2", "--max-new-tokens", "2", "--json")
-    rep = json.loads(r.stdout[r.stdout.index("{\n"):])
+    rep = json.loads(r.stdout[r.stdout.index("{\n") :])
     assert rep["models"] == ["chat-v1", "base"]
     assert rep["model_paths"]["base"]["base"] == ws["base"] and rep["model_paths"]["base"]["adapter"] is None
     assert rep["model_paths"]["chat-v1"]["adapter"].endswith("model")
@@ -87,7 +86,9 @@ def test_merged_folder_and_adapter_both_generate_in_vllm(ws):
     r = ws["cli"]("merge", "chat-v1")
     assert "registered chat-v1-merged (merged, parent chat-v1)" in r.stdout
     m, a = get_version(ws["db"], "chat-v1-merged"), get_version(ws["db"], "chat-v1")
-    assert m.kind == "merged" and m.parent_version == "chat-v1" and m.dataset_id == a.dataset_id and m.run_id == a.run_id
+    assert (
+        m.kind == "merged" and m.parent_version == "chat-v1" and m.dataset_id == a.dataset_id and m.run_id == a.run_id
+    )
     assert m.content_hash == hash_path(m.path) and m.metrics["parity_max_abs_diff"] <= 1e-3
     merged = Path(m.path)
     assert (merged / "config.json").is_file() and (merged / "model.safetensors").is_file()
@@ -97,10 +98,15 @@ def test_merged_folder_and_adapter_both_generate_in_vllm(ws):
     script.write_text(VLLM_SCRIPT)
     results = {}
     for label, argv in (("adapter", [ws["base"], a.path]), ("merged", [m.path])):
-        p = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=600,
-                           env=dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0"))
+        p = subprocess.run(
+            [sys.executable, str(script), *argv],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0"),
+        )
         assert p.returncode == 0, p.stderr[-3000:]
         line = next(x for x in p.stdout.splitlines() if x.startswith("RESULT "))
-        results[label] = json.loads(line[len("RESULT "):])
+        results[label] = json.loads(line[len("RESULT ") :])
     for label, res in results.items():
         assert len(res["token_ids"]) >= 1, (label, res)

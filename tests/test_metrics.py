@@ -7,10 +7,10 @@ import random
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from monitoring.metrics import LATENCY_BUCKETS_S, ServingMetrics
-from monitoring.requestlog import RequestLogWriter, RequestRecord
 from tuneloop.db import utcnow
 from tuneloop.ids import new_id
+from tuneloop.monitoring.metrics import LATENCY_BUCKETS_S, ServingMetrics
+from tuneloop.monitoring.requestlog import RequestLogWriter, RequestRecord
 from tuneloop.settings import LogSettings
 
 EXPECTED = {
@@ -40,14 +40,21 @@ def random_records(n: int, seed: int = 0) -> list[RequestRecord]:
     for _ in range(n):
         status = rnd.choice([200, 200, 200, 200, 400, 499, 503])
         ok = status == 200
-        out.append(RequestRecord(
-            id=new_id("chatcmpl-"), received_at=utcnow(), route=rnd.choice(["chat.completions", "completions"]),
-            status=status, model_version=rnd.choice(["v1", "v2", "base"]), arm=rnd.choice(["production", "canary"]),
-            prompt_tokens=rnd.randint(1, 300) if status != 400 else None,
-            completion_tokens=rnd.randint(1, 200) if ok else None,
-            ttft_s=rnd.uniform(0.005, 30) if ok or status == 499 else None,
-            latency_s=rnd.uniform(0.01, 150), stream=rnd.random() < 0.5,
-        ))
+        out.append(
+            RequestRecord(
+                id=new_id("chatcmpl-"),
+                received_at=utcnow(),
+                route=rnd.choice(["chat.completions", "completions"]),
+                status=status,
+                model_version=rnd.choice(["v1", "v2", "base"]),
+                arm=rnd.choice(["production", "canary"]),
+                prompt_tokens=rnd.randint(1, 300) if status != 400 else None,
+                completion_tokens=rnd.randint(1, 200) if ok else None,
+                ttft_s=rnd.uniform(0.005, 30) if ok or status == 499 else None,
+                latency_s=rnd.uniform(0.01, 150),
+                stream=rnd.random() < 0.5,
+            )
+        )
     return out
 
 
@@ -69,8 +76,17 @@ def test_exposition_parses_and_names_follow_the_conventions():
 
 def test_latency_histograms_use_llm_sized_buckets():
     m = ServingMetrics(CollectorRegistry())
-    m.observe(RequestRecord(id="x", received_at=utcnow(), route="completions", status=200, model_version="v1",
-                            ttft_s=1.7, latency_s=95.0))
+    m.observe(
+        RequestRecord(
+            id="x",
+            received_at=utcnow(),
+            route="completions",
+            status=200,
+            model_version="v1",
+            ttft_s=1.7,
+            latency_s=95.0,
+        )
+    )
     for name in ("tuneloop_request_duration_seconds", "tuneloop_time_to_first_token_seconds"):
         les = [float(s.labels["le"]) for s in families(m)[name].samples if s.name.endswith("_bucket")]
         assert les[:-1] == list(LATENCY_BUCKETS_S) and les[-1] == float("inf")
@@ -96,16 +112,22 @@ def test_counters_agree_with_the_request_log(db):
     rows = db.query("SELECT route, model_version, status, count(*) AS n FROM requests GROUP BY ALL")
     assert sum(r["n"] for r in rows) == 300
     for r in rows:
-        got = reg.get_sample_value("tuneloop_requests_total",
-                                   {"route": r["route"], "model_version": r["model_version"], "status": str(r["status"])})
+        got = reg.get_sample_value(
+            "tuneloop_requests_total",
+            {"route": r["route"], "model_version": r["model_version"], "status": str(r["status"])},
+        )
         assert got == r["n"], r
 
-    for r in db.query("SELECT model_version, sum(prompt_tokens) AS p, sum(completion_tokens) AS c FROM requests GROUP BY ALL"):
+    for r in db.query(
+        "SELECT model_version, sum(prompt_tokens) AS p, sum(completion_tokens) AS c FROM requests GROUP BY ALL"
+    ):
         assert reg.get_sample_value("tuneloop_prompt_tokens_total", {"model_version": r["model_version"]}) == r["p"]
         assert reg.get_sample_value("tuneloop_generation_tokens_total", {"model_version": r["model_version"]}) == r["c"]
 
-    for r in db.query("SELECT route, model_version, count(latency_s) AS nl, sum(latency_s) AS sl, count(ttft_s) AS nt "
-                      "FROM requests GROUP BY ALL"):
+    for r in db.query(
+        "SELECT route, model_version, count(latency_s) AS nl, sum(latency_s) AS sl, count(ttft_s) AS nt "
+        "FROM requests GROUP BY ALL"
+    ):
         lbl = {"route": r["route"], "model_version": r["model_version"]}
         assert reg.get_sample_value("tuneloop_request_duration_seconds_count", lbl) == r["nl"]
         assert abs(reg.get_sample_value("tuneloop_request_duration_seconds_sum", lbl) - r["sl"]) < 1e-6

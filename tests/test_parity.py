@@ -16,13 +16,17 @@ import pytest
 from tuneloop.chat import render_prompt
 
 CONVERSATIONS = [
-    [{"role": "user", "content": "What is the capital of France?"},
-     {"role": "assistant", "content": "The capital of France is Paris."}],
-    [{"role": "system", "content": "You answer briefly."},
-     {"role": "user", "content": "Hello! How are you today?"},
-     {"role": "assistant", "content": "I am fine, thank you."},
-     {"role": "user", "content": "And the weather?"},
-     {"role": "assistant", "content": "Sunny, with a light breeze."}],
+    [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "The capital of France is Paris."},
+    ],
+    [
+        {"role": "system", "content": "You answer briefly."},
+        {"role": "user", "content": "Hello! How are you today?"},
+        {"role": "assistant", "content": "I am fine, thank you."},
+        {"role": "user", "content": "And the weather?"},
+        {"role": "assistant", "content": "Sunny, with a light breeze."},
+    ],
 ]
 
 SMOLLM2 = Path.home() / ".cache" / "tuneloop" / "models" / "smollm2-135m-instruct"
@@ -33,10 +37,12 @@ def trained_on(tiny_model, tmp_path_factory):
     """The (tokenizer, training rows) TRL's SFTTrainer holds after tuneloop prepared it."""
     from datasets import Dataset
 
-    from trainer.config import TrainConfig
-    from trainer.train import _build_trainer
+    from tuneloop.trainer.config import TrainConfig
+    from tuneloop.trainer.train import _build_trainer
 
-    ds = Dataset.from_list([{"id": str(i), "messages": c, "request_id": None, "origin": "file"} for i, c in enumerate(CONVERSATIONS)])
+    ds = Dataset.from_list(
+        [{"id": str(i), "messages": c, "request_id": None, "origin": "file"} for i, c in enumerate(CONVERSATIONS)]
+    )
     cfg = TrainConfig(dataset="inline", max_steps=1).validate()
     trainer, tok = _build_trainer(cfg, tiny_model, ds, None, "sft", tmp_path_factory.mktemp("parity"), progress=False)
     rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
@@ -76,7 +82,9 @@ def test_trained_sequence_is_the_full_chat_rendering_up_to_end_of_turn(trained_o
         assert full[n - 1] == tok.eos_token_id
 
 
-@pytest.mark.skipif(not (SMOLLM2 / "tokenizer.json").is_file(), reason="SmolLM2 not pulled (tuneloop models pull smollm2-135m-instruct)")
+@pytest.mark.skipif(
+    not (SMOLLM2 / "tokenizer.json").is_file(), reason="SmolLM2 not pulled (tuneloop models pull smollm2-135m-instruct)"
+)
 def test_parity_holds_for_the_default_base_model_tokenizer():
     from transformers import AutoTokenizer
 

@@ -18,10 +18,10 @@ import pytest
 from test_drift import _production_rows, chatterbot_pairs, chitchat_prompts
 from test_export import insert
 
-from monitoring.sources import table_columns
 from tuneloop.dataset_store import load_splits, save_dataset
 from tuneloop.db import Database, utcnow
 from tuneloop.ids import new_id
+from tuneloop.monitoring.sources import table_columns
 from tuneloop.registry import ModelVersion, register_version
 
 REPLICAS = ("server-0", "server-1")
@@ -29,11 +29,27 @@ REPLICAS = ("server-0", "server-1")
 
 def register_control_plane(db: Database, home: Path, tiny_model: Path, train: list[tuple[str, str]]) -> None:
     """The version `chat-v1` and the chatterbot dataset it was trained on (as tests/test_drift.py registers them)."""
-    rows = [{"id": str(i), "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
-             "request_id": None, "origin": "file"} for i, (q, a) in enumerate(train)]
+    rows = [
+        {
+            "id": str(i),
+            "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+            "request_id": None,
+            "origin": "file",
+        }
+        for i, (q, a) in enumerate(train)
+    ]
     ds = save_dataset(db, home, "chatterbot", {"train": rows}, "sft", card={}, source={"test": True})
-    register_version(db, ModelVersion(name="chat-v1", kind="adapter", base_model=str(tiny_model), path=str(tiny_model),
-                                      content_hash="0" * 64, dataset_id=ds.id))
+    register_version(
+        db,
+        ModelVersion(
+            name="chat-v1",
+            kind="adapter",
+            base_model=str(tiny_model),
+            path=str(tiny_model),
+            content_hash="0" * 64,
+            dataset_id=ds.id,
+        ),
+    )
 
 
 def traffic(tiny_model: Path, prod: list[tuple[str, str]], now) -> dict[str, tuple[list[dict], list[dict]]]:
@@ -49,19 +65,38 @@ def traffic(tiny_model: Path, prod: list[tuple[str, str]], now) -> dict[str, tup
         served_by = REPLICAS[i % 2]
         at = now - timedelta(minutes=30) + timedelta(seconds=5 * i)
         req = dict.fromkeys(req_cols)
-        req.update(id=new_id("chatcmpl-"), received_at=at, route="chat.completions", model="production",
-                   model_version="chat-v1", arm=rng.choice(["production", "direct"]), prompt=json.dumps(row["prompt"]),
-                   response=row["response"], finish_reason=row["finish_reason"], prompt_tokens=row["prompt_tokens"],
-                   completion_tokens=row["completion_tokens"], ttft_s=0.05, latency_s=rng.uniform(0.1, 2),
-                   status=500 if rng.random() < 0.04 else 200, stream=False, params="{}", user_id=f"u{i % 7}")
+        req.update(
+            id=new_id("chatcmpl-"),
+            received_at=at,
+            route="chat.completions",
+            model="production",
+            model_version="chat-v1",
+            arm=rng.choice(["production", "direct"]),
+            prompt=json.dumps(row["prompt"]),
+            response=row["response"],
+            finish_reason=row["finish_reason"],
+            prompt_tokens=row["prompt_tokens"],
+            completion_tokens=row["completion_tokens"],
+            ttft_s=0.05,
+            latency_s=rng.uniform(0.1, 2),
+            status=500 if rng.random() < 0.04 else 200,
+            stream=False,
+            params="{}",
+            user_id=f"u{i % 7}",
+        )
         out[served_by][0].append(req)
         r = rng.random()
         if r < 0.3:
             # a quarter of the feedback reaches the other replica (a load balancer does not pin clients)
             fb_at = REPLICAS[(i + 1) % 2] if rng.random() < 0.25 else served_by
             fb = dict.fromkeys(fb_cols)
-            fb.update(id=new_id(), request_id=req["id"], source="api", model_version="chat-v1",
-                      created_at=at + timedelta(seconds=30))
+            fb.update(
+                id=new_id(),
+                request_id=req["id"],
+                source="api",
+                model_version="chat-v1",
+                created_at=at + timedelta(seconds=30),
+            )
             if r < 0.1:
                 fb.update(rating=-1, rating_kind="thumbs", correction=f"A better answer to question {i}.")
             else:
@@ -103,18 +138,44 @@ def fleet(cli, db, home, tmp_path, tiny_model):
     assert fdb.query("SELECT count(*) AS n FROM requests") == [{"n": 0}]
     fcli = type(cli)(cli.cwd, dict(cli.env, TUNELOOP_HOME=str(fhome)))
     served_ok = {r["id"] for reqs, _ in per_replica.values() for r in reqs if r["status"] < 400}
-    cross = {f["request_id"] for name, (_, fbs) in per_replica.items() for f in fbs
-             if f["correction"] and f["request_id"] in served_ok
-             and f["request_id"] not in {r["id"] for r in per_replica[name][0]}}
+    cross = {
+        f["request_id"]
+        for name, (_, fbs) in per_replica.items()
+        for f in fbs
+        if f["correction"]
+        and f["request_id"] in served_ok
+        and f["request_id"] not in {r["id"] for r in per_replica[name][0]}
+    }
     assert cross, "some corrections must live on another replica than their request"
-    return {"one": (cli, db), "fleet": (fcli, fdb), "out": out, "now": now, "n_requests": len(prod),
-            "cross_replica_corrections": cross}
+    return {
+        "one": (cli, db),
+        "fleet": (fcli, fdb),
+        "out": out,
+        "now": now,
+        "n_requests": len(prod),
+        "cross_replica_corrections": cross,
+    }
 
 
 def test_feedback_sample_from_parquet_gives_the_same_dataset_as_one_database(fleet):
     until = (fleet["now"] + timedelta(minutes=1)).isoformat()
-    args = ["feedback", "sample", "--name", "prod", "--strategy", "feedback=0.4", "--strategy", "drift=0.3",
-            "--strategy", "stratified=0.3", "--limit", "80", "--until", until, "--json"]
+    args = [
+        "feedback",
+        "sample",
+        "--name",
+        "prod",
+        "--strategy",
+        "feedback=0.4",
+        "--strategy",
+        "drift=0.3",
+        "--strategy",
+        "stratified=0.3",
+        "--limit",
+        "80",
+        "--until",
+        until,
+        "--json",
+    ]
     (cli, db), (fcli, fdb) = fleet["one"], fleet["fleet"]
     one = json.loads(cli(*args).stdout)
     many = json.loads(fcli(*args, "--from-parquet", fleet["out"]).stdout)

@@ -18,8 +18,17 @@ def test_every_kind_in_one_text_is_replaced_and_counted_separately():
     assert set(counts) <= set(KINDS)
 
 
-@pytest.mark.parametrize("card", ["4111111111111111", "4111 1111 1111 1111", "4111-1111-1111-1111",
-                                  "5500 0000 0000 0004", "3782 822463 10005", "4012888888881881"])
+@pytest.mark.parametrize(
+    "card",
+    [
+        "4111111111111111",
+        "4111 1111 1111 1111",
+        "4111-1111-1111-1111",
+        "5500 0000 0000 0004",
+        "3782 822463 10005",
+        "4012888888881881",
+    ],
+)
 def test_common_card_formats_that_pass_luhn_are_cards(card):
     assert scrub(f"pay with {card}.") == ("pay with <CREDIT_CARD>.", {"credit_card": 1})
 
@@ -31,7 +40,9 @@ def test_a_luhn_invalid_number_is_left_alone_while_its_neighbours_are_scrubbed()
 
 def test_adjacent_numbers_are_not_glued_into_one_candidate():
     assert scrub("ip 10.1.2.3 4111111111111111 555-123-4567") == (
-        "ip <IP> <CREDIT_CARD> <PHONE>", {"ip": 1, "credit_card": 1, "phone": 1})
+        "ip <IP> <CREDIT_CARD> <PHONE>",
+        {"ip": 1, "credit_card": 1, "phone": 1},
+    )
     assert scrub("two 4111111111111111,4012888888881881")[1] == {"credit_card": 2}
 
 
@@ -40,8 +51,19 @@ def test_international_and_local_phone_numbers_are_phones_not_cards(phone):
     assert scrub(f"ring {phone} now") == ("ring <PHONE> now", {"phone": 1})
 
 
-@pytest.mark.parametrize("text", ["at 10:30 on 2024-01-15", "pi is 3.14159", "ticket 123456", "isbn 978-3-16-148410-0",
-                                  "MAC 00:1A:2B:3C:4D:5E", "ratio 1:2:3", "user@localhost", "C++ and C#"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "at 10:30 on 2024-01-15",
+        "pi is 3.14159",
+        "ticket 123456",
+        "isbn 978-3-16-148410-0",
+        "MAC 00:1A:2B:3C:4D:5E",
+        "ratio 1:2:3",
+        "user@localhost",
+        "C++ and C#",
+    ],
+)
 def test_everyday_numbers_and_symbols_survive(text):
     assert scrub(text) == (text, {})
 

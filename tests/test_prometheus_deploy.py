@@ -12,9 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
-
 from fixtures_server import free_port
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 PROM = ROOT / "deploy" / "prometheus"
@@ -76,15 +75,26 @@ def prometheus(live_server, tmp_path):
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
     shutil.copy(PROM / "alerts.yml", tmp_path / "alerts.yml")
     port = free_port()
-    log = open(tmp_path / "prometheus.log", "w")
-    proc = subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-                            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    log = open(tmp_path / "prometheus.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            "prometheus",
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     log.close()
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait(lambda: httpx.get(url + "/-/ready", timeout=2).status_code == 200, 30,
-              lambda: f"Prometheus not ready (exit {proc.poll()}):\n" + (tmp_path / "prometheus.log").read_text()[-3000:])
+        _wait(
+            lambda: httpx.get(url + "/-/ready", timeout=2).status_code == 200,
+            30,
+            lambda: f"Prometheus not ready (exit {proc.poll()}):\n" + (tmp_path / "prometheus.log").read_text()[-3000:],
+        )
         yield url
     finally:
         proc.terminate()
@@ -117,26 +127,39 @@ def _query(url: str, promql: str) -> list[dict]:
 def _served_count(live_server, version: str) -> float:
     """tuneloop_requests_total{model_version=version,status="200"} summed, read straight from the server's /metrics."""
     text = httpx.get(live_server.url + "/metrics", timeout=10).text
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == "tuneloop_requests_total" and s.labels.get("model_version") == version
-               and s.labels.get("status") == "200")
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "tuneloop_requests_total"
+        and s.labels.get("model_version") == version
+        and s.labels.get("status") == "200"
+    )
 
 
 @pytest.mark.engine
 @pytest.mark.slow
 def test_prometheus_scrapes_the_live_server_and_answers_queries_on_our_metrics(live_server, prometheus):
     version = live_server.base_name
-    r = httpx.post(live_server.url + "/v1/chat/completions", timeout=120,
-                   json={"model": version, "messages": [{"role": "user", "content": "hello prometheus"}], "max_tokens": 4})
+    r = httpx.post(
+        live_server.url + "/v1/chat/completions",
+        timeout=120,
+        json={"model": version, "messages": [{"role": "user", "content": "hello prometheus"}], "max_tokens": 4},
+    )
     assert r.status_code == 200, r.text
     served = _served_count(live_server, version)
     assert served >= 1
 
     # the target is up, and our request is in Prometheus's time series once a scrape after it happened
     promql = f'sum(tuneloop_requests_total{{job="tuneloop",model_version="{version}",status="200"}})'
-    _wait(lambda: (res := _query(prometheus, promql)) and float(res[0]["value"][1]) >= served, 30,
-          lambda: f"{promql} never reached {served}: {_query(prometheus, promql)}; targets: "
-                  + json.dumps(httpx.get(prometheus + "/api/v1/targets", timeout=10).json())[:2000])
+    _wait(
+        lambda: (res := _query(prometheus, promql)) and float(res[0]["value"][1]) >= served,
+        30,
+        lambda: (
+            f"{promql} never reached {served}: {_query(prometheus, promql)}; targets: "
+            + json.dumps(httpx.get(prometheus + "/api/v1/targets", timeout=10).json())[:2000]
+        ),
+    )
     (up,) = _query(prometheus, 'up{job="tuneloop"}')
     assert up["value"][1] == "1"
     latency = _query(prometheus, f'tuneloop_request_duration_seconds_count{{model_version="{version}"}}')
@@ -146,16 +169,35 @@ def test_prometheus_scrapes_the_live_server_and_answers_queries_on_our_metrics(l
     groups = httpx.get(prometheus + "/api/v1/rules", timeout=10).json()["data"]["groups"]
     rules = [rule for g in groups for rule in g["rules"]]
     assert len(rules) == 5
-    _wait(lambda: all(rule["health"] == "ok" for rule in
-                      (rr for g in httpx.get(prometheus + "/api/v1/rules", timeout=10).json()["data"]["groups"]
-                       for rr in g["rules"])), 10, lambda: f"alert rules unhealthy: {rules}")
+    _wait(
+        lambda: all(
+            rule["health"] == "ok"
+            for rule in (
+                rr
+                for g in httpx.get(prometheus + "/api/v1/rules", timeout=10).json()["data"]["groups"]
+                for rr in g["rules"]
+            )
+        ),
+        10,
+        lambda: f"alert rules unhealthy: {rules}",
+    )
 
     # every Grafana dashboard query is accepted by this Prometheus, and the request-rate panel has data
     dash = json.loads((ROOT / "deploy" / "grafana" / "dashboard.json").read_text())
     for p in dash["panels"]:
         for t in p.get("targets", []):
-            expr = (t["expr"].replace("$__rate_interval", "1m").replace("$version", ".+")
-                    .replace("$production", version).replace("$canary", "none"))
+            expr = (
+                t["expr"]
+                .replace("$__rate_interval", "1m")
+                .replace("$version", ".+")
+                .replace("$production", version)
+                .replace("$canary", "none")
+            )
             _query(prometheus, expr)  # asserts status success
-    _wait(lambda: _query(prometheus, f'sum by (model_version, status) (rate(tuneloop_requests_total{{model_version=~".+"}}[1m]))'),
-          15, "no request rate after two scrapes")
+    _wait(
+        lambda: _query(
+            prometheus, 'sum by (model_version, status) (rate(tuneloop_requests_total{model_version=~".+"}[1m]))'
+        ),
+        15,
+        "no request rate after two scrapes",
+    )

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from tuneloop.registry import (DatasetRecord, ModelVersion, RegistryError, get_version, list_versions, register_dataset,
-                               register_version, set_stage, version_by_stage)
+from tuneloop.registry import (
+    DatasetRecord,
+    ModelVersion,
+    RegistryError,
+    get_version,
+    list_versions,
+    register_dataset,
+    register_version,
+    set_stage,
+    version_by_stage,
+)
 
 
 def _v(name, h="h1", **kw):
@@ -41,8 +50,18 @@ def test_unknown_version_and_stage_are_clear_errors(db):
 
 
 def test_dataset_registration_round_trips_json_fields(db):
-    rec = DatasetRecord(id="chat@abc", name="chat", content_hash="abc", kind="sft", path="/d", rows_train=8, rows_validation=1,
-                        rows_test=1, card={"dedup": {"exact": 2}}, source={"files": ["a.jsonl"]})
+    rec = DatasetRecord(
+        id="chat@abc",
+        name="chat",
+        content_hash="abc",
+        kind="sft",
+        path="/d",
+        rows_train=8,
+        rows_validation=1,
+        rows_test=1,
+        card={"dedup": {"exact": 2}},
+        source={"files": ["a.jsonl"]},
+    )
     register_dataset(db, rec)
     got = db.query("SELECT card, rows_train FROM datasets WHERE id = 'chat@abc'")[0]
     assert '"exact": 2' in got["card"] and got["rows_train"] == 8

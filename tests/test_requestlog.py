@@ -13,16 +13,16 @@ import sys
 import textwrap
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from monitoring.metrics import ServingMetrics
-from monitoring.requestlog import COLUMNS, RequestLogWriter, RequestRecord
 from tuneloop.db import Database, utcnow
 from tuneloop.ids import new_id
+from tuneloop.monitoring.metrics import ServingMetrics
+from tuneloop.monitoring.requestlog import COLUMNS, RequestLogWriter, RequestRecord
 from tuneloop.settings import LogSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,10 +30,24 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def record(i: int = 0, **kw) -> RequestRecord:
     base = dict(
-        id=new_id("chatcmpl-"), received_at=utcnow(), route="chat.completions", status=200, model="production",
-        model_version="v1", arm="production", prompt=[{"role": "user", "content": f"question {i}"}],
-        response=f"answer {i}", finish_reason="stop", prompt_tokens=5, completion_tokens=3, ttft_s=0.05,
-        latency_s=0.2, stream=False, params={"temperature": 0.7, "max_tokens": 16}, user_id="u1", key_id=None,
+        id=new_id("chatcmpl-"),
+        received_at=utcnow(),
+        route="chat.completions",
+        status=200,
+        model="production",
+        model_version="v1",
+        arm="production",
+        prompt=[{"role": "user", "content": f"question {i}"}],
+        response=f"answer {i}",
+        finish_reason="stop",
+        prompt_tokens=5,
+        completion_tokens=3,
+        ttft_s=0.05,
+        latency_s=0.2,
+        stream=False,
+        params={"temperature": 0.7, "max_tokens": 16},
+        user_id="u1",
+        key_id=None,
     )
     base.update(kw)
     return RequestRecord(**base)
@@ -63,14 +77,20 @@ def sample(metrics: ServingMetrics, name: str, **labels) -> float:
 
 
 def test_record_has_exactly_the_columns_of_the_requests_table(db):
-    cols = [r["column_name"] for r in db.query(
-        "SELECT column_name FROM information_schema.columns WHERE table_name = 'requests' ORDER BY ordinal_position")]
+    cols = [
+        r["column_name"]
+        for r in db.query(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'requests' ORDER BY ordinal_position"
+        )
+    ]
     assert list(COLUMNS) == cols
     assert set(RequestRecord.__struct_fields__) == set(cols)
 
 
 def test_rows_round_trip_with_json_prompt_and_params(db, metrics):
-    rec = record(1, received_at=datetime.now(timezone.utc) + timedelta(hours=0), stream=True, status=499, error="client went away")
+    rec = record(
+        1, received_at=datetime.now(UTC) + timedelta(hours=0), stream=True, status=499, error="client went away"
+    )
     w = RequestLogWriter(db, LogSettings(flush_interval_s=60), metrics)
     assert w.submit(rec)
     assert w.flush() == 1
@@ -164,8 +184,10 @@ def test_redaction_stores_sizes_and_timings_but_no_text(db, metrics):
 
 def test_pii_scrub_at_write_time(db, metrics):
     w = RequestLogWriter(db, LogSettings(scrub_pii=True), metrics)
-    prompt = [{"role": "system", "content": "be brief"},
-              {"role": "user", "content": [{"type": "text", "text": "mail me at jane.doe@example.com from 10.0.0.12"}]}]
+    prompt = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "mail me at jane.doe@example.com from 10.0.0.12"}]},
+    ]
     w.submit(record(prompt=prompt, response="Sure jane.doe@example.com, card 4111 1111 1111 1111 noted"))
     w.close()
     row = db.query("SELECT prompt, response FROM requests")[0]
@@ -209,13 +231,20 @@ def test_pending_rows_are_visible_before_they_are_written(db, metrics):
 
 def _python(code: str, *args: str, **kw) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 CHILD_PRELUDE = """
 import signal, sys, time
-from monitoring.requestlog import RequestLogWriter, RequestRecord
+from tuneloop.monitoring.requestlog import RequestLogWriter, RequestRecord
 from tuneloop.db import Database, utcnow
 from tuneloop.ids import new_id
 from tuneloop.settings import LogSettings
@@ -227,7 +256,9 @@ def rec(i):
 
 
 def test_sigterm_drains_every_queued_row(db):
-    code = CHILD_PRELUDE + """
+    code = (
+        CHILD_PRELUDE
+        + """
 w = RequestLogWriter(db, LogSettings(flush_interval_s=3600, flush_rows=10**6)).start()
 def on_term(signum, frame):
     left = w.close(timeout_s=30)
@@ -240,6 +271,7 @@ print("submitted", w.queue_depth, flush=True)
 while True:
     time.sleep(1)
 """
+    )
     p = _python(code, str(db.path))
     try:
         assert p.stdout.readline().split() == ["submitted", "2000"]  # nothing flushed yet (1 h interval)
@@ -253,7 +285,9 @@ while True:
 
 
 def test_sigkill_loses_at_most_the_last_interval_and_the_database_opens(db):
-    code = CHILD_PRELUDE + """
+    code = (
+        CHILD_PRELUDE
+        + """
 w = RequestLogWriter(db, LogSettings(flush_interval_s=0.2, flush_rows=10**6)).start()
 i = 0
 while True:
@@ -262,6 +296,7 @@ while True:
     print(i, w.rows_written, flush=True)
     time.sleep(0.01)
 """
+    )
     p = _python(code, str(db.path))
     submitted = written = 0
     try:
@@ -360,9 +395,11 @@ def test_an_idle_writer_does_not_keep_the_file_open(db, metrics):
         assert wait_for(lambda: w.rows_written == 5)
         assert wait_for(lambda: not w.db.held)  # the first flush with nothing to write lets go
         # so another process opens it at once: no knock, no waiting (a lock timeout of 10 ms)
-        p = _python("import sys; from tuneloop.db import Database; "
-                    "print(Database(sys.argv[1], lock_timeout_s=0.01).query('SELECT count(*) AS n FROM requests')[0]['n'])",
-                    str(db.path))
+        p = _python(
+            "import sys; from tuneloop.db import Database; "
+            "print(Database(sys.argv[1], lock_timeout_s=0.01).query('SELECT count(*) AS n FROM requests')[0]['n'])",
+            str(db.path),
+        )
         out, err = p.communicate(timeout=120)
         assert out.strip() == "5", err
     finally:

@@ -11,14 +11,27 @@ from datetime import timedelta
 
 import pytest
 
-from feedback.sample import SampleConfig, SampleError, lineage, parse_strategies, sample
 from tuneloop.db import dumps, utcnow
+from tuneloop.feedback.sample import SampleConfig, SampleError, lineage, parse_strategies, sample
 from tuneloop.ids import new_id
 from tuneloop.registry import ModelVersion, get_dataset, register_version
 
 
-def add_request(db, prompt, response, *, version="v1", status=200, finish="stop", at=None, rid=None,
-                rating=None, kind="thumbs", correction=None, arm="production"):
+def add_request(
+    db,
+    prompt,
+    response,
+    *,
+    version="v1",
+    status=200,
+    finish="stop",
+    at=None,
+    rid=None,
+    rating=None,
+    kind="thumbs",
+    correction=None,
+    arm="production",
+):
     rid = rid or new_id("chatcmpl-")
     at = at or utcnow() - timedelta(minutes=5)
     with db.connect() as con:
@@ -26,11 +39,24 @@ def add_request(db, prompt, response, *, version="v1", status=200, finish="stop"
             """INSERT INTO requests (id, received_at, route, model, model_version, arm, prompt, response, finish_reason,
                prompt_tokens, completion_tokens, ttft_s, latency_s, status, error, stream, params, user_id, key_id)
                VALUES (?, ?, 'chat.completions', 'production', ?, ?, ?, ?, ?, ?, ?, 0.1, 0.5, ?, NULL, false, '{}', NULL, NULL)""",
-            [rid, at, version, arm, dumps([{"role": "user", "content": prompt}]), response, finish,
-             len(prompt.split()), len(response.split()), status])
+            [
+                rid,
+                at,
+                version,
+                arm,
+                dumps([{"role": "user", "content": prompt}]),
+                response,
+                finish,
+                len(prompt.split()),
+                len(response.split()),
+                status,
+            ],
+        )
         if rating is not None or correction is not None:
-            con.execute("INSERT INTO feedback (id, request_id, rating, rating_kind, correction, model_version, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        [new_id(), rid, rating, kind if rating is not None else None, correction, version, utcnow()])
+            con.execute(
+                "INSERT INTO feedback (id, request_id, rating, rating_kind, correction, model_version, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [new_id(), rid, rating, kind if rating is not None else None, correction, version, utcnow()],
+            )
     return rid
 
 
@@ -54,7 +80,13 @@ def test_filters_drop_errors_aborts_truncations_and_unfixed_thumbs_down(home, db
     fixed = add_request(db, "cut but corrected", "and then", finish="length", correction="A complete answer.")
     res = sample(db, home, SampleConfig(name="s", strategies={"random": 1.0}, dedup_against=[]), progress=False)
     c = res.card["counts"]
-    assert (c["requests_in_window"], c["error"], c["aborted"], c["truncated"], c["negative_feedback"]) == (6, 1, 1, 1, 1)
+    assert (c["requests_in_window"], c["error"], c["aborted"], c["truncated"], c["negative_feedback"]) == (
+        6,
+        1,
+        1,
+        1,
+        1,
+    )
     got = {r["request_id"]: r for r in all_rows(home, db, res.sft)}
     assert set(got) == {good, fixed}
     assert got[fixed]["messages"][-1] == {"role": "assistant", "content": "A complete answer."}
@@ -62,7 +94,9 @@ def test_filters_drop_errors_aborts_truncations_and_unfixed_thumbs_down(home, db
 
 def test_a_correction_becomes_the_sft_target_and_a_dpo_pair(home, db):
     for i in range(6):
-        add_request(db, f"question number {i} about tea", f"wrong answer {i}", rating=-1, correction=f"right answer {i}")
+        add_request(
+            db, f"question number {i} about tea", f"wrong answer {i}", rating=-1, correction=f"right answer {i}"
+        )
     liked = add_request(db, "what colour is the sky", "Blue.", rating=1)
     res = sample(db, home, SampleConfig(name="fb", strategies={"feedback": 1.0}, dedup_against=[]), progress=False)
     sft = {r["request_id"]: r for r in all_rows(home, db, res.sft)}
@@ -77,8 +111,12 @@ def test_a_correction_becomes_the_sft_target_and_a_dpo_pair(home, db):
 
 
 def test_pii_is_scrubbed_from_prompts_responses_and_corrections(home, db):
-    add_request(db, "mail me at jane.doe@example.com", "Sure, I will write to jane.doe@example.com.",
-                correction="I cannot email 10.0.0.1 or anyone.")
+    add_request(
+        db,
+        "mail me at jane.doe@example.com",
+        "Sure, I will write to jane.doe@example.com.",
+        correction="I cannot email 10.0.0.1 or anyone.",
+    )
     res = sample(db, home, SampleConfig(name="pii", strategies={"random": 1.0}, dedup_against=[]), progress=False)
     text = json.dumps(all_rows(home, db, res.sft)) + json.dumps(all_rows(home, db, res.preference))
     assert "jane.doe@example.com" not in text and "10.0.0.1" not in text
@@ -88,7 +126,9 @@ def test_pii_is_scrubbed_from_prompts_responses_and_corrections(home, db):
 
 def test_duplicates_are_removed_within_the_sample_and_against_earlier_training_sets(home, db):
     add_request(db, "How do I reset my password?", "Click 'forgot password'.")
-    corrected = add_request(db, "how do i reset my  password", "No idea.", correction="Use the reset link on the login page.")
+    corrected = add_request(
+        db, "how do i reset my  password", "No idea.", correction="Use the reset link on the login page."
+    )
     add_request(db, "What are your opening hours?", "9 to 5.")
     first = sample(db, home, SampleConfig(name="d1", strategies={"random": 1.0}), progress=False)
     got = {r["request_id"]: r for r in all_rows(home, db, first.sft)}
@@ -107,7 +147,9 @@ def test_quotas_split_the_sample_between_strategies(home, db):
         add_request(db, f"corrected question {i} on billing", f"meh {i}", correction=f"good answer {i}")
     for i in range(40):
         add_request(db, f"plain question {i} about topic {i % 7}", f"answer {i}")
-    cfg = SampleConfig(name="q", strategies=parse_strategies(["feedback=0.25", "random=0.75"]), limit=20, dedup_against=[])
+    cfg = SampleConfig(
+        name="q", strategies=parse_strategies(["feedback=0.25", "random=0.75"]), limit=20, dedup_against=[]
+    )
     res = sample(db, home, cfg, progress=False)
     ps = res.card["per_strategy"]
     assert ps["feedback"] == {"quota": 5, "carried_in": 0, "picked": 5}
@@ -130,8 +172,12 @@ def test_stratified_sampling_balances_model_versions(home, db):
         add_request(db, f"common question {i} about shipping", f"answer {i}", version="v1")
     for i in range(6):
         add_request(db, f"rare question {i} about returns", f"answer {i}", version="v2")
-    res = sample(db, home, SampleConfig(name="st", strategies={"stratified": 1.0}, limit=12, topics=2, dedup_against=[]),
-                 progress=False)
+    res = sample(
+        db,
+        home,
+        SampleConfig(name="st", strategies={"stratified": 1.0}, limit=12, topics=2, dedup_against=[]),
+        progress=False,
+    )
     ids = {r["request_id"] for r in all_rows(home, db, res.sft)}
     v2 = {r["id"] for r in db.query("SELECT id FROM requests WHERE model_version = 'v2'")}
     assert len(ids) == 12
@@ -141,15 +187,30 @@ def test_stratified_sampling_balances_model_versions(home, db):
 def test_drift_targeted_sampling_prefers_requests_unlike_the_training_data(home, db):
     from tuneloop.dataset_store import save_dataset
 
-    train = [{"id": f"t{i}", "messages": [{"role": "user", "content": f"what is the weather like in city {i}"},
-                                           {"role": "assistant", "content": "sunny"}], "request_id": None, "origin": "file"}
-             for i in range(20)]
+    train = [
+        {
+            "id": f"t{i}",
+            "messages": [
+                {"role": "user", "content": f"what is the weather like in city {i}"},
+                {"role": "assistant", "content": "sunny"},
+            ],
+            "request_id": None,
+            "origin": "file",
+        }
+        for i in range(20)
+    ]
     ds = save_dataset(db, home, "weather", {"train": train, "validation": train[:2], "test": train[2:4]}, "sft", {}, {})
-    register_version(db, ModelVersion(name="w1", kind="adapter", base_model="/b", path="/p", content_hash="h", dataset_id=ds.id))
+    register_version(
+        db, ModelVersion(name="w1", kind="adapter", base_model="/b", path="/p", content_hash="h", dataset_id=ds.id)
+    )
     near = {add_request(db, f"what is the weather like in city {i} today", "sunny", version="w1") for i in range(30)}
-    far = {add_request(db, f"explain quantum entanglement to a {w} student", "hmm", version="w1")
-           for w in ["physics", "chemistry", "history", "art", "music", "math", "biology", "law", "medicine", "poetry"]}
-    res = sample(db, home, SampleConfig(name="dr", strategies={"drift": 1.0}, limit=10, dedup_against=[]), progress=False)
+    far = {
+        add_request(db, f"explain quantum entanglement to a {w} student", "hmm", version="w1")
+        for w in ["physics", "chemistry", "history", "art", "music", "math", "biology", "law", "medicine", "poetry"]
+    }
+    res = sample(
+        db, home, SampleConfig(name="dr", strategies={"drift": 1.0}, limit=10, dedup_against=[]), progress=False
+    )
     got = {r["request_id"] for r in all_rows(home, db, res.sft)}
     assert len(got & far) >= 8, f"drift-targeted picked only {len(got & far)} of 10 far requests"
     assert len(got & near) <= 2
@@ -158,13 +219,26 @@ def test_drift_targeted_sampling_prefers_requests_unlike_the_training_data(home,
 def test_replay_mixes_in_earlier_training_rows_only_into_train(home, db):
     from tuneloop.dataset_store import save_dataset
 
-    old = [{"id": f"o{i}", "messages": [{"role": "user", "content": f"old question {i}"}, {"role": "assistant", "content": "old"}],
-            "request_id": None, "origin": "file"} for i in range(50)]
+    old = [
+        {
+            "id": f"o{i}",
+            "messages": [{"role": "user", "content": f"old question {i}"}, {"role": "assistant", "content": "old"}],
+            "request_id": None,
+            "origin": "file",
+        }
+        for i in range(50)
+    ]
     base = save_dataset(db, home, "base-set", {"train": old, "validation": old[:3], "test": old[3:6]}, "sft", {}, {})
     for i in range(20):
         add_request(db, f"new question {i} on a new topic", f"new answer {i}")
-    res = sample(db, home, SampleConfig(name="rp", strategies={"random": 1.0}, replay_from="base-set", replay_fraction=0.2,
-                                        dedup_against=[]), progress=False)
+    res = sample(
+        db,
+        home,
+        SampleConfig(
+            name="rp", strategies={"random": 1.0}, replay_from="base-set", replay_fraction=0.2, dedup_against=[]
+        ),
+        progress=False,
+    )
     sp = rows(home, db, res.sft)
     replay = [r for r in sp["train"] if r["origin"] == "replay"]
     assert len(replay) == round(len([r for r in sp["train"] if r["origin"] != "replay"]) * 0.2 / 0.8) > 0
@@ -186,7 +260,9 @@ def test_the_same_data_and_seed_give_the_same_dataset(home, db):
 def test_time_window_limits_the_requests(home, db):
     add_request(db, "old request", "old", at=utcnow() - timedelta(hours=3))
     recent = add_request(db, "recent request", "new", at=utcnow() - timedelta(minutes=10))
-    res = sample(db, home, SampleConfig(name="tw", strategies={"random": 1.0}, window="1h", dedup_against=[]), progress=False)
+    res = sample(
+        db, home, SampleConfig(name="tw", strategies={"random": 1.0}, window="1h", dedup_against=[]), progress=False
+    )
     assert [r["request_id"] for r in all_rows(home, db, res.sft)] == [recent]
     with pytest.raises(SampleError, match="bad duration"):
         sample(db, home, SampleConfig(name="tw", window="an hour"), progress=False)
@@ -196,8 +272,18 @@ def test_lineage_runs_from_a_request_to_the_version_trained_on_it_and_back(home,
     register_version(db, ModelVersion(name="v1", kind="adapter", base_model="/b", path="/p1", content_hash="h1"))
     src = [add_request(db, f"question {i}", f"answer {i}", version="v1") for i in range(5)]
     res = sample(db, home, SampleConfig(name="lin", strategies={"random": 1.0}, dedup_against=[]), progress=False)
-    register_version(db, ModelVersion(name="v2", kind="adapter", base_model="/b", path="/p2", content_hash="h2",
-                                      dataset_id=res.sft.id, parent_version="v1"))
+    register_version(
+        db,
+        ModelVersion(
+            name="v2",
+            kind="adapter",
+            base_model="/b",
+            path="/p2",
+            content_hash="h2",
+            dataset_id=res.sft.id,
+            parent_version="v1",
+        ),
+    )
     served = add_request(db, "a question for v2", "an answer from v2", version="v2")
     # backwards: a response served by v2 -> v2 -> its dataset -> the requests it was built from -> v1
     back = lineage(db, served)
@@ -216,7 +302,18 @@ def test_lineage_runs_from_a_request_to_the_version_trained_on_it_and_back(home,
 def test_cli_sample_and_lineage_as_a_user_runs_them(cli, db, home):
     for i in range(8):
         add_request(db, f"cli question {i}", f"cli answer {i}", correction="better" if i == 0 else None)
-    r = cli("feedback", "sample", "--name", "cli-set", "--window", "1h", "--strategy", "feedback=0.5", "--strategy", "random")
+    r = cli(
+        "feedback",
+        "sample",
+        "--name",
+        "cli-set",
+        "--window",
+        "1h",
+        "--strategy",
+        "feedback=0.5",
+        "--strategy",
+        "random",
+    )
     assert "dataset cli-set@" in r.stdout and "strategies: feedback 1/4, random 7/4" in r.stdout
     ds = get_dataset(db, "cli-set")
     assert ds.rows_train + ds.rows_validation + ds.rows_test == 8

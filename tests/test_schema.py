@@ -9,46 +9,167 @@ from tuneloop.db import Database, migrate
 from tuneloop.migrations import MIGRATIONS
 
 EXPECTED = {
-    "datasets": [("id", "VARCHAR"), ("name", "VARCHAR"), ("content_hash", "VARCHAR"), ("kind", "VARCHAR"), ("path", "VARCHAR"),
-                 ("source", "JSON"), ("card", "JSON"), ("rows_train", "BIGINT"), ("rows_validation", "BIGINT"),
-                 ("rows_test", "BIGINT"), ("parent_ids", "JSON"), ("created_at", "TIMESTAMP")],
-    "runs": [("id", "VARCHAR"), ("method", "VARCHAR"), ("base_model", "VARCHAR"), ("dataset_id", "VARCHAR"), ("config", "JSON"),
-             ("status", "VARCHAR"), ("started_at", "TIMESTAMP"), ("finished_at", "TIMESTAMP"), ("duration_s", "DOUBLE"),
-             ("metrics", "JSON"), ("output_path", "VARCHAR"), ("artifact_hash", "VARCHAR"), ("error", "VARCHAR")],
-    "model_versions": [("name", "VARCHAR"), ("kind", "VARCHAR"), ("base_model", "VARCHAR"), ("path", "VARCHAR"),
-                       ("content_hash", "VARCHAR"), ("parent_version", "VARCHAR"), ("dataset_id", "VARCHAR"), ("run_id", "VARCHAR"),
-                       ("config", "JSON"), ("metrics", "JSON"), ("created_at", "TIMESTAMP"), ("stage", "VARCHAR"),
-                       ("stage_changed_at", "TIMESTAMP")],
-    "eval_reports": [("id", "VARCHAR"), ("dataset_id", "VARCHAR"), ("models", "JSON"), ("report", "JSON"), ("path", "VARCHAR"),
-                     ("created_at", "TIMESTAMP")],
-    "requests": [("id", "VARCHAR"), ("received_at", "TIMESTAMP"), ("route", "VARCHAR"), ("model", "VARCHAR"),
-                 ("model_version", "VARCHAR"), ("arm", "VARCHAR"), ("prompt", "JSON"), ("response", "VARCHAR"),
-                 ("finish_reason", "VARCHAR"), ("prompt_tokens", "INTEGER"), ("completion_tokens", "INTEGER"), ("ttft_s", "DOUBLE"),
-                 ("latency_s", "DOUBLE"), ("status", "INTEGER"), ("error", "VARCHAR"), ("stream", "BOOLEAN"), ("params", "JSON"),
-                 ("user_id", "VARCHAR"), ("key_id", "VARCHAR")],
-    "api_keys": [("id", "VARCHAR"), ("name", "VARCHAR"), ("scope", "VARCHAR"), ("key_hash", "VARCHAR"), ("prefix", "VARCHAR"),
-                 ("created_at", "TIMESTAMP"), ("revoked_at", "TIMESTAMP")],
-    "reference_profiles": [("model_version", "VARCHAR"), ("dataset_id", "VARCHAR"), ("profile", "JSON"), ("embeddings", "BLOB"),
-                           ("embedding_dim", "INTEGER"), ("created_at", "TIMESTAMP")],
-    "drift_reports": [("id", "VARCHAR"), ("model_version", "VARCHAR"), ("window_start", "TIMESTAMP"), ("window_end", "TIMESTAMP"),
-                      ("n_requests", "BIGINT"), ("feature", "VARCHAR"), ("statistic", "VARCHAR"), ("value", "DOUBLE"),
-                      ("threshold", "DOUBLE"), ("drifted", "BOOLEAN"), ("details", "JSON"), ("created_at", "TIMESTAMP")],
-    "feedback": [("id", "VARCHAR"), ("request_id", "VARCHAR"), ("source", "VARCHAR"), ("rating", "INTEGER"), ("rating_kind", "VARCHAR"),
-                 ("correction", "VARCHAR"), ("comment", "VARCHAR"), ("labels", "JSON"), ("model_version", "VARCHAR"),
-                 ("created_at", "TIMESTAMP")],
-    "dataset_rows": [("dataset_id", "VARCHAR"), ("row_id", "VARCHAR"), ("split", "VARCHAR"), ("request_id", "VARCHAR"), ("origin", "VARCHAR")],
-    "deploy_events": [("id", "VARCHAR"), ("model_version", "VARCHAR"), ("from_stage", "VARCHAR"), ("to_stage", "VARCHAR"),
-                      ("actor", "VARCHAR"), ("reason", "VARCHAR"), ("details", "JSON"), ("occurred_at", "TIMESTAMP")],
-    "canaries": [("id", "VARCHAR"), ("candidate", "VARCHAR"), ("production", "VARCHAR"), ("share", "DOUBLE"), ("status", "VARCHAR"),
-                 ("started_at", "TIMESTAMP"), ("decided_at", "TIMESTAMP"), ("decision", "JSON")],
-    "loop_runs": [("id", "VARCHAR"), ("step", "VARCHAR"), ("status", "VARCHAR"), ("started_at", "TIMESTAMP"),
-                  ("finished_at", "TIMESTAMP"), ("details", "JSON"), ("error", "VARCHAR")],
+    "datasets": [
+        ("id", "VARCHAR"),
+        ("name", "VARCHAR"),
+        ("content_hash", "VARCHAR"),
+        ("kind", "VARCHAR"),
+        ("path", "VARCHAR"),
+        ("source", "JSON"),
+        ("card", "JSON"),
+        ("rows_train", "BIGINT"),
+        ("rows_validation", "BIGINT"),
+        ("rows_test", "BIGINT"),
+        ("parent_ids", "JSON"),
+        ("created_at", "TIMESTAMP"),
+    ],
+    "runs": [
+        ("id", "VARCHAR"),
+        ("method", "VARCHAR"),
+        ("base_model", "VARCHAR"),
+        ("dataset_id", "VARCHAR"),
+        ("config", "JSON"),
+        ("status", "VARCHAR"),
+        ("started_at", "TIMESTAMP"),
+        ("finished_at", "TIMESTAMP"),
+        ("duration_s", "DOUBLE"),
+        ("metrics", "JSON"),
+        ("output_path", "VARCHAR"),
+        ("artifact_hash", "VARCHAR"),
+        ("error", "VARCHAR"),
+    ],
+    "model_versions": [
+        ("name", "VARCHAR"),
+        ("kind", "VARCHAR"),
+        ("base_model", "VARCHAR"),
+        ("path", "VARCHAR"),
+        ("content_hash", "VARCHAR"),
+        ("parent_version", "VARCHAR"),
+        ("dataset_id", "VARCHAR"),
+        ("run_id", "VARCHAR"),
+        ("config", "JSON"),
+        ("metrics", "JSON"),
+        ("created_at", "TIMESTAMP"),
+        ("stage", "VARCHAR"),
+        ("stage_changed_at", "TIMESTAMP"),
+    ],
+    "eval_reports": [
+        ("id", "VARCHAR"),
+        ("dataset_id", "VARCHAR"),
+        ("models", "JSON"),
+        ("report", "JSON"),
+        ("path", "VARCHAR"),
+        ("created_at", "TIMESTAMP"),
+    ],
+    "requests": [
+        ("id", "VARCHAR"),
+        ("received_at", "TIMESTAMP"),
+        ("route", "VARCHAR"),
+        ("model", "VARCHAR"),
+        ("model_version", "VARCHAR"),
+        ("arm", "VARCHAR"),
+        ("prompt", "JSON"),
+        ("response", "VARCHAR"),
+        ("finish_reason", "VARCHAR"),
+        ("prompt_tokens", "INTEGER"),
+        ("completion_tokens", "INTEGER"),
+        ("ttft_s", "DOUBLE"),
+        ("latency_s", "DOUBLE"),
+        ("status", "INTEGER"),
+        ("error", "VARCHAR"),
+        ("stream", "BOOLEAN"),
+        ("params", "JSON"),
+        ("user_id", "VARCHAR"),
+        ("key_id", "VARCHAR"),
+    ],
+    "api_keys": [
+        ("id", "VARCHAR"),
+        ("name", "VARCHAR"),
+        ("scope", "VARCHAR"),
+        ("key_hash", "VARCHAR"),
+        ("prefix", "VARCHAR"),
+        ("created_at", "TIMESTAMP"),
+        ("revoked_at", "TIMESTAMP"),
+    ],
+    "reference_profiles": [
+        ("model_version", "VARCHAR"),
+        ("dataset_id", "VARCHAR"),
+        ("profile", "JSON"),
+        ("embeddings", "BLOB"),
+        ("embedding_dim", "INTEGER"),
+        ("created_at", "TIMESTAMP"),
+    ],
+    "drift_reports": [
+        ("id", "VARCHAR"),
+        ("model_version", "VARCHAR"),
+        ("window_start", "TIMESTAMP"),
+        ("window_end", "TIMESTAMP"),
+        ("n_requests", "BIGINT"),
+        ("feature", "VARCHAR"),
+        ("statistic", "VARCHAR"),
+        ("value", "DOUBLE"),
+        ("threshold", "DOUBLE"),
+        ("drifted", "BOOLEAN"),
+        ("details", "JSON"),
+        ("created_at", "TIMESTAMP"),
+    ],
+    "feedback": [
+        ("id", "VARCHAR"),
+        ("request_id", "VARCHAR"),
+        ("source", "VARCHAR"),
+        ("rating", "INTEGER"),
+        ("rating_kind", "VARCHAR"),
+        ("correction", "VARCHAR"),
+        ("comment", "VARCHAR"),
+        ("labels", "JSON"),
+        ("model_version", "VARCHAR"),
+        ("created_at", "TIMESTAMP"),
+    ],
+    "dataset_rows": [
+        ("dataset_id", "VARCHAR"),
+        ("row_id", "VARCHAR"),
+        ("split", "VARCHAR"),
+        ("request_id", "VARCHAR"),
+        ("origin", "VARCHAR"),
+    ],
+    "deploy_events": [
+        ("id", "VARCHAR"),
+        ("model_version", "VARCHAR"),
+        ("from_stage", "VARCHAR"),
+        ("to_stage", "VARCHAR"),
+        ("actor", "VARCHAR"),
+        ("reason", "VARCHAR"),
+        ("details", "JSON"),
+        ("occurred_at", "TIMESTAMP"),
+    ],
+    "canaries": [
+        ("id", "VARCHAR"),
+        ("candidate", "VARCHAR"),
+        ("production", "VARCHAR"),
+        ("share", "DOUBLE"),
+        ("status", "VARCHAR"),
+        ("started_at", "TIMESTAMP"),
+        ("decided_at", "TIMESTAMP"),
+        ("decision", "JSON"),
+    ],
+    "loop_runs": [
+        ("id", "VARCHAR"),
+        ("step", "VARCHAR"),
+        ("status", "VARCHAR"),
+        ("started_at", "TIMESTAMP"),
+        ("finished_at", "TIMESTAMP"),
+        ("details", "JSON"),
+        ("error", "VARCHAR"),
+    ],
     "schema_migrations": [("version", "INTEGER"), ("applied_at", "TIMESTAMP")],
 }
 
 
 def columns(db: Database, table: str) -> list[tuple[str, str]]:
-    rows = db.query("SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ? ORDER BY ordinal_position", [table])
+    rows = db.query(
+        "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ? ORDER BY ordinal_position",
+        [table],
+    )
     return [(r["column_name"], r["data_type"]) for r in rows]
 
 
@@ -92,10 +213,9 @@ def test_an_old_database_is_upgraded_in_place(tmp_path):
 
 
 def test_failed_transaction_writes_nothing(db):
-    with pytest.raises(RuntimeError):
-        with db.connect() as con:
-            con.execute("INSERT INTO api_keys VALUES ('k', 'n', 'admin', 'h', 'p', now(), NULL)")
-            raise RuntimeError("crash mid-write")
+    with pytest.raises(RuntimeError), db.connect() as con:
+        con.execute("INSERT INTO api_keys VALUES ('k', 'n', 'admin', 'h', 'p', now(), NULL)")
+        raise RuntimeError("crash mid-write")
     assert db.query("SELECT count(*) AS n FROM api_keys")[0]["n"] == 0
 
 
@@ -131,15 +251,24 @@ def test_data_version_moves_on_writes_from_any_process_but_not_on_reads_or_own_l
     db.query("SELECT count(*) FROM api_keys")  # a read is not a change
     assert db.data_version() == v0
     with db.connect(log_only=True) as con:  # this process's request-log appends are not either
-        con.execute("INSERT INTO requests (id, received_at, route, status) VALUES ('r1', now(), 'chat.completions', 200)")
+        con.execute(
+            "INSERT INTO requests (id, received_at, route, status) VALUES ('r1', now(), 'chat.completions', 200)"
+        )
     assert db.data_version() == v0
     db.execute("INSERT INTO api_keys VALUES ('k', 'n', 'admin', 'h', 'p', now(), NULL)")  # an ordinary write is
     v1 = db.data_version()
     assert v1 != v0 and db.data_version() == v1
     other = Database(db.path)  # another handle on the same file shares what this process has seen
     assert other.data_version() == v1
-    subprocess.run([sys.executable, "-c", f"import duckdb; con = duckdb.connect({str(db.path)!r}); "
-                    "con.execute(\"UPDATE api_keys SET name = 'renamed'\"); con.close()"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"import duckdb; con = duckdb.connect({str(db.path)!r}); "
+            "con.execute(\"UPDATE api_keys SET name = 'renamed'\"); con.close()",
+        ],
+        check=True,
+    )
     v2 = db.data_version()  # another process's write: seen without opening the file
     assert v2 != v1 and db.data_version() == v2
 
@@ -162,10 +291,19 @@ def test_a_process_waiting_for_the_lock_knocks_and_the_holder_hears_each_knock_o
     with db.connect(keep_open=True):
         pass
     assert db.held and not db.knocked()
-    p = subprocess.run([sys.executable, "-c", "import sys; from tuneloop.db import Database, DatabaseBusy\n"
-                        "try:\n    Database(sys.argv[1], lock_timeout_s=0.3).query('SELECT 1')\n"
-                        "except DatabaseBusy:\n    print('busy')", str(db.path)],
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from tuneloop.db import Database, DatabaseBusy\n"
+            "try:\n    Database(sys.argv[1], lock_timeout_s=0.3).query('SELECT 1')\n"
+            "except DatabaseBusy:\n    print('busy')",
+            str(db.path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.stdout.strip() == "busy", p.stderr  # held: the other process had to wait, and knocked
     assert db.knocked() and not db.knocked()
     db.release()

@@ -9,7 +9,6 @@ import time
 
 import httpx
 import pytest
-
 from fixtures_server import read_requests
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
@@ -31,7 +30,9 @@ def test_registered_adapter_version_loads_on_first_use(live_server):
     r = chat(live_server, "tiny-a")
     assert r.status_code == 200, r.text
     assert r.headers["x-model-version"] == "tiny-a" and r.json()["model"] == "tiny-a"
-    assert r.json()["choices"][0]["message"]["content"] != base.json()["choices"][0]["message"]["content"]  # the LoRA changes the output
+    assert (
+        r.json()["choices"][0]["message"]["content"] != base.json()["choices"][0]["message"]["content"]
+    )  # the LoRA changes the output
     held = admin(live_server, "GET", "/adapters").json()
     assert any(a["name"] == "tiny-a" and a["version"] == "tiny-a" and a["rank"] == 8 for a in held["adapters"])
 
@@ -40,7 +41,10 @@ def test_admin_load_by_path_serve_and_unload(live_server, tiny_adapters):
     r = admin(live_server, "POST", "/adapters", json={"path": str(tiny_adapters["b"]), "name": "ad-b"})
     assert r.status_code == 201, r.text
     assert r.json()["name"] == "ad-b" and r.json()["rank"] == 8
-    assert admin(live_server, "POST", "/adapters", json={"path": str(tiny_adapters["b"]), "name": "ad-b"}).status_code == 200
+    assert (
+        admin(live_server, "POST", "/adapters", json={"path": str(tiny_adapters["b"]), "name": "ad-b"}).status_code
+        == 200
+    )
     assert "ad-b" in [m.id for m in live_server.openai().models.list().data]
     assert chat(live_server, "ad-b").status_code == 200
     r = admin(live_server, "DELETE", "/adapters/ad-b")
@@ -93,18 +97,22 @@ def test_load_and_unload_under_load_fail_no_request(live_server, tiny_adapters):
 
     async def one(model: str, i: int, stream: bool) -> str:
         if stream:
-            s = await client.chat.completions.create(model=model, messages=[{"role": "user", "content": f"hi {i}"}],
-                                                     max_tokens=24, stream=True)
+            s = await client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": f"hi {i}"}], max_tokens=24, stream=True
+            )
             text = ""
             async for c in s:
                 text += (c.choices[0].delta.content or "") if c.choices else ""
             return text
-        r = await client.chat.completions.create(model=model, messages=[{"role": "user", "content": f"hi {i}"}], max_tokens=24)
+        r = await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": f"hi {i}"}], max_tokens=24
+        )
         return r.choices[0].message.content
 
     async def stream_until_done(model: str, started: asyncio.Event) -> int:
-        s = await client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
-                                                 max_tokens=48, stream=True)
+        s = await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=48, stream=True
+        )
         n = 0
         async for c in s:
             n += 1
@@ -141,21 +149,37 @@ def test_load_and_unload_under_load_fail_no_request(live_server, tiny_adapters):
 
 
 def test_aliases_and_sticky_canary_split(live_server, tiny_adapters):
+    from tuneloop.db import utcnow
     from tuneloop.ids import hash_path, new_id
     from tuneloop.registry import ModelVersion, register_version, set_stage
-    from tuneloop.db import utcnow
 
     db = live_server.db()
     assert chat(live_server, "canary").status_code == 404  # no canary yet
-    register_version(db, ModelVersion(name="tiny-b", kind="adapter", base_model=str(tiny_adapters["b"].parent.parent / "x"),
-                                      path=str(tiny_adapters["b"]), content_hash=hash_path(tiny_adapters["b"])))
+    register_version(
+        db,
+        ModelVersion(
+            name="tiny-b",
+            kind="adapter",
+            base_model=str(tiny_adapters["b"].parent.parent / "x"),
+            path=str(tiny_adapters["b"]),
+            content_hash=hash_path(tiny_adapters["b"]),
+        ),
+    )
     # a version trained on another base is refused with a clear error
     r = chat(live_server, "tiny-b")
     assert r.status_code == 400 and r.json()["error"]["code"] == "model_not_servable"
 
     base_path = httpx.get(live_server.url + "/admin/state").json()["base_model"]
-    register_version(db, ModelVersion(name="tiny-b2", kind="adapter", base_model=base_path,
-                                      path=str(tiny_adapters["b"]), content_hash=hash_path(tiny_adapters["b"]) + "2"))
+    register_version(
+        db,
+        ModelVersion(
+            name="tiny-b2",
+            kind="adapter",
+            base_model=base_path,
+            path=str(tiny_adapters["b"]),
+            content_hash=hash_path(tiny_adapters["b"]) + "2",
+        ),
+    )
     set_stage(db, "tiny-a", "production", actor="test")
     try:
         st = admin(live_server, "POST", "/state/refresh").json()
@@ -164,8 +188,10 @@ def test_aliases_and_sticky_canary_split(live_server, tiny_adapters):
         assert r.status_code == 200 and r.headers["x-model-version"] == "tiny-a"
 
         canary_id = new_id()
-        db.execute("INSERT INTO canaries (id, candidate, production, share, status, started_at) VALUES (?, ?, ?, ?, 'running', ?)",
-                   [canary_id, "tiny-b2", "tiny-a", 0.5, utcnow()])
+        db.execute(
+            "INSERT INTO canaries (id, candidate, production, share, status, started_at) VALUES (?, ?, ?, ?, 'running', ?)",
+            [canary_id, "tiny-b2", "tiny-a", 0.5, utcnow()],
+        )
         set_stage(db, "tiny-b2", "canary", actor="test")
         deadline = time.monotonic() + 10  # the server re-reads deploy state by itself (state_refresh_s=0.5)
         while admin(live_server, "GET", "/state").json()["canary"] != "tiny-b2" and time.monotonic() < deadline:

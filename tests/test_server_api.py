@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 
 import httpx
-import openai
 import pytest
-
 from fixtures_server import read_requests, sse_events
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
@@ -25,8 +23,10 @@ def test_health_ready_and_models(live_server):
 
 def test_chat_completion_non_streaming(live_server):
     with live_server.http() as h:
-        r = h.post("/v1/chat/completions", json={"model": live_server.base_name, "messages": MSG, "max_tokens": 6,
-                                                 "temperature": 0})
+        r = h.post(
+            "/v1/chat/completions",
+            json={"model": live_server.base_name, "messages": MSG, "max_tokens": 6, "temperature": 0},
+        )
     assert r.status_code == 200
     body = r.json()
     assert body["object"] == "chat.completion"
@@ -36,18 +36,32 @@ def test_chat_completion_non_streaming(live_server):
     assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
     assert choice["finish_reason"] in ("stop", "length")
     u = body["usage"]
-    assert u["completion_tokens"] <= 6 and u["prompt_tokens"] > 5 and u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+    assert (
+        u["completion_tokens"] <= 6
+        and u["prompt_tokens"] > 5
+        and u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+    )
 
     # the official client parses the same answer; greedy decoding is deterministic
-    c = live_server.openai().chat.completions.create(model=live_server.base_name, messages=MSG, max_tokens=6, temperature=0)
+    c = live_server.openai().chat.completions.create(
+        model=live_server.base_name, messages=MSG, max_tokens=6, temperature=0
+    )
     assert c.choices[0].message.content == choice["message"]["content"]
 
 
 def test_chat_streaming_with_usage_matches_non_streaming(live_server):
     client = live_server.openai()
     full = client.chat.completions.create(model=live_server.base_name, messages=MSG, max_tokens=8, temperature=0)
-    chunks = list(client.chat.completions.create(model=live_server.base_name, messages=MSG, max_tokens=8, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=live_server.base_name,
+            messages=MSG,
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-") and chunks[0].id != full.id
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -70,7 +84,10 @@ def test_chat_streaming_with_usage_matches_non_streaming(live_server):
 
 def test_sse_wire_format(live_server):
     with live_server.http() as h:
-        r = h.post("/v1/chat/completions", json={"model": live_server.base_name, "messages": MSG, "max_tokens": 3, "stream": True})
+        r = h.post(
+            "/v1/chat/completions",
+            json={"model": live_server.base_name, "messages": MSG, "max_tokens": 3, "stream": True},
+        )
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     assert r.text.endswith("data: [DONE]\n\n")
     events = sse_events(r.text)
@@ -80,46 +97,69 @@ def test_sse_wire_format(live_server):
 
 def test_completions_streaming_and_not(live_server):
     client = live_server.openai()
-    c = client.completions.create(model=live_server.base_name, prompt="The quick brown fox", max_tokens=5, temperature=0)
+    c = client.completions.create(
+        model=live_server.base_name, prompt="The quick brown fox", max_tokens=5, temperature=0
+    )
     assert c.object == "text_completion" and c.id.startswith("cmpl-")
     assert c.usage.completion_tokens == 5 and c.choices[0].finish_reason == "length"
-    chunks = list(client.completions.create(model=live_server.base_name, prompt="The quick brown fox", max_tokens=5,
-                                            temperature=0, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model=live_server.base_name,
+            prompt="The quick brown fox",
+            max_tokens=5,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == c.choices[0].text
     assert chunks[-1].usage.total_tokens == c.usage.total_tokens
 
 
 def test_completions_batch_of_prompts(live_server):
-    c = live_server.openai().completions.create(model=live_server.base_name, prompt=["Hello", "The capital of France"],
-                                                max_tokens=3, temperature=0)
+    c = live_server.openai().completions.create(
+        model=live_server.base_name, prompt=["Hello", "The capital of France"], max_tokens=3, temperature=0
+    )
     assert [ch.index for ch in c.choices] == [0, 1]
-    single = live_server.openai().completions.create(model=live_server.base_name, prompt="The capital of France",
-                                                     max_tokens=3, temperature=0)
+    single = live_server.openai().completions.create(
+        model=live_server.base_name, prompt="The capital of France", max_tokens=3, temperature=0
+    )
     assert c.choices[1].text == single.choices[0].text
 
 
 def test_n_choices_seed_and_stop(live_server):
     client = live_server.openai()
-    r = client.chat.completions.create(model=live_server.base_name, messages=MSG, max_tokens=6, n=3, temperature=1.0, seed=7)
+    r = client.chat.completions.create(
+        model=live_server.base_name, messages=MSG, max_tokens=6, n=3, temperature=1.0, seed=7
+    )
     assert sorted(ch.index for ch in r.choices) == [0, 1, 2]
-    again = client.chat.completions.create(model=live_server.base_name, messages=MSG, max_tokens=6, n=3, temperature=1.0, seed=7)
+    again = client.chat.completions.create(
+        model=live_server.base_name, messages=MSG, max_tokens=6, n=3, temperature=1.0, seed=7
+    )
     assert [c.message.content for c in r.choices] == [c.message.content for c in again.choices]  # seeded
 
     # stop: take a word the model produces greedily and stop on it
-    full = client.completions.create(model=live_server.base_name, prompt="Hello there", max_tokens=12, temperature=0).choices[0].text
+    full = (
+        client.completions.create(model=live_server.base_name, prompt="Hello there", max_tokens=12, temperature=0)
+        .choices[0]
+        .text
+    )
     words = [w for w in full.split() if len(w) > 1]
     if not words:
         pytest.skip(f"greedy output of the random model has no word to stop on: {full!r}")
     stop = words[0]
-    cut = client.completions.create(model=live_server.base_name, prompt="Hello there", max_tokens=12, temperature=0, stop=[stop])
+    cut = client.completions.create(
+        model=live_server.base_name, prompt="Hello there", max_tokens=12, temperature=0, stop=[stop]
+    )
     assert cut.choices[0].finish_reason == "stop"
     assert cut.choices[0].text == full[: full.index(stop)]
 
 
 def test_logprobs(live_server):
     client = live_server.openai()
-    r = client.chat.completions.create(model=live_server.base_name, messages=MSG, max_tokens=4, temperature=0,
-                                       logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(
+        model=live_server.base_name, messages=MSG, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens
     for t in content:
@@ -133,17 +173,40 @@ def test_logprobs(live_server):
 
 def test_text_content_parts_are_accepted(live_server):
     client = live_server.openai()
-    a = client.chat.completions.create(model=live_server.base_name, max_tokens=4, temperature=0,
-                                       messages=[{"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}]}])
+    a = client.chat.completions.create(
+        model=live_server.base_name,
+        max_tokens=4,
+        temperature=0,
+        messages=[{"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}]}],
+    )
     b = client.chat.completions.create(model=live_server.base_name, messages=MSG, max_tokens=4, temperature=0)
     assert a.choices[0].message.content == b.choices[0].message.content
 
 
 def test_openapi_schema_documents_the_api(live_server):
     schema = httpx.get(live_server.url + "/schema/openapi.json").json()
-    for path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/admin/adapters", "/healthz", "/readyz", "/metrics"):
+    for path in (
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/models",
+        "/admin/adapters",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ):
         assert path in schema["paths"], path
     req = schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]
-    assert {"model", "messages", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "logprobs", "stream"} <= set(req)
+    assert {
+        "model",
+        "messages",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "n",
+        "stop",
+        "seed",
+        "logprobs",
+        "stream",
+    } <= set(req)
     assert "400" in schema["paths"]["/v1/chat/completions"]["post"]["responses"]
     json.dumps(schema)

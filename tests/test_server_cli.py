@@ -15,11 +15,14 @@ def test_serve_help_explains_what_is_served(cli):
         assert words in out
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "/nonexistent/model"], "does not exist"),
-    (["--model", "not-pulled-anywhere"], "tuneloop models pull"),
-    (["--port", "70000"], "not a TCP port"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "/nonexistent/model"], "does not exist"),
+        (["--model", "not-pulled-anywhere"], "tuneloop models pull"),
+        (["--port", "70000"], "not a TCP port"),
+    ],
+)
 def test_serve_refuses_bad_arguments(cli, tiny_model, args, message):
     full = args if "--model" in args else ["--model", str(tiny_model), *args]
     r = cli("serve", *full, check=False, timeout=120)

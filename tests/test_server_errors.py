@@ -13,7 +13,6 @@ import copy
 
 import httpx
 import pytest
-
 from fixtures_server import read_requests
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
@@ -38,7 +37,11 @@ def assert_error(r: httpx.Response, status: int, *words: str) -> dict:
 def test_bad_chat_requests(live_server):
     m = live_server.base_name
     chat = lambda body: post(live_server, "/v1/chat/completions", json=body)  # noqa: E731
-    assert_error(post(live_server, "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}), 400, "JSON")
+    assert_error(
+        post(live_server, "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}),
+        400,
+        "JSON",
+    )
     assert_error(chat({"model": m}), 400, "messages")
     assert_error(chat({"model": m, "messages": []}), 400, "messages")
     assert_error(chat({"model": m, "messages": "hi"}), 400, "messages")
@@ -73,7 +76,11 @@ def test_bad_completion_requests_and_http_errors(live_server):
     assert_error(cmpl({"model": m, "prompt": "x", "logprobs": 9}), 400, "logprobs")
     assert_error(cmpl({"model": m, "prompt": "hello " * 2000}), 400, "context")
     big = b'{"model": "%s", "prompt": "' % m.encode() + b"a" * (5 * 1024 * 1024) + b'"}'
-    assert_error(post(live_server, "/v1/completions", content=big, headers={"content-type": "application/json"}), 413, "too large")
+    assert_error(
+        post(live_server, "/v1/completions", content=big, headers={"content-type": "application/json"}),
+        413,
+        "too large",
+    )
     assert_error(httpx.get(live_server.url + "/v1/nothing-here"), 404)
     assert_error(httpx.get(live_server.url + "/v1/completions"), 405)
 
@@ -108,7 +115,11 @@ def _fuzz_schema(raw: dict, model_names: list[str]) -> dict:
         bound(props["n"], maximum=2)
         props["model"] = {"type": "string", "enum": model_names}
     comps["ChatCompletionRequest"]["properties"]["messages"]["maxItems"] = 3
-    s["paths"] = {p: v for p, v in s["paths"].items() if p.startswith("/v1/") and "feedback" not in p or p in ("/healthz", "/readyz", "/metrics")}
+    s["paths"] = {
+        p: v
+        for p, v in s["paths"].items()
+        if (p.startswith("/v1/") and "feedback" not in p) or p in ("/healthz", "/readyz", "/metrics")
+    }
     return s
 
 
@@ -117,7 +128,9 @@ def test_schemathesis_finds_no_server_error(live_server):
     from hypothesis import HealthCheck, Phase, given, settings
 
     raw = httpx.get(live_server.url + "/schema/openapi.json").json()
-    schema = schemathesis.openapi.from_dict(_fuzz_schema(raw, [live_server.base_name, "production", "tiny-a", "unknown-model"]))
+    schema = schemathesis.openapi.from_dict(
+        _fuzz_schema(raw, [live_server.base_name, "production", "tiny-a", "unknown-model"])
+    )
     schema.config.update(base_url=live_server.url)
     failures: list[str] = []
     ran = 0
@@ -125,8 +138,12 @@ def test_schemathesis_finds_no_server_error(live_server):
         op = result.ok()
 
         @given(case=op.as_strategy())
-        @settings(max_examples=25, deadline=None, phases=[Phase.explicit, Phase.generate],
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=25,
+            deadline=None,
+            phases=[Phase.explicit, Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
         def check(case):
             nonlocal ran
             resp = case.call(base_url=live_server.url, timeout=60)

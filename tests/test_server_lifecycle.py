@@ -11,7 +11,6 @@ import time
 
 import httpx
 import pytest
-
 from fixtures_server import VENV_BIN, start_server
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
@@ -20,8 +19,13 @@ pytestmark = [pytest.mark.engine, pytest.mark.slow]
 def _key(home, scope: str) -> dict:
     import subprocess
 
-    r = subprocess.run([str(VENV_BIN / "tuneloop"), "keys", "create", "--scope", scope, "--name", f"{scope}-key", "--json"],
-                       env=dict(os.environ, TUNELOOP_HOME=str(home)), capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [str(VENV_BIN / "tuneloop"), "keys", "create", "--scope", scope, "--name", f"{scope}-key", "--json"],
+        env=dict(os.environ, TUNELOOP_HOME=str(home)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 

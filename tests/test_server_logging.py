@@ -8,9 +8,8 @@ import time
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from fixtures_server import read_requests
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
@@ -20,8 +19,13 @@ def test_32_concurrent_streams_all_succeed_and_are_logged(live_server):
 
     async def one(i: int):
         stream = await client.chat.completions.create(
-            model=live_server.base_name, messages=[{"role": "user", "content": f"Tell me about number {i}."}],
-            max_tokens=16, stream=True, stream_options={"include_usage": True}, user=f"conc-{i}")
+            model=live_server.base_name,
+            messages=[{"role": "user", "content": f"Tell me about number {i}."}],
+            max_tokens=16,
+            stream=True,
+            stream_options={"include_usage": True},
+            user=f"conc-{i}",
+        )
         rid, text, usage = None, "", None
         async for c in stream:
             rid = c.id
@@ -52,9 +56,14 @@ def test_32_concurrent_streams_all_succeed_and_are_logged(live_server):
 
 
 def test_client_disconnect_mid_stream_is_logged_as_499(live_server):
-    body = {"model": live_server.base_name, "messages": [{"role": "user", "content": "Write a long story."}],
-            "max_tokens": 400, "stream": True, "user": "quitter"}
-    with httpx.Client(base_url=live_server.url, timeout=60) as h:
+    body = {
+        "model": live_server.base_name,
+        "messages": [{"role": "user", "content": "Write a long story."}],
+        "max_tokens": 400,
+        "stream": True,
+        "user": "quitter",
+    }
+    with httpx.Client(base_url=live_server.url, timeout=60) as h:  # noqa: SIM117
         with h.stream("POST", "/v1/chat/completions", json=body) as r:
             rid = r.headers["x-request-id"]
             it = r.iter_lines()
@@ -89,8 +98,13 @@ def _metrics_and_log(live_server, h):
 
 def test_metrics_parse_and_agree_with_the_log(live_server):
     with httpx.Client(base_url=live_server.url, timeout=60) as h:
-        assert h.post("/v1/chat/completions", json={"model": live_server.base_name, "messages": [{"role": "user", "content": "x"}],
-                                                    "max_tokens": 2}).status_code == 200
+        assert (
+            h.post(
+                "/v1/chat/completions",
+                json={"model": live_server.base_name, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2},
+            ).status_code
+            == 200
+        )
         assert h.post("/v1/completions", json={"model": "absent", "prompt": "x"}).status_code == 404
         # requests of earlier tests may still be finishing on the shared server: the counters and the log
         # must converge once the server is quiet (a row counted but never logged would fail here)
@@ -99,10 +113,16 @@ def test_metrics_parse_and_agree_with_the_log(live_server):
             if counted == logged:
                 break
             time.sleep(0.5)
-    assert {"tuneloop_requests", "tuneloop_request_duration_seconds", "tuneloop_time_to_first_token_seconds",
-            "tuneloop_prompt_tokens", "tuneloop_generation_tokens", "tuneloop_model_info"} <= set(fams)
+    assert {
+        "tuneloop_requests",
+        "tuneloop_request_duration_seconds",
+        "tuneloop_time_to_first_token_seconds",
+        "tuneloop_prompt_tokens",
+        "tuneloop_generation_tokens",
+        "tuneloop_model_info",
+    } <= set(fams)
     assert counted == logged
     gen = sum(s.value for s in fams["tuneloop_generation_tokens"].samples if s.name.endswith("_total"))
     assert gen == sum(r["completion_tokens"] or 0 for r in read_requests(live_server.db_path))
     info = [s.labels for s in fams["tuneloop_model_info"].samples]
-    assert any(l["model_version"] == live_server.base_name and l["kind"] == "base" for l in info)
+    assert any(l["model_version"] == live_server.base_name and l["kind"] == "base" for l in info)  # noqa: E741

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import CLI, VENV_BIN
 
 pytestmark = [pytest.mark.train, pytest.mark.slow]
@@ -31,8 +30,16 @@ def ws(tiny_model, tmp_path_factory):
     with open(root / "pref.jsonl", "w") as f:
         for i, r in enumerate(rows[:24]):
             m = r["messages"]
-            f.write(json.dumps({"prompt": m[:-1], "chosen": m[-1:],
-                                "rejected": [{"role": "assistant", "content": f"No idea, sorry ({i})."}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": m[:-1],
+                        "chosen": m[-1:],
+                        "rejected": [{"role": "assistant", "content": f"No idea, sorry ({i})."}],
+                    }
+                )
+                + "\n"
+            )
     cli("data", "prepare", root / "pref.jsonl", "--name", "pref", "--base", tiny_model, "--no-progress")
     from tuneloop.db import Database
 
@@ -41,11 +48,10 @@ def ws(tiny_model, tmp_path_factory):
 
 def test_help_lists_every_config_key_with_its_help(ws):
     from tuneloop.config import field_help
-
-    from trainer.config import TrainConfig
+    from tuneloop.trainer.config import TrainConfig
 
     out = ws["cli"]("train", "--help").stdout
-    for key, text in field_help(TrainConfig).items():
+    for key, _text in field_help(TrainConfig).items():
         assert key in out
     assert "padding_free" in out and "lora.r" in out and "--nproc" in out
 
@@ -58,36 +64,52 @@ def test_unknown_key_is_an_error_listing_the_valid_keys(ws):
     assert "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["dataset=nope", "max_steps=1"], "cannot load dataset 'nope'"),
-    (["dataset=chat", "method=dpo", "max_steps=1"], "needs a preference dataset"),
-    (["dataset=chat", "batch_size=0"], "batch_size must be >= 1"),
-    (["dataset=chat", "lora.r=many"], "lora.r: expected an integer"),
-    (["dataset=chat", "lora.targets=[nope_proj]", "max_steps=1"], "Target modules {'nope_proj'} not found"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["dataset=nope", "max_steps=1"], "cannot load dataset 'nope'"),
+        (["dataset=chat", "method=dpo", "max_steps=1"], "needs a preference dataset"),
+        (["dataset=chat", "batch_size=0"], "batch_size must be >= 1"),
+        (["dataset=chat", "lora.r=many"], "lora.r: expected an integer"),
+        (["dataset=chat", "lora.targets=[nope_proj]", "max_steps=1"], "Target modules {'nope_proj'} not found"),
+    ],
+)
 def test_bad_input_exits_2_and_records_nothing(ws, args, message):
-    before = ws["db"].query("SELECT count(*) AS n FROM runs")[0]["n"] if (ws["home"] / "tuneloop.duckdb").exists() else 0
+    before = (
+        ws["db"].query("SELECT count(*) AS n FROM runs")[0]["n"] if (ws["home"] / "tuneloop.duckdb").exists() else 0
+    )
     r = ws["cli"]("train", f"base={ws['base']}", *args, check=False)
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
     assert ws["db"].query("SELECT count(*) AS n FROM runs")[0]["n"] == before
 
 
-@pytest.mark.parametrize("method, dataset, kind", [
-    ("lora", "chat", "adapter"),
-    ("qlora", "chat", "adapter"),
-    ("full", "chat", "merged"),
-    ("prompt_tuning", "chat", "adapter"),
-    ("dpo", "pref", "adapter"),
-])
+@pytest.mark.parametrize(
+    "method, dataset, kind",
+    [
+        ("lora", "chat", "adapter"),
+        ("qlora", "chat", "adapter"),
+        ("full", "chat", "merged"),
+        ("prompt_tuning", "chat", "adapter"),
+        ("dpo", "pref", "adapter"),
+    ],
+)
 def test_each_method_trains_two_steps_and_registers_a_version(ws, method, dataset, kind):
     from tuneloop.ids import hash_path
     from tuneloop.registry import get_dataset, get_run, get_version
 
     name = f"v-{method}"
-    r = ws["cli"]("train", f"base={ws['base']}", f"dataset={dataset}", f"method={method}", "max_steps=2",
-                  f"name={name}", "--quiet", "--json")
-    res = json.loads(r.stdout[r.stdout.index("{\n"):])
+    r = ws["cli"](
+        "train",
+        f"base={ws['base']}",
+        f"dataset={dataset}",
+        f"method={method}",
+        "max_steps=2",
+        f"name={name}",
+        "--quiet",
+        "--json",
+    )
+    res = json.loads(r.stdout[r.stdout.index("{\n") :])
     assert res["version"] == name and res["kind"] == kind and res["metrics"]["steps"] == 2
 
     v = get_version(ws["db"], name)
@@ -109,9 +131,21 @@ def test_each_method_trains_two_steps_and_registers_a_version(ws, method, datase
 def test_sigterm_leaves_a_checkpoint_and_the_rerun_resumes_the_same_run(ws):
     """Pre-emption: SIGTERM stops after the current step with a checkpoint; the same command resumes it."""
     out = ws["root"] / "interrupted"
-    args = [str(VENV_BIN / "tuneloop"), "train", f"base={ws['base']}", "dataset=chat", "name=resumed",
-            f"output_dir={out}", "max_steps=400", "save_steps=1", "save_total_limit=1", "--quiet"]
-    p = subprocess.Popen(args, cwd=ws["root"], env=ws["cli"].env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = [
+        str(VENV_BIN / "tuneloop"),
+        "train",
+        f"base={ws['base']}",
+        "dataset=chat",
+        "name=resumed",
+        f"output_dir={out}",
+        "max_steps=400",
+        "save_steps=1",
+        "save_total_limit=1",
+        "--quiet",
+    ]
+    p = subprocess.Popen(
+        args, cwd=ws["root"], env=ws["cli"].env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 300
     while not list(out.glob("checkpoint-*")) and time.monotonic() < deadline and p.poll() is None:
         time.sleep(0.1)

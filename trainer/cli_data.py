@@ -35,28 +35,61 @@ examples:
 
 def register(sub) -> None:
     g = add_group(sub, "data", "prepare, list and inspect versioned training datasets")
-    p = g.add_parser("prepare", help="clean raw examples into a registered, versioned dataset",
-                     description=PREPARE_HELP, formatter_class=_raw())
+    p = g.add_parser(
+        "prepare",
+        help="clean raw examples into a registered, versioned dataset",
+        description=PREPARE_HELP,
+        formatter_class=_raw(),
+    )
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="JSONL/JSON/CSV files or a datasets folder")
-    p.add_argument("--from", dest="corpus", metavar="CORPUS",
-                   help="prepare a bundled corpus instead of files: chatterbot-corpus (PyPI package; stratified by topic)")
+    p.add_argument(
+        "--from",
+        dest="corpus",
+        metavar="CORPUS",
+        help="prepare a bundled corpus instead of files: chatterbot-corpus (PyPI package; stratified by topic)",
+    )
     p.add_argument("--name", default="", help="dataset name (default: stem of the first input, or the corpus name)")
-    p.add_argument("--format", default="auto", choices=["auto", "chat", "prompt_completion", "alpaca", "preference"],
-                   help="record shape (default: detected from the fields)")
-    p.add_argument("--base", default=None, metavar="MODEL",
-                   help="base model folder or known name whose tokenizer/chat template measure lengths (default smollm2-135m-instruct)")
+    p.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "chat", "prompt_completion", "alpaca", "preference"],
+        help="record shape (default: detected from the fields)",
+    )
+    p.add_argument(
+        "--base",
+        default=None,
+        metavar="MODEL",
+        help="base model folder or known name whose tokenizer/chat template measure lengths (default smollm2-135m-instruct)",
+    )
     p.add_argument("--min-tokens", type=int, default=1, help="drop conversations shorter than this (default 1)")
     p.add_argument("--max-tokens", type=int, default=2048, help="drop conversations longer than this (default 2048)")
-    p.add_argument("--split", default="80/10/10", metavar="T/V/T",
-                   help="train/validation/test percentages or fractions (default 80/10/10)")
+    p.add_argument(
+        "--split",
+        default="80/10/10",
+        metavar="T/V/T",
+        help="train/validation/test percentages or fractions (default 80/10/10)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the deterministic split (default 0)")
-    p.add_argument("--stratify", metavar="FIELD", help="keep the split proportions within each value of this input field")
+    p.add_argument(
+        "--stratify", metavar="FIELD", help="keep the split proportions within each value of this input field"
+    )
     p.add_argument("--no-scrub", dest="scrub", action="store_false", help="keep PII (emails, phones, cards, IPs) as is")
-    p.add_argument("--no-near-dedup", dest="near_dedup", action="store_false",
-                   help="drop only exact duplicates, not near duplicates (case/punctuation/spacing)")
-    p.add_argument("--skip-invalid", action="store_true", help="skip and count malformed JSONL lines instead of failing")
-    p.add_argument("--field-map", action="append", default=[], metavar="OLD=NEW",
-                   help="rename an input field before detection, e.g. question=prompt (repeatable)")
+    p.add_argument(
+        "--no-near-dedup",
+        dest="near_dedup",
+        action="store_false",
+        help="drop only exact duplicates, not near duplicates (case/punctuation/spacing)",
+    )
+    p.add_argument(
+        "--skip-invalid", action="store_true", help="skip and count malformed JSONL lines instead of failing"
+    )
+    p.add_argument(
+        "--field-map",
+        action="append",
+        default=[],
+        metavar="OLD=NEW",
+        help="rename an input field before detection, e.g. question=prompt (repeatable)",
+    )
     p.add_argument("--system", help="system prompt added to conversations that have none")
     p.add_argument("--json", action="store_true", help="print the registered dataset (with its card) as JSON")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -71,10 +104,13 @@ def register(sub) -> None:
     p.add_argument("--rows", type=int, default=3, help="sample rows to print from the train split (default 3)")
     p.set_defaults(handler=cmd_show)
 
-    p = g.add_parser("corpus", help="write a bundled corpus (chatterbot-corpus, chitchat-dataset) as JSONL",
-                     description="Write a corpus from an installed PyPI package as JSONL: chatterbot-corpus gives chat rows "
-                                 "with a topic field, chitchat-dataset gives {\"prompt\": ...} rows (production-like prompts). "
-                                 "Example: tuneloop data corpus chatterbot-corpus -o chatterbot.jsonl")
+    p = g.add_parser(
+        "corpus",
+        help="write a bundled corpus (chatterbot-corpus, chitchat-dataset) as JSONL",
+        description="Write a corpus from an installed PyPI package as JSONL: chatterbot-corpus gives chat rows "
+        'with a topic field, chitchat-dataset gives {"prompt": ...} rows (production-like prompts). '
+        "Example: tuneloop data corpus chatterbot-corpus -o chatterbot.jsonl",
+    )
     p.add_argument("corpus", choices=["chatterbot-corpus", "chitchat-dataset"])
     p.add_argument("-o", "--output", required=True, help="JSONL file to write")
     p.add_argument("--limit", type=int, help="at most this many rows")
@@ -109,25 +145,42 @@ def parse_field_map(items: list[str]) -> dict[str, str]:
 
 
 def cmd_prepare(args, ctx) -> int:
-    from trainer.bootstrap import DEFAULT_BASE
-    from trainer.data import PrepareConfig, prepare, summary_lines
+    from tuneloop.trainer.bootstrap import DEFAULT_BASE
+    from tuneloop.trainer.data import PrepareConfig, prepare, summary_lines
 
     if args.corpus and args.inputs:
         raise UserError("give either input files or --from CORPUS, not both")
     if not args.corpus and not args.inputs:
         raise UserError("no input: name JSONL/CSV files or a datasets folder, or use --from chatterbot-corpus")
-    opts = dict(format=args.format, base=args.base or DEFAULT_BASE, min_tokens=args.min_tokens, max_tokens=args.max_tokens,
-                split=parse_split(args.split), seed=args.seed, scrub=args.scrub, near_dedup=args.near_dedup,
-                skip_invalid=args.skip_invalid, field_map=parse_field_map(args.field_map), system=args.system)
+    opts = dict(
+        format=args.format,
+        base=args.base or DEFAULT_BASE,
+        min_tokens=args.min_tokens,
+        max_tokens=args.max_tokens,
+        split=parse_split(args.split),
+        seed=args.seed,
+        scrub=args.scrub,
+        near_dedup=args.near_dedup,
+        skip_invalid=args.skip_invalid,
+        field_map=parse_field_map(args.field_map),
+        system=args.system,
+    )
     if args.corpus:
-        from trainer.corpora import corpus_name, prepare_corpus
+        from tuneloop.trainer.corpora import corpus_name, prepare_corpus
 
         name = corpus_name(args.corpus)
         opts.pop("base")
         if args.stratify:
             opts["stratify"] = args.stratify
-        rec = prepare_corpus(ctx.db, ctx.settings, name, name=args.name or name, base=args.base or DEFAULT_BASE,
-                             progress=args.progress, **opts)
+        rec = prepare_corpus(
+            ctx.db,
+            ctx.settings,
+            name,
+            name=args.name or name,
+            base=args.base or DEFAULT_BASE,
+            progress=args.progress,
+            **opts,
+        )
     else:
         cfg = PrepareConfig(inputs=list(args.inputs), name=args.name, stratify=args.stratify, **opts)
         rec = prepare(ctx.db, ctx.settings, cfg, progress=args.progress)
@@ -139,9 +192,18 @@ def cmd_prepare(args, ctx) -> int:
 
 
 def _record_dict(rec) -> dict:
-    return {"id": rec.id, "name": rec.name, "kind": rec.kind, "path": rec.path, "content_hash": rec.content_hash,
-            "rows": {"train": rec.rows_train, "validation": rec.rows_validation, "test": rec.rows_test},
-            "created_at": str(rec.created_at), "source": rec.source, "parent_ids": rec.parent_ids, "card": rec.card}
+    return {
+        "id": rec.id,
+        "name": rec.name,
+        "kind": rec.kind,
+        "path": rec.path,
+        "content_hash": rec.content_hash,
+        "rows": {"train": rec.rows_train, "validation": rec.rows_validation, "test": rec.rows_test},
+        "created_at": str(rec.created_at),
+        "source": rec.source,
+        "parent_ids": rec.parent_ids,
+        "card": rec.card,
+    }
 
 
 def cmd_list(args, ctx) -> int:
@@ -150,14 +212,28 @@ def cmd_list(args, ctx) -> int:
 
     rows = list_datasets(ctx.db)
     if args.json:
-        print(json.dumps([{k: v for k, v in _record_dict(r).items() if k != "card"} for r in rows], indent=2, default=str))
+        print(
+            json.dumps([{k: v for k, v in _record_dict(r).items() if k != "card"} for r in rows], indent=2, default=str)
+        )
         return 0
     if not rows:
         print("no datasets registered yet (create one with `tuneloop data prepare`)")
         return 0
-    print_table(["id", "kind", "train", "validation", "test", "parents", "created_at"],
-                [[r.id, r.kind, r.rows_train, r.rows_validation, r.rows_test, ",".join(r.parent_ids) or "-",
-                  str(r.created_at)[:19]] for r in rows])
+    print_table(
+        ["id", "kind", "train", "validation", "test", "parents", "created_at"],
+        [
+            [
+                r.id,
+                r.kind,
+                r.rows_train,
+                r.rows_validation,
+                r.rows_test,
+                ",".join(r.parent_ids) or "-",
+                str(r.created_at)[:19],
+            ]
+            for r in rows
+        ],
+    )
     return 0
 
 
@@ -167,7 +243,9 @@ def cmd_show(args, ctx) -> int:
 
     rec = get_dataset(ctx.db, args.ref)
     out = _record_dict(rec)
-    origins = ctx.db.query("SELECT split, origin, count(*) AS n FROM dataset_rows WHERE dataset_id = ? GROUP BY ALL ORDER BY ALL", [rec.id])
+    origins = ctx.db.query(
+        "SELECT split, origin, count(*) AS n FROM dataset_rows WHERE dataset_id = ? GROUP BY ALL ORDER BY ALL", [rec.id]
+    )
     out["origins"] = [{"split": o["split"], "origin": o["origin"], "rows": o["n"]} for o in origins]
     if args.rows > 0:
         try:
@@ -180,7 +258,7 @@ def cmd_show(args, ctx) -> int:
 
 
 def cmd_corpus(args, ctx) -> int:
-    from trainer.corpora import corpus_rows, write_jsonl
+    from tuneloop.trainer.corpora import corpus_rows, write_jsonl
 
     rows = corpus_rows(args.corpus)
     if args.limit is not None:

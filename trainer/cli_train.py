@@ -14,21 +14,32 @@ from tuneloop.errors import UserError
 
 def register(sub) -> None:
     from tuneloop.config import field_help
-
-    from trainer.config import TrainConfig
+    from tuneloop.trainer.config import TrainConfig
 
     keys = "\n".join(f"  {k}\n      {h}" for k, h in field_help(TrainConfig).items())
     p = sub.add_parser(
-        "train", help="fine-tune a model (lora, qlora, full, prompt_tuning, dpo) and register the version",
+        "train",
+        help="fine-tune a model (lora, qlora, full, prompt_tuning, dpo) and register the version",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Fine-tune a base model on a prepared dataset with TRL + PEFT, record the run and register the "
-                    "result as a model version. Settings come from --config YAML (a TrainConfig file; platform settings go before the command: tuneloop --config tuneloop.yaml train ...), then key=value overrides.",
+        "result as a model version. Settings come from --config YAML (a TrainConfig file; platform settings go before the command: tuneloop --config tuneloop.yaml train ...), then key=value overrides.",
         epilog="examples:\n  tuneloop train dataset=chatterbot name=chat-v1 max_steps=20\n"
-               "  tuneloop train --config train.yaml method=qlora lora.r=16\n\nconfig keys:\n" + keys)
-    p.add_argument("train_overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. method=qlora lora.r=16")
-    p.add_argument("--config", "--train-config", "-c", dest="train_config", metavar="FILE",
-                   help="TrainConfig YAML file (flat keys, lora: as a mapping); key=value overrides win")
-    p.add_argument("--fresh", action="store_true", help="ignore checkpoints in the run folder (default: resume from the last one)")
+        "  tuneloop train --config train.yaml method=qlora lora.r=16\n\nconfig keys:\n" + keys,
+    )
+    p.add_argument(
+        "train_overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. method=qlora lora.r=16"
+    )
+    p.add_argument(
+        "--config",
+        "--train-config",
+        "-c",
+        dest="train_config",
+        metavar="FILE",
+        help="TrainConfig YAML file (flat keys, lora: as a mapping); key=value overrides win",
+    )
+    p.add_argument(
+        "--fresh", action="store_true", help="ignore checkpoints in the run folder (default: resume from the last one)"
+    )
     p.add_argument("--resume", action="store_true", help="require a checkpoint to resume from (error if none)")
     p.add_argument("--nproc", type=int, default=1, help="processes for distributed data-parallel training (CPU: gloo)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or loss table")
@@ -36,26 +47,33 @@ def register(sub) -> None:
     p.set_defaults(handler=cmd_train)
 
     p = sub.add_parser(
-        "eval", help="evaluate model versions on a dataset's held-out split (+ golden prompts, forgetting)",
+        "eval",
+        help="evaluate model versions on a dataset's held-out split (+ golden prompts, forgetting)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Compare models on the same held-out examples: loss, perplexity, exact match, token F1, ROUGE-L, "
-                    "golden prompts and general-set perplexity (forgetting). Prints a table and stores a JSON report.",
+        "golden prompts and general-set perplexity (forgetting). Prints a table and stores a JSON report.",
         epilog="examples:\n  tuneloop eval chat-v1 base --dataset chatterbot --limit 50\n"
-               "  tuneloop eval chat-v2 chat-v1 --golden golden.yaml --general general.txt")
+        "  tuneloop eval chat-v2 chat-v1 --golden golden.yaml --general general.txt",
+    )
     p.add_argument("models", nargs="+", help="version names, model folders or 'base' (the first model's base)")
     p.add_argument("--dataset", help="dataset with a test split (default: the first version's dataset)")
     p.add_argument("--golden", help="golden prompts (YAML or JSONL: prompt + expect/regex)")
-    p.add_argument("--general", help="general held-out text (.txt, .jsonl with text/messages, or a dataset) for forgetting")
+    p.add_argument(
+        "--general", help="general held-out text (.txt, .jsonl with text/messages, or a dataset) for forgetting"
+    )
     p.add_argument("--limit", type=int, help="evaluate at most this many test examples")
     p.add_argument("--max-new-tokens", type=int, default=64, help="generation budget per example (default 64)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(handler=cmd_eval)
 
     p = sub.add_parser(
-        "merge", help="merge a LoRA/QLoRA adapter into full-precision base weights and register it",
+        "merge",
+        help="merge a LoRA/QLoRA adapter into full-precision base weights and register it",
         description="Merge an adapter version into its base (loaded in fp32) as a plain Hugging Face folder that vLLM "
-                    "serves, check logits parity against base+adapter, and register it as kind 'merged'.",
-        epilog="example:\n  tuneloop merge chat-v1 --name chat-v1-merged", formatter_class=argparse.RawDescriptionHelpFormatter)
+        "serves, check logits parity against base+adapter, and register it as kind 'merged'.",
+        epilog="example:\n  tuneloop merge chat-v1 --name chat-v1-merged",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("version", help="adapter version to merge")
     p.add_argument("--name", help="name of the merged version (default: <version>-merged)")
     p.add_argument("--tolerance", type=float, default=1e-3, help="max |logit difference| allowed (default 1e-3)")
@@ -64,8 +82,7 @@ def register(sub) -> None:
 
 def build_config(args):
     from tuneloop.config import build, load_yaml
-
-    from trainer.config import TrainConfig
+    from tuneloop.trainer.config import TrainConfig
 
     overrides = list(args.train_overrides)
     bad = [o for o in overrides if "=" not in o]
@@ -81,52 +98,77 @@ def cmd_train(args, ctx) -> int:
     cfg = build_config(args)
     if args.nproc > 1:
         try:
-            from trainer.distributed import launch
+            from tuneloop.trainer.distributed import launch
         except ModuleNotFoundError as e:
-            if e.name != "trainer.distributed":
+            if e.name != "tuneloop.trainer.distributed":
                 raise
             raise UserError("--nproc > 1 needs trainer/distributed.py, which this installation lacks") from None
-        argv = [a for a in sys.argv[1:]]
+        argv = list(sys.argv[1:])
         i = argv.index("--nproc") if "--nproc" in argv else -1
         if i >= 0:
-            del argv[i:i + 2]
+            del argv[i : i + 2]
         argv = [a for a in argv if not a.startswith("--nproc=")]
         return launch(args.nproc, argv)
     if args.resume:
         from pathlib import Path
 
-        from trainer.train import _last_checkpoint
+        from tuneloop.trainer.train import _last_checkpoint
 
         out = Path(cfg.output_dir) if cfg.output_dir else ctx.settings.paths.home_path / "runs" / (cfg.name or "")
-        if not cfg.name and not cfg.output_dir or _last_checkpoint(out) is None:
-            raise UserError(f"--resume: no checkpoint in {out} (give the same name= or output_dir= as the interrupted run)")
-    from trainer.train import train
+        if (not cfg.name and not cfg.output_dir) or _last_checkpoint(out) is None:
+            raise UserError(
+                f"--resume: no checkpoint in {out} (give the same name= or output_dir= as the interrupted run)"
+            )
+    from tuneloop.trainer.train import train
 
     res = train(cfg, ctx.db, ctx.settings, progress=not args.quiet)
     if args.json:
-        print(json.dumps({"run_id": res.run_id, "version": res.version.name, "kind": res.version.kind,
-                          "path": res.output_path, "metrics": res.metrics}, indent=2, default=str))
+        print(
+            json.dumps(
+                {
+                    "run_id": res.run_id,
+                    "version": res.version.name,
+                    "kind": res.version.kind,
+                    "path": res.output_path,
+                    "metrics": res.metrics,
+                },
+                indent=2,
+                default=str,
+            )
+        )
     else:
         m = res.metrics
         tps = f", {m['tokens_per_s']:.1f} tokens/s" if m.get("tokens_per_s") else ""
         fl = f"{m['final_loss']:.4f}" if m.get("final_loss") is not None else "n/a"
-        print(f"registered {res.version.name} ({res.version.kind}) from run {res.run_id}: {m.get('steps')} steps, "
-              f"final loss {fl}{tps}\n  {res.output_path}")
+        print(
+            f"registered {res.version.name} ({res.version.kind}) from run {res.run_id}: {m.get('steps')} steps, "
+            f"final loss {fl}{tps}\n  {res.output_path}"
+        )
     return 0
 
 
 def cmd_eval(args, ctx) -> int:
-    from trainer.evaluate import evaluate, format_report
+    from tuneloop.trainer.evaluate import evaluate, format_report
 
-    report = evaluate(args.models, args.dataset, ctx.db, ctx.settings, golden=args.golden, general=args.general,
-                      limit=args.limit, max_new_tokens=args.max_new_tokens)
+    report = evaluate(
+        args.models,
+        args.dataset,
+        ctx.db,
+        ctx.settings,
+        golden=args.golden,
+        general=args.general,
+        limit=args.limit,
+        max_new_tokens=args.max_new_tokens,
+    )
     print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
     return 0
 
 
 def cmd_merge(args, ctx) -> int:
-    from trainer.merge import merge
+    from tuneloop.trainer.merge import merge
 
     v, diff = merge(args.version, ctx.db, ctx.settings, name=args.name, tolerance=args.tolerance)
-    print(f"registered {v.name} (merged, parent {v.parent_version}); max |logit diff| vs base+adapter {diff:.2e}\n  {v.path}")
+    print(
+        f"registered {v.name} (merged, parent {v.parent_version}); max |logit diff| vs base+adapter {diff:.2e}\n  {v.path}"
+    )
     return 0

@@ -28,57 +28,142 @@ from tuneloop.errors import UserError
 METHODS = ("lora", "qlora", "full", "prompt_tuning", "dpo")
 ADAPTER_METHODS = ("lora", "qlora", "prompt_tuning", "dpo")
 
+
 @dataclass
 class LoraConfig:
-    r: int = field(default=8, metadata={"help": "LoRA rank (the server's engine.max_lora_rank must be >= this to serve it)."})
+    r: int = field(
+        default=8, metadata={"help": "LoRA rank (the server's engine.max_lora_rank must be >= this to serve it)."}
+    )
     alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-                               metadata={"help": "Module names that get LoRA matrices, e.g. [q_proj,v_proj] or all-linear."})
+    targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        metadata={"help": "Module names that get LoRA matrices, e.g. [q_proj,v_proj] or all-linear."},
+    )
 
 
 @dataclass
 class TrainConfig:
-    base: str = field(default="smollm2-135m-instruct", metadata={"help": "Base model: a known name (smollm2-135m-instruct), an HF folder, or a registered model version (merged versions give their weights, adapters their base)."})
-    dataset: str = field(default="", metadata={"help": "Training dataset: registered id (name@hash), name (newest) or dataset folder (required)."})
-    name: str = field(default="", metadata={"help": "Name of the model version to register; empty = <dataset>-<method>-<UTC time>."})
-    method: Literal["lora", "qlora", "full", "prompt_tuning", "dpo"] = field(default="lora", metadata={"help": "lora | qlora (4-bit nf4 base) | full | prompt_tuning | dpo (preference pairs, with a LoRA adapter)."})
-    output_dir: str = field(default="", metadata={"help": "Run folder (checkpoints, model/, loss history); empty = <home>/runs/<name>."})
-    resume: bool = field(default=True, metadata={"help": "Resume from the last checkpoint in output_dir when there is one."})
-    parent: str = field(default="", metadata={"help": "Model version this one continues from (lineage: parent_version); empty = none."})
-    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (2e-4 suits LoRA; use ~2e-5 for full, ~3e-2 for prompt_tuning, ~5e-5 for dpo)."})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule (transformers names: cosine, linear, constant, constant_with_warmup ...)."})
-    warmup_ratio: float = field(default=0.0, metadata={"help": "Share of the steps spent warming up the learning rate (0..1)."})
-    num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the training split (ignored when max_steps > 0)."})
-    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps; -1 = run num_train_epochs."})
+    base: str = field(
+        default="smollm2-135m-instruct",
+        metadata={
+            "help": "Base model: a known name (smollm2-135m-instruct), an HF folder, or a registered model version (merged versions give their weights, adapters their base)."
+        },
+    )
+    dataset: str = field(
+        default="",
+        metadata={"help": "Training dataset: registered id (name@hash), name (newest) or dataset folder (required)."},
+    )
+    name: str = field(
+        default="", metadata={"help": "Name of the model version to register; empty = <dataset>-<method>-<UTC time>."}
+    )
+    method: Literal["lora", "qlora", "full", "prompt_tuning", "dpo"] = field(
+        default="lora",
+        metadata={
+            "help": "lora | qlora (4-bit nf4 base) | full | prompt_tuning | dpo (preference pairs, with a LoRA adapter)."
+        },
+    )
+    output_dir: str = field(
+        default="", metadata={"help": "Run folder (checkpoints, model/, loss history); empty = <home>/runs/<name>."}
+    )
+    resume: bool = field(
+        default=True, metadata={"help": "Resume from the last checkpoint in output_dir when there is one."}
+    )
+    parent: str = field(
+        default="", metadata={"help": "Model version this one continues from (lineage: parent_version); empty = none."}
+    )
+    learning_rate: float = field(
+        default=2e-4,
+        metadata={
+            "help": "Peak learning rate (2e-4 suits LoRA; use ~2e-5 for full, ~3e-2 for prompt_tuning, ~5e-5 for dpo)."
+        },
+    )
+    lr_scheduler_type: str = field(
+        default="cosine",
+        metadata={
+            "help": "Learning-rate schedule (transformers names: cosine, linear, constant, constant_with_warmup ...)."
+        },
+    )
+    warmup_ratio: float = field(
+        default=0.0, metadata={"help": "Share of the steps spent warming up the learning rate (0..1)."}
+    )
+    num_train_epochs: float = field(
+        default=1.0, metadata={"help": "Passes over the training split (ignored when max_steps > 0)."}
+    )
+    max_steps: int = field(
+        default=-1, metadata={"help": "Stop after this many optimizer steps; -1 = run num_train_epochs."}
+    )
     batch_size: int = field(default=4, metadata={"help": "Examples per device per forward pass."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Forward passes per optimizer step (effective batch = batch_size x this x processes)."})
+    gradient_accumulation_steps: int = field(
+        default=1,
+        metadata={"help": "Forward passes per optimizer step (effective batch = batch_size x this x processes)."},
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    optim: str = field(default="adamw_torch", metadata={"help": "Optimizer (transformers names: adamw_torch, adafactor, sgd, paged_adamw_8bit on GPU ...)."})
-    max_seq_length: int = field(default=1024, metadata={"help": "Longest training sequence in tokens (prompt + completion); longer examples lose their oldest prompt tokens."})
-    packing: bool = field(default=False, metadata={"help": "Pack several examples into max_seq_length blocks (best-fit decreasing). Slower than padding_free on CPU."})
-    padding_free: bool = field(default=True, metadata={"help": "Concatenate each batch into one sequence with no padding (1.5x tokens/s on CPU vs padded batches)."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in the backward pass: less memory, ~30% slower."})
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = field(default="auto", metadata={"help": "auto = fp32 on CPU (bf16 is ~20x slower without bf16 instructions), bf16 on GPU."})
+    optim: str = field(
+        default="adamw_torch",
+        metadata={"help": "Optimizer (transformers names: adamw_torch, adafactor, sgd, paged_adamw_8bit on GPU ...)."},
+    )
+    max_seq_length: int = field(
+        default=1024,
+        metadata={
+            "help": "Longest training sequence in tokens (prompt + completion); longer examples lose their oldest prompt tokens."
+        },
+    )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "Pack several examples into max_seq_length blocks (best-fit decreasing). Slower than padding_free on CPU."
+        },
+    )
+    padding_free: bool = field(
+        default=True,
+        metadata={
+            "help": "Concatenate each batch into one sequence with no padding (1.5x tokens/s on CPU vs padded batches)."
+        },
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in the backward pass: less memory, ~30% slower."}
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = field(
+        default="auto",
+        metadata={"help": "auto = fp32 on CPU (bf16 is ~20x slower without bf16 instructions), bf16 on GPU."},
+    )
     seed: int = field(default=42, metadata={"help": "Random seed (data order, adapter initialisation)."})
-    replay_dataset: str = field(default="", metadata={"help": "A dataset mixed into training against forgetting (e.g. the previous version's dataset)."})
-    replay_fraction: float = field(default=0.0, metadata={"help": "Share of the training rows drawn from replay_dataset (0..0.9)."})
+    replay_dataset: str = field(
+        default="",
+        metadata={"help": "A dataset mixed into training against forgetting (e.g. the previous version's dataset)."},
+    )
+    replay_fraction: float = field(
+        default=0.0, metadata={"help": "Share of the training rows drawn from replay_dataset (0..0.9)."}
+    )
     logging_steps: int = field(default=1, metadata={"help": "Record the loss every this many steps."})
-    save_steps: int = field(default=50, metadata={"help": "Write a resumable checkpoint every this many steps (0 = never)."})
+    save_steps: int = field(
+        default=50, metadata={"help": "Write a resumable checkpoint every this many steps (0 = never)."}
+    )
     save_total_limit: int = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
-    eval_steps: int = field(default=0, metadata={"help": "Validation loss every this many steps (0 = only at the end)."})
-    dpo_beta: float = field(default=0.1, metadata={"help": "dpo: strength of the KL penalty towards the reference model."})
+    eval_steps: int = field(
+        default=0, metadata={"help": "Validation loss every this many steps (0 = only at the end)."}
+    )
+    dpo_beta: float = field(
+        default=0.1, metadata={"help": "dpo: strength of the KL penalty towards the reference model."}
+    )
     num_virtual_tokens: int = field(default=16, metadata={"help": "prompt_tuning: number of virtual tokens."})
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapter (lora, qlora, dpo)."})
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         if not self.dataset:
             raise UserError("no dataset given: pass dataset=<id|name|folder> (see `tuneloop data list`)")
         if not self.base:
             raise UserError("no base model given: pass base=<name|folder|version>")
         if self.max_steps == 0 or (self.max_steps < 0 and self.num_train_epochs <= 0):
             raise UserError("nothing to train: set max_steps > 0 or num_train_epochs > 0")
-        for key in ("batch_size", "gradient_accumulation_steps", "max_seq_length", "logging_steps", "num_virtual_tokens"):
+        for key in (
+            "batch_size",
+            "gradient_accumulation_steps",
+            "max_seq_length",
+            "logging_steps",
+            "num_virtual_tokens",
+        ):
             if getattr(self, key) < 1:
                 raise UserError(f"{key} must be >= 1, got {getattr(self, key)}")
         for key in ("save_steps", "eval_steps", "save_total_limit"):

@@ -18,9 +18,11 @@ Contract
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from tuneloop.errors import UserError
 
@@ -28,8 +30,12 @@ CORPORA = {
     "chatterbot": "chatterbot-corpus==1.3.3",
     "chitchat": "chitchat-dataset==0.9.0",
 }
-ALIASES = {"chatterbot-corpus": "chatterbot", "chatterbot_corpus": "chatterbot", "chitchat-dataset": "chitchat",
-           "chitchat_dataset": "chitchat"}
+ALIASES = {
+    "chatterbot-corpus": "chatterbot",
+    "chatterbot_corpus": "chatterbot",
+    "chitchat-dataset": "chitchat",
+    "chitchat_dataset": "chitchat",
+}
 
 
 def corpus_name(name: str) -> str:
@@ -42,7 +48,9 @@ def corpus_name(name: str) -> str:
 def _package_dir(module: str, pip_spec: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
-        raise UserError(f"this corpus needs the PyPI package {pip_spec.split('==')[0]}: pip install --no-deps {pip_spec}")
+        raise UserError(
+            f"this corpus needs the PyPI package {pip_spec.split('==')[0]}: pip install --no-deps {pip_spec}"
+        )
     return Path(spec.origin).parent
 
 
@@ -56,8 +64,10 @@ def chatterbot_pairs() -> list[dict[str, Any]]:
         data = yaml.safe_load(f.read_text(encoding="utf-8")) or {}
         for conv in data.get("conversations") or []:
             texts = [str(t) for t in conv if t is not None]
-            for q, a in zip(texts, texts[1:]):
-                rows.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}], "topic": f.stem})
+            for q, a in itertools.pairwise(texts):
+                rows.append(
+                    {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}], "topic": f.stem}
+                )
     if not rows:
         raise UserError(f"no conversations found under {root}")
     return rows
@@ -102,17 +112,26 @@ def write_jsonl(rows: Iterable[dict[str, Any]], path: str | Path) -> int:
     return n
 
 
-def prepare_corpus(db, settings, corpus: str, name: str | None = None, base: str | Path | None = None,
-                   progress: bool = True, **options: Any):
+def prepare_corpus(
+    db,
+    settings,
+    corpus: str,
+    name: str | None = None,
+    base: str | Path | None = None,
+    progress: bool = True,
+    **options: Any,
+):
     """Prepare a named corpus (only ``chatterbot`` has answers) into a registered SFT dataset; returns the DatasetRecord.
 
     ``options`` are :class:`trainer.data.PrepareConfig` fields (seed, max_tokens ...); the split is stratified by topic.
     """
-    from trainer.data import PrepareConfig, Record, prepare
+    from tuneloop.trainer.data import PrepareConfig, Record, prepare
 
     n = corpus_name(corpus)
     if n != "chatterbot":
-        raise UserError(f"corpus {corpus!r} holds prompts without answers; only chatterbot-corpus can be prepared for training")
+        raise UserError(
+            f"corpus {corpus!r} holds prompts without answers; only chatterbot-corpus can be prepared for training"
+        )
     cfg = PrepareConfig(name=name or "chatterbot", stratify=options.pop("stratify", "topic"), **options)
     if base is not None:
         cfg.base = str(base)

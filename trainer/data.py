@@ -30,9 +30,10 @@ import random
 import re
 import statistics
 import string
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from tuneloop.errors import UserError
 
@@ -48,20 +49,51 @@ class DataError(UserError, ValueError):
 class PrepareConfig:
     """Options of ``tuneloop data prepare`` (one field per flag)."""
 
-    inputs: list[str] = field(default_factory=list, metadata={"help": "Input files/folders: .jsonl/.json, .csv or a Hugging Face datasets folder."})
+    inputs: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Input files/folders: .jsonl/.json, .csv or a Hugging Face datasets folder."},
+    )
     name: str = field(default="", metadata={"help": "Dataset name (default: stem of the first input)."})
-    format: str = field(default="auto", metadata={"help": f"Record shape, one of {', '.join(FORMATS)}; auto detects it from the fields."})
-    base: str = field(default="smollm2-135m-instruct", metadata={"help": "Base model (folder or known name) whose tokenizer and chat template measure lengths."})
-    min_tokens: int = field(default=1, metadata={"help": "Drop conversations shorter than this many tokens (rendered with the chat template)."})
-    max_tokens: int = field(default=2048, metadata={"help": "Drop conversations longer than this many tokens (rendered with the chat template)."})
-    split: tuple[float, float, float] = field(default=(0.8, 0.1, 0.1), metadata={"help": "Train/validation/test fractions."})
+    format: str = field(
+        default="auto",
+        metadata={"help": f"Record shape, one of {', '.join(FORMATS)}; auto detects it from the fields."},
+    )
+    base: str = field(
+        default="smollm2-135m-instruct",
+        metadata={"help": "Base model (folder or known name) whose tokenizer and chat template measure lengths."},
+    )
+    min_tokens: int = field(
+        default=1,
+        metadata={"help": "Drop conversations shorter than this many tokens (rendered with the chat template)."},
+    )
+    max_tokens: int = field(
+        default=2048,
+        metadata={"help": "Drop conversations longer than this many tokens (rendered with the chat template)."},
+    )
+    split: tuple[float, float, float] = field(
+        default=(0.8, 0.1, 0.1), metadata={"help": "Train/validation/test fractions."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the deterministic split."})
-    stratify: str | None = field(default=None, metadata={"help": "Input field whose values are split in the same proportions (e.g. a topic column)."})
-    scrub: bool = field(default=True, metadata={"help": "Replace emails, phone numbers, card numbers and IPs with placeholders."})
-    near_dedup: bool = field(default=True, metadata={"help": "Also drop near duplicates (same text after lowercasing, removing punctuation, collapsing spaces)."})
+    stratify: str | None = field(
+        default=None,
+        metadata={"help": "Input field whose values are split in the same proportions (e.g. a topic column)."},
+    )
+    scrub: bool = field(
+        default=True, metadata={"help": "Replace emails, phone numbers, card numbers and IPs with placeholders."}
+    )
+    near_dedup: bool = field(
+        default=True,
+        metadata={
+            "help": "Also drop near duplicates (same text after lowercasing, removing punctuation, collapsing spaces)."
+        },
+    )
     skip_invalid: bool = field(default=False, metadata={"help": "Skip (and count) malformed lines instead of failing."})
-    field_map: dict[str, str] = field(default_factory=dict, metadata={"help": "Rename input fields before detection (old -> new)."})
-    system: str | None = field(default=None, metadata={"help": "System prompt prepended to conversations that have none."})
+    field_map: dict[str, str] = field(
+        default_factory=dict, metadata={"help": "Rename input fields before detection (old -> new)."}
+    )
+    system: str | None = field(
+        default=None, metadata={"help": "System prompt prepended to conversations that have none."}
+    )
 
 
 @dataclass
@@ -73,6 +105,7 @@ class Record:
 
 
 # ---- reading -----------------------------------------------------------------------------------
+
 
 def read_inputs(paths: Iterable[str | Path], skip_invalid: bool = False) -> tuple[list[Record], list[str]]:
     """All records of ``paths`` and the locations of skipped malformed lines."""
@@ -110,7 +143,9 @@ def _read_jsonl(p: Path, skip_invalid: bool) -> tuple[list[Record], list[str]]:
                     if not isinstance(obj, dict):
                         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
                 except ValueError as e:
-                    reason = f"invalid JSON ({e.msg} at column {e.colno})" if isinstance(e, json.JSONDecodeError) else str(e)
+                    reason = (
+                        f"invalid JSON ({e.msg} at column {e.colno})" if isinstance(e, json.JSONDecodeError) else str(e)
+                    )
                     if not skip_invalid:
                         raise DataError(f"{loc}: {reason} (use --skip-invalid to skip such lines)") from None
                     bad.append(f"{loc}: {reason}")
@@ -169,7 +204,9 @@ def _read_hf(p: Path) -> list[Record]:
     from datasets import Dataset, DatasetDict, load_from_disk
 
     try:
-        ds = load_from_disk(str(p / "data") if (p / "data").is_dir() and not (p / "dataset_dict.json").exists() else str(p))
+        ds = load_from_disk(
+            str(p / "data") if (p / "data").is_dir() and not (p / "dataset_dict.json").exists() else str(p)
+        )
     except (FileNotFoundError, ValueError) as e:
         raise DataError(f"{p}: not a Hugging Face datasets folder saved with save_to_disk ({e})") from None
     parts = ds.items() if isinstance(ds, DatasetDict) else [("", ds)]
@@ -187,12 +224,15 @@ def apply_field_map(records: list[Record], field_map: dict[str, str]) -> None:
     present = set().union(*(r.data.keys() for r in records)) if records else set()
     missing = [k for k in field_map if k not in present]
     if missing:
-        raise DataError(f"--field-map names unknown field(s) {', '.join(missing)}; the input has: {', '.join(sorted(present)) or 'no fields'}")
+        raise DataError(
+            f"--field-map names unknown field(s) {', '.join(missing)}; the input has: {', '.join(sorted(present)) or 'no fields'}"
+        )
     for r in records:
         r.data = {field_map.get(k, k): v for k, v in r.data.items()}
 
 
 # ---- formats -----------------------------------------------------------------------------------
+
 
 def detect_format(records: list[Record]) -> str:
     """The record shape shared by the records (from the first one whose fields say it)."""
@@ -208,14 +248,19 @@ def detect_format(records: list[Record]) -> str:
             return "prompt_completion"
     fields = sorted(set().union(*(r.data.keys() for r in records))) if records else []
     raise DataError(
-        "cannot detect the record format from the fields " + (", ".join(fields) or "(none)") +
-        ": expected messages (chat), prompt+completion, instruction+output (alpaca) or prompt+chosen+rejected "
+        "cannot detect the record format from the fields "
+        + (", ".join(fields) or "(none)")
+        + ": expected messages (chat), prompt+completion, instruction+output (alpaca) or prompt+chosen+rejected "
         "(preference); rename fields with --field-map old=new or name --format"
     )
 
 
-REQUIRED = {"chat": ("messages",), "prompt_completion": ("prompt", "completion"), "alpaca": ("instruction", "output"),
-            "preference": ("prompt", "chosen", "rejected")}
+REQUIRED = {
+    "chat": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "alpaca": ("instruction", "output"),
+    "preference": ("prompt", "chosen", "rejected"),
+}
 
 
 class InvalidRow(ValueError):
@@ -315,9 +360,13 @@ def load_tokenizer(base_dir: str | Path):
     try:
         tok = AutoTokenizer.from_pretrained(str(base_dir))
     except (OSError, ValueError) as e:
-        raise DataError(f"cannot load the tokenizer of {base_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise DataError(
+            f"cannot load the tokenizer of {base_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
     if not tok.chat_template:
-        raise DataError(f"the tokenizer of {base_dir} has no chat template; pick a chat (instruct) base model with --base")
+        raise DataError(
+            f"the tokenizer of {base_dir} has no chat template; pick a chat (instruct) base model with --base"
+        )
     return tok
 
 
@@ -334,7 +383,7 @@ def token_lengths(tok, rows: list[dict[str, Any]], progress: bool = False, batch
     out = [0] * len(rows)
     bar = tqdm(total=len(convs), desc="tokenize", unit="conv", disable=not progress)
     for s in range(0, len(convs), batch):
-        chunk = convs[s:s + batch]
+        chunk = convs[s : s + batch]
         texts = [tok.apply_chat_template(c, tokenize=False) for _, c in chunk]
         ids = tok(texts, add_special_tokens=False)["input_ids"]
         for (i, _), t in zip(chunk, ids):
@@ -344,8 +393,9 @@ def token_lengths(tok, rows: list[dict[str, Any]], progress: bool = False, batch
     return out
 
 
-def split_rows(rows: list[dict[str, Any]], fractions: tuple[float, float, float], seed: int,
-               strata: list[Any] | None = None) -> dict[str, list[dict[str, Any]]]:
+def split_rows(
+    rows: list[dict[str, Any]], fractions: tuple[float, float, float], seed: int, strata: list[Any] | None = None
+) -> dict[str, list[dict[str, Any]]]:
     """Deterministic split: rows sorted by id, shuffled with ``seed``, cut by fractions (per stratum)."""
     groups: dict[Any, list[int]] = {}
     for i, _ in enumerate(rows):
@@ -355,13 +405,13 @@ def split_rows(rows: list[dict[str, Any]], fractions: tuple[float, float, float]
         idx = sorted(groups[key], key=lambda i: rows[i]["id"])
         random.Random(f"{seed}:{key}").shuffle(idx)
         n = len(idx)
-        n_test = int(round(n * fractions[2]))
-        n_val = int(round(n * fractions[1]))
+        n_test = round(n * fractions[2])
+        n_val = round(n * fractions[1])
         if n_test + n_val >= n:  # keep at least one training row per stratum
             n_test, n_val = min(n_test, max(n - 1, 0)), max(0, min(n_val, n - 1 - min(n_test, n - 1)))
         out["test"] += [rows[i] for i in idx[:n_test]]
-        out["validation"] += [rows[i] for i in idx[n_test:n_test + n_val]]
-        out["train"] += [rows[i] for i in idx[n_test + n_val:]]
+        out["validation"] += [rows[i] for i in idx[n_test : n_test + n_val]]
+        out["train"] += [rows[i] for i in idx[n_test + n_val :]]
     for s in out:
         out[s].sort(key=lambda r: r["id"])
     return out
@@ -371,11 +421,20 @@ def _length_stats(lengths: list[int]) -> dict[str, float]:
     if not lengths:
         return {"count": 0}
     s = sorted(lengths)
-    return {"count": len(s), "min": s[0], "mean": round(statistics.fmean(s), 2), "p50": s[len(s) // 2],
-            "p95": s[min(len(s) - 1, int(0.95 * len(s)))], "max": s[-1], "total": sum(s)}
+    return {
+        "count": len(s),
+        "min": s[0],
+        "mean": round(statistics.fmean(s), 2),
+        "p50": s[len(s) // 2],
+        "p95": s[min(len(s) - 1, int(0.95 * len(s)))],
+        "max": s[-1],
+        "total": sum(s),
+    }
 
 
-def prepare_records(records: list[Record], cfg: PrepareConfig, tokenizer, progress: bool = False) -> tuple[str, dict[str, list[dict]], dict[str, Any]]:
+def prepare_records(
+    records: list[Record], cfg: PrepareConfig, tokenizer, progress: bool = False
+) -> tuple[str, dict[str, list[dict]], dict[str, Any]]:
     """Run every cleaning step on ``records``; returns ``(kind, splits, card)``. Raises DataError when nothing is left.
 
     ``tokenizer`` is a tokenizer or a zero-argument callable returning one: it is only called once the
@@ -386,7 +445,9 @@ def prepare_records(records: list[Record], cfg: PrepareConfig, tokenizer, progre
     if cfg.format not in FORMATS:
         raise DataError(f"--format must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
     if len(cfg.split) != 3 or any(f < 0 for f in cfg.split) or abs(sum(cfg.split) - 1) > 1e-6 or cfg.split[0] <= 0:
-        raise DataError(f"split fractions must be three non-negative numbers summing to 1 with train > 0, got {cfg.split}")
+        raise DataError(
+            f"split fractions must be three non-negative numbers summing to 1 with train > 0, got {cfg.split}"
+        )
     if cfg.min_tokens > cfg.max_tokens:
         raise DataError(f"--min-tokens ({cfg.min_tokens}) is larger than --max-tokens ({cfg.max_tokens})")
     apply_field_map(records, cfg.field_map)
@@ -400,7 +461,9 @@ def prepare_records(records: list[Record], cfg: PrepareConfig, tokenizer, progre
         have = set().union(*(r.data.keys() for r in records))
         lacking = [k for k in REQUIRED[fmt] if k not in have]
         if lacking:
-            raise DataError(f"--format {fmt} needs field(s) {', '.join(lacking)}; the input has: {', '.join(sorted(have))} (rename with --field-map old=new)")
+            raise DataError(
+                f"--format {fmt} needs field(s) {', '.join(lacking)}; the input has: {', '.join(sorted(have))} (rename with --field-map old=new)"
+            )
     kind = "preference" if fmt == "preference" else "sft"
     steps: dict[str, Any] = {"read": len(records)}
     invalid: list[str] = []
@@ -433,7 +496,7 @@ def prepare_records(records: list[Record], cfg: PrepareConfig, tokenizer, progre
 
             def fn(text: str) -> str:
                 out, c = scrub(text)
-                add_counts(found, c)
+                add_counts(found, c)  # noqa: B023
                 return out
 
             rows[i] = _map_contents(row, fn)
@@ -518,11 +581,17 @@ def _steps_line(steps: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v}" for k, v in steps.items() if k != "pii")
 
 
-def prepare(db, settings, cfg: PrepareConfig, records: list[Record] | None = None, source: dict[str, Any] | None = None,
-            progress: bool = True):
+def prepare(
+    db,
+    settings,
+    cfg: PrepareConfig,
+    records: list[Record] | None = None,
+    source: dict[str, Any] | None = None,
+    progress: bool = True,
+):
     """Read ``cfg.inputs`` (or take ``records``), clean, split and register; returns the DatasetRecord."""
-    from trainer.bootstrap import resolve_base
     from tuneloop.dataset_store import save_dataset
+    from tuneloop.trainer.bootstrap import resolve_base
 
     skipped: list[str] = []
     if records is None:
@@ -539,10 +608,17 @@ def prepare(db, settings, cfg: PrepareConfig, records: list[Record] | None = Non
 
     kind, splits, card = prepare_records(records, cfg, tokenizer, progress=progress)
     tok = loaded[0]
-    card["steps"] = {"read": card["steps"]["read"] + len(skipped), "malformed_skipped": len(skipped), **{k: v for k, v in card["steps"].items() if k != "read"}}
+    card["steps"] = {
+        "read": card["steps"]["read"] + len(skipped),
+        "malformed_skipped": len(skipped),
+        **{k: v for k, v in card["steps"].items() if k != "read"},
+    }
     card["malformed_examples"] = skipped[:20]
-    card["tokenizer"] = {"base": cfg.base, "path": str(base_dir),
-                         "chat_template_sha256": hashlib.sha256(tok.chat_template.encode()).hexdigest()[:16]}
+    card["tokenizer"] = {
+        "base": cfg.base,
+        "path": str(base_dir),
+        "chat_template_sha256": hashlib.sha256(tok.chat_template.encode()).hexdigest()[:16],
+    }
     src = source or {"inputs": [str(Path(p).resolve()) for p in cfg.inputs]}
     src = dict(src, options={k: v for k, v in asdict(cfg).items() if k != "inputs"})
     return save_dataset(db, settings.paths.home_path, name, splits, kind, card, src)
@@ -553,8 +629,19 @@ def summary_lines(rec) -> list[str]:
     c = rec.card
     st = c.get("steps", {})
     lines = [f"dataset {rec.id} ({c.get('format')}, {rec.kind}) at {rec.path}"]
-    order = ["read", "malformed_skipped", "invalid", "empty", "whitespace_normalised", "pii_rows_scrubbed",
-             "exact_duplicates", "near_duplicates", "too_short", "too_long", "kept"]
+    order = [
+        "read",
+        "malformed_skipped",
+        "invalid",
+        "empty",
+        "whitespace_normalised",
+        "pii_rows_scrubbed",
+        "exact_duplicates",
+        "near_duplicates",
+        "too_short",
+        "too_long",
+        "kept",
+    ]
     lines.append("  steps: " + ", ".join(f"{k}={st[k]}" for k in order if k in st))
     if isinstance(st.get("pii"), dict):
         lines.append("  pii scrubbed: " + ", ".join(f"{k}={v}" for k, v in st["pii"].items()))
@@ -563,5 +650,7 @@ def summary_lines(rec) -> list[str]:
     lines.append("  splits: " + ", ".join(f"{k}={v}" for k, v in c.get("splits", {}).items()))
     tr = c.get("tokens", {}).get("train", {})
     if tr.get("count"):
-        lines.append(f"  train tokens: min {tr['min']}, p50 {tr['p50']}, p95 {tr['p95']}, max {tr['max']}, total {tr['total']}")
+        lines.append(
+            f"  train tokens: min {tr['min']}, p50 {tr['p50']}, p95 {tr['p95']}, max {tr['max']}, total {tr['total']}"
+        )
     return lines

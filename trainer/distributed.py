@@ -53,9 +53,8 @@ def prepare(argv: list[str]) -> tuple[list[str], object, object]:
     Returns (argv with ``name=`` and ``resume=false`` appended, settings, TrainConfig).
     """
     from tuneloop.cli import Context, build_parser
-
-    from trainer.cli_train import build_config
-    from trainer.train import _default_name
+    from tuneloop.trainer.cli_train import build_config
+    from tuneloop.trainer.train import _default_name
 
     args = build_parser().parse_args(argv)
     if getattr(args, "command", None) != "train":
@@ -95,10 +94,28 @@ def launcher_command(nproc: int, argv: list[str]) -> list[str]:
     if acc:
         if not Path(acc).is_file():
             raise UserError(f"${ENV_ACCELERATE_CONFIG}={acc} is not a file (see deploy/accelerate/)")
-        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", acc, "--num_processes", str(nproc),
-                "-m", "trainer.distributed", *argv]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "trainer.distributed", *argv]
+        return [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            acc,
+            "--num_processes",
+            str(nproc),
+            "-m",
+            "tuneloop.trainer.distributed",
+            *argv,
+        ]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "tuneloop.trainer.distributed",
+        *argv,
+    ]
 
 
 def launch(nproc: int, argv: list[str]) -> int:
@@ -128,8 +145,7 @@ def worker_argv(argv: list[str], rank: int) -> list[str]:
     if not snap or not scratch:
         raise UserError("trainer.distributed is started by `tuneloop train --nproc N`, not directly")
     i = argv.index("train")
-    return [*argv[:i], "--set", f"paths.db={snap}", *argv[i:], f"output_dir={Path(scratch) / f'rank{rank}'}",
-            "--quiet"]
+    return [*argv[:i], "--set", f"paths.db={snap}", *argv[i:], f"output_dir={Path(scratch) / f'rank{rank}'}", "--quiet"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     argv = worker_argv(argv, rank)
     if rank != 0:
-        sys.stdout = open(os.devnull, "w")  # one process reports; errors still reach stderr
+        sys.stdout = open(os.devnull, "w")  # one process reports; errors still reach stderr  # noqa: SIM115
     return tuneloop_main(argv)
 
 

@@ -38,58 +38,14 @@ from __future__ import annotations
 import json
 import math
 import re
-import string
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tuneloop.errors import UserError
+from tuneloop.textmetrics import exact_match, rouge_l, token_f1
 
 METRICS = ("loss", "perplexity", "exact_match", "token_f1", "rouge_l")
-
-
-# ---- text metrics (SQuAD-style normalisation) ------------------------------------------------------
-
-_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
-
-
-def normalize(text: str) -> list[str]:
-    """Lower-cased, punctuation-free whitespace tokens."""
-    return _PUNCT.sub(" ", text.lower()).split()
-
-
-def exact_match(pred: str, ref: str) -> float:
-    return float(normalize(pred) == normalize(ref))
-
-
-def token_f1(pred: str, ref: str) -> float:
-    p, r = normalize(pred), normalize(ref)
-    if not p or not r:
-        return float(p == r)
-    common = sum((Counter(p) & Counter(r)).values())
-    if common == 0:
-        return 0.0
-    prec, rec = common / len(p), common / len(r)
-    return 2 * prec * rec / (prec + rec)
-
-
-def rouge_l(pred: str, ref: str) -> float:
-    """ROUGE-L F1 over normalized tokens (longest common subsequence)."""
-    p, r = normalize(pred), normalize(ref)
-    if not p or not r:
-        return float(p == r)
-    prev = [0] * (len(r) + 1)
-    for a in p:
-        cur = [0]
-        for j, b in enumerate(r, 1):
-            cur.append(prev[j - 1] + 1 if a == b else max(prev[j], cur[j - 1]))
-        prev = cur
-    lcs = prev[-1]
-    if lcs == 0:
-        return 0.0
-    prec, rec = lcs / len(p), lcs / len(r)
-    return 2 * prec * rec / (prec + rec)
 
 
 # ---- inputs --------------------------------------------------------------------------------------
@@ -97,15 +53,15 @@ def rouge_l(pred: str, ref: str) -> float:
 
 @dataclass
 class ModelRef:
-    name: str          # as given by the user (the report's key)
-    base: Path         # folder of the weights to load
+    name: str  # as given by the user (the report's key)
+    base: Path  # folder of the weights to load
     adapter: Path | None = None
     version: str | None = None
 
 
 def resolve_models(refs: list[str], db, settings) -> list[ModelRef]:
-    from trainer.bootstrap import is_hf_folder, resolve_base
     from tuneloop.registry import RegistryError, get_version
+    from tuneloop.trainer.bootstrap import is_hf_folder, resolve_base
 
     out: list[ModelRef] = []
     first_base: Path | None = None
@@ -128,7 +84,9 @@ def resolve_models(refs: list[str], db, settings) -> list[ModelRef]:
         elif is_hf_folder(ref) or Path(ref).exists():
             m = ModelRef(ref, resolve_base(ref, settings.paths.models_path))
         else:
-            raise UserError(f"unknown model {ref!r}: not a registered version, a model folder or 'base' (see `tuneloop models list`)")
+            raise UserError(
+                f"unknown model {ref!r}: not a registered version, a model folder or 'base' (see `tuneloop models list`)"
+            )
         out.append(m)
     for m in out:
         if m.name == "base":
@@ -200,7 +158,9 @@ def load_golden(path: str | None) -> list[dict[str, Any]]:
                 re.compile(rx)
             except re.error as e:
                 raise UserError(f"{p}: golden prompt #{i + 1}: bad regex {rx!r}: {e}") from None
-        out.append({"name": str(it.get("name") or f"golden-{i + 1}"), "messages": msgs, "expect": expect, "regex": regex})
+        out.append(
+            {"name": str(it.get("name") or f"golden-{i + 1}"), "messages": msgs, "expect": expect, "regex": regex}
+        )
     return out
 
 
@@ -271,13 +231,19 @@ def _generate(model, tok, prompts: list[list[int]], max_new_tokens: int, batch: 
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     outs: list[str] = []
     for i in range(0, len(prompts), batch):
-        chunk = prompts[i:i + batch]
+        chunk = prompts[i : i + batch]
         width = max(len(p) for p in chunk)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=model.device)
         att = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device)
         with torch.no_grad():
-            gen = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=tok.eos_token_id, pad_token_id=pad)
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=att,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=pad,
+            )
         for row in gen[:, width:].tolist():
             if tok.eos_token_id in row:
                 row = row[: row.index(tok.eos_token_id)]
@@ -319,8 +285,15 @@ def _evaluate_one(m: ModelRef, rows, golden, general, max_new_tokens: int, progr
             for g, out in zip(golden, outs):
                 missing = [e for e in g["expect"] if e.lower() not in out.lower()]
                 unmatched = [rx for rx in g["regex"] if not re.search(rx, out)]
-                results.append({"name": g["name"], "output": out, "passed": not missing and not unmatched,
-                                "missing": missing, "unmatched": unmatched})
+                results.append(
+                    {
+                        "name": g["name"],
+                        "output": out,
+                        "passed": not missing and not unmatched,
+                        "missing": missing,
+                        "unmatched": unmatched,
+                    }
+                )
             gold = {"passed": sum(r["passed"] for r in results), "total": len(results), "results": results}
             summary["golden_pass_rate"] = gold["passed"] / gold["total"]
         if general:
@@ -344,9 +317,17 @@ def _evaluate_one(m: ModelRef, rows, golden, general, max_new_tokens: int, progr
         gc.collect()
 
 
-def evaluate(models: list[str], dataset_ref: str | None, db, settings, golden: str | None = None,
-             general: str | None = None, limit: int | None = None, max_new_tokens: int = 64,
-             progress: bool = True) -> dict[str, Any]:
+def evaluate(
+    models: list[str],
+    dataset_ref: str | None,
+    db,
+    settings,
+    golden: str | None = None,
+    general: str | None = None,
+    limit: int | None = None,
+    max_new_tokens: int = 64,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Evaluate ``models`` on the same held-out examples and store the report (see module doc)."""
     from tuneloop.db import dumps, utcnow
     from tuneloop.ids import new_id
@@ -375,24 +356,39 @@ def evaluate(models: list[str], dataset_ref: str | None, db, settings, golden: s
     created = utcnow()
     names = [m.name for m in refs]
     report: dict[str, Any] = {
-        "id": rid, "created_at": created.isoformat() + "Z", "dataset_id": ds_id or str(dataset_ref), "split": split,
-        "n_examples": len(rows), "example_ids": [r["id"] for r in rows], "models": names,
+        "id": rid,
+        "created_at": created.isoformat() + "Z",
+        "dataset_id": ds_id or str(dataset_ref),
+        "split": split,
+        "n_examples": len(rows),
+        "example_ids": [r["id"] for r in rows],
+        "models": names,
         "model_paths": {m.name: {"base": str(m.base), "adapter": str(m.adapter) if m.adapter else None} for m in refs},
-        "max_new_tokens": max_new_tokens, "golden_file": golden, "general_set": general,
+        "max_new_tokens": max_new_tokens,
+        "golden_file": golden,
+        "general_set": general,
         "summary": {n: results[n]["summary"] for n in names},
         "per_example": {n: results[n]["per_example"] for n in names},
         "golden": {n: results[n]["golden"] for n in names} if gold else {},
-        "samples": [{"id": r["id"], "prompt": r["messages"][-2]["content"] if len(r["messages"]) > 1 else "",
-                     "reference": r["messages"][-1]["content"],
-                     **{n: results[n]["predictions"][i] for n in names}} for i, r in enumerate(rows[:5])],
+        "samples": [
+            {
+                "id": r["id"],
+                "prompt": r["messages"][-2]["content"] if len(r["messages"]) > 1 else "",
+                "reference": r["messages"][-1]["content"],
+                **{n: results[n]["predictions"][i] for n in names},
+            }
+            for i, r in enumerate(rows[:5])
+        ],
     }
     out_dir = settings.paths.sub("reports")
     path = out_dir / f"eval-{rid}.json"
     path.write_text(json.dumps(report, indent=2, default=str))
     report["path"] = str(path)
     with db.connect() as con:
-        con.execute("INSERT INTO eval_reports (id, dataset_id, models, report, path, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                    [rid, report["dataset_id"], dumps(names), dumps(report), str(path), created])
+        con.execute(
+            "INSERT INTO eval_reports (id, dataset_id, models, report, path, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            [rid, report["dataset_id"], dumps(names), dumps(report), str(path), created],
+        )
     return report
 
 
@@ -405,11 +401,19 @@ def format_report(report: dict[str, Any]) -> str:
     cols = ["loss", "perplexity", "exact_match", "token_f1", "rouge_l", "golden_pass_rate", "general_perplexity"]
     present = [c for c in cols if any(report["summary"][m].get(c) is not None for m in report["models"])]
     buf = io.StringIO()
-    print_table(["model", *present], [[m, *[report["summary"][m].get(c) for c in present]] for m in report["models"]],
-                title=f"{report['n_examples']} {report['split']} examples of {report['dataset_id']}", file=buf)
+    print_table(
+        ["model", *present],
+        [[m, *[report["summary"][m].get(c) for c in present]] for m in report["models"]],
+        title=f"{report['n_examples']} {report['split']} examples of {report['dataset_id']}",
+        file=buf,
+    )
     for m, g in (report.get("golden") or {}).items():
         if g:
             failed = [r["name"] for r in g["results"] if not r["passed"]]
-            buf.write(f"golden {m}: {g['passed']}/{g['total']} passed" + (f" (failed: {', '.join(failed)})" if failed else "") + "\n")
+            buf.write(
+                f"golden {m}: {g['passed']}/{g['total']} passed"
+                + (f" (failed: {', '.join(failed)})" if failed else "")
+                + "\n"
+            )
     buf.write(f"report {report['id']}: {report.get('path')}\n")
     return buf.getvalue().rstrip()

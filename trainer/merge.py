@@ -45,7 +45,7 @@ def _sample_prompts(db, version, n: int = 4) -> list[list[dict[str, str]]]:
     prompts = []
     if version.dataset_id:
         try:
-            from trainer.evaluate import load_eval_rows
+            from tuneloop.trainer.evaluate import load_eval_rows
 
             rows, _, _ = load_eval_rows(db, version.dataset_id, n)
             prompts = [r["messages"][:-1] for r in rows if len(r["messages"]) > 1]
@@ -84,7 +84,9 @@ def merge(version: str, db, settings, name: str | None = None, tolerance: float 
         raise UserError(f"{v.path} has no adapter_config.json; is the adapter folder intact?")
     peft_type = json.loads(cfg_file.read_text()).get("peft_type", "")
     if peft_type != "LORA":
-        raise UserError(f"{version!r} is a {peft_type or 'non-LoRA'} adapter; only LoRA/QLoRA adapters can be merged into weights")
+        raise UserError(
+            f"{version!r} is a {peft_type or 'non-LoRA'} adapter; only LoRA/QLoRA adapters can be merged into weights"
+        )
     name = name or f"{version}-merged"
     try:
         get_version(db, name)
@@ -119,18 +121,38 @@ def merge(version: str, db, settings, name: str | None = None, tolerance: float 
         if not diff <= tolerance:  # also catches NaN
             raise MergeParityError(
                 f"merged weights differ from base+adapter by up to {diff:.3e} in logits (tolerance {tolerance:g}) "
-                f"on {len(samples)} prompts; nothing registered")
-        (tmp / "tuneloop-merge.json").write_text(json.dumps(
-            {"merged_from": v.name, "adapter_hash": v.content_hash, "base_model": v.base_model,
-             "parity_max_abs_diff": diff, "parity_prompts": len(samples)}, indent=2))
+                f"on {len(samples)} prompts; nothing registered"
+            )
+        (tmp / "tuneloop-merge.json").write_text(
+            json.dumps(
+                {
+                    "merged_from": v.name,
+                    "adapter_hash": v.content_hash,
+                    "base_model": v.base_model,
+                    "parity_max_abs_diff": diff,
+                    "parity_prompts": len(samples),
+                },
+                indent=2,
+            )
+        )
         os.replace(tmp, dest)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     digest = hash_path(dest)
-    mv = register_version(db, ModelVersion(
-        name=name, kind="merged", base_model=v.base_model, path=str(dest), content_hash=digest,
-        parent_version=v.name, dataset_id=v.dataset_id, run_id=v.run_id,
-        config={"merged_from": v.name, "adapter_hash": v.content_hash, "tolerance": tolerance},
-        metrics={**(v.metrics or {}), "parity_max_abs_diff": diff}))
+    mv = register_version(
+        db,
+        ModelVersion(
+            name=name,
+            kind="merged",
+            base_model=v.base_model,
+            path=str(dest),
+            content_hash=digest,
+            parent_version=v.name,
+            dataset_id=v.dataset_id,
+            run_id=v.run_id,
+            config={"merged_from": v.name, "adapter_hash": v.content_hash, "tolerance": tolerance},
+            metrics={**(v.metrics or {}), "parity_max_abs_diff": diff},
+        ),
+    )
     return mv, diff

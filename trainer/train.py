@@ -29,16 +29,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from trainer.config import TrainConfig
 from tuneloop.config import to_dict
 from tuneloop.errors import UserError
+from tuneloop.trainer.config import TrainConfig
 
 ADAPTER_METHODS = ("lora", "qlora", "prompt_tuning", "dpo")
 
@@ -56,7 +55,7 @@ class TrainResult:
 
 def resolve_base_model(db, settings, ref: str) -> Path:
     """Folder of the base weights: a HF folder, a pulled name, or the base of a registered version."""
-    from trainer.bootstrap import KNOWN, is_hf_folder, resolve_base
+    from tuneloop.trainer.bootstrap import KNOWN, is_hf_folder, resolve_base
 
     if is_hf_folder(ref) or ref.lower() in KNOWN or "/" in ref:
         return resolve_base(ref, settings.paths.models_path)
@@ -65,7 +64,9 @@ def resolve_base_model(db, settings, ref: str) -> Path:
     try:
         v = get_version(db, ref)
     except RegistryError:
-        raise UserError(f"base {ref!r} is not a model folder, a known model ({', '.join(KNOWN)}) or a registered version") from None
+        raise UserError(
+            f"base {ref!r} is not a model folder, a known model ({', '.join(KNOWN)}) or a registered version"
+        ) from None
     return Path(v.path if v.kind in ("merged", "base") else v.base_model)
 
 
@@ -92,7 +93,9 @@ def load_dataset_ref(db, ref: str):
     cols = set(dd["train"].column_names)
     kind = "preference" if {"prompt", "chosen", "rejected"} <= cols else "sft" if "messages" in cols else None
     if kind is None:
-        raise UserError(f"dataset {ref!r} has columns {sorted(cols)}: expected 'messages' (sft) or prompt/chosen/rejected (preference)")
+        raise UserError(
+            f"dataset {ref!r} has columns {sorted(cols)}: expected 'messages' (sft) or prompt/chosen/rejected (preference)"
+        )
     return dd, ds_id, kind
 
 
@@ -105,7 +108,9 @@ def mix_replay(train_ds, replay_ds, fraction: float, seed: int):
     n = min(len(replay_ds), max(1, round(len(train_ds) * fraction / (1 - fraction))))
     picked = replay_ds.shuffle(seed=seed).select(range(n))
     cols = [c for c in train_ds.column_names if c in picked.column_names]
-    mixed = concatenate_datasets([train_ds.select_columns(cols), picked.select_columns(cols).cast(train_ds.select_columns(cols).features)])
+    mixed = concatenate_datasets(
+        [train_ds.select_columns(cols), picked.select_columns(cols).cast(train_ds.select_columns(cols).features)]
+    )
     return mixed.shuffle(seed=seed), n
 
 
@@ -113,8 +118,11 @@ def tokenize_sft(ds, tokenizer, max_length: int):
     """SFT rows -> ``input_ids`` + ``completion_mask`` via :func:`tuneloop.chat.training_example`."""
     from tuneloop.chat import training_example
 
-    return ds.map(lambda r: training_example(tokenizer, r["messages"], max_length), remove_columns=ds.column_names,
-                  desc="tokenizing")
+    return ds.map(
+        lambda r: training_example(tokenizer, r["messages"], max_length),
+        remove_columns=ds.column_names,
+        desc="tokenizing",
+    )
 
 
 class GracefulStop:
@@ -145,7 +153,9 @@ class GracefulStop:
         self.requested = True
         import sys
 
-        print("\nstopping after this step (saving a checkpoint); signal again to abort now", file=sys.stderr, flush=True)
+        print(
+            "\nstopping after this step (saving a checkpoint); signal again to abort now", file=sys.stderr, flush=True
+        )
 
     def signals(self):
         import contextlib
@@ -163,6 +173,7 @@ class GracefulStop:
             finally:
                 for s, h in old.items():
                     signal.signal(s, h)
+
         return cm()
 
 
@@ -171,7 +182,7 @@ class GracefulStop:
 
 def _default_name(cfg: TrainConfig) -> str:
     stem = Path(cfg.dataset).name.split("@")[0] or "model"
-    return f"{stem}-{cfg.method}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+    return f"{stem}-{cfg.method}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
 
 
 def _precision(cfg: TrainConfig) -> str:
@@ -192,7 +203,6 @@ def _last_checkpoint(out: Path) -> str | None:
 
 def train(cfg: TrainConfig, db, settings, progress: bool = True) -> TrainResult:
     """Train, save, record the run and register the version (see module doc)."""
-    from tuneloop.ids import new_id
     from tuneloop.registry import RegistryError, finish_run, get_version, start_run
 
     cfg.validate()
@@ -207,7 +217,9 @@ def train(cfg: TrainConfig, db, settings, progress: bool = True) -> TrainResult:
     if cfg.method == "dpo" and kind != "preference":
         raise UserError(f"method=dpo needs a preference dataset (prompt/chosen/rejected); {cfg.dataset!r} is {kind}")
     if cfg.method != "dpo" and kind != "sft":
-        raise UserError(f"method={cfg.method} needs an SFT dataset (messages); {cfg.dataset!r} is {kind} (use method=dpo)")
+        raise UserError(
+            f"method={cfg.method} needs an SFT dataset (messages); {cfg.dataset!r} is {kind} (use method=dpo)"
+        )
     if len(dd["train"]) == 0:
         raise UserError(f"dataset {cfg.dataset!r} has an empty train split")
     train_ds, replayed = dd["train"], 0
@@ -250,14 +262,15 @@ def train(cfg: TrainConfig, db, settings, progress: bool = True) -> TrainResult:
             step = trainer.state.global_step
             raise KeyboardInterrupt(
                 f"stopped at step {step} with a checkpoint in {out}; resume with the same "
-                f"{'output_dir=' + str(out) if cfg.output_dir else 'name=' + cfg.name}")
+                f"{'output_dir=' + str(out) if cfg.output_dir else 'name=' + cfg.name}"
+            )
         model_dir = out / "model"
         trainer.save_model(str(model_dir))
         tokenizer.save_pretrained(str(model_dir))
         metrics = _metrics(trainer, res, time.monotonic() - t0, replayed, len(train_ds))
         if dd.get("validation") is not None and len(dd["validation"]) > 0 and cfg.method != "dpo":
             metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])
-        history = [{k: v for k, v in e.items()} for e in trainer.state.log_history if "loss" in e]
+        history = [dict(e.items()) for e in trainer.state.log_history if "loss" in e]
         write_loss_history(out, history)
         if progress:
             print(loss_table(history), flush=True)
@@ -273,10 +286,21 @@ def train(cfg: TrainConfig, db, settings, progress: bool = True) -> TrainResult:
 
     digest = hash_path(model_dir)
     finish_run(db, run, "succeeded", metrics, str(model_dir), digest)
-    v = register_version(db, ModelVersion(
-        name=cfg.name, kind="adapter" if cfg.method in ADAPTER_METHODS else "merged", base_model=str(base),
-        path=str(model_dir), content_hash=digest, parent_version=cfg.parent or None, dataset_id=ds_id, run_id=run.id,
-        config={**config, "method": cfg.method}, metrics=metrics))
+    v = register_version(
+        db,
+        ModelVersion(
+            name=cfg.name,
+            kind="adapter" if cfg.method in ADAPTER_METHODS else "merged",
+            base_model=str(base),
+            path=str(model_dir),
+            content_hash=digest,
+            parent_version=cfg.parent or None,
+            dataset_id=ds_id,
+            run_id=run.id,
+            config={**config, "method": cfg.method},
+            metrics=metrics,
+        ),
+    )
     del trainer
     return TrainResult(run.id, v, str(model_dir), metrics)
 
@@ -287,11 +311,15 @@ def _metrics(trainer, res, wall_s: float, replayed: int, rows: int) -> dict[str,
     toks = [e["num_tokens"] for e in logs if "num_tokens" in e]
     runtime = float(res.metrics.get("train_runtime", wall_s))
     m: dict[str, Any] = {
-        "train_loss": float(res.training_loss) if res.training_loss is not None and math.isfinite(res.training_loss) else None,
+        "train_loss": float(res.training_loss)
+        if res.training_loss is not None and math.isfinite(res.training_loss)
+        else None,
         "final_loss": float(losses[-1]) if losses else None,
         "steps": int(trainer.state.global_step),
-        "train_rows": rows, "replayed_rows": replayed,
-        "train_runtime_s": runtime, "duration_s": wall_s,
+        "train_rows": rows,
+        "replayed_rows": replayed,
+        "train_runtime_s": runtime,
+        "duration_s": wall_s,
     }
     if toks:
         m["num_tokens"] = int(toks[-1])
@@ -319,7 +347,8 @@ def _build_trainer(cfg: TrainConfig, base: Path, train_ds, val_ds, kind: str, ou
         from transformers import BitsAndBytesConfig
 
         load_kw["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True)
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True
+        )
     model = AutoModelForCausalLM.from_pretrained(str(base), **load_kw)
     if cfg.method == "qlora":
         from peft import prepare_model_for_kbit_training
@@ -328,15 +357,30 @@ def _build_trainer(cfg: TrainConfig, base: Path, train_ds, val_ds, kind: str, ou
     peft_config = _peft_config(cfg)
     has_val = val_ds is not None and len(val_ds) > 0
     common = dict(
-        output_dir=str(out), learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler_type,
-        warmup_steps=cfg.warmup_ratio, num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, weight_decay=cfg.weight_decay, optim=cfg.optim,
-        gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed, logging_steps=cfg.logging_steps,
-        save_strategy="steps" if cfg.save_steps > 0 else "no", save_steps=cfg.save_steps or 500,
-        save_total_limit=cfg.save_total_limit, report_to=[], disable_tqdm=not progress,
-        bf16=prec == "bf16", fp16=prec == "fp16", use_cpu=not torch.cuda.is_available(),
-        eval_strategy="steps" if (cfg.eval_steps > 0 and has_val) else "no", eval_steps=cfg.eval_steps or None,
+        output_dir=str(out),
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_ratio,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        weight_decay=cfg.weight_decay,
+        optim=cfg.optim,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        seed=cfg.seed,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps" if cfg.save_steps > 0 else "no",
+        save_steps=cfg.save_steps or 500,
+        save_total_limit=cfg.save_total_limit,
+        report_to=[],
+        disable_tqdm=not progress,
+        bf16=prec == "bf16",
+        fp16=prec == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        eval_strategy="steps" if (cfg.eval_steps > 0 and has_val) else "no",
+        eval_steps=cfg.eval_steps or None,
         dataloader_num_workers=0,
     )
     if cfg.method == "dpo":
@@ -344,22 +388,35 @@ def _build_trainer(cfg: TrainConfig, base: Path, train_ds, val_ds, kind: str, ou
 
         args = DPOConfig(**common, beta=cfg.dpo_beta, max_length=cfg.max_seq_length)
         keep = ["prompt", "chosen", "rejected"]
-        trainer = DPOTrainer(model=model, args=args, train_dataset=train_ds.select_columns(keep),
-                             eval_dataset=val_ds.select_columns(keep) if has_val else None,
-                             processing_class=tokenizer, peft_config=peft_config)
+        trainer = DPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_ds.select_columns(keep),
+            eval_dataset=val_ds.select_columns(keep) if has_val else None,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+        )
         return _quiet(trainer, progress), tokenizer
     from trl import SFTConfig, SFTTrainer
 
     padding_free = cfg.padding_free and not cfg.packing and cfg.method != "prompt_tuning"
     args = SFTConfig(
-        **common, packing=cfg.packing, padding_free=padding_free,
+        **common,
+        packing=cfg.packing,
+        padding_free=padding_free,
         # rows are pre-tokenized and truncated by tuneloop.chat; TRL must not cut them again when padding-free
         max_length=None if padding_free else cfg.max_seq_length,
-        completion_only_loss=True, dataset_num_proc=None,
+        completion_only_loss=True,
+        dataset_num_proc=None,
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=tokenize_sft(train_ds, tokenizer, cfg.max_seq_length),
-                         eval_dataset=tokenize_sft(val_ds, tokenizer, cfg.max_seq_length) if has_val else None,
-                         processing_class=tokenizer, peft_config=peft_config)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=tokenize_sft(train_ds, tokenizer, cfg.max_seq_length),
+        eval_dataset=tokenize_sft(val_ds, tokenizer, cfg.max_seq_length) if has_val else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
     return _quiet(trainer, progress), tokenizer
 
 
@@ -378,15 +435,24 @@ def _peft_config(cfg: TrainConfig):
     if cfg.method == "prompt_tuning":
         from peft import PromptTuningConfig, PromptTuningInit, TaskType
 
-        return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens,
-                                  prompt_tuning_init=PromptTuningInit.RANDOM)
+        return PromptTuningConfig(
+            task_type=TaskType.CAUSAL_LM,
+            num_virtual_tokens=cfg.num_virtual_tokens,
+            prompt_tuning_init=PromptTuningInit.RANDOM,
+        )
     from peft import LoraConfig
 
     targets: Any = cfg.lora.targets
     if targets == ["all-linear"]:
         targets = "all-linear"
-    return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=targets, task_type="CAUSAL_LM", bias="none")
+    return LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
 
 
 # ---- loss history -------------------------------------------------------------------------------
@@ -394,8 +460,15 @@ def _peft_config(cfg: TrainConfig):
 
 def write_loss_history(out: Path, history: list[dict[str, Any]]) -> None:
     """``loss.json`` (step, loss, learning rate) and ``loss.png`` if matplotlib is importable."""
-    rows = [{"step": e.get("step"), "loss": e.get("loss"), "learning_rate": e.get("learning_rate"),
-             "num_tokens": e.get("num_tokens")} for e in history]
+    rows = [
+        {
+            "step": e.get("step"),
+            "loss": e.get("loss"),
+            "learning_rate": e.get("learning_rate"),
+            "num_tokens": e.get("num_tokens"),
+        }
+        for e in history
+    ]
     (out / "loss.json").write_text(json.dumps(rows, indent=1))
     try:
         import matplotlib

@@ -35,7 +35,9 @@ def render_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of ``messages`` rendered with the chat template plus the generation prompt."""
     if not messages:
         raise UserError("a conversation needs at least one message")
-    return _ids(tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=False))
+    return _ids(
+        tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=False)
+    )
 
 
 def completion_ids(tokenizer, text: str) -> list[int]:
@@ -51,7 +53,9 @@ def split_answer(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], 
         raise UserError("a training conversation needs a prompt and an assistant answer")
     last = messages[-1]
     if last.get("role") != "assistant":
-        raise UserError(f"the last message of a training conversation must be the assistant's, got {last.get('role')!r}")
+        raise UserError(
+            f"the last message of a training conversation must be the assistant's, got {last.get('role')!r}"
+        )
     return [dict(role=m["role"], content=m["content"]) for m in messages[:-1]], last["content"]
 
 
@@ -67,5 +71,5 @@ def training_example(tokenizer, messages: list[dict[str, str]], max_length: int 
             c = c[: max_length - 2] + [c[-1]]
             p = p[-1:]
         else:
-            p = p[len(p) + len(c) - max_length:]
+            p = p[len(p) + len(c) - max_length :]
     return {"input_ids": p + c, "completion_mask": [0] * len(p) + [1] * len(c)}

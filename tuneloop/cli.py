@@ -8,8 +8,9 @@ Contract
   (argparse, config dataclasses): torch, vLLM and Litestar are imported inside
   handlers so ``tuneloop --help`` stays fast.
 * Global options: ``--config FILE`` (settings YAML), ``--set section.key=value``
-  (repeatable), ``--home DIR``. Handlers receive a :class:`Context` with the
-  loaded settings and the database handle.
+  (repeatable), ``--home DIR`` (shorthand for ``--set paths.home=DIR``; a later
+  ``--set paths.home=...`` wins). Handlers receive a :class:`Context` with the
+  loaded settings and the database handle; nothing is written to ``os.environ``.
 * A :class:`~tuneloop.errors.UserError` (bad config, unknown version, bad input
   file ...) prints ``error: <message>`` and exits 2; Ctrl-C exits 130.
 """
@@ -18,16 +19,26 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from tuneloop import __version__
 from tuneloop.errors import UserError
 
+if TYPE_CHECKING:
+    from tuneloop.db import Database
+    from tuneloop.settings import Settings
+
 # area modules, in the order their commands appear in --help
-AREAS = ("trainer.cli", "server.cli", "monitoring.cli", "feedback.cli", "deploy.cli")
+AREAS = (
+    "tuneloop.trainer.cli",
+    "tuneloop.server.cli",
+    "tuneloop.monitoring.cli",
+    "tuneloop.feedback.cli",
+    "tuneloop.deploy.cli",
+)
 
 
 @dataclass
@@ -38,13 +49,13 @@ class Context:
     overrides: list[str]
 
     @cached_property
-    def settings(self):
+    def settings(self) -> Settings:
         from tuneloop.settings import load_settings
 
         return load_settings(self.config_path, self.overrides)
 
     @cached_property
-    def db(self):
+    def db(self) -> Database:
         from tuneloop.db import Database
 
         return Database(self.settings.paths.db_path)
@@ -62,33 +73,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"tuneloop {__version__}")
     p.add_argument("--config", metavar="FILE", help="settings YAML (default: $TUNELOOP_CONFIG or ./tuneloop.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one setting, e.g. --set server.port=9000 (repeatable)")
-    p.add_argument("--home", metavar="DIR", help="data folder (database, datasets, runs); default $TUNELOOP_HOME or ./.tuneloop")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one setting, e.g. --set server.port=9000 (repeatable)",
+    )
+    p.add_argument(
+        "--home", metavar="DIR", help="data folder (database, datasets, runs); default $TUNELOOP_HOME or ./.tuneloop"
+    )
     sub = p.add_subparsers(dest="command", metavar="<command>")
     _register_config(sub)
     for name in AREAS:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name or e.name == name.split(".")[0]:
-                continue  # area not built yet
-            raise
-        mod.register(sub)
+        importlib.import_module(name).register(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.home:
-        os.environ["TUNELOOP_HOME"] = args.home
     handler = getattr(args, "handler", None)
     if handler is None:
         # a group without a sub-command: show that group's help
         (getattr(args, "group_parser", None) or parser).print_help()
         return 0 if args.command is None else 2
-    ctx = Context(args.config, args.overrides)
+    overrides = ([f"paths.home={args.home}"] if args.home else []) + list(args.overrides)
+    ctx = Context(args.config, overrides)
     try:
         return int(handler(args, ctx) or 0)
     except UserError as e:

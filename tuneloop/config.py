@@ -21,8 +21,9 @@ import dataclasses
 import os
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 
@@ -116,7 +117,7 @@ def env_overrides(cls: type, prefix: str, environ: Mapping[str, str] | None = No
     for k, raw in environ.items():
         if not k.startswith(prefix):
             continue
-        key = k[len(prefix):].lower().replace("__", ".")
+        key = k[len(prefix) :].lower().replace("__", ".")
         if key not in valid:
             continue  # other TUNELOOP_* variables (e.g. TUNELOOP_HOME) are not config keys
         try:
@@ -161,10 +162,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
     unknown = sorted(set(data) - names)
     if unknown:
         where = f" in section '{path}'" if path else ""
-        raise ConfigError(
-            f"unknown config key(s){where}: {', '.join(unknown)}. "
-            f"Valid keys: {', '.join(sorted(names))}"
-        )
+        raise ConfigError(f"unknown config key(s){where}: {', '.join(unknown)}. Valid keys: {', '.join(sorted(names))}")
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, f"{path}.{name}" if path else name)
@@ -245,6 +243,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 
 def to_dict(obj: Any) -> dict[str, Any]:
     """A JSON-safe dict of a config dataclass (for recording a run's config)."""
+
     def conv(v: Any) -> Any:
         if isinstance(v, Path):
             return str(v)
@@ -253,4 +252,5 @@ def to_dict(obj: Any) -> dict[str, Any]:
         if isinstance(v, dict):
             return {k: conv(x) for k, x in v.items()}
         return v
+
     return {k: conv(v) for k, v in dataclasses.asdict(obj).items()}

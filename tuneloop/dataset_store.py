@@ -23,8 +23,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from tuneloop.db import Database, dumps, utcnow
 from tuneloop.errors import UserError
@@ -50,12 +51,24 @@ def _features(kind: str):
     base = {"id": Value("string"), "request_id": Value("string"), "origin": Value("string")}
     if kind == "sft":
         return Features({"id": base["id"], "messages": msg, "request_id": base["request_id"], "origin": base["origin"]})
-    return Features({"id": base["id"], "prompt": msg, "chosen": msg, "rejected": msg,
-                     "request_id": base["request_id"], "origin": base["origin"]})
+    return Features(
+        {
+            "id": base["id"],
+            "prompt": msg,
+            "chosen": msg,
+            "rejected": msg,
+            "request_id": base["request_id"],
+            "origin": base["origin"],
+        }
+    )
 
 
 def _normalise(kind: str, row: dict[str, Any]) -> dict[str, Any]:
-    keys = ("id", "messages", "request_id", "origin") if kind == "sft" else ("id", "prompt", "chosen", "rejected", "request_id", "origin")
+    keys = (
+        ("id", "messages", "request_id", "origin")
+        if kind == "sft"
+        else ("id", "prompt", "chosen", "rejected", "request_id", "origin")
+    )
     missing = [k for k in keys if k not in ("request_id", "origin") and k not in row]
     if missing:
         raise UserError(f"dataset row {row.get('id', '?')!r} lacks {', '.join(missing)} (kind {kind})")
@@ -65,8 +78,16 @@ def _normalise(kind: str, row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def save_dataset(db: Database, home: str | os.PathLike, name: str, splits: dict[str, list[dict]], kind: str,
-                 card: dict[str, Any], source: dict[str, Any], parent_ids: Iterable[str] = ()) -> DatasetRecord:
+def save_dataset(
+    db: Database,
+    home: str | os.PathLike,
+    name: str,
+    splits: dict[str, list[dict]],
+    kind: str,
+    card: dict[str, Any],
+    source: dict[str, Any],
+    parent_ids: Iterable[str] = (),
+) -> DatasetRecord:
     """Write, hash and register a dataset (see module doc). Raises UserError if it has no training rows."""
     from datasets import Dataset, DatasetDict
 
@@ -88,10 +109,12 @@ def save_dataset(db: Database, home: str | os.PathLike, name: str, splits: dict[
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
         try:
             feats = _features(kind)
-            dd = DatasetDict({s: Dataset.from_dict({k: [r[k] for r in rows[s]] for k in feats}, features=feats) for s in SPLITS})
+            dd = DatasetDict(
+                {s: Dataset.from_dict({k: [r[k] for r in rows[s]] for k in feats}, features=feats) for s in SPLITS}
+            )
             # one shard per split: datasets 5.x cannot reload an empty split saved with the default sharding
             with _quiet_datasets():  # per-split "Saving the dataset" bars are noise next to the callers' own
-                dd.save_to_disk(str(tmp / "data"), num_shards={s: 1 for s in SPLITS})
+                dd.save_to_disk(str(tmp / "data"), num_shards=dict.fromkeys(SPLITS, 1))
             (tmp / "card.json").write_text(json.dumps(card, indent=2, default=str))
             if dest.exists():
                 shutil.rmtree(dest)
@@ -99,17 +122,40 @@ def save_dataset(db: Database, home: str | os.PathLike, name: str, splits: dict[
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-    rec = DatasetRecord(id=ds_id, name=name, content_hash=digest, kind=kind, path=str(dest),
-                        rows_train=len(rows["train"]), rows_validation=len(rows["validation"]), rows_test=len(rows["test"]),
-                        source=source, card=card, parent_ids=list(parent_ids), created_at=utcnow())
+    rec = DatasetRecord(
+        id=ds_id,
+        name=name,
+        content_hash=digest,
+        kind=kind,
+        path=str(dest),
+        rows_train=len(rows["train"]),
+        rows_validation=len(rows["validation"]),
+        rows_test=len(rows["test"]),
+        source=source,
+        card=card,
+        parent_ids=list(parent_ids),
+        created_at=utcnow(),
+    )
     with db.connect() as con:
         if con.execute("SELECT 1 FROM datasets WHERE id = ?", [ds_id]).fetchone():
             return get_dataset(db, ds_id, con=con)
         con.execute(
             "INSERT INTO datasets (id, name, content_hash, kind, path, source, card, rows_train, rows_validation, rows_test, parent_ids, created_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [rec.id, rec.name, rec.content_hash, rec.kind, rec.path, dumps(rec.source), dumps(rec.card), rec.rows_train,
-             rec.rows_validation, rec.rows_test, dumps(rec.parent_ids), rec.created_at],
+            [
+                rec.id,
+                rec.name,
+                rec.content_hash,
+                rec.kind,
+                rec.path,
+                dumps(rec.source),
+                dumps(rec.card),
+                rec.rows_train,
+                rec.rows_validation,
+                rec.rows_test,
+                dumps(rec.parent_ids),
+                rec.created_at,
+            ],
         )
         _insert_rows(con, ds_id, rows)
     return rec
@@ -131,13 +177,15 @@ def _quiet_datasets():
 def _insert_rows(con, ds_id: str, rows: dict[str, list[dict]]) -> None:
     import pyarrow as pa
 
-    table = pa.table({
-        "dataset_id": [ds_id for s in SPLITS for _ in rows[s]],
-        "row_id": [r["id"] for s in SPLITS for r in rows[s]],
-        "split": [s for s in SPLITS for _ in rows[s]],
-        "request_id": [r.get("request_id") for s in SPLITS for r in rows[s]],
-        "origin": [r.get("origin") for s in SPLITS for r in rows[s]],
-    })
+    table = pa.table(
+        {
+            "dataset_id": [ds_id for s in SPLITS for _ in rows[s]],
+            "row_id": [r["id"] for s in SPLITS for r in rows[s]],
+            "split": [s for s in SPLITS for _ in rows[s]],
+            "request_id": [r.get("request_id") for s in SPLITS for r in rows[s]],
+            "origin": [r.get("origin") for s in SPLITS for r in rows[s]],
+        }
+    )
     con.register("_tl_rows", table)
     try:
         con.execute("INSERT INTO dataset_rows SELECT dataset_id, row_id, split, request_id, origin FROM _tl_rows")

@@ -39,10 +39,11 @@ import random
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import duckdb
 
@@ -59,7 +60,7 @@ _LOCK_MARKERS = ("Could not set lock", "Conflicting lock", "lock on file")
 
 def utcnow() -> datetime:
     """Naive UTC timestamp (DuckDB ``TIMESTAMP``)."""
-    return datetime.now(timezone.utc).replace(tzinfo=None)
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 def dumps(v: Any) -> str | None:
@@ -83,11 +84,13 @@ class _FileState:
 
     lock: threading.RLock = field(default_factory=threading.RLock)  # serialises connect blocks in this process
     seen: tuple | None = None  # file signature after this process last touched the file
-    version: int = 0           # bumped on any change except this process's log-only writes
-    depth: int = 0             # nested connect blocks (same thread) sharing the current attachment
+    version: int = 0  # bumped on any change except this process's log-only writes
+    depth: int = 0  # nested connect blocks (same thread) sharing the current attachment
     host: duckdb.DuckDBPyConnection | None = None  # the host instance the file is attached to (depth > 0 or held)
-    held: bool = False         # attached with no block open, kept for the next block (connect(keep_open=True))
-    knock: tuple | None | bool = False  # the knock file's state when :meth:`Database.knocked` last looked (False: never)
+    held: bool = False  # attached with no block open, kept for the next block (connect(keep_open=True))
+    knock: tuple | bool | None = (
+        False  # the knock file's state when :meth:`Database.knocked` last looked (False: never)
+    )
 
 
 _FILES: dict[str, _FileState] = {}
@@ -125,8 +128,13 @@ def _host(light: bool = False) -> duckdb.DuckDBPyConnection:
                 _FILES.clear()
             # spills (if a big query ever needs them) go to the system temp dir, not the cwd
             spill = str(Path(tempfile.gettempdir()) / f"tuneloop-duckdb-{os.getpid()}")
-            _HOST[:] = [_Host(os.getpid(), duckdb.connect(":memory:", config={"temp_directory": spill}),
-                              duckdb.connect(":memory:", config={"temp_directory": spill, "threads": 1}))]
+            _HOST[:] = [
+                _Host(
+                    os.getpid(),
+                    duckdb.connect(":memory:", config={"temp_directory": spill}),
+                    duckdb.connect(":memory:", config={"temp_directory": spill, "threads": 1}),
+                )
+            ]
         return _HOST[0].light if light else _HOST[0].full
 
 
@@ -223,15 +231,15 @@ class Database:
                 _knock(self.path)  # ask a server that keeps the file open between flushes to let go
                 if time.monotonic() >= deadline:
                     raise DatabaseBusy(
-                        f"database {self.path} is held by another process for over "
-                        f"{self.lock_timeout_s:.0f} s: {e}"
+                        f"database {self.path} is held by another process for over {self.lock_timeout_s:.0f} s: {e}"
                     ) from None
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 0.25)
 
     @contextlib.contextmanager
-    def connect(self, transaction: bool = True, log_only: bool = False,
-                keep_open: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+    def connect(
+        self, transaction: bool = True, log_only: bool = False, keep_open: bool = False
+    ) -> Iterator[duckdb.DuckDBPyConnection]:
         """Open, migrate if needed, yield a connection, commit/rollback, close.
 
         ``log_only=True`` declares that the block only appends log rows (the request-log
@@ -272,7 +280,9 @@ class Database:
             return fs.version
 
     @contextlib.contextmanager
-    def _connect(self, transaction: bool, light: bool = False, keep_open: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+    def _connect(
+        self, transaction: bool, light: bool = False, keep_open: bool = False
+    ) -> Iterator[duckdb.DuckDBPyConnection]:
         fs = _file_state(self.path)
         con = self._open(fs, light)
         fs.depth += 1

@@ -99,6 +99,7 @@ def _insert(con, table: str, rec) -> None:
 
 # ---- datasets ---------------------------------------------------------------
 
+
 def register_dataset(db: Database, rec: DatasetRecord) -> DatasetRecord:
     """Insert a dataset; registering identical content under the same id is a no-op."""
     rec.created_at = rec.created_at or utcnow()
@@ -125,16 +126,40 @@ def list_datasets(db: Database) -> list[DatasetRecord]:
 
 # ---- runs -------------------------------------------------------------------
 
-def start_run(db: Database, method: str, base_model: str, dataset_id: str | None, config: dict[str, Any], run_id: str | None = None) -> RunRecord:
-    rec = RunRecord(id=run_id or new_id(), method=method, base_model=base_model, dataset_id=dataset_id, config=config, started_at=utcnow())
+
+def start_run(
+    db: Database,
+    method: str,
+    base_model: str,
+    dataset_id: str | None,
+    config: dict[str, Any],
+    run_id: str | None = None,
+) -> RunRecord:
+    rec = RunRecord(
+        id=run_id or new_id(),
+        method=method,
+        base_model=base_model,
+        dataset_id=dataset_id,
+        config=config,
+        started_at=utcnow(),
+    )
     with db.connect() as con:
-        con.execute("DELETE FROM runs WHERE id = ? AND status <> 'succeeded'", [rec.id])  # a resumed run restarts its row
+        con.execute(
+            "DELETE FROM runs WHERE id = ? AND status <> 'succeeded'", [rec.id]
+        )  # a resumed run restarts its row
         _insert(con, "runs", rec)
     return rec
 
 
-def finish_run(db: Database, run: RunRecord, status: str, metrics: dict[str, Any] | None = None,
-               output_path: str | None = None, artifact_hash: str | None = None, error: str | None = None) -> RunRecord:
+def finish_run(
+    db: Database,
+    run: RunRecord,
+    status: str,
+    metrics: dict[str, Any] | None = None,
+    output_path: str | None = None,
+    artifact_hash: str | None = None,
+    error: str | None = None,
+) -> RunRecord:
     run.status, run.finished_at = status, utcnow()
     run.duration_s = (run.finished_at - run.started_at).total_seconds() if run.started_at else None
     run.metrics = metrics or run.metrics
@@ -147,7 +172,9 @@ def finish_run(db: Database, run: RunRecord, status: str, metrics: dict[str, Any
 
 
 def get_run(db: Database, run_id: str) -> RunRecord:
-    rows = db.query("SELECT * FROM runs WHERE id = ? OR id LIKE ? || '%' ORDER BY started_at DESC LIMIT 1", [run_id, run_id])
+    rows = db.query(
+        "SELECT * FROM runs WHERE id = ? OR id LIKE ? || '%' ORDER BY started_at DESC LIMIT 1", [run_id, run_id]
+    )
     if not rows:
         raise RegistryError(f"unknown run {run_id!r}")
     return _row_to(RunRecord, rows[0])
@@ -159,6 +186,7 @@ def list_runs(db: Database) -> list[RunRecord]:
 
 # ---- model versions -----------------------------------------------------------
 
+
 def register_version(db: Database, v: ModelVersion) -> ModelVersion:
     """Insert a version. Same name + same hash is idempotent; same name, other hash is an error."""
     if v.kind not in KINDS:
@@ -169,7 +197,9 @@ def register_version(db: Database, v: ModelVersion) -> ModelVersion:
         if row:
             if row[0] == v.content_hash:
                 return get_version(db, v.name, con=con)
-            raise RegistryError(f"version {v.name!r} exists with other content; versions are immutable, pick a new name")
+            raise RegistryError(
+                f"version {v.name!r} exists with other content; versions are immutable, pick a new name"
+            )
         _insert(con, "model_versions", v)
         _event(con, v.name, None, v.stage, "tuneloop", "registered", {"content_hash": v.content_hash})
     return v
@@ -188,12 +218,21 @@ def list_versions(db: Database, stage: str | None = None) -> list[ModelVersion]:
 
 
 def version_by_stage(db: Database, stage: str) -> ModelVersion | None:
-    rows = db.query("SELECT * FROM model_versions WHERE stage = ? ORDER BY stage_changed_at DESC NULLS LAST LIMIT 1", [stage])
+    rows = db.query(
+        "SELECT * FROM model_versions WHERE stage = ? ORDER BY stage_changed_at DESC NULLS LAST LIMIT 1", [stage]
+    )
     return _row_to(ModelVersion, rows[0]) if rows else None
 
 
-def set_stage(db: Database, name: str, stage: str, actor: str = "tuneloop", reason: str = "",
-              details: dict[str, Any] | None = None, con=None) -> None:
+def set_stage(
+    db: Database,
+    name: str,
+    stage: str,
+    actor: str = "tuneloop",
+    reason: str = "",
+    details: dict[str, Any] | None = None,
+    con=None,
+) -> None:
     """Move ``name`` to ``stage`` (recording the event); promoting to production retires the previous one."""
     if stage not in STAGES:
         raise RegistryError(f"stage must be one of {STAGES}, got {stage!r}")
@@ -204,8 +243,12 @@ def set_stage(db: Database, name: str, stage: str, actor: str = "tuneloop", reas
             raise RegistryError(f"unknown model version {name!r}")
         now = utcnow()
         if stage in ("production", "canary"):
-            for (other,) in c.execute("SELECT name FROM model_versions WHERE stage = ? AND name <> ?", [stage, name]).fetchall():
-                c.execute("UPDATE model_versions SET stage = 'retired', stage_changed_at = ? WHERE name = ?", [now, other])
+            for (other,) in c.execute(
+                "SELECT name FROM model_versions WHERE stage = ? AND name <> ?", [stage, name]
+            ).fetchall():
+                c.execute(
+                    "UPDATE model_versions SET stage = 'retired', stage_changed_at = ? WHERE name = ?", [now, other]
+                )
                 _event(c, other, stage, "retired", actor, f"replaced by {name}", None)
         c.execute("UPDATE model_versions SET stage = ?, stage_changed_at = ? WHERE name = ?", [stage, now, name])
         _event(c, name, row[0], stage, actor, reason, details)

@@ -39,7 +39,7 @@ def configure_vllm_env(engine=None, cache_root: str | os.PathLike | None = None)
         return
     env.setdefault("VLLM_TARGET_DEVICE", "cpu")
     kv = getattr(engine, "kv_cache_gib", 1.0) if engine is not None else 1.0
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(kv)))))
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv))))
     reserved = getattr(engine, "cpu_reserved_cores", 0) if engine is not None else 0
     env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", str(reserved))
     bind = getattr(engine, "cpu_threads_bind", "auto") if engine is not None else "auto"

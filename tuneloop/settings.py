@@ -25,15 +25,22 @@ def _home_default() -> str:
 
 def _models_default() -> str:
     return os.environ.get(
-        "TUNELOOP_MODEL_CACHE", str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tuneloop" / "models")
+        "TUNELOOP_MODEL_CACHE",
+        str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tuneloop" / "models"),
     )
 
 
 @dataclass
 class PathSettings:
-    home: str = field(default_factory=_home_default, metadata={"help": "Folder for the database, datasets, runs and reports ($TUNELOOP_HOME)."})
+    home: str = field(
+        default_factory=_home_default,
+        metadata={"help": "Folder for the database, datasets, runs and reports ($TUNELOOP_HOME)."},
+    )
     db: str = field(default="", metadata={"help": "DuckDB file; empty means <home>/tuneloop.duckdb."})
-    models: str = field(default_factory=_models_default, metadata={"help": "Cache of pulled base models, shared across projects ($TUNELOOP_MODEL_CACHE)."})
+    models: str = field(
+        default_factory=_models_default,
+        metadata={"help": "Cache of pulled base models, shared across projects ($TUNELOOP_MODEL_CACHE)."},
+    )
 
     @property
     def home_path(self) -> Path:
@@ -60,82 +67,183 @@ class EngineSettings:
     max_model_len: int = field(default=2048, metadata={"help": "Context length (prompt + completion tokens)."})
     kv_cache_gib: float = field(default=1.0, metadata={"help": "CPU KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."})
     gpu_memory_utilization: float = field(default=0.9, metadata={"help": "GPU only: share of GPU memory vLLM may use."})
-    enforce_eager: bool = field(default=True, metadata={"help": "Skip graph compilation (faster start-up; right for CPU)."})
+    enforce_eager: bool = field(
+        default=True, metadata={"help": "Skip graph compilation (faster start-up; right for CPU)."}
+    )
     enable_lora: bool = field(default=True, metadata={"help": "Serve LoRA adapters per request."})
     max_loras: int = field(default=4, metadata={"help": "Adapters resident in one batch."})
     max_lora_rank: int = field(default=16, metadata={"help": "Largest LoRA rank the engine accepts."})
     max_num_seqs: int = field(default=64, metadata={"help": "Most sequences scheduled at once."})
     tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs per replica (tensor parallelism)."})
     seed: int = field(default=0, metadata={"help": "Engine seed."})
-    cpu_reserved_cores: int = field(default=0, metadata={"help": "CPU only: cores vLLM keeps for its front end (VLLM_CPU_NUM_OF_RESERVED_CPU)."})
-    cpu_threads_bind: str = field(default="auto", metadata={"help": "CPU only: OMP thread binding (VLLM_CPU_OMP_THREADS_BIND), 'auto' = all cores."})
-    multiprocessing: bool = field(default=True, metadata={"help": "Run the engine core in its own process (VLLM_ENABLE_V1_MULTIPROCESSING)."})
+    cpu_reserved_cores: int = field(
+        default=0, metadata={"help": "CPU only: cores vLLM keeps for its front end (VLLM_CPU_NUM_OF_RESERVED_CPU)."}
+    )
+    cpu_threads_bind: str = field(
+        default="auto",
+        metadata={"help": "CPU only: OMP thread binding (VLLM_CPU_OMP_THREADS_BIND), 'auto' = all cores."},
+    )
+    multiprocessing: bool = field(
+        default=True, metadata={"help": "Run the engine core in its own process (VLLM_ENABLE_V1_MULTIPROCESSING)."}
+    )
 
 
 @dataclass
 class ServerSettings:
     host: str = field(default="127.0.0.1", metadata={"help": "Bind address."})
     port: int = field(default=8000, metadata={"help": "Bind port."})
-    model: str = field(default="", metadata={"help": "Base model (folder, registered version or pulled name) to serve; empty = base of the production version, else the default base."})
-    adapters: list[str] = field(default_factory=list, metadata={"help": "Adapter versions (or name=path) to load at start-up."})
-    served_model_name: str = field(default="", metadata={"help": "Name the base model answers to in the API (default: its folder name)."})
+    model: str = field(
+        default="",
+        metadata={
+            "help": "Base model (folder, registered version or pulled name) to serve; empty = base of the production version, else the default base."
+        },
+    )
+    adapters: list[str] = field(
+        default_factory=list, metadata={"help": "Adapter versions (or name=path) to load at start-up."}
+    )
+    served_model_name: str = field(
+        default="", metadata={"help": "Name the base model answers to in the API (default: its folder name)."}
+    )
     max_body_bytes: int = field(default=4 * 1024 * 1024, metadata={"help": "Largest accepted request body."})
-    state_refresh_s: float = field(default=2.0, metadata={"help": "How often the server re-reads deploy state (aliases, canary) from the database."})
-    admin_url: str = field(default="", metadata={"help": "URL of a running server's admin API that CLI commands use (default http://host:port)."})
+    state_refresh_s: float = field(
+        default=2.0,
+        metadata={"help": "How often the server re-reads deploy state (aliases, canary) from the database."},
+    )
 
 
 @dataclass
 class LogSettings:
     enabled: bool = field(default=True, metadata={"help": "Write every request to the request log."})
-    flush_interval_s: float = field(default=1.0, metadata={"help": "Longest time a row waits in memory before it is written."})
+    flush_interval_s: float = field(
+        default=1.0, metadata={"help": "Longest time a row waits in memory before it is written."}
+    )
     flush_rows: int = field(default=1000, metadata={"help": "Flush as soon as this many rows are queued."})
-    hold_s: float = field(default=10.0, metadata={"help": "Under steady traffic keep the database open between flushes for up to this long at a time (saves an open and a checkpoint per flush); another tuneloop process that needs the file gets it within one flush interval. 0 = open it for each flush."})
-    queue_max: int = field(default=100_000, metadata={"help": "Bounded queue size; when full, new rows are dropped and counted (tuneloop_log_rows_dropped_total)."})
-    redact_prompts: bool = field(default=False, metadata={"help": "Store no prompt/response text, only sizes and timings."})
-    scrub_pii: bool = field(default=False, metadata={"help": "Scrub emails, phones, card numbers and IPs from logged text."})
+    hold_s: float = field(
+        default=10.0,
+        metadata={
+            "help": "Under steady traffic keep the database open between flushes for up to this long at a time (saves an open and a checkpoint per flush); another tuneloop process that needs the file gets it within one flush interval. 0 = open it for each flush."
+        },
+    )
+    queue_max: int = field(
+        default=100_000,
+        metadata={
+            "help": "Bounded queue size; when full, new rows are dropped and counted (tuneloop_log_rows_dropped_total)."
+        },
+    )
+    redact_prompts: bool = field(
+        default=False, metadata={"help": "Store no prompt/response text, only sizes and timings."}
+    )
+    scrub_pii: bool = field(
+        default=False, metadata={"help": "Scrub emails, phones, card numbers and IPs from logged text."}
+    )
 
 
 @dataclass
 class AuthSettings:
-    require_keys: bool = field(default=False, metadata={"help": "Require a Bearer key on /v1 even when no key exists yet (keys are always required once one exists)."})
+    require_keys: bool = field(
+        default=False,
+        metadata={
+            "help": "Require a Bearer key on /v1 even when no key exists yet (keys are always required once one exists)."
+        },
+    )
 
 
 @dataclass
 class DriftSettings:
-    interval_s: float = field(default=60.0, metadata={"help": "How often the server computes drift in the background (0 = off)."})
-    window: str = field(default="1h", metadata={"help": "Production window: a duration ('30m', '1h') or a request count ('500r')."})
+    interval_s: float = field(
+        default=60.0, metadata={"help": "How often the server computes drift in the background (0 = off)."}
+    )
+    window: str = field(
+        default="1h", metadata={"help": "Production window: a duration ('30m', '1h') or a request count ('500r')."}
+    )
     min_requests: int = field(default=50, metadata={"help": "Skip drift for windows with fewer requests."})
-    psi_threshold: float = field(default=0.2, metadata={"help": "PSI on prompt token length above which it is drifted."})
+    psi_threshold: float = field(
+        default=0.2, metadata={"help": "PSI on prompt token length above which it is drifted."}
+    )
     ks_pvalue: float = field(default=0.01, metadata={"help": "KS p-value below which prompt length is drifted."})
-    js_threshold: float = field(default=0.1, metadata={"help": "Jensen-Shannon divergence (bits) of unigrams above which vocabulary is drifted."})
-    oov_threshold: float = field(default=0.1, metadata={"help": "Increase in out-of-vocabulary share above which it is drifted."})
-    embedding_pvalue: float = field(default=0.01, metadata={"help": "Permutation p-value of embedding MMD below which it is drifted."})
-    length_share_threshold: float = field(default=0.1, metadata={"help": "Increase in finish_reason=length share above which output is drifted."})
+    js_threshold: float = field(
+        default=0.1,
+        metadata={"help": "Jensen-Shannon divergence (bits) of unigrams above which vocabulary is drifted."},
+    )
+    oov_threshold: float = field(
+        default=0.1, metadata={"help": "Increase in out-of-vocabulary share above which it is drifted."}
+    )
+    embedding_pvalue: float = field(
+        default=0.01, metadata={"help": "Permutation p-value of embedding MMD below which it is drifted."}
+    )
+    length_share_threshold: float = field(
+        default=0.1, metadata={"help": "Increase in finish_reason=length share above which output is drifted."}
+    )
     embedding_sample: int = field(default=256, metadata={"help": "Rows embedded per side for embedding drift."})
-    word_sample: int = field(default=50_000, metadata={"help": "Most requests whose prompt words are counted for the vocabulary, OOV and new-word statistics; larger windows are sampled uniformly by request id (0 = count every request)."})
-    response_psi_threshold: float = field(default=0.2, metadata={"help": "PSI on response length (tokens) above which output length is drifted."})
-    empty_share_threshold: float = field(default=0.05, metadata={"help": "Increase in the share of empty responses above which output is drifted."})
-    negative_feedback_threshold: float = field(default=0.3, metadata={"help": "Share of rated requests rated negatively above which feedback is drifted."})
-    overall_threshold: float = field(default=0.2, metadata={"help": "Overall drift score (share of evaluated statistics that drifted) at or above which the version is drifted."})
+    word_sample: int = field(
+        default=50_000,
+        metadata={
+            "help": "Most requests whose prompt words are counted for the vocabulary, OOV and new-word statistics; larger windows are sampled uniformly by request id (0 = count every request)."
+        },
+    )
+    response_psi_threshold: float = field(
+        default=0.2, metadata={"help": "PSI on response length (tokens) above which output length is drifted."}
+    )
+    empty_share_threshold: float = field(
+        default=0.05, metadata={"help": "Increase in the share of empty responses above which output is drifted."}
+    )
+    negative_feedback_threshold: float = field(
+        default=0.3, metadata={"help": "Share of rated requests rated negatively above which feedback is drifted."}
+    )
+    overall_threshold: float = field(
+        default=0.2,
+        metadata={
+            "help": "Overall drift score (share of evaluated statistics that drifted) at or above which the version is drifted."
+        },
+    )
     psi_bins: int = field(default=10, metadata={"help": "Reference-quantile bins for PSI."})
     permutations: int = field(default=200, metadata={"help": "Permutations for the embedding MMD p-value."})
-    vocab_size: int = field(default=10000, metadata={"help": "Most frequent reference words kept in a profile; rarer words count as out-of-vocabulary."})
-    embeddings: bool = field(default=True, metadata={"help": "Compute embedding drift (loads all-MiniLM-L6-v2 on CPU)."})
+    vocab_size: int = field(
+        default=10000,
+        metadata={"help": "Most frequent reference words kept in a profile; rarer words count as out-of-vocabulary."},
+    )
+    embeddings: bool = field(
+        default=True, metadata={"help": "Compute embedding drift (loads all-MiniLM-L6-v2 on CPU)."}
+    )
 
 
 @dataclass
 class DeploySettings:
     canary_share: float = field(default=0.1, metadata={"help": "Share of 'production' traffic sent to the canary."})
     canary_min_requests: int = field(default=100, metadata={"help": "Requests on the canary before it is judged."})
-    canary_max_minutes: float = field(default=30.0, metadata={"help": "Judge the canary after this long even with fewer requests."})
-    canary_max_error_rate_delta: float = field(default=0.02, metadata={"help": "Canary error rate may exceed production's by at most this."})
-    canary_max_latency_ratio: float = field(default=1.5, metadata={"help": "Canary p50 latency may be at most this times production's."})
-    canary_max_negative_feedback_delta: float = field(default=0.1, metadata={"help": "Canary thumbs-down share may exceed production's by at most this."})
-    gate_metric: str = field(default="token_f1", metadata={"help": "Per-example metric the gate compares (token_f1, rouge_l, exact_match, neg_loss)."})
-    gate_min_delta: float = field(default=0.0, metadata={"help": "Lower bound of the paired-bootstrap CI of (candidate - production) must be >= -this."})
-    gate_max_forgetting: float = field(default=0.1, metadata={"help": "Largest relative increase in general-set perplexity allowed."})
-    gate_min_golden_pass: float = field(default=1.0, metadata={"help": "Share of golden prompts a candidate must pass (relative to production if lower)."})
-    canary_judge_interval_s: float = field(default=10.0, metadata={"help": "How often the live server judges a running canary and promotes or rolls it back by itself (0 = only `tuneloop deploy canary --watch`)."})
+    canary_max_minutes: float = field(
+        default=30.0, metadata={"help": "Judge the canary after this long even with fewer requests."}
+    )
+    canary_max_error_rate_delta: float = field(
+        default=0.02, metadata={"help": "Canary error rate may exceed production's by at most this."}
+    )
+    canary_max_latency_ratio: float = field(
+        default=1.5, metadata={"help": "Canary p50 latency may be at most this times production's."}
+    )
+    canary_max_negative_feedback_delta: float = field(
+        default=0.1, metadata={"help": "Canary thumbs-down share may exceed production's by at most this."}
+    )
+    gate_metric: str = field(
+        default="token_f1",
+        metadata={"help": "Per-example metric the gate compares (token_f1, rouge_l, exact_match, neg_loss)."},
+    )
+    gate_min_delta: float = field(
+        default=0.0,
+        metadata={"help": "Lower bound of the paired-bootstrap CI of (candidate - production) must be >= -this."},
+    )
+    gate_max_forgetting: float = field(
+        default=0.1, metadata={"help": "Largest relative increase in general-set perplexity allowed."}
+    )
+    gate_min_golden_pass: float = field(
+        default=1.0,
+        metadata={"help": "Share of golden prompts a candidate must pass (relative to production if lower)."},
+    )
+    canary_judge_interval_s: float = field(
+        default=10.0,
+        metadata={
+            "help": "How often the live server judges a running canary and promotes or rolls it back by itself (0 = only `tuneloop deploy canary --watch`)."
+        },
+    )
     bootstrap_samples: int = field(default=1000, metadata={"help": "Paired bootstrap resamples."})
 
 
