@@ -7,7 +7,8 @@ from pathlib import Path
 
 from tuneloop.db import Database, utcnow
 from tuneloop.ids import new_id
-from tuneloop.monitoring.requestlog import COLUMNS, RequestLogWriter, RequestRecord
+from tuneloop.monitoring.records import RequestRecord
+from tuneloop.monitoring.requestlog import COLUMNS, RequestLogWriter
 from tuneloop.settings import LogSettings
 
 

@@ -28,18 +28,21 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from tuneloop.deploy.server_process import (  # noqa: E402
+    ServerProcess,
+    ServerStartError,
+    free_port,
+    tuneloop_server,
+)
 
 PROMPTS = [
     "What is the capital of France?",
@@ -53,14 +56,6 @@ PROMPTS = [
 ]
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def tree_rss(pid: int) -> int:
     import psutil
 
@@ -71,37 +66,12 @@ def tree_rss(pid: int) -> int:
         return 0
 
 
-class Server:
-    def __init__(self, cmd: list[str], env: dict[str, str], port: int, log: Path):
-        self.port, self.log = port, log
-        fh = open(log, "w")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, cwd=str(log.parent)
-        )
-        fh.close()
-        self.url = f"http://127.0.0.1:{port}"
-
-    def wait_ready(self, path: str, timeout: float = 600) -> float:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"server exited {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
-            try:
-                if httpx.get(self.url + path, timeout=2).status_code == 200:
-                    return time.monotonic() - t0
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise SystemExit(f"server not ready in {timeout} s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(120)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(30)
+def wait_ready(server: ServerProcess, timeout: float = 600) -> float:
+    """Seconds until ``server`` is ready (SystemExit with its log's tail when it fails)."""
+    try:
+        return server.wait_ready(timeout)
+    except ServerStartError as e:
+        raise SystemExit(str(e)) from None
 
 
 async def load(url: str, model: str, clients: int, requests: int, max_tokens: int, stream: bool) -> dict:
@@ -163,7 +133,7 @@ async def load(url: str, model: str, clients: int, requests: int, max_tokens: in
     }
 
 
-def phases(server: Server, model: str, a) -> dict:
+def phases(server: ServerProcess, model: str, a) -> dict:
     """One round of measured phases on ``server``: non-streaming, streaming, and (optionally) wide."""
     out = {}
     for stream in (False, True):
@@ -278,27 +248,16 @@ def main() -> int:
     sides = [("tuneloop", {}), ("tuneloop_nolog", {"TUNELOOP_LOG__ENABLED": "false"})]
     if a.skip_log_off:
         sides = sides[:1]
-    servers: dict[str, tuple[Server, str]] = {}
+    servers: dict[str, ServerProcess] = {}
     for side, extra in sides:  # separate homes: each tuneloop side owns its database
-        port = free_port()
-        home = {"TUNELOOP_HOME": str(work / f"home-{side}")}
-        servers[side] = (
-            Server(
-                [
-                    str(Path(sys.executable).parent / "tuneloop"),
-                    "serve",
-                    "--model",
-                    model,
-                    "--port",
-                    str(port),
-                    "--log-level",
-                    "warning",
-                ],
-                env | home | extra,
-                port,
-                work / f"{side}.log",
-            ),
-            "/readyz",
+        servers[side] = tuneloop_server(
+            work / f"home-{side}",
+            work / f"{side}.log",
+            model=model,
+            serve_args=["--log-level", "warning"],
+            env=env | extra,
+            cwd=work,
+            stop_grace_s=120,
         )
     port = free_port()
     vcmd = [
@@ -329,11 +288,15 @@ def main() -> int:
         "--uvicorn-log-level",
         "warning",
     ]
-    servers["vllm"] = (Server(vcmd, env, port, work / "vllm.log"), "/health")
+    servers["vllm"] = ServerProcess(
+        vcmd, port, work / "vllm.log", env=env, cwd=work, ready_path="/health", stop_grace_s=120, name="vllm serve"
+    )
+    for srv in servers.values():  # all start at once
+        srv.start()
     rounds: dict[str, list[dict]] = {side: [] for side in servers}
     try:
-        for side, (srv, ready) in servers.items():  # all up at once, idle while another side is measured
-            results[side] = {"start_s": srv.wait_ready(ready)}
+        for side, srv in servers.items():  # all up at once, idle while another side is measured
+            results[side] = {"start_s": wait_ready(srv)}
             asyncio.run(load(srv.url, name, a.clients, a.clients, a.max_tokens, False))  # warm-up
         order = list(servers)
         llm = None
@@ -343,19 +306,17 @@ def main() -> int:
             rounds["offline"] = []
         for r in range(a.rounds):  # interleaved rounds, rotating the order so no side always goes first
             for side in order[r % len(order) :] + order[: r % len(order)]:
-                rounds[side].append(
-                    {"wide": offline(llm, a)} if side == "offline" else phases(servers[side][0], name, a)
-                )
+                rounds[side].append({"wide": offline(llm, a)} if side == "offline" else phases(servers[side], name, a))
                 print(
                     f"round {r + 1} {side}: {json.dumps(rounds[side][-1], default=lambda x: round(x, 4) if isinstance(x, float) else x)}",
                     flush=True,
                 )
-        for side, (srv, _) in servers.items():
-            results[side] |= median_round(rounds[side]) | {"rounds": rounds[side], "rss_bytes": tree_rss(srv.proc.pid)}
+        for side, srv in servers.items():
+            results[side] |= median_round(rounds[side]) | {"rounds": rounds[side], "rss_bytes": tree_rss(srv.pid)}
         if llm is not None:
             results["offline"] = median_round(rounds["offline"])["wide"] | {"rounds": rounds["offline"]}
     finally:
-        for srv, _ in servers.values():
+        for srv in servers.values():
             srv.stop()
     if "tuneloop" in results:
         results["tuneloop"]["logged_rows"] = _count_rows(work / "home-tuneloop" / "tuneloop.duckdb")

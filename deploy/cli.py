@@ -11,8 +11,14 @@ import argparse
 import getpass
 import json
 import os
+from typing import TYPE_CHECKING, Any
 
 from tuneloop.cli import add_group
+
+if TYPE_CHECKING:
+    from tuneloop.cli import Context
+    from tuneloop.db import Database
+    from tuneloop.settings import DeploySettings
 
 
 def _actor() -> str:
@@ -22,7 +28,7 @@ def _actor() -> str:
         return "tuneloop"
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     g = add_group(sub, "deploy", "eval gate, canary, promote, rollback and the deploy state")
 
     p = g.add_parser(
@@ -102,7 +108,7 @@ def register(sub) -> None:
 # ---- gate -------------------------------------------------------------------------------
 
 
-def cmd_gate(args, ctx) -> int:
+def cmd_gate(args: argparse.Namespace, ctx: Context) -> int:
     from tuneloop.db import loads
     from tuneloop.deploy.gate import GateError, judge_report, record_verdict, run_gate
     from tuneloop.registry import get_version
@@ -145,7 +151,7 @@ def cmd_gate(args, ctx) -> int:
 # ---- canary / promote / rollback -----------------------------------------------------------
 
 
-def cmd_canary(args, ctx) -> int:
+def cmd_canary(args: argparse.Namespace, ctx: Context) -> int:
     from tuneloop.monitoring import canary
 
     db, deploy = ctx.db, ctx.settings.deploy
@@ -184,7 +190,7 @@ def cmd_canary(args, ctx) -> int:
     return 0 if d.action == "promote" else 1
 
 
-def cmd_promote(args, ctx) -> int:
+def cmd_promote(args: argparse.Namespace, ctx: Context) -> int:
     from tuneloop.monitoring import canary
     from tuneloop.registry import get_version, set_stage, version_by_stage
 
@@ -222,7 +228,7 @@ def cmd_promote(args, ctx) -> int:
     return 0
 
 
-def cmd_rollback(args, ctx) -> int:
+def cmd_rollback(args: argparse.Namespace, ctx: Context) -> int:
     from tuneloop.monitoring import canary
 
     db = ctx.db
@@ -240,13 +246,13 @@ def cmd_rollback(args, ctx) -> int:
     return 0
 
 
-def status(db, deploy, events: int = 10) -> dict:
+def status(db: Database, deploy: DeploySettings, events: int = 10) -> dict[str, Any]:
     """Deploy state as a dict (production, canary + live judgement, recent events)."""
     from tuneloop.monitoring import canary
     from tuneloop.registry import version_by_stage
 
     prod = version_by_stage(db, "production")
-    out: dict = {"production": prod.name if prod else None, "canary": None}
+    out: dict[str, Any] = {"production": prod.name if prod else None, "canary": None}
     run = canary.running(db)
     if run is not None:
         d = canary.judge(db, run.id, deploy)
@@ -269,7 +275,7 @@ def status(db, deploy, events: int = 10) -> dict:
     return out
 
 
-def cmd_status(args, ctx) -> int:
+def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
     from tuneloop.table import print_table
 
     st = status(ctx.db, ctx.settings.deploy, args.events)
@@ -306,7 +312,7 @@ def cmd_status(args, ctx) -> int:
 # ---- loop and demo (registered here; implemented in deploy.loop / deploy.demo) -------------
 
 
-def _register_loop(sub) -> None:
+def _register_loop(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "loop",
         help="one cycle (or --watch: continuous) of sample -> train -> gate -> canary -> decide",
@@ -362,7 +368,7 @@ def _register_loop(sub) -> None:
     p.set_defaults(handler=cmd_loop)
 
 
-def cmd_loop(args, ctx) -> int:
+def cmd_loop(args: argparse.Namespace, ctx: Context) -> int:
     from tuneloop.deploy.loop import LoopOptions, run_cycle, watch
 
     opts = LoopOptions(
@@ -395,7 +401,7 @@ def cmd_loop(args, ctx) -> int:
     return 0 if res.outcome in ("promoted", "nothing_to_do") else 1
 
 
-def _register_demo(sub) -> None:
+def _register_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help="the whole loop, offline, on this machine: train, serve, drift, retrain, canary, promote",
@@ -420,7 +426,7 @@ def _register_demo(sub) -> None:
     p.set_defaults(handler=cmd_demo)
 
 
-def cmd_demo(args, ctx) -> int:
+def cmd_demo(args: argparse.Namespace, ctx: Context) -> int:
     from tuneloop.deploy.demo import DemoOptions, run_demo
 
     opts = DemoOptions(

@@ -25,14 +25,18 @@ Contract
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tuneloop.db import Database, dumps, loads, utcnow
 from tuneloop.errors import UserError
 from tuneloop.ids import new_id
+
+if TYPE_CHECKING:
+    from tuneloop.settings import DeploySettings, Settings
 
 
 class GateError(UserError, ValueError):
@@ -80,7 +84,13 @@ class Bootstrap:
     confidence: float
 
 
-def paired_bootstrap(candidate, baseline, samples: int = 1000, confidence: float = 0.95, seed: int = 0) -> Bootstrap:
+def paired_bootstrap(
+    candidate: Sequence[float] | np.ndarray,
+    baseline: Sequence[float] | np.ndarray,
+    samples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Bootstrap:
     """Percentile CI of mean(candidate - baseline) over ``samples`` paired resamples (seeded)."""
     a = np.asarray(candidate, dtype=np.float64)
     b = np.asarray(baseline, dtype=np.float64)
@@ -99,7 +109,7 @@ def paired_bootstrap(candidate, baseline, samples: int = 1000, confidence: float
     return Bootstrap(float(d.mean()), float(lo), float(hi), samples, confidence)
 
 
-def _per_example(report: dict, model: str, metric: str) -> list[float]:
+def _per_example(report: dict[str, Any], model: str, metric: str) -> list[float]:
     pe = report.get("per_example", {}).get(model)
     if pe is None:
         raise GateError(f"the eval report has no per-example metrics for {model!r} (models: {report.get('models')})")
@@ -112,7 +122,9 @@ def _per_example(report: dict, model: str, metric: str) -> list[float]:
     return [float(v) for v in pe[metric]]
 
 
-def judge_report(report: dict, candidate: str, baseline: str, deploy, seed: int = 0) -> GateResult:
+def judge_report(
+    report: dict[str, Any], candidate: str, baseline: str, deploy: DeploySettings, seed: int = 0
+) -> GateResult:
     """Apply the gate criteria (module doc) to an eval report; pure, no I/O."""
     metric = deploy.gate_metric
     a = _per_example(report, candidate, metric)
@@ -196,7 +208,7 @@ def baseline_for(db: Database, candidate: str) -> tuple[str, str]:
 
 def run_gate(
     db: Database,
-    settings,
+    settings: Settings,
     candidate: str,
     dataset: str | None = None,
     golden: str | None = None,

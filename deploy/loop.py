@@ -13,9 +13,16 @@ Contract
 * Steps: ``sample`` (feedback.sample over the window, replaying the production
   version's data), ``train`` (trainer.train.train from the production version's
   base model; ``method=dpo`` trains on the preference set), ``gate``
-  (deploy.gate.run_gate), ``canary`` (monitoring.canary start + watch; with no
-  production version yet, or ``canary=False``, the gated candidate is promoted
-  directly), ``decide`` (records the outcome).
+  (deploy.gate.run_gate), ``canary`` (monitoring.canary start, then the decision:
+  a live server's own judge may decide it, else this process judges until it
+  decides; with no production version yet, or ``canary=False``, the gated
+  candidate is promoted directly), ``decide`` (records the outcome).
+* :class:`LoopOptions` holds everything a caller can choose (window, strategies,
+  dataset and version names, train overrides, gate limits, canary share and
+  deadlines); :func:`run_cycle` also takes hooks: ``on_canary_start`` (called once
+  the canary runs, e.g. to send it traffic) and ``step_context`` (a context
+  manager around every step that runs, e.g. for progress and timings). ``tuneloop
+  loop`` and ``tuneloop demo`` both run their cycles through it.
 * Outcomes: ``promoted``, ``rolled_back``, ``gate_failed``, ``nothing_to_do``
   (no new data to sample).
 * :func:`watch` keeps running cycles when a trigger fires: drift over threshold
@@ -28,13 +35,22 @@ import dataclasses
 import re
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneloop.db import Database, dumps, loads, utcnow
 from tuneloop.errors import UserError
 from tuneloop.ids import new_id
+
+if TYPE_CHECKING:
+    from tuneloop.monitoring.canary import Canary, Decision
+    from tuneloop.settings import Settings
+    from tuneloop.trainer.config import TrainConfig
+
+# a context manager around each step that runs: (step name, its inputs) -> context
+StepContext = Callable[[str, dict[str, Any]], AbstractContextManager[object]]
 
 STEPS = ("sample", "train", "gate", "canary", "decide")
 
@@ -53,6 +69,12 @@ class LoopOptions:
         default=None, metadata={"help": "Sampling strategies NAME[=SHARE] (default feedback=0.5 stratified=0.5)."}
     )
     limit: int = field(default=1000, metadata={"help": "Most production rows sampled."})
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Name of the sampled dataset (default loop-<cycle id tail>)."}
+    )
+    dedup_against: list[str] | None = field(
+        default=None, metadata={"help": "Datasets the sample is deduplicated against (default every SFT dataset)."}
+    )
     replay_fraction: float = field(
         default=0.2, metadata={"help": "Share of the train split replayed from the production version's dataset."}
     )
@@ -67,6 +89,17 @@ class LoopOptions:
     canary_share: float | None = field(default=None, metadata={"help": "Canary share (default deploy.canary_share)."})
     canary_timeout_s: float | None = field(default=None, metadata={"help": "Longest wait for the canary decision."})
     canary_poll_s: float = field(default=5.0, metadata={"help": "Seconds between canary judgements."})
+    canary_server_judge_s: float = field(
+        default=0.0,
+        metadata={"help": "Seconds left to a live server's own judge to decide the canary before judging here."},
+    )
+    canary_rollback_undecided: bool = field(
+        default=False,
+        metadata={"help": "Roll back a canary still undecided at the deadline (instead of failing the step)."},
+    )
+    version_name: str | None = field(
+        default=None, metadata={"help": "Name of the new version (default: next after the production version)."}
+    )
     version_prefix: str = field(
         default="", metadata={"help": "Name new versions <prefix>-v<N> (default: from the production version's name)."}
     )
@@ -137,15 +170,6 @@ def _end(
     )
 
 
-def list_cycles(db: Database, limit: int = 20) -> list[dict[str, Any]]:
-    return db.query(
-        """SELECT id, min(started_at) AS started_at, max(finished_at) AS finished_at,
-                              string_agg(step || ':' || status, ' ' ORDER BY started_at) AS steps
-                       FROM loop_runs GROUP BY id ORDER BY min(started_at) DESC LIMIT ?""",
-        [limit],
-    )
-
-
 # ---- helpers -----------------------------------------------------------------------------------
 
 
@@ -178,7 +202,7 @@ def _last_sample_until(db: Database, exclude: str) -> datetime | None:
     return datetime.fromisoformat(u) if u else None
 
 
-def build_train_config(opts: LoopOptions, base: str, dataset: str, name: str, parent: str | None):
+def build_train_config(opts: LoopOptions, base: str, dataset: str, name: str, parent: str | None) -> TrainConfig:
     """TrainConfig from the YAML file + overrides, with base/dataset/name set by the loop."""
     from tuneloop.config import build, load_yaml
     from tuneloop.trainer.config import TrainConfig
@@ -195,16 +219,19 @@ def build_train_config(opts: LoopOptions, base: str, dataset: str, name: str, pa
 
 def run_cycle(
     db: Database,
-    settings,
+    settings: Settings,
     opts: LoopOptions | None = None,
     cycle_id: str | None = None,
     log: Callable[[str], None] | None = None,
+    *,
+    on_canary_start: Callable[[Canary], None] | None = None,
+    step_context: StepContext | None = None,
 ) -> CycleResult:
     """Run (or resume) one cycle; see the module docstring."""
     from tuneloop.registry import get_version, version_by_stage
 
     opts = opts or LoopOptions()
-    say = log or ((lambda m: print(m, flush=True)) if opts.progress else (lambda m: None))
+    say: Callable[[str], None] = log or ((lambda m: print(m, flush=True)) if opts.progress else (lambda m: None))
     if cycle_id and not db.query("SELECT 1 FROM loop_runs WHERE id = ? LIMIT 1", [cycle_id]):
         raise LoopError(f"unknown cycle {cycle_id!r}; see `tuneloop loop --help` (start a new cycle without --cycle)")
     cycle_id = cycle_id or new_id()
@@ -217,7 +244,7 @@ def run_cycle(
             return st["details"]
         return None
 
-    def result(outcome: str, candidate=None, dataset=None) -> CycleResult:
+    def result(outcome: str, candidate: str | None = None, dataset: str | None = None) -> CycleResult:
         return CycleResult(cycle_id, outcome, steps_of(db, cycle_id), candidate, dataset)
 
     def step(name: str, details: dict[str, Any], fn: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
@@ -226,7 +253,8 @@ def run_cycle(
         _begin(db, cycle_id, name, inputs)
         say(f"[{cycle_id[:8]}] {name}: running")
         try:
-            out = fn(inputs)
+            with step_context(name, inputs) if step_context else nullcontext():
+                out = fn(inputs)
         except BaseException as e:
             _end(db, cycle_id, name, "failed", inputs, error=f"{type(e).__name__}: {e}")
             raise
@@ -259,7 +287,7 @@ def run_cycle(
     # 2. train
     t = finished("train")
     if t is None:
-        name = next_version_name(db, s.get("production"), opts.version_prefix)
+        name = opts.version_name or next_version_name(db, s.get("production"), opts.version_prefix)
         t = step(
             "train",
             {
@@ -283,27 +311,28 @@ def run_cycle(
     # 4. canary (or direct promotion)
     c = finished("canary")
     if c is None:
-        c = step("canary", {"version": candidate}, lambda d: _do_canary(db, settings, opts, d))
+        c = step("canary", {"version": candidate}, lambda d: _do_canary(db, settings, opts, d, on_canary_start))
     outcome = c.get("outcome", "promoted")
     v = get_version(db, candidate)
     _record_decide(db, cycle_id, outcome, c.get("reason", "") or c.get("summary", ""), {"stage": v.stage})
     return result(outcome, candidate, s["dataset"])
 
 
-def _record_decide(db: Database, cycle_id: str, outcome: str, reason: str, extra: dict | None = None) -> None:
+def _record_decide(db: Database, cycle_id: str, outcome: str, reason: str, extra: dict[str, Any] | None = None) -> None:
     _begin(db, cycle_id, "decide", {})
     _end(db, cycle_id, "decide", "done", {"outcome": outcome, "reason": reason, **(extra or {})})
 
 
-def _do_sample(db: Database, settings, opts: LoopOptions, d: dict[str, Any], cycle_id: str) -> dict[str, Any]:
-    from tuneloop.feedback.sample import SampleConfig, SampleError, parse_strategies
+def _do_sample(db: Database, settings: Settings, opts: LoopOptions, d: dict[str, Any], cycle_id: str) -> dict[str, Any]:
+    from tuneloop.feedback.sample import SampleConfig
+    from tuneloop.feedback.strategies import SampleError, parse_strategies
     from tuneloop.registry import get_version
 
     replay = None
     if d.get("production"):
         replay = get_version(db, d["production"]).dataset_id
     cfg = SampleConfig(
-        name=f"loop-{cycle_id[-12:]}",
+        name=opts.dataset_name or f"loop-{cycle_id[-12:]}",
         strategies=parse_strategies(opts.strategies),
         limit=opts.limit,
         since=datetime.fromisoformat(d["since"]) if d.get("since") else None,
@@ -311,6 +340,7 @@ def _do_sample(db: Database, settings, opts: LoopOptions, d: dict[str, Any], cyc
         window=d.get("window"),
         replay_from=replay,
         replay_fraction=opts.replay_fraction if replay else 0.0,
+        dedup_against=opts.dedup_against,
     )
     try:
         res = sample(db, settings.paths.home_path, cfg, progress=opts.progress)
@@ -326,13 +356,13 @@ def _do_sample(db: Database, settings, opts: LoopOptions, d: dict[str, Any], cyc
     }
 
 
-def sample(*a, **kw):  # indirection so the step is easy to follow in a traceback
+def sample(*a: Any, **kw: Any) -> Any:  # indirection so the step is easy to follow in a traceback
     from tuneloop.feedback.sample import sample as _sample
 
     return _sample(*a, **kw)
 
 
-def _do_train(db: Database, settings, opts: LoopOptions, d: dict[str, Any]) -> dict[str, Any]:
+def _do_train(db: Database, settings: Settings, opts: LoopOptions, d: dict[str, Any]) -> dict[str, Any]:
     from tuneloop.registry import get_version
     from tuneloop.trainer.bootstrap import DEFAULT_BASE, resolve_base
 
@@ -362,7 +392,7 @@ def _do_train(db: Database, settings, opts: LoopOptions, d: dict[str, Any]) -> d
     return {"run_id": res.run_id, "version": res.version.name, "metrics": res.metrics, "train_dataset": dataset}
 
 
-def _do_gate(db: Database, settings, opts: LoopOptions, d: dict[str, Any]) -> dict[str, Any]:
+def _do_gate(db: Database, settings: Settings, opts: LoopOptions, d: dict[str, Any]) -> dict[str, Any]:
     from tuneloop.deploy.gate import run_gate
 
     r = run_gate(
@@ -384,7 +414,13 @@ def _do_gate(db: Database, settings, opts: LoopOptions, d: dict[str, Any]) -> di
     }
 
 
-def _do_canary(db: Database, settings, opts: LoopOptions, d: dict[str, Any]) -> dict[str, Any]:
+def _do_canary(
+    db: Database,
+    settings: Settings,
+    opts: LoopOptions,
+    d: dict[str, Any],
+    on_start: Callable[[Canary], None] | None = None,
+) -> dict[str, Any]:
     from tuneloop.monitoring import canary
     from tuneloop.registry import set_stage, version_by_stage
 
@@ -411,26 +447,73 @@ def _do_canary(db: Database, settings, opts: LoopOptions, d: dict[str, Any]) -> 
         run = canary.start(
             db, name, opts.canary_share or settings.deploy.canary_share, actor=opts.actor, reason="loop: gate passed"
         )
+        if on_start is not None:
+            on_start(run)
+    if opts.canary_server_judge_s > 0:  # a live server judges running canaries by itself: give it time
+        deadline = time.monotonic() + opts.canary_server_judge_s
+        while time.monotonic() < deadline and canary.get(db, run.id).status == "running":
+            time.sleep(min(1.0, opts.canary_poll_s))
     timeout = (
         opts.canary_timeout_s
         if opts.canary_timeout_s is not None
         else settings.deploy.canary_max_minutes * 60 + 2 * opts.canary_poll_s
     )
-    dec = canary.watch(
-        db,
-        run.id,
-        settings.deploy,
-        poll_s=opts.canary_poll_s,
-        timeout_s=timeout,
-        actor=opts.actor,
-        on_tick=(lambda x: print(f"  canary: {x.summary()}", flush=True)) if opts.progress else None,
-    )
+    dec = None
+    if canary.get(db, run.id).status == "running":
+        try:
+            dec = canary.watch(
+                db,
+                run.id,
+                settings.deploy,
+                poll_s=opts.canary_poll_s,
+                timeout_s=timeout,
+                actor=opts.actor,
+                on_tick=(lambda x: print(f"  canary: {x.summary()}", flush=True)) if opts.progress else None,
+            )
+        except canary.CanaryError:
+            if canary.get(db, run.id).status == "running":  # undecided at the deadline
+                if not opts.canary_rollback_undecided:
+                    raise
+                dec = _rollback_undecided(db, settings, opts, run.id)
+            # else: decided meanwhile by someone else (a live server's judge)
+    if dec is None:
+        c = canary.get(db, run.id)
+        info = c.decision or {}
+        reasons = [str(r) for r in (info.get("reasons") or [info.get("reason", "")])]
+        by = str(info.get("actor", "server"))
+        return {
+            "canary_id": run.id,
+            "outcome": "promoted" if c.status == "promoted" else "rolled_back",
+            "summary": f"canary {run.id}: {c.status} by {by}: {'; '.join(reasons)}",
+            "reason": "; ".join(reasons),
+            "reasons": reasons,
+            "decided_by": by,
+        }
     return {
         "canary_id": run.id,
         "outcome": "promoted" if dec.action == "promote" else "rolled_back",
         "summary": dec.summary(),
         "reason": "; ".join(dec.reasons),
+        "reasons": dec.reasons,
+        "decided_by": opts.actor,
     }
+
+
+def _rollback_undecided(db: Database, settings: Settings, opts: LoopOptions, canary_id: str) -> Decision | None:
+    """Judge once more and apply; a verdict of ``wait`` becomes a rollback. None when decided meanwhile elsewhere."""
+    from tuneloop.monitoring import canary
+
+    try:
+        dec = canary.judge(db, canary_id, settings.deploy)
+        if dec.action == "wait":
+            dec.action = "rollback"
+            dec.reasons = [*dec.reasons, "undecided at the deadline (not enough canary traffic): rolled back"]
+        canary.apply(db, dec, actor=opts.actor)
+    except canary.CanaryError:
+        if canary.get(db, canary_id).status == "running":
+            raise
+        return None
+    return dec
 
 
 # ---- watch ---------------------------------------------------------------------------------------------
@@ -460,7 +543,7 @@ def trigger(db: Database, since: datetime | None, min_feedback: int, every_s: fl
 
 def watch(
     db: Database,
-    settings,
+    settings: Settings,
     opts: LoopOptions,
     min_feedback: int = 50,
     every: str | None = None,
@@ -469,9 +552,9 @@ def watch(
     sleep: Callable[[float], None] = time.sleep,
 ) -> list[CycleResult]:
     """Run cycles whenever :func:`trigger` fires (resuming an unfinished cycle first)."""
-    from tuneloop.feedback.sample import parse_duration
+    from tuneloop.timeparse import duration_s
 
-    every_s = parse_duration(every).total_seconds() if every else None
+    every_s = duration_s(every) if every else None
     results: list[CycleResult] = []
     unfinished = db.query("""SELECT id FROM loop_runs GROUP BY id HAVING count(*) FILTER (WHERE step = 'decide') = 0
                              ORDER BY min(started_at) DESC LIMIT 1""")

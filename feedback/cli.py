@@ -1,14 +1,20 @@
 """CLI of the feedback area: ``tuneloop feedback sample|list`` and ``tuneloop lineage``.
 
-Only light imports at module level (see tuneloop.cli); work happens in handlers.
+Only light imports at module level, so ``tuneloop --help`` stays fast; the work
+(:mod:`tuneloop.feedback.sample`, :mod:`tuneloop.lineage`) is imported in the handlers.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING, Any
 
 from tuneloop.cli import add_group
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tuneloop.cli import Context
+    from tuneloop.feedback.sample import SampleConfig
 
 SAMPLE_EPILOG = """\
 strategies (combinable; NAME=SHARE, shares are normalised):
@@ -26,7 +32,7 @@ examples:
 """
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     g = add_group(sub, "feedback", "turn production requests and feedback into new training sets")
     p = g.add_parser(
         "sample",
@@ -97,8 +103,11 @@ def register(sub) -> None:
     p.set_defaults(handler=cmd_lineage)
 
 
-def build_config(args):
-    from tuneloop.feedback.sample import SampleConfig, parse_strategies, parse_time
+def build_config(args: argparse.Namespace) -> SampleConfig:
+    """The :class:`~tuneloop.feedback.sample.SampleConfig` of ``tuneloop feedback sample``'s arguments."""
+    from tuneloop.feedback.sample import SampleConfig
+    from tuneloop.feedback.strategies import parse_strategies
+    from tuneloop.timeparse import parse_time
 
     return SampleConfig(
         name=args.name,
@@ -121,7 +130,7 @@ def build_config(args):
     )
 
 
-def cmd_sample(args, ctx) -> int:
+def cmd_sample(args: argparse.Namespace, ctx: Context) -> int:
     from tuneloop.feedback.sample import sample
 
     cfg = build_config(args)
@@ -162,7 +171,7 @@ def cmd_sample(args, ctx) -> int:
     return 0
 
 
-def cmd_list(args, ctx) -> int:
+def cmd_list(args: argparse.Namespace, ctx: Context) -> int:
     from tuneloop.table import print_table
 
     rows = ctx.db.query(
@@ -192,8 +201,8 @@ def cmd_list(args, ctx) -> int:
     return 0
 
 
-def cmd_lineage(args, ctx) -> int:
-    from tuneloop.feedback.sample import lineage
+def cmd_lineage(args: argparse.Namespace, ctx: Context) -> int:
+    from tuneloop.lineage import lineage
 
     info = lineage(ctx.db, args.ref)
     if args.json:
@@ -219,7 +228,7 @@ def cmd_lineage(args, ctx) -> int:
     return 0
 
 
-def _print_chain(chain, indent: str) -> None:
+def _print_chain(chain: list[dict[str, Any]], indent: str) -> None:
     for e in chain:
         if not e.get("registered", True):
             print(f"{indent}{e['version']} (not registered)")
@@ -230,7 +239,7 @@ def _print_chain(chain, indent: str) -> None:
             _print_dataset(d, indent + "  ")
 
 
-def _print_dataset(d, indent: str) -> None:
+def _print_dataset(d: dict[str, Any], indent: str) -> None:
     origins = ", ".join(f"{k} {v}" for k, v in d["rows_by_origin"].items())
     print(f"{indent}dataset {d['id']} ({origins}); built from {len(d['source_requests'])} logged request(s)")
     for p in d["parents"]:

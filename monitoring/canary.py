@@ -3,7 +3,7 @@
 Contract
 --------
 Pure logic over the database (no HTTP, no engine), so the CLI, the loop or the
-server can run it. The server reads the state written here (DESIGN contract 9):
+server can run it. The server routes traffic from the state written here:
 a ``canaries`` row with status ``running`` (candidate, production, share) and
 the candidate's stage ``canary``; it sends ``share`` of the requests for
 ``production`` to the candidate, sticky per user/key, and logs the arm in
@@ -37,14 +37,16 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneloop.db import Database, dumps, loads, utcnow
 from tuneloop.errors import UserError
 from tuneloop.ids import new_id
+from tuneloop.ratings import negative_sql
 from tuneloop.registry import RegistryError, set_stage
 
-ARMS = ("production", "canary")
+if TYPE_CHECKING:
+    from tuneloop.settings import DeploySettings
 
 
 class CanaryError(UserError, RuntimeError):
@@ -183,7 +185,7 @@ def start(db: Database, candidate: str, share: float, actor: str = "tuneloop", r
     return c
 
 
-_ARM_SQL = """
+_ARM_SQL = f"""
 WITH r AS (
     SELECT id, arm, model_version, status, latency_s FROM requests
     WHERE received_at >= ? AND arm IN ('production', 'canary')
@@ -198,9 +200,7 @@ SELECT r.arm,
        count(*) FILTER (WHERE r.status >= 500) AS errors,
        quantile_cont(r.latency_s, 0.5) FILTER (WHERE r.status < 400) AS latency_p50_s,
        count(fb.rating) AS rated,
-       count(*) FILTER (WHERE fb.rating IS NOT NULL AND (
-            (coalesce(fb.rating_kind, CASE WHEN fb.rating > 1 THEN 'stars' ELSE 'thumbs' END) = 'stars' AND fb.rating <= 2)
-         OR (coalesce(fb.rating_kind, CASE WHEN fb.rating > 1 THEN 'stars' ELSE 'thumbs' END) <> 'stars' AND fb.rating < 0))) AS negative
+       count(*) FILTER (WHERE {negative_sql("fb.rating", "fb.rating_kind")}) AS negative
 FROM r LEFT JOIN fb ON fb.request_id = r.id
 GROUP BY r.arm
 """
@@ -234,7 +234,7 @@ def arm_stats(db: Database, c: Canary) -> dict[str, ArmStats]:
     return out
 
 
-def judge(db: Database, canary_id: str | None, deploy, now: datetime | None = None) -> Decision:
+def judge(db: Database, canary_id: str | None, deploy: DeploySettings, now: datetime | None = None) -> Decision:
     """Decide wait / promote / rollback for a running canary (see module doc); writes nothing."""
     c = get(db, canary_id)
     if c.status != "running":
@@ -332,7 +332,9 @@ def rollback(
     return _finish(db, canary_id, "rolled_back", actor, reason, decision)
 
 
-def _finish(db: Database, canary_id: str | None, status: str, actor: str, reason: str, decision) -> Canary:
+def _finish(
+    db: Database, canary_id: str | None, status: str, actor: str, reason: str, decision: dict[str, Any] | None
+) -> Canary:
     c = get(db, canary_id)
     if c.status != "running":
         raise CanaryError(f"canary {c.id} is already {c.status}")
@@ -340,6 +342,8 @@ def _finish(db: Database, canary_id: str | None, status: str, actor: str, reason
     details = {"canary_id": c.id, "decision": decision} if decision else {"canary_id": c.id}
     with db.connect() as con:
         st = con.execute("SELECT status FROM canaries WHERE id = ?", [c.id]).fetchone()
+        if st is None:  # deleted by someone else between get() and here
+            raise CanaryError(f"canary {c.id} no longer exists")
         if st[0] != "running":  # decided by someone else between get() and here
             raise CanaryError(f"canary {c.id} is already {st[0]}")
         if status == "promoted":
@@ -409,7 +413,7 @@ def rollback_production(
 def watch(
     db: Database,
     canary_id: str | None,
-    deploy,
+    deploy: DeploySettings,
     poll_s: float = 5.0,
     timeout_s: float | None = None,
     on_tick: Callable[[Decision], None] | None = None,

@@ -1,13 +1,23 @@
 """``tuneloop drift report|profile``: drift per model version against its training data.
 
-Contract: :func:`register` adds the ``drift`` command group (and SCALE's export
-commands from :mod:`monitoring.cli_export` when that module exists). Heavy
-imports happen inside handlers.
+Contract: :func:`register` adds the ``drift`` command group and the ``export``
+commands of :mod:`monitoring.cli_export`. Heavy imports happen inside handlers.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+from typing import TYPE_CHECKING
+
 from tuneloop.cli import add_group
+from tuneloop.monitoring import cli_export
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from tuneloop.cli import Context
+    from tuneloop.settings import DriftSettings
 
 _REPORT_HELP = """Compute drift now for one version (or every version with traffic in the window), store it in
 drift_reports, print a table and optionally write a self-contained HTML report.
@@ -19,9 +29,7 @@ examples:
 """
 
 
-def register(sub) -> None:
-    import argparse
-
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     g = add_group(sub, "drift", "drift of production traffic against each version's training data")
     p = g.add_parser(
         "report",
@@ -52,23 +60,15 @@ def register(sub) -> None:
     p.add_argument("version")
     p.add_argument("--no-embeddings", action="store_true", help="store no embedding sample")
     p.set_defaults(handler=_cmd_profile)
-    try:
-        from tuneloop.monitoring import cli_export
-    except ModuleNotFoundError as e:
-        if e.name != "tuneloop.monitoring.cli_export":
-            raise
-    else:
-        cli_export.register(sub)
+    cli_export.register(sub)
 
 
-def _drift_settings(args, ctx):
-    import dataclasses
-
+def _drift_settings(args: argparse.Namespace, ctx: Context) -> DriftSettings:
     ds = ctx.settings.drift
     return dataclasses.replace(ds, embeddings=False) if args.no_embeddings else ds
 
 
-def _cmd_report(args, ctx) -> int:
+def _cmd_report(args: argparse.Namespace, ctx: Context) -> int:
     from pathlib import Path
 
     from tuneloop.monitoring.drift import parse_window
@@ -94,7 +94,7 @@ def _cmd_report(args, ctx) -> int:
         if r.new_words:
             print("top new words: " + ", ".join(f"{w} ({c})" for w, c in r.new_words[:10]))
     if args.out:
-        hist: dict[str, list] = {}
+        hist: dict[str, list[tuple[datetime, float]]] = {}
         for row in ctx.db.query(
             "SELECT model_version, created_at, value FROM drift_reports WHERE feature = 'overall' ORDER BY created_at"
         ):
@@ -104,7 +104,7 @@ def _cmd_report(args, ctx) -> int:
     return 0
 
 
-def _cmd_profile(args, ctx) -> int:
+def _cmd_profile(args: argparse.Namespace, ctx: Context) -> int:
     from tuneloop.monitoring.profile import compute_profile
 
     p = compute_profile(ctx.db, args.version, _drift_settings(args, ctx), progress=True)

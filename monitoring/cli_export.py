@@ -1,42 +1,23 @@
 """CLI: ``tuneloop export logs`` — this replica's request log and feedback as partitioned Parquet.
 
-``register(sub)`` is called by monitoring/cli.py. Only argparse is imported at module level.
+``register(sub)`` is called by monitoring/cli.py. Only light modules are imported at module level;
+times and durations follow :mod:`tuneloop.timeparse`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
-from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
-from tuneloop.errors import UserError
+from tuneloop.cli import add_group
+from tuneloop.timeparse import duration_s, parse_time
 
-_DUR = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
-_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration_s(text: str) -> float:
-    """'90s', '5m', '1h', '2d' -> seconds."""
-    m = _DUR.match(text or "")
-    if not m:
-        raise UserError(f"{text!r} is not a duration like 90s, 5m, 1h or 2d")
-    return float(m.group(1)) * _UNIT[m.group(2)]
+if TYPE_CHECKING:
+    from tuneloop.cli import Context
 
 
-def parse_when(text: str) -> datetime:
-    """An ISO date/time (UTC unless it has an offset) or a duration ago ('2d' = two days ago) -> naive UTC."""
-    if _DUR.match(text):
-        return datetime.now(UTC).replace(tzinfo=None) - timedelta(seconds=parse_duration_s(text))
-    try:
-        t = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise UserError(f"{text!r} is not an ISO time (2026-01-31, 2026-01-31T12:00) or a duration ago (2d)") from None
-    return t.astimezone(UTC).replace(tzinfo=None) if t.tzinfo else t
-
-
-def register(sub) -> None:
-    from tuneloop.cli import add_group
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     g = add_group(sub, "export", "export data for other tools and for many-replica deployments")
     p = g.add_parser(
@@ -97,19 +78,19 @@ def register(sub) -> None:
     p.set_defaults(handler=cmd_export_logs)
 
 
-def cmd_export_logs(args, ctx) -> int:
+def cmd_export_logs(args: argparse.Namespace, ctx: Context) -> int:
     from tuneloop.monitoring.export import export_logs
 
-    since = parse_when(args.since) if args.since else None
-    until = parse_when(args.until) if args.until else None
+    since = parse_time(args.since) if args.since else None
+    until = parse_time(args.until) if args.until else None
     res = export_logs(
         ctx.db,
         args.out,
         args.replica,
         since=since,
         until=until,
-        window_s=parse_duration_s(args.window),
-        grace_s=parse_duration_s(args.grace),
+        window_s=duration_s(args.window),
+        grace_s=duration_s(args.grace),
     )
     if args.json:
         print(json.dumps(res.as_dict(), indent=2))

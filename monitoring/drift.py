@@ -38,11 +38,19 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from tuneloop.errors import UserError
+from tuneloop.ratings import negative_sql
+from tuneloop.timeparse import duration_s
+
+if TYPE_CHECKING:
+    import duckdb
+
+    from tuneloop.settings import DriftSettings
 
 WORD_PATTERN = "[a-z0-9']+"
 _WORD_RE = re.compile(WORD_PATTERN)
@@ -71,7 +79,7 @@ def prompt_text(prompt: Any) -> str:
 # ---- statistics ------------------------------------------------------------------------------
 
 
-def quantile_edges(ref_values: np.ndarray, ref_counts: np.ndarray | None = None, bins: int = 10) -> np.ndarray:
+def quantile_edges(ref_values: ArrayLike, ref_counts: ArrayLike | None = None, bins: int = 10) -> np.ndarray:
     """Inner bin edges at the reference's 1/bins .. (bins-1)/bins quantiles (ties merged).
 
     Bins are right-closed: (-inf, e1], (e1, e2], ..., (ek, inf).
@@ -87,7 +95,7 @@ def quantile_edges(ref_values: np.ndarray, ref_counts: np.ndarray | None = None,
     return edges[edges < v[-1]] if len(edges) else edges  # an edge at the max leaves an empty last bin
 
 
-def bin_counts(edges: np.ndarray, values: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
+def bin_counts(edges: np.ndarray, values: ArrayLike, counts: ArrayLike | None = None) -> np.ndarray:
     """Counts per right-closed bin defined by ``edges`` (len(edges) + 1 bins)."""
     idx = np.searchsorted(edges, np.asarray(values, dtype=float), side="left")
     w = None if counts is None else np.asarray(counts, dtype=float)
@@ -102,7 +110,11 @@ def psi_from_bins(ref_bins: np.ndarray, prod_bins: np.ndarray, eps: float = PSI_
 
 
 def psi_counts(
-    ref_values, ref_counts, prod_values, prod_counts, bins: int = 10
+    ref_values: ArrayLike,
+    ref_counts: ArrayLike | None,
+    prod_values: ArrayLike,
+    prod_counts: ArrayLike | None,
+    bins: int = 10,
 ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
     """(PSI, edges, reference bin counts, production bin counts) from value counts."""
     edges = quantile_edges(ref_values, ref_counts, bins)
@@ -130,7 +142,9 @@ def _null_quantile(
     return float(np.quantile([stat(s) for s in samples], q))
 
 
-def ks_counts(ref_values, ref_counts, prod_values, prod_counts) -> tuple[float, float]:
+def ks_counts(
+    ref_values: ArrayLike, ref_counts: ArrayLike, prod_values: ArrayLike, prod_counts: ArrayLike
+) -> tuple[float, float]:
     """Two-sided two-sample KS (statistic, p-value) from value counts, as ``scipy.stats.ks_2samp``.
 
     Exact p-value (scipy) when both samples have at most 10,000 values, else the
@@ -157,7 +171,9 @@ def ks_counts(ref_values, ref_counts, prod_values, prod_counts) -> tuple[float, 
     return d, float(np.clip(stats.kstwo.sf(d, np.round(en)), 0, 1))
 
 
-def wasserstein_counts(ref_values, ref_counts, prod_values, prod_counts) -> float:
+def wasserstein_counts(
+    ref_values: ArrayLike, ref_counts: ArrayLike, prod_values: ArrayLike, prod_counts: ArrayLike
+) -> float:
     """Earth mover's distance between two value-count distributions (``scipy.stats.wasserstein_distance``)."""
     from scipy import stats
 
@@ -171,7 +187,7 @@ def js_divergence(p: np.ndarray, q: np.ndarray, base: float = 2.0) -> float:
     p, q = p / p.sum(), q / q.sum()
     m = (p + q) / 2
 
-    def kl(a):
+    def kl(a: np.ndarray) -> float:
         nz = a > 0
         return float(np.sum(a[nz] * np.log(a[nz] / m[nz])))
 
@@ -240,19 +256,28 @@ class Window:
     def __str__(self) -> str:
         return f"{self.requests}r" if self.requests else f"{self.seconds:g}s"
 
+    def duration(self) -> timedelta:
+        """The length of a duration window (a request-count window has none: ValueError)."""
+        if self.seconds is None:
+            raise ValueError(f"window {self} is a request count, not a duration")
+        return timedelta(seconds=self.seconds)
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+_REQUESTS_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*r\s*")
 
 
 def parse_window(text: str) -> Window:
-    """'30m', '1h', '2d', '90s' (a duration) or '500r' (the last 500 requests)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdr])\s*", str(text).lower())
-    if not m or float(m.group(1)) <= 0:
-        raise UserError(f"bad window {text!r}: use a duration like 30m, 1h, 2d or a request count like 500r")
-    n, unit = float(m.group(1)), m.group(2)
-    if unit == "r":
-        return Window(requests=int(n))
-    return Window(seconds=n * _UNITS[unit])
+    """'30m', '1h', '2d', '90s' (a duration, :mod:`tuneloop.timeparse`) or '500r' (the last 500 requests)."""
+    t = str(text).lower()
+    m = _REQUESTS_RE.fullmatch(t)
+    try:
+        if m is None:
+            return Window(seconds=duration_s(t))
+        if float(m.group(1)) > 0:
+            return Window(requests=int(float(m.group(1))))
+    except UserError:
+        pass
+    raise UserError(f"bad window {text!r}: use a duration like 30m, 1h, 2d or a request count like 500r")
 
 
 @dataclass
@@ -283,7 +308,9 @@ _TEXT_SQL = (
 )
 
 
-def window_bounds(con, version: str, window: Window, now: datetime) -> tuple[datetime | None, datetime]:
+def window_bounds(
+    con: duckdb.DuckDBPyConnection, version: str, window: Window, now: datetime
+) -> tuple[datetime | None, datetime]:
     """(start, end) of the window; a request-count window starts at its oldest request."""
     if window.requests:
         row = con.execute(
@@ -292,11 +319,11 @@ def window_bounds(con, version: str, window: Window, now: datetime) -> tuple[dat
             [version, now, window.requests],
         ).fetchall()[0]
         return row[0], now
-    return now - timedelta(seconds=window.seconds), now
+    return now - window.duration(), now
 
 
 def production_stats(
-    con,
+    con: duckdb.DuckDBPyConnection,
     version: str,
     window: Window,
     vocab: Sequence[str],
@@ -361,8 +388,7 @@ def production_stats(
     oov_cnt = cnt[~in_vocab]
     top = np.argsort(-oov_cnt, kind="stable")[:20]  # rows come sorted by word: ties break alphabetically
     rated, negative = con.execute(
-        f"""SELECT count(*), count(*) FILTER (WHERE (f.rating_kind = 'stars' AND f.rating <= 2)
-                                               OR (coalesce(f.rating_kind, 'thumbs') <> 'stars' AND f.rating < 0))
+        f"""SELECT count(*), count(*) FILTER (WHERE {negative_sql("f.rating", "f.rating_kind")})
             FROM feedback f JOIN requests r ON r.id = f.request_id
             WHERE r.{where.replace(" AND ", " AND r.")} AND f.rating IS NOT NULL""",
         params,
@@ -461,7 +487,7 @@ def _counts(pairs: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
 def compare(
     profile: dict[str, Any],
     prod: ProductionStats,
-    settings,
+    settings: DriftSettings,
     result_id: str,
     window: str = "",
     ref_embeddings: np.ndarray | None = None,
@@ -474,7 +500,9 @@ def compare(
     hist: dict[str, Any] = {}
     bins = int(settings.psi_bins)
 
-    def length_psi(name: str, ref_pairs, prod_vc, threshold: float) -> None:
+    def length_psi(
+        name: str, ref_pairs: list[list[float]], prod_vc: tuple[np.ndarray, np.ndarray], threshold: float
+    ) -> None:
         rv, rc = _counts(ref_pairs)
         pv, pc = prod_vc
         if not len(rv) or not pc.sum():

@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneloop.db import Database, dumps, utcnow
 from tuneloop.errors import UserError
@@ -43,17 +43,31 @@ from tuneloop.monitoring.drift import DriftResult, Window, compare, parse_window
 from tuneloop.monitoring.profile import Profile, compute_profile, load_profile
 from tuneloop.monitoring.sources import LogSource, log_source
 
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry, Gauge
+
+    from tuneloop.monitoring.embeddings import Embedder
+    from tuneloop.settings import DriftSettings, Settings
+
 log = logging.getLogger(__name__)
 
 
 class DriftJob:
     """See module doc."""
 
-    def __init__(self, db: Database, settings, registry=None, embedder=None, source: LogSource | None = None):
+    def __init__(
+        self,
+        db: Database | None,
+        settings: DriftSettings,
+        registry: CollectorRegistry | None = None,
+        embedder: Embedder | None = None,
+        source: LogSource | None = None,
+    ):
         self.db, self.settings = db, settings
         self.source = source if source is not None else (log_source(db) if db is not None else None)
         self._embedder = embedder
-        self.score = self.drifted = None
+        self.score: Gauge | None = None
+        self.drifted: Gauge | None = None
         if registry is not None:
             from prometheus_client import Gauge
 
@@ -72,7 +86,19 @@ class DriftJob:
             )
 
     # -- helpers -------------------------------------------------------------------------------
-    def embedder(self):
+    def _database(self) -> Database:
+        """The database of profiles and drift reports (a job built without one only exports gauges)."""
+        if self.db is None:
+            raise UserError("this drift job has no database to read profiles from or write drift reports to")
+        return self.db
+
+    def _logs(self) -> LogSource:
+        """Where the window's requests and feedback are read from."""
+        if self.source is None:
+            raise UserError("this drift job has no database and no --from-parquet folder to read logs from")
+        return self.source
+
+    def embedder(self) -> Embedder:
         if self._embedder is None:
             from tuneloop.monitoring.embeddings import Embedder
 
@@ -86,18 +112,16 @@ class DriftJob:
                 [now],
             )
         else:
-            from datetime import timedelta
-
             sql = "SELECT DISTINCT model_version FROM requests WHERE model_version IS NOT NULL AND received_at BETWEEN ? AND ?"
-            params = [now - timedelta(seconds=window.seconds), now]
-        return sorted(r["model_version"] for r in self.source.query(sql, params))
+            params = [now - window.duration(), now]
+        return sorted(r["model_version"] for r in self._logs().query(sql, params))
 
     def profile(self, version: str) -> Profile:
-        p = load_profile(self.db, version)
+        p = load_profile(self._database(), version)
         if p is None:
             log.info("no reference profile for %s yet: computing it from its training data", version)
             p = compute_profile(
-                self.db, version, self.settings, embedder=self.embedder() if self.settings.embeddings else None
+                self._database(), version, self.settings, embedder=self.embedder() if self.settings.embeddings else None
             )
         return p
 
@@ -112,7 +136,7 @@ class DriftJob:
                 rid, version, str(window), None, now, 0, [], 0.0, self.settings.overall_threshold, False, skipped=str(e)
             )
         want_emb = bool(self.settings.embeddings and prof.embeddings is not None)
-        with self.source.connect() as con:
+        with self._logs().connect() as con:
             prod = production_stats(
                 con,
                 version,
@@ -183,18 +207,19 @@ class DriftJob:
                 now,
             ]
         )
-        with self.db.connect() as con:
+        with self._database().connect() as con:
             con.executemany("INSERT INTO drift_reports VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     def export(self, res: DriftResult) -> None:
-        if self.score is None:
+        score, drifted_gauge = self.score, self.drifted
+        if score is None or drifted_gauge is None:
             return
         for name, value, drifted in [(f.feature, f.value, f.drifted) for f in res.features] + [
             ("overall", res.score, res.drifted)
         ]:
             if value is not None:
-                self.score.labels(name, res.model_version).set(value)
-            self.drifted.labels(name, res.model_version).set(1.0 if drifted else 0.0)
+                score.labels(name, res.model_version).set(value)
+            drifted_gauge.labels(name, res.model_version).set(1.0 if drifted else 0.0)
 
     def run_once(
         self,
@@ -232,9 +257,13 @@ class DriftJob:
                 pass
 
 
-def run_once(db: Database, settings, version: str | None = None, window: str | None = None) -> dict[str, Any]:
+def run_once(
+    db: Database, settings: Settings | DriftSettings, version: str | None = None, window: str | None = None
+) -> dict[str, Any]:
     """One drift pass without gauges; ``settings`` is a Settings or DriftSettings (see module doc)."""
-    ds = getattr(settings, "drift", settings)
+    from tuneloop.settings import Settings
+
+    ds = settings.drift if isinstance(settings, Settings) else settings
     results = DriftJob(db, ds, None).run_once(version, window)
     if version:
         return results[0].as_dict()

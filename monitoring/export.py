@@ -37,10 +37,14 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from tuneloop.db import Database, utcnow
 from tuneloop.errors import UserError
 from tuneloop.monitoring.sources import TABLES, TIME_COLUMN, _sql_str, is_url, table_columns
+
+if TYPE_CHECKING:
+    import duckdb
 
 _REPLICA_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 EPOCH = datetime(1970, 1, 1)
@@ -67,7 +71,7 @@ class ExportResult:
     def rows(self) -> int:
         return sum(t.rows for t in self.tables)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "replica": self.replica,
             "out": self.out,
@@ -101,7 +105,7 @@ def manifest_path(out: str, replica: str) -> str:
     return out.rstrip("/") + f"/_manifests/{replica}.json"
 
 
-def read_manifest(out: str, replica: str) -> dict:
+def read_manifest(out: str, replica: str) -> dict[str, Any]:
     """The replica's export state (``{}`` before its first export)."""
     p = manifest_path(out, replica)
     if is_url(out):
@@ -111,12 +115,12 @@ def read_manifest(out: str, replica: str) -> dict:
         try:
             con.execute("INSTALL httpfs; LOAD httpfs")
             try:
-                (text,) = con.execute(f"SELECT content FROM read_text({_sql_str(p)})").fetchone()
+                row = con.execute(f"SELECT content FROM read_text({_sql_str(p)})").fetchone()
             except duckdb.Error:
                 return {}
         finally:
             con.close()
-        return json.loads(text)
+        return {} if row is None else json.loads(row[0])
     if not os.path.exists(p):
         return {}
     try:
@@ -125,7 +129,7 @@ def read_manifest(out: str, replica: str) -> dict:
         raise UserError(f"{p}: unreadable export manifest ({e}); delete it to re-export everything") from None
 
 
-def _write_manifest(out: str, replica: str, state: dict) -> None:
+def _write_manifest(out: str, replica: str, state: dict[str, Any]) -> None:
     p = manifest_path(out, replica)
     text = json.dumps(state, indent=2, default=str)
     if is_url(out):
@@ -189,7 +193,8 @@ def export_logs(
             if since and (start is None or since > start):
                 start = since
             if start is None:
-                (oldest,) = con.execute(f"SELECT min({tcol}) FROM {table}").fetchone()
+                row = con.execute(f"SELECT min({tcol}) FROM {table}").fetchone()
+                oldest = None if row is None else row[0]
                 if oldest is None:
                     result.tables.append(TableExport(table, None, None, skipped="no rows"))
                     continue
@@ -214,11 +219,12 @@ def export_logs(
     return result
 
 
-def _copy(con, table: str, out: str, replica: str, start: datetime, end: datetime) -> int:
+def _copy(con: duckdb.DuckDBPyConnection, table: str, out: str, replica: str, start: datetime, end: datetime) -> int:
     """``COPY`` the rows of ``table`` in ``[start, end)`` into partitioned Parquet; returns the row count."""
     tcol = TIME_COLUMN[table]
     cols = ", ".join(n for n, _ in table_columns(table))
-    (n,) = con.execute(f"SELECT count(*) FROM {table} WHERE {tcol} >= ? AND {tcol} < ?", [start, end]).fetchone()
+    row = con.execute(f"SELECT count(*) FROM {table} WHERE {tcol} >= ? AND {tcol} < ?", [start, end]).fetchone()
+    n = 0 if row is None else row[0]
     if not n:
         return 0
     target = _sql_str(out.rstrip("/") + f"/{table}")

@@ -10,7 +10,7 @@ Contract
   ``_total`` for counters. Labels never carry request ids or user ids, only
   low-cardinality values (route, model version, HTTP status, rating).
 * :meth:`ServingMetrics.observe` updates the per-request series from one
-  finished :class:`monitoring.requestlog.RequestRecord`. The request log
+  finished :class:`monitoring.records.RequestRecord`. The request log
   writer calls it for every submitted record (see
   :meth:`monitoring.requestlog.RequestLogWriter.submit`), so the counters and
   the ``requests`` table are two views of the same records: the server must
@@ -46,23 +46,15 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from tuneloop.ratings import metric_label
+
 if TYPE_CHECKING:  # pragma: no cover
-    from tuneloop.monitoring.requestlog import RequestRecord
+    from tuneloop.monitoring.records import RequestRecord
 
 PREFIX = "tuneloop_"
 LATENCY_BUCKETS_S: tuple[float, ...] = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 120)
 FLUSH_BUCKETS_S: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-RATINGS = ("up", "down", "1", "2", "3", "4", "5", "none")
 UNKNOWN = "unknown"
-
-
-def rating_label(rating: int | None, kind: str | None) -> str:
-    """Label value for a stored rating: thumbs (-1/+1) -> ``down``/``up``; stars -> ``"1"``..``"5"``; none -> ``none``."""
-    if rating is None:
-        return "none"
-    if kind == "thumbs":
-        return "up" if rating > 0 else "down"
-    return str(int(rating))
 
 
 class ServingMetrics:
@@ -177,9 +169,9 @@ class ServingMetrics:
         return sorted(self._model_info_labels)
 
     # -- feedback ------------------------------------------------------------
-    def observe_feedback(self, rating: int | None, rating_kind: str | None, model_version: str | None) -> None:
+    def observe_feedback(self, rating: float | None, rating_kind: str | None, model_version: str | None) -> None:
         """Count one feedback post; ``rating`` as stored (-1/+1 thumbs, 1..5 stars, None = text only)."""
-        self.feedback_total.labels(rating_label(rating, rating_kind), model_version or UNKNOWN).inc()
+        self.feedback_total.labels(metric_label(rating, rating_kind), model_version or UNKNOWN).inc()
 
     # -- exposition ------------------------------------------------------------
     def exposition(self) -> bytes:

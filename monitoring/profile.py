@@ -3,7 +3,7 @@
 Contract
 --------
 * :func:`build_profile` profiles training rows (SFT ``messages`` or preference
-  ``prompt``/``chosen``, contract 1) with the *serving* tokenizer: prompt length
+  ``prompt``/``chosen``, the row schema of :mod:`tuneloop.dataset_store`) with the *serving* tokenizer: prompt length
   = tokens of ``render_prompt(messages[:-1])`` (chat template + generation
   prompt, the count the server logs in ``requests.prompt_tokens``), response
   length = answer tokens + EOS (what the engine generates when it stops), word
@@ -25,13 +25,19 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tuneloop.chat import Tokenizer, completion_ids, render_prompt
 from tuneloop.db import Database, dumps, loads, utcnow
 from tuneloop.errors import UserError
 from tuneloop.monitoring.drift import prompt_text, words
+
+if TYPE_CHECKING:
+    import duckdb
+
+    from tuneloop.settings import DriftSettings
 
 
 @dataclass
@@ -60,15 +66,13 @@ def _value_counts(values: Iterable[int]) -> list[list[int]]:
 
 def build_profile(
     rows: Iterable[dict[str, Any]],
-    tokenizer,
+    tokenizer: Tokenizer,
     vocab_size: int = 10000,
     embedder: Callable[[list[str]], np.ndarray] | None = None,
     embedding_sample: int = 256,
     seed: int = 0,
 ) -> tuple[dict[str, Any], np.ndarray | None]:
     """(profile dict, embedding sample or None) of training rows; see module doc."""
-    from tuneloop.chat import completion_ids, render_prompt
-
     prompt_lens, resp_lens, texts = [], [], []
     wc: Counter[str] = Counter()
     empty = n = 0
@@ -175,7 +179,7 @@ def store_profile(db: Database, p: Profile) -> None:
         )
 
 
-def load_profile(db: Database, version: str, con=None) -> Profile | None:
+def load_profile(db: Database, version: str, con: duckdb.DuckDBPyConnection | None = None) -> Profile | None:
     sql = "SELECT dataset_id, profile, embeddings, embedding_dim FROM reference_profiles WHERE model_version = ?"
     rows = (
         con.execute(sql, [version]).fetchall()
@@ -189,7 +193,13 @@ def load_profile(db: Database, version: str, con=None) -> Profile | None:
     return Profile(version, ds, loads(prof), emb)
 
 
-def compute_profile(db: Database, version_name: str, settings=None, embedder=None, progress: bool = False) -> Profile:
+def compute_profile(
+    db: Database,
+    version_name: str,
+    settings: DriftSettings | None = None,
+    embedder: Callable[[list[str]], np.ndarray] | None = None,
+    progress: bool = False,
+) -> Profile:
     """Profile ``version_name``'s training data with its serving tokenizer and store it (see module doc)."""
     from transformers import AutoTokenizer
 

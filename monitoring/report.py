@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import html
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tuneloop.monitoring.drift import DriftResult
@@ -68,7 +68,7 @@ def svg_timeline(points: Sequence[tuple[Any, float]], threshold: float, w: int =
     ]
     top = max([threshold, *[p[1] for p in points], 1e-9]) * 1.1
 
-    def y(v):
+    def y(v: float) -> float:
         return h - 10 - (h - 30) * v / top
 
     parts.append(
@@ -90,7 +90,7 @@ def svg_timeline(points: Sequence[tuple[Any, float]], threshold: float, w: int =
     return "".join(parts)
 
 
-def render_html(results: Sequence[DriftResult], history: dict[str, list[tuple[Any, float]]]) -> str:
+def render_html(results: Sequence[DriftResult], history: Mapping[str, Sequence[tuple[Any, float]]]) -> str:
     out = [
         "<!doctype html><html><head><meta charset='utf-8'><title>tuneloop drift report</title>",
         f"<style>{_CSS}</style></head><body><h1>Drift report</h1>",

@@ -2,12 +2,9 @@
 
 Contract
 --------
-* :class:`RequestRecord` is a ``msgspec.Struct`` with exactly the columns of
-  the ``requests`` table (:mod:`tuneloop.migrations`, migration 2), same names.
-  ``prompt`` and ``params`` are Python objects (messages list / prompt string,
-  sampling parameters) serialised to JSON when written; ``received_at`` is UTC
-  (naive, or aware and converted); ``status`` is the HTTP status, 499 when the
-  client went away.
+* A row is a :class:`monitoring.records.RequestRecord` (the columns of the
+  ``requests`` table, :mod:`tuneloop.migrations`, migration 2); :data:`COLUMNS`
+  is their order in the table.
 * :class:`RequestLogWriter` writes records in batches from a background
   thread, so a response never waits on disk:
 
@@ -67,36 +64,17 @@ import msgspec
 
 from tuneloop.db import Database, DatabaseBusy
 from tuneloop.errors import UserError
+from tuneloop.monitoring.records import RequestRecord
+from tuneloop.pii import scrub
 
 if TYPE_CHECKING:  # pragma: no cover
+    import duckdb
+    import pyarrow as pa
+
     from tuneloop.monitoring.metrics import ServingMetrics
     from tuneloop.settings import LogSettings
 
 log = logging.getLogger(__name__)
-
-
-class RequestRecord(msgspec.Struct, kw_only=True):
-    """One served request: the columns of the ``requests`` table."""
-
-    id: str
-    received_at: datetime
-    route: str
-    status: int
-    model: str | None = None
-    model_version: str | None = None
-    arm: str | None = None
-    prompt: Any = None
-    response: str | None = None
-    finish_reason: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    ttft_s: float | None = None
-    latency_s: float | None = None
-    error: str | None = None
-    stream: bool | None = None
-    params: Any = None
-    user_id: str | None = None
-    key_id: str | None = None
 
 
 # column order of the requests table (tests/test_requestlog.py checks it against the schema)
@@ -124,7 +102,7 @@ COLUMNS: tuple[str, ...] = (
 _JSON_COLUMNS = ("prompt", "params")
 
 
-def _arrow_schema():
+def _arrow_schema() -> pa.Schema:
     import pyarrow as pa
 
     types = {
@@ -193,13 +171,7 @@ class RequestLogWriter:
         if lock_timeout_s is None:
             lock_timeout_s = max(2.0, 2 * settings.flush_interval_s)
         self.db = Database(db.path, lock_timeout_s=lock_timeout_s)
-        self._scrub = None
-        if settings.scrub_pii and not settings.redact_prompts:
-            try:
-                from tuneloop.pii import scrub
-            except ImportError as e:  # pragma: no cover - tuneloop.pii ships with the package
-                raise UserError(f"log.scrub_pii needs tuneloop.pii, which failed to import: {e}") from None
-            self._scrub = scrub
+        self._scrub = settings.scrub_pii and not settings.redact_prompts
         self._pending: dict[str, RequestRecord] = {}
         self._cond = threading.Condition()
         self._write_lock = threading.Lock()
@@ -251,7 +223,7 @@ class RequestLogWriter:
     def __enter__(self) -> RequestLogWriter:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- request path ------------------------------------------------------------
@@ -436,8 +408,7 @@ class RequestLogWriter:
         if self.settings.redact_prompts:
             row["prompt"] = None
             row["response"] = None
-        elif self._scrub is not None:
-            scrub = self._scrub
+        elif self._scrub:
             row["prompt"] = _map_strings(row["prompt"], lambda s: scrub(s)[0])
             if row["response"] is not None:
                 row["response"] = scrub(row["response"])[0]
@@ -445,7 +416,7 @@ class RequestLogWriter:
             row[c] = _json(row[c])
         return row
 
-    def _table(self, batch: list[RequestRecord]):
+    def _table(self, batch: list[RequestRecord]) -> pa.Table:
         import pyarrow as pa
 
         rows = [self._prepare(r) for r in batch]
@@ -453,7 +424,7 @@ class RequestLogWriter:
 
     _SQL = f"INSERT INTO requests ({', '.join(COLUMNS)}) SELECT {', '.join(COLUMNS)} FROM _tuneloop_log_batch"
 
-    def _insert_table(self, con, table) -> None:
+    def _insert_table(self, con: duckdb.DuckDBPyConnection, table: pa.Table) -> None:
         """Append ``table``'s rows. A row whose id is already logged (a batch retried after a
         commit whose success was not seen) is skipped: the plain INSERT is tried first because
         ``INSERT OR IGNORE`` costs twice as much on every flush, for a case that is rare. Runs

@@ -7,7 +7,9 @@ Contract
   validate (``adapter_config.json``: LoRA, rank <= ``engine.max_lora_rank``,
   trained on this base) and test-load into the engine; 201 with the adapter,
   200 if it was already loaded, a 4xx with an OpenAI-style body otherwise
-  (never a silent 200). Requests in flight are unaffected.
+  (never a silent 200). Refusals are the router's
+  :class:`tuneloop.server.errors.APIError` (``RoutingError``) or the engine's
+  adapter errors, answered by the app's exception handlers. Requests in flight are unaffected.
 * ``DELETE /admin/adapters/{name}``: new requests stop using it at once;
   requests already running on it finish, then it is evicted (200 with what
   was removed). A version in production or canary is refused (409).
@@ -24,10 +26,12 @@ from typing import Any
 
 from litestar import Controller, Request, Response, delete, get, post
 
+from tuneloop.server.engine import AdapterInfo
 from tuneloop.server.protocol import AdapterList, AdapterOut, LoadAdapterRequest, RoutingStateOut
+from tuneloop.server.routing import ModelRouter
 
 
-def _out(router, a) -> AdapterOut:
+def _out(router: ModelRouter, a: AdapterInfo) -> AdapterOut:
     return AdapterOut(
         name=a.name,
         path=a.path,

@@ -3,13 +3,16 @@
 Contract
 --------
 :func:`create_app(settings, db, engine=None) <create_app>` returns a Litestar
-app whose ``app.state`` holds (contract 5): ``settings``, ``db``,
-``registry`` (a fresh prometheus ``CollectorRegistry``), ``metrics``
-(:class:`monitoring.metrics.ServingMetrics`), ``log_writer``
-(:class:`monitoring.requestlog.RequestLogWriter`), ``engine``
-(:class:`server.engine.Engine`), ``auth`` (:class:`server.auth.Auth`) and
-``router`` (:class:`server.routing.ModelRouter`). Nothing is module-global:
-two apps can live in one process.
+app whose ``app.state`` holds ``settings``, ``db``, ``registry`` (a fresh
+prometheus ``CollectorRegistry``), ``metrics``
+(:class:`tuneloop.monitoring.metrics.ServingMetrics`), ``log_writer``
+(:class:`tuneloop.monitoring.requestlog.RequestLogWriter`), ``engine``
+(:class:`tuneloop.server.engine.Engine`), ``auth``
+(:class:`tuneloop.server.auth.Auth`), ``router``
+(:class:`tuneloop.server.routing.ModelRouter`) and ``serving``
+(:class:`tuneloop.server.serving.OpenAIServing`). Route handlers reach every
+component through ``app.state``; nothing is module-global, so two apps can
+live in one process.
 
 The lifespan starts the engine (unless the one passed in is already
 running), starts the log writer, reads deploy state and loads the start-up
@@ -18,12 +21,15 @@ shutdown (uvicorn's SIGTERM handling: in-flight requests finish first) it
 stops the refresher, shuts the engine down and drains the log writer
 (``close()``), so every answered request is in the database.
 
-Routes: ``/v1/*`` (:mod:`server.openai_routes`, inference scope, plus
-``/v1/feedback`` from :mod:`server.feedback_routes`), ``/admin/*``
-(:mod:`server.admin_routes`, admin scope), ``GET /healthz`` (process alive),
-``GET /readyz`` (engine ready: 200, else 503), ``GET /metrics`` (Prometheus
-text of ``app.state.registry``), ``/schema`` (OpenAPI, generated from the
-typed structs). Bodies over ``server.max_body_bytes`` are a 413.
+Routes: ``/v1/*`` (:mod:`tuneloop.server.api_router`, inference scope, plus
+``/v1/feedback`` from :mod:`tuneloop.server.feedback_routes`), ``/admin/*``
+(:mod:`tuneloop.server.admin_routes`, admin scope), ``GET /healthz`` (process
+alive), ``GET /readyz`` (engine ready: 200, else 503), ``GET /metrics``
+(Prometheus text of ``app.state.registry``), ``/schema`` (OpenAPI, generated
+from the typed structs). Bodies over ``server.max_body_bytes`` are a 413.
+Every error is answered by one set of exception handlers
+(:func:`tuneloop.server.errors.exception_handlers`); a refused inference
+request is also logged (:func:`tuneloop.server.request_context.record_failure`).
 """
 
 from __future__ import annotations
@@ -39,19 +45,28 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from litestar import Litestar, Request, Response, Router, get
-from litestar.connection import ASGIConnection
-from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.types import ASGIApp, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from tuneloop import __version__
 from tuneloop.db import Database, utcnow
 from tuneloop.errors import UserError
+from tuneloop.monitoring.metrics import ServingMetrics
+from tuneloop.monitoring.requestlog import RequestLogWriter
+from tuneloop.registry import RegistryError, get_version, version_by_stage
+from tuneloop.server.admin_routes import AdminController
+from tuneloop.server.api_router import OpenAIController
+from tuneloop.server.auth import Auth, admin_guard, inference_guard
 from tuneloop.server.background import start_background, stop_background
 from tuneloop.server.engine import Engine
 from tuneloop.server.errors import exception_handlers
+from tuneloop.server.feedback_routes import FeedbackController
 from tuneloop.server.protocol import Health
+from tuneloop.server.request_context import record_failure
+from tuneloop.server.routing import ModelRouter
+from tuneloop.server.serving import OpenAIServing
 
 if TYPE_CHECKING:  # pragma: no cover
     from tuneloop.settings import Settings
@@ -90,8 +105,6 @@ def _base_folder(ref: str, models_dir: Path) -> Path:
 
 def plan_serving(settings: Settings, db: Database) -> ServePlan:
     """Decide what to serve from ``server.model`` / ``server.adapters`` and deploy state (see `tuneloop serve --help`)."""
-    from tuneloop.registry import RegistryError, get_version, version_by_stage
-
     s = settings.server
     models_dir = settings.paths.models_path
     adapters: dict[str, str] = {}
@@ -126,8 +139,6 @@ def plan_serving(settings: Settings, db: Database) -> ServePlan:
 
 def check_plan(plan: ServePlan, settings: Settings, db: Database) -> None:
     """Refuse, before the engine starts, start-up adapters that cannot load (UserError with the reason)."""
-    from tuneloop.registry import RegistryError, get_version
-
     probe = Engine(plan.base, settings.engine, plan.served_name)
     for name, target in plan.adapters.items():
         p = Path(target).expanduser()
@@ -160,23 +171,6 @@ def check_port(host: str, port: int) -> None:
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e} (pick another --port)") from None
 
 
-# -- auth guards ----------------------------------------------------------------------
-
-
-async def _authenticate(connection: ASGIConnection, scope: str) -> None:
-    auth = connection.app.state.auth
-    principal = await auth.authenticate(connection, scope)
-    connection.scope.setdefault("state", {})["principal"] = principal
-
-
-async def inference_guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
-    await _authenticate(connection, "inference")
-
-
-async def admin_guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
-    await _authenticate(connection, "admin")
-
-
 # -- plain endpoints ---------------------------------------------------------------
 
 
@@ -202,10 +196,10 @@ async def metrics(request: Request) -> Response[bytes]:
     return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
-def _timing_middleware(app):
+def _timing_middleware(app: ASGIApp) -> ASGIApp:
     """Stamp every HTTP request with its receipt time (the origin of ttft_s and latency_s)."""
 
-    async def middleware(scope, receive, send):
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             st = scope.setdefault("state", {})
             st["tuneloop_t0"] = time.perf_counter()
@@ -222,13 +216,6 @@ def create_app(
     settings: Settings, db: Database, engine: Engine | None = None, plan: ServePlan | None = None
 ) -> Litestar:
     """Build the app (see module docstring). ``engine`` defaults to one over ``plan`` (default: :func:`plan_serving`)."""
-    from tuneloop.monitoring.metrics import ServingMetrics
-    from tuneloop.monitoring.requestlog import RequestLogWriter
-    from tuneloop.server.admin_routes import AdminController
-    from tuneloop.server.auth import Auth
-    from tuneloop.server.openai_routes import OpenAIController
-    from tuneloop.server.routing import ModelRouter
-
     if engine is None:
         plan = plan or plan_serving(settings, db)
         engine = Engine(plan.base, settings.engine, plan.served_name)
@@ -274,10 +261,10 @@ def create_app(
             healthz,
             readyz,
             metrics,
-            *_feedback_handlers(),
+            FeedbackController,
         ],
         lifespan=[lifespan],
-        exception_handlers=exception_handlers(),
+        exception_handlers=exception_handlers(on_error=record_failure),
         middleware=[_timing_middleware],
         request_max_body_size=settings.server.max_body_bytes,
         openapi_config=OpenAPIConfig(
@@ -293,22 +280,13 @@ def create_app(
     st = app.state
     st.settings, st.db, st.registry, st.metrics = settings, db, registry, serving_metrics
     st.log_writer, st.engine, st.auth, st.router = writer, engine, auth, router
+    st.serving = OpenAIServing(engine, router)
     return app
 
 
-async def _load_startup_adapter(router, name: str, target: str) -> None:
+async def _load_startup_adapter(router: ModelRouter, name: str, target: str) -> None:
     p = Path(target).expanduser()
     if p.is_dir():
         await router.load(path=str(p), name=name)
     else:
         await router.load(version=target)
-
-
-def _feedback_handlers() -> list:
-    try:
-        from tuneloop.server.feedback_routes import FeedbackController
-    except ModuleNotFoundError as e:
-        if e.name != "tuneloop.server.feedback_routes":
-            raise
-        return []
-    return [FeedbackController]

@@ -30,9 +30,15 @@ Contract
   ``miss_refresh_s`` on an unknown key, so a key created or revoked with the
   CLI while the server runs takes effect within seconds. If the database is
   busy, the last known table stays in force.
-* :class:`AuthError` carries the HTTP status and the OpenAI-style body
-  (:meth:`AuthError.to_dict`); :func:`auth_error_handler` turns it into a
-  Litestar response for apps that register it.
+* :class:`AuthError` is the server's :class:`tuneloop.server.errors.APIError`
+  with the defaults of auth failures: 401 (type ``invalid_request_error``,
+  code ``invalid_api_key``, header ``WWW-Authenticate: Bearer``, as OpenAI
+  answers a bad key) or 403 (type ``permission_error``, ``insufficient_scope``).
+  Every route answers it with the same body through the app's exception
+  handlers.
+* :func:`inference_guard` and :func:`admin_guard` are the Litestar guards of
+  the ``/v1`` routes (feedback included) and the admin routes; they store the
+  :class:`Principal` as ``principal`` in the request's scope state.
 """
 
 from __future__ import annotations
@@ -46,9 +52,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
+from litestar.connection import ASGIConnection
+from litestar.handlers import BaseRouteHandler
+
 from tuneloop.db import CachedRead, Database, DatabaseBusy, utcnow
 from tuneloop.errors import UserError
 from tuneloop.ids import new_id
+from tuneloop.server.errors import APIError
+from tuneloop.settings import AuthSettings
 
 log = logging.getLogger(__name__)
 
@@ -86,22 +97,13 @@ class Principal:
     name: str | None = None
 
 
-class AuthError(Exception):
-    """Authentication (401) or authorisation (403) failure with an OpenAI-style body."""
+class AuthError(APIError):
+    """Authentication (401, with ``WWW-Authenticate: Bearer``) or authorisation (403) failure: an
+    :class:`APIError` whose only additions are these defaults."""
 
-    def __init__(self, status_code: Literal[401, 403], message: str, code: str, type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status_code = status_code
-        self.message = message
-        self.code = code
-        self.type = type
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": None}}
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"WWW-Authenticate": 'Bearer realm="tuneloop"'} if self.status_code == 401 else {}
+    def __init__(self, status_code: Literal[401, 403], message: str, code: str, type: str | None = None):
+        headers = {"WWW-Authenticate": 'Bearer realm="tuneloop"'} if status_code == 401 else None
+        super().__init__(status_code, message, code, type=type, headers=headers)
 
 
 def hash_key(secret: str) -> str:
@@ -137,7 +139,7 @@ def create_key(db: Database, scope: str, name: str | None = None) -> tuple[ApiKe
     return key, secret
 
 
-def _row_to_key(r: tuple) -> ApiKey:
+def _row_to_key(r: tuple[Any, ...]) -> ApiKey:
     return ApiKey(id=r[0], name=r[1], scope=r[2], prefix=r[3], created_at=r[4], revoked_at=r[5])
 
 
@@ -190,7 +192,7 @@ class Auth:
     def __init__(
         self,
         db: Database,
-        settings,
+        settings: AuthSettings,
         *,
         refresh_s: float = 2.0,
         miss_refresh_s: float = 0.5,
@@ -235,7 +237,7 @@ class Auth:
     @property
     def enabled(self) -> bool:
         """Whether requests need a key now (as of the last refresh)."""
-        return self._any_key or bool(getattr(self.settings, "require_keys", False))
+        return self._any_key or self.settings.require_keys
 
     # authentication -------------------------------------------------------------
     async def authenticate(self, request: Any, scope: str = "inference") -> Principal:
@@ -266,7 +268,6 @@ class Auth:
                 403,
                 "This API key has scope 'inference'; this route needs an 'admin' key.",
                 "insufficient_scope",
-                type="permission_error",
             )
         return Principal(key_id=entry.id, scope=entry.scope, name=entry.name)
 
@@ -281,8 +282,20 @@ def bearer_token(header: str | None) -> str | None:
     return parts[1].strip()
 
 
-def auth_error_handler(request: Any, exc: AuthError):
-    """Litestar exception handler: the OpenAI-style JSON body with the error's status."""
-    from litestar import Response
+# -- route guards ---------------------------------------------------------------------
 
-    return Response(content=exc.to_dict(), status_code=exc.status_code, headers=exc.headers)
+
+async def _authenticate(connection: ASGIConnection[Any, Any, Any, Any], scope: str) -> None:
+    auth: Auth = connection.app.state.auth
+    principal = await auth.authenticate(connection, scope)
+    connection.scope.setdefault("state", {})["principal"] = principal
+
+
+async def inference_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Litestar guard: an ``inference`` (or ``admin``) key, per ``app.state.auth``; the principal goes to the scope state."""
+    await _authenticate(connection, "inference")
+
+
+async def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Litestar guard: an ``admin`` key, per ``app.state.auth``."""
+    await _authenticate(connection, "admin")

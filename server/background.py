@@ -1,11 +1,11 @@
 """Background work the live server runs beside inference: drift monitoring and the canary judge.
 
 Contract: :func:`start_background` starts, on the running event loop,
-* the drift job (``monitoring.drift_job.DriftJob``) every ``drift.interval_s``
+* the drift job (``tuneloop.monitoring.drift_job.DriftJob``) every ``drift.interval_s``
   seconds (first pass after one interval), exporting ``tuneloop_drift_score`` /
   ``tuneloop_drifted`` on the app's registry and writing ``drift_reports``;
 * the canary judge every ``deploy.canary_judge_interval_s`` seconds: when a
-  canary is running it is judged (``monitoring.canary.judge``) and, once the
+  canary is running it is judged (``tuneloop.monitoring.canary.judge``) and, once the
   decision is promote or rollback, the decision is applied atomically and the
   router re-reads deploy state at once, so the server decides by itself.
 Heavy work runs in threads; a failed pass is logged and retried next interval.
@@ -16,11 +16,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from prometheus_client import CollectorRegistry
+
+    from tuneloop.db import Database
+    from tuneloop.monitoring.canary import Decision
+    from tuneloop.monitoring.drift_job import DriftJob
+    from tuneloop.server.routing import ModelRouter
+    from tuneloop.settings import DeploySettings, Settings
 
 log = logging.getLogger("tuneloop.server")
 
 
-async def _canary_loop(db, deploy, router, stop: asyncio.Event) -> None:
+async def _canary_loop(db: Database, deploy: DeploySettings, router: ModelRouter, stop: asyncio.Event) -> None:
     from tuneloop.monitoring import canary
 
     interval = deploy.canary_judge_interval_s
@@ -32,7 +42,7 @@ async def _canary_loop(db, deploy, router, stop: asyncio.Event) -> None:
             pass
         try:
 
-            def judge_once():
+            def judge_once() -> Decision | None:
                 if canary.running(db) is None:
                     return None
                 decision = canary.judge(db, None, deploy)
@@ -49,7 +59,7 @@ async def _canary_loop(db, deploy, router, stop: asyncio.Event) -> None:
             log.exception("canary judge pass failed")
 
 
-async def _drift_loop(job, interval: float, stop: asyncio.Event) -> None:
+async def _drift_loop(job: DriftJob, interval: float, stop: asyncio.Event) -> None:
     try:
         await asyncio.wait_for(stop.wait(), timeout=interval)
         return
@@ -58,9 +68,11 @@ async def _drift_loop(job, interval: float, stop: asyncio.Event) -> None:
     await job.run_forever(stop)
 
 
-def start_background(settings, db, registry, router) -> tuple[asyncio.Event, list[asyncio.Task]]:
+def start_background(
+    settings: Settings, db: Database, registry: CollectorRegistry, router: ModelRouter
+) -> tuple[asyncio.Event, list[asyncio.Task[None]]]:
     stop = asyncio.Event()
-    tasks: list[asyncio.Task] = []
+    tasks: list[asyncio.Task[None]] = []
     if settings.drift.interval_s > 0:
         from tuneloop.monitoring.drift_job import DriftJob
 
@@ -71,7 +83,7 @@ def start_background(settings, db, registry, router) -> tuple[asyncio.Event, lis
     return stop, tasks
 
 
-async def stop_background(stop: asyncio.Event, tasks: list[asyncio.Task]) -> None:
+async def stop_background(stop: asyncio.Event, tasks: list[asyncio.Task[None]]) -> None:
     stop.set()
     for t in tasks:
         t.cancel()

@@ -1,4 +1,4 @@
-"""CLI of the server area: ``tuneloop serve`` (and ``tuneloop keys`` from :mod:`server.cli_keys`).
+"""CLI of the server area: ``tuneloop serve`` (and ``tuneloop keys`` from :mod:`tuneloop.server.cli_keys`).
 
 Only light imports at module level (see tuneloop.cli); Litestar, uvicorn and vLLM load in the handler.
 """
@@ -6,7 +6,12 @@ Only light imports at module level (see tuneloop.cli); Litestar, uvicorn and vLL
 from __future__ import annotations
 
 import argparse
-import importlib
+from typing import TYPE_CHECKING
+
+from tuneloop.server import cli_keys
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tuneloop.cli import Context
 
 SERVE_HELP = """\
 Serve a model behind an OpenAI-compatible API (Litestar + in-process vLLM).
@@ -29,7 +34,7 @@ requests and the log, then exits. Docs: docs/serving.md
 """
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "serve",
         help="serve models behind an OpenAI-compatible API (vLLM engine, request log, metrics)",
@@ -53,15 +58,10 @@ def register(sub) -> None:
         "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="server log level"
     )
     p.set_defaults(handler=cmd_serve)
-    for name in ("tuneloop.server.cli_keys",):
-        try:
-            importlib.import_module(name).register(sub)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
+    cli_keys.register(sub)
 
 
-def cmd_serve(args, ctx) -> int:
+def cmd_serve(args: argparse.Namespace, ctx: Context) -> int:
     import logging
 
     settings = ctx.settings

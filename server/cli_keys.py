@@ -9,13 +9,20 @@ few seconds (it re-reads the key table). Light imports only at module level.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 from tuneloop.cli import add_group
 
+if TYPE_CHECKING:  # pragma: no cover
+    from tuneloop.cli import Context
+    from tuneloop.server.auth import ApiKey
 
-def register(sub) -> None:
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     g = add_group(sub, "keys", "API keys for the /v1 API and the admin API (create, list, revoke)")
 
     p = g.add_parser(
@@ -57,11 +64,11 @@ def register(sub) -> None:
     p.set_defaults(handler=cmd_revoke)
 
 
-def _fmt_time(t) -> str | None:
+def _fmt_time(t: datetime | None) -> str | None:
     return None if t is None else t.strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _as_dict(k) -> dict:
+def _as_dict(k: ApiKey) -> dict[str, Any]:
     return {
         "id": k.id,
         "name": k.name,
@@ -72,7 +79,7 @@ def _as_dict(k) -> dict:
     }
 
 
-def cmd_create(args, ctx) -> int:
+def cmd_create(args: argparse.Namespace, ctx: Context) -> int:
     from tuneloop.server.auth import create_key
 
     key, secret = create_key(ctx.db, args.scope, args.name)
@@ -90,7 +97,7 @@ def cmd_create(args, ctx) -> int:
     return 0
 
 
-def cmd_list(args, ctx) -> int:
+def cmd_list(args: argparse.Namespace, ctx: Context) -> int:
     from tuneloop.server.auth import list_keys
     from tuneloop.table import print_table
 
@@ -108,7 +115,7 @@ def cmd_list(args, ctx) -> int:
     return 0
 
 
-def cmd_revoke(args, ctx) -> int:
+def cmd_revoke(args: argparse.Namespace, ctx: Context) -> int:
     from tuneloop.server.auth import revoke_key
 
     key = revoke_key(ctx.db, args.id)

@@ -8,13 +8,13 @@ Contract
   :func:`tuneloop.runtime.configure_vllm_env`. vLLM is imported only here, and
   only inside methods, so a vLLM upgrade touches this file alone.
 * Prompts go in as token ids: :meth:`render_chat` (the trainer's template path,
-  :func:`tuneloop.chat.render_prompt` when present, else the tokenizer's chat
-  template with ``add_generation_prompt``) and :meth:`encode`.
+  :func:`tuneloop.chat.render_prompt`, so serving sees exactly the prompt
+  training saw) and :meth:`encode`.
 * :meth:`generate` is an async iterator of :class:`Delta` (one per engine
   output step and choice: new text, new token count, finish reason, optional
   logprobs). It uses vLLM's DELTA output kind, so no per-token Python work is
   done unless logprobs were asked for. Cancelling the iteration (client gone)
-  aborts the engine request; :meth:`abort` does it by id.
+  aborts the engine request.
 * :class:`GenParams` holds the OpenAI sampling parameters; :meth:`sampling_params`
   validates them through vLLM and raises :class:`EngineInputError` (a 400) on
   values vLLM refuses.
@@ -37,14 +37,19 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tuneloop.chat import render_prompt
 from tuneloop.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from vllm import AsyncEngineArgs, SamplingParams
+    from vllm.outputs import CompletionOutput
+    from vllm.v1.engine.async_llm import AsyncLLM
+
     from tuneloop.settings import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -116,8 +121,8 @@ class Engine:
         self.model_path = Path(model_path).expanduser().resolve()
         self.settings = settings
         self.served_name = served_name or self.model_path.name
-        self._llm = None
-        self._tokenizer = None
+        self._llm: AsyncLLM | None = None
+        self._tokenizer: Any = None
         self._defaults: dict[str, Any] = {}
         self._adapters: dict[str, AdapterInfo] = {}
         self._lora_requests: dict[str, Any] = {}
@@ -129,7 +134,7 @@ class Engine:
         self.closing = False
 
     # -- life cycle -------------------------------------------------------------
-    def engine_args(self):
+    def engine_args(self) -> AsyncEngineArgs:
         from vllm import AsyncEngineArgs
 
         from tuneloop.runtime import pick_dtype
@@ -169,11 +174,11 @@ class Engine:
 
         args = self.engine_args()
         t0 = time.perf_counter()
-        self._llm = AsyncLLM.from_engine_args(args)
-        self._tokenizer = self._llm.get_tokenizer()
-        self.max_model_len = int(self._llm.model_config.max_model_len)
+        llm = self._llm = AsyncLLM.from_engine_args(args)
+        self._tokenizer = llm.get_tokenizer()
+        self.max_model_len = int(llm.model_config.max_model_len)
         try:
-            self._defaults = dict(self._llm.model_config.get_diff_sampling_param() or {})
+            self._defaults = dict(llm.model_config.get_diff_sampling_param() or {})
         except Exception:
             self._defaults = {}
         self.started_at = time.time()
@@ -198,8 +203,14 @@ class Engine:
             self._llm = None
 
     # -- prompts ------------------------------------------------------------------
+    def _running(self) -> AsyncLLM:
+        """The engine, or :class:`EngineUnavailable` when it is not running."""
+        if self._llm is None or not self.ready:
+            raise EngineUnavailable("engine is not running")
+        return self._llm
+
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> Any:
         if self._tokenizer is None:
             raise EngineUnavailable("engine is not running")
         return self._tokenizer
@@ -207,16 +218,7 @@ class Engine:
     def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a chat prompt, rendered exactly as the trainer renders it (generation prompt added)."""
         try:
-            from tuneloop.chat import render_prompt
-        except ImportError:
-            render_prompt = None
-        try:
-            if render_prompt is not None:
-                ids = render_prompt(self.tokenizer, messages)
-            else:
-                ids = self.tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=True, tokenize=True, return_dict=False
-                )
+            ids = render_prompt(self.tokenizer, messages)
         except EngineInputError:
             raise
         except UserError as e:
@@ -255,7 +257,7 @@ class Engine:
             )
         return max_tokens
 
-    def sampling_params(self, p: GenParams, max_tokens: int, stream: bool = True):
+    def sampling_params(self, p: GenParams, max_tokens: int, stream: bool = True) -> SamplingParams:
         """vLLM SamplingParams for ``p`` (model generation defaults for unset values); 400 on invalid values.
 
         ``stream=False`` (a client that wants the whole answer at once): the engine hands over the
@@ -289,23 +291,23 @@ class Engine:
 
     # -- generation -------------------------------------------------------------------
     async def generate(
-        self, prompt_ids: list[int], sampling_params, request_id: str, adapter: str | None = None
-    ) -> AsyncIterator[Delta]:
+        self, prompt_ids: list[int], sampling_params: SamplingParams, request_id: str, adapter: str | None = None
+    ) -> AsyncGenerator[Delta, None]:
         """Stream :class:`Delta` s of ``request_id``; closing/cancelling the iterator aborts it in the engine."""
-        if not self.ready:
-            raise EngineUnavailable("engine is not running")
+        llm = self._running()
         from vllm.inputs import TokensPrompt
 
         lora = None
+        info: AdapterInfo | None = None
         if adapter is not None:
             info = self._adapters.get(adapter)
             if info is None:
                 raise AdapterError(f"adapter {adapter!r} is not loaded")
             lora = self._lora_requests[adapter]
             info.in_flight += 1
-        want_lp = sampling_params.logprobs is not None
+        k = sampling_params.logprobs  # None: no logprobs asked for
         try:
-            gen = self._llm.generate(
+            gen = llm.generate(
                 TokensPrompt(prompt_token_ids=prompt_ids), sampling_params, request_id, lora_request=lora
             )
             try:
@@ -316,7 +318,7 @@ class Engine:
                             o.text,
                             len(o.token_ids),
                             o.finish_reason,
-                            self._logprobs(o, sampling_params.logprobs) if want_lp else None,
+                            self._logprobs(o, k) if k is not None else None,
                         )
             except _client_errors() as e:  # validation inside vLLM (VLLMValidationError ...)
                 raise EngineInputError(
@@ -325,15 +327,16 @@ class Engine:
             finally:
                 await gen.aclose()
         finally:
-            if adapter is not None:
+            if adapter is not None and info is not None:
                 info.in_flight -= 1
                 ev = self._drained.get(adapter)
                 if info.in_flight == 0 and ev is not None:
                     ev.set()
 
-    def _logprobs(self, o, k: int) -> list[TokenLogprob]:
+    def _logprobs(self, o: CompletionOutput, k: int) -> list[TokenLogprob]:
         out: list[TokenLogprob] = []
-        for tid, lp in zip(o.token_ids, o.logprobs or []):
+        for tid, step in zip(o.token_ids, o.logprobs or []):
+            lp = step or {}
             chosen = lp.get(tid)
             ranked = sorted(lp.values(), key=lambda v: v.rank if v.rank is not None else 1 << 30)[:k]
             out.append(
@@ -344,10 +347,6 @@ class Engine:
                 )
             )
         return out
-
-    async def abort(self, request_id: str) -> None:
-        if self._llm is not None:
-            await self._llm.abort(request_id)
 
     # -- adapters -------------------------------------------------------------------
     def has_adapter(self, name: str) -> bool:
@@ -397,8 +396,7 @@ class Engine:
         """Validate and load ``path`` under ``name`` (idempotent for the same path); raise :class:`AdapterError`."""
         from vllm.lora.request import LoRARequest
 
-        if not self.ready:
-            raise EngineUnavailable("engine is not running")
+        llm = self._running()
         if not name or name == self.served_name:
             raise AdapterError(f"adapter name {name!r} is empty or the base model's own name")
         async with self._adapter_lock:
@@ -412,7 +410,7 @@ class Engine:
             lora_id = next(self._ids)
             req = LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=resolved)
             try:
-                ok = await self._llm.add_lora(req)
+                ok = await llm.add_lora(req)
             except Exception as e:
                 msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
                 raise AdapterError(f"adapter {resolved} does not load into this engine: {msg[:400]}") from None
@@ -450,12 +448,9 @@ class Engine:
 
 def _client_errors() -> tuple[type[BaseException], ...]:
     """Exceptions by which vLLM refuses a request's input (a 400, not a server error)."""
-    try:
-        from vllm.exceptions import VLLMClientError
+    from vllm.exceptions import VLLMClientError
 
-        return (ValueError, TypeError, VLLMClientError)
-    except ImportError:  # pragma: no cover - other vLLM versions
-        return (ValueError, TypeError)
+    return (ValueError, TypeError, VLLMClientError)
 
 
 def _finite(x: float) -> float:

@@ -1,25 +1,40 @@
-"""Every error the API returns, as OpenAI-style JSON: ``{"error": {"message", "type", "code", "param"}}``.
+"""The server's one HTTP error model: every refusal is OpenAI-style JSON ``{"error": {"message", "type", "code", "param"}}``.
 
 Contract
 --------
-* :class:`APIError` is what handlers raise for a request they refuse; it
-  carries the HTTP status, a message that says what to change, the OpenAI
-  ``type`` (``invalid_request_error`` for 4xx, ``server_error`` for 5xx) and a
-  machine-readable ``code``.
-* :func:`exception_handlers` maps every exception that can reach Litestar to
-  such a body: our own errors, the engine's input and adapter errors, routing
-  errors, auth errors (401/403 with ``WWW-Authenticate``), Litestar's own
-  validation errors (invalid JSON, wrong types, out-of-bound values -> 400),
-  404, 405, 413 (body over ``server.max_body_bytes``) and anything unexpected
-  (500, logged with its traceback, the message never leaks internals).
-* An error on an inference route (``/v1/chat/completions``, ``/v1/completions``)
-  is also one request-log row (see :func:`server.openai_routes.record_failure`),
-  so failed requests count in the log and in the metrics.
+* :class:`APIError` is the only error type the HTTP layer raises for a request
+  it refuses: the OpenAI routes, the feedback routes, the admin routes, the
+  model router and the auth guards all raise it (or a subclass that only sets
+  defaults, such as ``AuthError`` or ``RoutingError``). It carries the HTTP
+  ``status_code``, a ``message`` that says what to change, the OpenAI
+  ``type``, a machine-readable ``code``, the offending ``param`` and extra
+  response ``headers`` (``WWW-Authenticate`` on 401, ``Retry-After`` on 503).
+  Defaults: ``type`` is ``permission_error`` for 403, ``invalid_request_error``
+  for every other 4xx (401 included, as OpenAI answers a bad key) and
+  ``server_error`` for 5xx; ``code`` follows the status (``invalid_api_key``
+  for 401, ``not_found`` for 404, ...). :meth:`APIError.to_dict` is the body.
+* :func:`to_api_error` maps any exception to an :class:`APIError`: the
+  engine's input and adapter errors (400), an unavailable or dead engine
+  (503), a busy database (503 ``database_busy`` with ``Retry-After``), a
+  :class:`tuneloop.errors.UserError` (400), Litestar's validation errors
+  (invalid JSON, wrong types, out-of-bound values, unknown fields -> 400 with
+  the field in ``param``), its HTTP errors (401, 404, 405, 413 over
+  ``server.max_body_bytes``, ...), a client that went away while sending (499),
+  and anything unexpected (500; the message never leaks internals).
+* :func:`exception_handlers` is the one set of Litestar exception handlers
+  built on it; the app registers it (with an ``on_error`` hook that logs
+  failed inference requests), and so does any controller that must answer the
+  same way when mounted in another app. Unexpected errors are logged with
+  their traceback.
+
+This module imports nothing from the route modules.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -30,7 +45,6 @@ from tuneloop.db import DatabaseBusy
 from tuneloop.errors import UserError
 from tuneloop.server.engine import AdapterError, EngineInputError, EngineUnavailable
 from tuneloop.server.protocol import ErrorDetail, ErrorResponse
-from tuneloop.server.routing import RoutingError
 
 log = logging.getLogger(__name__)
 
@@ -49,35 +63,53 @@ _CODES = {
     503: "unavailable",
 }
 
+#: Called by the exception handler with every refused request; may return a request id for ``X-Request-Id``.
+OnError = Callable[[Request, "APIError"], "str | None"]
+
+
+def default_type(status_code: int) -> str:
+    """The OpenAI error ``type`` of a status: ``permission_error`` (403), ``invalid_request_error`` (4xx), ``server_error``."""
+    if status_code == 403:
+        return "permission_error"
+    return "invalid_request_error" if status_code < 500 else "server_error"
+
 
 class APIError(Exception):
-    """A refused request with its HTTP status and OpenAI-style error fields."""
+    """A refused request: HTTP status, OpenAI-style error fields and response headers (see module docstring)."""
 
     def __init__(
         self,
-        status: int,
+        status_code: int,
         message: str,
         code: str | None = None,
         param: str | None = None,
+        *,
+        type: str | None = None,
         headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
-        self.status, self.message = status, message
-        self.code = code or _CODES.get(status, "error")
+        self.status_code = status_code
+        self.message = message
+        self.code = code or _CODES.get(status_code, "error")
         self.param = param
-        self.headers = headers or {}
+        self.type = type or default_type(status_code)
+        self.headers = dict(headers or {})
 
-    @property
-    def type(self) -> str:
-        if self.status == 401:
-            return "authentication_error"
-        if self.status == 403:
-            return "permission_error"
-        return "invalid_request_error" if self.status < 500 else "server_error"
+    def to_dict(self) -> dict[str, Any]:
+        """The response body as a dict."""
+        return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": self.param}}
 
+    def body(self) -> bytes:
+        """The response body as JSON bytes."""
+        return msgspec.json.encode(ErrorResponse(ErrorDetail(self.message, self.type, self.code, self.param)))
 
-def error_body(err: APIError) -> bytes:
-    return msgspec.json.encode(ErrorResponse(ErrorDetail(err.message, err.type, err.code, err.param)))
+    def response(self, extra_headers: dict[str, str] | None = None) -> Response[bytes]:
+        return Response(
+            content=self.body(),
+            status_code=self.status_code,
+            media_type="application/json",
+            headers={**self.headers, **(extra_headers or {})},
+        )
 
 
 def to_api_error(exc: BaseException) -> APIError:
@@ -88,16 +120,8 @@ def to_api_error(exc: BaseException) -> APIError:
         return APIError(400, str(exc), exc.code, exc.param)
     if isinstance(exc, AdapterError):
         return APIError(400, str(exc), "invalid_adapter")
-    if isinstance(exc, RoutingError):
-        return APIError(exc.status, exc.message, exc.code, "model")
     if isinstance(exc, EngineUnavailable):
         return APIError(503, f"the model engine is unavailable: {exc}", "engine_unavailable")
-    try:
-        from tuneloop.server.auth import AuthError
-    except ImportError:  # pragma: no cover - LOGS' module not present
-        AuthError = ()  # type: ignore[assignment]
-    if AuthError and isinstance(exc, AuthError):
-        return APIError(exc.status_code, exc.message, exc.code, headers=dict(exc.headers))
     if isinstance(exc, ValidationException):
         return APIError(400, _validation_message(exc), "invalid_request", _validation_param(exc))
     if isinstance(exc, HTTPException) and "disconnected" in str(exc.detail or ""):
@@ -121,50 +145,66 @@ def to_api_error(exc: BaseException) -> APIError:
     return APIError(500, "internal server error; see the server log", "internal_error")
 
 
-def _validation_message(exc: ValidationException) -> str:
+def _validation_items(exc: ValidationException) -> list[dict[str, Any]]:
     extra = exc.extra
-    if isinstance(extra, list) and extra:
-        parts = []
-        for e in extra[:5]:
-            if isinstance(e, dict):
-                key = e.get("key")
-                parts.append(
-                    f"{e.get('message', 'invalid value')}"
-                    + (f" (at {key})" if key and key not in str(e.get("message")) else "")
-                )
-        if parts:
-            return "invalid request body: " + "; ".join(parts)
+    return [e for e in extra if isinstance(e, dict)] if isinstance(extra, list) else []
+
+
+def _field_of(item: dict[str, Any]) -> str | None:
+    """The body field an error item is about: its key (``data`` means the whole body), else the field it names."""
+    key = item.get("key")
+    if key and key != "data":
+        return str(key).split(".", 1)[0].split("[", 1)[0] or None
+    m = re.search(r"field `([A-Za-z_][A-Za-z0-9_]*)`", str(item.get("message", "")))
+    return m.group(1) if m else None
+
+
+def _validation_message(exc: ValidationException) -> str:
+    parts = []
+    for e in _validation_items(exc)[:5]:
+        key = e.get("key")
+        parts.append(
+            f"{e.get('message', 'invalid value')}"
+            + (f" (at {key})" if key and key not in str(e.get("message")) else "")
+        )
+    if parts:
+        return "invalid request body: " + "; ".join(parts)
     detail = exc.detail or "invalid request"
     return detail if "body" in detail.lower() or "json" in detail.lower() else f"invalid request body: {detail}"
 
 
 def _validation_param(exc: ValidationException) -> str | None:
-    extra = exc.extra
-    if isinstance(extra, list) and extra and isinstance(extra[0], dict) and extra[0].get("key"):
-        return str(extra[0]["key"]).split(".", 1)[0].split("[", 1)[0] or None
-    return None
+    items = _validation_items(exc)
+    return _field_of(items[0]) if items else None
 
 
-def handle(request: Request, exc: Exception) -> Response:
-    err = to_api_error(exc)
-    if (
-        err.status >= 500
-        and err.status != 499
-        and not isinstance(exc, (APIError, EngineUnavailable))
-        and type(exc).__name__ != "EngineDeadError"
-    ):
-        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    headers = dict(err.headers)
-    try:
-        from tuneloop.server.openai_routes import record_failure
-
-        rid = record_failure(request, err)
-        if rid:
-            headers["X-Request-Id"] = rid
-    except Exception:
-        log.exception("could not log a failed request")
-    return Response(content=error_body(err), status_code=err.status, media_type="application/json", headers=headers)
+def _is_expected(exc: Exception, err: APIError) -> bool:
+    """Whether an error needs no traceback in the log (a refusal, or a known engine state)."""
+    return (
+        err.status_code < 500
+        or isinstance(exc, (APIError, EngineUnavailable))
+        or type(exc).__name__ == "EngineDeadError"
+    )
 
 
-def exception_handlers() -> dict[Any, Any]:
+def exception_handlers(on_error: OnError | None = None) -> dict[type[Exception] | int, Any]:
+    """Litestar exception handlers answering every exception with :meth:`APIError.response`.
+
+    ``on_error(request, err)`` runs first for each refused request (failures in it are logged, never
+    raised); a string it returns is sent as ``X-Request-Id``."""
+
+    def handle(request: Request, exc: Exception) -> Response[bytes]:
+        err = to_api_error(exc)
+        if not _is_expected(exc, err):
+            log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        headers: dict[str, str] = {}
+        if on_error is not None:
+            try:
+                rid = on_error(request, err)
+                if rid:
+                    headers["X-Request-Id"] = rid
+            except Exception:
+                log.exception("could not log a failed request")
+        return err.response(headers)
+
     return {Exception: handle, HTTPException: handle}

@@ -21,13 +21,17 @@ Contract
   are stored as -1/+1 (``rating_kind='thumbs'``) or 1..5 (``'stars'``).
 * ``tuneloop_feedback_total{rating,model_version}`` counts each new feedback
   once, and an update again only when it changes the rating (under the new one).
-* Auth: an ``inference`` (or admin) key via ``app.state.auth``, like ``/v1``.
-* Needs on ``app.state``: ``db``, ``auth``, ``metrics``, ``log_writer``
-  (contract 5). Database work runs in a worker thread; a database held by
+* Auth: an ``inference`` (or admin) key, checked by the same guard as ``/v1``
+  (:func:`tuneloop.server.auth.inference_guard`, so a bad key gets the same
+  401 body).
+* Needs on ``app.state``: ``db``, ``auth``, ``metrics``, ``log_writer`` (the
+  components :func:`tuneloop.server.app.create_app` puts there). Database work runs in a worker thread; a database held by
   another process past a few seconds gives a 503 ``database_busy`` with
   ``Retry-After`` and writes nothing.
-* Errors raised here are turned into OpenAI-style JSON by this controller's
-  own exception handlers, so it behaves the same in any app.
+* Errors are :class:`tuneloop.server.errors.APIError`; the controller
+  registers the server's one set of exception handlers
+  (:func:`tuneloop.server.errors.exception_handlers`) itself, so it answers
+  the same OpenAI-style JSON in any app.
 """
 
 from __future__ import annotations
@@ -39,18 +43,19 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
-from litestar.exceptions import HTTPException, ValidationException
 from litestar.params import FromPath, JSONBody
 
 from tuneloop.db import Database, DatabaseBusy, dumps, loads, utcnow
 from tuneloop.ids import new_id
-from tuneloop.server.auth import AuthError, auth_error_handler
+from tuneloop.ratings import THUMBS, api_value
+from tuneloop.server.auth import inference_guard
+from tuneloop.server.errors import APIError
+from tuneloop.server.errors import exception_handlers as api_exception_handlers
 
 MAX_TEXT = 100_000
 MAX_LABELS = 32
 MAX_LABEL_CHARS = 64
 SOURCE_RE = re.compile(r"^[A-Za-z0-9_.:/-]{1,64}$")
-THUMBS = {"up": 1, "down": -1}
 
 
 class FeedbackIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -102,70 +107,14 @@ class FeedbackList(msgspec.Struct):
     object: str = "list"
 
 
-class FeedbackError(Exception):
-    """A 4xx/5xx with an OpenAI-style body."""
-
-    def __init__(
-        self,
-        status_code: int,
-        message: str,
-        code: str,
-        param: str | None = None,
-        type: str = "invalid_request_error",
-        headers: dict[str, str] | None = None,
-    ):
-        super().__init__(message)
-        self.status_code, self.message, self.code, self.param, self.type = status_code, message, code, param, type
-        self.headers = headers or {}
-
-
-def _error_response(
-    status: int,
-    message: str,
-    code: str | None,
-    param: str | None = None,
-    type: str = "invalid_request_error",
-    headers: dict[str, str] | None = None,
-) -> Response:
-    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
-    return Response(content=body, status_code=status, headers=headers or {})
-
-
-def _feedback_error_handler(request: Request, exc: FeedbackError) -> Response:
-    return _error_response(exc.status_code, exc.message, exc.code, exc.param, exc.type, exc.headers)
-
-
-def _validation_handler(request: Request, exc: ValidationException) -> Response:
-    extra = exc.extra if isinstance(exc.extra, list) else []
-    messages, param = [], None
-    for e in extra:
-        if not isinstance(e, dict):
-            messages.append(str(e))
-            continue
-        msg = str(e.get("message", ""))
-        key = e.get("key")
-        m = re.search(r"field `([A-Za-z_]+)`", msg)
-        field_name = key if key and key != "data" else (m.group(1) if m else None)
-        param = param or field_name
-        messages.append(f"{field_name}: {msg}" if field_name and field_name not in msg else msg)
-    details = "; ".join(messages) or str(exc.detail)
-    return _error_response(400, f"Invalid request body: {details}", "invalid_request_body", param)
-
-
-def _http_handler(request: Request, exc: HTTPException) -> Response:
-    code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code, "http_error")
-    type = "server_error" if exc.status_code >= 500 else "invalid_request_error"
-    return _error_response(exc.status_code, str(exc.detail), code, type=type)
-
-
 # -- validation ------------------------------------------------------------------------
 
 
 def normalise(body: FeedbackIn) -> dict[str, Any]:
-    """Validated column values for the fields present in ``body`` (raises FeedbackError 400)."""
+    """Validated column values for the fields present in ``body`` (raises APIError 400)."""
 
-    def bad(param: str, message: str) -> FeedbackError:
-        return FeedbackError(400, message, "invalid_value", param)
+    def bad(param: str, message: str) -> APIError:
+        return APIError(400, message, "invalid_value", param)
 
     out: dict[str, Any] = {}
     if not body.request_id.strip():
@@ -205,14 +154,6 @@ def normalise(body: FeedbackIn) -> dict[str, Any]:
     return out
 
 
-def rating_out(rating: int | None, kind: str | None) -> int | str | None:
-    if rating is None:
-        return None
-    if kind == "thumbs":
-        return "up" if rating > 0 else "down"
-    return int(rating)
-
-
 _COLS = "id, request_id, source, rating, rating_kind, correction, comment, labels, model_version, created_at"
 
 
@@ -222,7 +163,7 @@ def _row_out(r: tuple) -> FeedbackOut:
         id=r[0],
         request_id=r[1],
         source=r[2],
-        rating=rating_out(r[3], r[4]),
+        rating=api_value(r[3], r[4]),
         rating_kind=r[4],
         correction=r[5],
         comment=r[6],
@@ -304,12 +245,11 @@ def list_feedback(db: Database, request_id: str) -> list[FeedbackOut]:
     return [_row_out(r) for r in rows]
 
 
-def _busy(e: Exception) -> FeedbackError:
-    return FeedbackError(
+def _busy(e: Exception) -> APIError:
+    return APIError(
         503,
         f"The database is busy, try again shortly ({e.__class__.__name__}).",
         "database_busy",
-        type="server_error",
         headers={"Retry-After": "2"},
     )
 
@@ -319,12 +259,8 @@ class FeedbackController(Controller):
 
     path = "/v1/feedback"
     tags = ["feedback"]
-    exception_handlers = {
-        AuthError: auth_error_handler,
-        FeedbackError: _feedback_error_handler,
-        ValidationException: _validation_handler,
-        HTTPException: _http_handler,
-    }
+    guards = [inference_guard]
+    exception_handlers = api_exception_handlers()
 
     @staticmethod
     def _db(request: Request) -> Database:
@@ -339,10 +275,9 @@ class FeedbackController(Controller):
         'rating: "up" | "down" | 1..5; correction: the ideal answer; labels: short tags.',
     )
     async def create(self, request: Request, data: JSONBody[FeedbackIn]) -> Response[FeedbackOut]:
-        await request.app.state.auth.authenticate(request, "inference")
         fields = normalise(data)
         if not fields:
-            raise FeedbackError(
+            raise APIError(
                 400,
                 "feedback needs at least one of rating, correction, comment or labels",
                 "missing_feedback",
@@ -367,7 +302,6 @@ class FeedbackController(Controller):
 
     @get("/{request_id:str}", summary="Feedback recorded for one response (every source)")
     async def show(self, request: Request, request_id: FromPath[str]) -> FeedbackList:
-        await request.app.state.auth.authenticate(request, "inference")
         db = self._db(request)
         try:
             items = await asyncio.to_thread(list_feedback, db, request_id)
@@ -388,7 +322,7 @@ class FeedbackController(Controller):
         except DatabaseBusy as e:
             raise _busy(e) from None
         if not found:
-            raise FeedbackError(
+            raise APIError(
                 404,
                 f"No request with id {request_id!r} (use the 'id' of a chat/completion "
                 f"response or its X-Request-Id header).",

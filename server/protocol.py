@@ -2,7 +2,7 @@
 
 Contract: every body the server accepts or returns is a ``msgspec.Struct``
 here. Litestar validates requests against them (a violation is a 400 with an
-OpenAI-style error, see :mod:`server.errors`) and builds the OpenAPI schema
+OpenAI-style error, see :mod:`tuneloop.server.errors`) and builds the OpenAPI schema
 from them, so the bounds below (``Meta(ge=..., le=...)``) are both the
 validation and the documentation. Unknown request fields are ignored, as
 OpenAI clients send fields this server does not implement (``tools``,

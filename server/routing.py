@@ -21,8 +21,8 @@ Contract
 * anything else -> :class:`RoutingError` 404 ``model_not_found``.
 
 Deploy state is re-read from the database every ``server.state_refresh_s``
-seconds by :meth:`run` (DESIGN decision 3: the CLI changes stages and canaries
-directly in the database), and adapters of aliased versions are loaded into
+seconds by :meth:`run` (the CLI changes stages and canaries directly in the
+database, never through the server), and adapters of aliased versions are loaded into
 the engine then, before any request needs them. A busy database keeps the
 last known state. Reads happen in worker threads, never on the event loop.
 """
@@ -36,13 +36,16 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tuneloop.db import CachedRead, Database, DatabaseBusy
 from tuneloop.registry import ModelVersion, _row_to
 from tuneloop.server.engine import AdapterError, AdapterInfo, _same_model
+from tuneloop.server.errors import APIError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from duckdb import DuckDBPyConnection
+
     from tuneloop.monitoring.metrics import ServingMetrics
     from tuneloop.server.engine import Engine
 
@@ -51,12 +54,12 @@ log = logging.getLogger(__name__)
 ALIASES = ("production", "canary")
 
 
-class RoutingError(Exception):
-    """The ``model`` of a request cannot be served: carries the HTTP status and OpenAI error code."""
+class RoutingError(APIError):
+    """The ``model`` of a request cannot be served: an :class:`APIError` whose code defaults to
+    ``model_not_found`` and whose ``param`` is ``model``."""
 
-    def __init__(self, status: int, message: str, code: str = "model_not_found"):
-        super().__init__(message)
-        self.status, self.message, self.code = status, message, code
+    def __init__(self, status_code: int, message: str, code: str = "model_not_found", param: str | None = "model"):
+        super().__init__(status_code, message, code, param)
 
 
 @dataclass(frozen=True)
@@ -90,13 +93,12 @@ class ModelRouter:
         self._versions: dict[str, ModelVersion] = {}
         self._missing: set[str] = set()
         self._adapter_version: dict[str, str] = {}  # engine adapter name -> version name (None for raw paths)
-        self._load_errors: dict[str, str] = {}
-        self._loading: dict[str, asyncio.Task] = {}
+        self._loading: dict[str, asyncio.Task[AdapterInfo]] = {}
         self._state_read = CachedRead(self.db, self._read)  # re-read only when the database changed
 
     # -- deploy state ---------------------------------------------------------------
     @staticmethod
-    def _read(con) -> tuple[dict[str, ModelVersion], dict | None]:
+    def _read(con: DuckDBPyConnection) -> tuple[dict[str, ModelVersion], dict[str, Any] | None]:
         cur = con.execute("SELECT * FROM model_versions")
         cols = [d[0] for d in cur.description]
         versions = {r[0]: _row_to(ModelVersion, dict(zip(cols, r))) for r in cur.fetchall()}
@@ -242,7 +244,12 @@ class ModelRouter:
         task = self._loading.get(v.name)
         if task is None:
             task = self._loading[v.name] = asyncio.ensure_future(self.engine.add_adapter(v.name, v.path))
-            task.add_done_callback(lambda _t, n=v.name: self._loading.pop(n, None))
+            name = v.name
+
+            def forget(_: asyncio.Task[AdapterInfo]) -> None:
+                self._loading.pop(name, None)
+
+            task.add_done_callback(forget)
         info = await asyncio.shield(task)
         self._adapter_version[v.name] = v.name
         if self.metrics is not None:
@@ -268,6 +275,7 @@ class ModelRouter:
                     400, "a registered version is served under its own name; leave 'name' out", "invalid_request"
                 )
             return await self.ensure_loaded(v), v.name
+        assert path  # exactly one of version / path, checked above
         name = name or Path(path).expanduser().name
         if name in ALIASES or name == self.engine.served_name or (await self.version(name)) is not None:
             raise RoutingError(

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-# vLLM on this CPU (see ENVIRONMENT.md); must be set before vllm is imported.
+# vLLM reads its environment when imported: the tests run its engine core in-process, and on CPU it needs
+# VLLM_CPU_KVCACHE_SPACE and friends (set by configure_vllm_env) or start-up fails.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 from tuneloop.runtime import configure_vllm_env
 

@@ -16,15 +16,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
+
+from tuneloop.deploy.server_process import ServerProcess, ServerStartError, free_port, tuneloop_server
+
+__all__ = ["LiveServer", "free_port", "make_lora", "read_requests", "sse_events", "start_server"]
 
 VENV_BIN = Path(sys.executable).parent
 SERVER_SETTINGS = {
@@ -36,12 +38,6 @@ SERVER_SETTINGS = {
     "TUNELOOP_SERVER__STATE_REFRESH_S": "0.5",
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_lora(base: Path, dest: Path, r: int = 8, seed: int = 0) -> Path:
@@ -70,14 +66,25 @@ def tiny_adapters(tiny_model, tmp_path_factory) -> dict[str, Path]:
 
 @dataclass
 class LiveServer:
-    """A running ``tuneloop serve`` subprocess."""
+    """A running ``tuneloop serve`` subprocess (started with :mod:`tuneloop.deploy.server_process`)."""
 
-    proc: subprocess.Popen
-    url: str
+    server: ServerProcess
     home: Path
-    log_path: Path
     base_name: str
     env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def proc(self) -> subprocess.Popen:
+        assert self.server.proc is not None
+        return self.server.proc
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def log_path(self) -> Path:
+        return self.server.log_path
 
     @property
     def db_path(self) -> Path:
@@ -111,51 +118,33 @@ class LiveServer:
         return r.json()
 
     def output(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return self.server.output()
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 90) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
-        return self.proc.returncode
+        """``sig`` to the server's process group, SIGKILL after ``timeout`` seconds; its exit code."""
+        rc = self.server.stop(sig, grace_s=timeout)
+        assert rc is not None
+        return rc
 
 
 def start_server(
     home: Path, model: Path, *extra: str, env: dict[str, str] | None = None, ready_timeout: float = 240
 ) -> LiveServer:
     """Start ``tuneloop serve --model MODEL`` on a free port and wait until /readyz answers 200."""
-    port = free_port()
     home.mkdir(parents=True, exist_ok=True)
     e = {**os.environ, "TUNELOOP_HOME": str(home), **SERVER_SETTINGS, **(env or {})}
     e.pop("TUNELOOP_CONFIG", None)
-    log_path = home / f"serve-{port}.log"
-    fh = open(log_path, "w")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "tuneloop"), "serve", "--model", str(model), "--port", str(port), *extra],
-        cwd=home,
-        env=e,
-        stdout=fh,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    port = free_port()
+    server = tuneloop_server(
+        home, home / f"serve-{port}.log", port=port, model=model, serve_args=extra, env=e, cwd=home, stop_grace_s=90
     )
-    fh.close()
-    srv = LiveServer(proc, f"http://127.0.0.1:{port}", home, log_path, Path(model).name, e)
-    deadline = time.monotonic() + ready_timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"tuneloop serve exited {proc.returncode} during start-up:\n{srv.output()[-6000:]}")
-        try:
-            if httpx.get(srv.url + "/readyz", timeout=2).status_code == 200:
-                return srv
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    srv.stop(signal.SIGKILL)
-    raise AssertionError(f"tuneloop serve not ready after {ready_timeout:.0f} s:\n{srv.output()[-6000:]}")
+    srv = LiveServer(server.start(), home, Path(model).name, e)
+    try:
+        server.wait_ready(ready_timeout)
+    except ServerStartError as err:
+        srv.stop(signal.SIGKILL)
+        raise AssertionError(f"{err}\n{srv.output()[-6000:]}") from None
+    return srv
 
 
 @pytest.fixture(scope="session")

@@ -199,7 +199,7 @@ def test_cli_canary_status_promote_and_rollback(cli, prod_and_candidate):
 
 # ---- against a live `tuneloop serve` (real engine, real HTTP): the server splits, the judge decides -------------
 
-from tests.fixtures_server import make_lora, start_server  # noqa: E402
+from fixtures_server import make_lora, start_server  # noqa: E402
 
 
 @pytest.fixture(scope="module")

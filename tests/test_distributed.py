@@ -119,3 +119,83 @@ def test_distributed_launch_rejects_bad_input_before_starting_processes(cli, hom
     r = cli("train", "--nproc", "2", f"base={tiny_model}", "max_steps=1", check=False)
     assert r.returncode == 2 and "no dataset" in r.stderr
     assert [x["name"] for x in db.query("SELECT name FROM model_versions")] == ["taken"]
+
+
+def test_write_config_then_torchrun_the_worker_directly_as_on_each_node(cli, home, db, tiny_model, dataset, tmp_path):
+    """The multi-node recipe on one machine: `--write-config FILE`, then torchrun `-m tuneloop.trainer.distributed`.
+
+    The worker gets everything from the file (settings with the home folder, the pinned version name); ranks > 0,
+    started without `tuneloop train --nproc`, train on their own database snapshot and remove it afterwards.
+    """
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    conf = tmp_path / "conf" / "train_config.yaml"
+    r = cli(
+        "train",
+        "--nproc",
+        "2",
+        f"base={tiny_model}",
+        f"dataset={dataset}",
+        "max_steps=2",
+        "batch_size=2",
+        "save_steps=0",
+        "max_seq_length=64",
+        "name=multi",
+        "--write-config",
+        conf,
+    )
+    assert r.stdout.strip() == str(conf) and "-m tuneloop.trainer.distributed --config" in r.stderr
+    doc = yaml.safe_load(conf.read_text())
+    assert doc["settings"]["paths"]["home"] == str(home.resolve())
+    assert doc["settings"]["paths"]["db"] == str(home.resolve() / "tuneloop.duckdb")
+    assert doc["train"]["name"] == "multi" and doc["train"]["resume"] is False
+    assert db.query("SELECT count(*) AS n FROM runs") == [{"n": 0}], "writing the config trains nothing"
+
+    # the worker needs neither the CLI nor TUNELOOP_HOME: only the file
+    env = {k: v for k, v in os.environ.items() if k != "TUNELOOP_HOME"}
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, tuneloop.trainer.distributed; "
+            "print(sorted(m for m in ('tuneloop.cli', 'tuneloop.trainer.cli_train') if m in sys.modules))",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert probe.stdout.strip() == "[]"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "tuneloop.trainer.distributed",
+            "--config",
+            str(conf),
+        ],
+        cwd=tmp_path,
+        env=dict(env, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("registered multi (adapter)") == 1, run.stdout
+    runs = db.query("SELECT status, config->>'name' AS name FROM runs")
+    assert runs == [{"status": "succeeded", "name": "multi"}]
+    assert [v["name"] for v in db.query("SELECT name FROM model_versions")] == ["multi"]
+    assert (home / "runs" / "multi" / "model" / "adapter_model.safetensors").is_file()
+    assert not list((home / "tmp").glob("tuneloop-dist-*")), "ranks > 0 remove their own snapshot and scratch folder"
+
+    # the name is pinned in the file: running it again is refused before training
+    again = cli("train", f"base={tiny_model}", f"dataset={dataset}", "name=multi", "--write-config", conf, check=False)
+    assert again.returncode == 2 and "already exists" in again.stderr

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tuneloop.monitoring.drift_job import DriftJob
 from tuneloop.monitoring.metrics import ServingMetrics
-from tuneloop.monitoring.requestlog import RequestRecord
+from tuneloop.monitoring.records import RequestRecord
 from tuneloop.settings import DriftSettings
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -138,3 +138,21 @@ def test_words_and_prompt_text_follow_one_rule_for_logs_and_training_data():
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What's AI? E-mail me!"}]
     assert drift.prompt_text(msgs) == "Be brief. What's AI? E-mail me!"
     assert drift.words(drift.prompt_text(msgs)) == ["be", "brief", "what's", "ai", "e", "mail", "me"]
+
+
+def test_negative_feedback_in_sql_follows_the_one_rating_rule():
+    import duckdb
+
+    from tuneloop.ratings import negative_sql, sentiment
+
+    cases = [(r, k) for r in (None, -1, 0, 1, 2, 3, 4, 5) for k in (None, "thumbs", "stars", "THUMBS", "other")]
+    con = duckdb.connect()
+    try:
+        con.execute("CREATE TABLE f (rating INTEGER, rating_kind VARCHAR)")
+        con.executemany("INSERT INTO f VALUES (?, ?)", cases)
+        got = con.execute(f"SELECT rating, rating_kind, {negative_sql('rating', 'rating_kind')} FROM f").fetchall()
+    finally:
+        con.close()
+    assert len(got) == len(cases)
+    for rating, kind, negative in got:
+        assert negative is (sentiment(rating, kind) == "negative"), (rating, kind)

@@ -20,7 +20,8 @@ from prometheus_client import CollectorRegistry
 from tuneloop.db import utcnow
 from tuneloop.ids import new_id
 from tuneloop.monitoring.metrics import ServingMetrics
-from tuneloop.monitoring.requestlog import RequestLogWriter, RequestRecord
+from tuneloop.monitoring.records import RequestRecord
+from tuneloop.monitoring.requestlog import RequestLogWriter
 from tuneloop.server.auth import Auth, create_key
 from tuneloop.server.feedback_routes import FeedbackController
 from tuneloop.settings import AuthSettings, LogSettings
@@ -240,3 +241,36 @@ def test_the_openai_client_can_post_feedback(api):
     client = openai.OpenAI(base_url=str(api.client.base_url) + "/v1", api_key="unused-while-no-keys-exist")
     fb = client.post("/feedback", body={"request_id": rid, "rating": 5, "comment": "great"}, cast_to=httpx.Response)
     assert fb.status_code == 201 and fb.json()["rating"] == 5
+
+
+def test_a_bad_key_gets_the_same_401_on_chat_completions_and_feedback(home, db):
+    """One error model: the real app answers a missing or wrong key alike on /v1/chat/completions and /v1/feedback."""
+    from litestar.testing import TestClient
+
+    from tuneloop.server.app import create_app
+    from tuneloop.server.engine import Engine
+    from tuneloop.settings import load_settings
+
+    class IdleEngine(Engine):
+        """A real Engine object that is never started: the guards refuse before anything reaches it."""
+
+        @property
+        def ready(self) -> bool:
+            return True
+
+        def shutdown(self) -> None:
+            pass
+
+    settings = load_settings(None, ["drift.interval_s=0", "deploy.canary_judge_interval_s=0"])
+    create_key(db, "inference", "app")
+    app = create_app(settings, db, engine=IdleEngine(home, settings.engine, "base"))
+    chat_body = {"model": "base", "messages": [{"role": "user", "content": "hi"}]}
+    with TestClient(app) as client:
+        for headers in ({}, {"Authorization": "Bearer tl-not-a-live-key"}):
+            chat = client.post("/v1/chat/completions", json=chat_body, headers=headers)
+            fb = client.post("/v1/feedback", json={"request_id": "chatcmpl-x", "rating": "up"}, headers=headers)
+            assert chat.status_code == fb.status_code == 401
+            c, f = chat.json()["error"], fb.json()["error"]
+            assert c == f and set(c) == {"message", "type", "code", "param"}
+            assert (c["type"], c["code"], c["param"]) == ("invalid_request_error", "invalid_api_key", None)
+            assert chat.headers["www-authenticate"] == fb.headers["www-authenticate"] == 'Bearer realm="tuneloop"'

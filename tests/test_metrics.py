@@ -10,7 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tuneloop.db import utcnow
 from tuneloop.ids import new_id
 from tuneloop.monitoring.metrics import LATENCY_BUCKETS_S, ServingMetrics
-from tuneloop.monitoring.requestlog import RequestLogWriter, RequestRecord
+from tuneloop.monitoring.records import RequestRecord
+from tuneloop.monitoring.requestlog import RequestLogWriter
 from tuneloop.settings import LogSettings
 
 EXPECTED = {

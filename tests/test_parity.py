@@ -1,4 +1,4 @@
-"""Train/serve parity (DESIGN decision 8): the trainer learns exactly what the server will ask for.
+"""Train/serve parity: the trainer learns exactly what the server will ask for.
 
 For a conversation, the token ids TRL trains on must be the server's prompt
 rendering (``tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True)``,

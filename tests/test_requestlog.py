@@ -22,7 +22,8 @@ from prometheus_client import CollectorRegistry
 from tuneloop.db import Database, utcnow
 from tuneloop.ids import new_id
 from tuneloop.monitoring.metrics import ServingMetrics
-from tuneloop.monitoring.requestlog import COLUMNS, RequestLogWriter, RequestRecord
+from tuneloop.monitoring.records import RequestRecord
+from tuneloop.monitoring.requestlog import COLUMNS, RequestLogWriter
 from tuneloop.settings import LogSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -244,7 +245,8 @@ def _python(code: str, *args: str, **kw) -> subprocess.Popen:
 
 CHILD_PRELUDE = """
 import signal, sys, time
-from tuneloop.monitoring.requestlog import RequestLogWriter, RequestRecord
+from tuneloop.monitoring.records import RequestRecord
+from tuneloop.monitoring.requestlog import RequestLogWriter
 from tuneloop.db import Database, utcnow
 from tuneloop.ids import new_id
 from tuneloop.settings import LogSettings

@@ -12,9 +12,11 @@ from datetime import timedelta
 import pytest
 
 from tuneloop.db import dumps, utcnow
-from tuneloop.feedback.sample import SampleConfig, SampleError, lineage, parse_strategies, sample
+from tuneloop.feedback.sample import SampleConfig, SampleError, sample
+from tuneloop.feedback.strategies import parse_strategies
 from tuneloop.ids import new_id
-from tuneloop.registry import ModelVersion, get_dataset, register_version
+from tuneloop.lineage import lineage
+from tuneloop.registry import ModelVersion, RegistryError, get_dataset, register_version
 
 
 def add_request(
@@ -295,7 +297,7 @@ def test_lineage_runs_from_a_request_to_the_version_trained_on_it_and_back(home,
     assert [u["dataset_id"] for u in fwd["used_in_datasets"]] == [res.sft.id]
     assert [v["name"] for v in fwd["trained_versions"]] == ["v2"]
     assert lineage(db, "v2")["chain"][0]["dataset"]["id"] == res.sft.id
-    with pytest.raises(SampleError, match="neither"):
+    with pytest.raises(RegistryError, match="neither"):
         lineage(db, "nope")
 
 

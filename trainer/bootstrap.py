@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,7 +78,9 @@ def _package_file(km: KnownModel) -> Path:
     return f
 
 
-def pull(name: str, models_dir: str | os.PathLike, force: bool = False, progress=print) -> Path:
+def pull(
+    name: str, models_dir: str | os.PathLike[str], force: bool = False, progress: Callable[[str], object] = print
+) -> Path:
     """Materialize ``name`` as an HF folder in ``models_dir`` (idempotent) and return it."""
     if is_hf_folder(name):
         return Path(name).resolve()
@@ -97,7 +100,7 @@ def pull(name: str, models_dir: str | os.PathLike, force: bool = False, progress
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]  # torch's Module.__setattr__ stub rejects None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         if not tok.chat_template:
@@ -118,7 +121,7 @@ def pull(name: str, models_dir: str | os.PathLike, force: bool = False, progress
     return dest
 
 
-def _pull_hub(name: str, models_dir, progress) -> Path:
+def _pull_hub(name: str, models_dir: str | os.PathLike[str], progress: Callable[[str], object]) -> Path:
     if "/" not in name:
         raise UserError(
             f"unknown model {name!r}: use a local Hugging Face folder, a hub id (org/name) or one of: {', '.join(KNOWN)}"
@@ -151,7 +154,7 @@ def resolve_base(ref: str, models_dir: str | os.PathLike) -> Path:
     return _pull_hub(ref, models_dir, print)
 
 
-def _mkdir(p) -> Path:
+def _mkdir(p: str | os.PathLike[str]) -> Path:
     Path(p).mkdir(parents=True, exist_ok=True)
     return Path(p)
 

@@ -5,24 +5,24 @@ Only light imports at module level (see tuneloop.cli); work happens in handlers.
 
 from __future__ import annotations
 
+import argparse
 import json
+from typing import TYPE_CHECKING
 
 from tuneloop.cli import add_group
+from tuneloop.trainer import cli_data, cli_train
+
+if TYPE_CHECKING:
+    from tuneloop.cli import Context
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     _register_models(sub)
-    import importlib
-
-    for name in ("tuneloop.trainer.cli_data", "tuneloop.trainer.cli_train"):
-        try:
-            importlib.import_module(name).register(sub)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
+    cli_data.register(sub)
+    cli_train.register(sub)
 
 
-def _register_models(sub) -> None:
+def _register_models(sub: argparse._SubParsersAction) -> None:
     models = add_group(sub, "models", "base models and the model registry (pull, list, show)")
     p = models.add_parser(
         "pull",
@@ -45,7 +45,7 @@ def _register_models(sub) -> None:
     p.set_defaults(handler=cmd_models_show)
 
 
-def cmd_models_pull(args, ctx) -> int:
+def cmd_models_pull(args: argparse.Namespace, ctx: Context) -> int:
     from tuneloop.trainer.bootstrap import pull
 
     path = pull(args.name, ctx.settings.paths.models_path, force=args.force)
@@ -53,7 +53,7 @@ def cmd_models_pull(args, ctx) -> int:
     return 0
 
 
-def cmd_models_list(args, ctx) -> int:
+def cmd_models_list(args: argparse.Namespace, ctx: Context) -> int:
     from tuneloop.registry import list_versions
     from tuneloop.table import print_table
 
@@ -101,7 +101,7 @@ def cmd_models_list(args, ctx) -> int:
     return 0
 
 
-def cmd_models_show(args, ctx) -> int:
+def cmd_models_show(args: argparse.Namespace, ctx: Context) -> int:
     from tuneloop.registry import get_version
 
     v = get_version(ctx.db, args.name)

@@ -5,11 +5,17 @@ Only argparse at module level; the work (datasets, transformers) is imported in 
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
+from typing import TYPE_CHECKING, Any
 
 from tuneloop.cli import add_group
 from tuneloop.errors import UserError
+
+if TYPE_CHECKING:
+    from tuneloop.cli import Context
+    from tuneloop.registry import DatasetRecord
 
 PREPARE_HELP = """\
 Clean raw examples into a versioned training dataset and register it.
@@ -33,13 +39,13 @@ examples:
 """
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     g = add_group(sub, "data", "prepare, list and inspect versioned training datasets")
     p = g.add_parser(
         "prepare",
         help="clean raw examples into a registered, versioned dataset",
         description=PREPARE_HELP,
-        formatter_class=_raw(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="JSONL/JSON/CSV files or a datasets folder")
     p.add_argument(
@@ -117,12 +123,6 @@ def register(sub) -> None:
     p.set_defaults(handler=cmd_corpus)
 
 
-def _raw():
-    import argparse
-
-    return argparse.RawDescriptionHelpFormatter
-
-
 def parse_split(text: str) -> tuple[float, float, float]:
     try:
         parts = [float(x) for x in text.replace(",", "/").split("/")]
@@ -144,9 +144,9 @@ def parse_field_map(items: list[str]) -> dict[str, str]:
     return out
 
 
-def cmd_prepare(args, ctx) -> int:
+def cmd_prepare(args: argparse.Namespace, ctx: Context) -> int:
     from tuneloop.trainer.bootstrap import DEFAULT_BASE
-    from tuneloop.trainer.data import PrepareConfig, prepare, summary_lines
+    from tuneloop.trainer.prepare import PrepareConfig, prepare, summary_lines
 
     if args.corpus and args.inputs:
         raise UserError("give either input files or --from CORPUS, not both")
@@ -191,7 +191,7 @@ def cmd_prepare(args, ctx) -> int:
     return 0
 
 
-def _record_dict(rec) -> dict:
+def _record_dict(rec: DatasetRecord) -> dict[str, Any]:
     return {
         "id": rec.id,
         "name": rec.name,
@@ -206,7 +206,7 @@ def _record_dict(rec) -> dict:
     }
 
 
-def cmd_list(args, ctx) -> int:
+def cmd_list(args: argparse.Namespace, ctx: Context) -> int:
     from tuneloop.registry import list_datasets
     from tuneloop.table import print_table
 
@@ -237,7 +237,7 @@ def cmd_list(args, ctx) -> int:
     return 0
 
 
-def cmd_show(args, ctx) -> int:
+def cmd_show(args: argparse.Namespace, ctx: Context) -> int:
     from tuneloop.dataset_store import load_splits
     from tuneloop.registry import get_dataset
 
@@ -257,7 +257,7 @@ def cmd_show(args, ctx) -> int:
     return 0
 
 
-def cmd_corpus(args, ctx) -> int:
+def cmd_corpus(args: argparse.Namespace, ctx: Context) -> int:
     from tuneloop.trainer.corpora import corpus_rows, write_jsonl
 
     rows = corpus_rows(args.corpus)

@@ -8,13 +8,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from tuneloop.errors import UserError
+from tuneloop.trainer.config import TrainConfig
+
+if TYPE_CHECKING:
+    from tuneloop.cli import Context
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     from tuneloop.config import field_help
-    from tuneloop.trainer.config import TrainConfig
 
     keys = "\n".join(f"  {k}\n      {h}" for k, h in field_help(TrainConfig).items())
     p = sub.add_parser(
@@ -42,6 +46,13 @@ def register(sub) -> None:
     )
     p.add_argument("--resume", action="store_true", help="require a checkpoint to resume from (error if none)")
     p.add_argument("--nproc", type=int, default=1, help="processes for distributed data-parallel training (CPU: gloo)")
+    p.add_argument(
+        "--write-config",
+        metavar="FILE",
+        help="write the resolved config (training keys with the version name pinned + effective settings) to FILE "
+        "and exit without training; start it with `torchrun ... -m tuneloop.trainer.distributed --config FILE` "
+        "(multi-node)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar or loss table")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=cmd_train)
@@ -80,9 +91,8 @@ def register(sub) -> None:
     p.set_defaults(handler=cmd_merge)
 
 
-def build_config(args):
+def build_config(args: argparse.Namespace) -> TrainConfig:
     from tuneloop.config import build, load_yaml
-    from tuneloop.trainer.config import TrainConfig
 
     overrides = list(args.train_overrides)
     bad = [o for o in overrides if "=" not in o]
@@ -94,21 +104,28 @@ def build_config(args):
     return cfg
 
 
-def cmd_train(args, ctx) -> int:
+def cmd_train(args: argparse.Namespace, ctx: Context) -> int:
     cfg = build_config(args)
-    if args.nproc > 1:
-        try:
-            from tuneloop.trainer.distributed import launch
-        except ModuleNotFoundError as e:
-            if e.name != "tuneloop.trainer.distributed":
-                raise
-            raise UserError("--nproc > 1 needs trainer/distributed.py, which this installation lacks") from None
-        argv = list(sys.argv[1:])
-        i = argv.index("--nproc") if "--nproc" in argv else -1
-        if i >= 0:
-            del argv[i : i + 2]
-        argv = [a for a in argv if not a.startswith("--nproc=")]
-        return launch(args.nproc, argv)
+    if args.nproc > 1 or args.write_config:
+        from tuneloop.trainer.distributed import LaunchConfig, launch, resolve_train_config, write_config
+
+        if args.resume:
+            raise UserError(
+                "--resume is not supported with --nproc > 1 or --write-config (a distributed run starts fresh)"
+            )
+        lc = LaunchConfig(ctx.settings, cfg, progress=not args.quiet, json=args.json)
+        if not args.write_config:
+            return launch(args.nproc, lc, ctx.db)
+        resolve_train_config(cfg, ctx.db)
+        path = write_config(args.write_config, lc)
+        print(path)
+        print(
+            f"resolved config for version {cfg.name!r} written; start it on each node with\n"
+            f"  torchrun --nnodes N --node_rank I --nproc_per_node {args.nproc} --rdzv_backend c10d --rdzv_endpoint HOST:29500 "
+            f"-m tuneloop.trainer.distributed --config {path}",
+            file=sys.stderr,
+        )
+        return 0
     if args.resume:
         from pathlib import Path
 
@@ -119,35 +136,14 @@ def cmd_train(args, ctx) -> int:
             raise UserError(
                 f"--resume: no checkpoint in {out} (give the same name= or output_dir= as the interrupted run)"
             )
-    from tuneloop.trainer.train import train
+    from tuneloop.trainer.train import result_text, train
 
     res = train(cfg, ctx.db, ctx.settings, progress=not args.quiet)
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "run_id": res.run_id,
-                    "version": res.version.name,
-                    "kind": res.version.kind,
-                    "path": res.output_path,
-                    "metrics": res.metrics,
-                },
-                indent=2,
-                default=str,
-            )
-        )
-    else:
-        m = res.metrics
-        tps = f", {m['tokens_per_s']:.1f} tokens/s" if m.get("tokens_per_s") else ""
-        fl = f"{m['final_loss']:.4f}" if m.get("final_loss") is not None else "n/a"
-        print(
-            f"registered {res.version.name} ({res.version.kind}) from run {res.run_id}: {m.get('steps')} steps, "
-            f"final loss {fl}{tps}\n  {res.output_path}"
-        )
+    print(result_text(res, args.json))
     return 0
 
 
-def cmd_eval(args, ctx) -> int:
+def cmd_eval(args: argparse.Namespace, ctx: Context) -> int:
     from tuneloop.trainer.evaluate import evaluate, format_report
 
     report = evaluate(
@@ -164,7 +160,7 @@ def cmd_eval(args, ctx) -> int:
     return 0
 
 
-def cmd_merge(args, ctx) -> int:
+def cmd_merge(args: argparse.Namespace, ctx: Context) -> int:
     from tuneloop.trainer.merge import merge
 
     v, diff = merge(args.version, ctx.db, ctx.settings, name=args.name, tolerance=args.tolerance)

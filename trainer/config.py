@@ -3,13 +3,13 @@
 Contract
 --------
 * :class:`TrainConfig` is a dataclass whose fields carry their help text in
-  ``metadata["help"]`` (the TRL ``SFTConfig`` habit); :func:`load_train_config`
-  builds it from an optional YAML file plus ``key=value`` overrides through
+  ``metadata["help"]`` (the TRL ``SFTConfig`` habit); ``tuneloop train`` builds
+  it from an optional YAML file plus ``key=value`` overrides through
   :func:`tuneloop.config.build`, so an unknown key is a ``ConfigError`` that
   lists the valid keys, and a wrongly typed value names the key.
 * :meth:`TrainConfig.validate` rejects combinations that cannot work (no
-  dataset, a replay fraction without a replay dataset, packing together with
-  padding-free ...) with a :class:`~tuneloop.errors.UserError`, before any model
+  dataset, nothing to train, a replay fraction without a replay dataset, a
+  non-positive batch size or learning rate ...) with a :class:`~tuneloop.errors.UserError`, before any model
   is loaded.
 * Defaults are the fast path measured on CPU (docs/bench-train.md):
   ``padding_free=True`` without packing, float32 on CPU / bfloat16 on GPU,
@@ -22,10 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from tuneloop.config import build, load_yaml
 from tuneloop.errors import UserError
 
-METHODS = ("lora", "qlora", "full", "prompt_tuning", "dpo")
 ADAPTER_METHODS = ("lora", "qlora", "prompt_tuning", "dpo")
 
 
@@ -180,11 +178,3 @@ class TrainConfig:
         if self.replay_fraction > 0 and not self.replay_dataset:
             raise UserError("replay_fraction > 0 needs replay_dataset=<id|name|folder>")
         return self
-
-
-TOP_KEYS = tuple(f for f in TrainConfig.__dataclass_fields__)
-
-
-def load_train_config(path: str | None, overrides: list[str] | None) -> TrainConfig:
-    """``TrainConfig`` from an optional YAML file and ``key=value`` overrides (validated)."""
-    return build(TrainConfig, load_yaml(path) if path else {}, overrides).validate()

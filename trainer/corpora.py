@@ -11,7 +11,7 @@ Contract
   the first user message of each conversation (a different distribution, used
   as drifting "production traffic").
 * :func:`write_jsonl` writes rows as JSONL; :func:`prepare_corpus` turns a named
-  corpus into a registered dataset through :func:`trainer.data.prepare`
+  corpus into a registered dataset through :func:`tuneloop.trainer.prepare.prepare`
   (stratified by topic) and returns its ``DatasetRecord``.
 """
 
@@ -22,9 +22,14 @@ import itertools
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneloop.errors import UserError
+
+if TYPE_CHECKING:
+    from tuneloop.db import Database
+    from tuneloop.registry import DatasetRecord
+    from tuneloop.settings import Settings
 
 CORPORA = {
     "chatterbot": "chatterbot-corpus==1.3.3",
@@ -113,19 +118,20 @@ def write_jsonl(rows: Iterable[dict[str, Any]], path: str | Path) -> int:
 
 
 def prepare_corpus(
-    db,
-    settings,
+    db: Database,
+    settings: Settings,
     corpus: str,
     name: str | None = None,
     base: str | Path | None = None,
     progress: bool = True,
     **options: Any,
-):
+) -> DatasetRecord:
     """Prepare a named corpus (only ``chatterbot`` has answers) into a registered SFT dataset; returns the DatasetRecord.
 
-    ``options`` are :class:`trainer.data.PrepareConfig` fields (seed, max_tokens ...); the split is stratified by topic.
+    ``options`` are :class:`tuneloop.trainer.prepare.PrepareConfig` fields (seed, max_tokens ...); the split is stratified by topic.
     """
-    from tuneloop.trainer.data import PrepareConfig, Record, prepare
+    from tuneloop.trainer.data_io import Record
+    from tuneloop.trainer.prepare import PrepareConfig, prepare
 
     n = corpus_name(corpus)
     if n != "chatterbot":

@@ -1,80 +1,137 @@
-"""Data-parallel training: ``tuneloop train --nproc N`` runs N processes of the same training entry point.
+"""Data-parallel training: N processes train one model from one resolved config file.
 
 Contract
 --------
-* :func:`launch` ``(nproc, argv) -> exit code`` takes the ``tuneloop`` arguments
-  of a ``tuneloop train`` command (global options included, ``--nproc``
-  removed) and runs ``tuneloop train`` in ``nproc`` processes through
-  ``python -m torch.distributed.run --standalone --nproc_per_node N -m
-  trainer.distributed ...`` (torchrun), or through ``accelerate launch
-  --config_file F`` when ``$TUNELOOP_ACCELERATE_CONFIG`` names an accelerate
-  config (FSDP / DeepSpeed, see deploy/accelerate/). Each process runs
-  :func:`trainer.train.train` unchanged: HF ``Trainer`` does distributed data
+* The **resolved config file** (YAML) is the whole input of a distributed run:
+  ``settings`` (the effective platform settings, paths made absolute: home,
+  database, model cache), ``train`` (the :class:`TrainConfig` with the
+  version name pinned and ``resume: false``) and ``output`` (``progress``,
+  ``json``: what rank 0 prints). :func:`resolve_train_config` checks the
+  configuration and pins what all ranks must share (the version name, which
+  must be free, with a UTC-time default); bad input is a
+  :class:`~tuneloop.errors.UserError` before any file is written or process
+  started. :func:`write_config` writes the file, :func:`read_config` reads it.
+* ``python -m tuneloop.trainer.distributed --config FILE`` is the per-process
+  entry point (:func:`main`) under torchrun or ``accelerate launch``: it
+  builds settings and the database from the file and runs
+  :func:`tuneloop.trainer.train.train`. HF ``Trainer`` does distributed data
   parallel (gloo on CPU, NCCL on GPUs), each process taking ``batch_size``
   examples per step, so the effective batch is ``batch_size x
-  gradient_accumulation_steps x nproc``.
-* **Only rank 0 writes to the database and the registry.** Before starting
-  the workers the launcher checks the configuration and resolves everything
-  that must agree across ranks (the version name, which must be free, with a
-  UTC-time default); bad input is a :class:`~tuneloop.errors.UserError` before
-  any process starts. Ranks > 0 read a snapshot of the database taken under
-  the database lock (their run record and version registration land in that
-  snapshot and are discarded), write into a scratch run folder, print
-  nothing on stdout, and the launcher deletes both afterwards. Rank 0 records
-  one run and registers one version, exactly like a single-process run.
+  gradient_accumulation_steps x processes``. It reads nothing from the
+  command line besides ``--config`` and writes no environment variables.
+* :func:`launch` (``tuneloop train --nproc N``) writes the file into a
+  scratch folder under ``<home>/tmp`` and starts N local processes through
+  ``python -m torch.distributed.run --standalone --nproc_per_node N``, or
+  through ``accelerate launch --config_file F`` when
+  ``$TUNELOOP_ACCELERATE_CONFIG`` names an accelerate config (FSDP /
+  DeepSpeed, see deploy/accelerate/). On several nodes, write the file once
+  with ``tuneloop train --write-config FILE`` and start torchrun with
+  ``-m tuneloop.trainer.distributed --config FILE`` on each node.
+* **Only rank 0 writes to the database and the registry.** Ranks > 0 train
+  on a snapshot of the database copied under the database lock (their run
+  record and version registration land in that snapshot and are discarded),
+  write into a scratch run folder and print nothing on stdout. Under
+  :func:`launch` the snapshot and scratch folder are shared by the local
+  ranks and removed afterwards; a rank started without them (multi-node)
+  takes its own under ``<home>/tmp`` and removes it when it ends. Rank 0
+  records one run and registers one version, exactly like a single-process run.
 * A distributed run starts fresh (``resume=false``): resuming needs every
   rank to load the same checkpoint, which the scratch folders of ranks > 0
   do not hold. Checkpoints are still written by rank 0.
 * If any process fails, torchrun stops the others and :func:`launch` returns
   its non-zero exit code; nothing is registered.
-* ``python -m trainer.distributed ARGS`` is the per-process entry point (it
-  needs ``RANK`` from the launcher).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from tuneloop.errors import UserError
+from tuneloop.trainer.config import TrainConfig
+
+if TYPE_CHECKING:
+    from tuneloop.db import Database
+    from tuneloop.settings import Settings
 
 ENV_SNAPSHOT = "TUNELOOP_DIST_DB_SNAPSHOT"
 ENV_SCRATCH = "TUNELOOP_DIST_SCRATCH"
 ENV_ACCELERATE_CONFIG = "TUNELOOP_ACCELERATE_CONFIG"
+CONFIG_NAME = "train_config.yaml"
 
 
-def prepare(argv: list[str]) -> tuple[list[str], object, object]:
-    """Validate a ``tuneloop ... train ...`` command line and pin what all ranks must share.
+@dataclass
+class LaunchConfig:
+    """The content of a resolved config file."""
 
-    Returns (argv with ``name=`` and ``resume=false`` appended, settings, TrainConfig).
-    """
-    from tuneloop.cli import Context, build_parser
-    from tuneloop.trainer.cli_train import build_config
+    settings: Settings
+    train: TrainConfig
+    progress: bool = True
+    json: bool = False
+
+
+def resolve_train_config(cfg: TrainConfig, db: Database) -> TrainConfig:
+    """Validate ``cfg`` and pin what all ranks must share: a free version name and ``resume=false``."""
+    from tuneloop.registry import RegistryError, get_version
     from tuneloop.trainer.train import _default_name
 
-    args = build_parser().parse_args(argv)
-    if getattr(args, "command", None) != "train":
-        raise UserError(f"distributed launch runs `tuneloop train`, got: {' '.join(argv)}")
-    if args.home:
-        os.environ["TUNELOOP_HOME"] = args.home
-    if getattr(args, "resume", False):
-        raise UserError("--resume is not supported with --nproc > 1 (a distributed run starts fresh)")
-    ctx = Context(args.config, args.overrides)
-    cfg = build_config(args)
     cfg.validate()
-    from tuneloop.registry import RegistryError, get_version
-
     name = cfg.name or _default_name(cfg)
     try:
-        get_version(ctx.db, name)
+        get_version(db, name)
         raise UserError(f"model version {name!r} already exists; pick another name=")
     except RegistryError:
         pass
-    return [*argv, f"name={name}", "resume=false"], ctx.settings, cfg
+    cfg.name, cfg.resume = name, False
+    return cfg
+
+
+def write_config(path: str | os.PathLike[str], lc: LaunchConfig) -> Path:
+    """Write ``lc`` as a resolved config file (settings paths made absolute); returns the path."""
+    import yaml
+
+    from tuneloop.config import to_dict
+
+    settings = to_dict(lc.settings)
+    paths = lc.settings.paths
+    settings["paths"].update(home=str(paths.home_path), db=str(paths.db_path), models=str(paths.models_path))
+    doc = {
+        "settings": settings,
+        "train": to_dict(lc.train),
+        "output": {"progress": lc.progress, "json": lc.json},
+    }
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(
+        "# resolved by `tuneloop train`; run with: python -m tuneloop.trainer.distributed --config "
+        f"{p.name} (under torchrun or accelerate launch)\n" + yaml.safe_dump(doc, sort_keys=False)
+    )
+    return p
+
+
+def read_config(path: str | os.PathLike[str]) -> LaunchConfig:
+    """A resolved config file back as settings, TrainConfig and output options."""
+    from tuneloop.config import ConfigError, from_dict, load_yaml
+    from tuneloop.settings import Settings
+
+    doc = load_yaml(path)
+    unknown = sorted(set(doc) - {"settings", "train", "output"})
+    if unknown or "train" not in doc:
+        raise ConfigError(f"{path}: not a resolved train config (write one with `tuneloop train --write-config FILE`)")
+    out: dict[str, Any] = doc.get("output") or {}
+    return LaunchConfig(
+        settings=from_dict(Settings, doc.get("settings") or {}, "settings"),
+        train=from_dict(TrainConfig, doc["train"], "train"),
+        progress=bool(out.get("progress", True)),
+        json=bool(out.get("json", False)),
+    )
 
 
 def snapshot_db(db_path: Path, dest: Path) -> Path:
@@ -88,8 +145,9 @@ def snapshot_db(db_path: Path, dest: Path) -> Path:
     return dest
 
 
-def launcher_command(nproc: int, argv: list[str]) -> list[str]:
-    """The torchrun (or accelerate launch) command that runs ``python -m trainer.distributed argv`` N times."""
+def launcher_command(nproc: int, config_file: Path) -> list[str]:
+    """The torchrun (or accelerate launch) command that runs the worker on ``config_file`` N times."""
+    worker = ["-m", "tuneloop.trainer.distributed", "--config", str(config_file)]
     acc = os.environ.get(ENV_ACCELERATE_CONFIG)
     if acc:
         if not Path(acc).is_file():
@@ -102,62 +160,72 @@ def launcher_command(nproc: int, argv: list[str]) -> list[str]:
             acc,
             "--num_processes",
             str(nproc),
-            "-m",
-            "tuneloop.trainer.distributed",
-            *argv,
+            *worker,
         ]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "tuneloop.trainer.distributed",
-        *argv,
-    ]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *worker]
 
 
-def launch(nproc: int, argv: list[str]) -> int:
-    """Run ``tuneloop train`` (``argv`` = its tuneloop arguments without ``--nproc``) in ``nproc`` processes."""
+def launch(nproc: int, lc: LaunchConfig, db: Database) -> int:
+    """Train ``lc.train`` in ``nproc`` local processes; returns the launcher's exit code."""
     if nproc < 1:
         raise UserError(f"--nproc must be >= 1, got {nproc}")
-    argv, settings, _cfg = prepare(list(argv))
-    work = Path(tempfile.mkdtemp(prefix="tuneloop-dist-", dir=settings.paths.sub("tmp")))
+    resolve_train_config(lc.train, db)
+    paths = lc.settings.paths
+    work = Path(tempfile.mkdtemp(prefix="tuneloop-dist-", dir=paths.sub("tmp")))
     try:
-        snapshot_db(settings.paths.db_path, work / "snapshot.duckdb")
+        config_file = write_config(work / CONFIG_NAME, lc)
+        snapshot_db(paths.db_path, work / "snapshot.duckdb")
         env = dict(os.environ, **{ENV_SNAPSHOT: str(work / "snapshot.duckdb"), ENV_SCRATCH: str(work)})
         # one OpenMP thread pool per process, sharing the cores (torchrun's default is 1 thread)
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-        if "TUNELOOP_HOME" in os.environ:
-            env["TUNELOOP_HOME"] = os.environ["TUNELOOP_HOME"]
         print(f"launching {nproc} training processes (data parallel)", file=sys.stderr, flush=True)
-        return subprocess.run(launcher_command(nproc, argv), env=env).returncode
+        return subprocess.run(launcher_command(nproc, config_file), env=env).returncode
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def worker_argv(argv: list[str], rank: int) -> list[str]:
-    """Rank 0 runs ``argv`` as given; other ranks use the DB snapshot and a scratch run folder, quietly."""
-    if rank == 0:
-        return argv
-    snap, scratch = os.environ.get(ENV_SNAPSHOT), os.environ.get(ENV_SCRATCH)
-    if not snap or not scratch:
-        raise UserError("trainer.distributed is started by `tuneloop train --nproc N`, not directly")
-    i = argv.index("train")
-    return [*argv[:i], "--set", f"paths.db={snap}", *argv[i:], f"output_dir={Path(scratch) / f'rank{rank}'}", "--quiet"]
+def run_worker(lc: LaunchConfig, rank: int) -> int:
+    """Train as process ``rank``: rank 0 for real, others on a DB snapshot in a scratch folder, quietly."""
+    from tuneloop.db import Database
+    from tuneloop.trainer.train import result_text, train
+
+    settings, cfg = lc.settings, lc.train
+    own: Path | None = None
+    if rank != 0:
+        snap, scratch = os.environ.get(ENV_SNAPSHOT), os.environ.get(ENV_SCRATCH)
+        if not snap or not scratch:  # not started by `tuneloop train --nproc` (e.g. torchrun on several nodes)
+            own = Path(tempfile.mkdtemp(prefix=f"tuneloop-dist-rank{rank}-", dir=settings.paths.sub("tmp")))
+            snap, scratch = str(snapshot_db(settings.paths.db_path, own / "snapshot.duckdb")), str(own)
+        settings.paths.db = snap
+        cfg.output_dir = str(Path(scratch) / f"rank{rank}")
+        sys.stdout = open(os.devnull, "w")  # one process reports; errors still reach stderr  # noqa: SIM115
+    try:
+        res = train(cfg, Database(settings.paths.db_path), settings, progress=lc.progress and rank == 0)
+        print(result_text(res, lc.json), flush=True)
+        return 0
+    finally:
+        if own is not None:
+            shutil.rmtree(own, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Per-process entry point under torchrun / accelerate launch."""
-    from tuneloop.cli import main as tuneloop_main
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    rank = int(os.environ.get("RANK", "0"))
-    argv = worker_argv(argv, rank)
-    if rank != 0:
-        sys.stdout = open(os.devnull, "w")  # one process reports; errors still reach stderr  # noqa: SIM115
-    return tuneloop_main(argv)
+    """Per-process entry point under torchrun / accelerate launch (needs ``RANK`` from the launcher)."""
+    p = argparse.ArgumentParser(
+        prog="python -m tuneloop.trainer.distributed",
+        description="One training process of a distributed run (started by torchrun or accelerate launch).",
+    )
+    p.add_argument(
+        "--config", required=True, metavar="FILE", help="resolved config file (`tuneloop train --write-config FILE`)"
+    )
+    args = p.parse_args(argv)
+    try:
+        return run_worker(read_config(args.config), int(os.environ.get("RANK", "0")))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -40,12 +40,20 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from tuneloop.chat import Tokenizer
 from tuneloop.errors import UserError
 from tuneloop.textmetrics import exact_match, rouge_l, token_f1
 
+if TYPE_CHECKING:
+    from tuneloop.db import Database
+    from tuneloop.settings import Settings
+
 METRICS = ("loss", "perplexity", "exact_match", "token_f1", "rouge_l")
+
+# a causal LM ready for inference: a transformers model, or a PeftModel wrapping one
+CausalLM = Any
 
 
 # ---- inputs --------------------------------------------------------------------------------------
@@ -59,7 +67,7 @@ class ModelRef:
     version: str | None = None
 
 
-def resolve_models(refs: list[str], db, settings) -> list[ModelRef]:
+def resolve_models(refs: list[str], db: Database, settings: Settings) -> list[ModelRef]:
     from tuneloop.registry import RegistryError, get_version
     from tuneloop.trainer.bootstrap import is_hf_folder, resolve_base
 
@@ -98,7 +106,7 @@ def resolve_models(refs: list[str], db, settings) -> list[ModelRef]:
     return out
 
 
-def load_eval_rows(db, dataset_ref: str, limit: int | None) -> tuple[list[dict[str, Any]], str | None, str]:
+def load_eval_rows(db: Database, dataset_ref: str, limit: int | None) -> tuple[list[dict[str, Any]], str | None, str]:
     """(rows with id + messages, dataset id, split) of the held-out split."""
     from tuneloop.dataset_store import load_card, load_splits
     from tuneloop.registry import RegistryError
@@ -164,7 +172,7 @@ def load_golden(path: str | None) -> list[dict[str, Any]]:
     return out
 
 
-def load_general(db, ref: str | None) -> list[dict[str, Any]] | None:
+def load_general(db: Database, ref: str | None) -> list[dict[str, Any]] | None:
     """General held-out items: ``{"text": ...}`` or ``{"messages": ...}`` (``None`` without a ref)."""
     if not ref:
         return None
@@ -190,7 +198,7 @@ def load_general(db, ref: str | None) -> list[dict[str, Any]] | None:
 # ---- model work ------------------------------------------------------------------------------------
 
 
-def _load(m: ModelRef):
+def _load(m: ModelRef) -> tuple[CausalLM, Tokenizer]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -199,7 +207,7 @@ def _load(m: ModelRef):
     dtype = torch.bfloat16 if has_cuda() else torch.float32
     tok_dir = m.adapter if m.adapter and (m.adapter / "tokenizer_config.json").is_file() else m.base
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(m.base), dtype=dtype)
+    model: CausalLM = AutoModelForCausalLM.from_pretrained(str(m.base), dtype=dtype)
     if m.adapter is not None:
         from peft import PeftModel
 
@@ -210,7 +218,7 @@ def _load(m: ModelRef):
     return model, tok
 
 
-def _nll(model, ids: list[int], mask: list[int]) -> tuple[float, int]:
+def _nll(model: CausalLM, ids: list[int], mask: list[int]) -> tuple[float, int]:
     """(sum of NLL over masked target tokens, their count) for one sequence."""
     import torch
 
@@ -225,7 +233,9 @@ def _nll(model, ids: list[int], mask: list[int]) -> tuple[float, int]:
     return float(-lp[m].sum()), int(m.sum())
 
 
-def _generate(model, tok, prompts: list[list[int]], max_new_tokens: int, batch: int = 8) -> list[str]:
+def _generate(
+    model: CausalLM, tok: Tokenizer, prompts: list[list[int]], max_new_tokens: int, batch: int = 8
+) -> list[str]:
     import torch
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -251,14 +261,21 @@ def _generate(model, tok, prompts: list[list[int]], max_new_tokens: int, batch: 
     return outs
 
 
-def _evaluate_one(m: ModelRef, rows, golden, general, max_new_tokens: int, progress: bool) -> dict[str, Any]:
+def _evaluate_one(
+    m: ModelRef,
+    rows: list[dict[str, Any]],
+    golden: list[dict[str, Any]],
+    general: list[dict[str, Any]] | None,
+    max_new_tokens: int,
+    progress: bool,
+) -> dict[str, Any]:
     from tqdm import tqdm
 
     from tuneloop.chat import render_prompt, split_answer, training_example
 
     model, tok = _load(m)
     try:
-        per = {k: [] for k in METRICS}
+        per: dict[str, list[float]] = {k: [] for k in METRICS}
         tot_nll, tot_n = 0.0, 0
         for r in tqdm(rows, desc=f"{m.name}: loss", disable=not progress, leave=False):
             ex = training_example(tok, r["messages"])
@@ -275,7 +292,7 @@ def _evaluate_one(m: ModelRef, rows, golden, general, max_new_tokens: int, progr
             per["token_f1"].append(token_f1(pred, ref))
             per["rouge_l"].append(rouge_l(pred, ref))
         mean_loss = tot_nll / tot_n if tot_n else 0.0
-        summary = {"loss": mean_loss, "perplexity": math.exp(min(mean_loss, 50.0))}
+        summary: dict[str, float | None] = {"loss": mean_loss, "perplexity": math.exp(min(mean_loss, 50.0))}
         for k in ("exact_match", "token_f1", "rouge_l"):
             summary[k] = sum(per[k]) / len(per[k]) if per[k] else 0.0
         gold = None
@@ -320,8 +337,8 @@ def _evaluate_one(m: ModelRef, rows, golden, general, max_new_tokens: int, progr
 def evaluate(
     models: list[str],
     dataset_ref: str | None,
-    db,
-    settings,
+    db: Database,
+    settings: Settings,
     golden: str | None = None,
     general: str | None = None,
     limit: int | None = None,
@@ -329,8 +346,9 @@ def evaluate(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate ``models`` on the same held-out examples and store the report (see module doc)."""
-    from tuneloop.db import dumps, utcnow
+    from tuneloop.db import dumps
     from tuneloop.ids import new_id
+    from tuneloop.timeparse import utcnow
 
     if not models:
         raise UserError("name at least one model to evaluate")

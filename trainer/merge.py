@@ -10,7 +10,7 @@ Contract
   full-precision weights, not into the 4-bit ones) and the adapter applied with
   PEFT; ``merge_and_unload`` gives plain weights saved with the tokenizer and
   chat template as an HF folder under ``<home>/models/<name>`` that vLLM serves.
-* Parity (DESIGN decision 8): the saved folder is reloaded and its logits on
+* Parity: the saved folder is reloaded and its logits on
   sample prompts (the version's test rows rendered by the server's chat code,
   else fixed prompts) are compared with base+adapter. If the largest absolute
   difference exceeds ``tolerance`` the folder is deleted, nothing is registered
@@ -27,8 +27,16 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from tuneloop.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+    from tuneloop.db import Database
+    from tuneloop.registry import ModelVersion
+    from tuneloop.settings import Settings
 
 DEFAULT_PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -41,8 +49,8 @@ class MergeParityError(UserError):
     """The merged weights do not reproduce base+adapter within the tolerance."""
 
 
-def _sample_prompts(db, version, n: int = 4) -> list[list[dict[str, str]]]:
-    prompts = []
+def _sample_prompts(db: Database, version: ModelVersion, n: int = 4) -> list[list[dict[str, str]]]:
+    prompts: list[list[dict[str, str]]] = []
     if version.dataset_id:
         try:
             from tuneloop.trainer.evaluate import load_eval_rows
@@ -54,7 +62,7 @@ def _sample_prompts(db, version, n: int = 4) -> list[list[dict[str, str]]]:
     return prompts + DEFAULT_PROMPTS
 
 
-def _logits(model, batches: list[list[int]]):
+def _logits(model: Any, batches: list[list[int]]) -> list[torch.Tensor]:
     import torch
 
     out = []
@@ -64,7 +72,14 @@ def _logits(model, batches: list[list[int]]):
     return out
 
 
-def merge(version: str, db, settings, name: str | None = None, tolerance: float = 1e-3, prompts=None):
+def merge(
+    version: str,
+    db: Database,
+    settings: Settings,
+    name: str | None = None,
+    tolerance: float = 1e-3,
+    prompts: list[list[dict[str, str]]] | None = None,
+) -> tuple[ModelVersion, float]:
     """Merge, check parity, register (see module doc). Returns ``(ModelVersion, max_abs_diff)``."""
     import torch
     from peft import PeftModel

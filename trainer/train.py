@@ -30,30 +30,66 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
+from tuneloop.chat import Tokenizer
 from tuneloop.config import to_dict
 from tuneloop.errors import UserError
-from tuneloop.trainer.config import TrainConfig
+from tuneloop.trainer.config import ADAPTER_METHODS, TrainConfig
 
-ADAPTER_METHODS = ("lora", "qlora", "prompt_tuning", "dpo")
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+    from types import FrameType
+
+    from datasets import Dataset, DatasetDict
+    from peft import PeftConfig
+    from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+    from transformers.trainer_utils import TrainOutput
+
+    from tuneloop.db import Database
+    from tuneloop.registry import ModelVersion
+    from tuneloop.settings import Settings
 
 
 @dataclass
 class TrainResult:
     run_id: str
-    version: Any  # tuneloop.registry.ModelVersion
+    version: ModelVersion
     output_path: str
     metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def result_text(res: TrainResult, as_json: bool = False) -> str:
+    """What ``tuneloop train`` prints for a finished run: a summary line and the model folder, or JSON."""
+    if as_json:
+        return json.dumps(
+            {
+                "run_id": res.run_id,
+                "version": res.version.name,
+                "kind": res.version.kind,
+                "path": res.output_path,
+                "metrics": res.metrics,
+            },
+            indent=2,
+            default=str,
+        )
+    m = res.metrics
+    tps = f", {m['tokens_per_s']:.1f} tokens/s" if m.get("tokens_per_s") else ""
+    fl = f"{m['final_loss']:.4f}" if m.get("final_loss") is not None else "n/a"
+    return (
+        f"registered {res.version.name} ({res.version.kind}) from run {res.run_id}: {m.get('steps')} steps, "
+        f"final loss {fl}{tps}\n  {res.output_path}"
+    )
 
 
 # ---- inputs -----------------------------------------------------------------------------------
 
 
-def resolve_base_model(db, settings, ref: str) -> Path:
+def resolve_base_model(db: Database, settings: Settings, ref: str) -> Path:
     """Folder of the base weights: a HF folder, a pulled name, or the base of a registered version."""
     from tuneloop.trainer.bootstrap import KNOWN, is_hf_folder, resolve_base
 
@@ -70,7 +106,7 @@ def resolve_base_model(db, settings, ref: str) -> Path:
     return Path(v.path if v.kind in ("merged", "base") else v.base_model)
 
 
-def load_dataset_ref(db, ref: str):
+def load_dataset_ref(db: Database, ref: str) -> tuple[DatasetDict, str | None, str]:
     """(DatasetDict, dataset id or None, kind) of a registered dataset or a dataset folder."""
     from tuneloop.dataset_store import load_splits
     from tuneloop.registry import RegistryError, get_dataset
@@ -99,7 +135,7 @@ def load_dataset_ref(db, ref: str):
     return dd, ds_id, kind
 
 
-def mix_replay(train_ds, replay_ds, fraction: float, seed: int):
+def mix_replay(train_ds: Dataset, replay_ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, int]:
     """``train_ds`` plus rows of ``replay_ds`` so that they make up ``fraction`` of the result."""
     from datasets import concatenate_datasets
 
@@ -114,7 +150,7 @@ def mix_replay(train_ds, replay_ds, fraction: float, seed: int):
     return mixed.shuffle(seed=seed), n
 
 
-def tokenize_sft(ds, tokenizer, max_length: int):
+def tokenize_sft(ds: Dataset, tokenizer: Tokenizer, max_length: int) -> Dataset:
     """SFT rows -> ``input_ids`` + ``completion_mask`` via :func:`tuneloop.chat.training_example`."""
     from tuneloop.chat import training_example
 
@@ -132,22 +168,26 @@ class GracefulStop:
     a second signal interrupts immediately.
     """
 
-    def __new__(cls):
+    requested: bool = False
+
+    def __new__(cls) -> GracefulStop:
         from transformers import TrainerCallback
 
         # subclass TrainerCallback lazily (transformers is heavy to import for the CLI's --help)
         sub = type("GracefulStopCallback", (cls, TrainerCallback), {"__new__": object.__new__})
-        obj = object.__new__(sub)
+        obj: GracefulStop = object.__new__(sub)
         obj.requested = False
         return obj
 
-    def on_step_end(self, args, state, control, **kw):
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> TrainerControl:
         if self.requested:
             control.should_save = True
             control.should_training_stop = True
         return control
 
-    def _handle(self, signum, frame):
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
@@ -157,13 +197,13 @@ class GracefulStop:
             "\nstopping after this step (saving a checkpoint); signal again to abort now", file=sys.stderr, flush=True
         )
 
-    def signals(self):
+    def signals(self) -> AbstractContextManager[None]:
         import contextlib
         import signal
         import threading
 
         @contextlib.contextmanager
-        def cm():
+        def cm() -> Iterator[None]:
             if threading.current_thread() is not threading.main_thread():
                 yield
                 return
@@ -201,7 +241,7 @@ def _last_checkpoint(out: Path) -> str | None:
     return get_last_checkpoint(str(out))
 
 
-def train(cfg: TrainConfig, db, settings, progress: bool = True) -> TrainResult:
+def train(cfg: TrainConfig, db: Database, settings: Settings, progress: bool = True) -> TrainResult:
     """Train, save, record the run and register the version (see module doc)."""
     from tuneloop.registry import RegistryError, finish_run, get_version, start_run
 
@@ -255,7 +295,7 @@ def train(cfg: TrainConfig, db, settings, progress: bool = True) -> TrainResult:
     t0 = time.monotonic()
     stop = GracefulStop()
     try:
-        trainer.add_callback(stop)
+        trainer.add_callback(cast("TrainerCallback", stop))  # a TrainerCallback subclass at run time (see __new__)
         with stop.signals():
             res = trainer.train(resume_from_checkpoint=resume_from)
         if stop.requested:
@@ -305,7 +345,7 @@ def train(cfg: TrainConfig, db, settings, progress: bool = True) -> TrainResult:
     return TrainResult(run.id, v, str(model_dir), metrics)
 
 
-def _metrics(trainer, res, wall_s: float, replayed: int, rows: int) -> dict[str, Any]:
+def _metrics(trainer: Trainer, res: TrainOutput, wall_s: float, replayed: int, rows: int) -> dict[str, Any]:
     logs = trainer.state.log_history
     losses = [e["loss"] for e in logs if "loss" in e]
     toks = [e["num_tokens"] for e in logs if "num_tokens" in e]
@@ -327,7 +367,9 @@ def _metrics(trainer, res, wall_s: float, replayed: int, rows: int) -> dict[str,
     return m
 
 
-def _build_trainer(cfg: TrainConfig, base: Path, train_ds, val_ds, kind: str, out: Path, progress: bool):
+def _build_trainer(
+    cfg: TrainConfig, base: Path, train_ds: Dataset, val_ds: Dataset | None, kind: str, out: Path, progress: bool
+) -> tuple[Trainer, Tokenizer]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -356,7 +398,7 @@ def _build_trainer(cfg: TrainConfig, base: Path, train_ds, val_ds, kind: str, ou
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     peft_config = _peft_config(cfg)
     has_val = val_ds is not None and len(val_ds) > 0
-    common = dict(
+    common: dict[str, Any] = dict(
         output_dir=str(out),
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler_type,
@@ -386,21 +428,20 @@ def _build_trainer(cfg: TrainConfig, base: Path, train_ds, val_ds, kind: str, ou
     if cfg.method == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        args = DPOConfig(**common, beta=cfg.dpo_beta, max_length=cfg.max_seq_length)
         keep = ["prompt", "chosen", "rejected"]
-        trainer = DPOTrainer(
+        dpo = DPOTrainer(
             model=model,
-            args=args,
+            args=DPOConfig(**common, beta=cfg.dpo_beta, max_length=cfg.max_seq_length),
             train_dataset=train_ds.select_columns(keep),
-            eval_dataset=val_ds.select_columns(keep) if has_val else None,
+            eval_dataset=val_ds.select_columns(keep) if val_ds is not None and has_val else None,
             processing_class=tokenizer,
             peft_config=peft_config,
         )
-        return _quiet(trainer, progress), tokenizer
+        return _quiet(dpo, progress), tokenizer
     from trl import SFTConfig, SFTTrainer
 
     padding_free = cfg.padding_free and not cfg.packing and cfg.method != "prompt_tuning"
-    args = SFTConfig(
+    sft_args = SFTConfig(
         **common,
         packing=cfg.packing,
         padding_free=padding_free,
@@ -409,18 +450,18 @@ def _build_trainer(cfg: TrainConfig, base: Path, train_ds, val_ds, kind: str, ou
         completion_only_loss=True,
         dataset_num_proc=None,
     )
-    trainer = SFTTrainer(
+    sft = SFTTrainer(
         model=model,
-        args=args,
+        args=sft_args,
         train_dataset=tokenize_sft(train_ds, tokenizer, cfg.max_seq_length),
-        eval_dataset=tokenize_sft(val_ds, tokenizer, cfg.max_seq_length) if has_val else None,
+        eval_dataset=tokenize_sft(val_ds, tokenizer, cfg.max_seq_length) if val_ds is not None and has_val else None,
         processing_class=tokenizer,
         peft_config=peft_config,
     )
-    return _quiet(trainer, progress), tokenizer
+    return _quiet(sft, progress), tokenizer
 
 
-def _quiet(trainer, progress: bool):
+def _quiet(trainer: Trainer, progress: bool) -> Trainer:
     """Without progress output, drop the callback that prints every log dict to stdout."""
     if not progress:
         from transformers.trainer_callback import PrinterCallback
@@ -429,7 +470,7 @@ def _quiet(trainer, progress: bool):
     return trainer
 
 
-def _peft_config(cfg: TrainConfig):
+def _peft_config(cfg: TrainConfig) -> PeftConfig | None:
     if cfg.method == "full":
         return None
     if cfg.method == "prompt_tuning":

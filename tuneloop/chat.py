@@ -1,4 +1,4 @@
-"""One chat rendering for training and serving (train/serve parity, DESIGN decision 8).
+"""One chat rendering for training and serving: the trainer and the server tokenize a conversation identically.
 
 Contract
 --------
@@ -24,6 +24,9 @@ from typing import Any
 
 from tuneloop.errors import UserError
 
+# a Hugging Face tokenizer with a chat template, or an engine's wrapper of one (vLLM's)
+Tokenizer = Any
+
 
 def _ids(out: Any) -> list[int]:
     if hasattr(out, "keys") and "input_ids" in out:  # BatchEncoding
@@ -31,7 +34,7 @@ def _ids(out: Any) -> list[int]:
     return [int(t) for t in out]
 
 
-def render_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+def render_prompt(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of ``messages`` rendered with the chat template plus the generation prompt."""
     if not messages:
         raise UserError("a conversation needs at least one message")
@@ -40,7 +43,7 @@ def render_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     )
 
 
-def completion_ids(tokenizer, text: str) -> list[int]:
+def completion_ids(tokenizer: Tokenizer, text: str) -> list[int]:
     """Tokens of an assistant answer followed by EOS (the end-of-turn token the server stops on)."""
     if tokenizer.eos_token_id is None:
         raise UserError("the tokenizer has no EOS token; the model could not learn to stop")
@@ -59,7 +62,9 @@ def split_answer(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], 
     return [dict(role=m["role"], content=m["content"]) for m in messages[:-1]], last["content"]
 
 
-def training_example(tokenizer, messages: list[dict[str, str]], max_length: int | None = None) -> dict[str, list[int]]:
+def training_example(
+    tokenizer: Tokenizer, messages: list[dict[str, str]], max_length: int | None = None
+) -> dict[str, list[int]]:
     """``input_ids`` + ``completion_mask`` of one conversation (see module doc)."""
     prompt, answer = split_answer(messages)
     p = render_prompt(tokenizer, prompt)

@@ -12,7 +12,9 @@ Contract
   ``--set paths.home=...`` wins). Handlers receive a :class:`Context` with the
   loaded settings and the database handle; nothing is written to ``os.environ``.
 * A :class:`~tuneloop.errors.UserError` (bad config, unknown version, bad input
-  file ...) prints ``error: <message>`` and exits 2; Ctrl-C exits 130.
+  file ...) prints ``error: <message>`` and exits 2; so does a command that needs
+  the ML stack (torch, vLLM, TRL ...) in an install without the ``cpu``/``gpu``
+  extra, naming the extra to install. Ctrl-C exits 130.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ AREAS = (
     "tuneloop.feedback.cli",
     "tuneloop.deploy.cli",
 )
+# Third-party packages that come only with the `cpu` or `gpu` extra.
+ML_STACK = frozenset({"torch", "vllm", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "gguf"})
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 
 @dataclass
@@ -106,12 +111,21 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in ML_STACK:
+            raise
+        print(
+            f"error: `tuneloop {args.command}` needs the ML stack ({e}); install one extra: "
+            f'pip install "tuneloop[cpu]" --extra-index-url {TORCH_CPU_INDEX}  or  pip install "tuneloop[gpu]"',
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
 
 
-def _register_config(sub) -> None:
+def _register_config(sub: argparse._SubParsersAction) -> None:
     g = add_group(sub, "config", "show the effective settings and every settings key with its help")
     c = g.add_parser("show", help="print the effective settings (defaults < YAML < env < --set) as YAML")
     c.set_defaults(handler=_cmd_config_show)
@@ -119,7 +133,7 @@ def _register_config(sub) -> None:
     c.set_defaults(handler=_cmd_config_keys)
 
 
-def _cmd_config_show(args, ctx) -> int:
+def _cmd_config_show(args: argparse.Namespace, ctx: Context) -> int:
     import yaml
 
     from tuneloop.config import to_dict
@@ -128,7 +142,7 @@ def _cmd_config_show(args, ctx) -> int:
     return 0
 
 
-def _cmd_config_keys(args, ctx) -> int:
+def _cmd_config_keys(args: argparse.Namespace, ctx: Context) -> int:
     from tuneloop.config import field_help
     from tuneloop.settings import Settings
 
@@ -137,7 +151,7 @@ def _cmd_config_keys(args, ctx) -> int:
     return 0
 
 
-def add_group(sub, name: str, help: str) -> argparse._SubParsersAction:
+def add_group(sub: argparse._SubParsersAction, name: str, help: str) -> argparse._SubParsersAction:
     """Add a command group (``tuneloop models ...``) and return its sub-parsers."""
     gp = sub.add_parser(name, help=help, description=help)
     gp.set_defaults(group_parser=gp)

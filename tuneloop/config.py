@@ -23,34 +23,29 @@ import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
 from tuneloop.errors import UserError
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 class ConfigError(UserError, ValueError):
     """A configuration problem a user can fix (unknown key, bad type, bad file)."""
 
 
-def help_of(cls: type, name: str) -> str:
-    """The help text of field ``name`` of dataclass ``cls`` ('' if none)."""
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            return f.metadata.get("help", "")
-    return ""
-
-
-def field_help(cls: type) -> dict[str, str]:
+def field_help(cls: type[DataclassInstance]) -> dict[str, str]:
     """Flat ``{dotted_key: help}`` for every leaf field of ``cls`` (recursing)."""
     out: dict[str, str] = {}
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             for k, v in field_help(tp).items():
                 out[f"{f.name}.{k}"] = v
         else:
@@ -60,11 +55,11 @@ def field_help(cls: type) -> dict[str, str]:
     return out
 
 
-def _default_of(f: dataclasses.Field) -> Any:
+def _default_of(f: dataclasses.Field[Any]) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return f.default_factory()  # type: ignore[misc]
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
     return None
 
 
@@ -109,7 +104,9 @@ def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
     d[parts[-1]] = value
 
 
-def env_overrides(cls: type, prefix: str, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+def env_overrides(
+    cls: type[DataclassInstance], prefix: str, environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """Values from ``{prefix}SECTION__FIELD`` env vars (``__`` separates levels)."""
     environ = os.environ if environ is None else environ
     valid = set(field_help(cls))
@@ -193,7 +190,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if value not in args:
             raise ConfigError(f"{key}: must be one of {', '.join(map(str, args))}, got {value!r}")
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if dataclasses.is_dataclass(value):
             return value
         return from_dict(tp, value or {}, key)

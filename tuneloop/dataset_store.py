@@ -23,13 +23,17 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneloop.db import Database, dumps, utcnow
 from tuneloop.errors import UserError
 from tuneloop.registry import DatasetRecord, get_dataset
+
+if TYPE_CHECKING:
+    import duckdb
+    from datasets import DatasetDict, Features
 
 SPLITS = ("train", "validation", "test")
 KINDS = ("sft", "preference")
@@ -44,7 +48,7 @@ def content_hash(splits: dict[str, list[dict]]) -> str:
     return h.hexdigest()
 
 
-def _features(kind: str):
+def _features(kind: str) -> Features:
     from datasets import Features, Value
 
     msg = [{"role": Value("string"), "content": Value("string")}]
@@ -162,7 +166,7 @@ def save_dataset(
 
 
 @contextlib.contextmanager
-def _quiet_datasets():
+def _quiet_datasets() -> Iterator[None]:
     from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     was_disabled = are_progress_bars_disabled()
@@ -174,7 +178,7 @@ def _quiet_datasets():
             enable_progress_bars()
 
 
-def _insert_rows(con, ds_id: str, rows: dict[str, list[dict]]) -> None:
+def _insert_rows(con: duckdb.DuckDBPyConnection, ds_id: str, rows: dict[str, list[dict]]) -> None:
     import pyarrow as pa
 
     table = pa.table(
@@ -205,11 +209,15 @@ def dataset_dir(db: Database | None, ref: str | os.PathLike) -> Path:
     return Path(get_dataset(db, str(ref)).path)
 
 
-def load_splits(db: Database | None, ref: str | os.PathLike):
+def load_splits(db: Database | None, ref: str | os.PathLike) -> DatasetDict:
     """The ``datasets.DatasetDict`` of a registered dataset (id, name) or of a dataset folder."""
-    from datasets import load_from_disk
+    from datasets import DatasetDict, load_from_disk
 
-    return load_from_disk(str(dataset_dir(db, ref) / "data"))
+    data = dataset_dir(db, ref) / "data"
+    dd = load_from_disk(str(data))
+    if not isinstance(dd, DatasetDict):
+        raise UserError(f"{data} holds a single dataset, not the train/validation/test splits of a tuneloop dataset")
+    return dd
 
 
 def load_card(db: Database | None, ref: str | os.PathLike) -> dict[str, Any]:

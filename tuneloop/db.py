@@ -14,8 +14,8 @@ Contract
   (server log writer, CLI, trainer) therefore keeps its connections short and
   :meth:`Database.connect` retries on the lock error with back-off for up to
   ``lock_timeout_s`` before raising :class:`DatabaseBusy`. This is the
-  "open per flush" design of DESIGN.md decision 3, measured there at ~19 ms
-  for open + 1,000 inserts + close; see docs/ARCHITECTURE.md.
+  "open per flush" design: open + 1,000 inserts + close measures ~19 ms;
+  see docs/ARCHITECTURE.md.
 * :meth:`Database.data_version` tells pollers, for the price of a ``stat``,
   whether anything but this process's own request-log appends changed the
   file since they last read it (cheaper than any open).
@@ -199,8 +199,10 @@ class Database:
                 host.execute(f"DETACH DATABASE IF EXISTS {alias}")  # left over only if a DETACH ever failed
                 self._attach(host, alias)
                 fs.host = host
-        host = fs.host
-        cur = host.cursor()
+        attached = fs.host
+        if attached is None:  # attached just above, or by the enclosing block that is still open
+            raise RuntimeError(f"{self.path} is not attached to any DuckDB instance")
+        cur = attached.cursor()
         try:
             cur.execute(f"USE {alias}")
         except BaseException:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 
 KINDS = ("email", "phone", "credit_card", "ip")
 
@@ -40,7 +41,9 @@ def luhn_ok(digits: str) -> bool:
     return total % 10 == 0
 
 
-def _sub(pattern: re.Pattern, text: str, token: str, keep=lambda m: True) -> tuple[str, int]:
+def _sub(
+    pattern: re.Pattern[str], text: str, token: str, keep: Callable[[re.Match[str]], bool] = lambda m: True
+) -> tuple[str, int]:
     n = 0
 
     def repl(m: re.Match) -> str:

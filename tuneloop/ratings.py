@@ -11,7 +11,9 @@ rating goes through this module:
 * :func:`metric_label` is the Prometheus label value (one of :data:`METRIC_LABELS`);
 * :func:`sentiment` says whether a rating is ``positive``, ``negative`` or ``neutral``:
   thumbs by sign, stars 4-5 positive, 1-2 negative, 3 neutral. Sampling, drift and
-  the canary judge count "thumbs-down" with it.
+  the canary judge count "thumbs-down" with it;
+* :func:`negative_sql` is the same "negative" rule as a SQL expression, for code
+  that counts in DuckDB (drift windows, canary arms).
 """
 
 from __future__ import annotations
@@ -41,6 +43,16 @@ def metric_label(rating: float | None, kind: str | None) -> str:
     """The ``rating`` label value of ``tuneloop_feedback_total``."""
     v = api_value(rating, kind)
     return "none" if v is None else str(v)
+
+
+def negative_sql(rating: str, kind: str) -> str:
+    """A SQL boolean: the rating in column ``rating`` (kind in ``kind``) is negative, as :func:`sentiment` says.
+
+    NULL ratings are not negative. ``rating`` and ``kind`` are SQL expressions (``f.rating``).
+    """
+    k = f"lower(coalesce({kind}, ''))"
+    thumbs = f"({k} = 'thumbs' OR ({k} <> 'stars' AND {rating} BETWEEN -1 AND 1))"
+    return f"coalesce(CASE WHEN {thumbs} THEN {rating} < 0 ELSE {rating} <= 2 END, false)"
 
 
 def sentiment(rating: float | None, kind: str | None) -> Sentiment | None:

@@ -14,11 +14,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tuneloop.db import Database, dumps, loads, utcnow
 from tuneloop.errors import UserError
 from tuneloop.ids import new_id
+
+if TYPE_CHECKING:  # pragma: no cover
+    from duckdb import DuckDBPyConnection
 
 STAGES = ("candidate", "canary", "production", "retired")
 KINDS = ("adapter", "merged", "base")
@@ -79,9 +82,10 @@ class ModelVersion:
 
 
 _JSON = {"source", "card", "parent_ids", "config", "metrics"}
+_Record = TypeVar("_Record", DatasetRecord, RunRecord, ModelVersion)
 
 
-def _row_to(cls, row: dict[str, Any]):
+def _row_to(cls: type[_Record], row: dict[str, Any]) -> _Record:
     names = {f.name for f in dataclasses.fields(cls)}
     kw = {k: (loads(v) if k in _JSON else v) for k, v in row.items() if k in names}
     for k in _JSON & names:
@@ -90,7 +94,7 @@ def _row_to(cls, row: dict[str, Any]):
     return cls(**kw)
 
 
-def _insert(con, table: str, rec) -> None:
+def _insert(con: DuckDBPyConnection, table: str, rec: DatasetRecord | RunRecord | ModelVersion) -> None:
     d = dataclasses.asdict(rec)
     cols = list(d)
     vals = [dumps(d[c]) if c in _JSON else d[c] for c in cols]
@@ -110,7 +114,7 @@ def register_dataset(db: Database, rec: DatasetRecord) -> DatasetRecord:
     return rec
 
 
-def get_dataset(db: Database, ref: str, con=None) -> DatasetRecord:
+def get_dataset(db: Database, ref: str, con: DuckDBPyConnection | None = None) -> DatasetRecord:
     """By id (``name@hash``), by name (newest) or by hash prefix."""
     sql = """SELECT * FROM datasets WHERE id = ? OR name = ? OR content_hash LIKE ? || '%'
              ORDER BY (id = ?) DESC, created_at DESC LIMIT 1"""
@@ -121,6 +125,7 @@ def get_dataset(db: Database, ref: str, con=None) -> DatasetRecord:
 
 
 def list_datasets(db: Database) -> list[DatasetRecord]:
+    """Every registered dataset, oldest first."""
     return [_row_to(DatasetRecord, r) for r in db.query("SELECT * FROM datasets ORDER BY created_at")]
 
 
@@ -205,7 +210,7 @@ def register_version(db: Database, v: ModelVersion) -> ModelVersion:
     return v
 
 
-def get_version(db: Database, name: str, con=None) -> ModelVersion:
+def get_version(db: Database, name: str, con: DuckDBPyConnection | None = None) -> ModelVersion:
     rows = _q(db, "SELECT * FROM model_versions WHERE name = ?", [name], con)
     if not rows:
         raise RegistryError(f"unknown model version {name!r}; see `tuneloop models list`")
@@ -231,13 +236,13 @@ def set_stage(
     actor: str = "tuneloop",
     reason: str = "",
     details: dict[str, Any] | None = None,
-    con=None,
+    con: DuckDBPyConnection | None = None,
 ) -> None:
     """Move ``name`` to ``stage`` (recording the event); promoting to production retires the previous one."""
     if stage not in STAGES:
         raise RegistryError(f"stage must be one of {STAGES}, got {stage!r}")
 
-    def run(c):
+    def run(c: DuckDBPyConnection) -> None:
         row = c.execute("SELECT stage FROM model_versions WHERE name = ?", [name]).fetchone()
         if not row:
             raise RegistryError(f"unknown model version {name!r}")
@@ -260,14 +265,22 @@ def set_stage(
             run(c)
 
 
-def _event(con, version: str, from_stage: str | None, to_stage: str, actor: str, reason: str, details) -> None:
+def _event(
+    con: DuckDBPyConnection,
+    version: str,
+    from_stage: str | None,
+    to_stage: str,
+    actor: str,
+    reason: str,
+    details: dict[str, Any] | None,
+) -> None:
     con.execute(
         "INSERT INTO deploy_events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         [new_id(), version, from_stage, to_stage, actor, reason, dumps(details), utcnow()],
     )
 
 
-def _q(db: Database, sql: str, params: list, con=None) -> list[dict[str, Any]]:
+def _q(db: Database, sql: str, params: list[Any], con: DuckDBPyConnection | None = None) -> list[dict[str, Any]]:
     if con is None:
         return db.query(sql, params)
     cur = con.execute(sql, params)

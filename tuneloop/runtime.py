@@ -1,9 +1,9 @@
 """Process environment for vLLM / torch on this kind of machine, set before they are imported.
 
-Contract: :func:`configure_vllm_env` sets the variables ENVIRONMENT.md found
-mandatory or useful on CPU (``VLLM_CPU_KVCACHE_SPACE``, ``VLLM_TARGET_DEVICE``,
-core binding, offline hub, project-local caches) without overriding anything
-the user already exported. :func:`has_cuda` detects a GPU without importing
+Contract: :func:`configure_vllm_env` sets the variables vLLM needs or benefits
+from on CPU without overriding anything the user already exported:
+``VLLM_CPU_KVCACHE_SPACE`` (without it vLLM's CPU start-up fails),
+``VLLM_TARGET_DEVICE``, core binding, offline hub and project-local caches. :func:`has_cuda` detects a GPU without importing
 vLLM. :func:`pick_dtype` maps ``auto`` to float32 on CPU and bfloat16 on GPU.
 """
 
@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tuneloop.settings import EngineSettings
 
 
 def has_cuda() -> bool:
@@ -28,7 +32,7 @@ def pick_dtype(dtype: str = "auto") -> str:
     return "bfloat16" if has_cuda() else "float32"
 
 
-def configure_vllm_env(engine=None, cache_root: str | os.PathLike | None = None) -> None:
+def configure_vllm_env(engine: EngineSettings | None = None, cache_root: str | os.PathLike | None = None) -> None:
     """Set vLLM's CPU/offline environment (idempotent; user-set values win)."""
     env = os.environ
     env.setdefault("HF_HUB_OFFLINE", "1")
@@ -38,14 +42,14 @@ def configure_vllm_env(engine=None, cache_root: str | os.PathLike | None = None)
     if has_cuda():
         return
     env.setdefault("VLLM_TARGET_DEVICE", "cpu")
-    kv = getattr(engine, "kv_cache_gib", 1.0) if engine is not None else 1.0
+    kv = engine.kv_cache_gib if engine is not None else 1.0
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv))))
-    reserved = getattr(engine, "cpu_reserved_cores", 0) if engine is not None else 0
+    reserved = engine.cpu_reserved_cores if engine is not None else 0
     env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", str(reserved))
-    bind = getattr(engine, "cpu_threads_bind", "auto") if engine is not None else "auto"
+    bind = engine.cpu_threads_bind if engine is not None else "auto"
     if bind == "auto":
         n = os.cpu_count() or 1
         bind = f"0-{n - 1}" if n > 1 else "0"
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
-    if engine is not None and not getattr(engine, "multiprocessing", True):
+    if engine is not None and not engine.multiprocessing:
         env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TextIO
 
 
 def format_cell(v: Any) -> str:
@@ -15,7 +15,9 @@ def format_cell(v: Any) -> str:
     return str(v)
 
 
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None, file=None) -> None:
+def print_table(
+    headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None, file: TextIO | None = None
+) -> None:
     """Print ``rows`` under ``headers``; plain text (stable for scripts and tests) unless stdout is a TTY."""
     file = file or sys.stdout
     cells = [[format_cell(c) for c in r] for r in rows]

@@ -1,0 +1,240 @@
+"""Candidates for a training set: logged production requests with their feedback, cleaned.
+
+Contract
+--------
+* :func:`read_candidates` reads the request log (``requests``) joined with the
+  newest ``feedback`` per request in a time window (optionally for one model
+  version) from anything with ``query(sql, params)`` — the database or a
+  :class:`~tuneloop.monitoring.sources.LogSource` over Parquet exports — and
+  drops, counting each in ``counts``: errors (HTTP status >= 400), client aborts
+  (499), truncated answers (``finish_reason = length``, unless corrected),
+  redacted or unreadable prompts, empty answers, and thumbs-down without a
+  correction. Ratings are read with :func:`tuneloop.ratings.sentiment`.
+* :func:`scrub_candidates` replaces PII (:func:`tuneloop.pii.scrub`) in every
+  prompt message, response and correction, in place.
+* :func:`dedup_within` keeps one candidate per normalised prompt (corrected >
+  positively rated > unrated, then the newest); :func:`earlier_keys` gives the
+  normalised prompt + answer keys (:func:`example_key`) of earlier datasets, so
+  the caller can drop candidates already trained on.
+
+Nothing here picks, writes or registers; the functions are deterministic for a
+given log content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from tuneloop.db import Database, loads
+from tuneloop.monitoring.sources import LogSource
+from tuneloop.ratings import sentiment
+
+
+@dataclass
+class Candidate:
+    """One logged request that may become a training row."""
+
+    request_id: str
+    received_at: datetime
+    model_version: str | None
+    messages: list[dict[str, str]]
+    response: str
+    correction: str | None
+    feedback: str | None  # positive | negative | neutral | None
+    tokens: int
+    pii: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def target(self) -> str:
+        """The answer to train on: the user's correction when there is one, else the logged response."""
+        return self.correction if self.correction else self.response
+
+    @property
+    def priority(self) -> int:
+        """Which duplicate wins: 2 corrected, 1 positively rated, 0 otherwise."""
+        return 2 if self.correction else (1 if self.feedback == "positive" else 0)
+
+    def prompt_text(self) -> str:
+        """The user messages' text, one per line."""
+        return "\n".join(m["content"] for m in self.messages if m.get("role") == "user")
+
+
+# ---- normalisation and dedup keys ------------------------------------------------------------
+
+_WS = re.compile(r"\s+")
+_PUNCT = re.compile(r"[^\w\s<>]")
+
+
+def normalise(text: str) -> str:
+    """Lower case, punctuation dropped, whitespace collapsed (the dedup key's text)."""
+    return _WS.sub(" ", _PUNCT.sub(" ", text.lower())).strip()
+
+
+def prompt_key(messages: list[dict[str, str]]) -> str:
+    """Hash of the normalised non-assistant-final conversation (role + content)."""
+    h = hashlib.sha256()
+    for m in messages:
+        h.update(f"{m.get('role')}\0{normalise(m.get('content') or '')}\0".encode())
+    return h.hexdigest()
+
+
+def example_key(messages: list[dict[str, str]], answer: str) -> str:
+    """Hash of the normalised prompt and answer (dedup against earlier training sets)."""
+    return hashlib.sha256((prompt_key(messages) + "\0" + normalise(answer)).encode()).hexdigest()
+
+
+# ---- reading ------------------------------------------------------------------------------------
+
+_SQL = """
+SELECT r.id, r.received_at, r.route, r.model_version, r.prompt, r.response, r.finish_reason, r.status,
+       r.prompt_tokens, r.completion_tokens, f.correction, f.rating, f.rating_kind
+FROM requests r
+LEFT JOIN (
+    SELECT request_id,
+           arg_max(correction, created_at) FILTER (WHERE correction IS NOT NULL AND trim(correction) <> '') AS correction,
+           arg_max(rating, created_at) FILTER (WHERE rating IS NOT NULL) AS rating,
+           arg_max(rating_kind, created_at) FILTER (WHERE rating IS NOT NULL) AS rating_kind
+    FROM feedback GROUP BY request_id
+) f ON f.request_id = r.id
+WHERE r.received_at >= ? AND r.received_at < ? {version}
+ORDER BY r.received_at, r.id
+"""
+
+FILTERS = ("error", "aborted", "truncated", "redacted", "empty", "negative_feedback")
+"""The ``counts`` keys of :func:`read_candidates`' filters, in the order they apply."""
+
+
+def prompt_messages(prompt: Any) -> list[dict[str, str]] | None:
+    """The logged ``requests.prompt`` (messages list, ``{"messages": ...}`` or completion text) as chat messages."""
+    p = loads(prompt) if isinstance(prompt, str) else prompt
+    if isinstance(p, str):
+        try:  # a JSON column can hold a JSON string holding JSON
+            p2 = json.loads(p)
+            p = p2 if isinstance(p2, (list, dict)) else p
+        except ValueError:
+            pass
+    if isinstance(p, dict):
+        p = p.get("messages", p.get("prompt"))
+    if isinstance(p, str):
+        return [{"role": "user", "content": p}] if p.strip() else None
+    if isinstance(p, list) and p and all(isinstance(m, dict) for m in p):
+        out = []
+        for m in p:
+            content = m.get("content")
+            if isinstance(content, list):  # OpenAI content parts
+                content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+            out.append({"role": str(m.get("role", "user")), "content": str(content or "")})
+        while out and out[-1]["role"] == "assistant":  # a trailing assistant prefill is not part of the prompt
+            out.pop()
+        return out or None
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
+        return [{"role": "user", "content": p[0]}]
+    return None
+
+
+def read_candidates(
+    db: Database | LogSource, since: datetime, until: datetime, model_version: str | None, counts: dict[str, int]
+) -> list[Candidate]:
+    """Requests in the window that survive the filters; ``counts`` gets one entry per filter.
+
+    ``db`` is anything with ``query(sql, params)``: the database, or a log source over Parquet exports.
+    """
+    sql = _SQL.format(version="AND r.model_version = ?" if model_version else "")
+    params: list[Any] = [since, until] + ([model_version] if model_version else [])
+    rows = db.query(sql, params)
+    counts["requests_in_window"] = len(rows)
+    for k in FILTERS:
+        counts.setdefault(k, 0)
+    out: list[Candidate] = []
+    for r in rows:
+        status = int(r["status"])
+        correction = (r["correction"] or "").strip() or None
+        label = sentiment(r["rating"], r["rating_kind"])
+        if status == 499:
+            counts["aborted"] += 1
+            continue
+        if status >= 400:
+            counts["error"] += 1
+            continue
+        if r["finish_reason"] == "length" and not correction:
+            counts["truncated"] += 1
+            continue
+        msgs = prompt_messages(r["prompt"])
+        if not msgs:
+            counts["redacted"] += 1
+            continue
+        response = r["response"] or ""
+        if not response.strip() and not correction:
+            counts["empty"] += 1
+            continue
+        if label == "negative" and not correction:
+            counts["negative_feedback"] += 1
+            continue
+        tokens = int(r["prompt_tokens"] or 0) + int(r["completion_tokens"] or 0)
+        if tokens == 0:
+            tokens = (sum(len(m["content"]) for m in msgs) + len(response)) // 4
+        out.append(Candidate(r["id"], r["received_at"], r["model_version"], msgs, response, correction, label, tokens))
+    return out
+
+
+# ---- cleaning -----------------------------------------------------------------------------------
+
+
+def scrub_candidates(cands: list[Candidate], counts: dict[str, int]) -> None:
+    """Scrub PII in place from every prompt message, response and correction; add totals to ``counts``."""
+    from tuneloop.pii import scrub
+
+    total: dict[str, int] = {}
+
+    def s(text: str, c: Candidate) -> str:
+        clean, found = scrub(text)
+        for k, v in found.items():
+            if v:
+                total[k] = total.get(k, 0) + v
+                c.pii[k] = c.pii.get(k, 0) + v
+        return clean
+
+    for c in cands:
+        c.messages = [{"role": m["role"], "content": s(m["content"], c)} for m in c.messages]
+        c.response = s(c.response, c)
+        if c.correction:
+            c.correction = s(c.correction, c)
+    counts.update({f"pii_{k}": v for k, v in sorted(total.items())})
+    counts["rows_with_pii"] = sum(1 for c in cands if c.pii)
+
+
+def dedup_within(cands: list[Candidate]) -> tuple[list[Candidate], int]:
+    """One row per normalised prompt: corrected > positive > unrated, then newest."""
+    best: dict[str, Candidate] = {}
+    for c in cands:
+        k = prompt_key(c.messages)
+        b = best.get(k)
+        if b is None or (c.priority, c.received_at, c.request_id) > (b.priority, b.received_at, b.request_id):
+            best[k] = c
+    kept = sorted(best.values(), key=lambda c: (c.received_at, c.request_id))
+    return kept, len(cands) - len(kept)
+
+
+def earlier_keys(db: Database, refs: list[str] | None) -> tuple[set[str], list[str]]:
+    """Example keys of every row of the given datasets (None = every registered SFT dataset), and their ids."""
+    from tuneloop.dataset_store import load_splits
+    from tuneloop.registry import get_dataset, list_datasets
+
+    if refs is None:
+        recs = [d for d in list_datasets(db) if d.kind == "sft"]
+    else:
+        recs = [get_dataset(db, r) for r in refs]
+    keys: set[str] = set()
+    for rec in recs:
+        dd = load_splits(db, rec.id)
+        for split in dd:
+            for row in dd[split]:
+                msgs = row.get("messages") or []
+                if msgs and msgs[-1].get("role") == "assistant":
+                    keys.add(example_key(msgs[:-1], msgs[-1].get("content") or ""))
+    return keys, [r.id for r in recs]

@@ -1,0 +1,42 @@
+"""The typed row of the request log: one served request, the columns of the ``requests`` table.
+
+Contract: :class:`RequestRecord` is a ``msgspec.Struct`` with exactly the columns
+of the ``requests`` table (:mod:`tuneloop.migrations`), same names. ``prompt``
+and ``params`` are Python objects (messages list / prompt string, sampling
+parameters) serialised to JSON when written; ``received_at`` is UTC (naive, or
+aware and converted); ``status`` is the HTTP status, 499 when the client went
+away. The server builds one per request; the request log
+(:mod:`monitoring.requestlog`) writes it and the serving metrics
+(:mod:`monitoring.metrics`) count it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+
+class RequestRecord(msgspec.Struct, kw_only=True):
+    """One served request: the columns of the ``requests`` table."""
+
+    id: str
+    received_at: datetime
+    route: str
+    status: int
+    model: str | None = None
+    model_version: str | None = None
+    arm: str | None = None
+    prompt: Any = None
+    response: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    ttft_s: float | None = None
+    latency_s: float | None = None
+    error: str | None = None
+    stream: bool | None = None
+    params: Any = None
+    user_id: str | None = None
+    key_id: str | None = None
