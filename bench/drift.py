@@ -14,7 +14,7 @@ What it does
 2. In a fresh child process (so peak RSS is the drift work's own), times
    a) the statistics both tools compute, from the database: value counts in
       DuckDB SQL of prompt_tokens and finish_reason on both sides, then PSI
-      (reference-quantile bins), KS, Wasserstein (``monitoring.drift``) and
+      (reference-quantile bins), KS, Wasserstein (``monitoring.drift_stats``) and
       categorical Jensen-Shannon;
    b) tuneloop's full non-embedding drift pass: ``production_stats`` over the
       1M-row window (lengths, word counts joined to the vocabulary, finish /
@@ -150,7 +150,7 @@ def common_statistics(path: Path) -> dict:
     import numpy as np
 
     from tuneloop.db import Database
-    from tuneloop.monitoring.drift import js_divergence, ks_counts, psi_counts, wasserstein_counts
+    from tuneloop.monitoring.drift_stats import js_divergence, ks_counts, psi_counts, wasserstein_counts
 
     with Database(path, read_only=True).connect(transaction=False) as con:
         lens = con.execute("""SELECT model_version = 'bench-v1' AS prod, prompt_tokens, count(*) FROM requests

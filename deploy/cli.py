@@ -309,7 +309,7 @@ def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
-# ---- loop and demo (registered here; implemented in deploy.loop / deploy.demo) -------------
+# ---- loop and demo (registered here; implemented in deploy.loop / deploy.watch / deploy.demo) ----
 
 
 def _register_loop(sub: argparse._SubParsersAction) -> None:
@@ -369,7 +369,8 @@ def _register_loop(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_loop(args: argparse.Namespace, ctx: Context) -> int:
-    from tuneloop.deploy.loop import LoopOptions, run_cycle, watch
+    from tuneloop.deploy.loop import LoopOptions, run_cycle
+    from tuneloop.deploy.watch import watch
 
     opts = LoopOptions(
         window=args.window,

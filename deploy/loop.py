@@ -25,8 +25,9 @@ Contract
   loop`` and ``tuneloop demo`` both run their cycles through it.
 * Outcomes: ``promoted``, ``rolled_back``, ``gate_failed``, ``nothing_to_do``
   (no new data to sample).
-* :func:`watch` keeps running cycles when a trigger fires: drift over threshold
-  for the production version, ``min_feedback`` new feedback items, or a schedule.
+
+The ``loop_runs`` rows are read and written through :mod:`tuneloop.deploy.loop_runs`;
+continuous mode (run a cycle whenever a trigger fires) is :mod:`tuneloop.deploy.watch`.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from tuneloop.db import Database, dumps, loads, utcnow
+from tuneloop.db import Database, utcnow
+from tuneloop.deploy.loop_runs import begin_step, cycle_exists, end_step, last_sample_until, record_decide, steps_of
 from tuneloop.errors import UserError
 from tuneloop.ids import new_id
 
@@ -142,34 +144,6 @@ def _brief(step: str, d: dict[str, Any]) -> str:
     return d.get("reason", "") or d.get("outcome", "")
 
 
-# ---- loop_runs bookkeeping --------------------------------------------------------------------
-
-
-def steps_of(db: Database, cycle_id: str) -> dict[str, dict[str, Any]]:
-    rows = db.query(
-        "SELECT step, status, started_at, finished_at, details, error FROM loop_runs WHERE id = ?", [cycle_id]
-    )
-    return {r["step"]: {**r, "details": loads(r["details"]) or {}} for r in rows}
-
-
-def _begin(db: Database, cycle_id: str, step: str, details: dict[str, Any]) -> None:
-    with db.connect() as con:
-        con.execute("DELETE FROM loop_runs WHERE id = ? AND step = ?", [cycle_id, step])
-        con.execute(
-            "INSERT INTO loop_runs (id, step, status, started_at, details) VALUES (?, ?, 'running', ?, ?)",
-            [cycle_id, step, utcnow(), dumps(details)],
-        )
-
-
-def _end(
-    db: Database, cycle_id: str, step: str, status: str, details: dict[str, Any], error: str | None = None
-) -> None:
-    db.execute(
-        "UPDATE loop_runs SET status = ?, finished_at = ?, details = ?, error = ? WHERE id = ? AND step = ?",
-        [status, utcnow(), dumps(details), error, cycle_id, step],
-    )
-
-
 # ---- helpers -----------------------------------------------------------------------------------
 
 
@@ -188,18 +162,6 @@ def next_version_name(db: Database, prod_name: str | None, prefix: str = "") -> 
     while f"{stem}-v{n}" in names:
         n += 1
     return f"{stem}-v{n}"
-
-
-def _last_sample_until(db: Database, exclude: str) -> datetime | None:
-    rows = db.query(
-        """SELECT details FROM loop_runs WHERE step = 'sample' AND status = 'done' AND id <> ?
-                       ORDER BY finished_at DESC LIMIT 1""",
-        [exclude],
-    )
-    if not rows:
-        return None
-    u = (loads(rows[0]["details"]) or {}).get("until")
-    return datetime.fromisoformat(u) if u else None
 
 
 def build_train_config(opts: LoopOptions, base: str, dataset: str, name: str, parent: str | None) -> TrainConfig:
@@ -232,7 +194,7 @@ def run_cycle(
 
     opts = opts or LoopOptions()
     say: Callable[[str], None] = log or ((lambda m: print(m, flush=True)) if opts.progress else (lambda m: None))
-    if cycle_id and not db.query("SELECT 1 FROM loop_runs WHERE id = ? LIMIT 1", [cycle_id]):
+    if cycle_id and not cycle_exists(db, cycle_id):
         raise LoopError(f"unknown cycle {cycle_id!r}; see `tuneloop loop --help` (start a new cycle without --cycle)")
     cycle_id = cycle_id or new_id()
     done = steps_of(db, cycle_id)
@@ -250,16 +212,16 @@ def run_cycle(
     def step(name: str, details: dict[str, Any], fn: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
         prev = done.get(name)
         inputs = {**details, **((prev or {}).get("details") or {})} if prev else details  # fixed inputs survive a retry
-        _begin(db, cycle_id, name, inputs)
+        begin_step(db, cycle_id, name, inputs)
         say(f"[{cycle_id[:8]}] {name}: running")
         try:
             with step_context(name, inputs) if step_context else nullcontext():
                 out = fn(inputs)
         except BaseException as e:
-            _end(db, cycle_id, name, "failed", inputs, error=f"{type(e).__name__}: {e}")
+            end_step(db, cycle_id, name, "failed", inputs, error=f"{type(e).__name__}: {e}")
             raise
         status = out.pop("_status", "done")
-        _end(db, cycle_id, name, status, {**inputs, **out})
+        end_step(db, cycle_id, name, status, {**inputs, **out})
         say(f"[{cycle_id[:8]}] {name}: {status} {_brief(name, {**inputs, **out})}")
         return {**inputs, **out}
 
@@ -269,7 +231,7 @@ def run_cycle(
     s = finished("sample")
     if s is None:
         until = utcnow()
-        since = None if opts.window else _last_sample_until(db, cycle_id)
+        since = None if opts.window else last_sample_until(db, cycle_id)
         s = step(
             "sample",
             {
@@ -281,7 +243,7 @@ def run_cycle(
             lambda d: _do_sample(db, settings, opts, d, cycle_id),
         )
     if s.get("outcome") == "nothing_to_do":
-        _record_decide(db, cycle_id, "nothing_to_do", s.get("reason", ""))
+        record_decide(db, cycle_id, "nothing_to_do", s.get("reason", ""))
         return result("nothing_to_do")
 
     # 2. train
@@ -305,7 +267,7 @@ def run_cycle(
     if g is None:
         g = step("gate", {"version": candidate, "dataset": s["dataset"]}, lambda d: _do_gate(db, settings, opts, d))
     if not g.get("passed"):
-        _record_decide(db, cycle_id, "gate_failed", g.get("message", ""))
+        record_decide(db, cycle_id, "gate_failed", g.get("message", ""))
         return result("gate_failed", candidate, s["dataset"])
 
     # 4. canary (or direct promotion)
@@ -314,13 +276,8 @@ def run_cycle(
         c = step("canary", {"version": candidate}, lambda d: _do_canary(db, settings, opts, d, on_canary_start))
     outcome = c.get("outcome", "promoted")
     v = get_version(db, candidate)
-    _record_decide(db, cycle_id, outcome, c.get("reason", "") or c.get("summary", ""), {"stage": v.stage})
+    record_decide(db, cycle_id, outcome, c.get("reason", "") or c.get("summary", ""), {"stage": v.stage})
     return result(outcome, candidate, s["dataset"])
-
-
-def _record_decide(db: Database, cycle_id: str, outcome: str, reason: str, extra: dict[str, Any] | None = None) -> None:
-    _begin(db, cycle_id, "decide", {})
-    _end(db, cycle_id, "decide", "done", {"outcome": outcome, "reason": reason, **(extra or {})})
 
 
 def _do_sample(db: Database, settings: Settings, opts: LoopOptions, d: dict[str, Any], cycle_id: str) -> dict[str, Any]:
@@ -514,60 +471,3 @@ def _rollback_undecided(db: Database, settings: Settings, opts: LoopOptions, can
             raise
         return None
     return dec
-
-
-# ---- watch ---------------------------------------------------------------------------------------------
-
-
-def trigger(db: Database, since: datetime | None, min_feedback: int, every_s: float | None) -> str | None:
-    """Why a new cycle should run now (or None): drift of the production version, new feedback, or the schedule."""
-    from tuneloop.registry import version_by_stage
-
-    since = since or datetime(1970, 1, 1)
-    prod = version_by_stage(db, "production")
-    if prod is not None:
-        d = db.query(
-            """SELECT value, threshold FROM drift_reports WHERE model_version = ? AND feature = 'overall'
-                        AND drifted AND created_at > ? ORDER BY created_at DESC LIMIT 1""",
-            [prod.name, since],
-        )
-        if d:
-            return f"drift on {prod.name} (overall {d[0]['value']:.3g} over {d[0]['threshold']})"
-    n = db.query("SELECT count(*) AS n FROM feedback WHERE created_at > ?", [since])[0]["n"]
-    if min_feedback and n >= min_feedback:
-        return f"{n} new feedback items"
-    if every_s is not None and (utcnow() - since).total_seconds() >= every_s:
-        return "schedule"
-    return None
-
-
-def watch(
-    db: Database,
-    settings: Settings,
-    opts: LoopOptions,
-    min_feedback: int = 50,
-    every: str | None = None,
-    poll_s: float = 60.0,
-    max_cycles: int | None = None,
-    sleep: Callable[[float], None] = time.sleep,
-) -> list[CycleResult]:
-    """Run cycles whenever :func:`trigger` fires (resuming an unfinished cycle first)."""
-    from tuneloop.timeparse import duration_s
-
-    every_s = duration_s(every) if every else None
-    results: list[CycleResult] = []
-    unfinished = db.query("""SELECT id FROM loop_runs GROUP BY id HAVING count(*) FILTER (WHERE step = 'decide') = 0
-                             ORDER BY min(started_at) DESC LIMIT 1""")
-    if unfinished:
-        print(f"resuming unfinished cycle {unfinished[0]['id']}", flush=True)
-        results.append(run_cycle(db, settings, opts, cycle_id=unfinished[0]["id"]))
-    while max_cycles is None or len(results) < max_cycles:
-        last = db.query("SELECT max(started_at) AS t FROM loop_runs")[0]["t"]
-        why = trigger(db, last, min_feedback, every_s)
-        if why:
-            print(f"trigger: {why}", flush=True)
-            results.append(run_cycle(db, settings, opts))
-            print(results[-1].summary(), flush=True)
-        else:
-            sleep(poll_s)
-    return results

@@ -130,7 +130,7 @@ def js_null(
     smoothed distribution, at several window sizes; drift compares a window against the
     ``q`` quantile at its size.
     """
-    from tuneloop.monitoring.drift import js_divergence
+    from tuneloop.monitoring.drift_stats import js_divergence
 
     if len(texts) < 20:
         return []

@@ -11,7 +11,7 @@ from scipy import stats
 from scipy.spatial.distance import jensenshannon
 
 from tuneloop.errors import UserError
-from tuneloop.monitoring import drift
+from tuneloop.monitoring import drift, drift_stats
 
 
 def _vc(x):
@@ -22,11 +22,11 @@ def _vc(x):
 def test_ks_matches_scipy_exact_and_asymptotic():
     rng = np.random.default_rng(1)
     small_a, small_b = rng.poisson(20, 300), rng.poisson(22, 120)
-    d, p = drift.ks_counts(*_vc(small_a), *_vc(small_b))
+    d, p = drift_stats.ks_counts(*_vc(small_a), *_vc(small_b))
     ref = stats.ks_2samp(small_a, small_b)
     assert d == pytest.approx(ref.statistic, abs=1e-12) and p == pytest.approx(ref.pvalue, rel=1e-9)
     big_a, big_b = rng.poisson(30, 50_000), rng.poisson(30.3, 20_000)
-    d, p = drift.ks_counts(*_vc(big_a), *_vc(big_b))
+    d, p = drift_stats.ks_counts(*_vc(big_a), *_vc(big_b))
     ref = stats.ks_2samp(big_a, big_b, method="asymp")
     assert d == pytest.approx(ref.statistic, abs=1e-12) and p == pytest.approx(ref.pvalue, rel=1e-6)
 
@@ -34,15 +34,15 @@ def test_ks_matches_scipy_exact_and_asymptotic():
 def test_wasserstein_from_counts_matches_scipy_on_raw_samples():
     rng = np.random.default_rng(2)
     a, b = rng.integers(0, 60, 5000), rng.integers(5, 80, 700)
-    assert drift.wasserstein_counts(*_vc(a), *_vc(b)) == pytest.approx(stats.wasserstein_distance(a, b), rel=1e-9)
+    assert drift_stats.wasserstein_counts(*_vc(a), *_vc(b)) == pytest.approx(stats.wasserstein_distance(a, b), rel=1e-9)
 
 
 def test_js_divergence_is_scipys_jensenshannon_squared_in_bits():
     p = np.array([10, 0, 3, 7, 1.0])
     q = np.array([1, 4, 3, 0, 9.0])
-    assert drift.js_divergence(p, q) == pytest.approx(jensenshannon(p, q, base=2) ** 2, rel=1e-12)
-    assert drift.js_divergence(p, p) == pytest.approx(0.0, abs=1e-15)
-    assert drift.js_divergence(np.array([1.0, 0]), np.array([0, 1.0])) == pytest.approx(1.0)
+    assert drift_stats.js_divergence(p, q) == pytest.approx(jensenshannon(p, q, base=2) ** 2, rel=1e-12)
+    assert drift_stats.js_divergence(p, p) == pytest.approx(0.0, abs=1e-15)
+    assert drift_stats.js_divergence(np.array([1.0, 0]), np.array([0, 1.0])) == pytest.approx(1.0)
 
 
 def _psi_reference(ref, prod, bins):
@@ -63,11 +63,11 @@ def _psi_reference(ref, prod, bins):
 def test_psi_matches_textbook_definition_on_reference_quantile_bins():
     rng = np.random.default_rng(3)
     ref, prod = rng.poisson(25, 2000), rng.poisson(28, 500)
-    assert drift.psi(ref, prod, bins=10) == pytest.approx(_psi_reference(ref, prod, 10), rel=1e-9)
+    assert drift_stats.psi(ref, prod, bins=10) == pytest.approx(_psi_reference(ref, prod, 10), rel=1e-9)
     # ties collapse bins, and a value range the reference never saw lands in the outer bins
     ref2, prod2 = np.array([1, 1, 1, 1, 2, 2, 3, 9]), np.array([0, 50, 50, 2, 1])
-    assert drift.psi(ref2, prod2, bins=4) == pytest.approx(_psi_reference(ref2, prod2, 4), rel=1e-9)
-    assert drift.psi(ref, ref, bins=10) == pytest.approx(0.0, abs=1e-12)
+    assert drift_stats.psi(ref2, prod2, bins=4) == pytest.approx(_psi_reference(ref2, prod2, 4), rel=1e-9)
+    assert drift_stats.psi(ref, ref, bins=10) == pytest.approx(0.0, abs=1e-12)
 
 
 def _mmd2_loops(x, y, bw):
@@ -87,19 +87,21 @@ def test_mmd_matches_double_loop_definition_with_median_bandwidth():
     z = np.vstack([x, y])
     dists = [np.linalg.norm(z[i] - z[j]) for i in range(len(z)) for j in range(i + 1, len(z))]
     bw = float(np.median(dists))
-    assert drift.median_bandwidth(z) == pytest.approx(bw, rel=1e-9)
-    assert drift.mmd2_unbiased(x, y) == pytest.approx(_mmd2_loops(x, y, bw), rel=1e-9)
+    assert drift_stats.median_bandwidth(z) == pytest.approx(bw, rel=1e-9)
+    assert drift_stats.mmd2_unbiased(x, y) == pytest.approx(_mmd2_loops(x, y, bw), rel=1e-9)
 
 
 def test_mmd_permutation_test_false_alarms_at_most_5_percent_and_detects_a_shift():
     alarms = 0
     for seed in range(40):
         rng = np.random.default_rng(100 + seed)
-        t = drift.mmd_permutation_test(rng.normal(size=(60, 8)), rng.normal(size=(60, 8)), permutations=100, seed=seed)
+        t = drift_stats.mmd_permutation_test(
+            rng.normal(size=(60, 8)), rng.normal(size=(60, 8)), permutations=100, seed=seed
+        )
         alarms += t["pvalue"] < 0.01
     assert alarms <= 2  # 5% of 40
     rng = np.random.default_rng(7)
-    t = drift.mmd_permutation_test(rng.normal(size=(60, 8)), rng.normal(0.6, 1, size=(60, 8)), permutations=100)
+    t = drift_stats.mmd_permutation_test(rng.normal(size=(60, 8)), rng.normal(0.6, 1, size=(60, 8)), permutations=100)
     assert t["pvalue"] < 0.01 and t["mmd2"] > t["null_q99"]
 
 
@@ -109,14 +111,19 @@ def test_psi_and_ks_false_alarm_rates_on_same_distribution_and_detect_a_length_s
     rv, rc = _vc(ref)
     for seed in range(40):
         prod = np.random.default_rng(seed + 1).poisson(30, 300)
-        value, _edges, rb, _pb = drift.psi_counts(rv, rc, *_vc(prod), bins=10)
-        null = drift._null_quantile(lambda s: drift.psi_from_bins(rb, s), rb, len(prod), np.random.default_rng(seed))  # noqa: B023
+        value, _edges, rb, _pb = drift_stats.psi_counts(rv, rc, *_vc(prod), bins=10)
+        null = drift_stats.null_quantile(
+            lambda s: drift_stats.psi_from_bins(rb, s),  # noqa: B023
+            rb,
+            len(prod),
+            np.random.default_rng(seed),
+        )
         psi_alarms += value > max(0.2, null)
-        ks_alarms += drift.ks_counts(rv, rc, *_vc(prod))[1] < 0.01
+        ks_alarms += drift_stats.ks_counts(rv, rc, *_vc(prod))[1] < 0.01
     assert psi_alarms <= 2 and ks_alarms <= 2
     shifted = np.random.default_rng(99).poisson(40, 300)
-    assert drift.psi(ref, shifted) > 0.2
-    assert drift.ks_counts(rv, rc, *_vc(shifted))[1] < 1e-6
+    assert drift_stats.psi(ref, shifted) > 0.2
+    assert drift_stats.ks_counts(rv, rc, *_vc(shifted))[1] < 1e-6
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,9 @@ import pytest
 
 from tuneloop.db import dumps, utcnow
 from tuneloop.deploy import loop
-from tuneloop.deploy.loop import LoopError, LoopOptions, next_version_name, run_cycle, steps_of, trigger
+from tuneloop.deploy.loop import LoopError, LoopOptions, next_version_name, run_cycle
+from tuneloop.deploy.loop_runs import steps_of
+from tuneloop.deploy.watch import trigger
 from tuneloop.ids import new_id
 from tuneloop.registry import ModelVersion, get_version, register_version, set_stage, version_by_stage
 from tuneloop.settings import load_settings

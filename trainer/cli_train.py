@@ -129,10 +129,10 @@ def cmd_train(args: argparse.Namespace, ctx: Context) -> int:
     if args.resume:
         from pathlib import Path
 
-        from tuneloop.trainer.train import _last_checkpoint
+        from tuneloop.trainer.train import last_checkpoint
 
         out = Path(cfg.output_dir) if cfg.output_dir else ctx.settings.paths.home_path / "runs" / (cfg.name or "")
-        if (not cfg.name and not cfg.output_dir) or _last_checkpoint(out) is None:
+        if (not cfg.name and not cfg.output_dir) or last_checkpoint(out) is None:
             raise UserError(
                 f"--resume: no checkpoint in {out} (give the same name= or output_dir= as the interrupted run)"
             )

@@ -80,10 +80,10 @@ class LaunchConfig:
 def resolve_train_config(cfg: TrainConfig, db: Database) -> TrainConfig:
     """Validate ``cfg`` and pin what all ranks must share: a free version name and ``resume=false``."""
     from tuneloop.registry import RegistryError, get_version
-    from tuneloop.trainer.train import _default_name
+    from tuneloop.trainer.train import default_name
 
     cfg.validate()
-    name = cfg.name or _default_name(cfg)
+    name = cfg.name or default_name(cfg)
     try:
         get_version(db, name)
         raise UserError(f"model version {name!r} already exists; pick another name=")

@@ -23,6 +23,11 @@ Contract
   ``adapter`` for lora/qlora/prompt_tuning/dpo, ``merged`` for full) with
   parent, dataset id, run id and content hash. Bad input raises
   :class:`~tuneloop.errors.UserError` before anything is written.
+
+This module is the run itself (trainer set-up, signals, checkpoints, metrics,
+registration); what the run reads (base model, dataset, replay, tokenization)
+is :mod:`tuneloop.trainer.inputs`, and the loss files and table it leaves are
+:mod:`tuneloop.trainer.history`.
 """
 
 from __future__ import annotations
@@ -40,12 +45,14 @@ from tuneloop.chat import Tokenizer
 from tuneloop.config import to_dict
 from tuneloop.errors import UserError
 from tuneloop.trainer.config import ADAPTER_METHODS, TrainConfig
+from tuneloop.trainer.history import loss_table, write_loss_history
+from tuneloop.trainer.inputs import load_dataset_ref, mix_replay, resolve_base_model, tokenize_sft
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
     from types import FrameType
 
-    from datasets import Dataset, DatasetDict
+    from datasets import Dataset
     from peft import PeftConfig
     from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
     from transformers.trainer_utils import TrainOutput
@@ -83,81 +90,6 @@ def result_text(res: TrainResult, as_json: bool = False) -> str:
     return (
         f"registered {res.version.name} ({res.version.kind}) from run {res.run_id}: {m.get('steps')} steps, "
         f"final loss {fl}{tps}\n  {res.output_path}"
-    )
-
-
-# ---- inputs -----------------------------------------------------------------------------------
-
-
-def resolve_base_model(db: Database, settings: Settings, ref: str) -> Path:
-    """Folder of the base weights: a HF folder, a pulled name, or the base of a registered version."""
-    from tuneloop.trainer.bootstrap import KNOWN, is_hf_folder, resolve_base
-
-    if is_hf_folder(ref) or ref.lower() in KNOWN or "/" in ref:
-        return resolve_base(ref, settings.paths.models_path)
-    from tuneloop.registry import RegistryError, get_version
-
-    try:
-        v = get_version(db, ref)
-    except RegistryError:
-        raise UserError(
-            f"base {ref!r} is not a model folder, a known model ({', '.join(KNOWN)}) or a registered version"
-        ) from None
-    return Path(v.path if v.kind in ("merged", "base") else v.base_model)
-
-
-def load_dataset_ref(db: Database, ref: str) -> tuple[DatasetDict, str | None, str]:
-    """(DatasetDict, dataset id or None, kind) of a registered dataset or a dataset folder."""
-    from tuneloop.dataset_store import load_splits
-    from tuneloop.registry import RegistryError, get_dataset
-
-    try:
-        dd = load_splits(db, ref)
-    except (FileNotFoundError, RegistryError, UserError) as e:
-        raise UserError(f"cannot load dataset {ref!r}: {e}") from None
-    from tuneloop.dataset_store import load_card
-
-    try:  # the id is in the data card, for registered refs and dataset folders alike
-        ds_id = load_card(db, ref).get("id")
-    except (OSError, ValueError, RegistryError):
-        ds_id = None
-    if ds_id is None and not Path(ref).exists():
-        try:
-            ds_id = get_dataset(db, ref).id
-        except RegistryError:
-            pass
-    cols = set(dd["train"].column_names)
-    kind = "preference" if {"prompt", "chosen", "rejected"} <= cols else "sft" if "messages" in cols else None
-    if kind is None:
-        raise UserError(
-            f"dataset {ref!r} has columns {sorted(cols)}: expected 'messages' (sft) or prompt/chosen/rejected (preference)"
-        )
-    return dd, ds_id, kind
-
-
-def mix_replay(train_ds: Dataset, replay_ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, int]:
-    """``train_ds`` plus rows of ``replay_ds`` so that they make up ``fraction`` of the result."""
-    from datasets import concatenate_datasets
-
-    if fraction <= 0 or len(replay_ds) == 0:
-        return train_ds, 0
-    n = min(len(replay_ds), max(1, round(len(train_ds) * fraction / (1 - fraction))))
-    picked = replay_ds.shuffle(seed=seed).select(range(n))
-    cols = [c for c in train_ds.column_names if c in picked.column_names]
-    mixed = concatenate_datasets(
-        [train_ds.select_columns(cols), picked.select_columns(cols).cast(train_ds.select_columns(cols).features)]
-    )
-    return mixed.shuffle(seed=seed), n
-
-
-def tokenize_sft(ds: Dataset, tokenizer: Tokenizer, max_length: int) -> Dataset:
-    """SFT rows -> ``input_ids`` + ``completion_mask`` via :func:`tuneloop.chat.training_example`."""
-    from tuneloop.chat import training_example
-
-    return ds.map(
-        lambda r: training_example(tokenizer, r["messages"], max_length),
-        remove_columns=ds.column_names,
-        desc="tokenizing",
     )
 
 
@@ -220,7 +152,8 @@ class GracefulStop:
 # ---- the run ------------------------------------------------------------------------------------
 
 
-def _default_name(cfg: TrainConfig) -> str:
+def default_name(cfg: TrainConfig) -> str:
+    """``<dataset stem>-<method>-<UTC timestamp>``: the version name when ``name=`` is not given."""
     stem = Path(cfg.dataset).name.split("@")[0] or "model"
     return f"{stem}-{cfg.method}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
 
@@ -233,7 +166,8 @@ def _precision(cfg: TrainConfig) -> str:
     return "bf16" if has_cuda() else "fp32"
 
 
-def _last_checkpoint(out: Path) -> str | None:
+def last_checkpoint(out: Path) -> str | None:
+    """The newest ``checkpoint-*`` folder in the run folder ``out``, or None (also when ``out`` does not exist)."""
     if not out.is_dir():
         return None
     from transformers.trainer_utils import get_last_checkpoint
@@ -246,7 +180,7 @@ def train(cfg: TrainConfig, db: Database, settings: Settings, progress: bool = T
     from tuneloop.registry import RegistryError, finish_run, get_version, start_run
 
     cfg.validate()
-    cfg.name = cfg.name or _default_name(cfg)
+    cfg.name = cfg.name or default_name(cfg)
     try:
         get_version(db, cfg.name)
         raise UserError(f"model version {cfg.name!r} already exists; pick another name=")
@@ -270,7 +204,7 @@ def train(cfg: TrainConfig, db: Database, settings: Settings, progress: bool = T
         train_ds, replayed = mix_replay(train_ds, rdd["train"], cfg.replay_fraction, cfg.seed)
 
     out = Path(cfg.output_dir) if cfg.output_dir else settings.paths.sub("runs") / cfg.name
-    resume_from = _last_checkpoint(out) if cfg.resume else None
+    resume_from = last_checkpoint(out) if cfg.resume else None
     run_file = out / "run.json"
     run_id = None
     if resume_from and run_file.is_file():
@@ -494,51 +428,3 @@ def _peft_config(cfg: TrainConfig) -> PeftConfig | None:
         task_type="CAUSAL_LM",
         bias="none",
     )
-
-
-# ---- loss history -------------------------------------------------------------------------------
-
-
-def write_loss_history(out: Path, history: list[dict[str, Any]]) -> None:
-    """``loss.json`` (step, loss, learning rate) and ``loss.png`` if matplotlib is importable."""
-    rows = [
-        {
-            "step": e.get("step"),
-            "loss": e.get("loss"),
-            "learning_rate": e.get("learning_rate"),
-            "num_tokens": e.get("num_tokens"),
-        }
-        for e in history
-    ]
-    (out / "loss.json").write_text(json.dumps(rows, indent=1))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:
-        return
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker=".")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=100)
-    plt.close(fig)
-
-
-def loss_table(history: list[dict[str, Any]], width: int = 40, max_rows: int = 12) -> str:
-    """A compact loss curve: one row per (sampled) logged step with a bar proportional to the loss."""
-    pts = [(e.get("step"), float(e["loss"])) for e in history if e.get("loss") is not None]
-    if not pts:
-        return "no loss recorded"
-    if len(pts) > max_rows:
-        idx = sorted({round(i * (len(pts) - 1) / (max_rows - 1)) for i in range(max_rows)})
-        pts = [pts[i] for i in idx]
-    hi, lo = max(p[1] for p in pts), min(p[1] for p in pts)
-    span = (hi - lo) or 1.0
-    lines = ["step     loss"]
-    for step, loss in pts:
-        bar = "#" * max(1, round(1 + (width - 1) * (loss - lo) / span))
-        lines.append(f"{step:>5}  {loss:8.4f}  {bar}")
-    return "\n".join(lines)

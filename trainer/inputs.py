@@ -1,0 +1,104 @@
+"""What a training run reads: the base weights, the dataset, replay rows and tokenized SFT rows.
+
+Contract
+--------
+* :func:`resolve_base_model` turns a ``base=`` reference (a HF model folder, a
+  known or hub model name, or a registered version) into the folder of base
+  weights; a registered adapter resolves to its own base model.
+* :func:`load_dataset_ref` loads a registered dataset or a dataset folder as a
+  ``DatasetDict`` with its dataset id (from the data card or the registry, None
+  when unknown) and its kind: ``sft`` (a ``messages`` column) or ``preference``
+  (``prompt``/``chosen``/``rejected``).
+* :func:`mix_replay` adds shuffled rows of a replay split so that they make up
+  ``fraction`` of the training rows (seeded, so a rerun mixes the same rows).
+* :func:`tokenize_sft` tokenizes SFT rows with :func:`tuneloop.chat.training_example`
+  (the server's prompt rendering + answer + EOS, loss on the answer only).
+
+Nothing here writes anything; bad references raise :class:`~tuneloop.errors.UserError`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tuneloop.errors import UserError
+
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict
+
+    from tuneloop.chat import Tokenizer
+    from tuneloop.db import Database
+    from tuneloop.settings import Settings
+
+
+def resolve_base_model(db: Database, settings: Settings, ref: str) -> Path:
+    """Folder of the base weights: a HF folder, a pulled name, or the base of a registered version."""
+    from tuneloop.trainer.bootstrap import KNOWN, is_hf_folder, resolve_base
+
+    if is_hf_folder(ref) or ref.lower() in KNOWN or "/" in ref:
+        return resolve_base(ref, settings.paths.models_path)
+    from tuneloop.registry import RegistryError, get_version
+
+    try:
+        v = get_version(db, ref)
+    except RegistryError:
+        raise UserError(
+            f"base {ref!r} is not a model folder, a known model ({', '.join(KNOWN)}) or a registered version"
+        ) from None
+    return Path(v.path if v.kind in ("merged", "base") else v.base_model)
+
+
+def load_dataset_ref(db: Database, ref: str) -> tuple[DatasetDict, str | None, str]:
+    """(DatasetDict, dataset id or None, kind) of a registered dataset or a dataset folder."""
+    from tuneloop.dataset_store import load_splits
+    from tuneloop.registry import RegistryError, get_dataset
+
+    try:
+        dd = load_splits(db, ref)
+    except (FileNotFoundError, RegistryError, UserError) as e:
+        raise UserError(f"cannot load dataset {ref!r}: {e}") from None
+    from tuneloop.dataset_store import load_card
+
+    try:  # the id is in the data card, for registered refs and dataset folders alike
+        ds_id = load_card(db, ref).get("id")
+    except (OSError, ValueError, RegistryError):
+        ds_id = None
+    if ds_id is None and not Path(ref).exists():
+        try:
+            ds_id = get_dataset(db, ref).id
+        except RegistryError:
+            pass
+    cols = set(dd["train"].column_names)
+    kind = "preference" if {"prompt", "chosen", "rejected"} <= cols else "sft" if "messages" in cols else None
+    if kind is None:
+        raise UserError(
+            f"dataset {ref!r} has columns {sorted(cols)}: expected 'messages' (sft) or prompt/chosen/rejected (preference)"
+        )
+    return dd, ds_id, kind
+
+
+def mix_replay(train_ds: Dataset, replay_ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, int]:
+    """``train_ds`` plus rows of ``replay_ds`` so that they make up ``fraction`` of the result."""
+    from datasets import concatenate_datasets
+
+    if fraction <= 0 or len(replay_ds) == 0:
+        return train_ds, 0
+    n = min(len(replay_ds), max(1, round(len(train_ds) * fraction / (1 - fraction))))
+    picked = replay_ds.shuffle(seed=seed).select(range(n))
+    cols = [c for c in train_ds.column_names if c in picked.column_names]
+    mixed = concatenate_datasets(
+        [train_ds.select_columns(cols), picked.select_columns(cols).cast(train_ds.select_columns(cols).features)]
+    )
+    return mixed.shuffle(seed=seed), n
+
+
+def tokenize_sft(ds: Dataset, tokenizer: Tokenizer, max_length: int) -> Dataset:
+    """SFT rows -> ``input_ids`` + ``completion_mask`` via :func:`tuneloop.chat.training_example`."""
+    from tuneloop.chat import training_example
+
+    return ds.map(
+        lambda r: training_example(tokenizer, r["messages"], max_length),
+        remove_columns=ds.column_names,
+        desc="tokenizing",
+    )
