@@ -120,17 +120,7 @@ class OpenAIServing:
         prompt_ids = engine.render_chat(messages)
         param = "max_completion_tokens" if data.max_completion_tokens is not None else "max_tokens"
         max_tokens = engine.check_length(len(prompt_ids), data.max_completion_tokens or data.max_tokens, param)
-        gp = GenParams(
-            max_tokens=max_tokens,
-            temperature=data.temperature,
-            top_p=data.top_p,
-            n=data.n,
-            stop=_stops(data.stop),
-            seed=data.seed,
-            presence_penalty=data.presence_penalty,
-            frequency_penalty=data.frequency_penalty,
-            logprobs=(data.top_logprobs or 0) if data.logprobs else None,
-        )
+        gp = _gen_params(data, max_tokens, (data.top_logprobs or 0) if data.logprobs else None)
         sp = engine.sampling_params(gp, max_tokens, stream=data.stream)
         job = GenerationJob(request, ctx, engine, [prompt_ids], sp, route.adapter, data.n)
         served = ctx.version or ""
@@ -183,17 +173,7 @@ class OpenAIServing:
         if any(len(i) == 0 for i in ids):
             raise APIError(400, "prompt must not be empty", "invalid_prompt", "prompt")
         max_tokens = min(engine.check_length(len(i), data.max_tokens, prompt_param="prompt") for i in ids)
-        gp = GenParams(
-            max_tokens=max_tokens,
-            temperature=data.temperature,
-            top_p=data.top_p,
-            n=data.n,
-            stop=_stops(data.stop),
-            seed=data.seed,
-            presence_penalty=data.presence_penalty,
-            frequency_penalty=data.frequency_penalty,
-            logprobs=data.logprobs,
-        )
+        gp = _gen_params(data, max_tokens, data.logprobs)
         sp = engine.sampling_params(gp, max_tokens, stream=data.stream)
         job = GenerationJob(request, ctx, engine, ids, sp, route.adapter, data.n)
         served = ctx.version or ""
@@ -244,6 +224,21 @@ def _params(data: ChatCompletionRequest | CompletionRequest, names: tuple[str, .
         if v is not None and v is not False:
             out[k] = v
     return out
+
+
+def _gen_params(data: ChatCompletionRequest | CompletionRequest, max_tokens: int, logprobs: int | None) -> GenParams:
+    """The sampling parameters both endpoints share, from a validated request."""
+    return GenParams(
+        max_tokens=max_tokens,
+        temperature=data.temperature,
+        top_p=data.top_p,
+        n=data.n,
+        stop=_stops(data.stop),
+        seed=data.seed,
+        presence_penalty=data.presence_penalty,
+        frequency_penalty=data.frequency_penalty,
+        logprobs=logprobs,
+    )
 
 
 def _stops(stop: str | list[str] | None) -> list[str]:
