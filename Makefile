@@ -72,6 +72,7 @@ bench: setup
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/serve_overhead.py
 	$(BIN)/python bench/drift.py
+	$(BIN)/python bench/canary_sim.py
 
 # Re-resolve the pinned set from the loose requirements (needs the package index).
 lock:

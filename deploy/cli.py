@@ -57,8 +57,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="start a canary (a share of production traffic) and optionally watch and decide",
         description="Start a canary: VERSION takes --share of the requests for 'production' (sticky per user "
         "or key; the server re-reads this within server.state_refresh_s). With --watch, judge "
-        "the arms from the request log and feedback every --poll seconds and promote or roll back "
-        "by itself after deploy.canary_min_requests requests or deploy.canary_max_minutes. "
+        "the arms from the request log and feedback every --poll seconds with a sequential test and "
+        "promote or roll back by itself: at once when the canary is worse with confidence, early when it "
+        "is better (after deploy.canary_min_requests requests), else at the budget "
+        "(deploy.canary_max_requests or deploy.canary_max_minutes) by non-inferiority. "
         "Without VERSION, --watch watches the canary already running.",
         epilog="examples:\n  tuneloop deploy canary chat-v2 --share 0.1\n  tuneloop deploy canary chat-v2 --watch\n"
         "  tuneloop deploy canary --watch --timeout 1800",
@@ -174,8 +176,9 @@ def cmd_canary(args: argparse.Namespace, ctx: Context) -> int:
         return 0
     c = canary.get(db, None)
     print(
-        f"watching canary {c.id} ({c.candidate} vs {c.production}); decides after {deploy.canary_min_requests} "
-        f"canary requests or {deploy.canary_max_minutes:g} min"
+        f"watching canary {c.id} ({c.candidate} vs {c.production}); sequential test at alpha {deploy.canary_alpha:g}, "
+        f"promotion from {deploy.canary_min_requests} canary requests, budget {deploy.canary_max_requests} "
+        f"requests or {deploy.canary_max_minutes:g} min"
     )
     d = canary.watch(
         db,

@@ -29,7 +29,8 @@ Contract
    (``deploy.demo_report``).
 
 The demo adds settings overrides only where it needs them: a small canary
-(``deploy.canary_min_requests=15``, a judge every 2 s) and, with ``--tiny``
+(``deploy.canary_min_requests=15``, a traffic budget of the canary's share of one
+round of traffic, a 5-point error-rate margin, a judge every 2 s) and, with ``--tiny``
 (whose outputs are gibberish), a widened gate tolerance, which the summary notes.
 """
 
@@ -149,8 +150,18 @@ def demo_context(ctx: Context, opts: DemoOptions) -> Context:
     """A new context: the caller's config and overrides plus the demo's own settings overrides."""
     from tuneloop.cli import Context
 
-    extra = (TINY_OVERRIDES if opts.tiny else []) + CANARY_OVERRIDES
+    # The canary sees about half of one round of traffic. Its budget ends with that traffic, so the server's
+    # sequential judge decides then (non-inferior -> promote) instead of waiting for production-sized traffic;
+    # and a 2-point error-rate margin cannot be shown on ~50 requests per arm, so the demo allows 5 points.
+    n_canary = int(demo_requests(opts) * CANARY_SHARE * 0.8)
+    budget = [f"deploy.canary_max_requests={n_canary}", "deploy.canary_max_error_rate_delta=0.05"]
+    extra = (TINY_OVERRIDES if opts.tiny else []) + CANARY_OVERRIDES + budget
     return Context(ctx.config_path, [*ctx.overrides, *extra])
+
+
+def demo_requests(opts: DemoOptions) -> int:
+    """Requests per round of simulated traffic."""
+    return opts.requests or (60 if opts.tiny else 160)
 
 
 def run_demo(ctx: Context, opts: DemoOptions) -> int:
@@ -161,7 +172,7 @@ def run_demo(ctx: Context, opts: DemoOptions) -> int:
 
     ctx = demo_context(ctx, opts)
     steps = opts.steps or (4 if opts.tiny else 30)
-    n_req = opts.requests or (60 if opts.tiny else 160)
+    n_req = demo_requests(opts)
     st = DemoState()
     if opts.tiny:  # gibberish model: plumbing, not quality — say so
         st.notes.append(

@@ -15,12 +15,28 @@ the candidate's stage ``canary``; it sends ``share`` of the requests for
   started: requests, server errors (status >= 500; client errors and aborts are
   not the model's fault), p50 latency of successful requests, rated feedback
   and its thumbs-down share, and the latest overall drift verdict per version.
-* :func:`judge` — :class:`Decision` ``wait`` until the canary has
-  ``canary_min_requests`` requests or ran ``canary_max_minutes``; then
-  ``promote`` if every check passes (error-rate delta, latency ratio,
-  negative-feedback delta, not drifted where production is not), else
-  ``rollback`` with the failing numbers. No canary traffic at the deadline is a
-  rollback.
+* :func:`decide` — the pure decision from two arms' statistics (no database), by a
+  sequential test that stays valid however often it is called
+  (:mod:`tuneloop.monitoring.sequential`). For each metric — thumbs-down share of
+  rated requests (the primary one, once both arms have 50 ratings), error rate, and
+  log latency of successful requests (a geometric-mean ratio) — an always-valid
+  confidence sequence for
+  canary minus production (mixture SPRT, tuned to the metric's margin), at
+  ``canary_alpha`` split over the metrics measured:
+  - ``rollback`` at once when the canary is worse with confidence: its thumbs-down
+    share is higher (interval above 0) or a guardrail is worse beyond its margin
+    (interval above ``canary_max_error_rate_delta`` or
+    ``log(canary_max_latency_ratio)``);
+  - ``promote`` early, once the canary has ``canary_min_requests``, when it is
+    better on the primary metric (interval below 0) and non-inferior on every
+    guardrail (interval at or below the margin);
+  - at the budget (``canary_max_requests`` canary requests or
+    ``canary_max_minutes``): ``promote`` if non-inferior on every metric measured
+    (the primary margin is ``canary_max_negative_feedback_delta``), else
+    ``rollback`` naming the metric; no canary traffic at all is a rollback;
+  - a canary that drifted where production did not is never promoted;
+  - otherwise ``wait``, with the intervals so far.
+* :func:`judge` — :func:`arm_stats` from the log, then :func:`decide`; writes nothing.
 * :func:`apply` / :func:`promote` / :func:`rollback` — one transaction each:
   stage changes (through :func:`tuneloop.registry.set_stage` with ``con=``,
   so ``deploy_events`` records who/when/why) and the canary row's status
@@ -33,6 +49,7 @@ the candidate's stage ``canary``; it sends ``share`` of the requests for
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -42,6 +59,7 @@ from typing import TYPE_CHECKING, Any
 from tuneloop.db import Database, dumps, loads, utcnow
 from tuneloop.errors import UserError
 from tuneloop.ids import new_id
+from tuneloop.monitoring.sequential import MIN_N, Interval, bernoulli, diff_cs
 from tuneloop.ratings import negative_sql
 from tuneloop.registry import RegistryError, set_stage
 
@@ -78,6 +96,10 @@ class ArmStats:
     negative_share: float = 0.0
     drifted: bool | None = None
     drift_score: float | None = None
+    # log(latency_s) of successful requests: count, mean, variance (the latency metric)
+    latency_n: int = 0
+    log_latency_mean: float = 0.0
+    log_latency_var: float = 0.0
 
 
 @dataclass
@@ -199,6 +221,9 @@ SELECT r.arm,
        count(*) AS requests,
        count(*) FILTER (WHERE r.status >= 500) AS errors,
        quantile_cont(r.latency_s, 0.5) FILTER (WHERE r.status < 400) AS latency_p50_s,
+       count(*) FILTER (WHERE r.status < 400 AND r.latency_s > 0) AS latency_n,
+       avg(ln(r.latency_s)) FILTER (WHERE r.status < 400 AND r.latency_s > 0) AS log_latency_mean,
+       var_pop(ln(r.latency_s)) FILTER (WHERE r.status < 400 AND r.latency_s > 0) AS log_latency_var,
        count(fb.rating) AS rated,
        count(*) FILTER (WHERE {negative_sql("fb.rating", "fb.rating_kind")}) AS negative
 FROM r LEFT JOIN fb ON fb.request_id = r.id
@@ -221,6 +246,9 @@ def arm_stats(db: Database, c: Canary) -> dict[str, ArmStats]:
         s.error_rate = s.errors / s.requests if s.requests else 0.0
         s.latency_p50_s = float(r["latency_p50_s"]) if r["latency_p50_s"] is not None else None
         s.negative_share = s.negative / s.rated if s.rated else 0.0
+        s.latency_n = int(r["latency_n"] or 0)
+        s.log_latency_mean = float(r["log_latency_mean"] or 0.0)
+        s.log_latency_var = float(r["log_latency_var"] or 0.0)
     for s in out.values():
         if not s.model_version:
             continue
@@ -235,66 +263,136 @@ def arm_stats(db: Database, c: Canary) -> dict[str, ArmStats]:
 
 
 def judge(db: Database, canary_id: str | None, deploy: DeploySettings, now: datetime | None = None) -> Decision:
-    """Decide wait / promote / rollback for a running canary (see module doc); writes nothing."""
+    """Decide wait / promote / rollback for a running canary from the request log (see module doc); writes nothing."""
     c = get(db, canary_id)
     if c.status != "running":
         raise CanaryError(f"canary {c.id} is already decided: {c.status}")
-    arms = arm_stats(db, c)
     elapsed = ((now or utcnow()) - c.started_at).total_seconds()
-    ca, pa = arms["canary"], arms["production"]
-    enough = ca.requests >= deploy.canary_min_requests
-    timed_out = elapsed >= deploy.canary_max_minutes * 60
-    if not enough and not timed_out:
-        return Decision(
-            "wait",
-            c.id,
-            [
-                f"canary has {ca.requests}/{deploy.canary_min_requests} requests after "
-                f"{elapsed / 60:.1f}/{deploy.canary_max_minutes:g} min"
-            ],
-            arms,
-            elapsed,
+    return decide(c.id, arm_stats(db, c), elapsed, deploy)
+
+
+def metric_intervals(ca: ArmStats, pa: ArmStats, deploy: DeploySettings) -> dict[str, tuple[Interval, float, str]]:
+    """Per measured metric: (confidence sequence of canary - production, non-inferiority margin, what it is)."""
+    # the guardrails are always judged (too few requests give an interval that shows nothing); the primary
+    # metric only once both arms have enough ratings: users who do not rate leave the decision to the guardrails
+    measured = {"negative_feedback": min(ca.rated, pa.rated) >= MIN_N, "error_rate": True, "latency": True}
+    alpha = deploy.canary_alpha / max(1, sum(measured.values()))
+    lat_margin = math.log(deploy.canary_max_latency_ratio)
+    out: dict[str, tuple[Interval, float, str]] = {}
+    if measured["negative_feedback"]:
+        iv = diff_cs(
+            bernoulli(ca.negative, ca.rated),
+            bernoulli(pa.negative, pa.rated),
+            alpha,
+            deploy.canary_max_negative_feedback_delta,
         )
+        out["negative_feedback"] = (iv, deploy.canary_max_negative_feedback_delta, "thumbs-down share")
+    if measured["error_rate"]:
+        iv = diff_cs(
+            bernoulli(ca.errors, ca.requests),
+            bernoulli(pa.errors, pa.requests),
+            alpha,
+            deploy.canary_max_error_rate_delta,
+        )
+        out["error_rate"] = (iv, deploy.canary_max_error_rate_delta, "error rate")
+    if measured["latency"]:
+        iv = diff_cs(
+            (ca.log_latency_mean, ca.log_latency_var, ca.latency_n),
+            (pa.log_latency_mean, pa.log_latency_var, pa.latency_n),
+            alpha,
+            lat_margin,
+        )
+        out["latency"] = (iv, lat_margin, "log latency")
+    return out
+
+
+def _detail(name: str, ca: ArmStats, pa: ArmStats, iv: Interval, margin: float) -> str:
+    if name == "negative_feedback":
+        return (
+            f"thumbs-down {ca.negative_share:.0%} of {ca.rated} vs {pa.negative_share:.0%} of {pa.rated} "
+            f"(difference in {_pct(iv)}, margin {margin:+.0%})"
+        )
+    if name == "error_rate":
+        return (
+            f"error rate {ca.error_rate:.2%} vs {pa.error_rate:.2%} (difference in {_pct(iv, 2)}, margin {margin:+.2%})"
+        )
+    lo, hi = (math.exp(v) if math.isfinite(v) else (0.0 if v < 0 else math.inf) for v in (iv.lo, iv.hi))
+    return (
+        f"p50 latency {_fmt_s(ca.latency_p50_s)} vs {_fmt_s(pa.latency_p50_s)} "
+        f"(geometric-mean ratio in [x{lo:.2f}, x{hi:.2f}], margin x{math.exp(margin):.2f})"
+    )
+
+
+def _pct(iv: Interval, digits: int = 0) -> str:
+    return f"[{iv.lo:+.{digits}%}, {iv.hi:+.{digits}%}]"
+
+
+def decide(canary_id: str, arms: dict[str, ArmStats], elapsed_s: float, deploy: DeploySettings) -> Decision:
+    """The sequential decision from the two arms' statistics (see module doc); pure, so it can be simulated."""
+    ca, pa = arms["canary"], arms["production"]
+    timed_out = elapsed_s >= deploy.canary_max_minutes * 60
+    at_budget = timed_out or (deploy.canary_max_requests > 0 and ca.requests >= deploy.canary_max_requests)
     if ca.requests == 0:
-        return Decision("rollback", c.id, [f"no canary traffic after {elapsed / 60:.1f} min"], arms, elapsed)
+        if timed_out:
+            return Decision(
+                "rollback", canary_id, [f"no canary traffic after {elapsed_s / 60:.1f} min"], arms, elapsed_s
+            )
+        return Decision("wait", canary_id, ["no canary traffic yet"], arms, elapsed_s)
+    ivs = metric_intervals(ca, pa, deploy)
     checks: dict[str, dict[str, Any]] = {}
-    delta = ca.error_rate - pa.error_rate
-    checks["error_rate"] = {
-        "passed": delta <= deploy.canary_max_error_rate_delta,
-        "value": delta,
-        "threshold": deploy.canary_max_error_rate_delta,
-        "detail": f"error rate {ca.error_rate:.2%} vs {pa.error_rate:.2%} (delta {delta:+.2%}, max {deploy.canary_max_error_rate_delta:+.2%})",
-    }
-    if ca.latency_p50_s is not None and pa.latency_p50_s:
-        ratio = ca.latency_p50_s / pa.latency_p50_s
-        checks["latency"] = {
-            "passed": ratio <= deploy.canary_max_latency_ratio,
-            "value": ratio,
-            "threshold": deploy.canary_max_latency_ratio,
-            "detail": f"p50 latency {ca.latency_p50_s:.3f}s vs {pa.latency_p50_s:.3f}s (x{ratio:.2f}, max x{deploy.canary_max_latency_ratio:g})",
+    worse: list[str] = []
+    noninferior: list[str] = []
+    for name, (iv, margin, _what) in ivs.items():
+        bound = 0.0 if name == "negative_feedback" else margin
+        is_worse = iv.lo > bound
+        ok = iv.hi <= margin
+        checks[name] = {
+            "passed": not is_worse and ok,
+            "worse": is_worse,
+            "non_inferior": ok,
+            "better": iv.hi < 0,
+            "interval": [iv.lo, iv.hi],
+            "threshold": margin,
+            "detail": _detail(name, ca, pa, iv, margin),
         }
-    if ca.rated:
-        nd = ca.negative_share - pa.negative_share
-        checks["negative_feedback"] = {
-            "passed": nd <= deploy.canary_max_negative_feedback_delta,
-            "value": nd,
-            "threshold": deploy.canary_max_negative_feedback_delta,
-            "detail": f"thumbs-down {ca.negative_share:.0%} of {ca.rated} vs {pa.negative_share:.0%} of {pa.rated} "
-            f"(delta {nd:+.0%}, max {deploy.canary_max_negative_feedback_delta:+.0%})",
-        }
+        if is_worse:
+            worse.append(name)
+        elif ok:
+            noninferior.append(name)
+    drifted = ca.drifted is not None and ca.drifted and not pa.drifted
     if ca.drifted is not None:
-        ok = not ca.drifted or bool(pa.drifted)
         checks["drift"] = {
-            "passed": ok,
+            "passed": not drifted,
             "value": ca.drift_score,
             "threshold": None,
             "detail": f"canary drift {'drifted' if ca.drifted else 'ok'} (score {ca.drift_score}), production "
             f"{'drifted' if pa.drifted else ('ok' if pa.drifted is not None else 'not measured')}",
         }
-    failed = [v["detail"] for v in checks.values() if not v["passed"]]
-    action = "rollback" if failed else "promote"
-    reasons = failed or [f"all checks passed after {ca.requests} canary requests"]
-    return Decision(action, c.id, reasons, arms, elapsed, checks)
+    if worse:
+        reasons = [f"worse with confidence: {checks[n]['detail']}" for n in worse]
+        return Decision("rollback", canary_id, reasons, arms, elapsed_s, checks)
+    all_ok = len(noninferior) == len(ivs)
+    better = "negative_feedback" in ivs and checks["negative_feedback"]["better"]
+    enough = ca.requests >= deploy.canary_min_requests
+    if drifted and (at_budget or (enough and better and all_ok)):
+        return Decision("rollback", canary_id, [checks["drift"]["detail"]], arms, elapsed_s, checks)
+    if enough and better and all_ok:
+        reasons = [
+            f"better with confidence after {ca.requests} canary requests: {checks['negative_feedback']['detail']}"
+        ]
+        return Decision("promote", canary_id, reasons, arms, elapsed_s, checks)
+    if at_budget:
+        budget = f"{elapsed_s / 60:.1f} min" if timed_out else f"{ca.requests} canary requests"
+        if all_ok:
+            reasons = [f"non-inferior on every metric after {budget}"] + [checks[n]["detail"] for n in ivs]
+            return Decision("promote", canary_id, reasons, arms, elapsed_s, checks)
+        failed = [f"not shown non-inferior after {budget}: {checks[n]['detail']}" for n in ivs if n not in noninferior]
+        return Decision("rollback", canary_id, failed, arms, elapsed_s, checks)
+    wait = (
+        f"canary has {ca.requests}/{deploy.canary_min_requests} requests (budget {deploy.canary_max_requests} "
+        f"or {deploy.canary_max_minutes:g} min), {elapsed_s / 60:.1f} min in"
+    )
+    return Decision("wait", canary_id, [wait] + [checks[n]["detail"] for n in ivs], arms, elapsed_s, checks)
 
 
 def apply(db: Database, decision: Decision, actor: str = "canary-judge") -> Canary:

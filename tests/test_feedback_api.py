@@ -1,7 +1,7 @@
 """POST/GET /v1/feedback over real HTTP (uvicorn on a free port) against a real DuckDB, registry, writer and Auth.
 
-The app here holds only the feedback controller and the components it uses
-(contract 5); the live server with the engine is tested by the server tests.
+The app here holds only the feedback controller and the components it uses (the
+controller answers the same way mounted in any app); the live server with the engine is tested by the server tests.
 """
 
 from __future__ import annotations

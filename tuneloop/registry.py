@@ -185,10 +185,6 @@ def get_run(db: Database, run_id: str) -> RunRecord:
     return _row_to(RunRecord, rows[0])
 
 
-def list_runs(db: Database) -> list[RunRecord]:
-    return [_row_to(RunRecord, r) for r in db.query("SELECT * FROM runs ORDER BY started_at")]
-
-
 # ---- model versions -----------------------------------------------------------
 
 

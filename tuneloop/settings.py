@@ -210,18 +210,48 @@ class DriftSettings:
 @dataclass
 class DeploySettings:
     canary_share: float = field(default=0.1, metadata={"help": "Share of 'production' traffic sent to the canary."})
-    canary_min_requests: int = field(default=100, metadata={"help": "Requests on the canary before it is judged."})
+    canary_min_requests: int = field(
+        default=100,
+        metadata={
+            "help": "Requests on the canary before it can be promoted (a clearly worse canary is rolled back sooner)."
+        },
+    )
+    canary_max_requests: int = field(
+        default=2000,
+        metadata={
+            "help": "Traffic budget: once the canary has this many requests it is promoted if it is non-inferior on every "
+            "metric, else rolled back (0 = only canary_max_minutes ends it)."
+        },
+    )
     canary_max_minutes: float = field(
-        default=30.0, metadata={"help": "Judge the canary after this long even with fewer requests."}
+        default=30.0,
+        metadata={"help": "Time budget: after this long the canary is decided as at the traffic budget."},
+    )
+    canary_alpha: float = field(
+        default=0.05,
+        metadata={
+            "help": "Error rate of the canary's sequential test: the chance that a canary worse than a margin is "
+            "promoted, or one that is not is rolled back, however often it is judged (split over the metrics)."
+        },
     )
     canary_max_error_rate_delta: float = field(
-        default=0.02, metadata={"help": "Canary error rate may exceed production's by at most this."}
+        default=0.02,
+        metadata={"help": "Non-inferiority margin: the canary's error rate may exceed production's by at most this."},
     )
     canary_max_latency_ratio: float = field(
-        default=1.5, metadata={"help": "Canary p50 latency may be at most this times production's."}
+        default=1.5,
+        metadata={
+            "help": "Non-inferiority margin: the canary's geometric-mean latency of successful requests may be at most "
+            "this times production's."
+        },
     )
     canary_max_negative_feedback_delta: float = field(
-        default=0.1, metadata={"help": "Canary thumbs-down share may exceed production's by at most this."}
+        default=0.1,
+        metadata={
+            "help": "Non-inferiority margin of the primary metric: the canary's thumbs-down share of rated requests may "
+            "exceed production's by at most this. A canary whose share is higher with confidence is rolled back at once; "
+            "one whose share is lower with confidence is promoted early."
+        },
     )
     gate_metric: str = field(
         default="token_f1",
