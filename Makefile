@@ -73,6 +73,7 @@ bench: setup
 	$(BIN)/python bench/serve_overhead.py
 	$(BIN)/python bench/drift.py
 	$(BIN)/python bench/canary_sim.py
+	$(BIN)/python bench/eval_throughput.py
 
 # Re-resolve the pinned set from the loose requirements (needs the package index).
 lock:

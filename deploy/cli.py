@@ -1,4 +1,4 @@
-"""CLI of the deploy area: ``tuneloop deploy gate|canary|promote|rollback|status``, ``tuneloop loop``, ``tuneloop demo``.
+"""CLI of the deploy area: ``tuneloop eval``, ``tuneloop deploy gate|canary|promote|rollback|status``, ``tuneloop loop``, ``tuneloop demo``.
 
 Only light imports at module level (see tuneloop.cli); work happens in handlers.
 Exit codes: 0 success, 1 a gate refused the candidate / a canary was rolled back,
@@ -29,6 +29,7 @@ def _actor() -> str:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    _register_eval(sub)
     g = add_group(sub, "deploy", "eval gate, canary, promote, rollback and the deploy state")
 
     p = g.add_parser(
@@ -443,3 +444,56 @@ def cmd_demo(args: argparse.Namespace, ctx: Context) -> int:
         offline_only=args.offline_only,
     )
     return run_demo(ctx, opts)
+
+
+# ---- tuneloop eval -------------------------------------------------------------------------------
+
+
+def _register_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate model versions on a dataset's held-out split (+ golden prompts, forgetting)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Compare models on the same held-out examples: loss, perplexity, exact match, token F1, ROUGE-L, "
+        "golden prompts and general-set perplexity (forgetting). Answers are generated on vLLM's offline engine "
+        "(adapters as LoRA requests; deploy.eval_backend), loss on transformers. Prints a table and stores a JSON "
+        "report.",
+        epilog="examples:\n  tuneloop eval chat-v1 base --dataset chatterbot --limit 50\n"
+        "  tuneloop eval chat-v2 chat-v1 --golden golden.yaml --general general.txt\n"
+        "  tuneloop eval chat-v1 base --backend transformers",
+    )
+    p.add_argument("models", nargs="+", help="version names, model folders or 'base' (the first model's base)")
+    p.add_argument("--dataset", help="dataset with a test split (default: the first version's dataset)")
+    p.add_argument("--golden", help="golden prompts (YAML or JSONL: prompt + expect/regex)")
+    p.add_argument(
+        "--general", help="general held-out text (.txt, .jsonl with text/messages, or a dataset) for forgetting"
+    )
+    p.add_argument("--limit", type=int, help="evaluate at most this many test examples")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="generation budget per example (default 64)")
+    p.add_argument(
+        "--backend",
+        choices=("vllm", "transformers"),
+        help="where answers are generated (default: deploy.eval_backend, vllm)",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(handler=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace, ctx: Context) -> int:
+    from tuneloop.deploy.gate import eval_generator
+    from tuneloop.trainer.evaluate import evaluate, format_report
+
+    with eval_generator(ctx.settings, args.backend) as generator:
+        report = evaluate(
+            args.models,
+            args.dataset,
+            ctx.db,
+            ctx.settings,
+            golden=args.golden,
+            general=args.general,
+            limit=args.limit,
+            max_new_tokens=args.max_new_tokens,
+            generator=generator,
+        )
+    print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
+    return 0

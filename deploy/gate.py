@@ -25,7 +25,8 @@ Contract
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,7 @@ from tuneloop.ids import new_id
 
 if TYPE_CHECKING:
     from tuneloop.settings import DeploySettings, Settings
+    from tuneloop.trainer.evaluate import Generator
 
 
 class GateError(UserError, ValueError):
@@ -195,6 +197,21 @@ def judge_report(
     )
 
 
+@contextmanager
+def eval_generator(settings: Settings, backend: str | None = None) -> Iterator[Generator | None]:
+    """The generator evaluation runs on: vLLM's offline engine (freed on exit), or None for transformers."""
+    backend = backend or settings.deploy.eval_backend
+    if backend == "transformers":
+        yield None
+        return
+    if backend != "vllm":
+        raise GateError(f"deploy.eval_backend must be 'vllm' or 'transformers', got {backend!r}")
+    from tuneloop.server.offline_engine import OfflineGenerator
+
+    with OfflineGenerator(settings.engine) as g:
+        yield g
+
+
 def baseline_for(db: Database, candidate: str) -> tuple[str, str]:
     """(label, evaluate() reference) of what ``candidate`` must beat: the production version, else its base model."""
     from tuneloop.registry import get_version, version_by_stage
@@ -226,7 +243,10 @@ def run_gate(
     if not ds:
         raise GateError(f"{candidate} has no dataset recorded; pass --dataset with a held-out split")
     label, ref = baseline_for(db, candidate)
-    report = evaluate([candidate, ref], ds, db, settings, golden=golden, general=general, limit=limit)
+    with eval_generator(settings) as generator:
+        report = evaluate(
+            [candidate, ref], ds, db, settings, golden=golden, general=general, limit=limit, generator=generator
+        )
     names = report.get("models") or [candidate, ref]
     result = judge_report(report, names[0], names[1], settings.deploy, seed=seed)
     result.candidate, result.baseline = candidate, label if label != "base" else f"base ({ref})"

@@ -118,7 +118,7 @@ class CycleResult:
     dataset: str | None = None
 
     def summary(self) -> str:
-        lines = [f"cycle {self.cycle_id}: {self.outcome}"]
+        lines = [f"cycle {self.cycle_id}: {self.outcome.replace('_', ' ')}"]
         for s in STEPS:
             st = self.steps.get(s)
             if st:

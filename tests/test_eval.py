@@ -124,3 +124,43 @@ def test_bad_eval_input_exits_2_without_a_report(ws, args, message):
     r = ws["cli"]("eval", *[a.format(a=ws["a"]) for a in args], check=False)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
     assert ws["db"].query("SELECT count(*) AS n FROM eval_reports")[0]["n"] == before
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+def test_eval_generates_on_vllm_with_the_adapter_as_a_lora_request_and_matches_transformers_greedy(ws, tiny_model):
+    from fixtures_server import make_lora
+
+    from tuneloop.ids import hash_path
+    from tuneloop.registry import ModelVersion, register_version
+    from tuneloop.server.offline_engine import OfflineGenerator
+    from tuneloop.settings import load_settings
+    from tuneloop.trainer.evaluate import evaluate
+
+    db, settings = ws["db"], load_settings(overrides=[f"paths.home={ws['root'] / 'home'}"])
+    lora = make_lora(tiny_model, ws["root"] / "lora-eval", seed=5)
+    register_version(
+        db,
+        ModelVersion(
+            name="eval-lora", kind="adapter", base_model=str(tiny_model), path=str(lora), content_hash=hash_path(lora)
+        ),
+    )
+    args = (["eval-lora", "base"], "chat", db, settings)
+    kw = dict(limit=6, max_new_tokens=12, progress=False)
+    with OfflineGenerator(settings.engine) as g:
+        on_vllm = evaluate(*args, generator=g, **kw)
+        assert g.start_s > 0  # one engine for the base and its adapter
+    on_hf = evaluate(*args, **kw)
+    assert {n: on_vllm["generation"][n]["backend"] for n in ("eval-lora", "base")} == {
+        "eval-lora": "vllm",
+        "base": "vllm",
+    }
+    assert {n: on_hf["generation"][n]["backend"] for n in ("eval-lora", "base")} == {
+        "eval-lora": "transformers",
+        "base": "transformers",
+    }
+    vllm_answers = [s["eval-lora"] for s in on_vllm["samples"]], [s["base"] for s in on_vllm["samples"]]
+    hf_answers = [s["eval-lora"] for s in on_hf["samples"]], [s["base"] for s in on_hf["samples"]]
+    assert vllm_answers[0] != vllm_answers[1]  # the LoRA request changed the answers
+    assert vllm_answers == hf_answers  # greedy fp32: the same answers from both engines
+    assert on_vllm["per_example"]["eval-lora"]["token_f1"] == on_hf["per_example"]["eval-lora"]["token_f1"]

@@ -1,4 +1,4 @@
-"""CLI commands of the trainer area: ``models``, ``data``, ``train``, ``eval``, ``merge``.
+"""CLI commands of the trainer area: ``models``, ``data``, ``train``, ``merge``.
 
 Only light imports at module level (see tuneloop.cli); work happens in handlers.
 """

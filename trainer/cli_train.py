@@ -1,12 +1,12 @@
-"""CLI: ``tuneloop train``, ``tuneloop eval``, ``tuneloop merge`` (registered by trainer/cli.py).
+"""CLI: ``tuneloop train`` and ``tuneloop merge`` (registered by trainer/cli.py).
 
+``tuneloop eval`` lives with the release lifecycle (tuneloop.deploy.cli): it generates on vLLM.
 Only argparse and config dataclasses are imported at module level; torch/TRL load in handlers.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import TYPE_CHECKING
 
@@ -56,26 +56,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar or loss table")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=cmd_train)
-
-    p = sub.add_parser(
-        "eval",
-        help="evaluate model versions on a dataset's held-out split (+ golden prompts, forgetting)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Compare models on the same held-out examples: loss, perplexity, exact match, token F1, ROUGE-L, "
-        "golden prompts and general-set perplexity (forgetting). Prints a table and stores a JSON report.",
-        epilog="examples:\n  tuneloop eval chat-v1 base --dataset chatterbot --limit 50\n"
-        "  tuneloop eval chat-v2 chat-v1 --golden golden.yaml --general general.txt",
-    )
-    p.add_argument("models", nargs="+", help="version names, model folders or 'base' (the first model's base)")
-    p.add_argument("--dataset", help="dataset with a test split (default: the first version's dataset)")
-    p.add_argument("--golden", help="golden prompts (YAML or JSONL: prompt + expect/regex)")
-    p.add_argument(
-        "--general", help="general held-out text (.txt, .jsonl with text/messages, or a dataset) for forgetting"
-    )
-    p.add_argument("--limit", type=int, help="evaluate at most this many test examples")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="generation budget per example (default 64)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(handler=cmd_eval)
 
     p = sub.add_parser(
         "merge",
@@ -140,23 +120,6 @@ def cmd_train(args: argparse.Namespace, ctx: Context) -> int:
 
     res = train(cfg, ctx.db, ctx.settings, progress=not args.quiet)
     print(result_text(res, args.json))
-    return 0
-
-
-def cmd_eval(args: argparse.Namespace, ctx: Context) -> int:
-    from tuneloop.trainer.evaluate import evaluate, format_report
-
-    report = evaluate(
-        args.models,
-        args.dataset,
-        ctx.db,
-        ctx.settings,
-        golden=args.golden,
-        general=args.general,
-        limit=args.limit,
-        max_new_tokens=args.max_new_tokens,
-    )
-    print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
     return 0
 
 

@@ -12,9 +12,13 @@ Contract
   - ``loss`` / ``perplexity``: mean NLL of the answer tokens (EOS included)
     given the prompt, tokenized exactly as in training
     (:func:`tuneloop.chat.training_example`);
-  - ``exact_match``, ``token_f1``, ``rouge_l``: greedy generation (HF
-    ``generate``, at most ``max_new_tokens``, stops at EOS) from the server's
-    prompt rendering (:func:`tuneloop.chat.render_prompt`) vs the reference answer.
+  - ``exact_match``, ``token_f1``, ``rouge_l``: greedy generation (at most
+    ``max_new_tokens``, stops at EOS) from the server's prompt rendering
+    (:func:`tuneloop.chat.render_prompt`) vs the reference answer. Generation
+    runs on ``generator`` (a :class:`Generator`: the gate and ``tuneloop eval``
+    pass vLLM's offline engine, adapters as LoRA requests) for every model it
+    ``supports``, else on transformers ``generate``; ``report["generation"]``
+    says which backend each model used and how long it took.
 * ``golden``: a YAML list or JSONL of ``{name?, prompt | messages, expect?: str|[str], regex?: str|[str]}``;
   a prompt passes when its greedy output contains every ``expect`` substring
   (case-insensitive) and matches every ``regex``.
@@ -38,9 +42,10 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tuneloop.chat import Tokenizer
 from tuneloop.errors import UserError
@@ -51,6 +56,17 @@ if TYPE_CHECKING:
     from tuneloop.settings import Settings
 
 METRICS = ("loss", "perplexity", "exact_match", "token_f1", "rouge_l")
+
+
+class Generator(Protocol):
+    """Greedy batch generation for evaluation (vLLM's offline engine in the product, see module doc)."""
+
+    def supports(self, adapter: Path | None) -> bool: ...
+
+    def generate(
+        self, base: Path, adapter: Path | None, prompts: list[list[int]], max_new_tokens: int
+    ) -> list[str]: ...
+
 
 # a causal LM ready for inference: a transformers model, or a PeftModel wrapping one
 CausalLM = Any
@@ -233,9 +249,10 @@ def _nll(model: CausalLM, ids: list[int], mask: list[int]) -> tuple[float, int]:
     return float(-lp[m].sum()), int(m.sum())
 
 
-def _generate(
+def generate_transformers(
     model: CausalLM, tok: Tokenizer, prompts: list[list[int]], max_new_tokens: int, batch: int = 8
 ) -> list[str]:
+    """Greedy answers with transformers ``generate`` in left-padded batches (for models vLLM cannot serve)."""
     import torch
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -268,7 +285,10 @@ def _evaluate_one(
     general: list[dict[str, Any]] | None,
     max_new_tokens: int,
     progress: bool,
+    generator: Generator | None = None,
 ) -> dict[str, Any]:
+    import time
+
     from tqdm import tqdm
 
     from tuneloop.chat import render_prompt, split_answer, training_example
@@ -284,8 +304,16 @@ def _evaluate_one(
             loss = s / n if n else 0.0
             per["loss"].append(loss)
             per["perplexity"].append(math.exp(min(loss, 50.0)))
+        use = generator if generator is not None and generator.supports(m.adapter) else None
+
+        def generate(prompts: list[list[int]], hf: CausalLM = model) -> list[str]:
+            if use is not None:
+                return use.generate(m.base, m.adapter, prompts, max_new_tokens)
+            return generate_transformers(hf, tok, prompts, max_new_tokens)
+
+        t0 = time.perf_counter()
         prompts = [render_prompt(tok, split_answer(r["messages"])[0]) for r in rows]
-        preds = _generate(model, tok, prompts, max_new_tokens)
+        preds = generate(prompts)
         for r, pred in zip(rows, preds):
             ref = r["messages"][-1]["content"]
             per["exact_match"].append(exact_match(pred, ref))
@@ -297,7 +325,7 @@ def _evaluate_one(
             summary[k] = sum(per[k]) / len(per[k]) if per[k] else 0.0
         gold = None
         if golden:
-            outs = _generate(model, tok, [render_prompt(tok, g["messages"]) for g in golden], max_new_tokens)
+            outs = generate([render_prompt(tok, g["messages"]) for g in golden])
             results = []
             for g, out in zip(golden, outs):
                 missing = [e for e in g["expect"] if e.lower() not in out.lower()]
@@ -326,7 +354,12 @@ def _evaluate_one(
                 s, n = _nll(model, ids, [1] * len(ids))
                 g_nll, g_n = g_nll + s, g_n + n
             summary["general_perplexity"] = math.exp(min(g_nll / g_n, 50.0)) if g_n else None
-        return {"summary": summary, "per_example": per, "golden": gold, "predictions": preds}
+        generation = {
+            "backend": "vllm" if use is not None else "transformers",
+            "seconds": round(time.perf_counter() - t0, 3),
+            "prompts": len(prompts) + len(golden),
+        }
+        return {"summary": summary, "per_example": per, "golden": gold, "predictions": preds, "generation": generation}
     finally:
         del model
         import gc
@@ -344,6 +377,7 @@ def evaluate(
     limit: int | None = None,
     max_new_tokens: int = 64,
     progress: bool = True,
+    generator: Generator | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``models`` on the same held-out examples and store the report (see module doc)."""
     from tuneloop.db import dumps
@@ -368,8 +402,8 @@ def evaluate(
     results = {}
     for m in refs:
         if progress:
-            print(f"evaluating {m.name} on {len(rows)} {split} examples ...", flush=True)
-        results[m.name] = _evaluate_one(m, rows, gold, gen, max_new_tokens, progress)
+            print(f"evaluating {m.name} on {len(rows)} {split} examples ...", file=sys.stderr, flush=True)
+        results[m.name] = _evaluate_one(m, rows, gold, gen, max_new_tokens, progress, generator)
     rid = new_id()
     created = utcnow()
     names = [m.name for m in refs]
@@ -388,6 +422,7 @@ def evaluate(
         "summary": {n: results[n]["summary"] for n in names},
         "per_example": {n: results[n]["per_example"] for n in names},
         "golden": {n: results[n]["golden"] for n in names} if gold else {},
+        "generation": {n: results[n]["generation"] for n in names},
         "samples": [
             {
                 "id": r["id"],

@@ -3,7 +3,8 @@
 Contract: :func:`configure_vllm_env` sets the variables vLLM needs or benefits
 from on CPU without overriding anything the user already exported:
 ``VLLM_CPU_KVCACHE_SPACE`` (without it vLLM's CPU start-up fails),
-``VLLM_TARGET_DEVICE``, core binding, offline hub and project-local caches. :func:`has_cuda` detects a GPU without importing
+``VLLM_TARGET_DEVICE``, core binding, offline hub, project-local caches and vLLM's log
+on stderr (stdout is the command's output). :func:`has_cuda` detects a GPU without importing
 vLLM. :func:`pick_dtype` maps ``auto`` to float32 on CPU and bfloat16 on GPU.
 """
 
@@ -37,6 +38,8 @@ def configure_vllm_env(engine: EngineSettings | None = None, cache_root: str | o
     env = os.environ
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # vLLM logs to stdout by default; stdout belongs to the command's output (`tuneloop eval --json`)
+    env.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     root = Path(cache_root or env.get("TUNELOOP_HOME", ".tuneloop")).resolve() / "cache"
     env.setdefault("VLLM_CACHE_ROOT", str(root / "vllm"))
     if has_cuda():

@@ -253,6 +253,13 @@ class DeploySettings:
             "one whose share is lower with confidence is promoted early."
         },
     )
+    eval_backend: str = field(
+        default="vllm",
+        metadata={
+            "help": "Where the gate and `tuneloop eval` generate answers: 'vllm' (vLLM's offline engine, adapters as "
+            "LoRA requests; versions vLLM cannot serve fall back to transformers) or 'transformers' (`generate`)."
+        },
+    )
     gate_metric: str = field(
         default="token_f1",
         metadata={"help": "Per-example metric the gate compares (token_f1, rouge_l, exact_match, neg_loss)."},
