@@ -53,8 +53,8 @@ if TYPE_CHECKING:
     from tuneloop.monitoring.canary import Canary
     from tuneloop.trainer.train import TrainResult
 
-# held-out examples the demo's gates evaluate per model (greedy generation on CPU is the slow part)
-GATE_EXAMPLES = 48
+# held-out examples the demo's gates evaluate per model (answers generated on vLLM's offline engine)
+GATE_EXAMPLES = 200
 # what the demo changes in the settings (besides the --tiny gate tolerance)
 CANARY_OVERRIDES = ["deploy.canary_min_requests=15", "deploy.canary_max_minutes=10", "deploy.canary_judge_interval_s=2"]
 TINY_OVERRIDES = ["deploy.gate_min_delta=1.0", "deploy.gate_max_forgetting=100"]

@@ -235,10 +235,13 @@ def run_gate(
     seed: int = 0,
 ) -> GateResult:
     """Evaluate ``candidate`` against production (or its base) and judge; records the verdict."""
-    from tuneloop.registry import get_version
+    from tuneloop.registry import get_version, unservable_reason
     from tuneloop.trainer.evaluate import evaluate
 
     v = get_version(db, candidate)
+    why = unservable_reason(v.kind, v.path)
+    if why:
+        raise GateError(f"{candidate} cannot be served, so it cannot pass the gate: {why}")
     ds = dataset or v.dataset_id
     if not ds:
         raise GateError(f"{candidate} has no dataset recorded; pass --dataset with a held-out split")

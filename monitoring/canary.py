@@ -61,7 +61,7 @@ from tuneloop.errors import UserError
 from tuneloop.ids import new_id
 from tuneloop.monitoring.sequential import MIN_N, Interval, bernoulli, diff_cs
 from tuneloop.ratings import negative_sql
-from tuneloop.registry import RegistryError, set_stage
+from tuneloop.registry import RegistryError, set_stage, unservable_reason
 
 if TYPE_CHECKING:
     from tuneloop.settings import DeploySettings
@@ -170,9 +170,12 @@ def start(db: Database, candidate: str, share: float, actor: str = "tuneloop", r
         run = con.execute("SELECT id, candidate FROM canaries WHERE status = 'running'").fetchone()
         if run:
             raise CanaryError(f"canary {run[0]} for {run[1]} is still running: promote or roll it back first")
-        row = con.execute("SELECT stage FROM model_versions WHERE name = ?", [candidate]).fetchone()
+        row = con.execute("SELECT stage, kind, path FROM model_versions WHERE name = ?", [candidate]).fetchone()
         if not row:
             raise CanaryError(f"unknown model version {candidate!r}; see `tuneloop models list`")
+        why = unservable_reason(row[1], row[2])
+        if why:
+            raise CanaryError(f"{candidate} cannot be served, so it cannot take traffic: {why}")
         if row[0] == "production":
             raise CanaryError(f"{candidate} is already in production")
         prod = con.execute(

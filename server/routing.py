@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tuneloop.db import CachedRead, Database, DatabaseBusy
-from tuneloop.registry import ModelVersion, _row_to
+from tuneloop.registry import ModelVersion, _row_to, unservable_reason
 from tuneloop.server.engine import AdapterError, AdapterInfo, _same_model
 from tuneloop.server.errors import APIError
 
@@ -324,6 +324,8 @@ class ModelRouter:
         names += [a.name for a in self.engine.adapters()]
         for v in self._versions.values():
             if v.kind == "adapter" and v.stage != "retired" and v.name not in names:
+                if unservable_reason(v.kind, v.path):  # e.g. prompt tuning: never advertise what every request fails
+                    continue
                 try:
                     if self._is_base(v.base_model):
                         names.append(v.name)

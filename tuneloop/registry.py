@@ -12,8 +12,10 @@ recorded in ``deploy_events`` with who/when/why. All functions take a
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tuneloop.db import Database, dumps, loads, utcnow
@@ -79,6 +81,31 @@ class ModelVersion:
     created_at: datetime | None = None
     stage: str = "candidate"
     stage_changed_at: datetime | None = None
+
+
+def unservable_reason(kind: str, path: str) -> str | None:
+    """Why vLLM cannot serve a version of this kind at this path, or None when nothing says it cannot.
+
+    vLLM serves plain model folders and PEFT LoRA adapters (QLoRA and DPO train LoRA
+    adapters too); other PEFT methods, such as prompt tuning, it cannot load, so such a
+    version must never be gated, canaried or promoted: every request would fail. An
+    adapter folder that is missing or unreadable is not judged here: the server refuses
+    to load it, naming the file.
+    """
+    if kind != "adapter":
+        return None
+    try:
+        peft_type = str(
+            json.loads((Path(path).expanduser() / "adapter_config.json").read_text()).get("peft_type") or ""
+        )
+    except (OSError, ValueError):
+        return None
+    if peft_type.upper() != "LORA":
+        return (
+            f"it is a {peft_type or 'non-LoRA'} adapter, and vLLM serves only LoRA adapters; "
+            "train it with method=lora (or qlora/dpo), or merge a LoRA into full weights"
+        )
+    return None
 
 
 _JSON = {"source", "card", "parent_ids", "config", "metrics"}
@@ -234,14 +261,20 @@ def set_stage(
     details: dict[str, Any] | None = None,
     con: DuckDBPyConnection | None = None,
 ) -> None:
-    """Move ``name`` to ``stage`` (recording the event); promoting to production retires the previous one."""
+    """Move ``name`` to ``stage`` (recording the event); promoting to production retires the previous one.
+
+    A version the server cannot serve (:func:`unservable_reason`) never reaches ``production`` or ``canary``.
+    """
     if stage not in STAGES:
         raise RegistryError(f"stage must be one of {STAGES}, got {stage!r}")
 
     def run(c: DuckDBPyConnection) -> None:
-        row = c.execute("SELECT stage FROM model_versions WHERE name = ?", [name]).fetchone()
+        row = c.execute("SELECT stage, kind, path FROM model_versions WHERE name = ?", [name]).fetchone()
         if not row:
             raise RegistryError(f"unknown model version {name!r}")
+        why = unservable_reason(row[1], row[2]) if stage in ("production", "canary") else None
+        if why:
+            raise RegistryError(f"{name} cannot be served, so it cannot go to {stage}: {why}")
         now = utcnow()
         if stage in ("production", "canary"):
             for (other,) in c.execute(
