@@ -274,39 +274,30 @@ def judge(db: Database, canary_id: str | None, deploy: DeploySettings, now: date
     return decide(c.id, arm_stats(db, c), elapsed, deploy)
 
 
-def metric_intervals(ca: ArmStats, pa: ArmStats, deploy: DeploySettings) -> dict[str, tuple[Interval, float, str]]:
-    """Per measured metric: (confidence sequence of canary - production, non-inferiority margin, what it is)."""
-    # the guardrails are always judged (too few requests give an interval that shows nothing); the primary
-    # metric only once both arms have enough ratings: users who do not rate leave the decision to the guardrails
-    measured = {"negative_feedback": min(ca.rated, pa.rated) >= MIN_N, "error_rate": True, "latency": True}
-    alpha = deploy.canary_alpha / max(1, sum(measured.values()))
-    lat_margin = math.log(deploy.canary_max_latency_ratio)
-    out: dict[str, tuple[Interval, float, str]] = {}
-    if measured["negative_feedback"]:
-        iv = diff_cs(
+def metric_intervals(ca: ArmStats, pa: ArmStats, deploy: DeploySettings) -> dict[str, tuple[Interval, float]]:
+    """Per measured metric: (confidence sequence of canary - production, its non-inferiority margin)."""
+    Moments = tuple[float, float, int]
+    metrics: dict[str, tuple[Moments, Moments, float]] = {}
+    # the primary metric only once both arms have enough ratings (users who do not rate leave the decision to the
+    # guardrails); the guardrails always (too few requests give an interval that shows nothing)
+    if min(ca.rated, pa.rated) >= MIN_N:
+        metrics["negative_feedback"] = (
             bernoulli(ca.negative, ca.rated),
             bernoulli(pa.negative, pa.rated),
-            alpha,
             deploy.canary_max_negative_feedback_delta,
         )
-        out["negative_feedback"] = (iv, deploy.canary_max_negative_feedback_delta, "thumbs-down share")
-    if measured["error_rate"]:
-        iv = diff_cs(
-            bernoulli(ca.errors, ca.requests),
-            bernoulli(pa.errors, pa.requests),
-            alpha,
-            deploy.canary_max_error_rate_delta,
-        )
-        out["error_rate"] = (iv, deploy.canary_max_error_rate_delta, "error rate")
-    if measured["latency"]:
-        iv = diff_cs(
-            (ca.log_latency_mean, ca.log_latency_var, ca.latency_n),
-            (pa.log_latency_mean, pa.log_latency_var, pa.latency_n),
-            alpha,
-            lat_margin,
-        )
-        out["latency"] = (iv, lat_margin, "log latency")
-    return out
+    metrics["error_rate"] = (
+        bernoulli(ca.errors, ca.requests),
+        bernoulli(pa.errors, pa.requests),
+        deploy.canary_max_error_rate_delta,
+    )
+    metrics["latency"] = (
+        (ca.log_latency_mean, ca.log_latency_var, ca.latency_n),
+        (pa.log_latency_mean, pa.log_latency_var, pa.latency_n),
+        math.log(deploy.canary_max_latency_ratio),
+    )
+    alpha = deploy.canary_alpha / len(metrics)
+    return {name: (diff_cs(c, p, alpha, margin), margin) for name, (c, p, margin) in metrics.items()}
 
 
 def _detail(name: str, ca: ArmStats, pa: ArmStats, iv: Interval, margin: float) -> str:
@@ -345,7 +336,7 @@ def decide(canary_id: str, arms: dict[str, ArmStats], elapsed_s: float, deploy: 
     checks: dict[str, dict[str, Any]] = {}
     worse: list[str] = []
     noninferior: list[str] = []
-    for name, (iv, margin, _what) in ivs.items():
+    for name, (iv, margin) in ivs.items():
         bound = 0.0 if name == "negative_feedback" else margin
         is_worse = iv.lo > bound
         ok = iv.hi <= margin

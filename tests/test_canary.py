@@ -326,6 +326,17 @@ def _rated_traffic(srv, client, canary_version: str, canary_rating: str, n: int,
     return served
 
 
+def _rated_canary(srv, db, version: str, canary_rating: str, n: int, tag: str):
+    """Start a 50% canary of ``version``, send ``n`` rated chats, and wait for the server's own decision."""
+    import httpx
+
+    c = canary.start(db, version, 0.5, actor="test")
+    httpx.post(srv.url + "/admin/state/refresh", timeout=30).raise_for_status()
+    served = _rated_traffic(srv, srv.openai(), version, canary_rating, n, tag)
+    assert served["canary"] >= 50 and served["production"] >= 50, served
+    return _wait_decided(srv, db, c.id)
+
+
 def _wait_decided(srv, db, canary_id: str, timeout_s: float = 60):
     import time
 
@@ -339,14 +350,8 @@ def _wait_decided(srv, db, canary_id: str, timeout_s: float = 60):
 @pytest.mark.engine
 @pytest.mark.slow
 def test_live_server_rolls_back_a_clearly_worse_canary_by_itself(canary_server):
-    import httpx
-
     srv, db = canary_server
-    c = canary.start(db, "live-c", 0.5, actor="test")
-    httpx.post(srv.url + "/admin/state/refresh", timeout=30).raise_for_status()
-    served = _rated_traffic(srv, srv.openai(), "live-c", "down", 160, "worse")
-    assert served["canary"] >= 50 and served["production"] >= 50, served
-    decided = _wait_decided(srv, db, c.id)
+    decided = _rated_canary(srv, db, "live-c", "down", 160, "worse")
     assert decided.status == "rolled_back", decided
     assert decided.decision["action"] == "rollback"
     assert decided.decision["reasons"][0].startswith("worse with confidence: thumbs-down 100% of")
@@ -358,14 +363,8 @@ def test_live_server_rolls_back_a_clearly_worse_canary_by_itself(canary_server):
 @pytest.mark.engine
 @pytest.mark.slow
 def test_live_server_promotes_a_clearly_better_canary_by_itself(canary_server):
-    import httpx
-
     srv, db = canary_server
-    c = canary.start(db, "live-d", 0.5, actor="test")
-    httpx.post(srv.url + "/admin/state/refresh", timeout=30).raise_for_status()
-    served = _rated_traffic(srv, srv.openai(), "live-d", "up", 240, "better")
-    assert served["canary"] >= 50 and served["production"] >= 50, served
-    decided = _wait_decided(srv, db, c.id)
+    decided = _rated_canary(srv, db, "live-d", "up", 240, "better")
     assert decided.status == "promoted", decided
     assert decided.decision["reasons"][0].startswith("better with confidence after")
     checks = decided.decision["checks"]
