@@ -82,13 +82,13 @@ class Arm:
             requests=n,
             errors=int(self.errors[i]),
             error_rate=self.errors[i] / n if n else 0.0,
-            latency_p50_s=float(self.lat_p50[i]) if ln else None,
+            ttft_p50_s=float(self.lat_p50[i]) if ln else None,
             rated=int(self.rated[i]),
             negative=int(self.negative[i]),
             negative_share=self.negative[i] / self.rated[i] if self.rated[i] else 0.0,
-            latency_n=ln,
-            log_latency_mean=float(self.lat_mean[i]),
-            log_latency_var=float(self.lat_m2[i] / ln) if ln else 0.0,
+            ttft_n=ln,
+            log_ttft_mean=float(self.lat_mean[i]),
+            log_ttft_var=float(self.lat_m2[i] / ln) if ln else 0.0,
         )
 
 
@@ -118,7 +118,7 @@ def _old_rule(arms: dict[str, ArmStats]) -> str:
     c, p = arms["canary"], arms["production"]
     bad = (
         c.error_rate - p.error_rate > OLD["error_delta"]
-        or (c.latency_p50_s and p.latency_p50_s and c.latency_p50_s / p.latency_p50_s > OLD["latency_ratio"])
+        or (c.ttft_p50_s and p.ttft_p50_s and c.ttft_p50_s / p.ttft_p50_s > OLD["latency_ratio"])
         or (c.rated and c.negative_share - p.negative_share > OLD["negative_delta"])
     )
     return "rollback" if bad else "promote"

@@ -325,9 +325,19 @@ def _register_loop(sub: argparse._SubParsersAction) -> None:
         "back. Every step is recorded in loop_runs; rerunning with --cycle ID resumes an "
         "interrupted cycle, skipping finished steps. --watch keeps cycling, triggered by drift "
         "over threshold, N new feedback items, or a schedule.",
-        epilog="examples:\n  tuneloop loop --window 24h --set train.max_steps=20\n"
+        epilog="examples:\n  tuneloop loop --window 24h --train max_steps=20\n"
         "  tuneloop loop --cycle 01a2...            (resume)\n"
-        "  tuneloop loop --watch --min-feedback 50 --every 24h",
+        "  tuneloop loop --watch --min-feedback 50 --every 24h\n"
+        "  tuneloop loop --train method=kto         (train on thumbs-up/down)\n"
+        "  tuneloop loop --train method=auto        (dpo, kto or sft: what the feedback supports)\n"
+        "  tuneloop loop --set deploy.loop_train_method=auto --watch\n\n"
+        "training objective (--train method=, else deploy.loop_train_method, default sft):\n"
+        "  sft   a LoRA on the sampled SFT set: corrections and thumbs-up answers, plus unrated traffic\n"
+        "        (a thumbs-down answer without a correction is never an SFT answer)\n"
+        "  dpo   a LoRA with DPO on the preference pairs: correction (chosen) vs served response (rejected)\n"
+        "  kto   a LoRA with KTO on thumbs-up/corrections (desirable) and thumbs-down (undesirable) answers\n"
+        "  auto  dpo with >= deploy.loop_min_pairs pairs, else kto with both thumbs-up and -down, else sft\n"
+        "The train step's line shows the objective chosen and why.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--cycle", help="resume this cycle id (default: a new cycle)")
@@ -347,7 +357,8 @@ def _register_loop(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="training config override, e.g. --train max_steps=20 --train method=dpo (repeatable)",
+        help="training config override, e.g. --train max_steps=20; --train method=sft|dpo|kto|auto picks the "
+        "objective (default deploy.loop_train_method; repeatable)",
     )
     p.add_argument("--train-config", metavar="FILE", help="training config YAML")
     p.add_argument("--golden", metavar="FILE", help="golden prompts for the gate")

@@ -36,7 +36,96 @@ class DemoState:
     drift: dict[str, dict[str, Any]] = field(default_factory=dict)
     sample: dict[str, Any] = field(default_factory=dict)
     canary: dict[str, Any] = field(default_factory=dict)
+    heldout: dict[str, Any] = field(default_factory=dict)
     promoted: str | None = None
+
+
+# what the demo must show (the README and docs/BENCHMARKS.md list the same targets)
+MIN_TASK_SUCCESS = 0.40
+MIN_RATIO = 3.0
+MIN_UP_GAP = 0.30
+
+
+def scorecard(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The demo's targets, each ``{target, before, after, met}``: what v1 did, what v2 did, whether it is met."""
+    rows: list[dict[str, Any]] = []
+    versions = list(summary.get("versions", {}))
+    if len(versions) < 2:
+        return rows
+    v1, v2 = versions[0], versions[1]
+    c = summary.get("canary") or {}
+    by = str(c.get("decided_by") or "")
+    live = summary.get("promoted") == v2 and by not in ("", "demo")
+    rows.append(
+        {
+            "target": "v2 promoted by the live server's canary judge",
+            "before": f"{v1} in production",
+            "after": f"{summary.get('promoted') or v1} in production"
+            + (f" ({c.get('decision')} by {by})" if c else ""),
+            "met": live,
+        }
+    )
+    h = summary.get("heldout") or {}
+    if h:
+        s1, s2 = h["task_success"][v1], h["task_success"][v2]
+        rows.append(
+            {
+                "target": f"held-out task success >= {MIN_TASK_SUCCESS:.0%}",
+                "before": f"{s1:.0%}",
+                "after": f"{s2:.0%}",
+                "met": s2 >= MIN_TASK_SUCCESS,
+            }
+        )
+        rows.append(
+            {
+                "target": f"held-out task success >= {MIN_RATIO:g}x v1's",
+                "before": f"{s1:.0%}",
+                "after": f"{s2:.0%} ({'v1 had none' if not s1 else f'{s2 / s1:.1f}x'})",
+                "met": s2 >= MIN_RATIO * s1 and s2 > 0,
+            }
+        )
+        rows.append(
+            {
+                "target": "paired 95% CI lower bound of the difference > 0",
+                "before": "-",
+                "after": f"{h['delta']:+.0%} [{h['ci'][0]:+.0%}, {h['ci'][1]:+.0%}] over {h['n']} phrasings",
+                "met": h["ci"][0] > 0,
+            }
+        )
+    g = (summary.get("gates") or {}).get(v2) or {}
+    forget = next((x for x in g.get("checks", []) if x["name"] == "forgetting"), None)
+    if forget and not forget.get("skipped"):
+        rows.append(
+            {
+                "target": f"retention: perplexity rise on v1's data <= {forget['threshold']:.0%}",
+                "before": "-",
+                "after": f"{forget['value']:+.1%}",
+                "met": bool(forget["passed"]),
+            }
+        )
+    arms = ((summary.get("traffic") or {}).get("canary") or {}).get("by_version") or {}
+    if v1 in arms and v2 in arms:
+        u1, u2 = arms[v1]["task_success"], arms[v2]["task_success"]
+        rows.append(
+            {
+                "target": f"canary: thumbs-up share of v2's arm >= v1's + {MIN_UP_GAP:.0%} points",
+                "before": f"{u1:.0%} of {arms[v1]['rated']} rated",
+                "after": f"{u2:.0%} of {arms[v2]['rated']} rated",
+                "met": u2 - u1 >= MIN_UP_GAP,
+            }
+        )
+    d = summary.get("drift") or {}
+    sb, sa = (d.get("before") or {}).get("score"), (d.get("after") or {}).get("score")
+    if isinstance(sb, int | float) and isinstance(sa, int | float):
+        rows.append(
+            {
+                "target": "drift of production traffic vs the serving version's reference goes down",
+                "before": f"{sb:.3g} ({(d.get('before') or {}).get('model_version')})",
+                "after": f"{sa:.3g} ({(d.get('after') or {}).get('model_version')})",
+                "met": sa < sb,
+            }
+        )
+    return rows
 
 
 def finish(db: Database, st: DemoState, out: Path) -> Path:
@@ -59,13 +148,13 @@ def finish(db: Database, st: DemoState, out: Path) -> Path:
                 v.stage,
                 v.dataset_id or "-",
                 fmt_num(mine.get("loss")),
-                fmt_num(mine.get("token_f1")),
+                fmt_num(mine.get(g.get("metric", "token_f1"))),
                 ("passed" if g.get("passed") else "failed") if g else "-",
                 fmt_num(q["value"]) if q else "-",
             ]
         )
     print_table(
-        ["version", "stage", "dataset", "eval loss", "token F1", "gate", "CI low"], rows, title="model versions"
+        ["version", "stage", "dataset", "eval loss", "gate metric", "gate", "CI low"], rows, title="model versions"
     )
     n = db.query("SELECT count(*) AS n FROM requests")[0]["n"]
     f = db.query("SELECT count(*) AS n, count(correction) AS c FROM feedback")[0]
@@ -79,8 +168,6 @@ def finish(db: Database, st: DemoState, out: Path) -> Path:
     for k in ("before", "after"):
         if st.drift.get(k):
             print(f"drift {k}: {drift_line(st.drift[k])}")
-    for note in st.notes:
-        print(f"note: {note}")
     summary = {
         "total_s": round(total, 1),
         "timings_s": st.timings,
@@ -90,11 +177,21 @@ def finish(db: Database, st: DemoState, out: Path) -> Path:
         "drift": st.drift,
         "sample": st.sample,
         "canary": st.canary,
+        "heldout": st.heldout,
         "promoted": st.promoted,
         "requests": n,
         "feedback": f,
         "notes": st.notes,
     }
+    summary["scorecard"] = card = scorecard(summary)
+    if card:
+        print_table(
+            ["target", "before (v1)", "after (v2)", "met"],
+            [[r["target"], r["before"], r["after"], "yes" if r["met"] else "NO"] for r in card],
+            title="what the loop changed",
+        )
+    for note in st.notes:
+        print(f"note: {note}")
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     write_report(out / "report.html", summary)
     print(f"\nreport: {out / 'report.html'}  (total {total / 60:.1f} min)")
@@ -160,6 +257,25 @@ def write_report(path: Path, summary: dict[str, Any]) -> None:
     ]
     for n in summary.get("notes", []):
         parts.append(f"<p><i>note: {escape(n)}</i></p>")
+    if summary.get("scorecard"):
+        parts.append(
+            "<h2>What the loop changed</h2><table><tr><th>target</th><th>before (v1)</th><th>after (v2)</th><th>met</th></tr>"
+        )
+        for r in summary["scorecard"]:
+            parts.append(
+                f"<tr><td>{escape(r['target'])}</td><td>{escape(r['before'])}</td><td>{escape(r['after'])}</td>"
+                f"<td>{'yes' if r['met'] else '<b>NO</b>'}</td></tr>"
+            )
+        parts.append("</table>")
+    h = summary.get("heldout") or {}
+    if h:
+        parts.append(
+            _bars(
+                f"task success on {h['n']} held-out question phrasings (never trained on)",
+                list(h["task_success"].items()),
+                "{:.0%}",
+            )
+        )
     parts.append("<h2>Gates</h2>")
     for name, g in summary.get("gates", {}).items():
         summ = g.get("extra", {}).get("summary") or {}
@@ -179,8 +295,12 @@ def write_report(path: Path, summary: dict[str, Any]) -> None:
     for phase, t in tr.items():
         items += [(f"{phase}: thumbs up", t.get("up", 0)), (f"{phase}: thumbs down", t.get("down", 0))]
     parts.append(_bars("simulated feedback per phase", items, "{:.0f}"))
-    items = [(f"{phase}: {v}", d["f1"]) for phase, t in tr.items() for v, d in t.get("by_version", {}).items()]
-    parts.append(_bars("mean token F1 of answers vs the reference reply, per phase and serving version", items))
+    items = [
+        (f"{phase}: {v}", d["task_success"]) for phase, t in tr.items() for v, d in t.get("by_version", {}).items()
+    ]
+    parts.append(
+        _bars("answers that state the right fact (thumbs-up share), per phase and serving version", items, "{:.0%}")
+    )
     if summary.get("canary"):
         c = summary["canary"]
         parts.append(
@@ -196,8 +316,8 @@ def write_report(path: Path, summary: dict[str, Any]) -> None:
         )
         parts.append(
             _bars(
-                "p50 latency per arm (s)",
-                [(f"{a} ({s.get('model_version')})", s.get("latency_p50_s") or 0) for a, s in arms.items()],
+                "p50 time to first token per arm (s)",
+                [(f"{a} ({s.get('model_version')})", s.get("ttft_p50_s") or 0) for a, s in arms.items()],
             )
         )
     parts.append("<h2>Drift</h2>")
@@ -208,7 +328,8 @@ def write_report(path: Path, summary: dict[str, Any]) -> None:
             for k, v in feats.items()
             if isinstance(v, dict) and isinstance(v.get("value"), (int, float))
         ]
-        parts.append(_bars(f"drift statistics {phase}", items))
+        who = d.get("model_version", "")
+        parts.append(_bars(f"drift statistics {phase} ({who}; overall score {fmt_num(d.get('score'))})", items))
     if not summary.get("drift"):
         parts.append("<p>not measured</p>")
     parts.append(_bars("stage durations (s)", list(summary.get("timings_s", {}).items()), "{:.0f}"))

@@ -15,7 +15,10 @@ Contract
   - ``forgetting``: relative increase of ``general_perplexity`` <= ``gate_max_forgetting``
     (skipped when the report has no general set);
   - ``golden``: candidate pass rate >= min(``gate_min_golden_pass``, baseline's rate)
-    (skipped without golden prompts).
+    (skipped without golden prompts; ``deploy.gate_golden`` names a file every gate uses);
+  - ``shift``: mean NLL per token of production's logged answers under the candidate
+    minus under production <= ``gate_max_shift`` (an estimate of how far the candidate
+    moved; skipped when the baseline is a base model or nothing was logged).
 * :func:`run_gate` — evaluates a candidate against the production version (or,
   with none yet, against the candidate's base model) on the candidate dataset's
   held-out split, judges, and records the verdict as a ``deploy_events`` row
@@ -26,7 +29,7 @@ Contract
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -185,6 +188,7 @@ def judge_report(
                 f"passed {gc['passed']}/{gc['total']} golden prompts ({rc:.0%}); baseline {rb:.0%}; need >= {need_g:.0%}",
             )
         )
+    checks.append(_shift_check(summ.get(candidate) or {}, summ.get(baseline) or {}, deploy))
     return GateResult(
         candidate,
         baseline,
@@ -195,6 +199,43 @@ def judge_report(
         report_id=report.get("id"),
         extra={"bootstrap": asdict(bs), "summary": {m: summ.get(m) for m in (candidate, baseline)}},
     )
+
+
+def _shift_check(cand: dict[str, Any], base: dict[str, Any], deploy: DeploySettings) -> Check:
+    """How far the candidate moved from production: excess NLL of production's logged answers (nats/token)."""
+    nc, nb = cand.get("production_nll"), base.get("production_nll")
+    limit = deploy.gate_max_shift
+    if nc is None or nb is None:
+        return Check("shift", True, None, limit, "no logged production answers scored", skipped=True)
+    delta = float(nc) - float(nb)
+    allowed = limit < 0 or delta <= limit
+    bound = "no limit" if limit < 0 else f"at most {limit:.2f} allowed"
+    return Check(
+        "shift",
+        allowed,
+        delta,
+        limit,
+        f"production's logged answers: NLL {nc:.3f} under the candidate vs {nb:.3f} under production "
+        f"({delta:+.3f} nats/token, an estimate of KL(production || candidate)); {bound}",
+    )
+
+
+def production_answers(db: Database, version: str, limit: int) -> list[dict[str, Any]]:
+    """The latest ``limit`` successful chat answers ``version`` served, as ``{"messages": [..., answer]}``."""
+    rows = db.query(
+        """SELECT prompt, response FROM requests
+           WHERE model_version = ? AND status = 200 AND route = 'chat.completions'
+                 AND prompt IS NOT NULL AND response IS NOT NULL AND response <> ''
+           ORDER BY received_at DESC LIMIT ?""",
+        [version, limit],
+    )
+    out = []
+    for r in rows:
+        msgs = loads(r["prompt"]) if isinstance(r["prompt"], str) else r["prompt"]
+        if isinstance(msgs, list) and msgs and all(isinstance(m, dict) and "content" in m for m in msgs):
+            msgs = [{"role": str(m.get("role", "user")), "content": str(m["content"])} for m in msgs]
+            out.append({"messages": [*msgs, {"role": "assistant", "content": r["response"]}]})
+    return out
 
 
 @contextmanager
@@ -233,8 +274,13 @@ def run_gate(
     limit: int | None = None,
     actor: str = "gate",
     seed: int = 0,
+    generator: Generator | None = None,
 ) -> GateResult:
-    """Evaluate ``candidate`` against production (or its base) and judge; records the verdict."""
+    """Evaluate ``candidate`` against production (or its base) and judge; records the verdict.
+
+    Answers are generated on ``generator`` when one is given (an engine the caller keeps running across
+    gates), else on the engine ``deploy.eval_backend`` names, started and freed here.
+    """
     from tuneloop.registry import get_version, unservable_reason
     from tuneloop.trainer.evaluate import evaluate
 
@@ -246,9 +292,20 @@ def run_gate(
     if not ds:
         raise GateError(f"{candidate} has no dataset recorded; pass --dataset with a held-out split")
     label, ref = baseline_for(db, candidate)
-    with eval_generator(settings) as generator:
+    golden = golden or settings.deploy.gate_golden or None
+    answers = production_answers(db, ref, settings.deploy.gate_shift_responses) if label != "base" else None
+    with nullcontext(generator) if generator is not None else eval_generator(settings) as gen:
         report = evaluate(
-            [candidate, ref], ds, db, settings, golden=golden, general=general, limit=limit, generator=generator
+            [candidate, ref],
+            ds,
+            db,
+            settings,
+            golden=golden,
+            general=general,
+            limit=limit,
+            generator=gen,
+            responses=answers,
+            max_new_tokens=settings.deploy.gate_max_new_tokens,
         )
     names = report.get("models") or [candidate, ref]
     result = judge_report(report, names[0], names[1], settings.deploy, seed=seed)

@@ -11,8 +11,10 @@ Contract
   when it first starts (the sampling window, the version name), so a retried
   step produces the same thing.
 * Steps: ``sample`` (feedback.sample over the window, replaying the production
-  version's data), ``train`` (trainer.train.train from the production version's
-  base model; ``method=dpo`` trains on the preference set), ``gate``
+  version's data), ``train`` (trainer.train.train on the production version's
+  base model, continuing the production LoRA adapter when there is one and
+  ``deploy.loop_continue_training`` is on; the objective is sft, dpo or kto, see
+  :func:`_do_train`), ``gate``
   (deploy.gate.run_gate), ``canary`` (monitoring.canary start, then the decision:
   a live server's own judge may decide it, else this process judges until it
   decides; with no production version yet, or ``canary=False``, the gated
@@ -20,8 +22,10 @@ Contract
 * :class:`LoopOptions` holds everything a caller can choose (window, strategies,
   dataset and version names, train overrides, gate limits, canary share and
   deadlines); :func:`run_cycle` also takes hooks: ``on_canary_start`` (called once
-  the canary runs, e.g. to send it traffic) and ``step_context`` (a context
-  manager around every step that runs, e.g. for progress and timings). ``tuneloop
+  the canary runs, e.g. to send it traffic), ``step_context`` (a context
+  manager around every step that runs, e.g. for progress and timings) and
+  ``generator`` (an evaluation engine already running, which the gate then uses
+  instead of starting its own). ``tuneloop
   loop`` and ``tuneloop demo`` both run their cycles through it.
 * Outcomes: ``promoted``, ``rolled_back``, ``gate_failed``, ``nothing_to_do``
   (no new data to sample).
@@ -50,6 +54,7 @@ if TYPE_CHECKING:
     from tuneloop.monitoring.canary import Canary, Decision
     from tuneloop.settings import Settings
     from tuneloop.trainer.config import TrainConfig
+    from tuneloop.trainer.evaluate import Generator
 
 # a context manager around each step that runs: (step name, its inputs) -> context
 StepContext = Callable[[str, dict[str, Any]], AbstractContextManager[object]]
@@ -81,9 +86,23 @@ class LoopOptions:
         default=0.2, metadata={"help": "Share of the train split replayed from the production version's dataset."}
     )
     train_overrides: list[str] = field(default_factory=list, metadata={"help": "TrainConfig key=value overrides."})
+    method: str | None = field(
+        default=None,
+        metadata={
+            "help": '"auto" | "sft" | "dpo" | "kto" (or an SFT method: lora, qlora, full, prompt_tuning): what the '
+            "train step trains; a method= in train_overrides or train_config wins; None = the setting "
+            'deploy.loop_train_method ("sft" unless configured). auto: dpo with >= deploy.loop_min_pairs '
+            "preference pairs, else kto with both thumbs-up and thumbs-down, else sft."
+        },
+    )
     train_config: str | None = field(default=None, metadata={"help": "TrainConfig YAML file."})
-    golden: str | None = field(default=None, metadata={"help": "Golden prompts for the gate."})
-    general: str | None = field(default=None, metadata={"help": "General set for the gate's forgetting check."})
+    golden: str | None = field(
+        default=None, metadata={"help": "Golden prompts for the gate (default deploy.gate_golden)."}
+    )
+    general: str | None = field(
+        default=None,
+        metadata={"help": "Retention set for the gate's forgetting check (default: the production version's dataset)."},
+    )
     eval_limit: int | None = field(default=None, metadata={"help": "Most held-out examples evaluated by the gate."})
     canary: bool = field(
         default=True, metadata={"help": "Canary before promoting (needs a running server to get traffic)."}
@@ -134,9 +153,12 @@ def _brief(step: str, d: dict[str, Any]) -> str:
             else d.get("reason", "")
         )
     if step == "train":
-        return (
+        text = (
             f"version {d.get('version')} (run {d.get('run_id')})" if d.get("run_id") else f"version {d.get('version')}"
         )
+        if d.get("objective"):
+            text += f"; {d['objective']} (method={d.get('method')}): {d.get('method_reason')}"
+        return text
     if step == "gate":
         return f"{'passed' if d.get('passed') else 'failed'} vs {d.get('baseline')}" if "passed" in d else ""
     if step == "canary":
@@ -188,6 +210,7 @@ def run_cycle(
     *,
     on_canary_start: Callable[[Canary], None] | None = None,
     step_context: StepContext | None = None,
+    generator: Generator | None = None,
 ) -> CycleResult:
     """Run (or resume) one cycle; see the module docstring."""
     from tuneloop.registry import get_version, version_by_stage
@@ -265,7 +288,11 @@ def run_cycle(
     # 3. gate
     g = finished("gate")
     if g is None:
-        g = step("gate", {"version": candidate, "dataset": s["dataset"]}, lambda d: _do_gate(db, settings, opts, d))
+        g = step(
+            "gate",
+            {"version": candidate, "dataset": s["dataset"]},
+            lambda d: _do_gate(db, settings, opts, d, generator),
+        )
     if not g.get("passed"):
         record_decide(db, cycle_id, "gate_failed", g.get("message", ""))
         return result("gate_failed", candidate, s["dataset"])
@@ -320,8 +347,19 @@ def sample(*a: Any, **kw: Any) -> Any:  # indirection so the step is easy to fol
 
 
 def _do_train(db: Database, settings: Settings, opts: LoopOptions, d: dict[str, Any]) -> dict[str, Any]:
-    from tuneloop.registry import get_version
+    """Train the step's version on the objective asked for (or, with ``auto``, the one the sample supports).
+
+    The method comes from, first to last: a ``method=`` train override, the train config file,
+    ``opts.method``, the setting ``deploy.loop_train_method``. ``sft`` is the SFT default (lora) and any
+    SFT method trains on the sampled SFT set; ``dpo`` on its preference set; ``kto`` on its KTO set;
+    ``auto`` picks one with :func:`tuneloop.feedback.sample.choose_objective` from the feedback counts
+    in the SFT set's card. The details record the objective, the method and why.
+    """
+    from tuneloop.config import load_yaml, parse_overrides
+    from tuneloop.feedback.sample import choose_objective
+    from tuneloop.registry import RegistryError, get_dataset, get_version
     from tuneloop.trainer.bootstrap import DEFAULT_BASE, resolve_base
+    from tuneloop.trainer.config import SFT_METHODS
 
     # a previous attempt may have registered the version before being interrupted
     existing = db.query(
@@ -331,38 +369,114 @@ def _do_train(db: Database, settings: Settings, opts: LoopOptions, d: dict[str, 
     )
     if existing:
         return {"run_id": existing[0]["run_id"], "reused": True}
+    asked: list[tuple[Any, str]] = [
+        (parse_overrides(opts.train_overrides).get("method"), "--train method="),
+        (load_yaml(opts.train_config).get("method"), f"method in {opts.train_config}"),
+        (opts.method, "the loop's method option"),
+        (settings.deploy.loop_train_method, "deploy.loop_train_method"),
+    ]
+    requested, source = next((str(m), src) for m, src in asked if m)
+    card = get_dataset(db, d["dataset"]).card or {}
+    fb = card.get("feedback") or {}
+    pref_id = d.get("preference") or card.get("preference_dataset")
+    if "preference_pairs" in fb:
+        pairs = int(fb["preference_pairs"])
+    else:  # a sample from before the card counted its feedback
+        pairs = get_dataset(db, pref_id).rows_train if pref_id else 0
+    desirable, undesirable = int(fb.get("kto_desirable", 0)), int(fb.get("kto_undesirable", 0))
+    if requested == "auto":
+        objective, why = choose_objective(pairs, desirable, undesirable, settings.deploy.loop_min_pairs)
+        why = f"auto ({source}): {why}"
+    elif requested in ("sft", *SFT_METHODS, "dpo", "kto"):
+        objective = requested if requested in ("dpo", "kto") else "sft"
+        why = f"{source}{requested}" if source.endswith("=") else f"{requested} from {source}"
+    else:
+        raise LoopError(
+            f"unknown training method {requested!r} ({source}): choose auto, sft, dpo or kto "
+            f"(or an SFT method: {', '.join(SFT_METHODS)})"
+        )
+    method = ("lora" if requested in ("sft", "auto") else requested) if objective == "sft" else objective
+    dataset = d["dataset"]
+    if objective == "dpo":
+        if not pref_id:
+            note = card.get("preference_note") or "no corrections"
+            raise LoopError(
+                f"method=dpo needs preference pairs (a correction that differs from the served response), "
+                f"and this sample has none: {note}; use --train method=kto, method=sft or method=auto"
+            )
+        dataset = pref_id
+    elif objective == "kto":
+        kto_id = card.get("kto_dataset")
+        try:
+            dataset = get_dataset(db, kto_id).id if kto_id else ""
+        except RegistryError:
+            dataset = ""
+        if not dataset:
+            note = card.get("kto_note") or "the sample has no KTO set"
+            raise LoopError(
+                f"method=kto needs both thumbs-up (or corrected) and thumbs-down feedback in the sample: {note}; "
+                "use --train method=dpo, method=sft or method=auto"
+            )
     base = (
         get_version(db, d["parent"]).base_model
         if d.get("parent")
         else str(resolve_base(settings.server.model or DEFAULT_BASE, settings.paths.models_path))
     )
-    dataset = d["dataset"]
-    overrides = dict(o.split("=", 1) for o in opts.train_overrides if "=" in o)
-    if overrides.get("method") == "dpo":
-        if not d.get("preference"):
-            raise LoopError("method=dpo needs corrections to build preference pairs, and this sample has none")
-        dataset = d["preference"]
     from tuneloop.trainer.train import train
 
-    cfg = build_train_config(opts, base, dataset, d["version"], d.get("parent"))
+    overrides = [o for o in opts.train_overrides if "method" not in parse_overrides([o])] + [f"method={method}"]
+    cfg = build_train_config(
+        dataclasses.replace(opts, train_overrides=overrides), base, dataset, d["version"], d.get("parent")
+    )
+    if not cfg.init_adapter and d.get("parent") and settings.deploy.loop_continue_training:
+        parent = get_version(db, d["parent"])
+        if parent.kind == "adapter" and method in ("lora", "qlora", "dpo", "kto") and _is_lora(parent.path):
+            cfg.init_adapter = parent.name  # continue production's adapter: keep what it learned
     res = train(cfg, db, settings, progress=opts.progress)
-    return {"run_id": res.run_id, "version": res.version.name, "metrics": res.metrics, "train_dataset": dataset}
+    return {
+        "run_id": res.run_id,
+        "version": res.version.name,
+        "init_adapter": cfg.init_adapter or None,
+        "metrics": res.metrics,
+        "train_dataset": dataset,
+        "objective": objective,
+        "method": method,
+        "method_reason": why,
+    }
 
 
-def _do_gate(db: Database, settings: Settings, opts: LoopOptions, d: dict[str, Any]) -> dict[str, Any]:
+def _is_lora(path: str) -> bool:
+    import json
+    from pathlib import Path
+
+    f = Path(path) / "adapter_config.json"
+    return f.is_file() and json.loads(f.read_text()).get("peft_type") == "LORA"
+
+
+def _do_gate(
+    db: Database, settings: Settings, opts: LoopOptions, d: dict[str, Any], generator: Generator | None = None
+) -> dict[str, Any]:
     from tuneloop.deploy.gate import run_gate
+    from tuneloop.registry import version_by_stage
 
+    # three sets by default: the production slice (the sample's held-out requests), the retention set (the
+    # production version's training data, against forgetting) and the golden prompts (option or deploy.gate_golden)
+    prod = version_by_stage(db, "production")
+    retention = opts.general or (prod.dataset_id if prod is not None and prod.name != d["version"] else None)
+    golden = opts.golden or settings.deploy.gate_golden or None
     r = run_gate(
         db,
         settings,
         d["version"],
         dataset=d["dataset"],
-        golden=opts.golden,
-        general=opts.general,
+        golden=golden,
+        general=retention,
         limit=opts.eval_limit,
         actor=opts.actor,
+        generator=generator,
     )
     return {
+        "sets": {"production_slice": d["dataset"], "retention": retention, "golden": golden},
         "passed": r.passed,
         "baseline": r.baseline,
         "message": r.message(),

@@ -9,7 +9,11 @@ Contract
   drops, counting each in ``counts``: errors (HTTP status >= 400), client aborts
   (499), truncated answers (``finish_reason = length``, unless corrected),
   redacted or unreadable prompts, empty answers, and thumbs-down without a
-  correction. Ratings are read with :func:`tuneloop.ratings.sentiment`.
+  correction. Ratings are read with :func:`tuneloop.ratings.sentiment`
+  (thumbs, or stars: 4-5 positive, 1-2 negative). A thumbs-down response
+  without a correction is **never** a candidate, so no SFT set trains on it;
+  given a ``negatives`` list, those rows (past every other filter) are put
+  there instead, for the KTO set's undesirable examples.
 * :func:`scrub_candidates` replaces PII (:func:`tuneloop.pii.scrub`) in every
   prompt message, response and correction, in place.
 * :func:`dedup_within` keeps one candidate per normalised prompt (corrected >
@@ -138,11 +142,18 @@ def prompt_messages(prompt: Any) -> list[dict[str, str]] | None:
 
 
 def read_candidates(
-    db: Database | LogSource, since: datetime, until: datetime, model_version: str | None, counts: dict[str, int]
+    db: Database | LogSource,
+    since: datetime,
+    until: datetime,
+    model_version: str | None,
+    counts: dict[str, int],
+    negatives: list[Candidate] | None = None,
 ) -> list[Candidate]:
     """Requests in the window that survive the filters; ``counts`` gets one entry per filter.
 
     ``db`` is anything with ``query(sql, params)``: the database, or a log source over Parquet exports.
+    Uncorrected thumbs-down rows are dropped (counted in ``negative_feedback``); when ``negatives`` is
+    given, those that pass every other filter are appended to it (still never returned).
     """
     sql = _SQL.format(version="AND r.model_version = ?" if model_version else "")
     params: list[Any] = [since, until] + ([model_version] if model_version else [])
@@ -172,13 +183,16 @@ def read_candidates(
         if not response.strip() and not correction:
             counts["empty"] += 1
             continue
-        if label == "negative" and not correction:
-            counts["negative_feedback"] += 1
-            continue
         tokens = int(r["prompt_tokens"] or 0) + int(r["completion_tokens"] or 0)
         if tokens == 0:
             tokens = (sum(len(m["content"]) for m in msgs) + len(response)) // 4
-        out.append(Candidate(r["id"], r["received_at"], r["model_version"], msgs, response, correction, label, tokens))
+        c = Candidate(r["id"], r["received_at"], r["model_version"], msgs, response, correction, label, tokens)
+        if label == "negative" and not correction:
+            counts["negative_feedback"] += 1
+            if negatives is not None:
+                negatives.append(c)
+            continue
+        out.append(c)
     return out
 
 

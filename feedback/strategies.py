@@ -3,7 +3,9 @@
 Contract
 --------
 * :data:`STRATEGIES` is the fixed application order: ``feedback`` (corrections
-  first, then positive ratings), ``drift`` (weighted towards requests far from the
+  first, then positive ratings — thumbs-up responses become SFT answers this way;
+  an uncorrected thumbs-down never reaches a picker, see
+  :mod:`tuneloop.feedback.candidates`), ``drift`` (weighted towards requests far from the
   serving version's training data, by nearest-neighbour cosine distance of hashed
   bag-of-words vectors), ``stratified`` (balanced, hierarchically: model versions
   alternate, within a version length terciles alternate, within those topic

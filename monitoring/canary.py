@@ -13,13 +13,15 @@ the candidate's stage ``canary``; it sends ``share`` of the requests for
   production version, set the candidate's stage to ``canary`` and insert the row.
 * :func:`arm_stats` — per arm (``production``, ``canary``) since the canary
   started: requests, server errors (status >= 500; client errors and aborts are
-  not the model's fault), p50 latency of successful requests, rated feedback
+  not the model's fault), p50 time to first token (TTFT) of successful requests, rated feedback
   and its thumbs-down share, and the latest overall drift verdict per version.
 * :func:`decide` — the pure decision from two arms' statistics (no database), by a
   sequential test that stays valid however often it is called
   (:mod:`tuneloop.monitoring.sequential`). For each metric — thumbs-down share of
   rated requests (the primary one, once both arms have 50 ratings), error rate, and
-  log latency of successful requests (a geometric-mean ratio) — an always-valid
+  log TTFT of successful requests (a geometric-mean ratio; time to first token, not
+  total latency, because total latency grows with the answer's length, which is the
+  model's behaviour, not its serving speed) — an always-valid
   confidence sequence for
   canary minus production (mixture SPRT, tuned to the metric's margin), at
   ``canary_alpha`` split over the metrics measured:
@@ -90,16 +92,16 @@ class ArmStats:
     requests: int = 0
     errors: int = 0
     error_rate: float = 0.0
-    latency_p50_s: float | None = None
+    ttft_p50_s: float | None = None
     rated: int = 0
     negative: int = 0
     negative_share: float = 0.0
     drifted: bool | None = None
     drift_score: float | None = None
-    # log(latency_s) of successful requests: count, mean, variance (the latency metric)
-    latency_n: int = 0
-    log_latency_mean: float = 0.0
-    log_latency_var: float = 0.0
+    # log(ttft_s) of successful requests: count, mean, variance (the TTFT guardrail)
+    ttft_n: int = 0
+    log_ttft_mean: float = 0.0
+    log_ttft_var: float = 0.0
 
 
 @dataclass
@@ -117,9 +119,9 @@ class Decision:
     def summary(self) -> str:
         c, p = self.arms["canary"], self.arms["production"]
         return (
-            f"{self.action}: canary {c.model_version} {c.requests} req (errors {c.error_rate:.1%}, p50 {_fmt_s(c.latency_p50_s)}, "
+            f"{self.action}: canary {c.model_version} {c.requests} req (errors {c.error_rate:.1%}, p50 {_fmt_s(c.ttft_p50_s)}, "
             f"thumbs-down {c.negative_share:.0%} of {c.rated}) vs production {p.model_version} {p.requests} req "
-            f"(errors {p.error_rate:.1%}, p50 {_fmt_s(p.latency_p50_s)}, thumbs-down {p.negative_share:.0%} of {p.rated})"
+            f"(errors {p.error_rate:.1%}, p50 {_fmt_s(p.ttft_p50_s)}, thumbs-down {p.negative_share:.0%} of {p.rated})"
             + ("; " + "; ".join(self.reasons) if self.reasons else "")
         )
 
@@ -212,7 +214,7 @@ def start(db: Database, candidate: str, share: float, actor: str = "tuneloop", r
 
 _ARM_SQL = f"""
 WITH r AS (
-    SELECT id, arm, model_version, status, latency_s FROM requests
+    SELECT id, arm, model_version, status, ttft_s FROM requests
     WHERE received_at >= ? AND arm IN ('production', 'canary')
 ), fb AS (
     SELECT request_id,
@@ -223,10 +225,10 @@ SELECT r.arm,
        arg_max(r.model_version, r.id) AS model_version,
        count(*) AS requests,
        count(*) FILTER (WHERE r.status >= 500) AS errors,
-       quantile_cont(r.latency_s, 0.5) FILTER (WHERE r.status < 400) AS latency_p50_s,
-       count(*) FILTER (WHERE r.status < 400 AND r.latency_s > 0) AS latency_n,
-       avg(ln(r.latency_s)) FILTER (WHERE r.status < 400 AND r.latency_s > 0) AS log_latency_mean,
-       var_pop(ln(r.latency_s)) FILTER (WHERE r.status < 400 AND r.latency_s > 0) AS log_latency_var,
+       quantile_cont(r.ttft_s, 0.5) FILTER (WHERE r.status < 400) AS ttft_p50_s,
+       count(*) FILTER (WHERE r.status < 400 AND r.ttft_s > 0) AS ttft_n,
+       avg(ln(r.ttft_s)) FILTER (WHERE r.status < 400 AND r.ttft_s > 0) AS log_ttft_mean,
+       var_pop(ln(r.ttft_s)) FILTER (WHERE r.status < 400 AND r.ttft_s > 0) AS log_ttft_var,
        count(fb.rating) AS rated,
        count(*) FILTER (WHERE {negative_sql("fb.rating", "fb.rating_kind")}) AS negative
 FROM r LEFT JOIN fb ON fb.request_id = r.id
@@ -247,11 +249,11 @@ def arm_stats(db: Database, c: Canary) -> dict[str, ArmStats]:
             int(r["negative"]),
         )
         s.error_rate = s.errors / s.requests if s.requests else 0.0
-        s.latency_p50_s = float(r["latency_p50_s"]) if r["latency_p50_s"] is not None else None
+        s.ttft_p50_s = float(r["ttft_p50_s"]) if r["ttft_p50_s"] is not None else None
         s.negative_share = s.negative / s.rated if s.rated else 0.0
-        s.latency_n = int(r["latency_n"] or 0)
-        s.log_latency_mean = float(r["log_latency_mean"] or 0.0)
-        s.log_latency_var = float(r["log_latency_var"] or 0.0)
+        s.ttft_n = int(r["ttft_n"] or 0)
+        s.log_ttft_mean = float(r["log_ttft_mean"] or 0.0)
+        s.log_ttft_var = float(r["log_ttft_var"] or 0.0)
     for s in out.values():
         if not s.model_version:
             continue
@@ -291,9 +293,9 @@ def metric_intervals(ca: ArmStats, pa: ArmStats, deploy: DeploySettings) -> dict
         bernoulli(pa.errors, pa.requests),
         deploy.canary_max_error_rate_delta,
     )
-    metrics["latency"] = (
-        (ca.log_latency_mean, ca.log_latency_var, ca.latency_n),
-        (pa.log_latency_mean, pa.log_latency_var, pa.latency_n),
+    metrics["ttft"] = (
+        (ca.log_ttft_mean, ca.log_ttft_var, ca.ttft_n),
+        (pa.log_ttft_mean, pa.log_ttft_var, pa.ttft_n),
         math.log(deploy.canary_max_latency_ratio),
     )
     alpha = deploy.canary_alpha / len(metrics)
@@ -312,7 +314,7 @@ def _detail(name: str, ca: ArmStats, pa: ArmStats, iv: Interval, margin: float) 
         )
     lo, hi = (math.exp(v) if math.isfinite(v) else (0.0 if v < 0 else math.inf) for v in (iv.lo, iv.hi))
     return (
-        f"p50 latency {_fmt_s(ca.latency_p50_s)} vs {_fmt_s(pa.latency_p50_s)} "
+        f"p50 time to first token {_fmt_s(ca.ttft_p50_s)} vs {_fmt_s(pa.ttft_p50_s)} "
         f"(geometric-mean ratio in [x{lo:.2f}, x{hi:.2f}], margin x{math.exp(margin):.2f})"
     )
 

@@ -48,16 +48,10 @@ class Profile:
     embeddings: np.ndarray | None = None
 
 
-def _split_row(row: dict[str, Any]) -> tuple[list[dict[str, str]], str]:
-    if row.get("messages"):
-        msgs = list(row["messages"])
-        if msgs[-1].get("role") == "assistant":
-            return msgs[:-1], msgs[-1].get("content") or ""
-        return msgs, ""
-    if row.get("prompt") is not None:
-        chosen = row.get("chosen") or [{}]
-        return list(row["prompt"]), (chosen[-1] or {}).get("content") or ""
-    raise UserError(f"dataset row {row.get('id', '?')!r} has neither messages nor prompt")
+def _split_row(row: dict[str, Any]) -> tuple[list[dict[str, str]], str] | None:
+    from tuneloop.dataset_store import good_chat
+
+    return good_chat(row)
 
 
 def _value_counts(values: Iterable[int]) -> list[list[int]]:
@@ -77,9 +71,10 @@ def build_profile(
     wc: Counter[str] = Counter()
     empty = n = 0
     for row in rows:
-        prompt, answer = _split_row(row)
-        if not prompt:
+        chat = _split_row(row)  # None: a KTO row labelled undesirable is not what this version learned
+        if chat is None or not chat[0]:
             continue
+        prompt, answer = chat
         n += 1
         prompt_lens.append(len(render_prompt(tokenizer, prompt)))
         resp_lens.append(len(completion_ids(tokenizer, answer)))

@@ -26,20 +26,20 @@ def prod_and_candidate(db):
     return db
 
 
-def traffic(db, arm, n, *, errors=0, latency=0.5, thumbs_down=0, thumbs_up=0, version=None):
+def traffic(db, arm, n, *, errors=0, ttft=0.5, thumbs_down=0, thumbs_up=0, version=None):
     """``n`` logged requests on ``arm``: the first ``errors`` failed, then ratings: ``thumbs_down`` down, ``thumbs_up`` up."""
     version = version or ("v2" if arm == "canary" else "v1")
     now = utcnow()
     reqs, fbs = [], []
     for i in range(n):
         rid = new_id("chatcmpl-")
-        reqs.append([rid, now, version, arm, 500 if i < errors else 200, latency])
+        reqs.append([rid, now, version, arm, 500 if i < errors else 200, ttft])
         rating = -1 if i < thumbs_down else (1 if i < thumbs_down + thumbs_up else None)
         if rating is not None:
             fbs.append([new_id(), rid, rating, version, now])
     with db.connect() as con:
         con.executemany(
-            """INSERT INTO requests (id, received_at, route, model, model_version, arm, status, latency_s, response)
+            """INSERT INTO requests (id, received_at, route, model, model_version, arm, status, ttft_s, response)
                        VALUES (?, ?, 'chat.completions', 'production', ?, ?, ?, ?, 'ok')""",
             reqs,
         )
@@ -87,7 +87,7 @@ def test_a_canary_better_with_confidence_is_promoted_early_with_the_numbers(prod
     db = prod_and_candidate
     c = canary.start(db, "v2", 0.1)
     traffic(db, "production", 2000, errors=20, thumbs_down=150, thumbs_up=450)
-    traffic(db, "canary", 400, thumbs_down=16, thumbs_up=184, latency=0.6)
+    traffic(db, "canary", 400, thumbs_down=16, thumbs_up=184, ttft=0.6)
     d = canary.judge(db, c.id, DEPLOY)
     assert d.action == "promote", d.reasons
     assert d.arms["canary"].requests == 400 and d.arms["production"].error_rate == pytest.approx(0.01)
@@ -95,7 +95,7 @@ def test_a_canary_better_with_confidence_is_promoted_early_with_the_numbers(prod
     assert "better with confidence after 400 canary requests: thumbs-down 8% of 200 vs 25% of 600" in d.reasons[0]
     lo, hi = d.checks["negative_feedback"]["interval"]
     assert lo < -0.17 < hi < 0  # the observed difference lies inside, and the whole interval below 0
-    assert d.checks["latency"]["non_inferior"] and d.checks["error_rate"]["non_inferior"]
+    assert d.checks["ttft"]["non_inferior"] and d.checks["error_rate"]["non_inferior"]
     canary.apply(db, d)
     assert version_by_stage(db, "production").name == "v2" and get_version(db, "v1").stage == "retired"
     row = db.query("SELECT status, decision FROM canaries WHERE id = ?", [c.id])[0]
@@ -114,7 +114,7 @@ def test_a_canary_neither_better_nor_worse_waits_for_the_budget_then_is_promoted
     d = canary.judge(db, c.id, deploy)
     assert d.action == "promote", d.reasons
     assert "non-inferior on every metric after 800 canary requests" in d.reasons[0]
-    assert all(d.checks[m]["non_inferior"] for m in ("negative_feedback", "error_rate", "latency"))
+    assert all(d.checks[m]["non_inferior"] for m in ("negative_feedback", "error_rate", "ttft"))
     assert not d.checks["negative_feedback"]["better"]
 
 
@@ -131,7 +131,7 @@ def test_at_the_budget_a_canary_not_shown_non_inferior_is_rolled_back(prod_and_c
     "n, canary_traffic, expect",
     [
         (300, dict(errors=60), "error rate 20.00% vs 0.00%"),
-        (60, dict(latency=2.0), "p50 latency 2.000s vs 0.500s"),
+        (60, dict(ttft=2.0), "p50 time to first token 2.000s vs 0.500s"),
         (60, dict(thumbs_down=40, thumbs_up=10), "thumbs-down 80% of 50 vs 10% of 60"),
     ],
 )
@@ -371,7 +371,7 @@ def test_live_server_promotes_a_clearly_better_canary_by_itself(canary_server):
     assert (
         checks["negative_feedback"]["better"]
         and checks["error_rate"]["non_inferior"]
-        and checks["latency"]["non_inferior"]
+        and checks["ttft"]["non_inferior"]
     )
     events = db.query("SELECT to_stage, actor FROM deploy_events WHERE model_version = 'live-d' ORDER BY occurred_at")
     assert events[-1] == {"to_stage": "production", "actor": "server-canary-judge"}

@@ -44,3 +44,18 @@ def test_empty_or_malformed_datasets_write_nothing(db, home):
         save_dataset(db, home, "p", {"train": [{"id": "1", "prompt": [], "rejected": []}]}, "preference", {}, {})
     assert db.query("SELECT count(*) n FROM datasets")[0]["n"] == 0
     assert not list((home / "datasets").glob("*")) if (home / "datasets").exists() else True
+
+
+def test_every_kind_of_row_reads_as_the_chat_it_teaches_and_undesirable_kto_rows_as_none():
+    from tuneloop.dataset_store import good_chat
+
+    q = [{"role": "user", "content": "q"}]
+    a = [{"role": "assistant", "content": "a"}]
+    bad = [{"role": "assistant", "content": "bad"}]
+    assert good_chat({"messages": q + a}) == (q, "a")
+    assert good_chat({"messages": q}) == (q, "")
+    assert good_chat({"prompt": q, "chosen": a, "rejected": bad}) == (q, "a")
+    assert good_chat({"prompt": q, "completion": a, "label": True}) == (q, "a")
+    assert good_chat({"prompt": q, "completion": bad, "label": False}) is None
+    with pytest.raises(UserError, match="neither messages nor prompt"):
+        good_chat({"id": "x"})

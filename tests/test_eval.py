@@ -164,3 +164,50 @@ def test_eval_generates_on_vllm_with_the_adapter_as_a_lora_request_and_matches_t
     assert vllm_answers[0] != vllm_answers[1]  # the LoRA request changed the answers
     assert vllm_answers == hf_answers  # greedy fp32: the same answers from both engines
     assert on_vllm["per_example"]["eval-lora"]["token_f1"] == on_hf["per_example"]["eval-lora"]["token_f1"]
+
+
+@pytest.mark.slow
+def test_rows_with_a_check_are_scored_for_task_success_in_row_order(ws, tiny_model):
+    """A dataset row may carry a checkable rule; the report scores it per checked row (1 = the answer passes)."""
+    from tuneloop.dataset_store import save_dataset
+
+    def row(i, check):
+        r = {
+            "id": f"c{i}",
+            "messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": "x"}],
+        }
+        return {**r, "check": check} if check else r
+
+    test = [
+        row(0, {"regex": "(?s).*"}),
+        row(1, {"contains": "this exact sentence will not be generated"}),
+        row(2, None),
+    ]
+    home = ws["root"] / "home"
+    save_dataset(ws["db"], home, "checked", {"train": [row(9, None)], "test": test}, "sft", {}, {"kind": "test"})
+    r = ws["cli"]("eval", ws["a"], "--dataset", "checked", "--max-new-tokens", "3", "--json")
+    rep = json.loads(r.stdout[r.stdout.index("{\n") :])
+    per = rep["per_example"][ws["a"]]
+    assert per["task_success"] == [1.0, 0.0]  # the unchecked row is not scored
+    assert rep["summary"][ws["a"]]["task_success"] == pytest.approx(0.5)
+    assert len(per["bleu"]) == len(per["token_f1"]) == 3
+
+
+def test_batched_nll_equals_one_sequence_at_a_time(tiny_model):
+    """Right-padded batches of mixed lengths give each sequence the NLL it gets alone."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tuneloop.trainer.evaluate import _nll_many
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(0)
+    seqs = []
+    for n in (5, 17, 9, 30, 2, 12):
+        ids = torch.randint(3, 100, (n,), generator=g).tolist()
+        seqs.append((ids, [0] * (n // 2) + [1] * (n - n // 2)))
+    alone = [_nll_many(model, [s])[0] for s in seqs]
+    batched = _nll_many(model, seqs, batch=4)
+    # every masked token but the first (nothing predicts position 0) is a target
+    assert [n for _, n in batched] == [n for _, n in alone] == [sum(mask[1:]) for _, mask in seqs]
+    assert [v for v, _ in batched] == pytest.approx([v for v, _ in alone], rel=1e-4)

@@ -158,3 +158,53 @@ def test_cli_gate_refuses_a_worse_candidate_with_exit_1_and_the_numbers(cli, db)
     assert "gate PASSED" in ok.stdout
     missing = cli("deploy", "gate", "cand", "--report", "nope", check=False)
     assert missing.returncode == 2 and "error: unknown eval report" in missing.stderr
+
+
+def _with_shift(rep, cand_nll, prod_nll):
+    rep["summary"]["cand"]["production_nll"] = cand_nll
+    rep["summary"]["prod"]["production_nll"] = prod_nll
+    return rep
+
+
+def test_shift_check_refuses_a_candidate_that_moved_too_far_from_production_answers():
+    deploy = DeploySettings()
+    same = [0.5] * 30
+    near = judge_report(_with_shift(report(same, same), 1.9, 1.2), "cand", "prod", deploy)
+    far = judge_report(_with_shift(report(same, same), 1.2 + deploy.gate_max_shift + 0.5, 1.2), "cand", "prod", deploy)
+    shift = {r.passed: next(c for c in r.checks if c.name == "shift") for r in (near, far)}
+    assert near.passed and shift[True].value == pytest.approx(0.7)
+    assert not far.passed and shift[False].value == pytest.approx(deploy.gate_max_shift + 0.5)
+    assert f"at most {deploy.gate_max_shift:.2f} allowed" in shift[False].detail
+    assert "nats/token" in far.message() and "[FAIL] shift" in far.message()
+
+
+def test_shift_check_is_skipped_without_logged_answers_and_unlimited_when_negative():
+    same = [0.5] * 30
+    skipped = next(
+        c for c in judge_report(report(same, same), "cand", "prod", DeploySettings()).checks if c.name == "shift"
+    )
+    assert skipped.skipped and skipped.passed
+    unlimited = DeploySettings(gate_max_shift=-1)
+    r = judge_report(_with_shift(report(same, same), 50.0, 1.0), "cand", "prod", unlimited)
+    assert r.passed and "no limit" in r.checks[-1].detail
+
+
+def test_production_answers_are_the_latest_successful_chats_of_that_version(db):
+    from tuneloop.deploy.gate import production_answers
+
+    def log(i, version, status=200, response="fine"):
+        with db.connect() as con:
+            con.execute(
+                "INSERT INTO requests (id, received_at, route, model_version, prompt, response, status) "
+                "VALUES (?, ?, 'chat.completions', ?, ?, ?, ?)",
+                [f"r{i}", utcnow(), version, dumps([{"role": "user", "content": f"q{i}"}]), response, status],
+            )
+
+    for i in range(5):
+        log(i, "v1")
+    log(5, "v1", status=500, response="")
+    log(6, "v2")
+    got = production_answers(db, "v1", 3)
+    assert len(got) == 3
+    assert all(g["messages"][-1] == {"role": "assistant", "content": "fine"} for g in got)
+    assert {g["messages"][0]["content"] for g in production_answers(db, "v1", 10)} == {f"q{i}" for i in range(5)}

@@ -171,3 +171,43 @@ def test_sigterm_leaves_a_checkpoint_and_the_rerun_resumes_the_same_run(ws):
     assert v.run_id == run_id and run.status == "succeeded" and run.metrics["steps"] == step + 1
     losses = json.loads((out / "loss.json").read_text())
     assert [e["step"] for e in losses] == list(range(1, step + 2))  # history spans both processes
+
+
+def _adapter_tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(path) / "adapter_model.safetensors"))
+
+
+def test_init_adapter_continues_an_existing_adapter_from_its_weights_and_shape(ws):
+    """Continued training starts from the parent's LoRA weights (not a fresh init) and keeps its rank/targets."""
+    import torch
+
+    from tuneloop.registry import get_version
+
+    cli = ws["cli"]
+    common = [f"base={ws['base']}", "dataset=chat", "max_steps=2", "--quiet"]
+    cli("train", *common, "name=parent-r4", "lora.r=4", "lora.targets=[q_proj,v_proj]", "learning_rate=1e-2")
+    # learning rate 0: the saved adapter must be exactly the parent's, shape included, despite lora.r=16
+    cli("train", *common, "name=child-lr0", "init_adapter=parent-r4", "learning_rate=0", "lora.r=16")
+    parent = _adapter_tensors(get_version(ws["db"], "parent-r4").path)
+    child = _adapter_tensors(get_version(ws["db"], "child-lr0").path)
+    assert parent.keys() == child.keys() and any("lora_B" in k for k in parent)
+    assert all(torch.equal(parent[k], child[k]) for k in parent)
+    assert all(v.shape[0] == 4 for k, v in child.items() if "lora_A" in k)
+    # and a fresh adapter (no init_adapter) starts with lora_B = 0, so it differs from the parent after 0-lr steps
+    cli("train", *common, "name=fresh-lr0", "learning_rate=0", "lora.r=4", "lora.targets=[q_proj,v_proj]")
+    fresh = _adapter_tensors(get_version(ws["db"], "fresh-lr0").path)
+    assert all(torch.count_nonzero(v) == 0 for k, v in fresh.items() if "lora_B" in k)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["init_adapter=no/such/folder"], "no/such/folder is not a LoRA adapter folder"),
+        (["init_adapter=parent-r4", "method=full"], "method=full cannot start from one"),
+    ],
+)
+def test_a_bad_init_adapter_exits_2_naming_it(ws, args, message):
+    r = ws["cli"]("train", f"base={ws['base']}", "dataset=chat", "max_steps=1", *args, check=False)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr

@@ -7,6 +7,8 @@ Contract
   it from an optional YAML file plus ``key=value`` overrides through
   :func:`tuneloop.config.build`, so an unknown key is a ``ConfigError`` that
   lists the valid keys, and a wrongly typed value names the key.
+* :func:`kto_weights` sets KTO's desirable/undesirable loss weights from the
+  label counts (0 = automatic), correcting label imbalance as TRL recommends.
 * :meth:`TrainConfig.validate` rejects combinations that cannot work (no
   dataset, nothing to train, a replay fraction without a replay dataset, a
   non-positive batch size or learning rate ...) with a :class:`~tuneloop.errors.UserError`, before any model
@@ -24,7 +26,10 @@ from typing import Literal
 
 from tuneloop.errors import UserError
 
-ADAPTER_METHODS = ("lora", "qlora", "prompt_tuning", "dpo")
+ADAPTER_METHODS = ("lora", "qlora", "prompt_tuning", "dpo", "kto")
+SFT_METHODS = ("lora", "qlora", "full", "prompt_tuning")
+KTO_RATIO = (1.0, 4 / 3)
+"""TRL's recommended range of desirable_weight * n_desirable / (undesirable_weight * n_undesirable) (KTO paper, eq. 8)."""
 
 
 @dataclass
@@ -55,10 +60,11 @@ class TrainConfig:
     name: str = field(
         default="", metadata={"help": "Name of the model version to register; empty = <dataset>-<method>-<UTC time>."}
     )
-    method: Literal["lora", "qlora", "full", "prompt_tuning", "dpo"] = field(
+    method: Literal["lora", "qlora", "full", "prompt_tuning", "dpo", "kto"] = field(
         default="lora",
         metadata={
-            "help": "lora | qlora (4-bit nf4 base) | full | prompt_tuning | dpo (preference pairs, with a LoRA adapter)."
+            "help": "lora | qlora (4-bit nf4 base) | full | prompt_tuning | dpo (preference pairs, with a LoRA adapter) "
+            "| kto (thumbs-up/down rows, prompt/completion/label, with a LoRA adapter)."
         },
     )
     output_dir: str = field(
@@ -70,10 +76,18 @@ class TrainConfig:
     parent: str = field(
         default="", metadata={"help": "Model version this one continues from (lineage: parent_version); empty = none."}
     )
+    init_adapter: str = field(
+        default="",
+        metadata={
+            "help": "Start from this LoRA adapter (a registered adapter version or an adapter folder on the same base) "
+            "instead of a fresh one: continued training keeps what it learned, and its own LoRA shape is used "
+            "(lora.* is ignored). lora/qlora/dpo/kto only; empty = a fresh adapter."
+        },
+    )
     learning_rate: float = field(
         default=2e-4,
         metadata={
-            "help": "Peak learning rate (2e-4 suits LoRA; use ~2e-5 for full, ~3e-2 for prompt_tuning, ~5e-5 for dpo)."
+            "help": "Peak learning rate (2e-4 suits LoRA; use ~2e-5 for full, ~3e-2 for prompt_tuning, ~5e-5 for dpo and kto)."
         },
     )
     lr_scheduler_type: str = field(
@@ -91,7 +105,9 @@ class TrainConfig:
     max_steps: int = field(
         default=-1, metadata={"help": "Stop after this many optimizer steps; -1 = run num_train_epochs."}
     )
-    batch_size: int = field(default=4, metadata={"help": "Examples per device per forward pass."})
+    batch_size: int = field(
+        default=4, metadata={"help": "Examples per device per forward pass (kto: >= 2, its KL estimate needs a batch)."}
+    )
     gradient_accumulation_steps: int = field(
         default=1,
         metadata={"help": "Forward passes per optimizer step (effective batch = batch_size x this x processes)."},
@@ -145,8 +161,25 @@ class TrainConfig:
     dpo_beta: float = field(
         default=0.1, metadata={"help": "dpo: strength of the KL penalty towards the reference model."}
     )
+    kto_beta: float = field(
+        default=0.1, metadata={"help": "kto: strength of the KL penalty towards the reference model."}
+    )
+    kto_desirable_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "kto: weight of the desirable (label true) losses; 0 = automatic, so that desirable_weight x "
+            "n_desirable / (undesirable_weight x n_undesirable) lies in [1, 4/3] (TRL's recommendation): the "
+            "minority label is weighted up."
+        },
+    )
+    kto_undesirable_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "kto: weight of the undesirable (label false) losses; 0 = automatic (see kto_desirable_weight)."
+        },
+    )
     num_virtual_tokens: int = field(default=16, metadata={"help": "prompt_tuning: number of virtual tokens."})
-    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapter (lora, qlora, dpo)."})
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapter (lora, qlora, dpo, kto)."})
 
     def validate(self) -> TrainConfig:
         if not self.dataset:
@@ -177,4 +210,44 @@ class TrainConfig:
             raise UserError(f"replay_fraction must be within 0..0.9, got {self.replay_fraction}")
         if self.replay_fraction > 0 and not self.replay_dataset:
             raise UserError("replay_fraction > 0 needs replay_dataset=<id|name|folder>")
+        if self.method == "kto" and self.batch_size < 2:
+            raise UserError(
+                f"method=kto needs batch_size >= 2 (its KL term is estimated within a batch), got {self.batch_size}"
+            )
+        for key in ("kto_desirable_weight", "kto_undesirable_weight"):
+            if getattr(self, key) < 0:
+                raise UserError(f"{key} must be >= 0 (0 = automatic), got {getattr(self, key)}")
+        for key in ("dpo_beta", "kto_beta"):
+            if getattr(self, key) <= 0:
+                raise UserError(f"{key} must be > 0, got {getattr(self, key)}")
         return self
+
+
+def kto_weights(
+    n_desirable: int, n_undesirable: int, desirable: float = 0.0, undesirable: float = 0.0
+) -> tuple[float, float]:
+    """``(desirable_weight, undesirable_weight)`` for KTO on this many rows of each label.
+
+    A weight > 0 is used as given; a weight of 0 is automatic. Automatic weights make the
+    ratio ``desirable_weight * n_desirable / (undesirable_weight * n_undesirable)`` land in
+    :data:`KTO_RATIO` ([1, 4/3], TRL's recommendation from the KTO paper): they stay 1 when
+    the ratio already does, else the weight of the minority label is raised (or, when only
+    one weight is automatic, that one is set) so the ratio is the middle of the range, 7/6.
+    Both counts must be >= 1.
+    """
+    if n_desirable < 1 or n_undesirable < 1:
+        raise UserError(
+            f"KTO needs desirable and undesirable rows, got {n_desirable} desirable and {n_undesirable} undesirable"
+        )
+    lo, hi = KTO_RATIO
+    mid = (lo + hi) / 2
+    d = desirable if desirable > 0 else 1.0
+    u = undesirable if undesirable > 0 else 1.0
+    ratio = d * n_desirable / (u * n_undesirable)
+    if (desirable > 0 and undesirable > 0) or lo <= ratio <= hi:
+        return d, u
+    if desirable > 0:  # only the undesirable weight is free
+        return d, round(ratio / mid, 6)
+    if undesirable > 0 or ratio < lo:  # the desirable weight is free (and, when both are, desirable is the minority)
+        return round(d * mid / ratio, 6), u
+    return d, round(ratio / mid, 6)  # both free, undesirable is the minority

@@ -10,7 +10,11 @@ Contract
   names that no record has raises :class:`~tuneloop.trainer.data_io.DataError`.
 * :func:`detect_format` names the shape from the first record whose fields say
   it (preference before chat before alpaca before prompt_completion) and raises
-  ``DataError`` listing the fields when none does.
+  ``DataError`` listing the fields when none does. A prompt + completion record
+  with a true/false ``label`` is an unpaired preference (KTO) row, which this
+  preparation does not convert: it raises ``DataError`` rather than train the
+  undesirable completions as SFT answers (``tuneloop feedback sample`` writes
+  KTO sets).
 * :func:`to_row` converts one record to the row schema of
   :mod:`tuneloop.dataset_store` without ``id``: ``{"messages": [...]}`` (SFT,
   ending with the assistant's answer) or ``{"prompt", "chosen", "rejected"}``
@@ -66,6 +70,12 @@ def detect_format(records: list[Record]) -> str:
         if {"instruction", "output"} <= keys:
             return "alpaca"
         if {"prompt", "completion"} <= keys:
+            if isinstance(r.data.get("label"), bool):
+                raise DataError(
+                    f"{r.loc}: prompt/completion/label rows are unpaired preference (KTO) data; `tuneloop data "
+                    "prepare` would train every completion, the undesirable (label false) ones included, as an SFT "
+                    "answer. Drop the label field for SFT, or build a KTO set with `tuneloop feedback sample`"
+                )
             return "prompt_completion"
     fields = sorted(set().union(*(r.data.keys() for r in records))) if records else []
     raise DataError(
@@ -127,7 +137,9 @@ def _with_system(msgs: Messages, system: str | None) -> Messages:
 
 
 def all_messages(row: dict[str, Any]) -> Messages:
-    """Every message of a row: the conversation (SFT) or prompt + chosen + rejected (preference)."""
+    """Every message of a row: the conversation (SFT), prompt + chosen + rejected (preference) or prompt + completion (kto)."""
     if "messages" in row:
         return row["messages"]
+    if "completion" in row:
+        return row["prompt"] + row["completion"]
     return row["prompt"] + row["chosen"] + row["rejected"]

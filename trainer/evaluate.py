@@ -12,24 +12,33 @@ Contract
   - ``loss`` / ``perplexity``: mean NLL of the answer tokens (EOS included)
     given the prompt, tokenized exactly as in training
     (:func:`tuneloop.chat.training_example`);
-  - ``exact_match``, ``token_f1``, ``rouge_l``: greedy generation (at most
+  - ``exact_match``, ``token_f1``, ``rouge_l``, ``bleu`` (:mod:`tuneloop.textmetrics`:
+    ROUGE-L from ``rouge-score``, BLEU from ``sacrebleu``): greedy generation (at most
     ``max_new_tokens``, stops at EOS) from the server's prompt rendering
     (:func:`tuneloop.chat.render_prompt`) vs the reference answer. Generation
     runs on ``generator`` (a :class:`Generator`: the gate and ``tuneloop eval``
     pass vLLM's offline engine, adapters as LoRA requests) for every model it
     ``supports``, else on transformers ``generate``; ``report["generation"]``
-    says which backend each model used and how long it took.
-* ``golden``: a YAML list or JSONL of ``{name?, prompt | messages, expect?: str|[str], regex?: str|[str]}``;
-  a prompt passes when its greedy output contains every ``expect`` substring
-  (case-insensitive) and matches every ``regex``.
+    says which backend each model used and how long it took;
+  - ``task_success``: for rows that carry a ``check`` (a :mod:`tuneloop.checks`
+    rule: contains-fact, regex, JSON-valid), 1 when the answer passes it, else 0
+    (one value per checked row, in row order).
+* ``golden``: a YAML list or JSONL of ``{name?, prompt | messages, expect?: str|[str], regex?: str|[str],
+  json?: bool}``; a prompt passes when its greedy output passes that rule (:mod:`tuneloop.checks`).
 * ``general``: forgetting check — perplexity on general held-out text (a .txt
   file: one passage per non-empty line; a .jsonl with ``text`` or ``messages``;
-  or a dataset ref: its test split rendered with the chat template).
+  or a dataset ref: its test split rendered with the chat template); ``limit``
+  caps its items too.
+* ``responses``: logged production answers (``{"messages": [..., assistant answer]}``); each model's
+  mean NLL per answer token of them is ``summary[model]["production_nll"]`` (one value per answer in
+  ``per_example[model]["production_nll"]``). Under the model that produced them it is the entropy of its
+  answers; the candidate's excess over production's estimates KL(production || candidate) per token,
+  i.e. how far the candidate moved from what production says (the gate thresholds it).
 * The report (JSON-safe dict) has ``id``, ``created_at``, ``dataset_id``,
   ``split``, ``n_examples``, ``example_ids``, ``models`` (names as given),
-  ``summary[model][metric]`` (loss, perplexity, exact_match, token_f1, rouge_l,
-  golden_pass_rate, general_perplexity), ``per_example[model][metric]``
-  (loss, perplexity, exact_match, token_f1, rouge_l: one float per example,
+  ``summary[model][metric]`` (loss, perplexity, exact_match, token_f1, rouge_l, bleu,
+  task_success, golden_pass_rate, general_perplexity), ``per_example[model][metric]``
+  (loss, perplexity, exact_match, token_f1, rouge_l, bleu: one float per example; task_success: one per checked example;
   same order for every model), ``golden[model] = {passed, total, results}``
   and ``samples`` (a few generations). It is written to
   ``<home>/reports/eval-<id>.json`` and stored in ``eval_reports``.
@@ -41,21 +50,23 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from tuneloop.chat import Tokenizer
+from tuneloop.checks import rule_from_dict
 from tuneloop.errors import UserError
-from tuneloop.textmetrics import exact_match, rouge_l, token_f1
+from tuneloop.textmetrics import bleu, exact_match, rouge_l, token_f1
 
 if TYPE_CHECKING:
     from tuneloop.db import Database
     from tuneloop.settings import Settings
 
-METRICS = ("loss", "perplexity", "exact_match", "token_f1", "rouge_l")
+# per-example metrics of every report; ``task_success`` is added for rows that carry a check
+METRICS = ("loss", "perplexity", "exact_match", "token_f1", "rouge_l", "bleu")
+TEXT_METRICS = {"exact_match": exact_match, "token_f1": token_f1, "rouge_l": rouge_l, "bleu": bleu}
 
 
 class Generator(Protocol):
@@ -124,7 +135,7 @@ def resolve_models(refs: list[str], db: Database, settings: Settings) -> list[Mo
 
 def load_eval_rows(db: Database, dataset_ref: str, limit: int | None) -> tuple[list[dict[str, Any]], str | None, str]:
     """(rows with id + messages, dataset id, split) of the held-out split."""
-    from tuneloop.dataset_store import load_card, load_splits
+    from tuneloop.dataset_store import good_chat, load_card, load_splits
     from tuneloop.registry import RegistryError
 
     try:
@@ -142,8 +153,15 @@ def load_eval_rows(db: Database, dataset_ref: str, limit: int | None) -> tuple[l
         ds = ds.select(range(min(limit, len(ds))))
     rows = []
     for r in ds:
-        msgs = r["messages"] if "messages" in r else list(r["prompt"]) + list(r["chosen"])[:1]
-        rows.append({"id": r["id"], "messages": [{"role": m["role"], "content": m["content"]} for m in msgs]})
+        chat = good_chat(r)
+        if chat is None:  # a KTO row labelled undesirable: not a reference answer
+            continue
+        prompt, answer = chat
+        msgs = [*prompt, {"role": "assistant", "content": answer}] if "messages" not in r else list(r["messages"])
+        row: dict[str, Any] = {"id": r["id"], "messages": [{"role": m["role"], "content": m["content"]} for m in msgs]}
+        if r.get("check"):
+            row["check"] = rule_from_dict(json.loads(r["check"]), where=f"row {r['id']} of {dataset_ref}")
+        rows.append(row)
     return rows, ds_id, split
 
 
@@ -171,20 +189,12 @@ def load_golden(path: str | None) -> list[dict[str, Any]]:
         if not isinstance(it, dict) or not (it.get("prompt") or it.get("messages")):
             raise UserError(f"{p}: golden prompt #{i + 1} needs 'prompt' or 'messages'")
         msgs = it.get("messages") or [{"role": "user", "content": str(it["prompt"])}]
-        expect = it.get("expect") or []
-        regex = it.get("regex") or []
-        expect = [expect] if isinstance(expect, str) else [str(e) for e in expect]
-        regex = [regex] if isinstance(regex, str) else [str(r) for r in regex]
-        if not expect and not regex:
-            raise UserError(f"{p}: golden prompt #{i + 1} needs 'expect' (substrings) or 'regex'")
-        for rx in regex:
-            try:
-                re.compile(rx)
-            except re.error as e:
-                raise UserError(f"{p}: golden prompt #{i + 1}: bad regex {rx!r}: {e}") from None
-        out.append(
-            {"name": str(it.get("name") or f"golden-{i + 1}"), "messages": msgs, "expect": expect, "regex": regex}
+        rule = rule_from_dict(
+            {k: it[k] for k in ("expect", "contains", "regex", "json") if k in it}, where=f"{p}: golden prompt #{i + 1}"
         )
+        if not rule:
+            raise UserError(f"{p}: golden prompt #{i + 1} needs 'expect' (substrings), 'regex' or 'json: true'")
+        out.append({"name": str(it.get("name") or f"golden-{i + 1}"), "messages": msgs, "rule": rule})
     return out
 
 
@@ -234,19 +244,36 @@ def _load(m: ModelRef) -> tuple[CausalLM, Tokenizer]:
     return model, tok
 
 
-def _nll(model: CausalLM, ids: list[int], mask: list[int]) -> tuple[float, int]:
-    """(sum of NLL over masked target tokens, their count) for one sequence."""
+def _nll_many(model: CausalLM, seqs: list[tuple[list[int], list[int]]], batch: int = 16) -> list[tuple[float, int]]:
+    """(sum of NLL over masked target tokens, their count) per sequence, in right-padded batches of similar length.
+
+    ``mask[i]`` = 1 where token ``i`` is a target. Right padding under a causal model leaves every real
+    position's logits unchanged; padded positions carry mask 0.
+    """
     import torch
 
-    x = torch.tensor([ids], device=model.device)
-    with torch.no_grad():
-        logits = model(input_ids=x).logits[0, :-1].float()
-    tgt = x[0, 1:]
-    m = torch.tensor(mask[1:], device=model.device, dtype=torch.bool)
-    if not m.any():
-        return 0.0, 0
-    lp = torch.log_softmax(logits, -1).gather(1, tgt[:, None])[:, 0]
-    return float(-lp[m].sum()), int(m.sum())
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(seqs)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
+    for k in range(0, len(order), batch):
+        idx = order[k : k + batch]
+        width = max(len(seqs[i][0]) for i in idx)
+        ids = torch.zeros((len(idx), width), dtype=torch.long)
+        att = torch.zeros((len(idx), width), dtype=torch.long)
+        tgt = torch.zeros((len(idx), width), dtype=torch.bool)
+        for row, i in enumerate(idx):
+            x, m = seqs[i]
+            ids[row, : len(x)] = torch.tensor(x)
+            att[row, : len(x)] = 1
+            tgt[row, : len(m)] = torch.tensor(m, dtype=torch.bool)
+        ids, att, tgt = ids.to(model.device), att.to(model.device), tgt.to(model.device)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=att).logits[:, :-1].float()
+        lp = torch.log_softmax(logits, -1).gather(2, ids[:, 1:, None])[..., 0]
+        keep = tgt[:, 1:] & att[:, 1:].bool()
+        for row, i in enumerate(idx):
+            n = int(keep[row].sum())
+            out[i] = (float(-lp[row][keep[row]].sum()), n) if n else (0.0, 0)
+    return out
 
 
 def generate_transformers(
@@ -286,10 +313,9 @@ def _evaluate_one(
     max_new_tokens: int,
     progress: bool,
     generator: Generator | None = None,
+    responses: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     import time
-
-    from tqdm import tqdm
 
     from tuneloop.chat import render_prompt, split_answer, training_example
 
@@ -297,66 +323,78 @@ def _evaluate_one(
     try:
         per: dict[str, list[float]] = {k: [] for k in METRICS}
         tot_nll, tot_n = 0.0, 0
-        for r in tqdm(rows, desc=f"{m.name}: loss", disable=not progress, leave=False):
-            ex = training_example(tok, r["messages"])
-            s, n = _nll(model, ex["input_ids"], ex["completion_mask"])
+        exs = [training_example(tok, r["messages"]) for r in rows]
+        for s, n in _nll_many(model, [(ex["input_ids"], ex["completion_mask"]) for ex in exs]):
             tot_nll, tot_n = tot_nll + s, tot_n + n
             loss = s / n if n else 0.0
             per["loss"].append(loss)
             per["perplexity"].append(math.exp(min(loss, 50.0)))
         use = generator if generator is not None and generator.supports(m.adapter) else None
 
-        def generate(prompts: list[list[int]], hf: CausalLM = model) -> list[str]:
-            if use is not None:
-                return use.generate(m.base, m.adapter, prompts, max_new_tokens)
-            return generate_transformers(hf, tok, prompts, max_new_tokens)
+        gen_s = [0.0]
 
-        t0 = time.perf_counter()
+        def generate(prompts: list[list[int]], hf: CausalLM = model) -> list[str]:
+            t0 = time.perf_counter()
+            try:
+                if use is not None:
+                    return use.generate(m.base, m.adapter, prompts, max_new_tokens)
+                return generate_transformers(hf, tok, prompts, max_new_tokens)
+            finally:
+                gen_s[0] += time.perf_counter() - t0
+
         prompts = [render_prompt(tok, split_answer(r["messages"])[0]) for r in rows]
         preds = generate(prompts)
+        checked = [(r["check"], pred) for r, pred in zip(rows, preds) if r.get("check")]
         for r, pred in zip(rows, preds):
             ref = r["messages"][-1]["content"]
-            per["exact_match"].append(exact_match(pred, ref))
-            per["token_f1"].append(token_f1(pred, ref))
-            per["rouge_l"].append(rouge_l(pred, ref))
+            for k, fn in TEXT_METRICS.items():
+                per[k].append(fn(pred, ref))
+        if checked:
+            per["task_success"] = [float(rule.check(pred).passed) for rule, pred in checked]
         mean_loss = tot_nll / tot_n if tot_n else 0.0
         summary: dict[str, float | None] = {"loss": mean_loss, "perplexity": math.exp(min(mean_loss, 50.0))}
-        for k in ("exact_match", "token_f1", "rouge_l"):
+        for k in (*TEXT_METRICS, *(["task_success"] if checked else [])):
             summary[k] = sum(per[k]) / len(per[k]) if per[k] else 0.0
         gold = None
         if golden:
             outs = generate([render_prompt(tok, g["messages"]) for g in golden])
             results = []
             for g, out in zip(golden, outs):
-                missing = [e for e in g["expect"] if e.lower() not in out.lower()]
-                unmatched = [rx for rx in g["regex"] if not re.search(rx, out)]
+                v = g["rule"].check(out)
                 results.append(
                     {
                         "name": g["name"],
                         "output": out,
-                        "passed": not missing and not unmatched,
-                        "missing": missing,
-                        "unmatched": unmatched,
+                        "passed": v.passed,
+                        "missing": v.missing,
+                        "unmatched": v.unmatched,
+                        "reason": v.reason(),
                     }
                 )
             gold = {"passed": sum(r["passed"] for r in results), "total": len(results), "results": results}
             summary["golden_pass_rate"] = gold["passed"] / gold["total"]
         if general:
-            g_nll, g_n = 0.0, 0
+            seqs = []
             for it in general:
                 if "messages" in it:
                     ids = [int(t) for t in tok.apply_chat_template(it["messages"], tokenize=True, return_dict=False)]
                 else:
                     ids = tok(it["text"], add_special_tokens=False)["input_ids"]
                 ids = ids[:1024]
-                if len(ids) < 2:
-                    continue
-                s, n = _nll(model, ids, [1] * len(ids))
-                g_nll, g_n = g_nll + s, g_n + n
+                if len(ids) >= 2:
+                    seqs.append((ids, [1] * len(ids)))
+            parts = _nll_many(model, seqs)
+            g_nll, g_n = sum(p[0] for p in parts), sum(p[1] for p in parts)
             summary["general_perplexity"] = math.exp(min(g_nll / g_n, 50.0)) if g_n else None
+        if responses:
+            rex = [training_example(tok, r["messages"]) for r in responses]
+            parts = _nll_many(model, [(ex["input_ids"], ex["completion_mask"]) for ex in rex])
+            nll = [s_ / n_ for s_, n_ in parts if n_]
+            per["production_nll"] = nll
+            summary["production_nll"] = sum(nll) / len(nll) if nll else None
         generation = {
             "backend": "vllm" if use is not None else "transformers",
-            "seconds": round(time.perf_counter() - t0, 3),
+            "seconds": round(gen_s[0], 3),
             "prompts": len(prompts) + len(golden),
         }
         return {"summary": summary, "per_example": per, "golden": gold, "predictions": preds, "generation": generation}
@@ -378,6 +416,7 @@ def evaluate(
     max_new_tokens: int = 64,
     progress: bool = True,
     generator: Generator | None = None,
+    responses: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``models`` on the same held-out examples and store the report (see module doc)."""
     from tuneloop.db import dumps
@@ -399,11 +438,13 @@ def evaluate(
     rows, ds_id, split = load_eval_rows(db, dataset_ref, limit)
     gold = load_golden(golden)
     gen = load_general(db, general)
+    if gen is not None and limit is not None:
+        gen = gen[:limit]
     results = {}
     for m in refs:
         if progress:
             print(f"evaluating {m.name} on {len(rows)} {split} examples ...", file=sys.stderr, flush=True)
-        results[m.name] = _evaluate_one(m, rows, gold, gen, max_new_tokens, progress, generator)
+        results[m.name] = _evaluate_one(m, rows, gold, gen, max_new_tokens, progress, generator, responses)
     rid = new_id()
     created = utcnow()
     names = [m.name for m in refs]
@@ -419,6 +460,7 @@ def evaluate(
         "max_new_tokens": max_new_tokens,
         "golden_file": golden,
         "general_set": general,
+        "production_responses": len(responses or []),
         "summary": {n: results[n]["summary"] for n in names},
         "per_example": {n: results[n]["per_example"] for n in names},
         "golden": {n: results[n]["golden"] for n in names} if gold else {},
@@ -451,7 +493,7 @@ def format_report(report: dict[str, Any]) -> str:
 
     from tuneloop.table import print_table
 
-    cols = ["loss", "perplexity", "exact_match", "token_f1", "rouge_l", "golden_pass_rate", "general_perplexity"]
+    cols = [*METRICS, "task_success", "golden_pass_rate", "general_perplexity"]
     present = [c for c in cols if any(report["summary"][m].get(c) is not None for m in report["models"])]
     buf = io.StringIO()
     print_table(

@@ -7,7 +7,16 @@ Contract
 * Methods (``cfg.method``): ``lora`` (PEFT LoRA), ``qlora`` (base loaded 4-bit
   nf4 with bitsandbytes + LoRA), ``full`` (all weights), ``prompt_tuning``
   (PEFT prompt tuning), all through TRL's ``SFTTrainer``; ``dpo`` (TRL
-  ``DPOTrainer`` with a LoRA adapter) on a preference dataset.
+  ``DPOTrainer`` with a LoRA adapter) on a preference dataset; ``kto`` (TRL
+  ``KTOTrainer`` with a LoRA adapter) on a kto dataset (prompt / completion /
+  label rows, :mod:`tuneloop.dataset_store`). KTO's ``desirable_weight`` and
+  ``undesirable_weight`` come from :func:`~tuneloop.trainer.config.kto_weights`
+  on the label counts of the final train split (replay included), unless set;
+  both, and the counts, are recorded in the metrics and in the run config's
+  ``kto_effective``. A kto run
+  may replay an SFT dataset (``replay_dataset``): its rows join as desirable.
+  KTO's KL estimate pairs each row with its batch neighbours in data order,
+  so the train split is shuffled (seeded) first.
 * SFT rows are tokenized with :func:`tuneloop.chat.training_example`: the
   server's prompt rendering + the answer + EOS, loss on the answer only
   (train/serve parity). Default batches are padding-free (no packing).
@@ -20,7 +29,7 @@ Contract
   checkpoint (run recorded ``failed``, KeyboardInterrupt raised: CLI exit 130).
 * Every run is a ``runs`` row (``failed`` with the error when it fails or is
   interrupted) and every success registers a :class:`ModelVersion` (kind
-  ``adapter`` for lora/qlora/prompt_tuning/dpo, ``merged`` for full) with
+  ``adapter`` for lora/qlora/prompt_tuning/dpo/kto, ``merged`` for full) with
   parent, dataset id, run id and content hash. Bad input raises
   :class:`~tuneloop.errors.UserError` before anything is written.
 
@@ -44,7 +53,7 @@ from typing import TYPE_CHECKING, Any, cast
 from tuneloop.chat import Tokenizer
 from tuneloop.config import to_dict
 from tuneloop.errors import UserError
-from tuneloop.trainer.config import ADAPTER_METHODS, TrainConfig
+from tuneloop.trainer.config import ADAPTER_METHODS, TrainConfig, kto_weights
 from tuneloop.trainer.history import loss_table, write_loss_history
 from tuneloop.trainer.inputs import load_dataset_ref, mix_replay, resolve_base_model, tokenize_sft
 
@@ -52,7 +61,7 @@ if TYPE_CHECKING:
     from contextlib import AbstractContextManager
     from types import FrameType
 
-    from datasets import Dataset
+    from datasets import Dataset, DatasetDict
     from peft import PeftConfig
     from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
     from transformers.trainer_utils import TrainOutput
@@ -187,21 +196,41 @@ def train(cfg: TrainConfig, db: Database, settings: Settings, progress: bool = T
     except RegistryError:
         pass
     base = resolve_base_model(db, settings, cfg.base)
-    dd, ds_id, kind = load_dataset_ref(db, cfg.dataset)
+    init = _init_adapter(db, cfg, base)
+    dd, ds_id, kind = _load_dataset(db, cfg.dataset)
     if cfg.method == "dpo" and kind != "preference":
         raise UserError(f"method=dpo needs a preference dataset (prompt/chosen/rejected); {cfg.dataset!r} is {kind}")
-    if cfg.method != "dpo" and kind != "sft":
+    if cfg.method == "kto" and kind != "kto":
         raise UserError(
-            f"method={cfg.method} needs an SFT dataset (messages); {cfg.dataset!r} is {kind} (use method=dpo)"
+            f"method=kto needs a kto dataset (prompt/completion/label, e.g. the '<name>-kto' set `tuneloop feedback "
+            f"sample` writes from thumbs-up/down); {cfg.dataset!r} is {kind}"
+        )
+    if cfg.method not in ("dpo", "kto") and kind != "sft":
+        raise UserError(
+            f"method={cfg.method} needs an SFT dataset (messages); {cfg.dataset!r} is {kind} "
+            f"(use method={'dpo' if kind == 'preference' else 'kto'})"
         )
     if len(dd["train"]) == 0:
         raise UserError(f"dataset {cfg.dataset!r} has an empty train split")
     train_ds, replayed = dd["train"], 0
     if cfg.replay_fraction > 0:
-        rdd, _, rkind = load_dataset_ref(db, cfg.replay_dataset)
-        if rkind != kind:
+        rdd, _, rkind = _load_dataset(db, cfg.replay_dataset)
+        replay_ds = rdd["train"]
+        if kind == "kto" and rkind == "sft":
+            replay_ds = _sft_as_desirable(replay_ds)
+        elif rkind != kind:
             raise UserError(f"replay dataset {cfg.replay_dataset!r} is {rkind}, the training dataset is {kind}")
-        train_ds, replayed = mix_replay(train_ds, rdd["train"], cfg.replay_fraction, cfg.seed)
+        train_ds, replayed = mix_replay(train_ds, replay_ds, cfg.replay_fraction, cfg.seed)
+    kto: dict[str, Any] = {}
+    if cfg.method == "kto":
+        n_des = sum(bool(x) for x in train_ds["label"])
+        dw, uw = kto_weights(n_des, len(train_ds) - n_des, cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
+        kto = {
+            "kto_desirable_rows": n_des,
+            "kto_undesirable_rows": len(train_ds) - n_des,
+            "kto_desirable_weight": dw,
+            "kto_undesirable_weight": uw,
+        }
 
     out = Path(cfg.output_dir) if cfg.output_dir else settings.paths.sub("runs") / cfg.name
     resume_from = last_checkpoint(out) if cfg.resume else None
@@ -217,11 +246,13 @@ def train(cfg: TrainConfig, db: Database, settings: Settings, progress: bool = T
         except RegistryError:
             run_id = None
     try:  # model, adapter and trainer set-up problems (e.g. lora.targets not in the model) are the user's to fix
-        trainer, tokenizer = _build_trainer(cfg, base, train_ds, dd.get("validation"), kind, out, progress)
+        trainer, tokenizer = _build_trainer(cfg, base, train_ds, dd.get("validation"), kind, out, progress, kto, init)
     except ValueError as e:
         raise UserError(f"cannot set up {cfg.method} training on {base}: {e}") from None
     out.mkdir(parents=True, exist_ok=True)
     config = {**to_dict(cfg), "base_path": str(base), "replayed_rows": replayed}
+    if kto:  # the weights used (cfg's kto_*_weight keep what was asked: 0 = automatic)
+        config["kto_effective"] = kto
     run = start_run(db, cfg.method, str(base), ds_id, config, run_id=run_id)
     run_file.write_text(json.dumps({"run_id": run.id, "name": cfg.name}, indent=2))
     if resume_from:
@@ -241,8 +272,8 @@ def train(cfg: TrainConfig, db: Database, settings: Settings, progress: bool = T
         model_dir = out / "model"
         trainer.save_model(str(model_dir))
         tokenizer.save_pretrained(str(model_dir))
-        metrics = _metrics(trainer, res, time.monotonic() - t0, replayed, len(train_ds))
-        if dd.get("validation") is not None and len(dd["validation"]) > 0 and cfg.method != "dpo":
+        metrics = {**_metrics(trainer, res, time.monotonic() - t0, replayed, len(train_ds)), **kto}
+        if dd.get("validation") is not None and len(dd["validation"]) > 0 and cfg.method not in ("dpo", "kto"):
             metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])
         history = [dict(e.items()) for e in trainer.state.log_history if "loss" in e]
         write_loss_history(out, history)
@@ -301,8 +332,42 @@ def _metrics(trainer: Trainer, res: TrainOutput, wall_s: float, replayed: int, r
     return m
 
 
+def _load_dataset(db: Database, ref: str) -> tuple[DatasetDict, str | None, str]:
+    """:func:`~tuneloop.trainer.inputs.load_dataset_ref`, plus kto datasets (which it does not know yet)."""
+    try:
+        return load_dataset_ref(db, ref)
+    except UserError:
+        from tuneloop.dataset_store import kind_of_columns, load_card, load_splits
+
+        try:
+            dd = load_splits(db, ref)
+        except (OSError, ValueError, UserError):  # not loadable at all: load_dataset_ref's error says why
+            dd = None
+        if dd is None or "train" not in dd or kind_of_columns(dd["train"].column_names) != "kto":
+            raise
+        ds_id = load_card(db, ref).get("id")
+        return dd, ds_id, "kto"
+
+
+def _sft_as_desirable(ds: Dataset) -> Dataset:
+    """SFT rows as desirable kto rows: prompt = the messages before the answer, completion = the answer, label true."""
+    return ds.map(
+        lambda r: {"prompt": r["messages"][:-1], "completion": r["messages"][-1:], "label": True},
+        remove_columns=["messages"],
+        desc="replay rows as desirable",
+    )
+
+
 def _build_trainer(
-    cfg: TrainConfig, base: Path, train_ds: Dataset, val_ds: Dataset | None, kind: str, out: Path, progress: bool
+    cfg: TrainConfig,
+    base: Path,
+    train_ds: Dataset,
+    val_ds: Dataset | None,
+    kind: str,
+    out: Path,
+    progress: bool,
+    kto: dict[str, Any] | None = None,
+    init: Path | None = None,
 ) -> tuple[Trainer, Tokenizer]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -325,12 +390,17 @@ def _build_trainer(
         load_kw["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True
         )
-    model = AutoModelForCausalLM.from_pretrained(str(base), **load_kw)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(base), **load_kw)
     if cfg.method == "qlora":
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     peft_config = _peft_config(cfg)
+    if init is not None:  # continue training an existing adapter: its weights and its LoRA shape
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(init), is_trainable=True)
+        peft_config = None
     has_val = val_ds is not None and len(val_ds) > 0
     common: dict[str, Any] = dict(
         output_dir=str(out),
@@ -372,6 +442,27 @@ def _build_trainer(
             peft_config=peft_config,
         )
         return _quiet(dpo, progress), tokenizer
+    if cfg.method == "kto":
+        from trl import KTOConfig, KTOTrainer
+
+        keep = ["prompt", "completion", "label"]
+        weights = kto or {}
+        kto_trainer = KTOTrainer(
+            model=model,
+            args=KTOConfig(
+                **common,
+                beta=cfg.kto_beta,
+                desirable_weight=weights.get("kto_desirable_weight", 1.0),
+                undesirable_weight=weights.get("kto_undesirable_weight", 1.0),
+                max_length=cfg.max_seq_length,
+            ),
+            # KTO reads batches in data order (its KL term pairs neighbours): shuffle once, seeded
+            train_dataset=train_ds.select_columns(keep).shuffle(seed=cfg.seed),
+            eval_dataset=val_ds.select_columns(keep) if val_ds is not None and has_val else None,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+        )
+        return _quiet(kto_trainer, progress), tokenizer
     from trl import SFTConfig, SFTTrainer
 
     padding_free = cfg.padding_free and not cfg.packing and cfg.method != "prompt_tuning"
@@ -393,6 +484,31 @@ def _build_trainer(
         peft_config=peft_config,
     )
     return _quiet(sft, progress), tokenizer
+
+
+def _init_adapter(db: Database, cfg: TrainConfig, base: Path) -> Path | None:
+    """The LoRA adapter folder ``cfg.init_adapter`` names (a version or a folder), checked against the base."""
+    if not cfg.init_adapter:
+        return None
+    from tuneloop.registry import RegistryError, get_version
+
+    if cfg.method not in ("lora", "qlora", "dpo", "kto"):
+        raise UserError(f"init_adapter continues a LoRA adapter; method={cfg.method} cannot start from one")
+    try:
+        v = get_version(db, cfg.init_adapter)
+        path, trained_on = Path(v.path), v.base_model
+        if v.kind != "adapter":
+            raise UserError(f"init_adapter={cfg.init_adapter}: version {v.name} is {v.kind}, not a LoRA adapter")
+    except RegistryError:
+        path, trained_on = Path(cfg.init_adapter).expanduser(), ""
+    f = path / "adapter_config.json"
+    conf = json.loads(f.read_text()) if f.is_file() else {}
+    if conf.get("peft_type") != "LORA":
+        raise UserError(f"init_adapter={cfg.init_adapter}: {path} is not a LoRA adapter folder (adapter_config.json)")
+    trained_on = trained_on or str(conf.get("base_model_name_or_path") or "")
+    if trained_on and Path(trained_on).expanduser().resolve() != base.resolve():
+        raise UserError(f"init_adapter={cfg.init_adapter} was trained on {trained_on}, not on the base {base}")
+    return path
 
 
 def _quiet(trainer: Trainer, progress: bool) -> Trainer:

@@ -10,8 +10,14 @@ Contract
   of the rows per split, so the same rows give the same id (idempotent). It
   registers the dataset in ``datasets`` and one ``dataset_rows`` row per row
   (row id, split, request id, origin) in one transaction.
-* Row schema — SFT: ``{"id", "messages": [{"role","content"}...], "request_id", "origin"}``;
-  preference: ``{"id", "prompt": [...], "chosen": [...], "rejected": [...], "request_id", "origin"}``.
+* Row schema — SFT: ``{"id", "messages": [{"role","content"}...], "request_id", "origin"}``, plus an
+  optional ``check`` (a :mod:`tuneloop.checks` rule as JSON) that evaluation scores as task success;
+  preference (DPO): ``{"id", "prompt": [...], "chosen": [...], "rejected": [...], "request_id", "origin"}``;
+  kto (TRL's unpaired preference format): ``{"id", "prompt": [...], "completion": [one assistant message],
+  "label": bool, "request_id", "origin"}``, ``label`` saying whether the completion is desirable.
+  :data:`KINDS` lists the kinds; :func:`kind_of_columns` names a dataset's kind from its columns.
+* :func:`dataset_id` is the id :func:`save_dataset` will give the rows, so a caller can name
+  a dataset in another's card before writing either.
 * :func:`load_splits` loads a DatasetDict from a registered id/name or a path.
 """
 
@@ -36,7 +42,48 @@ if TYPE_CHECKING:
     from datasets import DatasetDict, Features
 
 SPLITS = ("train", "validation", "test")
-KINDS = ("sft", "preference")
+KINDS = ("sft", "preference", "kto")
+_KEYS = {
+    "sft": ("id", "messages", "request_id", "origin"),
+    "preference": ("id", "prompt", "chosen", "rejected", "request_id", "origin"),
+    "kto": ("id", "prompt", "completion", "label", "request_id", "origin"),
+}
+
+
+def kind_of_columns(columns: Iterable[str]) -> str | None:
+    """``preference`` (prompt/chosen/rejected), ``kto`` (prompt/completion/label), ``sft`` (messages) or None."""
+    cols = set(columns)
+    if {"prompt", "chosen", "rejected"} <= cols:
+        return "preference"
+    if {"prompt", "completion", "label"} <= cols:
+        return "kto"
+    if "messages" in cols:
+        return "sft"
+    return None
+
+
+def good_chat(row: dict[str, Any]) -> tuple[list[dict[str, str]], str] | None:
+    """(prompt messages, the answer to learn) of a row of any kind; None for a KTO row labelled undesirable.
+
+    SFT: the messages up to the last assistant turn and that turn ('' when the chat ends with the user);
+    preference: prompt and chosen; kto: prompt and completion when ``label`` is true. Evaluation, retention
+    sets and drift reference profiles read rows through this, so every kind means the same there.
+    """
+    if row.get("messages"):
+        msgs = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+        if msgs[-1]["role"] == "assistant":
+            return msgs[:-1], msgs[-1]["content"] or ""
+        return msgs, ""
+    if row.get("prompt") is None:
+        raise UserError(f"dataset row {row.get('id', '?')!r} has neither messages nor prompt")
+    prompt = [{"role": m["role"], "content": m["content"]} for m in row["prompt"]]
+    if "label" in row and "completion" in row:
+        if not row["label"]:
+            return None
+        answer = row["completion"] or [{}]
+    else:
+        answer = row.get("chosen") or [{}]
+    return prompt, (answer[-1] or {}).get("content") or ""
 
 
 def content_hash(splits: dict[str, list[dict]]) -> str:
@@ -52,34 +99,40 @@ def _features(kind: str) -> Features:
     from datasets import Features, Value
 
     msg = [{"role": Value("string"), "content": Value("string")}]
-    base = {"id": Value("string"), "request_id": Value("string"), "origin": Value("string")}
-    if kind == "sft":
-        return Features({"id": base["id"], "messages": msg, "request_id": base["request_id"], "origin": base["origin"]})
-    return Features(
-        {
-            "id": base["id"],
-            "prompt": msg,
-            "chosen": msg,
-            "rejected": msg,
-            "request_id": base["request_id"],
-            "origin": base["origin"],
-        }
-    )
+    types: dict[str, Any] = {"id": Value("string"), "request_id": Value("string"), "origin": Value("string")}
+    types.update(messages=msg, prompt=msg, chosen=msg, rejected=msg, completion=msg, label=Value("bool"))
+    return Features({k: types[k] for k in _KEYS[kind]})
 
 
 def _normalise(kind: str, row: dict[str, Any]) -> dict[str, Any]:
-    keys = (
-        ("id", "messages", "request_id", "origin")
-        if kind == "sft"
-        else ("id", "prompt", "chosen", "rejected", "request_id", "origin")
-    )
+    keys = _KEYS[kind]
     missing = [k for k in keys if k not in ("request_id", "origin") and k not in row]
     if missing:
         raise UserError(f"dataset row {row.get('id', '?')!r} lacks {', '.join(missing)} (kind {kind})")
     out = {k: row.get(k) for k in keys}
+    if kind == "sft" and row.get("check"):  # a checkable rule for task success (tuneloop.checks), as JSON
+        chk = row["check"]
+        out["check"] = chk if isinstance(chk, str) else json.dumps(chk, sort_keys=True)
     out["origin"] = out["origin"] or "file"
     out["id"] = str(out["id"])
+    if kind == "kto" and not isinstance(out["label"], bool):
+        raise UserError(f"dataset row {out['id']!r}: label must be true or false, got {out['label']!r}")
     return out
+
+
+def _rows(kind: str, splits: dict[str, list[dict]]) -> dict[str, list[dict[str, Any]]]:
+    """The rows of each split in the row schema of ``kind`` (raises UserError on a bad kind, split or row)."""
+    if kind not in KINDS:
+        raise UserError(f"dataset kind must be one of {KINDS}, got {kind!r}")
+    unknown = set(splits) - set(SPLITS)
+    if unknown:
+        raise UserError(f"unknown split(s) {sorted(unknown)}; splits are {SPLITS}")
+    return {s: [_normalise(kind, r) for r in splits.get(s, [])] for s in SPLITS}
+
+
+def dataset_id(name: str, splits: dict[str, list[dict]], kind: str) -> str:
+    """The id (``<name>@<hash12>``) :func:`save_dataset` gives these rows, computed without writing anything."""
+    return f"{name}@{content_hash(_rows(kind, splits))[:12]}"
 
 
 def save_dataset(
@@ -95,12 +148,7 @@ def save_dataset(
     """Write, hash and register a dataset (see module doc). Raises UserError if it has no training rows."""
     from datasets import Dataset, DatasetDict
 
-    if kind not in KINDS:
-        raise UserError(f"dataset kind must be one of {KINDS}, got {kind!r}")
-    unknown = set(splits) - set(SPLITS)
-    if unknown:
-        raise UserError(f"unknown split(s) {sorted(unknown)}; splits are {SPLITS}")
-    rows = {s: [_normalise(kind, r) for r in splits.get(s, [])] for s in SPLITS}
+    rows = _rows(kind, splits)
     if not rows["train"]:
         raise UserError(f"dataset {name!r} has no training rows")
     digest = content_hash(rows)
@@ -113,8 +161,12 @@ def save_dataset(
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
         try:
             feats = _features(kind)
+            if any("check" in r for split in rows.values() for r in split):
+                from datasets import Value
+
+                feats["check"] = Value("string")
             dd = DatasetDict(
-                {s: Dataset.from_dict({k: [r[k] for r in rows[s]] for k in feats}, features=feats) for s in SPLITS}
+                {s: Dataset.from_dict({k: [r.get(k) for r in rows[s]] for k in feats}, features=feats) for s in SPLITS}
             )
             # one shard per split: datasets 5.x cannot reload an empty split saved with the default sharding
             with _quiet_datasets():  # per-split "Saving the dataset" bars are noise next to the callers' own

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from tuneloop.config import build, load_yaml
 
@@ -241,8 +242,8 @@ class DeploySettings:
     canary_max_latency_ratio: float = field(
         default=1.5,
         metadata={
-            "help": "Non-inferiority margin: the canary's geometric-mean latency of successful requests may be at most "
-            "this times production's."
+            "help": "Non-inferiority margin: the canary's geometric-mean time to first token of successful requests "
+            "may be at most this times production's (TTFT, not total latency, which grows with the answer's length)."
         },
     )
     canary_max_negative_feedback_delta: float = field(
@@ -275,6 +276,34 @@ class DeploySettings:
         default=1.0,
         metadata={"help": "Share of golden prompts a candidate must pass (relative to production if lower)."},
     )
+    loop_continue_training: bool = field(
+        default=True,
+        metadata={
+            "help": "The loop trains a new version by continuing the production LoRA adapter (train init_adapter) "
+            "rather than a fresh one on the base: it keeps what production learned, and replay guards the rest."
+        },
+    )
+    gate_golden: str = field(
+        default="",
+        metadata={
+            "help": "Golden-prompts file (YAML/JSONL, see `tuneloop eval --golden`) every gate checks; empty = none "
+            "unless the command names one."
+        },
+    )
+    gate_max_shift: float = field(
+        default=2.0,
+        metadata={
+            "help": "Largest allowed increase (nats per token) in the mean negative log-likelihood of production's "
+            "logged answers under the candidate vs under production: an estimate of how far the candidate moved "
+            "from what production says (KL). Negative = no limit."
+        },
+    )
+    gate_max_new_tokens: int = field(
+        default=64, metadata={"help": "Longest answer (tokens) the gate generates per held-out example."}
+    )
+    gate_shift_responses: int = field(
+        default=100, metadata={"help": "Most logged production answers the shift check scores (the latest first)."}
+    )
     canary_judge_interval_s: float = field(
         default=10.0,
         metadata={
@@ -282,6 +311,21 @@ class DeploySettings:
         },
     )
     bootstrap_samples: int = field(default=1000, metadata={"help": "Paired bootstrap resamples."})
+    loop_train_method: Literal["sft", "auto", "dpo", "kto"] = field(
+        default="sft",
+        metadata={
+            "help": "What `tuneloop loop` trains when no --train method= is given: sft (a LoRA on the sampled SFT set), "
+            "dpo (on the preference pairs from corrections), kto (on thumbs-up/down) or auto (dpo with at least "
+            "loop_min_pairs pairs, else kto with both thumbs-up and thumbs-down, else sft)."
+        },
+    )
+    loop_min_pairs: int = field(
+        default=8,
+        metadata={
+            "help": "auto: fewest preference pairs (corrections differing from the served response, in the sampled "
+            "train split) for the loop to train DPO."
+        },
+    )
 
 
 @dataclass

@@ -1,9 +1,13 @@
 """Per-example text metrics for generated answers against a reference: one home for each.
 
-Contract: SQuAD-style normalisation (lower case, punctuation removed, whitespace
-tokens) for every metric; each metric maps ``(prediction, reference)`` to a float
-in ``[0, 1]``. Two empty texts score 1, one empty text scores 0. Evaluation, the
-deploy gate and the demo's simulated users all score with these functions.
+Contract: each metric maps ``(prediction, reference)`` to a float in ``[0, 1]``;
+two empty texts score 1, one empty text scores 0. ``exact_match`` and
+``token_f1`` are SQuAD's (lower case, punctuation removed, whitespace tokens);
+``rouge_l`` is ROUGE-L F1 from ``rouge-score`` over the same normalised tokens and
+``bleu`` is sentence BLEU from ``sacrebleu`` — maintained implementations, imported
+only when called (they come with the ML extra). Evaluation and the deploy gate
+score with these functions; checkable rules (task success) live in
+:mod:`tuneloop.checks`.
 """
 
 from __future__ import annotations
@@ -36,18 +40,19 @@ def token_f1(pred: str, ref: str) -> float:
 
 
 def rouge_l(pred: str, ref: str) -> float:
-    """ROUGE-L F1 over normalized tokens (longest common subsequence)."""
+    """ROUGE-L F1 (longest common subsequence) from Google's ``rouge-score`` package."""
     p, r = normalize(pred), normalize(ref)
     if not p or not r:
         return float(p == r)
-    prev = [0] * (len(r) + 1)
-    for a in p:
-        cur = [0]
-        for j, b in enumerate(r, 1):
-            cur.append(prev[j - 1] + 1 if a == b else max(prev[j], cur[j - 1]))
-        prev = cur
-    lcs = prev[-1]
-    if lcs == 0:
-        return 0.0
-    prec, rec = lcs / len(p), lcs / len(r)
-    return 2 * prec * rec / (prec + rec)
+    from rouge_score import rouge_scorer
+
+    return float(rouge_scorer.RougeScorer(["rougeL"]).score(" ".join(r), " ".join(p))["rougeL"].fmeasure)
+
+
+def bleu(pred: str, ref: str) -> float:
+    """Sentence BLEU in [0, 1] from ``sacrebleu`` (13a tokenisation, exponential smoothing, effective order)."""
+    if not pred.strip() or not ref.strip():
+        return float(pred.strip() == ref.strip())
+    from sacrebleu.metrics import BLEU
+
+    return min(1.0, float(BLEU(effective_order=True).sentence_score(pred, [ref]).score) / 100.0)
