@@ -103,14 +103,16 @@ def scorecard(summary: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": bool(forget["passed"]),
             }
         )
-    arms = ((summary.get("traffic") or {}).get("canary") or {}).get("by_version") or {}
-    if v1 in arms and v2 in arms:
-        u1, u2 = arms[v1]["task_success"], arms[v2]["task_success"]
+    arms = (summary.get("canary") or {}).get("arms") or {}  # the judge's view: from the start to the decision
+    ca, pa = arms.get("canary") or {}, arms.get("production") or {}
+    if ca.get("rated") and pa.get("rated"):
+        u2 = 1 - ca["negative"] / ca["rated"]
+        u1 = 1 - pa["negative"] / pa["rated"]
         rows.append(
             {
                 "target": f"canary: thumbs-up share of v2's arm >= v1's + {MIN_UP_GAP:.0%} points",
-                "before": f"{u1:.0%} of {arms[v1]['rated']} rated",
-                "after": f"{u2:.0%} of {arms[v2]['rated']} rated",
+                "before": f"{u1:.0%} of {pa['rated']} rated ({pa.get('model_version')})",
+                "after": f"{u2:.0%} of {ca['rated']} rated ({ca.get('model_version')})",
                 "met": u2 - u1 >= MIN_UP_GAP,
             }
         )

@@ -3,7 +3,8 @@
 Contract
 --------
 * :func:`simulate_traffic` — one chat request per :class:`tuneloop.deploy.scenario.Question`
-  (system prompt + question) for the ``production`` alias, from a simulated user
+  (system prompt + question, temperature 0.3 as a support deployment would set it:
+  sampled, but close to the model's best answer) for the ``production`` alias, from a simulated user
   drawn out of ``users``. The user checks the answer against the question's
   fact (:meth:`tuneloop.checks.Rule.check`, e.g. "it states $11") and posts to
   ``/v1/feedback`` a thumbs-up when it passes, else a thumbs-down with the fact
@@ -30,6 +31,7 @@ def simulate_traffic(
     users: int = 32,
     concurrency: int = 8,
     max_tokens: int = 48,
+    temperature: float = 0.3,
     seed: int = 0,
     desc: str = "traffic",
 ) -> dict[str, Any]:
@@ -65,7 +67,7 @@ def simulate_traffic(
                 model="production",
                 messages=messages(q.text),  # type: ignore[arg-type]
                 max_tokens=max_tokens,
-                temperature=0.7,
+                temperature=temperature,
                 user=user,
                 seed=seed + i,
             )

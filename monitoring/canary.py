@@ -11,8 +11,9 @@ the candidate's stage ``canary``; it sends ``share`` of the requests for
 
 * :func:`start` — one transaction: refuse if a canary is running or there is no
   production version, set the candidate's stage to ``canary`` and insert the row.
-* :func:`arm_stats` — per arm (``production``, ``canary``) since the canary
-  started: requests, server errors (status >= 500; client errors and aborts are
+* :func:`arm_stats` — per arm (``production``, ``canary``) from the canary's
+  start to its decision (a decided canary's statistics stay what the judge saw,
+  not the traffic after it): requests, server errors (status >= 500; client errors and aborts are
   not the model's fault), p50 time to first token (TTFT) of successful requests, rated feedback
   and its thumbs-down share, and the latest overall drift verdict per version.
 * :func:`decide` — the pure decision from two arms' statistics (no database), by a
@@ -215,7 +216,7 @@ def start(db: Database, candidate: str, share: float, actor: str = "tuneloop", r
 _ARM_SQL = f"""
 WITH r AS (
     SELECT id, arm, model_version, status, ttft_s FROM requests
-    WHERE received_at >= ? AND arm IN ('production', 'canary')
+    WHERE received_at >= ? AND received_at <= ? AND arm IN ('production', 'canary')
 ), fb AS (
     SELECT request_id,
            arg_max(rating, created_at) AS rating, arg_max(rating_kind, created_at) AS rating_kind
@@ -237,9 +238,11 @@ GROUP BY r.arm
 
 
 def arm_stats(db: Database, c: Canary) -> dict[str, ArmStats]:
-    """Per-arm statistics since ``c`` started (see module doc)."""
+    """Per-arm statistics from ``c``'s start to its decision (to now while it runs; see module doc)."""
+    from datetime import datetime
+
     out = {"production": ArmStats("production", c.production), "canary": ArmStats("canary", c.candidate)}
-    for r in db.query(_ARM_SQL, [c.started_at]):
+    for r in db.query(_ARM_SQL, [c.started_at, c.decided_at or datetime.max]):
         s = out[r["arm"]]
         s.model_version = r["model_version"] or s.model_version
         s.requests, s.errors, s.rated, s.negative = (
