@@ -180,10 +180,11 @@ def test_feedback_sample_from_parquet_gives_the_same_dataset_as_one_database(fle
     one = json.loads(cli(*args).stdout)
     many = json.loads(fcli(*args, "--from-parquet", fleet["out"]).stdout)
 
-    # same content hash, hence the same dataset ids, for the SFT set and the DPO pairs
+    # same content hash, hence the same dataset ids, for the SFT set, the DPO pairs and the KTO set
     assert many["dataset"] == one["dataset"] and many["preference_dataset"] == one["preference_dataset"]
+    assert many["card"]["kto_dataset"] == one["card"]["kto_dataset"] and one["card"]["kto_dataset"]
     sql = "SELECT id, content_hash, rows_train, rows_validation, rows_test FROM datasets WHERE name LIKE 'prod%' ORDER BY id"
-    assert fdb.query(sql) == db.query(sql) and len(db.query(sql)) == 2
+    assert fdb.query(sql) == db.query(sql) and len(db.query(sql)) == 3
     assert many["card"] == one["card"]
     assert one["card"]["counts"]["requests_in_window"] == fleet["n_requests"]
 

@@ -186,19 +186,22 @@ def test_init_adapter_continues_an_existing_adapter_from_its_weights_and_shape(w
     from tuneloop.registry import get_version
 
     cli = ws["cli"]
-    common = [f"base={ws['base']}", "dataset=chat", "max_steps=2", "--quiet"]
-    cli("train", *common, "name=parent-r4", "lora.r=4", "lora.targets=[q_proj,v_proj]", "learning_rate=1e-2")
-    # learning rate 0: the saved adapter must be exactly the parent's, shape included, despite lora.r=16
-    cli("train", *common, "name=child-lr0", "init_adapter=parent-r4", "learning_rate=0", "lora.r=16")
+    common = [f"base={ws['base']}", "dataset=chat", "max_steps=2"]
+    cli("train", *common, "name=parent-r4", "lora.r=4", "lora.targets=[q_proj,v_proj]", "learning_rate=1e-2", "--quiet")
+    # a learning rate of 1e-12 (0 is refused): the saved adapter is the parent's, shape included, despite lora.r=16
+    cli("train", *common, "name=child-lr0", "init_adapter=parent-r4", "learning_rate=1e-12", "lora.r=16", "--quiet")
     parent = _adapter_tensors(get_version(ws["db"], "parent-r4").path)
     child = _adapter_tensors(get_version(ws["db"], "child-lr0").path)
     assert parent.keys() == child.keys() and any("lora_B" in k for k in parent)
-    assert all(torch.equal(parent[k], child[k]) for k in parent)
+    assert all(torch.allclose(parent[k], child[k], atol=1e-8) for k in parent)
+    assert any(parent[k].abs().max() > 1e-4 for k in parent if "lora_B" in k)  # the parent learned something
     assert all(v.shape[0] == 4 for k, v in child.items() if "lora_A" in k)
-    # and a fresh adapter (no init_adapter) starts with lora_B = 0, so it differs from the parent after 0-lr steps
-    cli("train", *common, "name=fresh-lr0", "learning_rate=0", "lora.r=4", "lora.targets=[q_proj,v_proj]")
+    # and a fresh adapter (no init_adapter) starts with lora_B = 0: after the same steps it is still ~0
+    cli(
+        "train", *common, "name=fresh-lr0", "learning_rate=1e-12", "lora.r=4", "lora.targets=[q_proj,v_proj]", "--quiet"
+    )
     fresh = _adapter_tensors(get_version(ws["db"], "fresh-lr0").path)
-    assert all(torch.count_nonzero(v) == 0 for k, v in fresh.items() if "lora_B" in k)
+    assert all(v.abs().max() < 1e-8 for k, v in fresh.items() if "lora_B" in k)
 
 
 @pytest.mark.parametrize(
