@@ -5,8 +5,8 @@ Contract
 * :func:`simulate_traffic` — one chat request per :class:`tuneloop.deploy.scenario.Question`
   (system prompt + question, temperature 0.3 as a support deployment would set it:
   sampled, but close to the model's best answer) for the ``production`` alias, from a simulated user
-  drawn out of ``users``. The user checks the answer against the question's
-  fact (:meth:`tuneloop.checks.Rule.check`, e.g. "it states $11") and posts to
+  drawn out of ``users`` (200: the canary split is sticky per user, so few users
+  would skew the arms). The user checks the answer against the question's fact (:meth:`tuneloop.checks.Rule.check`, e.g. "it states $11") and posts to
   ``/v1/feedback`` a thumbs-up when it passes, else a thumbs-down with the fact
   sheet's answer as the correction; small talk (``fact`` None) goes unrated.
   Returns counts per rating and per serving version (the response's ``model``:
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 def simulate_traffic(
     url: str,
     questions: list[Question],
-    users: int = 32,
+    users: int = 200,
     concurrency: int = 8,
     max_tokens: int = 48,
     temperature: float = 0.3,

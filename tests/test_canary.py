@@ -364,8 +364,8 @@ def test_live_server_rolls_back_a_clearly_worse_canary_by_itself(canary_server):
 @pytest.mark.slow
 def test_live_server_promotes_a_clearly_better_canary_by_itself(canary_server):
     srv, db = canary_server
-    decided = _rated_canary(srv, db, "live-d", "up", 240, "better")
-    assert decided.status == "promoted", decided
+    decided = _rated_canary(srv, db, "live-d", "up", 400, "better")
+    assert decided.status == "promoted", (decided, canary.judge(db, decided.id, DeploySettings()).summary())
     assert decided.decision["reasons"][0].startswith("better with confidence after")
     checks = decided.decision["checks"]
     assert (
