@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tuneloop.chat import Tokenizer, completion_ids, render_prompt
+from tuneloop.dataset_store import good_chat
 from tuneloop.db import Database, dumps, loads, utcnow
 from tuneloop.errors import UserError
 from tuneloop.monitoring.drift import prompt_text, words
@@ -46,12 +47,6 @@ class Profile:
     dataset_id: str | None
     profile: dict[str, Any]
     embeddings: np.ndarray | None = None
-
-
-def _split_row(row: dict[str, Any]) -> tuple[list[dict[str, str]], str] | None:
-    from tuneloop.dataset_store import good_chat
-
-    return good_chat(row)
 
 
 def _value_counts(values: Iterable[int]) -> list[list[int]]:
@@ -71,7 +66,7 @@ def build_profile(
     wc: Counter[str] = Counter()
     empty = n = 0
     for row in rows:
-        chat = _split_row(row)  # None: a KTO row labelled undesirable is not what this version learned
+        chat = good_chat(row)  # None: a KTO row labelled undesirable is not what this version learned
         if chat is None or not chat[0]:
             continue
         prompt, answer = chat
