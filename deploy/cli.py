@@ -326,11 +326,11 @@ def _register_loop(sub: argparse._SubParsersAction) -> None:
         "interrupted cycle, skipping finished steps. --watch keeps cycling, triggered by drift "
         "over threshold, N new feedback items, or a schedule.",
         epilog="examples:\n  tuneloop loop --window 24h --train max_steps=20\n"
-        "  tuneloop loop --cycle 01a2...            (resume)\n"
+        "  tuneloop loop --cycle CYCLE_ID                          # resume an interrupted cycle\n"
         "  tuneloop loop --watch --min-feedback 50 --every 24h\n"
-        "  tuneloop loop --train method=kto         (train on thumbs-up/down)\n"
-        "  tuneloop loop --train method=auto        (dpo, kto or sft: what the feedback supports)\n"
-        "  tuneloop loop --set deploy.loop_train_method=auto --watch\n\n"
+        "  tuneloop loop --train method=kto                        # train on thumbs-up/down\n"
+        "  tuneloop loop --train method=auto                       # dpo, kto or sft: what the feedback supports\n"
+        "  tuneloop --set deploy.loop_train_method=auto loop --watch   # global options go before the command\n\n"
         "training objective (--train method=, else deploy.loop_train_method, default sft):\n"
         "  sft   a LoRA on the sampled SFT set: corrections and thumbs-up answers, plus unrated traffic\n"
         "        (a thumbs-down answer without a correction is never an SFT answer)\n"
@@ -386,6 +386,10 @@ def _register_loop(sub: argparse._SubParsersAction) -> None:
 def cmd_loop(args: argparse.Namespace, ctx: Context) -> int:
     from tuneloop.deploy.loop import LoopOptions, run_cycle
     from tuneloop.deploy.watch import watch
+    from tuneloop.trainer.evaluate import check_inputs
+
+    # the gate reads these after sampling and training: refuse bad files before the cycle starts
+    check_inputs(ctx.db, ctx.settings, None, args.golden or ctx.settings.deploy.gate_golden or None, args.general)
 
     opts = LoopOptions(
         window=args.window,
@@ -492,8 +496,9 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:
 
 def cmd_eval(args: argparse.Namespace, ctx: Context) -> int:
     from tuneloop.deploy.gate import eval_generator
-    from tuneloop.trainer.evaluate import evaluate, format_report
+    from tuneloop.trainer.evaluate import check_inputs, evaluate, format_report
 
+    check_inputs(ctx.db, ctx.settings, args.models, args.golden, args.general)  # before the engine starts
     with eval_generator(ctx.settings, args.backend) as generator:
         report = evaluate(
             args.models,

@@ -293,6 +293,9 @@ def run_gate(
         raise GateError(f"{candidate} has no dataset recorded; pass --dataset with a held-out split")
     label, ref = baseline_for(db, candidate)
     golden = golden or settings.deploy.gate_golden or None
+    from tuneloop.trainer.evaluate import check_inputs
+
+    check_inputs(db, settings, [candidate, ref], golden, general)  # before an engine starts
     answers = production_answers(db, ref, settings.deploy.gate_shift_responses) if label != "base" else None
     with nullcontext(generator) if generator is not None else eval_generator(settings) as gen:
         report = evaluate(

@@ -357,8 +357,8 @@ def _do_train(db: Database, settings: Settings, opts: LoopOptions, d: dict[str, 
     """
     from tuneloop.config import load_yaml, parse_overrides
     from tuneloop.feedback.sample import choose_objective
+    from tuneloop.modelcache import DEFAULT_BASE, resolve_model
     from tuneloop.registry import RegistryError, get_dataset, get_version
-    from tuneloop.trainer.bootstrap import DEFAULT_BASE, resolve_base
     from tuneloop.trainer.config import SFT_METHODS
 
     # a previous attempt may have registered the version before being interrupted
@@ -420,7 +420,7 @@ def _do_train(db: Database, settings: Settings, opts: LoopOptions, d: dict[str, 
     base = (
         get_version(db, d["parent"]).base_model
         if d.get("parent")
-        else str(resolve_base(settings.server.model or DEFAULT_BASE, settings.paths.models_path))
+        else str(resolve_model(settings.server.model or DEFAULT_BASE, settings.paths.models_path))
     )
     from tuneloop.trainer.train import train
 

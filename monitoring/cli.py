@@ -15,6 +15,7 @@ from tuneloop.monitoring import cli_export
 
 if TYPE_CHECKING:
     from datetime import datetime
+    from pathlib import Path
 
     from tuneloop.cli import Context
     from tuneloop.settings import DriftSettings
@@ -79,6 +80,8 @@ def _cmd_report(args: argparse.Namespace, ctx: Context) -> int:
 
     ds = _drift_settings(args, ctx)
     window = parse_window(args.window or ds.window)  # bad input fails before any work
+    if args.out:  # an unwritable --out fails before anything is computed or stored
+        _check_out_file(Path(args.out))
     source = log_source(ctx.db, args.from_parquet)  # a missing folder fails before any work
     results = DriftJob(ctx.db, ds, None, source=source).run_once(args.version, window)
     if not results:
@@ -102,6 +105,20 @@ def _cmd_report(args: argparse.Namespace, ctx: Context) -> int:
         Path(args.out).write_text(render_html(results, hist))
         print(f"report: {args.out}")
     return 0
+
+
+def _check_out_file(out: Path) -> None:
+    import os
+
+    from tuneloop.errors import UserError
+
+    parent = out.expanduser().absolute().parent
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; name the HTML file to write, e.g. --out {out / 'drift.html'}")
+    if not parent.is_dir():
+        raise UserError(f"--out {out}: folder {parent} does not exist; create it first (mkdir -p {parent})")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"--out {out}: folder {parent} is not writable")
 
 
 def _cmd_profile(args: argparse.Namespace, ctx: Context) -> int:

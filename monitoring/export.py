@@ -180,7 +180,25 @@ def export_logs(
     now = _naive_utc(now) or utcnow()
     closed_end = floor_window(now - timedelta(seconds=grace_s), window_s)
     end_cap = min(until, closed_end) if until else closed_end
+    if not is_url(out):
+        return _export(db, out, replica, since, end_cap, window_s)
+    import duckdb
 
+    try:
+        return _export(db, out, replica, since, end_cap, window_s)
+    except duckdb.Error as e:  # httpfs not installable offline, no credentials, endpoint unreachable ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"cannot export to {out}: {first}. Object-store exports need DuckDB's httpfs extension (downloaded on "
+            "first use: network access, or `INSTALL httpfs` ahead of time), a reachable endpoint and credentials "
+            "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_REGION, or a DuckDB secret). Nothing was marked as "
+            "exported: rerun when it is reachable"
+        ) from None
+
+
+def _export(
+    db: Database, out: str, replica: str, since: datetime | None, end_cap: datetime, window_s: float
+) -> ExportResult:
     state = read_manifest(out, replica)
     result = ExportResult(replica, out)
     with db.connect(transaction=False) as con:

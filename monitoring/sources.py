@@ -105,10 +105,20 @@ def open_requests(con: duckdb.DuckDBPyConnection, source: str | os.PathLike | No
         raise UserError(
             f"--from-parquet: {source} is not a folder of exported logs (see `tuneloop export logs --help`)"
         )
-    if is_url(source):
+    if not is_url(source):
+        for table in TABLES:
+            con.execute(f"CREATE OR REPLACE TEMP VIEW {table} AS {parquet_relation_sql(source, table)}")
+        return
+    try:
         con.execute("INSTALL httpfs; LOAD httpfs")
-    for table in TABLES:
-        con.execute(f"CREATE OR REPLACE TEMP VIEW {table} AS {parquet_relation_sql(source, table)}")
+        for table in TABLES:
+            con.execute(f"CREATE OR REPLACE TEMP VIEW {table} AS {parquet_relation_sql(source, table)}")
+    except duckdb.Error as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"--from-parquet {source}: {first}. Object-store folders need DuckDB's httpfs extension (downloaded on "
+            "first use: network access, or `INSTALL httpfs` ahead of time), a reachable endpoint and credentials"
+        ) from None
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ component through ``app.state``; nothing is module-global, so two apps can
 live in one process.
 
 The lifespan starts the engine (unless the one passed in is already
-running), starts the log writer, reads deploy state and loads the start-up
+running; an exception that fails the start-up is kept in
+``app.state.startup_error`` for the caller to report), starts the log writer, reads deploy state and loads the start-up
 adapters, then refreshes deploy state every ``server.state_refresh_s``. On
 shutdown (uvicorn's SIGTERM handling: in-flight requests finish first) it
 stops the refresher, shuts the engine down and drains the log writer
@@ -37,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -53,6 +53,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from tuneloop import __version__
 from tuneloop.db import Database, utcnow
 from tuneloop.errors import UserError
+from tuneloop.modelcache import DEFAULT_BASE
 from tuneloop.monitoring.metrics import ServingMetrics
 from tuneloop.monitoring.requestlog import RequestLogWriter
 from tuneloop.registry import RegistryError, get_version, version_by_stage
@@ -86,21 +87,12 @@ class ServePlan:
     adapters: dict[str, str] = field(default_factory=dict)
 
 
-def _base_folder(ref: str, models_dir: Path) -> Path:
-    p = Path(ref).expanduser()
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise UserError(f"{p} is not a Hugging Face model folder (no config.json)")
-        return p.resolve()
-    cached = models_dir / ref.lower()
-    if (cached / "config.json").is_file():
-        return cached.resolve()
-    if p.exists() or "/" in ref or os.sep in ref:
-        raise UserError(f"model folder {ref} does not exist")
-    raise UserError(
-        f"unknown model {ref!r}: not a registered version, not a folder, and not pulled "
-        f"(pull it first: tuneloop models pull {ref})"
-    )
+def _base_folder(ref: str, models_dir: Path, what: str = "model") -> Path:
+    """The checked folder of a model reference: :func:`tuneloop.modelcache.resolve_model` (folder, known base,
+    hub id from the model cache; pulled when missing, a hub id only when HF_HUB_OFFLINE is not set)."""
+    from tuneloop.modelcache import resolve_model
+
+    return resolve_model(ref, models_dir, what=what, versions=True)
 
 
 def plan_serving(settings: Settings, db: Database) -> ServePlan:
@@ -119,12 +111,12 @@ def plan_serving(settings: Settings, db: Database) -> ServePlan:
         version = version_by_stage(db, "production")
     if version is not None:
         if version.kind == "adapter":
-            base = _base_folder(version.base_model, models_dir)
+            base = _base_folder(version.base_model, models_dir, f"base model of version {version.name!r}")
             adapters[version.name] = version.name
         else:
-            base = _base_folder(version.path, models_dir)
+            base = _base_folder(version.path, models_dir, f"model folder of version {version.name!r}")
     else:
-        base = _base_folder(ref or "smollm2-135m-instruct", models_dir)
+        base = _base_folder(ref or DEFAULT_BASE, models_dir)
     for item in s.adapters:
         name, sep, target = item.partition("=")
         if not sep:
@@ -230,15 +222,24 @@ def create_app(
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         owns_engine = not engine.ready
         if owns_engine:
-            await engine.start()
+            try:
+                await engine.start()
+            except Exception as e:  # vLLM refused the settings or the model: `tuneloop serve` reports it
+                app.state.startup_error = e
+                engine.shutdown()
+                raise
         serving_metrics.set_model_info(engine.served_name, str(engine.model_path), "base")
         writer.start()
         refresher = None
         background = None
         try:
             await router.refresh()
-            for name, target in startup_adapters.items():
-                await _load_startup_adapter(router, name, target)
+            try:
+                for name, target in startup_adapters.items():
+                    await _load_startup_adapter(router, name, target)
+            except Exception as e:
+                app.state.startup_error = e
+                raise
             refresher = asyncio.create_task(router.run(), name="tuneloop-deploy-state")
             background = start_background(settings, db, registry, router)
             log.info("serving %s as %r", engine.model_path, engine.served_name)
@@ -278,6 +279,7 @@ def create_app(
         debug=False,
     )
     st = app.state
+    st.startup_error = None  # what failed the start-up (set by the lifespan; `tuneloop serve` reports it)
     st.settings, st.db, st.registry, st.metrics = settings, db, registry, serving_metrics
     st.log_writer, st.engine, st.auth, st.router = writer, engine, auth, router
     st.serving = OpenAIServing(engine, router)

@@ -6,7 +6,8 @@ Only light imports at module level (see tuneloop.cli); Litestar, uvicorn and vLL
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+import logging
+from typing import TYPE_CHECKING, Any
 
 from tuneloop.server import cli_keys
 
@@ -19,9 +20,12 @@ Serve a model behind an OpenAI-compatible API (Litestar + in-process vLLM).
 What is served (first match wins):
   --model NAME      a registered version (an adapter version serves its base with
                     the adapter loaded; a merged version serves its folder), a
-                    model folder, or a pulled base name (smollm2-135m-instruct)
+                    model folder, a known base (smollm2-135m-instruct, converted
+                    on first use) or a hub id org/name: from the model cache
+                    (tuneloop models pull org/name), downloaded only when
+                    HF_HUB_OFFLINE is not set
   (no --model)      the base of the version in production, else the default
-                    base smollm2-135m-instruct (pull it first: tuneloop models pull)
+                    base smollm2-135m-instruct
 
 Clients pick per request with the OpenAI `model` field: the base's served name,
 an adapter version name (loaded on first use), or the aliases `production` and
@@ -64,6 +68,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def cmd_serve(args: argparse.Namespace, ctx: Context) -> int:
     import logging
 
+    from tuneloop.errors import UserError
+
     settings = ctx.settings
     s = settings.server
     if args.model:
@@ -76,21 +82,32 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> int:
         s.host = args.host
     if args.port is not None:
         s.port = args.port
-    from tuneloop.runtime import configure_vllm_env
+    if not 0 < s.port < 65536:
+        raise UserError(f"--port {s.port} is not a TCP port (1-65535)")
+    # Cheap refusals first (milliseconds: the plan, the files, the port), then what needs torch and vLLM.
+    from tuneloop.server import preflight
+    from tuneloop.server.app import check_plan, check_port, plan_serving
 
-    configure_vllm_env(settings.engine, settings.paths.home_path)
+    plan = plan_serving(settings, ctx.db)
+    check_plan(plan, settings, ctx.db)
+    preflight.check_model_config(plan.base, settings.engine)
+    preflight.check_lora_rank(settings.engine)
+    check_port(s.host, s.port)
+
+    import os
+
+    from tuneloop.runtime import configure_vllm_env, has_cuda
+
+    user_kv = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+    configure_vllm_env(settings.engine, settings.paths.home_path)  # imports torch (has_cuda)
+    if not has_cuda():
+        preflight.check_kv_cache(plan.base, settings.engine, user_kv)
+    preflight.check_architecture(plan.base)  # imports vLLM's model registry
 
     import uvicorn
 
-    from tuneloop.server.app import check_plan, check_port, create_app, plan_serving
+    from tuneloop.server.app import create_app
 
-    if not 0 < s.port < 65536:
-        from tuneloop.errors import UserError
-
-        raise UserError(f"--port {s.port} is not a TCP port (1-65535)")
-    plan = plan_serving(settings, ctx.db)
-    check_plan(plan, settings, ctx.db)
-    check_port(s.host, s.port)
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -100,7 +117,7 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> int:
         flush=True,
     )
     app = create_app(settings, ctx.db, plan=plan)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=s.host,
         port=s.port,
@@ -109,4 +126,48 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> int:
         timeout_graceful_shutdown=60,
         lifespan="on",
     )
+    server = uvicorn.Server(config)
+    # A failed start-up is reported once, below, as `error: ...`: keep uvicorn from logging the traceback that
+    # Litestar hands it ("Application startup failed" and the exception's stack).
+    quiet = _DropStartupFailure(app)
+    uv_log = logging.getLogger("uvicorn.error")
+    uv_log.addFilter(quiet)
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits 3 when the lifespan fails its start-up
+        if app.state.startup_error is None:
+            raise
+    finally:
+        uv_log.removeFilter(quiet)
+    err = app.state.startup_error
+    if err is not None:
+        raise UserError(_startup_failure(err, plan.base))
+    if not server.started:
+        raise UserError(f"the server did not start on {s.host}:{s.port} (see the log above)")
     return 0
+
+
+class _DropStartupFailure(logging.Filter):
+    """Drops uvicorn's error records once the app recorded why its start-up failed."""
+
+    def __init__(self, app: Any):
+        super().__init__()
+        self.app = app
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and getattr(self.app.state, "startup_error", None) is not None)
+
+
+def _startup_failure(err: BaseException, base: Any) -> str:
+    """One paragraph for a start-up failure: vLLM's own message (first lines, no stack) and where to look."""
+    from tuneloop.errors import UserError
+
+    if isinstance(err, UserError):
+        return str(err)
+    text = " ".join(line.strip() for line in str(err).strip().splitlines()[:3] if line.strip())
+    text = text[:600] or type(err).__name__
+    return (
+        f"the vLLM engine could not start on {base}: {type(err).__name__}: {text}. Check the model folder and the "
+        "engine settings (engine.max_model_len, engine.max_lora_rank, engine.kv_cache_gib, engine.dtype: "
+        "`tuneloop config show`; change one with --set engine.KEY=VALUE)"
+    )

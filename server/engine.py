@@ -26,6 +26,12 @@ Contract
   using it finish, then evicts it — so loading and unloading never fail a
   request in flight. :meth:`adapters` lists what the engine holds.
 * :meth:`check_health` raises if the engine core died; :meth:`shutdown` stops it.
+* When vLLM runs its engine core in child processes (``engine.multiprocessing``,
+  the default), :meth:`start` also starts a small guard process that holds the
+  read end of a pipe from this one: when this process exits in any way
+  (SIGKILL included) the guard sees end-of-file and stops the engine processes
+  still alive (SIGTERM, SIGKILL after 5 s), so none is left orphaned holding
+  memory and cores. vLLM's engine core does not watch its parent.
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ from tuneloop.chat import render_prompt
 from tuneloop.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
+    import subprocess
+
     from vllm import AsyncEngineArgs, SamplingParams
     from vllm.outputs import CompletionOutput
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -53,6 +61,39 @@ if TYPE_CHECKING:  # pragma: no cover
     from tuneloop.settings import EngineSettings
 
 log = logging.getLogger(__name__)
+
+# The guard of the engine's child processes (see module doc): argv = the pids to stop when stdin closes.
+_GUARD = """
+import signal, sys
+import psutil
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+procs = []
+for pid in sys.argv[1:]:
+    try:
+        procs.append(psutil.Process(int(pid)))
+    except psutil.Error:
+        pass
+sys.stdin.buffer.read()  # end-of-file: the server exited, however it died
+alive = [p for p in procs if p.is_running()]
+for p in alive:
+    try:
+        p.terminate()
+    except psutil.Error:
+        pass
+_, alive = psutil.wait_procs(alive, timeout=5)
+for p in alive:
+    try:
+        p.kill()
+    except psutil.Error:
+        pass
+"""
+
+
+def _child_pids() -> set[int]:
+    """Pids of this process's descendants (the engine core and its workers once vLLM started them)."""
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=True)}
 
 
 class EngineInputError(UserError, ValueError):
@@ -132,6 +173,7 @@ class Engine:
         self.max_model_len = settings.max_model_len
         self.started_at: float | None = None
         self.closing = False
+        self._guard: subprocess.Popen[bytes] | None = None
 
     # -- life cycle -------------------------------------------------------------
     def engine_args(self) -> AsyncEngineArgs:
@@ -174,6 +216,7 @@ class Engine:
 
         args = self.engine_args()
         t0 = time.perf_counter()
+        before = _child_pids()
         llm = self._llm = AsyncLLM.from_engine_args(args)
         self._tokenizer = llm.get_tokenizer()
         self.max_model_len = int(llm.model_config.max_model_len)
@@ -182,6 +225,7 @@ class Engine:
         except Exception:
             self._defaults = {}
         self.started_at = time.time()
+        self._guard_children(_child_pids() - before)
         log.info(
             "engine ready in %.1f s: %s (served as %r)", time.perf_counter() - t0, self.model_path, self.served_name
         )
@@ -201,6 +245,19 @@ class Engine:
         if self._llm is not None:
             self._llm.shutdown()
             self._llm = None
+        if self._guard is not None and self._guard.stdin is not None:
+            self._guard.stdin.close()  # the guard stops whatever engine process the shutdown left behind
+
+    def _guard_children(self, pids: set[int]) -> None:
+        """Start the guard that stops the engine's child ``pids`` when this process dies (see module doc)."""
+        import subprocess
+        import sys
+
+        if not pids:  # engine core in this process
+            return
+        self._guard = subprocess.Popen(
+            [sys.executable, "-c", _GUARD, *map(str, sorted(pids))], stdin=subprocess.PIPE, start_new_session=True
+        )
 
     # -- prompts ------------------------------------------------------------------
     def _running(self) -> AsyncLLM:
@@ -371,8 +428,9 @@ class Engine:
             raise AdapterError(f"{cfg_file}: adapter config is not a JSON object")
         if str(cfg.get("peft_type", "")).upper() != "LORA":
             raise AdapterError(
-                f"{p}: peft_type {cfg.get('peft_type')!r} cannot be served per request; only LoRA adapters "
-                "can (merge other kinds with `tuneloop merge` and serve the merged model)"
+                f"{p}: peft_type {cfg.get('peft_type')!r} cannot be served: vLLM serves only LoRA adapters, and "
+                "`tuneloop merge` merges only LoRA adapters too; evaluate it with `tuneloop eval` (transformers "
+                "generates for it), or retrain with method=lora (or qlora/dpo/kto) to serve it"
             )
         if not self.settings.enable_lora:
             raise AdapterError("this server runs with engine.enable_lora=false")
@@ -455,6 +513,13 @@ def _client_errors() -> tuple[type[BaseException], ...]:
 
 def _finite(x: float) -> float:
     return x if math.isfinite(x) else -9999.0
+
+
+def supported_architectures() -> set[str]:
+    """The model architectures (config.json ``architectures``) the installed vLLM's model registry serves."""
+    from vllm.model_executor.models.registry import ModelRegistry
+
+    return set(ModelRegistry.get_supported_archs())
 
 
 def _next_rank(r: int) -> int:

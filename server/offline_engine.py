@@ -5,8 +5,9 @@ Contract
 * :class:`OfflineGenerator` greedily generates answers for many prompts at once on
   an offline ``vllm.LLM`` built from :class:`tuneloop.settings.EngineSettings`
   (dtype via :func:`tuneloop.runtime.pick_dtype`, after
-  :func:`tuneloop.runtime.configure_vllm_env`), the same engine code the server
-  uses, so the gate measures what production will serve.
+  :func:`tuneloop.runtime.configure_vllm_env`; ``tensor_parallel_size`` and
+  ``gpu_memory_utilization`` as the server passes them), the same engine code the
+  server uses, so the gate measures what production will serve.
 * :meth:`OfflineGenerator.generate` takes a base-model folder, an optional PEFT LoRA
   adapter folder, prompts as token ids (rendered by the caller with the trainer's
   chat template) and a token budget; it returns the decoded answers, stopped at EOS,
@@ -94,6 +95,10 @@ class OfflineGenerator:
             enable_lora=True,
             max_lora_rank=max_rank,
             max_loras=s.max_loras,
+            # the same placement as the online engine (server/engine.py): GPUs per replica and the share of GPU
+            # memory vLLM may take (vLLM's CPU backend ignores the latter; its KV cache is VLLM_CPU_KVCACHE_SPACE)
+            tensor_parallel_size=s.tensor_parallel_size,
+            gpu_memory_utilization=s.gpu_memory_utilization,
         )
         self.start_s += time.perf_counter() - t0
         self._base, self._rank = base, max_rank

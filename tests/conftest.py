@@ -7,7 +7,9 @@ console script run as a subprocess.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +24,27 @@ from tuneloop.runtime import configure_vllm_env
 configure_vllm_env(cache_root=Path(__file__).resolve().parent.parent / ".tuneloop")
 
 VENV_BIN = Path(sys.executable).parent
+IN_CI = bool(os.environ.get("CI"))
+
+
+def require(available: bool, what: str, how: str) -> None:
+    """Skip the calling test when ``what`` is missing, except in CI (``$CI`` set), where a missing tool fails
+    the run: a CI run never goes green by testing nothing."""
+    if available:
+        return
+    if IN_CI:
+        pytest.fail(f"{what} is required in CI but missing ({how})")
+    pytest.skip(f"{what} not available ({how})")
+
+
+def require_tool(name: str) -> str:
+    """The path of executable ``name`` (skip outside CI, fail in CI when it is not installed)."""
+    path = shutil.which(name)
+    require(path is not None, name, "make system-deps")
+    assert path is not None
+    return path
+
+
 pytest_plugins = ["fixtures_server"]  # live `tuneloop serve` + LoRA adapters (tests/fixtures_server.py)
 
 
@@ -75,3 +98,48 @@ class CLI:
 def cli(home, tmp_path) -> CLI:
     env = dict(os.environ, TUNELOOP_HOME=str(home))
     return CLI(tmp_path, env)
+
+
+@pytest.fixture(scope="session")
+def chat_seed(tiny_model, tmp_path_factory) -> dict[str, Path]:
+    """A home prepared once per session by the real CLI, for the train / merge / eval modules to copy.
+
+    It holds the SFT dataset ``chat`` (40 chatterbot conversations), the preference dataset ``pref`` (24 pairs
+    built from them: the real answer chosen, a refusal rejected) and ``chat-v1``, a LoRA trained 2 steps on
+    ``chat``. Modules take a copy (:func:`copy_home`) so what they write stays theirs.
+    """
+    root = tmp_path_factory.mktemp("chat-seed")
+    home = root / "home"
+    cli = CLI(root, dict(os.environ, TUNELOOP_HOME=str(home)))
+    cli("data", "corpus", "chatterbot-corpus", "-o", root / "chat.jsonl", "--limit", "40")
+    cli("data", "prepare", root / "chat.jsonl", "--name", "chat", "--base", tiny_model, "--no-progress")
+    rows = [json.loads(line) for line in (root / "chat.jsonl").read_text().splitlines()]
+    with open(root / "pref.jsonl", "w") as f:
+        for i, r in enumerate(rows[:24]):
+            m = r["messages"]
+            rejected = [{"role": "assistant", "content": f"No idea, sorry ({i})."}]
+            f.write(json.dumps({"prompt": m[:-1], "chosen": m[-1:], "rejected": rejected}) + "\n")
+    cli("data", "prepare", root / "pref.jsonl", "--name", "pref", "--base", tiny_model, "--no-progress")
+    cli("train", f"base={tiny_model}", "dataset=chat", "name=chat-v1", "max_steps=2", "learning_rate=0.01", "--quiet")
+    return {"root": root, "home": home}
+
+
+def copy_home(seed: dict[str, Path], root: Path) -> tuple[Path, CLI]:
+    """A copy of the seed's home under ``root`` and a CLI on it (datasets and adapters stay the seed's files)."""
+    home = root / "home"
+    shutil.copytree(seed["home"], home)
+    return home, CLI(root, dict(os.environ, TUNELOOP_HOME=str(home)))
+
+
+def run_with_importtime(cli: CLI, *argv: str) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """Run ``tuneloop ARGV`` under ``python -X importtime``: the result and the set of modules it imported."""
+    r = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "tuneloop.cli", *argv],
+        env=cli.env,
+        cwd=cli.cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    imported = {ln.rsplit("|", 1)[-1].strip() for ln in r.stderr.splitlines() if ln.startswith("import time:")}
+    return r, imported

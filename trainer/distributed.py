@@ -32,9 +32,12 @@ Contract
   record and version registration land in that snapshot and are discarded),
   write into a scratch run folder and print nothing on stdout. Under
   :func:`launch` the snapshot and scratch folder are shared by the local
-  ranks and removed afterwards; a rank started without them (multi-node)
-  takes its own under ``<home>/tmp`` and removes it when it ends. Rank 0
-  records one run and registers one version, exactly like a single-process run.
+  ranks and removed afterwards; a rank started without them
+  (multi-node: torchrun started by hand on each node) takes no copy: it reads
+  the database read-only for its look-ups (base, dataset, adapter), records
+  nothing, writes into its own scratch folder under ``<home>/tmp`` and removes
+  it when it ends. Rank 0 records one run and registers one version, exactly
+  like a single-process run.
 * A distributed run starts fresh (``resume=false``): resuming needs every
   rank to load the same checkpoint, which the scratch folders of ranks > 0
   do not hold. Checkpoints are still written by rank 0.
@@ -165,10 +168,31 @@ def launcher_command(nproc: int, config_file: Path) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *worker]
 
 
-def launch(nproc: int, lc: LaunchConfig, db: Database) -> int:
-    """Train ``lc.train`` in ``nproc`` local processes; returns the launcher's exit code."""
+def check_nproc(nproc: int) -> None:
+    """UserError unless ``nproc`` local processes can run here: with GPUs, one per visible GPU at most; on a
+    machine without (gloo on CPU) any number >= 1 is allowed (they share the cores)."""
     if nproc < 1:
         raise UserError(f"--nproc must be >= 1, got {nproc}")
+    from tuneloop.runtime import has_cuda
+
+    if not has_cuda():
+        return
+    import torch
+
+    n = int(torch.cuda.device_count())
+    if nproc > n:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        where = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
+        raise UserError(
+            f"--nproc {nproc} is more than the {n} GPU(s) this machine shows{where}: use --nproc {n} or fewer "
+            "(one process per GPU); for more GPUs than one machine has, write the config with --write-config FILE "
+            "and start torchrun on each node"
+        )
+
+
+def launch(nproc: int, lc: LaunchConfig, db: Database) -> int:
+    """Train ``lc.train`` in ``nproc`` local processes; returns the launcher's exit code."""
+    check_nproc(nproc)
     resolve_train_config(lc.train, db)
     paths = lc.settings.paths
     work = Path(tempfile.mkdtemp(prefix="tuneloop-dist-", dir=paths.sub("tmp")))
@@ -191,16 +215,25 @@ def run_worker(lc: LaunchConfig, rank: int) -> int:
 
     settings, cfg = lc.settings, lc.train
     own: Path | None = None
+    db = Database(settings.paths.db_path)
+    record = True
     if rank != 0:
         snap, scratch = os.environ.get(ENV_SNAPSHOT), os.environ.get(ENV_SCRATCH)
-        if not snap or not scratch:  # not started by `tuneloop train --nproc` (e.g. torchrun on several nodes)
+        if snap and scratch:  # started by `tuneloop train --nproc`: the launcher's shared snapshot
+            db = Database(snap)
+        else:
+            # Started by torchrun directly (several nodes): every rank > 0 of every node gets here. Copying the
+            # database per rank would take its lock once per rank, one copy at a time, while rank 0 needs it
+            # too (a large database times out on the later ranks, and each copy costs its size on disk), so
+            # read it instead (look-ups only, short read-only opens) and record nothing.
             own = Path(tempfile.mkdtemp(prefix=f"tuneloop-dist-rank{rank}-", dir=settings.paths.sub("tmp")))
-            snap, scratch = str(snapshot_db(settings.paths.db_path, own / "snapshot.duckdb")), str(own)
-        settings.paths.db = snap
+            scratch = str(own)
+            db = Database(settings.paths.db_path, lock_timeout_s=600.0, read_only=True)
+            record = False
         cfg.output_dir = str(Path(scratch) / f"rank{rank}")
         sys.stdout = open(os.devnull, "w")  # one process reports; errors still reach stderr  # noqa: SIM115
     try:
-        res = train(cfg, Database(settings.paths.db_path), settings, progress=lc.progress and rank == 0)
+        res = train(cfg, db, settings, progress=lc.progress and rank == 0, record=record)
         print(result_text(res, lc.json), flush=True)
         return 0
     finally:

@@ -95,9 +95,10 @@ class ModelRef:
 
 
 def resolve_models(refs: list[str], db: Database, settings: Settings) -> list[ModelRef]:
+    from tuneloop.modelcache import resolve_model
     from tuneloop.registry import RegistryError, get_version
-    from tuneloop.trainer.bootstrap import is_hf_folder, resolve_base
 
+    models = settings.paths.models_path
     out: list[ModelRef] = []
     first_base: Path | None = None
     for ref in refs:
@@ -109,25 +110,24 @@ def resolve_models(refs: list[str], db: Database, settings: Settings) -> list[Mo
         except RegistryError:
             v = None
         if v is not None:
-            if v.kind == "adapter":
-                m = ModelRef(ref, Path(v.base_model), Path(v.path), v.name)
-            else:
-                m = ModelRef(ref, Path(v.path), None, v.name)
             if not Path(v.path).exists():
                 raise UserError(f"version {ref!r} points to {v.path}, which no longer exists")
-            first_base = first_base or Path(v.base_model)
-        elif is_hf_folder(ref) or Path(ref).exists():
-            m = ModelRef(ref, resolve_base(ref, settings.paths.models_path))
-        else:
-            raise UserError(
-                f"unknown model {ref!r}: not a registered version, a model folder or 'base' (see `tuneloop models list`)"
-            )
+            if v.kind == "adapter":
+                own_tok = (Path(v.path) / "tokenizer_config.json").is_file()
+                base = resolve_model(v.base_model, models, what=f"base model of version {ref!r}", tokenizer=not own_tok)
+                m = ModelRef(ref, base, Path(v.path), v.name)
+                first_base = first_base or base
+            else:
+                m = ModelRef(ref, resolve_model(v.path, models, what=f"model folder of version {ref!r}"), None, v.name)
+                first_base = first_base or Path(v.base_model)
+        else:  # a model folder, a known base or a hub id (from the model cache)
+            m = ModelRef(ref, resolve_model(ref, models, what="model", versions=True))
         out.append(m)
     for m in out:
         if m.name == "base":
             if first_base is None:
                 raise UserError("'base' means the base model of a registered version: name a version too")
-            m.base = first_base
+            m.base = resolve_model(str(first_base), models, what="base model")
     if len({m.name for m in out}) != len(out):
         raise UserError(f"models must be distinct, got {refs}")
     return out
@@ -204,14 +204,36 @@ def load_general(db: Database, ref: str | None) -> list[dict[str, Any]] | None:
         return None
     p = Path(ref)
     if p.is_file():
+        try:
+            lines = p.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"general set {p}: cannot read it as UTF-8 text: {e}") from None
         if p.suffix == ".jsonl":
             items = []
-            for line in p.read_text().splitlines():
-                if line.strip():
+            for n, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
                     r = json.loads(line)
-                    items.append({"messages": r["messages"]} if "messages" in r else {"text": str(r.get("text", ""))})
+                except ValueError as e:
+                    raise UserError(
+                        f"general set {p}, line {n}: not valid JSON ({e}); each line must be an object with "
+                        '"text" or "messages"'
+                    ) from None
+                if not isinstance(r, dict) or not ("messages" in r or "text" in r):
+                    raise UserError(
+                        f'general set {p}, line {n}: expected an object with "text" or "messages", got {line[:80]!r}'
+                    )
+                msgs = r.get("messages")
+                if "messages" in r and not (
+                    isinstance(msgs, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs)
+                ):
+                    raise UserError(
+                        f'general set {p}, line {n}: "messages" must be a list of {{"role", "content"}} objects'
+                    )
+                items.append({"messages": msgs} if "messages" in r else {"text": str(r.get("text", ""))})
         else:
-            items = [{"text": line.strip()} for line in p.read_text().splitlines() if line.strip()]
+            items = [{"text": line.strip()} for line in lines if line.strip()]
     else:
         rows, _, _ = load_eval_rows(db, ref, None)
         items = [{"messages": r["messages"]} for r in rows]
@@ -403,6 +425,21 @@ def _evaluate_one(
         import gc
 
         gc.collect()
+
+
+def check_inputs(
+    db: Database,
+    settings: Settings,
+    models: list[str] | None = None,
+    golden: str | None = None,
+    general: str | None = None,
+) -> None:
+    """Refuse unusable models, golden-prompt and general-set files (UserError) before an engine starts or
+    anything is written; :func:`evaluate` reads the same inputs again."""
+    if models:
+        resolve_models(list(models), db, settings)
+    load_golden(golden)
+    load_general(db, general)
 
 
 def evaluate(

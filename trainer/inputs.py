@@ -33,20 +33,25 @@ if TYPE_CHECKING:
 
 
 def resolve_base_model(db: Database, settings: Settings, ref: str) -> Path:
-    """Folder of the base weights: a HF folder, a pulled name, or the base of a registered version."""
-    from tuneloop.trainer.bootstrap import KNOWN, is_hf_folder, resolve_base
-
-    if is_hf_folder(ref) or ref.lower() in KNOWN or "/" in ref:
-        return resolve_base(ref, settings.paths.models_path)
+    """Folder of the base weights: a registered version's (an adapter's base, a merged or base version's own
+    folder), else what :func:`tuneloop.modelcache.resolve_model` makes of ``ref`` (a model folder, a known base,
+    a hub id from the model cache)."""
+    from tuneloop.modelcache import resolve_model
+    from tuneloop.modelfiles import looks_like_path
     from tuneloop.registry import RegistryError, get_version
 
-    try:
-        v = get_version(db, ref)
-    except RegistryError:
-        raise UserError(
-            f"base {ref!r} is not a model folder, a known model ({', '.join(KNOWN)}) or a registered version"
-        ) from None
-    return Path(v.path if v.kind in ("merged", "base") else v.base_model)
+    models = settings.paths.models_path
+    v = None
+    if not (looks_like_path(ref) or "/" in ref or Path(ref).exists()):  # version names have no slash
+        try:
+            v = get_version(db, ref)
+        except RegistryError:
+            v = None
+    if v is None:
+        return resolve_model(ref, models, versions=True)
+    if v.kind in ("merged", "base"):
+        return resolve_model(v.path, models, what=f"model folder of version {v.name!r}")
+    return resolve_model(v.base_model, models, what=f"base model of version {v.name!r}")
 
 
 def load_dataset_ref(db: Database, ref: str) -> tuple[DatasetDict, str | None, str]:

@@ -23,13 +23,11 @@ Contract
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tuneloop.errors import UserError
+from tuneloop.staging import staged_folder
 
 if TYPE_CHECKING:
     import torch
@@ -62,6 +60,25 @@ def _sample_prompts(db: Database, version: ModelVersion, n: int = 4) -> list[lis
     return prompts + DEFAULT_PROMPTS
 
 
+def _adapter_config(folder: Path, version: str) -> dict[str, Any]:
+    """The adapter's ``adapter_config.json`` as a mapping; UserError when it is missing or malformed."""
+    cfg_file = folder / "adapter_config.json"
+    if not cfg_file.is_file():
+        raise UserError(f"{folder} has no adapter_config.json; is the adapter folder of {version!r} intact?")
+    try:
+        doc = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(
+            f"{cfg_file} is malformed ({e}); restore it from the run folder or retrain {version!r}"
+        ) from None
+    if not isinstance(doc, dict):
+        raise UserError(f"{cfg_file} is not a JSON object; restore it from the run folder or retrain {version!r}")
+    for key, kind in (("peft_type", str), ("r", int), ("target_modules", (list, str))):
+        if key in doc and not isinstance(doc[key], kind):
+            raise UserError(f"{cfg_file}: {key!r} has the wrong type ({doc[key]!r}); restore it or retrain {version!r}")
+    return doc
+
+
 def _logits(model: Any, batches: list[list[int]]) -> list[torch.Tensor]:
     import torch
 
@@ -81,26 +98,21 @@ def merge(
     prompts: list[list[dict[str, str]]] | None = None,
 ) -> tuple[ModelVersion, float]:
     """Merge, check parity, register (see module doc). Returns ``(ModelVersion, max_abs_diff)``."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tuneloop.chat import render_prompt
-    from tuneloop.ids import hash_path
+    from tuneloop.modelcache import resolve_model
     from tuneloop.registry import ModelVersion, RegistryError, get_version, register_version
 
+    # every refusal (arguments, registry, files) comes before torch, transformers and peft are imported (seconds)
     if tolerance < 0:
         raise UserError(f"--tolerance must be >= 0, got {tolerance}")
     v = get_version(db, version)
     if v.kind != "adapter":
         raise UserError(f"{version!r} is a {v.kind} version; only adapter versions can be merged")
-    cfg_file = Path(v.path) / "adapter_config.json"
-    if not cfg_file.is_file():
-        raise UserError(f"{v.path} has no adapter_config.json; is the adapter folder intact?")
-    peft_type = json.loads(cfg_file.read_text()).get("peft_type", "")
+    peft_type = _adapter_config(Path(v.path), version).get("peft_type", "")
     if peft_type != "LORA":
         raise UserError(
-            f"{version!r} is a {peft_type or 'non-LoRA'} adapter; only LoRA/QLoRA adapters can be merged into weights"
+            f"{version!r} is a {peft_type or 'non-LoRA'} adapter; only LoRA adapters (methods lora, qlora, dpo, kto) "
+            "can be merged into weights, and vLLM cannot serve it either: evaluate it with `tuneloop eval` "
+            "(it generates with transformers), or retrain with method=lora to merge or serve it"
         )
     name = name or f"{version}-merged"
     try:
@@ -109,12 +121,27 @@ def merge(
     except RegistryError:
         pass
 
-    tok_dir = Path(v.path) if (Path(v.path) / "tokenizer_config.json").is_file() else Path(v.base_model)
+    own_tok = (Path(v.path) / "tokenizer_config.json").is_file()
+    base_dir = resolve_model(
+        v.base_model, settings.paths.models_path, what=f"base model of version {version!r}", tokenizer=not own_tok
+    )
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneloop.chat import render_prompt
+    from tuneloop.ids import hash_path
+
+    tok_dir = Path(v.path) if own_tok else base_dir
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     samples = [render_prompt(tok, p) for p in (prompts or _sample_prompts(db, v))]
 
-    base = AutoModelForCausalLM.from_pretrained(v.base_model, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, v.path)
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    try:
+        model = PeftModel.from_pretrained(base, v.path)
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:  # a config PEFT refuses, mismatched shapes
+        raise UserError(f"cannot load the adapter of {version!r} from {v.path}: {e}") from None
     model.eval()
     ref = _logits(model, samples)
     merged = model.merge_and_unload()
@@ -123,8 +150,7 @@ def merge(
     dest = root / name
     if dest.exists():
         raise UserError(f"{dest} already exists; pick another --name or remove it")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
-    try:
+    with staged_folder(dest) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
         del merged, model, base
@@ -150,10 +176,6 @@ def merge(
                 indent=2,
             )
         )
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     digest = hash_path(dest)
     mv = register_version(
         db,

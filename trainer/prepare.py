@@ -279,7 +279,7 @@ def prepare(
 ) -> DatasetRecord:
     """Read ``cfg.inputs`` (or take ``records``), clean, split and register; returns the DatasetRecord."""
     from tuneloop.dataset_store import save_dataset
-    from tuneloop.trainer.bootstrap import resolve_base
+    from tuneloop.modelcache import resolve_model
 
     skipped: list[str] = []
     if records is None:
@@ -287,7 +287,7 @@ def prepare(
     name = cfg.name or (Path(cfg.inputs[0]).stem if cfg.inputs else "")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name or ""):
         raise DataError(f"dataset name {name!r} must be letters, digits, '.', '_' or '-' (use --name)")
-    base_dir = resolve_base(cfg.base, settings.paths.models_path)
+    base_dir = resolve_model(cfg.base, settings.paths.models_path)
     loaded: list[Tokenizer] = []
 
     def tokenizer() -> Tokenizer:  # loaded (transformers + torch: seconds) only once the input has passed validation

@@ -184,8 +184,13 @@ def last_checkpoint(out: Path) -> str | None:
     return get_last_checkpoint(str(out))
 
 
-def train(cfg: TrainConfig, db: Database, settings: Settings, progress: bool = True) -> TrainResult:
-    """Train, save, record the run and register the version (see module doc)."""
+def train(
+    cfg: TrainConfig, db: Database, settings: Settings, progress: bool = True, record: bool = True
+) -> TrainResult:
+    """Train, save, record the run and register the version (see module doc).
+
+    ``record=False`` (a distributed rank > 0): ``db`` is only read (base, dataset and adapter look-ups);
+    no run row, no ``run.json`` and no version are written, and the returned version is not registered."""
     from tuneloop.registry import RegistryError, finish_run, get_version, start_run
 
     cfg.validate()
@@ -195,6 +200,10 @@ def train(cfg: TrainConfig, db: Database, settings: Settings, progress: bool = T
         raise UserError(f"model version {cfg.name!r} already exists; pick another name=")
     except RegistryError:
         pass
+    out = Path(cfg.output_dir) if cfg.output_dir else settings.paths.home_path / "runs" / cfg.name
+    resume_from = last_checkpoint(out) if cfg.resume else None
+    run_file = out / "run.json"
+    run_id = _resumed_run_id(db, run_file, cfg) if resume_from and record else None
     base = resolve_base_model(db, settings, cfg.base)
     init = _init_adapter(db, cfg, base)
     dd, ds_id, kind = _load_dataset(db, cfg.dataset)
@@ -232,19 +241,6 @@ def train(cfg: TrainConfig, db: Database, settings: Settings, progress: bool = T
             "kto_undesirable_weight": uw,
         }
 
-    out = Path(cfg.output_dir) if cfg.output_dir else settings.paths.sub("runs") / cfg.name
-    resume_from = last_checkpoint(out) if cfg.resume else None
-    run_file = out / "run.json"
-    run_id = None
-    if resume_from and run_file.is_file():
-        run_id = json.loads(run_file.read_text()).get("run_id")
-        from tuneloop.registry import get_run
-
-        try:
-            if get_run(db, run_id).status == "succeeded":
-                run_id = None  # continuing a finished run's checkpoints is a new run
-        except RegistryError:
-            run_id = None
     try:  # model, adapter and trainer set-up problems (e.g. lora.targets not in the model) are the user's to fix
         trainer, tokenizer = _build_trainer(cfg, base, train_ds, dd.get("validation"), kind, out, progress, kto, init)
     except ValueError as e:
@@ -253,9 +249,10 @@ def train(cfg: TrainConfig, db: Database, settings: Settings, progress: bool = T
     config = {**to_dict(cfg), "base_path": str(base), "replayed_rows": replayed}
     if kto:  # the weights used (cfg's kto_*_weight keep what was asked: 0 = automatic)
         config["kto_effective"] = kto
-    run = start_run(db, cfg.method, str(base), ds_id, config, run_id=run_id)
-    run_file.write_text(json.dumps({"run_id": run.id, "name": cfg.name}, indent=2))
-    if resume_from:
+    run = start_run(db, cfg.method, str(base), ds_id, config, run_id=run_id) if record else None
+    if run is not None:
+        run_file.write_text(json.dumps({"run_id": run.id, "name": cfg.name}, indent=2))
+    if resume_from and run is not None:
         print(f"resuming run {run.id} from {resume_from}", flush=True)
     t0 = time.monotonic()
     stop = GracefulStop()
@@ -280,7 +277,8 @@ def train(cfg: TrainConfig, db: Database, settings: Settings, progress: bool = T
         if progress:
             print(loss_table(history), flush=True)
     except BaseException as e:
-        finish_run(db, run, "failed", error=f"{type(e).__name__}: {e}"[:2000])
+        if run is not None:
+            finish_run(db, run, "failed", error=f"{type(e).__name__}: {e}"[:2000])
         if isinstance(e, KeyboardInterrupt) and str(e):
             import sys
 
@@ -290,24 +288,48 @@ def train(cfg: TrainConfig, db: Database, settings: Settings, progress: bool = T
     from tuneloop.registry import ModelVersion, register_version
 
     digest = hash_path(model_dir)
-    finish_run(db, run, "succeeded", metrics, str(model_dir), digest)
-    v = register_version(
-        db,
-        ModelVersion(
-            name=cfg.name,
-            kind="adapter" if cfg.method in ADAPTER_METHODS else "merged",
-            base_model=str(base),
-            path=str(model_dir),
-            content_hash=digest,
-            parent_version=cfg.parent or None,
-            dataset_id=ds_id,
-            run_id=run.id,
-            config={**config, "method": cfg.method},
-            metrics=metrics,
-        ),
+    v = ModelVersion(
+        name=cfg.name,
+        kind="adapter" if cfg.method in ADAPTER_METHODS else "merged",
+        base_model=str(base),
+        path=str(model_dir),
+        content_hash=digest,
+        parent_version=cfg.parent or None,
+        dataset_id=ds_id,
+        run_id=run.id if run is not None else None,
+        config={**config, "method": cfg.method},
+        metrics=metrics,
     )
+    if run is not None:
+        finish_run(db, run, "succeeded", metrics, str(model_dir), digest)
+        v = register_version(db, v)
     del trainer
-    return TrainResult(run.id, v, str(model_dir), metrics)
+    return TrainResult(run.id if run is not None else "", v, str(model_dir), metrics)
+
+
+def _resumed_run_id(db: Database, run_file: Path, cfg: TrainConfig) -> str | None:
+    """The run id a resumed run continues (from ``run.json`` next to the checkpoints), or None for a new run."""
+    from tuneloop.registry import RegistryError, get_run
+
+    if not run_file.is_file():
+        return None
+    fix = (
+        f"fix or delete it to resume under a new run record, or start over with --fresh (resume=false) or another "
+        f"{'output_dir=' if cfg.output_dir else 'name='}"
+    )
+    try:
+        doc = json.loads(run_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"cannot resume: {run_file} is corrupt ({e}); {fix}") from None
+    run_id = doc.get("run_id") if isinstance(doc, dict) else None
+    if not isinstance(run_id, str) or not run_id:
+        raise UserError(f'cannot resume: {run_file} has no "run_id" string; {fix}')
+    try:
+        if get_run(db, run_id).status == "succeeded":
+            return None  # continuing a finished run's checkpoints is a new run
+    except RegistryError:
+        return None
+    return run_id
 
 
 def _metrics(trainer: Trainer, res: TrainOutput, wall_s: float, replayed: int, rows: int) -> dict[str, Any]:

@@ -14,7 +14,9 @@ Contract
 * A :class:`~tuneloop.errors.UserError` (bad config, unknown version, bad input
   file ...) prints ``error: <message>`` and exits 2; so does a command that needs
   the ML stack (torch, vLLM, TRL ...) in an install without the ``cpu``/``gpu``
-  extra, naming the extra to install. Ctrl-C exits 130.
+  extra, naming the extra to install: the commands in :data:`ML_COMMANDS` are
+  checked before they start (nothing written), others when the import fails.
+  Ctrl-C exits 130.
 """
 
 from __future__ import annotations
@@ -44,6 +46,20 @@ AREAS = (
 # Third-party packages that come only with the `cpu` or `gpu` extra.
 ML_STACK = frozenset({"torch", "vllm", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "gguf"})
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+INSTALL_HINT = f'install one extra: pip install "tuneloop[cpu]" --extra-index-url {TORCH_CPU_INDEX}  or  pip install "tuneloop[gpu]"'
+_TRAIN_STACK = ("torch", "transformers", "peft", "trl", "datasets", "accelerate")
+# Commands that need the ML stack, checked before they start (so none fails half-way, after writing something,
+# on a missing package); keyed by "command" or "group subcommand". Other commands that import a package of
+# the stack lazily are caught by main's ModuleNotFoundError handler, with the same message.
+ML_COMMANDS: dict[str, tuple[str, ...]] = {
+    "train": _TRAIN_STACK,
+    "merge": ("torch", "transformers", "peft"),
+    "serve": ("vllm", "torch", "transformers"),
+    "eval": ("torch", "transformers", "peft", "datasets"),
+    "deploy gate": ("torch", "transformers", "peft", "datasets"),
+    "loop": _TRAIN_STACK,
+    "demo": (*_TRAIN_STACK, "vllm"),
+}
 
 
 @dataclass
@@ -106,23 +122,45 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args.command is None else 2
     overrides = ([f"paths.home={args.home}"] if args.home else []) + list(args.overrides)
     ctx = Context(args.config, overrides)
+    command = " ".join(x for x in (args.command, getattr(args, f"{args.command}_command", None)) if x)
+    missing = _missing_ml_package(args, command)
+    if missing:
+        print(
+            f"error: `tuneloop {command}` needs the ML stack (no module named {missing!r}); {INSTALL_HINT}",
+            file=sys.stderr,
+        )
+        return 2
     try:
         return int(handler(args, ctx) or 0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except ModuleNotFoundError as e:
+    except ImportError as e:
+        # ModuleNotFoundError (not installed) or ImportError (a broken or mismatched install) of the ML stack
         if (e.name or "").split(".")[0] not in ML_STACK:
             raise
-        print(
-            f"error: `tuneloop {args.command}` needs the ML stack ({e}); install one extra: "
-            f'pip install "tuneloop[cpu]" --extra-index-url {TORCH_CPU_INDEX}  or  pip install "tuneloop[gpu]"',
-            file=sys.stderr,
-        )
+        print(f"error: `tuneloop {command}` needs the ML stack ({e}); {INSTALL_HINT}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _missing_ml_package(args: argparse.Namespace, command: str) -> str | None:
+    """The first package of the ML stack ``command`` needs that is not installed, else None (no import)."""
+    import importlib.util
+
+    needs = ML_COMMANDS.get(command, ())
+    if command == "train" and getattr(args, "write_config", None):
+        needs = ()  # only resolves and writes the config file
+    for name in needs:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None:
+            return name
+    return None
 
 
 def _register_config(sub: argparse._SubParsersAction) -> None:

@@ -6,7 +6,8 @@ Contract
   text in ``field(metadata={"help": ...})`` — the TRL ``SFTConfig`` habit.
 * :func:`build` merges, in increasing priority: the dataclass defaults, a YAML
   mapping (a file or a dict), environment variables ``TUNELOOP_<SECTION>__<FIELD>``
-  (only when ``env_prefix`` is given) and ``key=value`` overrides where ``key``
+  (only when ``env_prefix`` is given; any other variable with that prefix is an
+  error unless named in ``env_other``) and ``key=value`` overrides where ``key``
   may be dotted (``lora.r=16``).
 * Values are coerced to the field's annotated type (``int``, ``float``, ``bool``,
   ``str``, ``list[...]``, ``Optional[...]``, nested dataclasses). Values in
@@ -105,23 +106,39 @@ def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
 
 
 def env_overrides(
-    cls: type[DataclassInstance], prefix: str, environ: Mapping[str, str] | None = None
+    cls: type[DataclassInstance],
+    prefix: str,
+    environ: Mapping[str, str] | None = None,
+    other: frozenset[str] | set[str] = frozenset(),
 ) -> dict[str, Any]:
-    """Values from ``{prefix}SECTION__FIELD`` env vars (``__`` separates levels)."""
+    """Values from ``{prefix}SECTION__FIELD`` env vars (``__`` separates levels).
+
+    Every other variable starting with ``prefix`` is an error naming the valid ones (a misspelt
+    key must not be ignored), except the names in ``other`` (variables that are not settings keys,
+    e.g. ``TUNELOOP_HOME``)."""
     environ = os.environ if environ is None else environ
     valid = set(field_help(cls))
     out: dict[str, Any] = {}
+    unknown = []
     for k, raw in environ.items():
-        if not k.startswith(prefix):
+        if not k.startswith(prefix) or k in other:
             continue
         key = k[len(prefix) :].lower().replace("__", ".")
         if key not in valid:
-            continue  # other TUNELOOP_* variables (e.g. TUNELOOP_HOME) are not config keys
+            unknown.append(k)
+            continue
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         _set_dotted(out, key, value)
+    if unknown:
+        keys = ", ".join(prefix + k.upper().replace(".", "__") for k in sorted(valid))
+        raise ConfigError(
+            f"unknown environment variable(s) {', '.join(sorted(unknown))}: {prefix}<SECTION>__<KEY> must name a "
+            f"settings key (see `tuneloop config keys`). Valid settings variables: {keys}; other variables: "
+            f"{', '.join(sorted(other))}"
+        )
     return out
 
 
@@ -141,11 +158,12 @@ def build(
     overrides: list[str] | None = None,
     env_prefix: str | None = None,
     path: str = "",
+    env_other: frozenset[str] | set[str] = frozenset(),
 ) -> T:
     """Instantiate dataclass ``cls`` from ``data`` + env + ``overrides`` (see module doc)."""
     merged: dict[str, Any] = dict(data or {})
     if env_prefix:
-        merged = deep_merge(merged, env_overrides(cls, env_prefix))
+        merged = deep_merge(merged, env_overrides(cls, env_prefix, other=env_other))
     merged = deep_merge(merged, parse_overrides(overrides))
     return from_dict(cls, merged, path)
 

@@ -27,8 +27,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from tuneloop.db import Database, dumps, utcnow
 from tuneloop.errors import UserError
 from tuneloop.registry import DatasetRecord, get_dataset
+from tuneloop.staging import staged_folder
 
 if TYPE_CHECKING:
     import duckdb
@@ -158,8 +157,7 @@ def save_dataset(
     dest = root / f"{name}-{digest[:12]}"
     card = dict(card, id=ds_id, name=name, kind=kind, content_hash=digest, rows={s: len(rows[s]) for s in SPLITS})
     if not (dest / "card.json").is_file():
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
-        try:
+        with staged_folder(dest) as tmp:
             feats = _features(kind)
             if any("check" in r for split in rows.values() for r in split):
                 from datasets import Value
@@ -172,12 +170,6 @@ def save_dataset(
             with _quiet_datasets():  # per-split "Saving the dataset" bars are noise next to the callers' own
                 dd.save_to_disk(str(tmp / "data"), num_shards=dict.fromkeys(SPLITS, 1))
             (tmp / "card.json").write_text(json.dumps(card, indent=2, default=str))
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(tmp, dest)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     rec = DatasetRecord(
         id=ds_id,
         name=name,
@@ -263,9 +255,9 @@ def dataset_dir(db: Database | None, ref: str | os.PathLike) -> Path:
 
 def load_splits(db: Database | None, ref: str | os.PathLike) -> DatasetDict:
     """The ``datasets.DatasetDict`` of a registered dataset (id, name) or of a dataset folder."""
+    data = dataset_dir(db, ref) / "data"  # an unknown dataset is refused before `datasets` is imported (~0.5 s)
     from datasets import DatasetDict, load_from_disk
 
-    data = dataset_dir(db, ref) / "data"
     dd = load_from_disk(str(data))
     if not isinstance(dd, DatasetDict):
         raise UserError(f"{data} holds a single dataset, not the train/validation/test splits of a tuneloop dataset")

@@ -229,7 +229,10 @@ class Database:
                 return
             except duckdb.IOException as e:
                 if not any(m in str(e) for m in _LOCK_MARKERS):
-                    raise
+                    raise UserError(
+                        f"cannot open the database {self.path}: {str(e).removeprefix('IO Error: ')} "
+                        "(set paths.db to a tuneloop DuckDB file, or to a new path to create one)"
+                    ) from None
                 _knock(self.path)  # ask a server that keeps the file open between flushes to let go
                 if time.monotonic() >= deadline:
                     raise DatabaseBusy(

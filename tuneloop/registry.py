@@ -102,8 +102,9 @@ def unservable_reason(kind: str, path: str) -> str | None:
         return None
     if peft_type.upper() != "LORA":
         return (
-            f"it is a {peft_type or 'non-LoRA'} adapter, and vLLM serves only LoRA adapters; "
-            "train it with method=lora (or qlora/dpo), or merge a LoRA into full weights"
+            f"it is a {peft_type or 'non-LoRA'} adapter, and vLLM serves only LoRA adapters (nor can "
+            "`tuneloop merge` merge it: it merges LoRA only); evaluate it with `tuneloop eval` (transformers "
+            "generates for it), or retrain with method=lora (or qlora/dpo/kto) to serve it"
         )
     return None
 

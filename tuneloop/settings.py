@@ -5,7 +5,8 @@ Contract
 :func:`load_settings` merges, in increasing priority: defaults, the YAML file
 (``--config``, else ``$TUNELOOP_CONFIG``, else ``./tuneloop.yaml`` if present),
 env vars ``TUNELOOP_<SECTION>__<FIELD>`` (e.g. ``TUNELOOP_SERVER__PORT=9000``)
-and ``section.field=value`` overrides. Secrets (API keys) never live here.
+and ``section.field=value`` overrides. Any other ``TUNELOOP_*`` variable is an error
+listing the valid ones, except the non-settings names in :data:`OTHER_ENV`. Secrets (API keys) never live here.
 Paths are resolved against ``home`` (``$TUNELOOP_HOME`` or ``./.tuneloop``).
 Training hyper-parameters are not here: they are ``trainer.config.TrainConfig``.
 """
@@ -339,6 +340,25 @@ class Settings:
     deploy: DeploySettings = field(default_factory=DeploySettings, metadata={"help": "Gates and canaries."})
 
 
+# TUNELOOP_* environment variables that are not settings keys (every other TUNELOOP_* name must be
+# TUNELOOP_<SECTION>__<KEY> naming a settings key, else load_settings fails listing the valid ones).
+OTHER_ENV = frozenset(
+    {
+        "TUNELOOP_HOME",  # paths.home default
+        "TUNELOOP_CONFIG",  # the settings YAML
+        "TUNELOOP_MODEL_CACHE",  # paths.models default
+        "TUNELOOP_REPLICA",  # `tuneloop export logs` replica name
+        "TUNELOOP_ACTOR",  # who is recorded in deploy events
+        "TUNELOOP_KEY",  # client-side API key (docs, examples)
+        "TUNELOOP_API_KEY",  # client-side API key (traffic generator, k8s secret)
+        "TUNELOOP_ADMIN_KEY",  # client-side admin key (docs)
+        "TUNELOOP_ACCELERATE_CONFIG",  # `tuneloop train --nproc` through accelerate launch
+        "TUNELOOP_DIST_DB_SNAPSHOT",  # set by `tuneloop train --nproc` for its workers
+        "TUNELOOP_DIST_SCRATCH",  # set by `tuneloop train --nproc` for its workers
+    }
+)
+
+
 def config_file(explicit: str | None = None) -> str | None:
     """The config file in effect: ``explicit``, ``$TUNELOOP_CONFIG`` or ``./tuneloop.yaml``."""
     if explicit:
@@ -350,4 +370,4 @@ def config_file(explicit: str | None = None) -> str | None:
 
 def load_settings(path: str | None = None, overrides: list[str] | None = None) -> Settings:
     """Settings from defaults < YAML < env < overrides (see module doc)."""
-    return build(Settings, load_yaml(config_file(path)), overrides, env_prefix="TUNELOOP_")
+    return build(Settings, load_yaml(config_file(path)), overrides, env_prefix="TUNELOOP_", env_other=OTHER_ENV)
