@@ -214,18 +214,23 @@ def test_cli_canary_status_promote_and_rollback(cli, prod_and_candidate):
 
 # ---- against a live `tuneloop serve` (real engine, real HTTP): the server splits, the judge decides -------------
 
-from fixtures_server import make_lora, start_server  # noqa: E402
+from fixtures_server import make_lora  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def canary_server(tiny_model, tmp_path_factory):
-    """Its own short-lived server (the canary changes deploy state, which the shared live_server must not see)."""
-    from tuneloop.db import Database
+def canary_server(live_server, tiny_model, tmp_path_factory):
+    """The session's live server with four adapter versions registered and ``live-a`` in production.
+
+    Its settings (tests/fixtures_server.py) judge canaries every second. Afterwards every version these tests
+    registered is retired and the server reloads its state, so the session server is back to no production
+    version for the tests that follow.
+    """
     from tuneloop.ids import hash_path
 
     root = tmp_path_factory.mktemp("canary-live")
-    db = Database(root / "home" / "tuneloop.duckdb")
-    for name, seed in (("live-a", 1), ("live-b", 2), ("live-c", 3), ("live-d", 4)):
+    db = live_server.db()
+    names = ("live-a", "live-b", "live-c", "live-d")
+    for seed, name in enumerate(names, start=1):
         path = make_lora(tiny_model, root / name, seed=seed)
         register_version(
             db,
@@ -234,19 +239,26 @@ def canary_server(tiny_model, tmp_path_factory):
             ),
         )
     set_stage(db, "live-a", "production", actor="test", reason="baseline")
-    # the server judges canaries by itself every second; promotion needs 50 canary requests, and a 5-point
-    # error-rate margin can be shown on the ~100 error-free requests per arm these tests send
-    srv = start_server(
-        root / "home",
-        tiny_model,
-        env={
-            "TUNELOOP_DEPLOY__CANARY_JUDGE_INTERVAL_S": "1",
-            "TUNELOOP_DEPLOY__CANARY_MIN_REQUESTS": "50",
-            "TUNELOOP_DEPLOY__CANARY_MAX_ERROR_RATE_DELTA": "0.05",
-        },
-    )
-    yield srv, db
-    srv.stop()
+    _refresh(live_server)
+    yield live_server, db
+    db.execute("UPDATE canaries SET status = 'rolled_back' WHERE status = 'running'")
+    for name in names:
+        set_stage(db, name, "retired", actor="test", reason="end of the canary tests")
+    _refresh(live_server)
+
+
+def _refresh(srv) -> None:
+    import httpx
+
+    httpx.post(srv.url + "/admin/state/refresh", timeout=30).raise_for_status()
+
+
+def _concurrently(fn, items, workers: int = 8) -> list:
+    """``fn`` over ``items`` from ``workers`` threads, results in the order of ``items``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, items))
 
 
 def _chat(client, user, i):
@@ -264,13 +276,12 @@ def test_live_canary_gets_its_share_sticky_per_user_and_rolls_back_under_load_wi
 
     srv, db = canary_server
     c = canary.start(db, "live-b", 0.3, actor="test")
-    httpx.post(srv.url + "/admin/state/refresh", timeout=30).raise_for_status()
+    _refresh(srv)
     client = srv.openai()
-    served = {}
-    for i in range(200):
-        r = _chat(client, f"user-{i}", i)
-        served[f"user-{i}"] = r.model
-    again = {u: _chat(client, u, 0).model for u in list(served)[:20]}
+    served = dict(
+        zip([f"user-{i}" for i in range(200)], _concurrently(lambda i: _chat(client, f"user-{i}", i).model, range(200)))
+    )
+    again = dict(zip(list(served)[:20], _concurrently(lambda u: _chat(client, u, 0).model, list(served)[:20])))
     assert again == {u: served[u] for u in again}  # sticky per user
     srv.flush_log()
     rows = db.query(
@@ -311,27 +322,29 @@ def test_live_canary_gets_its_share_sticky_per_user_and_rolls_back_under_load_wi
 
 
 def _rated_traffic(srv, client, canary_version: str, canary_rating: str, n: int, tag: str) -> dict[str, int]:
-    """``n`` chats; users rate every canary answer ``canary_rating`` and every production answer the opposite."""
+    """``n`` chats from 8 concurrent users; each rates every canary answer ``canary_rating`` and every production
+    answer the opposite."""
     import httpx
 
     other = {"up": "down", "down": "up"}[canary_rating]
-    served = {"canary": 0, "production": 0}
     with httpx.Client(base_url=srv.url, timeout=60) as http:
-        for i in range(n):
+
+        def one(i: int) -> str:
             r = _chat(client, f"{tag}-{i}", i)
             arm = "canary" if r.model == canary_version else "production"
-            served[arm] += 1
             rating = canary_rating if arm == "canary" else other
             http.post("/v1/feedback", json={"request_id": r.id, "rating": rating}).raise_for_status()
-    return served
+            return arm
+
+        arms = _concurrently(one, range(n))
+    return {"canary": arms.count("canary"), "production": arms.count("production")}
 
 
 def _rated_canary(srv, db, version: str, canary_rating: str, n: int, tag: str):
     """Start a 50% canary of ``version``, send ``n`` rated chats, and wait for the server's own decision."""
-    import httpx
 
     c = canary.start(db, version, 0.5, actor="test")
-    httpx.post(srv.url + "/admin/state/refresh", timeout=30).raise_for_status()
+    _refresh(srv)
     served = _rated_traffic(srv, srv.openai(), version, canary_rating, n, tag)
     assert served["canary"] >= 50 and served["production"] >= 50, served
     return _wait_decided(srv, db, c.id)

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pytest
 import yaml
+from conftest import require_tool
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -106,21 +105,30 @@ def test_dashboard_json_is_a_grafana_dashboard_with_unique_panels():
         assert topic in titles, topic
 
 
-def test_every_metric_and_label_the_dashboard_queries_is_in_our_exposition():
-    exposed = exposition()
-    used: set[str] = set()
-    for title, expr in targets(dashboard()):
+def dashboard_errors(d: dict, exposed: dict[str, set[str]]) -> list[str]:
+    """What the dashboard queries that our exposition lacks: metrics, matcher labels, grouping labels."""
+    errors = []
+    for title, expr in targets(d):
         names = METRIC_RE.findall(expr)
-        assert names, f"{title!r}: {expr!r} queries no tuneloop metric"
-        for name in names:
-            assert name in exposed, f"{title!r}: {name} is not exported (have {sorted(exposed)})"
-        used.update(names)
+        if not names:
+            errors.append(f"{title!r}: {expr!r} queries no tuneloop metric")
+        missing = [n for n in names if n not in exposed]
+        errors += [f"{title!r}: {n} is not exported" for n in missing]
         for name, matchers in SELECTOR_RE.findall(expr):
             for label in MATCHER_RE.findall(matchers):
-                assert label in exposed[name], f"{title!r}: {name} has no label {label!r}"
+                if name in exposed and label not in exposed[name]:
+                    errors.append(f"{title!r}: {name} has no label {label!r}")
         for grouping in GROUPING_RE.findall(expr):
             labels = {g.strip() for g in grouping.split(",") if g.strip()}
-            assert any(labels <= exposed[n] for n in names), f"{title!r}: no metric of {names} has labels {labels}"
+            if not any(labels <= exposed.get(n, set()) for n in names):
+                errors.append(f"{title!r}: no metric of {names} has labels {sorted(labels)}")
+    return errors
+
+
+def test_every_metric_and_label_the_dashboard_queries_is_in_our_exposition():
+    exposed = exposition()
+    assert dashboard_errors(dashboard(), exposed) == [], f"exported: {sorted(exposed)}"
+    used = {name for _, expr in targets(dashboard()) for name in METRIC_RE.findall(expr)}
     # the panels the issue asks for: traffic, latency, TTFT, tokens, drift, canary vs production
     for name in (
         "tuneloop_requests_total",
@@ -134,12 +142,27 @@ def test_every_metric_and_label_the_dashboard_queries_is_in_our_exposition():
 
 
 def test_the_check_catches_a_metric_we_do_not_export():
+    """The check above reports a dashboard with a typo in a metric name, a label or a grouping, naming each."""
     exposed = exposition()
-    assert "tuneloop_request_latency_seconds_bucket" not in exposed  # a plausible typo would be reported
-    assert (
-        "tuneloop_requests_total" in exposed
-        and {"route", "model_version", "status"} <= exposed["tuneloop_requests_total"]
+    d = dashboard()
+    assert dashboard_errors(d, exposed) == []
+    broken = json.loads(json.dumps(d))
+    latency = next(p for p in broken["panels"] if p["title"].startswith("Request latency"))
+    latency["targets"][0]["expr"] = latency["targets"][0]["expr"].replace(
+        "tuneloop_request_duration_seconds_bucket", "tuneloop_request_latency_seconds_bucket"
     )
+    rate = next(p for p in broken["panels"] if p["title"].startswith("Requests / s by"))
+    rate["targets"][0]["expr"] = rate["targets"][0]["expr"].replace('model_version=~"', 'modelversion=~"')
+    tokens = next(p for p in broken["panels"] if p["title"].startswith("Generated tokens"))
+    tokens["targets"][0]["expr"] = tokens["targets"][0]["expr"].replace("by (model_version)", "by (route)")
+    errors = dashboard_errors(broken, exposed)
+    assert errors == [
+        f"{rate['title']!r}: tuneloop_requests_total has no label 'modelversion'",
+        f"{latency['title']!r}: tuneloop_request_latency_seconds_bucket is not exported",
+        f"{latency['title']!r}: no metric of ['tuneloop_request_latency_seconds_bucket'] has labels "
+        "['le', 'model_version']",
+        f"{tokens['title']!r}: no metric of ['tuneloop_generation_tokens_total'] has labels ['route']",
+    ], errors
 
 
 def test_template_variables_and_datasource_are_defined_by_the_dashboard_and_provisioning():
@@ -164,14 +187,14 @@ def test_template_variables_and_datasource_are_defined_by_the_dashboard_and_prov
     assert Path(dash_target).parent == Path(provider["options"]["path"])
 
 
-@pytest.mark.skipif(not shutil.which("promtool"), reason="promtool not installed (make system-deps)")
 def test_every_dashboard_query_is_valid_promql(tmp_path):
+    promtool = require_tool("promtool")
     rules = [
         {"record": f"tuneloop:dashboard_query_{i}", "expr": concrete(expr)}
         for i, (_, expr) in enumerate(targets(dashboard()))
     ]
     (tmp_path / "q.yml").write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     r = subprocess.run(
-        ["promtool", "check", "rules", str(tmp_path / "q.yml")], capture_output=True, text=True, timeout=60
+        [promtool, "check", "rules", str(tmp_path / "q.yml")], capture_output=True, text=True, timeout=60
     )
     assert r.returncode == 0 and f"{len(rules)} rules found" in r.stdout, r.stdout + r.stderr

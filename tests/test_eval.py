@@ -7,11 +7,10 @@ training needed); adapter versions are evaluated in tests/test_merge.py.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
-from conftest import CLI
+from conftest import copy_home
 
 from tuneloop.textmetrics import exact_match, rouge_l, token_f1
 
@@ -26,14 +25,12 @@ def test_text_metrics_follow_their_definitions():
 
 
 @pytest.fixture(scope="module")
-def ws(tiny_model, tmp_path_factory):
+def ws(tiny_model, chat_seed, tmp_path_factory):
     from tuneloop.trainer.bootstrap import build_tiny_model
 
     root = tmp_path_factory.mktemp("eval")
     other = build_tiny_model(root / "other-tiny", seed=1)
-    cli = CLI(root, dict(os.environ, TUNELOOP_HOME=str(root / "home")))
-    cli("data", "corpus", "chatterbot-corpus", "-o", root / "chat.jsonl", "--limit", "30")
-    cli("data", "prepare", root / "chat.jsonl", "--name", "chat", "--base", tiny_model, "--no-progress")
+    _, cli = copy_home(chat_seed, root)  # dataset 'chat' prepared once per session (conftest)
     (root / "golden.yaml").write_text(
         "- name: anything\n  prompt: Say something\n  regex: '(?s).*'\n"
         "- name: impossible\n  prompt: What is AI?\n  expect: [this exact sentence will not be generated]\n"
@@ -53,7 +50,7 @@ def ws(tiny_model, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_eval_compares_models_on_the_same_examples_and_stores_the_report(ws):
+def test_eval_compares_models_on_the_same_examples_prints_a_table_and_stores_the_report(ws):
     r = ws["cli"](
         "eval",
         ws["a"],
@@ -68,9 +65,11 @@ def test_eval_compares_models_on_the_same_examples_and_stores_the_report(ws):
         ws["root"] / "golden.yaml",
         "--general",
         ws["root"] / "general.txt",
-        "--json",
     )
-    rep = json.loads(r.stdout[r.stdout.index("{\n") :])
+    # the table (what a user reads), then the stored report it names (what --json prints)
+    assert "perplexity" in r.stdout and "token_f1" in r.stdout and "golden_pass_rate" in r.stdout
+    report_line = next(line for line in r.stdout.splitlines() if line.startswith("report "))
+    rep = json.loads(Path(report_line.split(": ", 1)[1]).read_text())
     a, b = ws["a"], ws["b"]
     assert rep["models"] == [a, b] and rep["split"] == "test" and rep["n_examples"] == 3
     assert len(rep["example_ids"]) == 3
@@ -101,12 +100,6 @@ def test_eval_compares_models_on_the_same_examples_and_stores_the_report(ws):
     assert rows[0]["dataset_id"].startswith("chat@")
     saved = json.loads(Path(rows[0]["path"]).read_text())
     assert saved["per_example"] == rep["per_example"]
-
-
-@pytest.mark.slow
-def test_eval_prints_a_table(ws):
-    r = ws["cli"]("eval", ws["a"], "--dataset", "chat", "--limit", "2", "--max-new-tokens", "2")
-    assert "perplexity" in r.stdout and "token_f1" in r.stdout and "report " in r.stdout
 
 
 @pytest.mark.slow
@@ -159,8 +152,14 @@ def test_eval_generates_on_vllm_with_the_adapter_as_a_lora_request_and_matches_t
         "eval-lora": "transformers",
         "base": "transformers",
     }
-    vllm_answers = [s["eval-lora"] for s in on_vllm["samples"]], [s["base"] for s in on_vllm["samples"]]
-    hf_answers = [s["eval-lora"] for s in on_hf["samples"]], [s["base"] for s in on_hf["samples"]]
+
+    # a random model emits byte tokens that are not whole UTF-8 characters: transformers decodes them to U+FFFD,
+    # vLLM's incremental detokenizer drops them; everything else must be the same text
+    def text(answer: str) -> str:
+        return answer.replace("\ufffd", "").strip()
+
+    vllm_answers = [text(s["eval-lora"]) for s in on_vllm["samples"]], [text(s["base"]) for s in on_vllm["samples"]]
+    hf_answers = [text(s["eval-lora"]) for s in on_hf["samples"]], [text(s["base"]) for s in on_hf["samples"]]
     assert vllm_answers[0] != vllm_answers[1]  # the LoRA request changed the answers
     assert vllm_answers == hf_answers  # greedy fp32: the same answers from both engines
     assert on_vllm["per_example"]["eval-lora"]["token_f1"] == on_hf["per_example"]["eval-lora"]["token_f1"]

@@ -1,133 +1,85 @@
-"""POST/GET /v1/feedback over real HTTP (uvicorn on a free port) against a real DuckDB, registry, writer and Auth.
+"""POST/GET /v1/feedback on the real app.
 
-The app here holds only the feedback controller and the components it uses (the
-controller answers the same way mounted in any app); the live server with the engine is tested by the server tests.
+Most tests talk over real HTTP to the session's live ``tuneloop serve`` (real engine, request log, DuckDB,
+metrics): the request a feedback item rates is a real chat completion it served. Two behaviours cannot be
+shown on a shared live server without disturbing the other tests, so they run on the same real app built by
+:func:`tuneloop.server.app.create_app` (an engine that is never started, Litestar's TestClient): feedback on
+a row still in the log writer's queue (needs a writer that does not flush) and feedback once API keys exist
+(creating a key would lock every later test out of the live server).
 """
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
-from contextlib import asynccontextmanager
 
 import httpx
 import pytest
-from litestar import Litestar
-from litestar.datastructures import State
-from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
 from tuneloop.db import utcnow
 from tuneloop.ids import new_id
-from tuneloop.monitoring.metrics import ServingMetrics
 from tuneloop.monitoring.records import RequestRecord
-from tuneloop.monitoring.requestlog import RequestLogWriter
-from tuneloop.server.auth import Auth, create_key
-from tuneloop.server.feedback_routes import FeedbackController
-from tuneloop.settings import AuthSettings, LogSettings
+from tuneloop.server.auth import create_key
+
+# ---- the live server ------------------------------------------------------------------------------------------
 
 
-class Api:
-    """A running app: base URL, its state, and helpers to fake served requests through the real writer."""
-
-    def __init__(self, db, log_settings: LogSettings):
-        self.db = db
-        self.registry = CollectorRegistry()
-        self.metrics = ServingMetrics(self.registry)
-        self.writer = RequestLogWriter(db, log_settings, self.metrics)
-        self.auth = Auth(db, AuthSettings(), refresh_s=0.2, miss_refresh_s=0.05)
-
-        @asynccontextmanager
-        async def lifespan(app):
-            self.writer.start()
-            try:
-                yield
-            finally:
-                self.writer.close()
-
-        self.app = Litestar(
-            route_handlers=[FeedbackController],
-            lifespan=[lifespan],
-            state=State(
-                {
-                    "db": db,
-                    "registry": self.registry,
-                    "metrics": self.metrics,
-                    "log_writer": self.writer,
-                    "auth": self.auth,
-                }
-            ),
-        )
-
-    def served(self, model_version: str = "v1", flush: bool = True) -> str:
-        """Log one served request, as the chat route does, and return its id."""
-        rid = new_id("chatcmpl-")
-        self.writer.submit(
-            RequestRecord(
-                id=rid,
-                received_at=utcnow(),
-                route="chat.completions",
-                status=200,
-                model="production",
-                model_version=model_version,
-                arm="production",
-                prompt=[{"role": "user", "content": "hi"}],
-                response="hello",
-                prompt_tokens=3,
-                completion_tokens=2,
-                latency_s=0.1,
-            )
-        )
-        if flush:
-            self.writer.flush()
-        return rid
-
-    def feedback_count(self, rating: str, version: str) -> float:
-        return (
-            self.registry.get_sample_value("tuneloop_feedback_total", {"rating": rating, "model_version": version}) or 0
-        )
+@pytest.fixture(scope="module")
+def http(live_server):
+    with live_server.http() as c:
+        yield c
 
 
-def _serve(app) -> tuple[str, callable]:
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    t.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-
-    def stop():
-        server.should_exit = True
-        t.join(20)
-        sock.close()
-
-    return f"http://127.0.0.1:{port}", stop
+def served(http, model: str) -> str:
+    """Have the live server answer one chat completion for ``model``; the request id feedback refers to."""
+    r = http.post(
+        "/v1/chat/completions",
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": "what is the capital of France?"}],
+            "max_tokens": 2,
+        },
+    )
+    assert r.status_code == 200, r.text
+    return r.json()["id"]
 
 
-@pytest.fixture
-def api(db):
-    a = Api(db, LogSettings(flush_interval_s=60))  # rows reach the DB only when a test flushes
-    url, stop = _serve(a.app)
-    a.client = httpx.Client(base_url=url, timeout=30)
-    try:
-        yield a
-    finally:
-        a.client.close()
-        stop()
+@pytest.fixture(scope="module")
+def rid(http, live_server) -> str:
+    """One served request for the tests that must write nothing."""
+    return served(http, live_server.base_name)
 
 
-def test_thumbs_down_with_a_correction_is_stored_with_the_serving_version(api):
-    rid = api.served("chat-v2")
-    r = api.client.post(
+def feedback_rows(live_server, request_id: str) -> list[dict]:
+    return live_server.db().query(
+        "SELECT *, labels->>'$[0]' AS l0 FROM feedback WHERE request_id = ? ORDER BY created_at, source", [request_id]
+    )
+
+
+def feedback_counts(live_server) -> dict[tuple[str, str], float]:
+    """tuneloop_feedback_total by (rating, model_version), read from the live server's /metrics."""
+    text = httpx.get(live_server.url + "/metrics", timeout=30).text
+    return {
+        (s.labels["rating"], s.labels["model_version"]): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "tuneloop_feedback_total"
+    }
+
+
+def counted(before: dict, after: dict) -> dict[tuple[str, str], float]:
+    """What the feedback counter gained between two reads (series that did not move left out)."""
+    return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+
+
+@pytest.mark.engine
+def test_thumbs_down_with_a_correction_is_stored_with_the_serving_version(http, live_server):
+    request_id = served(http, "tiny-a")  # the registered adapter version answers
+    before = feedback_counts(live_server)
+    r = http.post(
         "/v1/feedback",
         json={
-            "request_id": rid,
+            "request_id": request_id,
             "rating": "down",
             "correction": "Paris is the capital of France.",
             "labels": ["wrong-fact", "wrong-fact", "short"],
@@ -135,60 +87,59 @@ def test_thumbs_down_with_a_correction_is_stored_with_the_serving_version(api):
     )
     assert r.status_code == 201, r.text
     fb = r.json()
-    assert fb["object"] == "feedback" and fb["request_id"] == rid and fb["source"] == "api"
-    assert (fb["rating"], fb["rating_kind"], fb["model_version"]) == ("down", "thumbs", "chat-v2")
+    assert fb["object"] == "feedback" and fb["request_id"] == request_id and fb["source"] == "api"
+    assert (fb["rating"], fb["rating_kind"], fb["model_version"]) == ("down", "thumbs", "tiny-a")
     assert fb["labels"] == ["wrong-fact", "short"] and fb["created_at"].endswith("Z")
-    row = api.db.query("SELECT *, labels->>'$[0]' AS l0 FROM feedback")[0]
-    assert (row["id"], row["rating"], row["rating_kind"], row["model_version"]) == (fb["id"], -1, "thumbs", "chat-v2")
+    (row,) = feedback_rows(live_server, request_id)
+    assert (row["id"], row["rating"], row["rating_kind"], row["model_version"]) == (fb["id"], -1, "thumbs", "tiny-a")
     assert row["correction"] == "Paris is the capital of France." and row["l0"] == "wrong-fact"
-    assert api.feedback_count("down", "chat-v2") == 1
+    assert counted(before, feedback_counts(live_server)) == {("down", "tiny-a"): 1}
 
 
-def test_a_second_post_updates_the_same_record(api):
-    rid = api.served()
-    first = api.client.post("/v1/feedback", json={"request_id": rid, "rating": "down"})
+@pytest.mark.engine
+def test_a_second_post_updates_the_same_record(http, live_server):
+    request_id, version = served(http, live_server.base_name), live_server.base_name
+    before = feedback_counts(live_server)
+    first = http.post("/v1/feedback", json={"request_id": request_id, "rating": "down"})
     assert first.status_code == 201
-    second = api.client.post("/v1/feedback", json={"request_id": rid, "correction": "better answer"})
+    second = http.post("/v1/feedback", json={"request_id": request_id, "correction": "better answer"})
     assert second.status_code == 200
     assert second.json()["id"] == first.json()["id"]
     assert second.json()["rating"] == "down" and second.json()["correction"] == "better answer"  # merged
-    third = api.client.post("/v1/feedback", json={"request_id": rid, "rating": "up", "correction": None})
+    third = http.post("/v1/feedback", json={"request_id": request_id, "rating": "up", "correction": None})
     assert third.status_code == 200 and third.json()["rating"] == "up" and third.json()["correction"] is None
-    assert api.db.query("SELECT count(*) AS n FROM feedback")[0]["n"] == 1
+    assert len(feedback_rows(live_server, request_id)) == 1
     # the metric counted the first rating and the change, not the text-only update
-    assert api.feedback_count("down", "v1") == 1 and api.feedback_count("up", "v1") == 1
+    assert counted(before, feedback_counts(live_server)) == {("down", version): 1, ("up", version): 1}
 
 
-def test_each_source_keeps_its_own_record_and_get_lists_them(api):
-    rid = api.served()
-    a = api.client.post("/v1/feedback", json={"request_id": rid, "rating": 4, "source": "reviewer"})
-    b = api.client.post("/v1/feedback", json={"request_id": rid, "rating": "up"})
+@pytest.mark.engine
+def test_each_source_keeps_its_own_record_and_get_lists_them(http, live_server):
+    request_id, version = served(http, live_server.base_name), live_server.base_name
+    before = feedback_counts(live_server)
+    a = http.post("/v1/feedback", json={"request_id": request_id, "rating": 4, "source": "reviewer"})
+    b = http.post("/v1/feedback", json={"request_id": request_id, "rating": "up"})
     assert a.status_code == b.status_code == 201 and a.json()["id"] != b.json()["id"]
     assert a.json()["rating"] == 4 and a.json()["rating_kind"] == "stars"
-    got = api.client.get(f"/v1/feedback/{rid}")
+    got = http.get(f"/v1/feedback/{request_id}")
     assert got.status_code == 200
     assert sorted(f["source"] for f in got.json()["data"]) == ["api", "reviewer"]
-    assert api.feedback_count("4", "v1") == 1
+    assert counted(before, feedback_counts(live_server)) == {("4", version): 1, ("up", version): 1}
 
 
-def test_feedback_on_a_request_not_yet_flushed_is_accepted(api):
-    rid = api.served(flush=False)
-    assert api.db.query("SELECT count(*) AS n FROM requests")[0]["n"] == 0
-    r = api.client.post("/v1/feedback", json={"request_id": rid, "rating": "up"})
-    assert r.status_code == 201 and r.json()["model_version"] == "v1"
-
-
-def test_unknown_request_is_a_404_and_writes_nothing(api):
-    r = api.client.post("/v1/feedback", json={"request_id": "chatcmpl-nope", "rating": "up"})
+@pytest.mark.engine
+def test_unknown_request_is_a_404_and_writes_nothing(http, live_server):
+    r = http.post("/v1/feedback", json={"request_id": "chatcmpl-nope", "rating": "up"})
     assert r.status_code == 404
     err = r.json()["error"]
     assert (
         err["code"] == "request_not_found" and err["param"] == "request_id" and err["type"] == "invalid_request_error"
     )
-    assert api.client.get("/v1/feedback/chatcmpl-nope").status_code == 404
-    assert api.db.query("SELECT count(*) AS n FROM feedback")[0]["n"] == 0
+    assert http.get("/v1/feedback/chatcmpl-nope").status_code == 404
+    assert feedback_rows(live_server, "chatcmpl-nope") == []
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize(
     "body,param",
     [
@@ -204,47 +155,43 @@ def test_unknown_request_is_a_404_and_writes_nothing(api):
         ({"request_id": "x"}, "rating"),
     ],
 )
-def test_bad_bodies_are_400_with_an_openai_style_error(api, body, param):
-    rid = api.served()
+def test_bad_bodies_are_400_with_an_openai_style_error(http, live_server, rid, body, param):
     body = {**body, "request_id": rid} if "request_id" in body else body
-    r = api.client.post("/v1/feedback", json=body)
+    r = http.post("/v1/feedback", json=body)
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
-    if param:
-        assert err["param"] == param, err
-    assert api.db.query("SELECT count(*) AS n FROM feedback")[0]["n"] == 0
+    assert err["param"] == param, err
+    assert feedback_rows(live_server, rid) == []
 
 
-def test_malformed_json_is_a_400(api):
-    r = api.client.post("/v1/feedback", content=b"{not json", headers={"content-type": "application/json"})
-    assert r.status_code == 400 and "error" in r.json()
+@pytest.mark.engine
+def test_malformed_json_is_a_400(http, live_server, rid):
+    r = http.post("/v1/feedback", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+    assert feedback_rows(live_server, rid) == []
 
 
-def test_feedback_needs_a_key_once_keys_exist(api):
-    rid = api.served()
-    _, secret = create_key(api.db, "inference", "app")
-    time.sleep(0.25)  # the server re-reads the key table every 0.2 s here
-    r = api.client.post("/v1/feedback", json={"request_id": rid, "rating": "up"})
-    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-    assert r.headers["www-authenticate"].startswith("Bearer")
-    r = api.client.post(
-        "/v1/feedback", json={"request_id": rid, "rating": "up"}, headers={"Authorization": f"Bearer {secret}"}
+@pytest.mark.engine
+def test_the_openai_client_can_post_feedback(http, live_server):
+    request_id = served(http, live_server.base_name)
+    fb = live_server.openai().post(
+        "/feedback", body={"request_id": request_id, "rating": 5, "comment": "great"}, cast_to=httpx.Response
     )
-    assert r.status_code == 201
-
-
-def test_the_openai_client_can_post_feedback(api):
-    import openai
-
-    rid = api.served()
-    client = openai.OpenAI(base_url=str(api.client.base_url) + "/v1", api_key="unused-while-no-keys-exist")
-    fb = client.post("/feedback", body={"request_id": rid, "rating": 5, "comment": "great"}, cast_to=httpx.Response)
     assert fb.status_code == 201 and fb.json()["rating"] == 5
+    (row,) = feedback_rows(live_server, request_id)
+    assert row["rating"] == 5 and row["rating_kind"] == "stars" and row["comment"] == "great"
 
 
-def test_a_bad_key_gets_the_same_401_on_chat_completions_and_feedback(home, db):
-    """One error model: the real app answers a missing or wrong key alike on /v1/chat/completions and /v1/feedback."""
+# ---- the same real app without a started engine ---------------------------------------------------------------
+
+
+@pytest.fixture
+def app_client(home, db):
+    """The real app (create_app) over an engine that is never started, a log writer that never flushes by
+    itself, and Litestar's TestClient."""
     from litestar.testing import TestClient
 
     from tuneloop.server.app import create_app
@@ -252,7 +199,7 @@ def test_a_bad_key_gets_the_same_401_on_chat_completions_and_feedback(home, db):
     from tuneloop.settings import load_settings
 
     class IdleEngine(Engine):
-        """A real Engine object that is never started: the guards refuse before anything reaches it."""
+        """A real Engine object that is never started: the feedback and auth paths never reach it."""
 
         @property
         def ready(self) -> bool:
@@ -261,16 +208,76 @@ def test_a_bad_key_gets_the_same_401_on_chat_completions_and_feedback(home, db):
         def shutdown(self) -> None:
             pass
 
-    settings = load_settings(None, ["drift.interval_s=0", "deploy.canary_judge_interval_s=0"])
-    create_key(db, "inference", "app")
+    settings = load_settings(
+        None, ["drift.interval_s=0", "deploy.canary_judge_interval_s=0", "log.flush_interval_s=3600"]
+    )
     app = create_app(settings, db, engine=IdleEngine(home, settings.engine, "base"))
-    chat_body = {"model": "base", "messages": [{"role": "user", "content": "hi"}]}
     with TestClient(app) as client:
-        for headers in ({}, {"Authorization": "Bearer tl-not-a-live-key"}):
-            chat = client.post("/v1/chat/completions", json=chat_body, headers=headers)
-            fb = client.post("/v1/feedback", json={"request_id": "chatcmpl-x", "rating": "up"}, headers=headers)
-            assert chat.status_code == fb.status_code == 401
-            c, f = chat.json()["error"], fb.json()["error"]
-            assert c == f and set(c) == {"message", "type", "code", "param"}
-            assert (c["type"], c["code"], c["param"]) == ("invalid_request_error", "invalid_api_key", None)
-            assert chat.headers["www-authenticate"] == fb.headers["www-authenticate"] == 'Bearer realm="tuneloop"'
+        client.db = db
+        yield client
+
+
+def log_served(client, model_version: str = "v1") -> str:
+    """Submit one served request to the app's own log writer, as the chat route does (not flushed)."""
+    request_id = new_id("chatcmpl-")
+    client.app.state.log_writer.submit(
+        RequestRecord(
+            id=request_id,
+            received_at=utcnow(),
+            route="chat.completions",
+            status=200,
+            model="production",
+            model_version=model_version,
+            arm="production",
+            prompt=[{"role": "user", "content": "hi"}],
+            response="hello",
+            prompt_tokens=3,
+            completion_tokens=2,
+            latency_s=0.1,
+        )
+    )
+    return request_id
+
+
+def test_feedback_on_a_request_not_yet_flushed_is_accepted(app_client):
+    request_id = log_served(app_client)
+    assert app_client.db.query("SELECT count(*) AS n FROM requests")[0]["n"] == 0
+    r = app_client.post("/v1/feedback", json={"request_id": request_id, "rating": "up"})
+    assert r.status_code == 201, r.text
+    assert r.json()["model_version"] == "v1"
+    assert app_client.db.query("SELECT request_id, model_version FROM feedback") == [
+        {"request_id": request_id, "model_version": "v1"}
+    ]
+
+
+def test_feedback_needs_a_key_once_keys_exist(app_client):
+    request_id = log_served(app_client)
+    _, secret = create_key(app_client.db, "inference", "app")
+    deadline = time.monotonic() + 10  # the app re-reads the key table every few seconds
+    while (r := app_client.post("/v1/feedback", json={"request_id": request_id, "rating": "up"})).status_code != 401:
+        assert r.status_code in (200, 201) and time.monotonic() < deadline, (r.status_code, r.text)
+        time.sleep(0.1)
+    assert r.json()["error"]["code"] == "invalid_api_key"
+    assert r.headers["www-authenticate"].startswith("Bearer")
+    r = app_client.post(
+        "/v1/feedback", json={"request_id": request_id, "rating": "up"}, headers={"Authorization": f"Bearer {secret}"}
+    )
+    assert r.status_code in (200, 201), r.text  # 200 when the post before the key was read had stored it
+
+
+def test_a_bad_key_gets_the_same_401_on_chat_completions_and_feedback(app_client):
+    """One error model: the real app answers a missing or wrong key alike on /v1/chat/completions and /v1/feedback."""
+    create_key(app_client.db, "inference", "app")
+    chat_body = {"model": "base", "messages": [{"role": "user", "content": "hi"}]}
+    deadline = time.monotonic() + 10
+    while app_client.post("/v1/feedback", json={"request_id": "chatcmpl-x", "rating": "up"}).status_code != 401:
+        assert time.monotonic() < deadline, "the app never noticed the key"
+        time.sleep(0.1)
+    for headers in ({}, {"Authorization": "Bearer tl-not-a-live-key"}):
+        chat = app_client.post("/v1/chat/completions", json=chat_body, headers=headers)
+        fb = app_client.post("/v1/feedback", json={"request_id": "chatcmpl-x", "rating": "up"}, headers=headers)
+        assert chat.status_code == fb.status_code == 401
+        c, f = chat.json()["error"], fb.json()["error"]
+        assert c == f and set(c) == {"message", "type", "code", "param"}
+        assert (c["type"], c["code"], c["param"]) == ("invalid_request_error", "invalid_api_key", None)
+        assert chat.headers["www-authenticate"] == fb.headers["www-authenticate"] == 'Bearer realm="tuneloop"'

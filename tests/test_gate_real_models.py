@@ -53,9 +53,11 @@ def test_a_candidate_trained_on_shuffled_answers_is_refused_with_default_toleran
     bad_ds = save_dataset(db, home, "facts-shuffled", _shuffled(scenario.heldout_rows()), "sft", {}, {"kind": "t"}).id
 
     def fit(name, ds):
-        cfg = build(TrainConfig, {}, [*TRAIN, "max_steps=20", f"base={smollm2}", f"dataset={ds}", f"name={name}"])
+        cfg = build(TrainConfig, {}, [*TRAIN, "max_steps=10", f"base={smollm2}", f"dataset={ds}", f"name={name}"])
         return train(cfg, db, settings, progress=False)
 
+    # 10 steps each are enough for a clear verdict: measured token F1 0.54 (production) vs 0.25 (candidate),
+    # 95% CI of the difference [-0.50, -0.10]
     fit("facts-v1", good_ds)
     set_stage(db, "facts-v1", "production", actor="test", reason="trained on the fact sheet")
     fit("facts-shuffled", bad_ds)

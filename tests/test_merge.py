@@ -15,12 +15,18 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import CLI
+from conftest import copy_home
 
 pytestmark = [pytest.mark.train, pytest.mark.slow]
 
+PROMPTS = ["What is AI?", "Tell me a joke.", "Do you like music?", "Where do you live?"]
+MAX_TOKENS = 16
+LOGPROB_TOLERANCE = 1e-3  # the merge's own parity bound on logits (tuneloop merge --tolerance default)
+
+# one process, two engines one after the other (as the offline evaluator replaces engines): greedy fp32 answers
+# and the logprob of each chosen token, from base + adapter (a LoRARequest) and from the merged folder
 VLLM_SCRIPT = textwrap.dedent("""
-    import json, sys
+    import gc, json, sys
     if __name__ == "__main__":
         from transformers import AutoTokenizer
         from vllm import LLM, SamplingParams
@@ -28,28 +34,35 @@ VLLM_SCRIPT = textwrap.dedent("""
         from vllm.lora.request import LoRARequest
         from tuneloop.chat import render_prompt
 
-        model, adapter = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else None)
-        kw = dict(enable_lora=True, max_lora_rank=8, max_loras=1) if adapter else {}
-        llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=4, seed=0, **kw)
-        tok = AutoTokenizer.from_pretrained(adapter or model)
-        ids = render_prompt(tok, [{"role": "user", "content": "What is AI?"}])
-        out = llm.generate([TokensPrompt(prompt_token_ids=ids)], SamplingParams(max_tokens=8, temperature=0.0),
-                           lora_request=LoRARequest("adapter", 1, adapter) if adapter else None)
-        o = out[0].outputs[0]
-        print("RESULT " + json.dumps({"token_ids": list(o.token_ids), "text": o.text}))
+        base, adapter, merged, prompts, max_tokens = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), int(sys.argv[5])
+        results = {}
+        for label, model, lora in (("adapter", base, adapter), ("merged", merged, None)):
+            kw = dict(enable_lora=True, max_lora_rank=8, max_loras=1) if lora else {}
+            llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=4, seed=0, **kw)
+            tok = AutoTokenizer.from_pretrained(lora or model)
+            ids = [TokensPrompt(prompt_token_ids=render_prompt(tok, [{"role": "user", "content": p}])) for p in prompts]
+            params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=1, ignore_eos=True)
+            outs = llm.generate(ids, params, lora_request=LoRARequest("adapter", 1, lora) if lora else None)
+            results[label] = [
+                {"token_ids": list(o.outputs[0].token_ids),
+                 "logprobs": [lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]}
+                for o in outs
+            ]
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+            gc.collect()
+        print("RESULT " + json.dumps(results))
 """)
 
 
 @pytest.fixture(scope="module")
-def ws(tiny_model, tmp_path_factory):
+def ws(tiny_model, chat_seed, tmp_path_factory):
+    """A copy of the session's prepared home: dataset 'chat' and chat-v1, a LoRA trained on it (conftest)."""
     root = tmp_path_factory.mktemp("merge")
-    cli = CLI(root, dict(os.environ, TUNELOOP_HOME=str(root / "home")))
-    cli("data", "corpus", "chatterbot-corpus", "-o", root / "chat.jsonl", "--limit", "30")
-    cli("data", "prepare", root / "chat.jsonl", "--name", "chat", "--base", tiny_model, "--no-progress")
-    cli("train", f"base={tiny_model}", "dataset=chat", "name=chat-v1", "max_steps=2", "learning_rate=0.01", "--quiet")
+    home, cli = copy_home(chat_seed, root)
     from tuneloop.db import Database
 
-    return {"root": root, "cli": cli, "db": Database(root / "home" / "tuneloop.duckdb"), "base": str(tiny_model)}
+    return {"root": root, "cli": cli, "db": Database(home / "tuneloop.duckdb"), "base": str(tiny_model)}
 
 
 def test_adapter_version_is_evaluated_against_its_base(ws):
@@ -79,7 +92,7 @@ def test_merge_refuses_non_adapters(ws):
 
 
 @pytest.mark.engine
-def test_merged_folder_and_adapter_both_generate_in_vllm(ws):
+def test_merged_folder_generates_in_vllm_exactly_what_base_plus_adapter_generates(ws):
     from tuneloop.ids import hash_path
     from tuneloop.registry import get_version
 
@@ -96,17 +109,20 @@ def test_merged_folder_and_adapter_both_generate_in_vllm(ws):
 
     script = ws["root"] / "vllm_generate.py"
     script.write_text(VLLM_SCRIPT)
-    results = {}
-    for label, argv in (("adapter", [ws["base"], a.path]), ("merged", [m.path])):
-        p = subprocess.run(
-            [sys.executable, str(script), *argv],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env=dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0"),
-        )
-        assert p.returncode == 0, p.stderr[-3000:]
-        line = next(x for x in p.stdout.splitlines() if x.startswith("RESULT "))
-        results[label] = json.loads(line[len("RESULT ") :])
-    for label, res in results.items():
-        assert len(res["token_ids"]) >= 1, (label, res)
+    p = subprocess.run(
+        [sys.executable, str(script), ws["base"], a.path, m.path, json.dumps(PROMPTS), str(MAX_TOKENS)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0"),
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    line = next(x for x in p.stdout.splitlines() if x.startswith("RESULT "))
+    results = json.loads(line[len("RESULT ") :])
+    # greedy fp32: the merged folder generates exactly what base + adapter generates, token for token, and each
+    # chosen token's logprob agrees within the merge's logit tolerance
+    for prompt, via_adapter, via_merged in zip(PROMPTS, results["adapter"], results["merged"], strict=True):
+        assert len(via_adapter["token_ids"]) == MAX_TOKENS, prompt
+        assert via_merged["token_ids"] == via_adapter["token_ids"], prompt
+        diffs = [abs(x - y) for x, y in zip(via_adapter["logprobs"], via_merged["logprobs"], strict=True)]
+        assert max(diffs) <= LOGPROB_TOLERANCE, (prompt, max(diffs))

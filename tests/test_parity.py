@@ -9,11 +9,11 @@ answer and that EOS (so a fine-tuned model learns to stop), never the prompt.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from conftest import require
 
 from tuneloop.chat import render_prompt
+from tuneloop.settings import PathSettings
 
 CONVERSATIONS = [
     [
@@ -29,7 +29,7 @@ CONVERSATIONS = [
     ],
 ]
 
-SMOLLM2 = Path.home() / ".cache" / "tuneloop" / "models" / "smollm2-135m-instruct"
+SMOLLM2 = PathSettings().models_path / "smollm2-135m-instruct"  # $TUNELOOP_MODEL_CACHE, as the product reads it
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +82,8 @@ def test_trained_sequence_is_the_full_chat_rendering_up_to_end_of_turn(trained_o
         assert full[n - 1] == tok.eos_token_id
 
 
-@pytest.mark.skipif(
-    not (SMOLLM2 / "tokenizer.json").is_file(), reason="SmolLM2 not pulled (tuneloop models pull smollm2-135m-instruct)"
-)
 def test_parity_holds_for_the_default_base_model_tokenizer():
+    require((SMOLLM2 / "tokenizer.json").is_file(), "SmolLM2", "tuneloop models pull smollm2-135m-instruct")
     from transformers import AutoTokenizer
 
     from tuneloop.chat import training_example

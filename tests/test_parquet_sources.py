@@ -10,11 +10,13 @@ only reading all replicas together joins it to its request. Real DuckDB files, r
 from __future__ import annotations
 
 import json
+import os
 import random
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from conftest import CLI
 from test_drift import _production_rows, chatterbot_pairs, chitchat_prompts
 from test_export import insert
 
@@ -105,9 +107,16 @@ def traffic(tiny_model: Path, prod: list[tuple[str, str]], now) -> dict[str, tup
     return out
 
 
-@pytest.fixture
-def fleet(cli, db, home, tmp_path, tiny_model):
-    """(cli on one database with every row, cli on a control-plane-only home, the export folder, expectations)."""
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory, tiny_model):
+    """(cli on one database with every row, cli on a control-plane-only home, the export folder, expectations).
+
+    Built once for the module: each test writes different tables (datasets / drift_reports) and reads only its own.
+    """
+    tmp_path = tmp_path_factory.mktemp("fleet")
+    home = tmp_path / "home"
+    db = Database(home / "tuneloop.duckdb")
+    cli = CLI(tmp_path, dict(os.environ, TUNELOOP_HOME=str(home)))
     pairs = chatterbot_pairs()
     random.Random(0).shuffle(pairs)
     train = pairs[:300]

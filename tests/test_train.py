@@ -6,41 +6,22 @@ Real CLI subprocesses, a real DuckDB file, real TRL/PEFT training (2 steps each)
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from conftest import CLI, VENV_BIN
+from conftest import VENV_BIN, copy_home
 
 pytestmark = [pytest.mark.train, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def ws(tiny_model, tmp_path_factory):
-    """A home with an SFT dataset 'chat' and a preference dataset 'pref', prepared by `tuneloop data prepare`."""
+def ws(tiny_model, chat_seed, tmp_path_factory):
+    """A copy of the session's prepared home: SFT dataset 'chat' and preference dataset 'pref' (conftest)."""
     root = tmp_path_factory.mktemp("train")
-    home = root / "home"
-    cli = CLI(root, dict(os.environ, TUNELOOP_HOME=str(home)))
-    cli("data", "corpus", "chatterbot-corpus", "-o", root / "chat.jsonl", "--limit", "40")
-    cli("data", "prepare", root / "chat.jsonl", "--name", "chat", "--base", tiny_model, "--no-progress")
-    rows = [json.loads(line) for line in (root / "chat.jsonl").read_text().splitlines()]
-    with open(root / "pref.jsonl", "w") as f:
-        for i, r in enumerate(rows[:24]):
-            m = r["messages"]
-            f.write(
-                json.dumps(
-                    {
-                        "prompt": m[:-1],
-                        "chosen": m[-1:],
-                        "rejected": [{"role": "assistant", "content": f"No idea, sorry ({i})."}],
-                    }
-                )
-                + "\n"
-            )
-    cli("data", "prepare", root / "pref.jsonl", "--name", "pref", "--base", tiny_model, "--no-progress")
+    home, cli = copy_home(chat_seed, root)
     from tuneloop.db import Database
 
     return {"root": root, "home": home, "cli": cli, "db": Database(home / "tuneloop.duckdb"), "base": str(tiny_model)}
