@@ -9,6 +9,12 @@
   version ``tiny-a``. Tests talk to it with the official ``openai`` client or
   httpx. :func:`start_server` starts further short-lived servers (SIGTERM /
   SIGKILL tests).
+* Engine modes: the shipped default runs vLLM's engine core in its own process
+  (``ENGINE_MODES`` ``"default"``: the server's environment has no
+  ``VLLM_ENABLE_V1_MULTIPROCESSING``); most tests run it in-process
+  (``"inproc"``, faster to start). ``default_server`` is one live server in the
+  default mode shared by the session (health, drift job), with the drift job
+  running every second.
 """
 
 from __future__ import annotations
@@ -26,7 +32,16 @@ import pytest
 
 from tuneloop.deploy.server_process import ServerProcess, ServerStartError, free_port, tuneloop_server
 
-__all__ = ["LiveServer", "free_port", "make_lora", "read_requests", "sse_events", "start_server"]
+__all__ = [
+    "ENGINE_MODES",
+    "LiveServer",
+    "descendants",
+    "free_port",
+    "make_lora",
+    "read_requests",
+    "sse_events",
+    "start_server",
+]
 
 VENV_BIN = Path(sys.executable).parent
 SERVER_SETTINGS = {
@@ -36,7 +51,22 @@ SERVER_SETTINGS = {
     "TUNELOOP_ENGINE__MAX_LORAS": "4",
     "TUNELOOP_LOG__FLUSH_INTERVAL_S": "0.2",
     "TUNELOOP_SERVER__STATE_REFRESH_S": "0.5",
+    # the live canary tests (tests/test_canary.py) run on the session server: it judges canaries every second;
+    # promotion needs 50 canary requests, and a 5-point error-rate margin can be shown on ~100 error-free
+    # requests per arm. With no running canary the judge does nothing.
+    "TUNELOOP_DEPLOY__CANARY_JUDGE_INTERVAL_S": "1",
+    "TUNELOOP_DEPLOY__CANARY_MIN_REQUESTS": "50",
+    "TUNELOOP_DEPLOY__CANARY_MAX_ERROR_RATE_DELTA": "0.05",
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+}
+# "inproc": engine core inside the server process (fast start, what most tests use);
+# "default": the shipped default, engine core in a child process of the server
+ENGINE_MODES = ("inproc", "default")
+# the drift job of `default_server`: every second, over few requests, without the embedding model
+DRIFT_SETTINGS = {
+    "TUNELOOP_DRIFT__INTERVAL_S": "1",
+    "TUNELOOP_DRIFT__MIN_REQUESTS": "20",
+    "TUNELOOP_DRIFT__EMBEDDINGS": "false",
 }
 
 
@@ -128,12 +158,25 @@ class LiveServer:
 
 
 def start_server(
-    home: Path, model: Path, *extra: str, env: dict[str, str] | None = None, ready_timeout: float = 240
+    home: Path,
+    model: Path,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    ready_timeout: float = 240,
+    mode: str = "inproc",
 ) -> LiveServer:
-    """Start ``tuneloop serve --model MODEL`` on a free port and wait until /readyz answers 200."""
+    """Start ``tuneloop serve --model MODEL`` on a free port and wait until /readyz answers 200.
+
+    ``mode`` is one of :data:`ENGINE_MODES`; in ``"default"`` the server's environment carries no
+    ``VLLM_ENABLE_V1_MULTIPROCESSING`` (conftest sets it in ``os.environ`` for in-process engines), so the
+    engine core runs in its own process as it does when shipped."""
+    assert mode in ENGINE_MODES, mode
     home.mkdir(parents=True, exist_ok=True)
     e = {**os.environ, "TUNELOOP_HOME": str(home), **SERVER_SETTINGS, **(env or {})}
     e.pop("TUNELOOP_CONFIG", None)
+    if mode == "default":
+        e.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        e.pop("TUNELOOP_ENGINE__MULTIPROCESSING", None)
     port = free_port()
     server = tuneloop_server(
         home, home / f"serve-{port}.log", port=port, model=model, serve_args=extra, env=e, cwd=home, stop_grace_s=90
@@ -169,6 +212,21 @@ def live_server(tiny_model, tiny_adapters, tmp_path_factory):
     srv = start_server(home, tiny_model)
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def default_server(tiny_model, tmp_path_factory):
+    """A live server in the shipped default mode (engine core in its own process), drift job every second."""
+    srv = start_server(tmp_path_factory.mktemp("serve-default"), tiny_model, env=DRIFT_SETTINGS, mode="default")
+    yield srv
+    srv.stop()
+
+
+def descendants(pid: int) -> list:
+    """The live descendant processes of ``pid`` (``psutil.Process`` objects, so a reused pid is not mistaken)."""
+    import psutil
+
+    return psutil.Process(pid).children(recursive=True)
 
 
 def read_requests(db_path: Path, where: str = "TRUE", params: list | None = None) -> list[dict]:

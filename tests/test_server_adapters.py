@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import httpx
 import pytest
@@ -14,6 +17,7 @@ from fixtures_server import read_requests
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
 MSG = [{"role": "user", "content": "Say something nice."}]
+CYCLES = 2  # load + unload cycles of the adapter churned under load
 
 
 def chat(srv, model: str, **kw) -> httpx.Response:
@@ -92,60 +96,180 @@ def test_bad_adapters_are_refused_with_clear_errors(live_server, tiny_adapters, 
     assert chat(live_server, live_server.base_name).status_code == 200  # the engine is still healthy
 
 
+@dataclass
+class Call:
+    """One HTTP request as the client saw it (monotonic times)."""
+
+    what: str
+    start: float
+    end: float = math.inf
+    status: int | None = None
+    body: dict | None = None
+
+
+def _spans(calls: list[Call], admin_call: Call) -> list[Call]:
+    """The requests in flight for the whole of ``admin_call``: started before it was sent, ended after its answer."""
+    return [c for c in calls if c.start < admin_call.start and c.end > admin_call.end]
+
+
+def _is_openai_error(body: dict | None) -> bool:
+    err = (body or {}).get("error")
+    return isinstance(err, dict) and isinstance(err.get("message"), str) and "type" in err and "code" in err
+
+
 def test_load_and_unload_under_load_fail_no_request(live_server, tiny_adapters):
-    client = live_server.async_openai()
+    """Traffic on the base, ``tiny-a`` and the adapter being churned overlaps every load and unload; no request
+    fails: those on other models and the streams in flight get a 200, those sent to the adapter while it is
+    unloaded a 200 or a clean OpenAI-style 4xx, never a 5xx."""
+    traffic: list[Call] = []  # base / tiny-a requests, sent throughout
+    on_churn: list[Call] = []  # requests sent to the adapter while it is being unloaded
+    admin_calls: list[Call] = []
+    witnesses: list[asyncio.Future] = []
+    stop = asyncio.Event()
+    answered = asyncio.Condition()  # notified whenever a request gets its answer
 
-    async def one(model: str, i: int, stream: bool) -> str:
+    async def until(pred) -> None:
+        async with answered:
+            await asyncio.wait_for(answered.wait_for(pred), 120)
+
+    async def finished(c: Call) -> Call:
+        c.end = time.monotonic()
+        async with answered:
+            answered.notify_all()
+        return c
+
+    async def request(h: httpx.AsyncClient, model: str, i: int, stream: bool, log: list[Call], max_tokens=24):
+        body = {"model": model, "messages": [{"role": "user", "content": f"hi {i}"}], "max_tokens": max_tokens}
+        c = Call(model, time.monotonic())
+        log.append(c)
         if stream:
-            s = await client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": f"hi {i}"}], max_tokens=24, stream=True
-            )
-            text = ""
-            async for c in s:
-                text += (c.choices[0].delta.content or "") if c.choices else ""
-            return text
-        r = await client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": f"hi {i}"}], max_tokens=24
-        )
-        return r.choices[0].message.content
+            async with h.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+                text = await r.aread()
+                c.status = r.status_code
+                c.body = {"done": text.rstrip().endswith(b"data: [DONE]")} if r.status_code == 200 else json.loads(text)
+        else:
+            r = await h.post("/v1/chat/completions", json=body)
+            c.status, c.body = r.status_code, r.json()
+        return await finished(c)
 
-    async def stream_until_done(model: str, started: asyncio.Event) -> int:
-        s = await client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=48, stream=True
-        )
-        n = 0
-        async for c in s:
-            n += 1
-            if c.choices and c.choices[0].delta.content:
-                started.set()
-        return n
+    async def background(h: httpx.AsyncClient, worker: int) -> None:
+        i = 0
+        while not stop.is_set():
+            model = live_server.base_name if (i + worker) % 2 else "tiny-a"
+            await request(h, model, i, stream=bool(i % 3), log=traffic, max_tokens=32)
+            i += 1
 
-    async def churn() -> int:
+    async def hammer(h: httpx.AsyncClient, name: str, done: asyncio.Event, every_s: float, most: int = 1000) -> None:
+        """A request to ``name`` every ``every_s`` seconds (not waiting for the answers) until ``done``."""
+        sent, i = [], 0
+        while not done.is_set() and i < most:
+            sent.append(asyncio.ensure_future(request(h, name, i, stream=bool(i % 2), log=on_churn, max_tokens=4)))
+            i += 1
+            await asyncio.sleep(every_s)
+        await asyncio.gather(*sent)
+
+    async def timed(h: httpx.AsyncClient, what: str, coro) -> httpx.Response:
+        """``coro`` (an admin call) made while a long base-model stream, already producing tokens, is in flight."""
+        started, returned = asyncio.Event(), asyncio.Event()
+        witness = asyncio.ensure_future(
+            first_token(h, live_server.base_name, started, traffic, max_tokens=400, cut=returned)
+        )
+        await asyncio.wait_for(started.wait(), 120)
+        c = Call(what, time.monotonic())
+        admin_calls.append(c)
+        async with answered:
+            answered.notify_all()
+        r = await coro
+        c.end, c.status = time.monotonic(), r.status_code
+        returned.set()
+        witnesses.append(witness)
+        return r
+
+    async def first_token(
+        h: httpx.AsyncClient,
+        model: str,
+        started: asyncio.Event,
+        log: list[Call],
+        max_tokens: int = 16,
+        cut: asyncio.Event | None = None,
+    ) -> Call:
+        """A greedy streaming request (long: no early end of text) that sets ``started`` on its first token;
+        with ``cut``, it is closed at the first token received once ``cut`` is set (it was still generating)."""
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens}
+        body |= {"stream": True, "temperature": 0}
+        c = Call(model, time.monotonic())
+        log.append(c)
+        async with h.stream("POST", "/v1/chat/completions", json=body) as r:
+            c.status = r.status_code
+            async for line in r.aiter_lines():
+                if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                    started.set()
+                    if cut is not None and cut.is_set():
+                        c.body = {"done": True, "cut": True}
+                        break
+                c.body = {"done": line == "data: [DONE]"} if line else c.body
+        started.set()
+        return await finished(c)
+
+    async def churn(h: httpx.AsyncClient) -> int:
         cycles = 0
-        async with httpx.AsyncClient(base_url=live_server.url, timeout=120) as h:
-            for _ in range(3):
-                r = await h.post("/admin/adapters", json={"path": str(tiny_adapters["b"]), "name": "churn-b"})
-                assert r.status_code == 201, r.text
-                # a stream on the adapter being unloaded (already producing tokens) must finish, not fail
-                started = asyncio.Event()
-                held = asyncio.ensure_future(stream_until_done("churn-b", started))
-                await asyncio.wait_for(started.wait(), 120)
-                r = await h.delete("/admin/adapters/churn-b")
-                assert r.status_code == 200, r.text
-                n_chunks = await held
-                assert n_chunks > 1
-                cycles += 1
+        for _ in range(CYCLES):
+            r = await timed(
+                h, "load", h.post("/admin/adapters", json={"path": str(tiny_adapters["b"]), "name": "churn-b"})
+            )
+            assert r.status_code == 201, r.text
+            # a stream on the adapter being unloaded, already producing tokens, must finish, not fail
+            started, unloaded = asyncio.Event(), asyncio.Event()
+            mark = len(on_churn)  # this cycle's requests: the held stream, then the hammers'
+            held = asyncio.ensure_future(first_token(h, "churn-b", started, on_churn))
+            await asyncio.wait_for(started.wait(), 120)
+            # and requests sent to it before, during and after the unload: 200 or a clean 4xx
+            hammers = asyncio.ensure_future(hammer(h, "churn-b", unloaded, every_s=0.1))
+            await until(lambda m=mark: any(c.end < math.inf for c in on_churn[m + 1 :]))  # one answered before
+            unload_done = asyncio.Event()
+            unloading = asyncio.ensure_future(timed(h, "unload", h.delete("/admin/adapters/churn-b")))
+            await until(lambda: admin_calls[-1].what == "unload")  # the DELETE is on its way: send more meanwhile
+            during = asyncio.ensure_future(hammer(h, "churn-b", unload_done, every_s=0.02, most=5))
+            r = await unloading
+            unload_done.set()
+            await during
+            assert r.status_code == 200, r.text
+            unload = admin_calls[-1]
+            await until(lambda u=unload: any(c.start > u.end and c.end < math.inf for c in on_churn))  # one sent after
+            unloaded.set()
+            await hammers
+            assert (await held).status == 200 and held.result().body == {"done": True}
+            cycles += 1
         return cycles
 
     async def main():
-        traffic = [one(live_server.base_name if i % 2 else "tiny-a", i, bool(i % 3)) for i in range(24)]
-        results = await asyncio.gather(churn(), *traffic, return_exceptions=True)
-        return results
+        limits = httpx.Limits(max_connections=100)
+        async with httpx.AsyncClient(base_url=live_server.url, timeout=120, limits=limits) as h:
+            workers = [asyncio.ensure_future(background(h, w)) for w in range(2)]
+            try:
+                # the background traffic is flowing before the first admin call
+                await until(lambda: sum(c.end < math.inf for c in traffic) >= 2)
+                return await churn(h)
+            finally:
+                stop.set()
+                await asyncio.gather(*workers, *witnesses, return_exceptions=True)
 
-    results = asyncio.run(main())
-    failures = [r for r in results if isinstance(r, BaseException)]
-    assert not failures, failures
-    assert results[0] == 3
+    assert asyncio.run(main()) == CYCLES
+    assert [c.what for c in admin_calls] == ["load", "unload"] * CYCLES
+    assert {c.status for c in admin_calls} == {200, 201}
+    bad = [c for c in traffic if c.status != 200 or not c.body or "error" in c.body or c.body.get("done") is False]
+    assert not bad, bad  # no request on the base or tiny-a failed
+    for call in admin_calls:
+        assert _spans(traffic, call), f"no request in flight across the whole {call}"
+        if call.what == "unload":  # requests to the adapter itself were sent while it was unloaded
+            assert any(call.start < c.start < call.end for c in on_churn), call
+    statuses = {c.status for c in on_churn}
+    assert 200 in statuses and 404 in statuses, statuses  # served before the unload, refused after it
+    for c in on_churn:
+        assert c.status is not None and c.status < 500, c
+        assert c.status == 200 or (400 <= c.status < 500 and _is_openai_error(c.body)), c
+        if c.status == 404:
+            assert c.body["error"]["code"] == "model_not_found", c
 
 
 def test_aliases_and_sticky_canary_split(live_server, tiny_adapters):
@@ -200,13 +324,15 @@ def test_aliases_and_sticky_canary_split(live_server, tiny_adapters):
         assert chat(live_server, "canary").headers["x-model-version"] == "tiny-b2"
         assert admin(live_server, "DELETE", "/adapters/tiny-b2").status_code == 409  # in use by the canary
 
+        def twice(u: int) -> tuple[httpx.Response, httpx.Response]:
+            return tuple(chat(live_server, "production", user=f"user-{u}", max_tokens=1) for _ in range(2))
+
         served = {}
-        for u in range(24):
-            first = chat(live_server, "production", user=f"user-{u}", max_tokens=1)
-            second = chat(live_server, "production", user=f"user-{u}", max_tokens=1)
-            assert first.status_code == second.status_code == 200
-            assert first.headers["x-model-version"] == second.headers["x-model-version"]  # sticky per user
-            served[f"user-{u}"] = (first.headers["x-model-version"], first.headers["x-request-id"])
+        with ThreadPoolExecutor(8) as pool:  # users in parallel, each user's two requests one after the other
+            for u, (first, second) in enumerate(pool.map(twice, range(24))):
+                assert first.status_code == second.status_code == 200
+                assert first.headers["x-model-version"] == second.headers["x-model-version"]  # sticky per user
+                served[f"user-{u}"] = (first.headers["x-model-version"], first.headers["x-request-id"])
         versions = [v for v, _ in served.values()]
         assert 3 <= versions.count("tiny-b2") <= 21 and "tiny-a" in versions  # ~half each
 
