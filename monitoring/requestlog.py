@@ -39,7 +39,8 @@ Contract
     (counted, logged without their content).
   - :meth:`~RequestLogWriter.close` (lifespan shutdown, i.e. SIGTERM) drains
     every queued row within ``timeout_s`` and returns how many it could not
-    write. SIGKILL loses at most the rows of one flush interval; DuckDB's WAL
+    write. SIGKILL loses at most the rows of one flush interval plus the flush in
+    progress (the next interval starts when a flush ends; tests bound it by 0.3 s); DuckDB's WAL
     and the per-flush transaction leave a database that opens.
   - ``log.redact_prompts`` stores no prompt/response text (NULL), only sizes
     and timings; ``log.scrub_pii`` replaces emails, phones, card numbers and IPs
