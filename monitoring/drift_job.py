@@ -66,6 +66,7 @@ class DriftJob:
         self.db, self.settings = db, settings
         self.source = source if source is not None else (log_source(db) if db is not None else None)
         self._embedder = embedder
+        self._unprofiled: dict[str, str] = {}  # version -> why it has no profile (logged once)
         self.score: Gauge | None = None
         self.drifted: Gauge | None = None
         if registry is not None:
@@ -119,10 +120,21 @@ class DriftJob:
     def profile(self, version: str) -> Profile:
         p = load_profile(self._database(), version)
         if p is None:
-            log.info("no reference profile for %s yet: computing it from its training data", version)
-            p = compute_profile(
-                self._database(), version, self.settings, embedder=self.embedder() if self.settings.embeddings else None
-            )
+            try:
+                p = compute_profile(
+                    self._database(),
+                    version,
+                    self.settings,
+                    embedder=self.embedder() if self.settings.embeddings else None,
+                )
+            except UserError as e:
+                # said once per version and reason, not at every pass of the background job
+                if self._unprofiled.get(version) != str(e):
+                    log.info("no drift check for %s: %s", version, e)
+                    self._unprofiled[version] = str(e)
+                raise
+            self._unprofiled.pop(version, None)
+            log.info("reference profile of %s computed from its training data", version)
         return p
 
     # -- one pass ------------------------------------------------------------------------------

@@ -26,8 +26,9 @@ Contract
   using it finish, then evicts it — so loading and unloading never fail a
   request in flight. :meth:`adapters` lists what the engine holds.
 * :meth:`check_health` raises if the engine core died; :meth:`shutdown` stops it.
-* When vLLM runs its engine core in child processes (``engine.multiprocessing``,
-  the default), :meth:`start` also starts a small guard process that holds the
+* vLLM's online engine (``AsyncLLM``) always runs its engine core in a child
+  process (``engine.multiprocessing`` only applies to the offline engine of eval
+  and the gate). :meth:`start` therefore also starts a small guard process that holds the
   read end of a pipe from this one: when this process exits in any way
   (SIGKILL included) the guard sees end-of-file and stops the engine processes
   still alive (SIGTERM, SIGKILL after 5 s), so none is left orphaned holding

@@ -9,12 +9,13 @@
   version ``tiny-a``. Tests talk to it with the official ``openai`` client or
   httpx. :func:`start_server` starts further short-lived servers (SIGTERM /
   SIGKILL tests).
-* Engine modes: the shipped default runs vLLM's engine core in its own process
-  (``ENGINE_MODES`` ``"default"``: the server's environment has no
-  ``VLLM_ENABLE_V1_MULTIPROCESSING``); most tests run it in-process
-  (``"inproc"``, faster to start). ``default_server`` is one live server in the
-  default mode shared by the session (health, drift job), with the drift job
-  running every second.
+* Every server runs the engine as shipped: vLLM's online engine (``AsyncLLM``)
+  always runs its engine core in a child process, whatever
+  ``VLLM_ENABLE_V1_MULTIPROCESSING`` says (that variable, which conftest sets,
+  only keeps the *offline* engines of eval and the gate in-process). The
+  lifecycle tests assert the ``VLLM::EngineCore`` child exists.
+  ``default_server`` is a second session server whose drift job runs every
+  second (health in a fresh server, the drift job and its gauges).
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import pytest
 from tuneloop.deploy.server_process import ServerProcess, ServerStartError, free_port, tuneloop_server
 
 __all__ = [
-    "ENGINE_MODES",
     "LiveServer",
     "descendants",
     "free_port",
@@ -57,11 +57,7 @@ SERVER_SETTINGS = {
     "TUNELOOP_DEPLOY__CANARY_JUDGE_INTERVAL_S": "1",
     "TUNELOOP_DEPLOY__CANARY_MIN_REQUESTS": "50",
     "TUNELOOP_DEPLOY__CANARY_MAX_ERROR_RATE_DELTA": "0.05",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
 }
-# "inproc": engine core inside the server process (fast start, what most tests use);
-# "default": the shipped default, engine core in a child process of the server
-ENGINE_MODES = ("inproc", "default")
 # the drift job of `default_server`: every second, over few requests, without the embedding model
 DRIFT_SETTINGS = {
     "TUNELOOP_DRIFT__INTERVAL_S": "1",
@@ -163,20 +159,11 @@ def start_server(
     *extra: str,
     env: dict[str, str] | None = None,
     ready_timeout: float = 240,
-    mode: str = "inproc",
 ) -> LiveServer:
-    """Start ``tuneloop serve --model MODEL`` on a free port and wait until /readyz answers 200.
-
-    ``mode`` is one of :data:`ENGINE_MODES`; in ``"default"`` the server's environment carries no
-    ``VLLM_ENABLE_V1_MULTIPROCESSING`` (conftest sets it in ``os.environ`` for in-process engines), so the
-    engine core runs in its own process as it does when shipped."""
-    assert mode in ENGINE_MODES, mode
+    """Start ``tuneloop serve --model MODEL`` on a free port and wait until /readyz answers 200."""
     home.mkdir(parents=True, exist_ok=True)
     e = {**os.environ, "TUNELOOP_HOME": str(home), **SERVER_SETTINGS, **(env or {})}
     e.pop("TUNELOOP_CONFIG", None)
-    if mode == "default":
-        e.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-        e.pop("TUNELOOP_ENGINE__MULTIPROCESSING", None)
     port = free_port()
     server = tuneloop_server(
         home, home / f"serve-{port}.log", port=port, model=model, serve_args=extra, env=e, cwd=home, stop_grace_s=90
@@ -216,8 +203,8 @@ def live_server(tiny_model, tiny_adapters, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def default_server(tiny_model, tmp_path_factory):
-    """A live server in the shipped default mode (engine core in its own process), drift job every second."""
-    srv = start_server(tmp_path_factory.mktemp("serve-default"), tiny_model, env=DRIFT_SETTINGS, mode="default")
+    """A second session server whose drift job runs every second (health of a fresh server, the drift job)."""
+    srv = start_server(tmp_path_factory.mktemp("serve-default"), tiny_model, env=DRIFT_SETTINGS)
     yield srv
     srv.stop()
 

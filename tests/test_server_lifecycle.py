@@ -1,4 +1,4 @@
-"""Short-lived servers, in both engine modes (engine core in-process, and in its own process as shipped):
+"""Short-lived servers, engine core in its own process as shipped (asserted):
 SIGTERM finishes the streams in flight and logs every request; SIGKILL loses at most the last flush interval of
 the log, leaves a database that opens and no engine process behind; keys guard the API; health and readiness."""
 
@@ -14,7 +14,7 @@ import time
 import httpx
 import psutil
 import pytest
-from fixtures_server import ENGINE_MODES, descendants, start_server
+from fixtures_server import descendants, start_server
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
@@ -38,24 +38,22 @@ def _keys(home) -> tuple[dict, dict]:
     return out[0], out[1]
 
 
-def _engine_children(srv, mode: str) -> list[psutil.Process]:
-    """The server's descendant processes; in the default mode there must be one (the engine core)."""
+def _engine_children(srv) -> list[psutil.Process]:
+    """The server's descendant processes, among them vLLM's engine core (asserted)."""
     kids = descendants(srv.proc.pid)
-    if mode == "default":
-        assert any("EngineCore" in k.name() for k in kids), f"default mode: no engine core child in {kids}"
+    assert any("EngineCore" in k.name() for k in kids), f"no engine core child in {kids}"
     return kids
 
 
-@pytest.mark.parametrize("mode", ENGINE_MODES)
-def test_sigterm_answers_in_flight_requests_and_logs_every_one(tiny_model, tmp_path, mode):
+def test_sigterm_answers_in_flight_requests_and_logs_every_one(tiny_model, tmp_path):
     from tuneloop.db import Database
 
     home = tmp_path / "home"
     home.mkdir()
     admin_key, infer_key = _keys(home)
     # a long flush interval: the rows reach the database only through the drain on shutdown
-    srv = start_server(home, tiny_model, env={"TUNELOOP_LOG__FLUSH_INTERVAL_S": "600"}, mode=mode)
-    kids = _engine_children(srv, mode)
+    srv = start_server(home, tiny_model, env={"TUNELOOP_LOG__FLUSH_INTERVAL_S": "600"})
+    kids = _engine_children(srv)
     try:
         base = srv.base_name
         # keys: none -> 401, inference key on admin -> 403, admin key -> 200
@@ -136,14 +134,11 @@ def test_sigterm_answers_in_flight_requests_and_logs_every_one(tiny_model, tmp_p
     assert not any(infer_key["secret"] in json.dumps(r, default=str) for r in rows)
 
 
-@pytest.mark.parametrize("mode", ENGINE_MODES)
-def test_sigkill_loses_at_most_the_last_flush_interval_and_leaves_no_engine_process(tiny_model, tmp_path, mode):
+def test_sigkill_loses_at_most_the_last_flush_interval_and_leaves_no_engine_process(tiny_model, tmp_path):
     from tuneloop.db import Database
 
-    srv = start_server(
-        tmp_path / "home", tiny_model, env={"TUNELOOP_LOG__FLUSH_INTERVAL_S": str(FLUSH_INTERVAL_S)}, mode=mode
-    )
-    kids = _engine_children(srv, mode)
+    srv = start_server(tmp_path / "home", tiny_model, env={"TUNELOOP_LOG__FLUSH_INTERVAL_S": str(FLUSH_INTERVAL_S)})
+    kids = _engine_children(srv)
     received: list[tuple[float, str]] = []  # (client-side monotonic receive time, request id) of each 200
     others: list[int] = []
     cond, stop = threading.Condition(), threading.Event()
@@ -199,7 +194,7 @@ def test_sigkill_loses_at_most_the_last_flush_interval_and_leaves_no_engine_proc
     assert all(r["status"] == 200 for r in rows)
 
 
-def test_health_and_readiness_in_the_default_engine_mode(default_server):
+def test_health_and_readiness_of_a_fresh_server_with_its_engine_core_in_its_own_process(default_server):
     """The shipped mode: the engine core is a child process; the server is live, ready and serves through it."""
     srv = default_server
     kids = descendants(srv.proc.pid)

@@ -168,19 +168,17 @@ def test_init_adapter_continues_an_existing_adapter_from_its_weights_and_shape(w
 
     cli = ws["cli"]
     common = [f"base={ws['base']}", "dataset=chat", "max_steps=2"]
-    cli("train", *common, "name=parent-r4", "lora.r=4", "lora.targets=[q_proj,v_proj]", "learning_rate=1e-2", "--quiet")
+    # the parent: chat-v1 of the session's home (LoRA r=8 on q/k/v/o, 2 steps at lr 1e-2; conftest.chat_seed)
     # a learning rate of 1e-12 (0 is refused): the saved adapter is the parent's, shape included, despite lora.r=16
-    cli("train", *common, "name=child-lr0", "init_adapter=parent-r4", "learning_rate=1e-12", "lora.r=16", "--quiet")
-    parent = _adapter_tensors(get_version(ws["db"], "parent-r4").path)
+    cli("train", *common, "name=child-lr0", "init_adapter=chat-v1", "learning_rate=1e-12", "lora.r=16", "--quiet")
+    parent = _adapter_tensors(get_version(ws["db"], "chat-v1").path)
     child = _adapter_tensors(get_version(ws["db"], "child-lr0").path)
     assert parent.keys() == child.keys() and any("lora_B" in k for k in parent)
     assert all(torch.allclose(parent[k], child[k], atol=1e-8) for k in parent)
     assert any(parent[k].abs().max() > 1e-4 for k in parent if "lora_B" in k)  # the parent learned something
-    assert all(v.shape[0] == 4 for k, v in child.items() if "lora_A" in k)
+    assert all(v.shape[0] == 8 for k, v in child.items() if "lora_A" in k)
     # and a fresh adapter (no init_adapter) starts with lora_B = 0: after the same steps it is still ~0
-    cli(
-        "train", *common, "name=fresh-lr0", "learning_rate=1e-12", "lora.r=4", "lora.targets=[q_proj,v_proj]", "--quiet"
-    )
+    cli("train", *common, "name=fresh-lr0", "learning_rate=1e-12", "--quiet")
     fresh = _adapter_tensors(get_version(ws["db"], "fresh-lr0").path)
     assert all(v.abs().max() < 1e-8 for k, v in fresh.items() if "lora_B" in k)
 
@@ -189,7 +187,7 @@ def test_init_adapter_continues_an_existing_adapter_from_its_weights_and_shape(w
     "args, message",
     [
         (["init_adapter=no/such/folder"], "no/such/folder is not a LoRA adapter folder"),
-        (["init_adapter=parent-r4", "method=full"], "method=full cannot start from one"),
+        (["init_adapter=chat-v1", "method=full"], "method=full cannot start from one"),
     ],
 )
 def test_a_bad_init_adapter_exits_2_naming_it(ws, args, message):

@@ -86,7 +86,11 @@ class EngineSettings:
         metadata={"help": "CPU only: OMP thread binding (VLLM_CPU_OMP_THREADS_BIND), 'auto' = all cores."},
     )
     multiprocessing: bool = field(
-        default=True, metadata={"help": "Run the engine core in its own process (VLLM_ENABLE_V1_MULTIPROCESSING)."}
+        default=True,
+        metadata={
+            "help": "Offline engine of eval and the gate: run its engine core in its own process "
+            "(VLLM_ENABLE_V1_MULTIPROCESSING). The server's engine core always runs in its own process."
+        },
     )
 
 
