@@ -16,10 +16,18 @@ from pathlib import Path
 
 import pytest
 
+# Under pytest-xdist (`make test` runs two workers on a 2-core machine) each worker keeps to one core: its vLLM
+# engines bind their OpenMP threads to that core and torch (here and in the CLI subprocesses) runs one thread, so
+# the workers do not spin against each other. Set before torch or vLLM is imported; user-set values win.
+_worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _worker.startswith("gw") and (os.cpu_count() or 1) >= int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")):
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(int(_worker[2:]) % (os.cpu_count() or 1)))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # vLLM reads its environment when imported: the tests run its engine core in-process, and on CPU it needs
 # VLLM_CPU_KVCACHE_SPACE and friends (set by configure_vllm_env) or start-up fails.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-from tuneloop.runtime import configure_vllm_env
+from tuneloop.runtime import configure_vllm_env  # noqa: E402 (after the environment above)
 
 configure_vllm_env(cache_root=Path(__file__).resolve().parent.parent / ".tuneloop")
 
@@ -143,3 +151,13 @@ def run_with_importtime(cli: CLI, *argv: str) -> tuple[subprocess.CompletedProce
     )
     imported = {ln.rsplit("|", 1)[-1].strip() for ln in r.stderr.splitlines() if ln.startswith("import time:")}
     return r, imported
+
+
+# the longest modules first: under pytest-xdist (--dist loadfile) they start at once on different workers, and the
+# many short modules fill the other worker meanwhile, so the two finish together instead of one long tail
+LONGEST_FIRST = ("test_gate_real_models.py", "test_demo.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
