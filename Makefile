@@ -57,14 +57,15 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/tuneloop demo
 
-# pytest-xdist workers, a test file at a time each (module fixtures stay in one worker); each worker keeps to
+# pytest-xdist workers, a test file at a time each (module fixtures stay in one worker), in the order the tests
+# are collected (longest modules first, tests/conftest.py), not by their number of tests; each worker keeps to
 # one core (tests/conftest.py). TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 2
 test: setup test-deps
-	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 test-quick: $(STAMP)
-	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile -m "not engine and not train and not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not engine and not train and not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
