@@ -22,13 +22,13 @@ fast and their messages precise.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tuneloop.errors import UserError
+from tuneloop.modelfiles import read_json_object
 
 if TYPE_CHECKING:  # pragma: no cover
     from tuneloop.settings import EngineSettings
@@ -41,13 +41,7 @@ _FALLBACK_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def read_model_config(base: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads((base / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"{base}/config.json cannot be read: {e}") from None
-    if not isinstance(doc, dict):
-        raise UserError(f"{base}/config.json is not a JSON object")
-    return doc
+    return read_json_object(base / "config.json", f"{base}/config.json", "point --model at a Hugging Face model folder")
 
 
 def model_max_len(cfg: dict[str, Any]) -> tuple[str, int] | None:

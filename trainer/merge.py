@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tuneloop.errors import UserError
+from tuneloop.modelfiles import read_json_object
 from tuneloop.staging import staged_folder
 
 if TYPE_CHECKING:
@@ -65,14 +66,7 @@ def _adapter_config(folder: Path, version: str) -> dict[str, Any]:
     cfg_file = folder / "adapter_config.json"
     if not cfg_file.is_file():
         raise UserError(f"{folder} has no adapter_config.json; is the adapter folder of {version!r} intact?")
-    try:
-        doc = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UserError(
-            f"{cfg_file} is malformed ({e}); restore it from the run folder or retrain {version!r}"
-        ) from None
-    if not isinstance(doc, dict):
-        raise UserError(f"{cfg_file} is not a JSON object; restore it from the run folder or retrain {version!r}")
+    doc = read_json_object(cfg_file, str(cfg_file), f"restore it from the run folder or retrain {version!r}")
     for key, kind in (("peft_type", str), ("r", int), ("target_modules", (list, str))):
         if key in doc and not isinstance(doc[key], kind):
             raise UserError(f"{cfg_file}: {key!r} has the wrong type ({doc[key]!r}); restore it or retrain {version!r}")

@@ -36,12 +36,7 @@ def check_model_folder(path: str | os.PathLike[str], what: str = "base model", t
     cfg = p / "config.json"
     if not cfg.is_file():
         raise UserError(f"{what} folder {p} has no config.json: not a Hugging Face model folder; {fix}")
-    try:
-        doc = json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"{what} folder {p}: config.json is not valid JSON ({e}); {fix}") from None
-    if not isinstance(doc, dict):
-        raise UserError(f"{what} folder {p}: config.json is not a JSON object; {fix}")
+    read_json_object(cfg, f"{what} folder {p}: config.json", fix)
     if not any(next(p.glob(pat), None) is not None for pat in WEIGHT_PATTERNS):
         raise UserError(f"{what} folder {p} has no weights (*.safetensors or pytorch_model*.bin); {fix}")
     for f in sorted(p.glob("*.safetensors")):
@@ -51,6 +46,18 @@ def check_model_folder(path: str | os.PathLike[str], what: str = "base model", t
     if tokenizer and not any((p / f).is_file() for f in TOKENIZER_FILES):
         raise UserError(f"{what} folder {p} has no tokenizer (tokenizer.json / tokenizer_config.json); {fix}")
     return p.resolve()
+
+
+def read_json_object(file: Path, label: str, fix: str) -> dict:
+    """The JSON object in ``file``; a :class:`UserError` naming ``label`` and ``fix`` when it is unreadable,
+    malformed or not an object (model ``config.json``, adapter ``adapter_config.json``)."""
+    try:
+        doc = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{label} is malformed ({e}); {fix}") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"{label} is not a JSON object; {fix}")
+    return doc
 
 
 def _safetensors_problem(f: Path) -> str | None:
