@@ -14,8 +14,16 @@ Contract
   without a correction is **never** a candidate, so no SFT set trains on it;
   given a ``negatives`` list, those rows (past every other filter) are put
   there instead, for the KTO set's undesirable examples.
+* Tool calling: a candidate keeps its prompt messages' ``tool_calls`` /
+  ``tool_call_id`` / ``name`` (as :func:`tuneloop.dataset_store.chat_message`
+  writes them) and the request's tool definitions (``params.tools``) as
+  :attr:`Candidate.tools`; its ``response`` is the raw text the model
+  generated (a tool call included), which is what a model must learn to emit.
+  Two prompts differing only in tool calls or tool definitions are different
+  prompts for every dedup key.
 * :func:`scrub_candidates` replaces PII (:func:`tuneloop.pii.scrub`) in every
-  prompt message, response and correction, in place.
+  prompt message (tool-call arguments included), response and correction, in
+  place.
 * :func:`dedup_within` keeps one candidate per normalised prompt (corrected >
   positively rated > unrated, then the newest); :func:`earlier_keys` gives the
   normalised prompt + answer keys (:func:`example_key`) of earlier datasets, so
@@ -34,6 +42,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from tuneloop.dataset_store import chat_message, row_tools
 from tuneloop.db import Database, loads
 from tuneloop.monitoring.sources import LogSource
 from tuneloop.ratings import sentiment
@@ -46,12 +55,13 @@ class Candidate:
     request_id: str
     received_at: datetime
     model_version: str | None
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     response: str
     correction: str | None
     feedback: str | None  # positive | negative | neutral | None
     tokens: int
     pii: dict[str, int] = field(default_factory=dict)
+    tools: list[dict[str, Any]] | None = None  # the request's tool definitions (params.tools)
 
     @property
     def target(self) -> str:
@@ -79,24 +89,30 @@ def normalise(text: str) -> str:
     return _WS.sub(" ", _PUNCT.sub(" ", text.lower())).strip()
 
 
-def prompt_key(messages: list[dict[str, str]]) -> str:
-    """Hash of the normalised non-assistant-final conversation (role + content)."""
+def prompt_key(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+    """Hash of the normalised non-assistant-final conversation (role + content; tool calls, tool call ids
+    and tool definitions as they are, when there are any)."""
     h = hashlib.sha256()
     for m in messages:
         h.update(f"{m.get('role')}\0{normalise(m.get('content') or '')}\0".encode())
+        calls, call_id = m.get("tool_calls") or None, m.get("tool_call_id")
+        if calls is not None or call_id is not None:
+            h.update(json.dumps([calls, call_id], sort_keys=True).encode() + b"\0")
+    if tools:
+        h.update(b"tools\0" + json.dumps(tools, sort_keys=True).encode())
     return h.hexdigest()
 
 
-def example_key(messages: list[dict[str, str]], answer: str) -> str:
-    """Hash of the normalised prompt and answer (dedup against earlier training sets)."""
-    return hashlib.sha256((prompt_key(messages) + "\0" + normalise(answer)).encode()).hexdigest()
+def example_key(messages: list[dict[str, Any]], answer: str, tools: list[dict[str, Any]] | None = None) -> str:
+    """Hash of the normalised prompt (with its tools) and answer (dedup against earlier training sets)."""
+    return hashlib.sha256((prompt_key(messages, tools) + "\0" + normalise(answer)).encode()).hexdigest()
 
 
 # ---- reading ------------------------------------------------------------------------------------
 
 _SQL = """
 SELECT r.id, r.received_at, r.route, r.model_version, r.prompt, r.response, r.finish_reason, r.status,
-       r.prompt_tokens, r.completion_tokens, f.correction, f.rating, f.rating_kind
+       r.prompt_tokens, r.completion_tokens, r.params, f.correction, f.rating, f.rating_kind
 FROM requests r
 LEFT JOIN (
     SELECT request_id,
@@ -113,8 +129,9 @@ FILTERS = ("error", "aborted", "truncated", "redacted", "empty", "negative_feedb
 """The ``counts`` keys of :func:`read_candidates`' filters, in the order they apply."""
 
 
-def prompt_messages(prompt: Any) -> list[dict[str, str]] | None:
-    """The logged ``requests.prompt`` (messages list, ``{"messages": ...}`` or completion text) as chat messages."""
+def prompt_messages(prompt: Any) -> list[dict[str, Any]] | None:
+    """The logged ``requests.prompt`` (messages list, ``{"messages": ...}`` or completion text) as chat messages
+    (string content, null only next to tool calls; ``name`` / ``tool_calls`` / ``tool_call_id`` kept where set)."""
     p = loads(prompt) if isinstance(prompt, str) else prompt
     if isinstance(p, str):
         try:  # a JSON column can hold a JSON string holding JSON
@@ -132,12 +149,26 @@ def prompt_messages(prompt: Any) -> list[dict[str, str]] | None:
             content = m.get("content")
             if isinstance(content, list):  # OpenAI content parts
                 content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
-            out.append({"role": str(m.get("role", "user")), "content": str(content or "")})
+            msg = chat_message({**m, "role": str(m.get("role", "user")), "content": str(content or "")})
+            if content is None and msg.get("tool_calls"):
+                msg["content"] = None  # an assistant turn that only called tools, as logged
+            out.append(msg)
         while out and out[-1]["role"] == "assistant":  # a trailing assistant prefill is not part of the prompt
             out.pop()
         return out or None
     if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
         return [{"role": "user", "content": p[0]}]
+    return None
+
+
+def request_tools(params: Any) -> list[dict[str, Any]] | None:
+    """The tool definitions a logged request carried (``requests.params.tools``), None when none."""
+    p = loads(params) if isinstance(params, str) else params
+    if not isinstance(p, dict):
+        return None
+    tools = p.get("tools")
+    if isinstance(tools, list) and tools and all(isinstance(t, dict) for t in tools):
+        return tools
     return None
 
 
@@ -187,6 +218,7 @@ def read_candidates(
         if tokens == 0:
             tokens = (sum(len(m["content"]) for m in msgs) + len(response)) // 4
         c = Candidate(r["id"], r["received_at"], r["model_version"], msgs, response, correction, label, tokens)
+        c.tools = request_tools(r["params"])
         if label == "negative" and not correction:
             counts["negative_feedback"] += 1
             if negatives is not None:
@@ -213,8 +245,20 @@ def scrub_candidates(cands: list[Candidate], counts: dict[str, int]) -> None:
                 c.pii[k] = c.pii.get(k, 0) + v
         return clean
 
+    def _maybe(text: str | None, c: Candidate) -> str | None:
+        return None if text is None else s(text, c)
+
+    def msg(m: dict[str, Any], c: Candidate) -> dict[str, Any]:
+        out = dict(m, content=_maybe(m["content"], c))
+        if m.get("tool_calls"):
+            out["tool_calls"] = [
+                {**t, "function": {**t["function"], "arguments": _maybe(t["function"]["arguments"], c)}}
+                for t in m["tool_calls"]
+            ]
+        return out
+
     for c in cands:
-        c.messages = [{"role": m["role"], "content": s(m["content"], c)} for m in c.messages]
+        c.messages = [msg(m, c) for m in c.messages]
         c.response = s(c.response, c)
         if c.correction:
             c.correction = s(c.correction, c)
@@ -226,7 +270,7 @@ def dedup_within(cands: list[Candidate]) -> tuple[list[Candidate], int]:
     """One row per normalised prompt: corrected > positive > unrated, then newest."""
     best: dict[str, Candidate] = {}
     for c in cands:
-        k = prompt_key(c.messages)
+        k = prompt_key(c.messages, c.tools)
         b = best.get(k)
         if b is None or (c.priority, c.received_at, c.request_id) > (b.priority, b.received_at, b.request_id):
             best[k] = c
@@ -248,7 +292,7 @@ def earlier_keys(db: Database, refs: list[str] | None) -> tuple[set[str], list[s
         dd = load_splits(db, rec.id)
         for split in dd:
             for row in dd[split]:
-                msgs = row.get("messages") or []
+                msgs = [chat_message(m) for m in row.get("messages") or []]
                 if msgs and msgs[-1].get("role") == "assistant":
-                    keys.add(example_key(msgs[:-1], msgs[-1].get("content") or ""))
+                    keys.add(example_key(msgs[:-1], msgs[-1].get("content") or "", row_tools(row)))
     return keys, [r.id for r in recs]

@@ -35,6 +35,16 @@ training objective the feedback supports:
   undesirable feedback rows (KTO needs both); otherwise the SFT card's
   ``kto_note`` says why (``preference_note`` likewise for the DPO set).
 
+**Tool calling.** A logged chat request that carried tool definitions
+(``params.tools``) becomes rows with a ``tools`` column (the definitions, JSON
+text in the saved dataset, see :mod:`tuneloop.dataset_store`) in all three
+sets; its prompt messages keep their ``tool_calls`` / ``tool_call_id``, and the
+answer is the raw text the model generated (``requests.response``, e.g.
+``<tool_call>{...}</tool_call>``; the parsed ``requests.tool_calls`` are not
+what the model emitted) or the user's correction. Trained with its tools, the
+row's prompt tokens are the ones the server rendered. Rows of requests without
+tools have no ``tools`` value (the column is absent when no row has one).
+
 Every row keeps ``request_id`` (also recorded in ``dataset_rows``), so lineage
 runs both ways (:func:`tuneloop.lineage.lineage`). The SFT data card names the
 other two sets (``preference_dataset``, ``kto_dataset``; their ids are known
@@ -253,7 +263,7 @@ def sample(db: Database, home: Path, cfg: SampleConfig, progress: bool = True) -
     cands, counts["duplicates_within"] = dedup_within(cands)
     keys, against = earlier_keys(db, cfg.dedup_against)
     before = len(cands)
-    cands = [c for c in cands if example_key(c.messages, c.target) not in keys]
+    cands = [c for c in cands if example_key(c.messages, c.target, c.tools) not in keys]
     counts["duplicates_of_earlier_sets"] = before - len(cands)
     counts["eligible"] = len(cands)
     steps.update()
@@ -273,12 +283,15 @@ def sample(db: Database, home: Path, cfg: SampleConfig, progress: bool = True) -
         c = cands[i]
         origin = "feedback" if (c.correction or c.feedback == "positive") else "production"
         rows.append(
-            {
-                "id": f"req-{c.request_id}",
-                "messages": c.messages + [{"role": "assistant", "content": c.target}],
-                "request_id": c.request_id,
-                "origin": origin,
-            }
+            _with_tools(
+                {
+                    "id": f"req-{c.request_id}",
+                    "messages": c.messages + [{"role": "assistant", "content": c.target}],
+                    "request_id": c.request_id,
+                    "origin": origin,
+                },
+                c.tools,
+            )
         )
     splits = _split(rows, cfg)
     split_of = {r["request_id"]: s for s, split_rows in splits.items() for r in split_rows}
@@ -386,6 +399,13 @@ def sample(db: Database, home: Path, cfg: SampleConfig, progress: bool = True) -
     return SampleResult(sft=sft, preference=pref, card=card, kto=kto)
 
 
+def _with_tools(row: Row, tools: Any) -> Row:
+    """``row`` with a ``tools`` value when its request had tool definitions (rows without keep their shape)."""
+    if tools:
+        row["tools"] = tools
+    return row
+
+
 def _split(rows: list[Row], cfg: SampleConfig) -> Splits:
     """Rows into train/validation/test by :func:`split_ids`, each split ordered by row id."""
     assign = split_ids([r["id"] for r in rows], cfg.validation_fraction, cfg.test_fraction, cfg.seed)
@@ -435,12 +455,15 @@ def _replay_rows(train: Sequence[Row], n_train: int, cfg: SampleConfig) -> list[
     for j in idx:
         row = train[int(j)]
         out.append(
-            {
-                "id": f"replay-{row.get('id') or j}",
-                "messages": row["messages"],
-                "request_id": row.get("request_id"),
-                "origin": "replay",
-            }
+            _with_tools(
+                {
+                    "id": f"replay-{row.get('id') or j}",
+                    "messages": row["messages"],
+                    "request_id": row.get("request_id"),
+                    "origin": "replay",
+                },
+                row.get("tools"),
+            )
         )
     return out
 
@@ -457,14 +480,17 @@ def _preference_splits(
     if not pairs:
         return None, "no correction that differs from the served response"
     prow: list[Row] = [
-        {
-            "id": f"pref-{c.request_id}",
-            "prompt": c.messages,
-            "chosen": [{"role": "assistant", "content": c.correction}],
-            "rejected": [{"role": "assistant", "content": c.response}],
-            "request_id": c.request_id,
-            "origin": "feedback",
-        }
+        _with_tools(
+            {
+                "id": f"pref-{c.request_id}",
+                "prompt": c.messages,
+                "chosen": [{"role": "assistant", "content": c.correction}],
+                "rejected": [{"role": "assistant", "content": c.response}],
+                "request_id": c.request_id,
+                "origin": "feedback",
+            },
+            c.tools,
+        )
         for c in pairs
     ]
     psplits = _aligned(prow, split_of)
@@ -483,14 +509,17 @@ def _kto_splits(
     """``<name>-kto``'s rows (see the module docstring), counts for its card, and why it is not written (or None)."""
 
     def row(c: Candidate, completion: str, label: bool) -> Row:
-        return {
-            "id": f"kto-{c.request_id}-{'d' if label else 'u'}",
-            "prompt": c.messages,
-            "completion": [{"role": "assistant", "content": completion}],
-            "label": label,
-            "request_id": c.request_id,
-            "origin": "feedback",
-        }
+        return _with_tools(
+            {
+                "id": f"kto-{c.request_id}-{'d' if label else 'u'}",
+                "prompt": c.messages,
+                "completion": [{"role": "assistant", "content": completion}],
+                "label": label,
+                "request_id": c.request_id,
+                "origin": "feedback",
+            },
+            c.tools,
+        )
 
     aligned: list[Row] = []
     des = {"thumbs_up": 0, "corrections": 0, "replay": 0}
@@ -501,7 +530,7 @@ def _kto_splits(
         if c.correction or c.feedback == "positive":
             aligned.append(row(c, c.target, True))
             des["corrections" if c.correction else "thumbs_up"] += 1
-            desirable_keys.add(example_key(c.messages, c.target))
+            desirable_keys.add(example_key(c.messages, c.target, c.tools))
         if (
             c.feedback == "negative"
             and c.correction
@@ -513,7 +542,7 @@ def _kto_splits(
     # uncorrected thumbs-down: one per prompt + response (the newest), none that is also a desirable answer
     newest: dict[str, Candidate] = {}
     for c in sorted(negatives, key=lambda c: (c.received_at, c.request_id)):
-        newest[example_key(c.messages, c.response)] = c
+        newest[example_key(c.messages, c.response, c.tools)] = c
     dropped = {"duplicates": len(negatives) - len(newest), "also_desirable": 0, "over_limit": 0}
     neg = [c for k, c in newest.items() if k not in desirable_keys]
     dropped["also_desirable"] = len(newest) - len(neg)
@@ -537,14 +566,17 @@ def _kto_splits(
     if replay_src is not None:
         replay = _replay_rows(replay_src, len(splits["train"]), cfg)
         splits["train"].extend(
-            {
-                "id": r["id"],
-                "prompt": r["messages"][:-1],
-                "completion": r["messages"][-1:],
-                "label": True,
-                "request_id": r["request_id"],
-                "origin": "replay",
-            }
+            _with_tools(
+                {
+                    "id": r["id"],
+                    "prompt": r["messages"][:-1],
+                    "completion": r["messages"][-1:],
+                    "label": True,
+                    "request_id": r["request_id"],
+                    "origin": "replay",
+                },
+                r.get("tools"),
+            )
             for r in replay
             if len(r["messages"]) > 1 and r["messages"][-1].get("role") == "assistant"
         )

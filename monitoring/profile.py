@@ -4,8 +4,9 @@ Contract
 --------
 * :func:`build_profile` profiles training rows (SFT ``messages`` or preference
   ``prompt``/``chosen``, the row schema of :mod:`tuneloop.dataset_store`) with the *serving* tokenizer: prompt length
-  = tokens of ``render_prompt(messages[:-1])`` (chat template + generation
-  prompt, the count the server logs in ``requests.prompt_tokens``), response
+  = tokens of ``render_prompt(messages[:-1], tools)`` (chat template + the row's
+  tool definitions + generation prompt, the count the server logs in
+  ``requests.prompt_tokens``), response
   length = answer tokens + EOS (what the engine generates when it stops), word
   counts of the prompt text (top ``vocab_size`` words kept; the rest count as
   out-of-vocabulary), the expected out-of-vocabulary share of new text from the
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tuneloop.chat import Tokenizer, completion_ids, render_prompt
-from tuneloop.dataset_store import good_chat
+from tuneloop.dataset_store import good_chat, row_tools
 from tuneloop.db import Database, dumps, loads, utcnow
 from tuneloop.errors import UserError
 from tuneloop.monitoring.drift import prompt_text, words
@@ -71,7 +72,7 @@ def build_profile(
             continue
         prompt, answer = chat
         n += 1
-        prompt_lens.append(len(render_prompt(tokenizer, prompt)))
+        prompt_lens.append(len(render_prompt(tokenizer, prompt, row_tools(row))))
         resp_lens.append(len(completion_ids(tokenizer, answer)))
         empty += not answer.strip()
         t = prompt_text(prompt)

@@ -1,9 +1,11 @@
 """The typed row of the request log: one served request, the columns of the ``requests`` table.
 
 Contract: :class:`RequestRecord` is a ``msgspec.Struct`` with exactly the columns
-of the ``requests`` table (:mod:`tuneloop.migrations`), same names. ``prompt``
-and ``params`` are Python objects (messages list / prompt string, sampling
-parameters) serialised to JSON when written; ``received_at`` is UTC (naive, or
+of the ``requests`` table (:mod:`tuneloop.migrations`), same names. ``prompt``,
+``params`` and ``tool_calls`` are Python objects (messages list / prompt string,
+sampling parameters with any ``tools`` definitions, the parsed tool calls of a
+chat answer as OpenAI ``[{"id", "type", "function": {"name", "arguments"}}]``)
+serialised to JSON when written; ``received_at`` is UTC (naive, or
 aware and converted); ``status`` is the HTTP status, 499 when the client went
 away. The server builds one per request; the request log
 (:mod:`monitoring.requestlog`) writes it and the serving metrics
@@ -40,3 +42,4 @@ class RequestRecord(msgspec.Struct, kw_only=True):
     params: Any = None
     user_id: str | None = None
     key_id: str | None = None
+    tool_calls: Any = None

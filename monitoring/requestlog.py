@@ -3,8 +3,9 @@
 Contract
 --------
 * A row is a :class:`monitoring.records.RequestRecord` (the columns of the
-  ``requests`` table, :mod:`tuneloop.migrations`, migration 2); :data:`COLUMNS`
-  is their order in the table.
+  ``requests`` table, :mod:`tuneloop.migrations`, migration 2, plus
+  ``tool_calls`` added by migration 5); :data:`COLUMNS` is their order in the
+  table.
 * :class:`RequestLogWriter` writes records in batches from a background
   thread, so a response never waits on disk:
 
@@ -42,9 +43,10 @@ Contract
     write. SIGKILL loses at most the rows of one flush interval plus the flush in
     progress (the next interval starts when a flush ends; tests bound it by 0.3 s); DuckDB's WAL
     and the per-flush transaction leave a database that opens.
-  - ``log.redact_prompts`` stores no prompt/response text (NULL), only sizes
-    and timings; ``log.scrub_pii`` replaces emails, phones, card numbers and IPs
-    in prompt and response text with :func:`tuneloop.pii.scrub`. Both are
+  - ``log.redact_prompts`` stores no prompt/response text and no tool calls
+    (NULL), only sizes and timings; ``log.scrub_pii`` replaces emails, phones,
+    card numbers and IPs in prompt and response text and in the tool calls'
+    names and arguments with :func:`tuneloop.pii.scrub`. Both are
     applied in the writer thread, never on the request path.
   - ``log.enabled = false`` keeps the metrics but writes nothing.
 * Nothing here is module-global: the app owns one writer
@@ -99,8 +101,9 @@ COLUMNS: tuple[str, ...] = (
     "params",
     "user_id",
     "key_id",
+    "tool_calls",
 )
-_JSON_COLUMNS = ("prompt", "params")
+_JSON_COLUMNS = ("prompt", "params", "tool_calls")
 
 
 def _arrow_schema() -> pa.Schema:
@@ -409,8 +412,10 @@ class RequestLogWriter:
         if self.settings.redact_prompts:
             row["prompt"] = None
             row["response"] = None
+            row["tool_calls"] = None  # the generated arguments are response text
         elif self._scrub:
             row["prompt"] = _map_strings(row["prompt"], lambda s: scrub(s)[0])
+            row["tool_calls"] = _map_strings(row["tool_calls"], lambda s: scrub(s)[0])
             if row["response"] is not None:
                 row["response"] = scrub(row["response"])[0]
         for c in _JSON_COLUMNS:

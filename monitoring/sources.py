@@ -20,7 +20,9 @@ Contract
   :mod:`tuneloop.migrations`, with the same names and types (hive partition
   values are decoded and cast back, JSON stays JSON), plus one extra column
   ``replica`` naming the replica that exported the row. A source without any
-  file for a table gives an empty relation with the right columns. A folder
+  file for a table gives an empty relation with the right columns; a column
+  that no file has (exports written before a migration added it, e.g.
+  ``requests.tool_calls``) reads as NULL. A folder
   that does not exist raises :class:`~tuneloop.errors.UserError`.
 * :class:`LogSource` bundles a database with an optional Parquet source, with
   ``connect()`` (a connection whose ``requests``/``feedback`` come from the
@@ -82,18 +84,24 @@ def _has_files(source: str, table: str) -> bool:
     return any(any(f.endswith(".parquet") for f in files) for _dirpath, _dirs, files in os.walk(root))
 
 
-def parquet_relation_sql(source: str, table: str) -> str:
-    """A SELECT giving ``table``'s columns (and ``replica``) from the Parquet exports under ``source``."""
+def parquet_relation_sql(source: str, table: str, con: duckdb.DuckDBPyConnection | None = None) -> str:
+    """A SELECT giving ``table``'s columns (and ``replica``) from the Parquet exports under ``source``.
+
+    With ``con`` (able to read ``source``), columns that no export file has are NULL of their type."""
     cols = table_columns(table)
     if not _has_files(source, table):
         body = ", ".join(f"CAST(NULL AS {t}) AS {n}" for n, t in cols)
         return f"SELECT {body}, CAST(NULL AS VARCHAR) AS replica WHERE false"
     glob = _sql_str(source.rstrip("/") + f"/{table}/**/*.parquet")
-    body = ", ".join(f"CAST({n} AS {t}) AS {n}" for n, t in cols)
-    return (
-        f"SELECT {body}, CAST(replica AS VARCHAR) AS replica FROM read_parquet({glob}, hive_partitioning = true, "
-        f"union_by_name = true, hive_types = {{'date': DATE, 'model_version': VARCHAR}})"
+    scan = (
+        f"read_parquet({glob}, hive_partitioning = true, union_by_name = true, "
+        f"hive_types = {{'date': DATE, 'model_version': VARCHAR}})"
     )
+    have = {str(r[0]) for r in con.execute(f"DESCRIBE SELECT * FROM {scan}").fetchall()} if con else None
+    body = ", ".join(
+        f"CAST({n} AS {t}) AS {n}" if have is None or n in have else f"CAST(NULL AS {t}) AS {n}" for n, t in cols
+    )
+    return f"SELECT {body}, CAST(replica AS VARCHAR) AS replica FROM {scan}"
 
 
 def open_requests(con: duckdb.DuckDBPyConnection, source: str | os.PathLike | None) -> None:
@@ -107,12 +115,12 @@ def open_requests(con: duckdb.DuckDBPyConnection, source: str | os.PathLike | No
         )
     if not is_url(source):
         for table in TABLES:
-            con.execute(f"CREATE OR REPLACE TEMP VIEW {table} AS {parquet_relation_sql(source, table)}")
+            con.execute(f"CREATE OR REPLACE TEMP VIEW {table} AS {parquet_relation_sql(source, table, con)}")
         return
     try:
         con.execute("INSTALL httpfs; LOAD httpfs")
         for table in TABLES:
-            con.execute(f"CREATE OR REPLACE TEMP VIEW {table} AS {parquet_relation_sql(source, table)}")
+            con.execute(f"CREATE OR REPLACE TEMP VIEW {table} AS {parquet_relation_sql(source, table, con)}")
     except duckdb.Error as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(

@@ -178,6 +178,114 @@ def test_preference_rows_become_a_dpo_dataset(cli, tiny_model, tmp_path):
     assert row["chosen"] == [{"role": "assistant", "content": "Hi 3!"}] and row["rejected"][0]["content"] == "no"
 
 
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+SEND = {"type": "function", "function": {"name": "send_mail", "parameters": {"type": "object"}}}
+
+
+def tool_chat(city: str, **extra) -> dict:
+    """A conversation with one tool round trip (arguments given as an object) ending in a text answer."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}
+    return {
+        "messages": [
+            {"role": "user", "content": f"Weather in {city}?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": '{"temp_c": 3}'},
+            {"role": "assistant", "content": f"It is 3 degrees in {city}."},
+        ],
+        "tools": [WEATHER],
+        **extra,
+    }
+
+
+def test_tool_calling_rows_keep_their_tools_tool_calls_and_tool_results_through_cleaning(cli, tiny_model, tmp_path, db):
+    raw = '<tool_call>\n{"name": "send_mail", "arguments": {"to": "jane@example.com"}}\n</tool_call>'
+    mail = {
+        "messages": [
+            {"role": "user", "content": "Mail jane@example.com please"},
+            {"role": "assistant", "content": raw},
+        ],
+        "tools": json.dumps([SEND, WEATHER]),  # JSON text, as a CSV cell or an exported dataset holds it
+    }
+    rows = [
+        tool_chat("Oslo"),
+        tool_chat("Oslo", tools=[WEATHER, SEND]),  # the same chat with other tools: not a duplicate
+        mail,
+        *[chat(f"What is {i} plus {i}?", f"It is {2 * i}.") for i in range(4)],
+    ]
+    out = json.loads(prepare(cli, tiny_model, write_jsonl(tmp_path / "tools.jsonl", rows), "--split", "1/0/0").stdout)
+    steps = out["card"]["steps"]
+    assert steps["kept"] == 7 and steps["invalid"] == 0 and steps["exact_duplicates"] == steps["near_duplicates"] == 0
+    assert steps["pii"]["email"] == 2  # in the user's text and in the answer's raw tool call
+    from tuneloop.dataset_store import chat_message
+
+    train = load_splits(None, out["path"])["train"]
+    got = [([chat_message(m) for m in r["messages"]], json.loads(r["tools"]) if r["tools"] else None) for r in train]
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    oslo = [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": '{"temp_c": 3}', "tool_call_id": "call_1"},
+        {"role": "assistant", "content": "It is 3 degrees in Oslo."},
+    ]
+    assert (oslo, [WEATHER]) in got and (oslo, [WEATHER, SEND]) in got
+    scrubbed = raw.replace("jane@example.com", "<EMAIL>")
+    mail_msgs = [{"role": "user", "content": "Mail <EMAIL> please"}, {"role": "assistant", "content": scrubbed}]
+    assert (mail_msgs, [SEND, WEATHER]) in got
+    assert sum(tools is None for _, tools in got) == 4
+
+    # a tuneloop dataset folder (optional fields null where unset) prepares again into the same rows
+    again = json.loads(prepare(cli, tiny_model, out["path"], "--split", "1/0/0", "--name", "again").stdout)
+    assert again["content_hash"] == out["content_hash"]
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("tools_not_a_list", "tools must be a list of function definitions, got dict"),
+        ("tools_not_json", "tools is not valid JSON"),
+        ("tool_without_name", "tools[0].function.name must be a non-empty string"),
+        ("tool_not_a_function", 'tools[0] must be {"type": "function"'),
+        ("tool_message_without_id", "messages[1]: a tool message needs a tool_call_id"),
+        ("tool_calls_on_a_user_message", "messages[0]: only assistant messages carry tool_calls, not 'user'"),
+        ("arguments_not_json", "messages[1].tool_calls[0]: arguments must be JSON"),
+        ("answer_without_text", "the answer (last message) has tool_calls but no content"),
+    ],
+)
+def test_malformed_tool_input_fails_naming_the_record_and_writes_nothing(
+    case, message, cli, tiny_model, tmp_path, home, db
+):
+    bad = tool_chat("Rome")
+    msgs = bad["messages"]
+    if case == "tools_not_a_list":
+        bad["tools"] = WEATHER
+    elif case == "tools_not_json":
+        bad["tools"] = '[{"type": "function"'
+    elif case == "tool_without_name":
+        bad["tools"] = [{"type": "function", "function": {"description": "no name"}}]
+    elif case == "tool_not_a_function":
+        bad["tools"] = [{"name": "get_weather"}]
+    elif case == "tool_message_without_id":
+        bad["messages"] = [msgs[0], {"role": "tool", "content": "3"}, msgs[3]]
+    elif case == "tool_calls_on_a_user_message":
+        msgs[0]["tool_calls"] = msgs[1]["tool_calls"]
+    elif case == "arguments_not_json":
+        msgs[1]["tool_calls"][0]["function"]["arguments"] = "{city: Rome"
+    else:
+        bad["messages"] = msgs[:2]
+    src = write_jsonl(tmp_path / "bad.jsonl", [tool_chat("Oslo"), bad, chat("hi", "hello")])
+    r = prepare(cli, tiny_model, src, check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.startswith(f"error: {src}:2: ") and message in r.stderr
+    assert nothing_written(home, db)
+
+
 def _split_ids(db, ds_id: str) -> dict[str, set]:
     out: dict[str, set] = {}
     for r in db.query("SELECT split, row_id FROM dataset_rows WHERE dataset_id = ?", [ds_id]):

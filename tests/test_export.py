@@ -23,6 +23,9 @@ T0 = datetime(2026, 3, 1, 21, 0, 0)  # rows span midnight: two date partitions
 VERSIONS = ["chat-v1", "chat-v2", "org/base model", None]  # a '/' and a space in a name, and no version
 
 
+_CALLS = json.dumps([{"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": '{"q": 1}'}}])
+
+
 def make_rows(rng: random.Random, n: int, start: datetime, span_h: float) -> tuple[list[dict], list[dict]]:
     reqs, fbs = [], []
     for _ in range(n):
@@ -50,6 +53,7 @@ def make_rows(rng: random.Random, n: int, start: datetime, span_h: float) -> tup
                 params=json.dumps({"temperature": 0.7}),
                 user_id=f"u{rng.randint(0, 9)}",
                 key_id=None,
+                tool_calls=_CALLS if len(reqs) % 5 == 0 else None,
             )
         )
         if rng.random() < 0.3:

@@ -6,6 +6,7 @@ SIGTERM / SIGKILL and for a second process writing the same file.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -196,6 +197,46 @@ def test_pii_scrub_at_write_time(db, metrics):
     assert "<EMAIL>" in row["prompt"] and "<IP>" in row["prompt"] and '"role":"user"' in row["prompt"]
     assert "<EMAIL>" in row["response"] and "<CREDIT_CARD>" in row["response"]
     assert "4111" not in row["response"]
+
+
+CALLS = [
+    {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "send_mail", "arguments": '{"to": "jane.doe@example.com", "subject": "hi"}'},
+    }
+]
+
+
+def test_tool_calls_are_logged_as_json_and_a_plain_request_logs_null(db, metrics):
+    w = RequestLogWriter(db, LogSettings(flush_interval_s=60), metrics)
+    called = record(1, tool_calls=CALLS, finish_reason="tool_calls", params={"tools": [{"type": "function"}]})
+    plain = record(2)
+    assert w.submit(called) and w.submit(plain)
+    assert w.flush() == 2 and w.close() == 0
+    rows = {
+        r["id"]: r
+        for r in db.query("SELECT id, tool_calls, tool_calls->>'$[0].function.name' AS fn, finish_reason FROM requests")
+    }
+    assert json.loads(rows[called.id]["tool_calls"]) == CALLS and rows[called.id]["fn"] == "send_mail"
+    assert rows[called.id]["finish_reason"] == "tool_calls"
+    assert rows[plain.id]["tool_calls"] is None
+
+
+def test_redaction_drops_tool_calls_and_scrubbing_cleans_their_arguments(db, metrics):
+    w = RequestLogWriter(db, LogSettings(redact_prompts=True), metrics)
+    redacted = record(1, tool_calls=CALLS)
+    w.submit(redacted)
+    w.close()
+    w = RequestLogWriter(db, LogSettings(scrub_pii=True), metrics)
+    scrubbed = record(2, tool_calls=CALLS)
+    w.submit(scrubbed)
+    w.close()
+    got = {r["id"]: r["tool_calls"] for r in db.query("SELECT id, tool_calls FROM requests")}
+    assert got[redacted.id] is None
+    calls = json.loads(got[scrubbed.id])
+    assert calls[0]["function"]["name"] == "send_mail" and calls[0]["id"] == "call_1"
+    assert json.loads(calls[0]["function"]["arguments"]) == {"to": "<EMAIL>", "subject": "hi"}
 
 
 def test_a_row_the_database_rejects_is_dropped_alone(db, metrics):

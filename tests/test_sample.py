@@ -33,6 +33,8 @@ def add_request(
     kind="thumbs",
     correction=None,
     arm="production",
+    messages=None,
+    params=None,
 ):
     rid = rid or new_id("chatcmpl-")
     at = at or utcnow() - timedelta(minutes=5)
@@ -40,18 +42,19 @@ def add_request(
         con.execute(
             """INSERT INTO requests (id, received_at, route, model, model_version, arm, prompt, response, finish_reason,
                prompt_tokens, completion_tokens, ttft_s, latency_s, status, error, stream, params, user_id, key_id)
-               VALUES (?, ?, 'chat.completions', 'production', ?, ?, ?, ?, ?, ?, ?, 0.1, 0.5, ?, NULL, false, '{}', NULL, NULL)""",
+               VALUES (?, ?, 'chat.completions', 'production', ?, ?, ?, ?, ?, ?, ?, 0.1, 0.5, ?, NULL, false, ?, NULL, NULL)""",
             [
                 rid,
                 at,
                 version,
                 arm,
-                dumps([{"role": "user", "content": prompt}]),
+                dumps(messages or [{"role": "user", "content": prompt}]),
                 response,
                 finish,
                 len(prompt.split()),
                 len(response.split()),
                 status,
+                dumps(params or {}),
             ],
         )
         if rating is not None or correction is not None:
@@ -142,6 +145,33 @@ def test_duplicates_are_removed_within_the_sample_and_against_earlier_training_s
     assert second.card["counts"]["duplicates_of_earlier_sets"] == 2 and first.sft.id in second.card["dedup_against"]
     with pytest.raises(SampleError, match="nothing to sample"):
         sample(db, home, SampleConfig(name="d3", strategies={"random": 1.0}), progress=False)
+
+
+def test_prompts_differing_only_in_tools_or_tool_calls_are_not_duplicates_but_the_same_tool_request_is(home, db):
+    def tools(name):
+        return {"tools": [{"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}]}
+
+    def called(args):
+        call = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": args}}
+        return [
+            {"role": "user", "content": "find order 7"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "c1", "content": "shipped"},
+            {"role": "user", "content": "and now?"},
+        ]
+
+    q = "find order 7"
+    a = add_request(db, q, "<tool_call>a</tool_call>", params=tools("lookup"))
+    b = add_request(db, q, "<tool_call>b</tool_call>", params=tools("search"))  # other tools: another prompt
+    c = add_request(db, q, "plain answer")  # no tools: another prompt
+    d = add_request(db, q, "after call 1", messages=called('{"id": 7}'), params=tools("lookup"))
+    e = add_request(db, q, "after call 2", messages=called('{"id": 8}'), params=tools("lookup"))
+    f = add_request(db, q, "<tool_call>a2</tool_call>", params=tools("lookup"))  # a newer duplicate of a
+    res = sample(db, home, SampleConfig(name="tl", strategies={"random": 1.0}, dedup_against=[]), progress=False)
+    got = {r["request_id"]: r for r in all_rows(home, db, res.sft)}
+    assert set(got) == {b, c, d, e, f} and a not in got
+    assert res.card["counts"]["duplicates_within"] == 1
+    assert json.loads(got[b]["tools"])[0]["function"]["name"] == "search" and got[c]["tools"] is None
 
 
 def test_quotas_split_the_sample_between_strategies(home, db):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import duckdb
 import pytest
 
@@ -81,6 +83,7 @@ EXPECTED = {
         ("params", "JSON"),
         ("user_id", "VARCHAR"),
         ("key_id", "VARCHAR"),
+        ("tool_calls", "JSON"),
     ],
     "api_keys": [
         ("id", "VARCHAR"),
@@ -210,6 +213,52 @@ def test_an_old_database_is_upgraded_in_place(tmp_path):
     assert con.execute("SELECT count(*) FROM datasets").fetchone()[0] == 1
     assert con.execute("SELECT count(*) FROM requests").fetchone()[0] == 0
     con.close()
+
+
+def test_a_request_log_from_before_tool_calling_gains_a_null_tool_calls_column_and_keeps_its_rows(tmp_path):
+    """Migration 5 (ALTER TABLE): an old requests table keeps every row and column, tool_calls is NULL for
+    them, and the request-log writer can then log tool calls into the upgraded file."""
+    import tuneloop.migrations as m
+    from tuneloop.db import utcnow
+    from tuneloop.monitoring.records import RequestRecord
+    from tuneloop.monitoring.requestlog import RequestLogWriter
+    from tuneloop.settings import LogSettings
+
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    saved = list(m.MIGRATIONS)
+    try:
+        m.MIGRATIONS[:] = saved[:4]  # the schema before tool calling
+        assert migrate(con) == 4
+        con.execute(
+            "INSERT INTO requests (id, received_at, route, prompt, response, status, params, key_id) VALUES "
+            "('old-1', now(), 'chat.completions', '[{\"role\": \"user\", \"content\": \"hi\"}]', 'hello', "
+            "200, '{\"temperature\": 0.5}', 'k1')"
+        )
+    finally:
+        m.MIGRATIONS[:] = saved
+    assert "tool_calls" not in [r[0] for r in con.execute("DESCRIBE requests").fetchall()]
+    assert migrate(con) == len(MIGRATIONS)
+    cols = con.execute(
+        "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = 'requests' "
+        "ORDER BY ordinal_position"
+    ).fetchall()
+    assert cols == EXPECTED["requests"]
+    row = con.execute(
+        "SELECT id, prompt->>'$[0].content', response, params->>'$.temperature', key_id, tool_calls FROM requests"
+    ).fetchall()
+    assert row == [("old-1", "hi", "hello", "0.5", "k1", None)]
+    assert con.execute("SELECT max(version) FROM schema_migrations").fetchone()[0] == len(MIGRATIONS)
+    con.close()
+
+    calls = [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]
+    w = RequestLogWriter(Database(path), LogSettings(flush_interval_s=60))
+    w.submit(RequestRecord(id="new-1", received_at=utcnow(), route="chat.completions", status=200, tool_calls=calls))
+    assert w.flush() == 1 and w.close() == 0
+    got = Database(path).query(
+        "SELECT tool_calls->>'$[0].function.name' AS name, tool_calls FROM requests WHERE id = 'new-1'"
+    )
+    assert got[0]["name"] == "get_weather" and json.loads(got[0]["tool_calls"]) == calls
 
 
 def test_failed_transaction_writes_nothing(db):

@@ -9,14 +9,18 @@ counts in the data card. No step reads files or touches the database.
 
 * :func:`normalise_row` unifies line ends, collapses runs of spaces, keeps at
   most one blank line and strips every message; :func:`has_empty_turn` tells
-  rows whose user/assistant message is then empty.
+  rows whose user/assistant message is then empty (an assistant turn holding
+  tool calls is not). Tool-call arguments, tool call ids and a row's ``tools``
+  are left as they are.
 * :func:`scrub_rows` replaces emails, phone numbers, Luhn-valid card numbers
-  and IPs with placeholders (:func:`tuneloop.pii.scrub`) and counts them.
+  and IPs with placeholders (:func:`tuneloop.pii.scrub`) in message contents
+  and tool-call arguments, and counts them.
 * :func:`dedup_rows` drops exact duplicates (same cleaned row) and, optionally,
   near duplicates (same text after lowercasing, removing punctuation and
   collapsing whitespace); the first occurrence wins.
 * :func:`token_lengths` measures each row rendered with the tokenizer's chat
-  template (preference rows: prompt + the longer answer);
+  template, with the row's ``tools`` as the server renders them (preference
+  rows: prompt + the longer answer);
   :func:`length_filter` drops rows outside ``[min_tokens, max_tokens]``.
 * :func:`load_tokenizer` loads a base model's tokenizer and requires a chat
   template; failures are :class:`~tuneloop.trainer.data_io.DataError`.
@@ -32,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tuneloop.chat import Tokenizer
+from tuneloop.chat import Tokenizer, template_messages
 from tuneloop.trainer.data_formats import all_messages
 from tuneloop.trainer.data_io import DataError
 
@@ -50,9 +54,23 @@ def normalise_text(s: str) -> str:
     return _NL.sub("\n\n", s).strip()
 
 
-def map_contents(row: Row, fn: Callable[[str], str]) -> Row:
-    """``row`` with ``fn`` applied to the content of every message."""
-    return {k: [{"role": m["role"], "content": fn(m["content"])} for m in v] for k, v in row.items()}
+MESSAGE_FIELDS = ("messages", "prompt", "chosen", "rejected", "completion")
+
+
+def map_contents(row: Row, fn: Callable[[str], str], arguments: bool = False) -> Row:
+    """``row`` with ``fn`` applied to the content of every message (and, if ``arguments``, to the
+    arguments of its tool calls); other fields and message keys are kept."""
+
+    def one(m: dict[str, Any]) -> dict[str, Any]:
+        out = dict(m, content=fn(m["content"]) if isinstance(m.get("content"), str) else m.get("content"))
+        if arguments and m.get("tool_calls"):
+            out["tool_calls"] = [
+                {**c, "function": {**c["function"], "arguments": fn(c["function"]["arguments"])}}
+                for c in m["tool_calls"]
+            ]
+        return out
+
+    return {k: [one(m) for m in v] if k in MESSAGE_FIELDS else v for k, v in row.items()}
 
 
 def normalise_row(row: Row) -> Row:
@@ -61,8 +79,12 @@ def normalise_row(row: Row) -> Row:
 
 
 def has_empty_turn(row: Row) -> bool:
-    """Whether a user or assistant message of ``row`` has no text."""
-    return any(not m["content"] for m in all_messages(row) if m["role"] != "system")
+    """Whether a user or assistant message of ``row`` has no text (an assistant's tool calls count as text)."""
+    return any(
+        not m.get("content") and not m.get("tool_calls")
+        for m in all_messages(row)
+        if m["role"] in ("user", "assistant")
+    )
 
 
 def scrub_rows(rows: list[Row]) -> tuple[list[Row], int, dict[str, int]]:
@@ -80,7 +102,7 @@ def scrub_rows(rows: list[Row]) -> tuple[list[Row], int, dict[str, int]]:
             add_counts(found, c)  # noqa: B023
             return clean
 
-        out.append(map_contents(row, fn))
+        out.append(map_contents(row, fn, arguments=True))
         rows_scrubbed += bool(found)
         add_counts(pii, found)
     return out, rows_scrubbed, pii
@@ -92,11 +114,17 @@ def exact_key(row: Row) -> str:
 
 
 def near_key(row: Row) -> str:
-    """Hash of the conversation lowercased, without punctuation, whitespace collapsed."""
+    """Hash of the conversation lowercased, without punctuation, whitespace collapsed (tool calls, tool
+    call ids and the row's tools count as they are)."""
     parts = []
     for m in all_messages(row):
-        t = _PUNCT.sub(" ", m["content"].lower())
-        parts.append(m["role"] + ":" + " ".join(t.split()))
+        t = _PUNCT.sub(" ", (m.get("content") or "").lower())
+        part = m["role"] + ":" + " ".join(t.split())
+        if m.get("tool_calls") or m.get("tool_call_id"):
+            part += "\x1f" + json.dumps([m.get("tool_calls"), m.get("tool_call_id")], sort_keys=True)
+        parts.append(part)
+    if row.get("tools"):
+        parts.append(json.dumps(row["tools"], sort_keys=True))
     return hashlib.sha256("\x1e".join(parts).encode()).hexdigest()
 
 
@@ -145,7 +173,7 @@ def token_lengths(tok: Tokenizer, rows: list[Row], progress: bool = False, batch
     """Tokens of each row rendered with the chat template (preference: prompt + the longer answer)."""
     from tqdm.auto import tqdm
 
-    convs: list[tuple[int, list[dict[str, str]]]] = []
+    convs: list[tuple[int, list[dict[str, Any]]]] = []
     for i, r in enumerate(rows):
         if "messages" in r:
             convs.append((i, r["messages"]))
@@ -155,13 +183,20 @@ def token_lengths(tok: Tokenizer, rows: list[Row], progress: bool = False, batch
     bar = tqdm(total=len(convs), desc="tokenize", unit="conv", disable=not progress)
     for s in range(0, len(convs), batch):
         chunk = convs[s : s + batch]
-        texts = [tok.apply_chat_template(c, tokenize=False) for _, c in chunk]
+        texts = [_render(tok, c, rows[i].get("tools")) for i, c in chunk]
         ids = tok(texts, add_special_tokens=False)["input_ids"]
         for (i, _), t in zip(chunk, ids):
             out[i] = max(out[i], len(t))
         bar.update(len(chunk))
     bar.close()
     return out
+
+
+def _render(tok: Tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
+    """A conversation as text through the chat template, as :func:`tuneloop.chat.render_prompt` hands it over
+    (tool-call arguments as objects, the row's tools; no generation prompt: the answer is included)."""
+    kw: dict[str, Any] = {"tools": tools} if tools else {}
+    return str(tok.apply_chat_template(template_messages(messages), tokenize=False, **kw))
 
 
 def length_filter(

@@ -21,16 +21,30 @@ Contract
   (preference, each a message list). An unusable record raises
   :class:`InvalidRow` (the caller drops and counts it). ``system`` is prepended
   to conversations (and preference prompts) that have no system message.
+* Tool calling (OpenAI shapes): a record may carry ``tools`` (a list of
+  ``{"type": "function", "function": {"name", "description"?, "parameters"?}}``,
+  or that list as JSON text), kept as the row's ``tools`` so the prompt is
+  rendered with them as the server did; messages may be ``tool`` results (a
+  ``tool_call_id`` and string content) and assistant turns may carry
+  ``tool_calls`` (``[{"id"?, "type": "function", "function": {"name",
+  "arguments"}}]``, arguments a JSON text or object; content may then be null).
+  The answer (last message) must be the text the model emits, a tool call
+  included (e.g. ``<tool_call>{...}</tool_call>``, as ``requests.response``
+  logs it). A malformed tool definition, tool call or tool message raises
+  :class:`ToolSchemaError` (an :class:`InvalidRow`), which
+  :func:`tuneloop.trainer.prepare.prepare_records` turns into a
+  ``DataError`` naming the record: such input is fixed, not skipped.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from tuneloop.trainer.data_io import DataError, Record
 
 FORMATS = ("auto", "chat", "prompt_completion", "alpaca", "preference")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 REQUIRED = {
     "chat": ("messages",),
     "prompt_completion": ("prompt", "completion"),
@@ -38,11 +52,21 @@ REQUIRED = {
     "preference": ("prompt", "chosen", "rejected"),
 }
 
-Messages = list[dict[str, str]]
+Messages = list[dict[str, Any]]
+
+
+_NO_TEXT = (
+    "{what} has tool_calls but no content: give the text the model emits for the call as its content "
+    "(e.g. <tool_call>{{...}}</tool_call>, what requests.response logs)"
+)
 
 
 class InvalidRow(ValueError):
     """A record that parses but is not a usable example (dropped and counted)."""
+
+
+class ToolSchemaError(InvalidRow):
+    """A malformed ``tools`` definition, tool call or tool message: the input must be fixed (not dropped)."""
 
 
 def apply_field_map(records: list[Record], field_map: dict[str, str]) -> None:
@@ -92,11 +116,103 @@ def _messages(v: Any, what: str, default_role: str) -> Messages:
     if not isinstance(v, list) or not v:
         raise InvalidRow(f"{what} must be a string or a non-empty list of messages")
     out = []
-    for m in v:
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
+    for i, m in enumerate(v):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise InvalidRow(f"{what}: every message needs a role ({'/'.join(ROLES)}) and a string content")
-        out.append({"role": m["role"], "content": m["content"]})
+        calls = m.get("tool_calls")
+        if calls is not None and calls != []:
+            if m["role"] != "assistant":
+                raise ToolSchemaError(f"{what}[{i}]: only assistant messages carry tool_calls, not {m['role']!r}")
+            msg: dict[str, Any] = {"role": "assistant", "content": m.get("content")}
+            if msg["content"] is not None and not isinstance(msg["content"], str):
+                raise InvalidRow(f"{what}[{i}]: content must be a string (or null next to tool_calls)")
+            msg["tool_calls"] = [_tool_call(c, f"{what}[{i}].tool_calls[{j}]") for j, c in enumerate(_list(calls))]
+        elif not isinstance(m.get("content"), str):
+            raise InvalidRow(f"{what}: every message needs a role ({'/'.join(ROLES)}) and a string content")
+        else:
+            msg = {"role": m["role"], "content": m["content"]}
+        call_id = m.get("tool_call_id")
+        if m["role"] == "tool":
+            if not isinstance(call_id, str) or not call_id:
+                raise ToolSchemaError(
+                    f"{what}[{i}]: a tool message needs a tool_call_id (the id of the call it answers)"
+                )
+            msg["tool_call_id"] = call_id
+        elif call_id is not None:
+            raise ToolSchemaError(f"{what}[{i}]: only tool messages carry tool_call_id, not {m['role']!r}")
+        if m.get("name") is not None:
+            if not isinstance(m["name"], str):
+                raise InvalidRow(f"{what}[{i}]: name must be a string")
+            msg["name"] = m["name"]
+        out.append(msg)
     return out
+
+
+def _list(v: Any) -> list[Any]:
+    if not isinstance(v, list):
+        raise ToolSchemaError(f"expected a list, got {type(v).__name__}")
+    return v
+
+
+def _tool_call(c: Any, where: str) -> dict[str, Any]:
+    """One OpenAI tool call, ``arguments`` as JSON text."""
+    fn = c.get("function") if isinstance(c, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise ToolSchemaError(f'{where}: a tool call is {{"type": "function", "function": {{"name", "arguments"}}}}')
+    if c.get("type", "function") not in ("function", None):
+        raise ToolSchemaError(f"{where}: type must be 'function', got {c['type']!r}")
+    if c.get("id") is not None and not isinstance(c["id"], str):
+        raise ToolSchemaError(f"{where}: id must be a string")
+    args = fn.get("arguments")
+    if args is None:
+        args = "{}"
+    elif isinstance(args, dict):
+        args = json.dumps(args, ensure_ascii=False)
+    elif isinstance(args, str):
+        try:
+            json.loads(args)
+        except ValueError:
+            raise ToolSchemaError(f"{where}: arguments must be JSON (text or an object), got {args[:60]!r}") from None
+    else:
+        raise ToolSchemaError(f"{where}: arguments must be JSON (text or an object), got {type(args).__name__}")
+    out: dict[str, Any] = {"id": c.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": args}}
+    if out["id"] is None:
+        del out["id"]
+    return out
+
+
+def parse_tools(v: Any) -> list[dict[str, Any]] | None:
+    """A record's ``tools``: OpenAI function definitions (a list, or the list as JSON text); None when absent
+    or empty. Raises :class:`ToolSchemaError` on anything else."""
+    if v is None or v == "" or v == []:
+        return None
+    if isinstance(v, str):
+        try:
+            v = json.loads(v)
+        except ValueError as e:
+            raise ToolSchemaError(f"tools is not valid JSON ({e})") from None
+        if v is None or v == []:
+            return None
+    if not isinstance(v, list):
+        raise ToolSchemaError(f"tools must be a list of function definitions, got {type(v).__name__}")
+    names: set[str] = set()
+    for i, t in enumerate(v):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(fn, dict):
+            raise ToolSchemaError(
+                f'tools[{i}] must be {{"type": "function", "function": {{"name", "description", "parameters"}}}}'
+            )
+        name = fn.get("name")
+        if not isinstance(name, str) or not name:
+            raise ToolSchemaError(f"tools[{i}].function.name must be a non-empty string")
+        if name in names:
+            raise ToolSchemaError(f"tools[{i}]: function {name!r} is defined twice")
+        names.add(name)
+        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+            raise ToolSchemaError(f"tools[{i}].function.parameters must be a JSON schema object")
+        if fn.get("description") is not None and not isinstance(fn["description"], str):
+            raise ToolSchemaError(f"tools[{i}].function.description must be a string")
+    return v
 
 
 def to_row(fmt: str, data: dict[str, Any], system: str | None = None) -> dict[str, Any]:
@@ -104,14 +220,24 @@ def to_row(fmt: str, data: dict[str, Any], system: str | None = None) -> dict[st
     missing = [k for k in REQUIRED[fmt] if data.get(k) in (None, "")]
     if missing:
         raise InvalidRow(f"missing {', '.join(missing)}")
+    tools = parse_tools(data.get("tools"))
+    row = _to_row(fmt, data, system)
+    if tools:
+        row["tools"] = tools
+    return row
+
+
+def _to_row(fmt: str, data: dict[str, Any], system: str | None) -> dict[str, Any]:
     if fmt == "preference":
         prompt = _messages(data["prompt"], "prompt", "user")
         chosen = _messages(data["chosen"], "chosen", "assistant")
         rejected = _messages(data["rejected"], "rejected", "assistant")
-        if prompt[-1]["role"] != "user":
-            raise InvalidRow("the prompt must end with a user message")
+        if prompt[-1]["role"] not in ("user", "tool"):
+            raise InvalidRow("the prompt must end with a user (or tool result) message")
         if any(m["role"] != "assistant" for m in chosen + rejected):
             raise InvalidRow("chosen and rejected must be assistant messages")
+        if any(not isinstance(m["content"], str) for m in chosen + rejected):
+            raise ToolSchemaError(_NO_TEXT.format(what="a chosen or rejected answer"))
         return {"prompt": _with_system(prompt, system), "chosen": chosen, "rejected": rejected}
     if fmt == "chat":
         msgs = _messages(data["messages"], "messages", "user")
@@ -125,6 +251,8 @@ def to_row(fmt: str, data: dict[str, Any], system: str | None = None) -> dict[st
             msgs.insert(0, {"role": "system", "content": data["system"]})
     if msgs[-1]["role"] != "assistant":
         raise InvalidRow("the last message must be the assistant's answer")
+    if not isinstance(msgs[-1]["content"], str):
+        raise ToolSchemaError(_NO_TEXT.format(what="the answer (last message)"))
     if not any(m["role"] == "user" for m in msgs):
         raise InvalidRow("no user message")
     return {"messages": _with_system(msgs, system)}

@@ -29,7 +29,8 @@ Contract
   file: one passage per non-empty line; a .jsonl with ``text`` or ``messages``;
   or a dataset ref: its test split rendered with the chat template); ``limit``
   caps its items too.
-* ``responses``: logged production answers (``{"messages": [..., assistant answer]}``); each model's
+* ``responses``: logged production answers (``{"messages": [..., assistant answer], "tools"?: [...]}``,
+  rendered with their tools like dataset rows); each model's
   mean NLL per answer token of them is ``summary[model]["production_nll"]`` (one value per answer in
   ``per_example[model]["production_nll"]``). Under the model that produced them it is the entropy of its
   answers; the candidate's excess over production's estimates KL(production || candidate) per token,
@@ -135,7 +136,7 @@ def resolve_models(refs: list[str], db: Database, settings: Settings) -> list[Mo
 
 def load_eval_rows(db: Database, dataset_ref: str, limit: int | None) -> tuple[list[dict[str, Any]], str | None, str]:
     """(rows with id + messages, dataset id, split) of the held-out split."""
-    from tuneloop.dataset_store import good_chat, load_card, load_splits
+    from tuneloop.dataset_store import chat_message, good_chat, load_card, load_splits, row_tools
     from tuneloop.registry import RegistryError
 
     try:
@@ -158,7 +159,10 @@ def load_eval_rows(db: Database, dataset_ref: str, limit: int | None) -> tuple[l
             continue
         prompt, answer = chat
         msgs = [*prompt, {"role": "assistant", "content": answer}] if "messages" not in r else list(r["messages"])
-        row: dict[str, Any] = {"id": r["id"], "messages": [{"role": m["role"], "content": m["content"]} for m in msgs]}
+        row: dict[str, Any] = {"id": r["id"], "messages": [chat_message(m) for m in msgs]}
+        tools = row_tools(r)
+        if tools:  # the definitions its prompt is rendered with
+            row["tools"] = tools
         if r.get("check"):
             row["check"] = rule_from_dict(json.loads(r["check"]), where=f"row {r['id']} of {dataset_ref}")
         rows.append(row)
@@ -345,7 +349,7 @@ def _evaluate_one(
     try:
         per: dict[str, list[float]] = {k: [] for k in METRICS}
         tot_nll, tot_n = 0.0, 0
-        exs = [training_example(tok, r["messages"]) for r in rows]
+        exs = [training_example(tok, r["messages"], tools=r.get("tools")) for r in rows]
         for s, n in _nll_many(model, [(ex["input_ids"], ex["completion_mask"]) for ex in exs]):
             tot_nll, tot_n = tot_nll + s, tot_n + n
             loss = s / n if n else 0.0
@@ -364,7 +368,7 @@ def _evaluate_one(
             finally:
                 gen_s[0] += time.perf_counter() - t0
 
-        prompts = [render_prompt(tok, split_answer(r["messages"])[0]) for r in rows]
+        prompts = [render_prompt(tok, split_answer(r["messages"])[0], r.get("tools")) for r in rows]
         preds = generate(prompts)
         checked = [(r["check"], pred) for r, pred in zip(rows, preds) if r.get("check")]
         for r, pred in zip(rows, preds):
@@ -409,7 +413,7 @@ def _evaluate_one(
             g_nll, g_n = sum(p[0] for p in parts), sum(p[1] for p in parts)
             summary["general_perplexity"] = math.exp(min(g_nll / g_n, 50.0)) if g_n else None
         if responses:
-            rex = [training_example(tok, r["messages"]) for r in responses]
+            rex = [training_example(tok, r["messages"], tools=r.get("tools")) for r in responses]
             parts = _nll_many(model, [(ex["input_ids"], ex["completion_mask"]) for ex in rex])
             nll = [s_ / n_ for s_, n_ in parts if n_]
             per["production_nll"] = nll

@@ -10,9 +10,14 @@ Contract
   when unknown) and its kind: ``sft`` (a ``messages`` column) or ``preference``
   (``prompt``/``chosen``/``rejected``).
 * :func:`mix_replay` adds shuffled rows of a replay split so that they make up
-  ``fraction`` of the training rows (seeded, so a rerun mixes the same rows).
+  ``fraction`` of the training rows (seeded, so a rerun mixes the same rows);
+  rows with and without tool calling mix (the columns and message fields are
+  widened to the union).
 * :func:`tokenize_sft` tokenizes SFT rows with :func:`tuneloop.chat.training_example`
-  (the server's prompt rendering + answer + EOS, loss on the answer only).
+  (the server's prompt rendering + answer + EOS, loss on the answer only), the
+  messages as :func:`tuneloop.dataset_store.chat_message` gives them (tool calls
+  kept, unset fields dropped) and the row's ``tools`` handed to the template, so
+  a logged tool-calling request trains on the tokens the server rendered.
 
 Nothing here writes anything; bad references raise :class:`~tuneloop.errors.UserError`.
 """
@@ -20,7 +25,7 @@ Nothing here writes anything; bad references raise :class:`~tuneloop.errors.User
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tuneloop.errors import UserError
 
@@ -91,19 +96,43 @@ def mix_replay(train_ds: Dataset, replay_ds: Dataset, fraction: float, seed: int
         return train_ds, 0
     n = min(len(replay_ds), max(1, round(len(train_ds) * fraction / (1 - fraction))))
     picked = replay_ds.shuffle(seed=seed).select(range(n))
+    if "tools" in picked.column_names and "tools" not in train_ds.column_names:
+        train_ds = _with_null_column(train_ds, "tools")
     cols = [c for c in train_ds.column_names if c in picked.column_names]
-    mixed = concatenate_datasets(
-        [train_ds.select_columns(cols), picked.select_columns(cols).cast(train_ds.select_columns(cols).features)]
-    )
+    if "tools" in train_ds.column_names and "tools" not in cols:
+        picked, cols = _with_null_column(picked, "tools"), [*cols, "tools"]
+    left, right = train_ds.select_columns(cols), picked.select_columns(cols)
+    feats = _wider(left.features, right.features)
+    mixed = concatenate_datasets([left.cast(feats), right.cast(feats)])
     return mixed.shuffle(seed=seed), n
+
+
+def _with_null_column(ds: Dataset, name: str) -> Dataset:
+    from datasets import Value
+
+    return ds.add_column(name, [None] * len(ds), feature=Value("string"))
+
+
+def _wider(a: Any, b: Any) -> Any:
+    """Features ``a`` with every struct (a message) widened by the fields only ``b`` has."""
+    from datasets import Features, List
+
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = {k: _wider(v, b[k]) if k in b else v for k, v in a.items()}
+        out.update({k: v for k, v in b.items() if k not in a})
+        return Features(out) if isinstance(a, Features) else out
+    if isinstance(a, List) and isinstance(b, List):
+        return List(_wider(a.feature, b.feature))
+    return a
 
 
 def tokenize_sft(ds: Dataset, tokenizer: Tokenizer, max_length: int) -> Dataset:
     """SFT rows -> ``input_ids`` + ``completion_mask`` via :func:`tuneloop.chat.training_example`."""
     from tuneloop.chat import training_example
+    from tuneloop.dataset_store import chat_message, row_tools
 
     return ds.map(
-        lambda r: training_example(tokenizer, r["messages"], max_length),
+        lambda r: training_example(tokenizer, [chat_message(m) for m in r["messages"]], max_length, row_tools(r)),
         remove_columns=ds.column_names,
         desc="tokenizing",
     )

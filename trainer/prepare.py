@@ -9,7 +9,10 @@ Contract
   (:mod:`tuneloop.trainer.data_clean`) in order — convert and normalise
   whitespace, drop empty/invalid rows, PII scrub, exact and near-duplicate
   removal, token-length filter (chat-template-rendered, base tokenizer) — then
-  splits deterministically (:func:`split_rows`). It returns ``(kind, splits,
+  splits deterministically (:func:`split_rows`). Rows keep their ``tools``
+  and tool-call messages through every step; a malformed tool definition,
+  tool call or tool message is a ``DataError`` naming the record
+  (:class:`~tuneloop.trainer.data_formats.ToolSchemaError`), not a dropped row. It returns ``(kind, splits,
   card)``; every step is counted in ``card["steps"]``. Nothing left raises
   :class:`~tuneloop.trainer.data_io.DataError`.
 * Row ids are content hashes of the cleaned row, so the same input gives the
@@ -44,7 +47,15 @@ from tuneloop.trainer.data_clean import (
     scrub_rows,
     token_lengths,
 )
-from tuneloop.trainer.data_formats import FORMATS, REQUIRED, InvalidRow, apply_field_map, detect_format, to_row
+from tuneloop.trainer.data_formats import (
+    FORMATS,
+    REQUIRED,
+    InvalidRow,
+    ToolSchemaError,
+    apply_field_map,
+    detect_format,
+    to_row,
+)
 from tuneloop.trainer.data_io import DataError, Record, read_inputs
 
 if TYPE_CHECKING:
@@ -193,6 +204,8 @@ def prepare_records(
     for r in records:
         try:
             row = to_row(fmt, r.data, cfg.system)
+        except ToolSchemaError as e:  # malformed tool-calling input is fixed, not dropped row by row
+            raise DataError(f"{r.loc}: {e}") from None
         except InvalidRow as e:
             invalid.append(f"{r.loc}: {e}")
             continue

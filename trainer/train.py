@@ -18,8 +18,10 @@ Contract
   KTO's KL estimate pairs each row with its batch neighbours in data order,
   so the train split is shuffled (seeded) first.
 * SFT rows are tokenized with :func:`tuneloop.chat.training_example`: the
-  server's prompt rendering + the answer + EOS, loss on the answer only
-  (train/serve parity). Default batches are padding-free (no packing).
+  server's prompt rendering (the row's ``tools`` included) + the answer + EOS,
+  loss on the answer only (train/serve parity). Default batches are
+  padding-free (no packing). DPO/KTO rows hand their ``tools`` column (JSON
+  text) to TRL, which renders it with the chat template.
 * Precision by device: fp32 on CPU, bf16 on GPU (``precision=auto``).
 * The run lives in ``output_dir`` (default ``<home>/runs/<name>``): ``run.json``
   (run id, name), checkpoints, ``model/`` (the adapter or the full model +
@@ -455,11 +457,12 @@ def _build_trainer(
         from trl import DPOConfig, DPOTrainer
 
         keep = ["prompt", "chosen", "rejected"]
+        dpo_val = _trl_rows(val_ds, keep) if val_ds is not None and has_val else None
         dpo = DPOTrainer(
             model=model,
             args=DPOConfig(**common, beta=cfg.dpo_beta, max_length=cfg.max_seq_length),
-            train_dataset=train_ds.select_columns(keep),
-            eval_dataset=val_ds.select_columns(keep) if val_ds is not None and has_val else None,
+            train_dataset=_trl_rows(train_ds, keep),
+            eval_dataset=dpo_val,
             processing_class=tokenizer,
             peft_config=peft_config,
         )
@@ -468,6 +471,7 @@ def _build_trainer(
         from trl import KTOConfig, KTOTrainer
 
         keep = ["prompt", "completion", "label"]
+        kto_val = _trl_rows(val_ds, keep) if val_ds is not None and has_val else None
         weights = kto or {}
         kto_trainer = KTOTrainer(
             model=model,
@@ -479,8 +483,8 @@ def _build_trainer(
                 max_length=cfg.max_seq_length,
             ),
             # KTO reads batches in data order (its KL term pairs neighbours): shuffle once, seeded
-            train_dataset=train_ds.select_columns(keep).shuffle(seed=cfg.seed),
-            eval_dataset=val_ds.select_columns(keep) if val_ds is not None and has_val else None,
+            train_dataset=_trl_rows(train_ds, keep).shuffle(seed=cfg.seed),
+            eval_dataset=kto_val,
             processing_class=tokenizer,
             peft_config=peft_config,
         )
@@ -506,6 +510,21 @@ def _build_trainer(
         peft_config=peft_config,
     )
     return _quiet(sft, progress), tokenizer
+
+
+def _trl_rows(ds: Dataset, keep: list[str]) -> Dataset:
+    """The columns of ``ds`` TRL's DPO/KTO trainers read: ``keep``, plus ``tools`` when rows carry tool
+    definitions (JSON text, which TRL hands to the chat template). A null content (an assistant turn that
+    only called tools) becomes ``""``, as :func:`tuneloop.chat.template_messages` hands it to the template."""
+    cols = keep + (["tools"] if "tools" in ds.column_names else [])
+    ds = ds.select_columns(cols)
+    msg_cols = [c for c in cols if "tool_calls" in (getattr(ds.features[c], "feature", None) or {})]
+    if not msg_cols:
+        return ds
+    return ds.map(
+        lambda r: {c: [dict(m, content=m["content"] or "") for m in r[c]] for c in msg_cols},
+        desc="tool-call turns for the chat template",
+    )
 
 
 def _init_adapter(db: Database, cfg: TrainConfig, base: Path) -> Path | None:

@@ -5,7 +5,11 @@ Contract
 * :func:`render_prompt` — the token ids of a conversation *prompt* exactly as
   the server feeds it to the engine: the tokenizer's chat template over the
   messages with the generation prompt added (``<|im_start|>assistant\\n`` for
-  ChatML). The server calls this; so does the trainer.
+  ChatML). The server calls this; so does the trainer. ``tools`` (OpenAI
+  function definitions) go to the template's ``tools`` variable, and the
+  assistant's ``tool_calls`` arguments are handed to the template as objects
+  (:func:`template_messages`), as Hugging Face tool-calling templates expect;
+  a template that does not use ``tools`` renders the messages alone.
 * :func:`completion_ids` — the tokens the model must emit for an answer: the
   answer's tokens followed by the end-of-turn token (the tokenizer's EOS,
   ``<|im_end|>`` for ChatML), so a trained model learns to stop.
@@ -20,6 +24,7 @@ Bad conversations (empty, last message not from the assistant) raise
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from tuneloop.errors import UserError
@@ -34,12 +39,43 @@ def _ids(out: Any) -> list[int]:
     return [int(t) for t in out]
 
 
-def render_prompt(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> list[int]:
+def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``messages`` as chat templates expect them: a missing ``content`` is ``""`` and tool-call
+    ``arguments`` (a JSON string on the wire) are objects."""
+    out = []
+    for m in messages:
+        m = dict(m)
+        if m.get("content") is None:
+            m["content"] = ""
+        calls = m.get("tool_calls")
+        if calls:
+            m["tool_calls"] = [_template_call(c) for c in calls]
+        out.append(m)
+    return out
+
+
+def _template_call(call: dict[str, Any]) -> dict[str, Any]:
+    fn = dict(call.get("function") or {})
+    args = fn.get("arguments")
+    if isinstance(args, str):
+        try:
+            fn["arguments"] = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError:
+            pass  # a template that prints it verbatim still works
+    return {**call, "function": fn}
+
+
+def render_prompt(
+    tokenizer: Tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> list[int]:
     """Token ids of ``messages`` rendered with the chat template plus the generation prompt."""
     if not messages:
         raise UserError("a conversation needs at least one message")
+    kw: dict[str, Any] = {"tools": tools} if tools else {}
     return _ids(
-        tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=False)
+        tokenizer.apply_chat_template(
+            template_messages(messages), add_generation_prompt=True, tokenize=True, return_dict=False, **kw
+        )
     )
 
 
@@ -59,15 +95,20 @@ def split_answer(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], 
         raise UserError(
             f"the last message of a training conversation must be the assistant's, got {last.get('role')!r}"
         )
-    return [dict(role=m["role"], content=m["content"]) for m in messages[:-1]], last["content"]
+    keep = ("role", "content", "name", "tool_calls", "tool_call_id")
+    return [{k: m[k] for k in keep if k in m} for m in messages[:-1]], last.get("content") or ""
 
 
 def training_example(
-    tokenizer: Tokenizer, messages: list[dict[str, str]], max_length: int | None = None
+    tokenizer: Tokenizer,
+    messages: list[dict[str, Any]],
+    max_length: int | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> dict[str, list[int]]:
-    """``input_ids`` + ``completion_mask`` of one conversation (see module doc)."""
+    """``input_ids`` + ``completion_mask`` of one conversation (see module doc); ``tools`` as in
+    :func:`render_prompt` (the definitions the served request carried)."""
     prompt, answer = split_answer(messages)
-    p = render_prompt(tokenizer, prompt)
+    p = render_prompt(tokenizer, prompt, tools)
     c = completion_ids(tokenizer, answer)
     if max_length is not None and len(p) + len(c) > max_length:
         if max_length < 2:

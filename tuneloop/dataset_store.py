@@ -16,6 +16,14 @@ Contract
   kto (TRL's unpaired preference format): ``{"id", "prompt": [...], "completion": [one assistant message],
   "label": bool, "request_id", "origin"}``, ``label`` saying whether the completion is desirable.
   :data:`KINDS` lists the kinds; :func:`kind_of_columns` names a dataset's kind from its columns.
+* Tool calling (rows of any kind): a message may also carry ``name``, ``tool_calls`` (OpenAI shape,
+  ``[{"id", "type", "function": {"name", "arguments": JSON text}}]``; content may then be null) and
+  ``tool_call_id`` (role ``tool``), and a row may carry ``tools``, the OpenAI function definitions its
+  prompt was rendered with, stored as **JSON text** (a list of arbitrary JSON schemas has no fixed Arrow
+  type; TRL's DPO/KTO trainers read such a column the same way). Datasets whose rows use none of this
+  have exactly the columns and message fields above; otherwise every message has the extra fields
+  (null where unset) and rows without tools have ``tools`` null. :func:`chat_message` gives a stored
+  message back without the null fields, :func:`row_tools` a row's definitions as a list (None when none).
 * :func:`dataset_id` is the id :func:`save_dataset` will give the rows, so a caller can name
   a dataset in another's card before writing either.
 * :func:`load_splits` loads a DatasetDict from a registered id/name or a path.
@@ -61,21 +69,57 @@ def kind_of_columns(columns: Iterable[str]) -> str | None:
     return None
 
 
+_EXTRA_KEYS = ("name", "tool_calls", "tool_call_id")  # optional message fields (OpenAI tool calling)
+
+
+def chat_message(m: dict[str, Any]) -> dict[str, Any]:
+    """``m`` in the row schema: role and content, plus ``name`` / ``tool_calls`` / ``tool_call_id`` when set
+    (a loaded dataset has them null on every other message); tool-call ``arguments`` as JSON text."""
+    out: dict[str, Any] = {"role": m["role"], "content": m.get("content")}
+    for k in _EXTRA_KEYS:
+        v = m.get(k)
+        if v is None or (k == "tool_calls" and not v):
+            continue
+        out[k] = [_tool_call(c) for c in v] if k == "tool_calls" else str(v)
+    return out
+
+
+def _tool_call(c: dict[str, Any]) -> dict[str, Any]:
+    fn = c.get("function") or {}
+    args = fn.get("arguments")
+    if args is not None and not isinstance(args, str):
+        args = json.dumps(args, ensure_ascii=False)
+    return {
+        "id": None if c.get("id") is None else str(c["id"]),
+        "type": str(c.get("type") or "function"),
+        "function": {"name": None if fn.get("name") is None else str(fn["name"]), "arguments": args},
+    }
+
+
+def row_tools(row: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The tool definitions of a row (its ``tools``: JSON text or a list), None when it has none."""
+    tools = row.get("tools")
+    if isinstance(tools, str):
+        tools = json.loads(tools) if tools.strip() else None
+    return list(tools) if tools else None
+
+
 def good_chat(row: dict[str, Any]) -> tuple[list[dict[str, str]], str] | None:
     """(prompt messages, the answer to learn) of a row of any kind; None for a KTO row labelled undesirable.
 
     SFT: the messages up to the last assistant turn and that turn ('' when the chat ends with the user);
     preference: prompt and chosen; kto: prompt and completion when ``label`` is true. Evaluation, retention
-    sets and drift reference profiles read rows through this, so every kind means the same there.
+    sets and drift reference profiles read rows through this, so every kind means the same there. Messages
+    are as :func:`chat_message` gives them (tool calls kept); the row's tools are :func:`row_tools`.
     """
     if row.get("messages"):
-        msgs = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+        msgs = [chat_message(m) for m in row["messages"]]
         if msgs[-1]["role"] == "assistant":
             return msgs[:-1], msgs[-1]["content"] or ""
         return msgs, ""
     if row.get("prompt") is None:
         raise UserError(f"dataset row {row.get('id', '?')!r} has neither messages nor prompt")
-    prompt = [{"role": m["role"], "content": m["content"]} for m in row["prompt"]]
+    prompt = [chat_message(m) for m in row["prompt"]]
     if "label" in row and "completion" in row:
         if not row["label"]:
             return None
@@ -94,10 +138,19 @@ def content_hash(splits: dict[str, list[dict]]) -> str:
     return h.hexdigest()
 
 
-def _features(kind: str) -> Features:
+_MESSAGE_COLUMNS = ("messages", "prompt", "chosen", "rejected", "completion")
+
+
+def _features(kind: str, extra_keys: bool = False) -> Features:
+    """The columns of ``kind``; ``extra_keys``: messages also have name / tool_calls / tool_call_id."""
     from datasets import Features, Value
 
-    msg = [{"role": Value("string"), "content": Value("string")}]
+    fields: dict[str, Any] = {"role": Value("string"), "content": Value("string")}
+    if extra_keys:
+        fn = {"name": Value("string"), "arguments": Value("string")}
+        call = {"id": Value("string"), "type": Value("string"), "function": fn}
+        fields.update(name=Value("string"), tool_calls=[call], tool_call_id=Value("string"))
+    msg = [fields]
     types: dict[str, Any] = {"id": Value("string"), "request_id": Value("string"), "origin": Value("string")}
     types.update(messages=msg, prompt=msg, chosen=msg, rejected=msg, completion=msg, label=Value("bool"))
     return Features({k: types[k] for k in _KEYS[kind]})
@@ -109,6 +162,13 @@ def _normalise(kind: str, row: dict[str, Any]) -> dict[str, Any]:
     if missing:
         raise UserError(f"dataset row {row.get('id', '?')!r} lacks {', '.join(missing)} (kind {kind})")
     out = {k: row.get(k) for k in keys}
+    for k in _MESSAGE_COLUMNS:
+        msgs = out.get(k)
+        if isinstance(msgs, list):
+            out[k] = [chat_message(m) if isinstance(m, dict) and "role" in m else m for m in msgs]
+    tools = row_tools(row)
+    if tools:  # JSON text, key order kept: templates print the definitions as given
+        out["tools"] = json.dumps(tools, ensure_ascii=False)
     if kind == "sft" and row.get("check"):  # a checkable rule for task success (tuneloop.checks), as JSON
         chk = row["check"]
         out["check"] = chk if isinstance(chk, str) else json.dumps(chk, sort_keys=True)
@@ -158,11 +218,15 @@ def save_dataset(
     card = dict(card, id=ds_id, name=name, kind=kind, content_hash=digest, rows={s: len(rows[s]) for s in SPLITS})
     if not (dest / "card.json").is_file():
         with staged_folder(dest) as tmp:
-            feats = _features(kind)
-            if any("check" in r for split in rows.values() for r in split):
-                from datasets import Value
+            every = [r for split in rows.values() for r in split]
+            extra = any(len(m) > 2 for r in every for k in _MESSAGE_COLUMNS if isinstance(r.get(k), list) for m in r[k])
+            feats = _features(kind, extra)
+            from datasets import Value
 
+            if any("check" in r for r in every):
                 feats["check"] = Value("string")
+            if any("tools" in r for r in every):
+                feats["tools"] = Value("string")
             dd = DatasetDict(
                 {s: Dataset.from_dict({k: [r.get(k) for r in rows[s]] for k in feats}, features=feats) for s in SPLITS}
             )

@@ -179,4 +179,8 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (id, step)
     );
     """,
+    # 5: tool calling — the parsed tool calls of a chat answer (the definitions are in params.tools)
+    """
+    ALTER TABLE requests ADD COLUMN tool_calls JSON;  -- choice 0's tool calls, OpenAI shape; NULL when none
+    """,
 ]
