@@ -21,6 +21,19 @@ Contract
   - an ``inference`` key on an ``admin`` route: :class:`AuthError` 403
     ``insufficient_scope``.
 
+* The admin routes are never open to the network: while requests pass as
+  anonymous (no key), :func:`admin_guard` answers only clients whose socket
+  peer (the ASGI ``scope["client"]`` host, never ``X-Forwarded-For`` or any
+  other header) is a loopback address (:func:`is_loopback_address`:
+  127.0.0.0/8, ::1, IPv4-mapped ``::ffff:127.x.x.x``); any other client, or
+  one without an address, gets :class:`AuthError` 403 ``admin_loopback_only``
+  whose message says to create an admin key. With keys, the key decides, from
+  anywhere.
+* :func:`has_admin_key` (a live ``admin`` key exists) and
+  :func:`is_loopback_host` (a bind address that is only reachable from this
+  machine) are what ``tuneloop serve`` checks before it starts on a
+  non-loopback ``--host``.
+
 * :class:`Auth` keeps the key table in memory (a dict keyed by hash, on the
   instance, nothing module-global), so authenticating costs no database hit.
   It re-reads the table at most every ``refresh_s`` seconds, and only when
@@ -45,6 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import logging
 import secrets
 import time
@@ -144,6 +158,13 @@ def _row_to_key(r: tuple[Any, ...]) -> ApiKey:
 
 
 _KEY_COLS = "id, name, scope, prefix, created_at, revoked_at"
+
+
+def has_admin_key(db: Database) -> bool:
+    """Whether a live (not revoked) key of scope ``admin`` exists."""
+    with db.connect(transaction=False) as con:
+        rows = con.execute("SELECT 1 FROM api_keys WHERE scope = 'admin' AND revoked_at IS NULL LIMIT 1").fetchall()
+    return bool(rows)
 
 
 def list_keys(db: Database, include_revoked: bool = True) -> list[ApiKey]:
@@ -282,13 +303,76 @@ def bearer_token(header: str | None) -> str | None:
     return parts[1].strip()
 
 
+# -- network origin -------------------------------------------------------------------
+
+
+def is_loopback_address(host: str | None) -> bool:
+    """Whether ``host`` is a loopback IP address: 127.0.0.0/8, ``::1`` or IPv4-mapped ``::ffff:127.x.x.x``
+    (brackets and an IPv6 zone ``%eth0`` are ignored). Host names, ``None`` and anything unparsable: False."""
+    if not host:
+        return False
+    text = host.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    text = text.split("%", 1)[0]
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether binding to ``host`` keeps a server reachable from this machine only: a loopback address, or
+    ``localhost`` (``*.localhost``). ``0.0.0.0``, ``::``, ``""``, a LAN address or any other name: False."""
+    name = host.strip().rstrip(".").lower()
+    return is_loopback_address(name) or name == "localhost" or name.endswith(".localhost")
+
+
+def peer_host(connection: Any) -> str | None:
+    """The client address of the socket a request came in on (ASGI ``scope["client"]``), None when unknown.
+    Headers (``X-Forwarded-For``, ``Forwarded``) are never read: any client can send them."""
+    scope = getattr(connection, "scope", None)
+    client = scope.get("client") if isinstance(scope, dict) else None
+    if not client:
+        return None
+    host = client[0]
+    return host if isinstance(host, str) else None
+
+
+ADMIN_KEY_HINT = (
+    "create an admin key on the server's machine with `tuneloop keys create --scope admin --name ops` and send it "
+    "as 'Authorization: Bearer <key>' (once a key exists, /v1 needs keys too: `tuneloop keys create --scope "
+    "inference`)"
+)
+
+
+def check_admin_origin(principal: Principal, connection: Any) -> None:
+    """Anonymous access to an admin route (no key exists) only from loopback: else :class:`AuthError` 403
+    ``admin_loopback_only``."""
+    if principal.key_id is not None:
+        return
+    host = peer_host(connection)
+    if is_loopback_address(host):
+        return
+    raise AuthError(
+        403,
+        f"The admin API answers only loopback clients (127.0.0.1, ::1) while no API key exists; this request came "
+        f"from {host or 'an unknown address'}. To use it from another machine, {ADMIN_KEY_HINT}.",
+        "admin_loopback_only",
+    )
+
+
 # -- route guards ---------------------------------------------------------------------
 
 
-async def _authenticate(connection: ASGIConnection[Any, Any, Any, Any], scope: str) -> None:
+async def _authenticate(connection: ASGIConnection[Any, Any, Any, Any], scope: str) -> Principal:
     auth: Auth = connection.app.state.auth
     principal = await auth.authenticate(connection, scope)
     connection.scope.setdefault("state", {})["principal"] = principal
+    return principal
 
 
 async def inference_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
@@ -297,5 +381,6 @@ async def inference_guard(connection: ASGIConnection[Any, Any, Any, Any], _: Bas
 
 
 async def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    """Litestar guard: an ``admin`` key, per ``app.state.auth``."""
-    await _authenticate(connection, "admin")
+    """Litestar guard: an ``admin`` key, per ``app.state.auth``; anonymous (no key exists) from loopback only."""
+    principal = await _authenticate(connection, "admin")
+    check_admin_origin(principal, connection)

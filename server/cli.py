@@ -35,6 +35,12 @@ Endpoints: /v1/chat/completions, /v1/completions, /v1/models, /v1/feedback,
 /admin/* (admin key), /healthz, /readyz, /metrics, /schema (OpenAPI).
 Every request is logged to the DuckDB request log. SIGTERM drains in-flight
 requests and the log, then exits. Docs: docs/serving.md
+
+Admin API safety: while no API key exists, /admin/* answers loopback clients
+only (403 admin_loopback_only otherwise), and serve refuses a non-loopback
+--host (0.0.0.0, ::, a LAN address) unless a live admin key exists (tuneloop
+keys create --scope admin) or auth.allow_open_admin is set. POST /admin/adapters
+loads folders only from server.adapter_roots. Docs: docs/keys-logs-feedback.md
 """
 
 
@@ -84,6 +90,8 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> int:
         s.port = args.port
     if not 0 < s.port < 65536:
         raise UserError(f"--port {s.port} is not a TCP port (1-65535)")
+    # The admin API is never open to the network: checked before anything else (no model, no engine).
+    open_admin = check_admin_exposure(s.host, settings.auth.allow_open_admin, ctx.db)
     # Cheap refusals first (milliseconds: the plan, the files, the port), then what needs torch and vLLM.
     from tuneloop.server import preflight
     from tuneloop.server.app import check_plan, check_port, plan_serving
@@ -111,6 +119,14 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> int:
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if open_admin:
+        logging.getLogger(__name__).warning(
+            "auth.allow_open_admin is set: serving on non-loopback host %s without an admin key. The admin API "
+            "still answers loopback clients only, but through a reverse proxy or tunnel on this machine anyone "
+            "who reaches the port can load adapters and change what is served; create an admin key with "
+            "`tuneloop keys create --scope admin` and unset auth.allow_open_admin",
+            s.host,
+        )
     print(
         f"serving {plan.base} as {plan.served_name!r} on http://{s.host}:{s.port} "
         f"(adapters: {', '.join(plan.adapters) or 'none'}; database {ctx.db.path})",
@@ -145,6 +161,26 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> int:
     if not server.started:
         raise UserError(f"the server did not start on {s.host}:{s.port} (see the log above)")
     return 0
+
+
+def check_admin_exposure(host: str, allow_open_admin: bool, db: Any) -> bool:
+    """Refuse (:class:`tuneloop.errors.UserError`) to bind a non-loopback ``host`` while no live admin key exists,
+    unless ``allow_open_admin``; True when the server starts exposed that way (the caller warns), else False."""
+    from tuneloop.errors import UserError
+    from tuneloop.server.auth import has_admin_key, is_loopback_host
+
+    if is_loopback_host(host) or has_admin_key(db):
+        return False
+    if allow_open_admin:
+        return True
+    raise UserError(
+        f"refusing to serve on --host {host or '(all interfaces)'}: it is not a loopback address and no admin API "
+        "key exists, and the admin API loads adapters from server paths and changes what is served. Create one "
+        "first: `tuneloop keys create --scope admin --name ops` (once a key exists, /v1 needs keys too: "
+        "`tuneloop keys create --scope inference`), or serve on --host 127.0.0.1. To start anyway, set "
+        "auth.allow_open_admin=true (TUNELOOP_AUTH__ALLOW_OPEN_ADMIN=true; the admin API then answers "
+        "loopback clients only)"
+    )
 
 
 class _DropStartupFailure(logging.Filter):

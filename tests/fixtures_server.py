@@ -25,6 +25,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +58,11 @@ SERVER_SETTINGS = {
     "TUNELOOP_DEPLOY__CANARY_JUDGE_INTERVAL_S": "1",
     "TUNELOOP_DEPLOY__CANARY_MIN_REQUESTS": "50",
     "TUNELOOP_DEPLOY__CANARY_MAX_ERROR_RATE_DELTA": "0.05",
+    # the admin API loads adapter folders only from server.adapter_roots: the tests' folders are pytest tmp
+    # folders (tiny_adapters, tmp_path), all under pytest's temp root; plus the defaults (<home>/runs, <home>/models)
+    "TUNELOOP_SERVER__ADAPTER_ROOTS": ",".join(
+        ["runs", "models", str(Path(os.environ.get("PYTEST_DEBUG_TEMPROOT") or tempfile.gettempdir()).resolve())]
+    ),
 }
 # the drift job of `default_server`: every second, over few requests, without the embedding model
 DRIFT_SETTINGS = {
