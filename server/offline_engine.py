@@ -95,6 +95,7 @@ class OfflineGenerator:
             enable_lora=True,
             max_lora_rank=max_rank,
             max_loras=s.max_loras,
+            lora_target_modules=list(s.lora_target_modules) or None,  # as served (server/engine.py)
             # the same placement as the online engine (server/engine.py): GPUs per replica and the share of GPU
             # memory vLLM may take (vLLM's CPU backend ignores the latter; its KV cache is VLLM_CPU_KVCACHE_SPACE)
             tensor_parallel_size=s.tensor_parallel_size,

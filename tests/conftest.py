@@ -53,7 +53,10 @@ def require_tool(name: str) -> str:
     return path
 
 
-pytest_plugins = ["fixtures_server"]  # live `tuneloop serve` + LoRA adapters (tests/fixtures_server.py)
+pytest_plugins = [
+    "fixtures_server",  # live `tuneloop serve` + LoRA adapters (tests/fixtures_server.py)
+    "fixtures_vllm",  # vLLM's own OpenAI server on the tiny model, for parity (tests/fixtures_vllm.py)
+]
 
 
 @pytest.fixture(scope="session")

@@ -82,6 +82,16 @@ def test_bad_adapters_are_refused_with_clear_errors(live_server, tiny_adapters, 
     r = load(path=str(wrong), name="x")
     assert r.status_code == 400 and "trained on base model" in r.json()["error"]["message"]
 
+    # lm_head is outside engine.lora_target_modules (vLLM's LoRA output layer crashes with prompt logprobs)
+    head = tmp_path / "lm-head"
+    shutil.copytree(tiny_adapters["a"], head)
+    ac = json.loads((head / "adapter_config.json").read_text())
+    ac["target_modules"] = ["q_proj", "v_proj", "lm_head"]
+    (head / "adapter_config.json").write_text(json.dumps(ac))
+    r = load(path=str(head), name="x")
+    assert r.status_code == 400, r.text
+    assert "lm_head" in r.json()["error"]["message"] and "lora_target_modules" in r.json()["error"]["message"]
+
     corrupt = tmp_path / "corrupt"
     shutil.copytree(tiny_adapters["a"], corrupt)
     (corrupt / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
