@@ -11,8 +11,9 @@ non-streaming. Same vLLM settings on both sides (dtype float32, eager,
 max_model_len, LoRA enabled with the same rank/slots, max_num_seqs, seed) and
 the same CPU environment (tuneloop.runtime.configure_vllm_env). Prints
 ratios (tuneloop / vLLM): throughput (target >= 1.0), p50 TTFT (<= 1.0),
-logging on/off throughput (>= 0.98), server RSS of the whole process tree
-(<= 1.1); and tuneloop at ``--offline-clients`` concurrent clients vs the
+logging on/off throughput (>= 0.98), structured-output throughput with the
+same ``json_schema`` response format on both servers (>= 0.95), server RSS of
+the whole process tree (<= 1.1); and tuneloop at ``--offline-clients`` concurrent clients vs the
 offline engine (``vllm.LLM`` on the same prompts, >= 0.95).
 
 All three servers and the offline engine run at once (each idle while another
@@ -74,7 +75,29 @@ def wait_ready(server: ServerProcess, timeout: float = 600) -> float:
         raise SystemExit(str(e)) from None
 
 
-async def load(url: str, model: str, clients: int, requests: int, max_tokens: int, stream: bool) -> dict:
+# the structured-output round: the same JSON schema on both servers (bounded values, so answers end by themselves)
+JSON_FORMAT = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "answer",
+        "strict": True,
+        "schema": {
+            "type": "object",
+            "properties": {
+                "topic": {"type": "string", "enum": ["geography", "cooking", "science", "poetry", "other"]},
+                "confident": {"type": "boolean"},
+                "rating": {"type": "integer", "enum": [1, 2, 3, 4, 5]},
+            },
+            "required": ["topic", "confident", "rating"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+async def load(
+    url: str, model: str, clients: int, requests: int, max_tokens: int, stream: bool, extra: dict | None = None
+) -> dict:
     """``requests`` chat requests from ``clients`` concurrent clients; tokens/s, TTFT and latency percentiles.
 
     The client is aiohttp (as in vLLM's own serving benchmark): it shares the 2 cores with the
@@ -95,6 +118,7 @@ async def load(url: str, model: str, clients: int, requests: int, max_tokens: in
                 "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
                 "max_tokens": max_tokens,
                 "temperature": 0,
+                **(extra or {}),
             }
             async with sem:
                 t0 = time.perf_counter()
@@ -139,6 +163,10 @@ def phases(server: ServerProcess, model: str, a) -> dict:
     for stream in (False, True):
         out["stream" if stream else "plain"] = asyncio.run(
             load(server.url, model, a.clients, a.requests, a.max_tokens, stream)
+        )
+    if a.structured:
+        out["json_schema"] = asyncio.run(
+            load(server.url, model, a.clients, a.requests, a.max_tokens, False, {"response_format": JSON_FORMAT})
         )
     if a.offline_clients:
         out["wide"] = asyncio.run(
@@ -209,6 +237,12 @@ def main() -> int:
         "--offline-clients", type=int, default=64, help="concurrency of the offline-engine comparison (0 = skip)"
     )
     ap.add_argument("--skip-log-off", action="store_true", help="skip the logging-off run")
+    ap.add_argument(
+        "--no-structured",
+        dest="structured",
+        action="store_false",
+        help="skip the structured-output (json_schema) round",
+    )
     ap.add_argument(
         "--rounds", type=int, default=3, help="interleaved measurement rounds per side (medians are compared)"
     )
@@ -285,6 +319,9 @@ def main() -> int:
         "--seed",
         "0",
         "--disable-log-stats",
+        # tuneloop's defaults (engine.structured_outputs_backend, engine.compact_json), so both sides constrain alike
+        "--structured-outputs-config",
+        json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}),
         "--uvicorn-log-level",
         "warning",
     ]
@@ -328,6 +365,8 @@ def main() -> int:
         "ttft_p50_stream (<=1.0)": t["stream"]["ttft_p50"] / v["stream"]["ttft_p50"],
         "rss_tree (<=1.1)": t["rss_bytes"] / v["rss_bytes"],
     }
+    if a.structured:
+        ratios["throughput_json_schema (>=0.95)"] = t["json_schema"]["tok_s"] / v["json_schema"]["tok_s"]
     if "tuneloop_nolog" in results:
         n = results["tuneloop_nolog"]
         ratios["logging_on_off_plain (>=0.98)"] = t["plain"]["tok_s"] / n["plain"]["tok_s"]

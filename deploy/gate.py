@@ -221,11 +221,13 @@ def _shift_check(cand: dict[str, Any], base: dict[str, Any], deploy: DeploySetti
 
 
 def production_answers(db: Database, version: str, limit: int) -> list[dict[str, Any]]:
-    """The latest ``limit`` successful chat answers ``version`` served, as ``{"messages": [..., answer]}``."""
+    """The latest ``limit`` successful chat answers ``version`` served (chat completions and the Responses API,
+    both logged as a messages list; requests with tools are left out, as their prompt rendered the tool
+    definitions too), as ``{"messages": [..., answer]}``."""
     rows = db.query(
         """SELECT prompt, response FROM requests
-           WHERE model_version = ? AND status = 200 AND route = 'chat.completions'
-                 AND prompt IS NOT NULL AND response IS NOT NULL AND response <> ''
+           WHERE model_version = ? AND status = 200 AND route IN ('chat.completions', 'responses')
+                 AND json_extract(params, '$.tools') IS NULL AND prompt IS NOT NULL AND response IS NOT NULL AND response <> ''
            ORDER BY received_at DESC LIMIT ?""",
         [version, limit],
     )

@@ -38,6 +38,7 @@ Contract
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import json
 import logging
@@ -47,7 +48,7 @@ import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from tuneloop.chat import render_prompt
 from tuneloop.errors import UserError
@@ -115,7 +116,7 @@ class EngineUnavailable(RuntimeError):
 
 @dataclass
 class GenParams:
-    """OpenAI sampling parameters, already type-checked by the API layer."""
+    """OpenAI sampling parameters (and the vLLM extras the API accepts), already type-checked by the API layer."""
 
     max_tokens: int | None = None
     temperature: float | None = None
@@ -126,10 +127,24 @@ class GenParams:
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logprobs: int | None = None  # number of top alternatives per token (0 = only the sampled token)
+    prompt_logprobs: int | None = None  # logprobs of the prompt tokens (completions' echo)
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None
+    #: structured outputs: one of json (a schema), json_object, regex, choice, grammar -> vLLM StructuredOutputsParams
+    structured: dict[str, Any] | None = None
 
 
 @dataclass
 class TokenLogprob:
+    """One token's logprob; ``top`` lists the alternatives vLLM returned, in its order (the sampled token first)."""
+
     token: str
     logprob: float
     top: list[tuple[str, float]]
@@ -137,13 +152,15 @@ class TokenLogprob:
 
 @dataclass
 class Delta:
-    """New output of one choice since the previous delta."""
+    """New output of one choice since the previous delta (``prompt_logprobs`` only on a choice's first delta)."""
 
     index: int
     text: str
     num_tokens: int
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
+    token_ids: list[int] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -179,6 +196,7 @@ class Engine:
     # -- life cycle -------------------------------------------------------------
     def engine_args(self) -> AsyncEngineArgs:
         from vllm import AsyncEngineArgs
+        from vllm.config import StructuredOutputsConfig
 
         from tuneloop.runtime import pick_dtype
 
@@ -194,6 +212,10 @@ class Engine:
             tensor_parallel_size=s.tensor_parallel_size,
             disable_log_stats=True,
             max_logprobs=20,
+            structured_outputs_config=StructuredOutputsConfig(
+                backend=cast(Any, s.structured_outputs_backend),  # vLLM validates the name
+                disable_any_whitespace=s.compact_json and s.structured_outputs_backend in ("xgrammar", "guidance"),
+            ),
         )
         from tuneloop.runtime import has_cuda
 
@@ -205,6 +227,7 @@ class Engine:
                 max_lora_rank=s.max_lora_rank,
                 max_loras=s.max_loras,
                 max_cpu_loras=max(s.max_loras, 4 * s.max_loras),
+                lora_target_modules=list(s.lora_target_modules) or None,
             )
         return AsyncEngineArgs(**kw)
 
@@ -273,10 +296,10 @@ class Engine:
             raise EngineUnavailable("engine is not running")
         return self._tokenizer
 
-    def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Token ids of a chat prompt, rendered exactly as the trainer renders it (generation prompt added)."""
         try:
-            ids = render_prompt(self.tokenizer, messages)
+            ids = render_prompt(self.tokenizer, messages, tools)
         except EngineInputError:
             raise
         except UserError as e:
@@ -322,30 +345,59 @@ class Engine:
         first token (so time to first token is still measured) and then only the rest at the end,
         instead of one output per token, which would cost this process CPU per token for nothing."""
         from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         kw: dict[str, Any] = {
             k: v
             for k, v in self._defaults.items()
             if k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
         }
-        for k in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty"):
+        for k in (
+            "temperature",
+            "top_p",
+            "seed",
+            "presence_penalty",
+            "frequency_penalty",
+            "logprobs",
+            "prompt_logprobs",
+            "top_k",
+            "min_p",
+            "repetition_penalty",
+            "stop_token_ids",
+            "logit_bias",
+        ):
             v = getattr(p, k)
             if v is not None:
                 kw[k] = v
-        if p.logprobs is not None:
-            kw["logprobs"] = p.logprobs
         try:
-            return SamplingParams(
+            if p.structured:
+                kw["structured_outputs"] = StructuredOutputsParams(**p.structured)
+            sp = SamplingParams(
                 n=p.n,
                 max_tokens=max_tokens,
                 stop=list(p.stop) or None,
+                ignore_eos=p.ignore_eos,
+                min_tokens=p.min_tokens,
+                include_stop_str_in_output=p.include_stop_str_in_output,
+                skip_special_tokens=p.skip_special_tokens,
                 output_kind=RequestOutputKind.DELTA,
                 stream_interval=None if stream else max_tokens + 1,
                 **kw,
             )
+            if p.structured or p.logit_bias or p.stop_token_ids:
+                self._verify(sp)
+            return sp
         except _client_errors() as e:
             raise EngineInputError(str(e).split("\n")[0], "invalid_parameter", getattr(e, "parameter", None)) from None
+
+    def _verify(self, sp: SamplingParams) -> None:
+        """vLLM's own request checks (structured-output schema and grammar, token ids) before the response
+        starts, so a streamed request is refused with a 400 too, not with an error event after a 200."""
+        llm = self._running()
+        cfg = llm.vllm_config
+        copy.deepcopy(sp).verify(
+            llm.model_config, cfg.speculative_config, cfg.structured_outputs_config, self.tokenizer
+        )
 
     # -- generation -------------------------------------------------------------------
     async def generate(
@@ -364,6 +416,8 @@ class Engine:
             lora = self._lora_requests[adapter]
             info.in_flight += 1
         k = sampling_params.logprobs  # None: no logprobs asked for
+        want_prompt_lp = sampling_params.prompt_logprobs is not None
+        prompt_lp_sent: set[int] = set()
         try:
             gen = llm.generate(
                 TokensPrompt(prompt_token_ids=prompt_ids), sampling_params, request_id, lora_request=lora
@@ -371,12 +425,18 @@ class Engine:
             try:
                 async for out in gen:
                     for o in out.outputs:
+                        plp = None
+                        if want_prompt_lp and o.index not in prompt_lp_sent and out.prompt_logprobs is not None:
+                            prompt_lp_sent.add(o.index)
+                            plp = self._prompt_logprobs(prompt_ids, out.prompt_logprobs)
                         yield Delta(
                             o.index,
                             o.text,
                             len(o.token_ids),
                             o.finish_reason,
                             self._logprobs(o, k) if k is not None else None,
+                            list(o.token_ids),
+                            plp,
                         )
             except _client_errors() as e:  # validation inside vLLM (VLLMValidationError ...)
                 raise EngineInputError(
@@ -391,20 +451,58 @@ class Engine:
                 if info.in_flight == 0 and ev is not None:
                     ev.set()
 
+    def _token_logprob(self, tid: int, step: dict[int, Any]) -> TokenLogprob:
+        """The logprob of token ``tid`` and vLLM's alternatives at that step, decoded as vLLM's server does."""
+        chosen = step.get(tid)
+
+        def decoded(t: int, v: Any) -> str:
+            return str(v.decoded_token) if v.decoded_token is not None else str(self.tokenizer.decode([t]))
+
+        return TokenLogprob(
+            token=decoded(tid, chosen) if chosen is not None else str(self.tokenizer.decode([tid])),
+            logprob=_finite(chosen.logprob) if chosen is not None else -9999.0,
+            top=[(decoded(t, v), _finite(v.logprob)) for t, v in step.items()],
+        )
+
     def _logprobs(self, o: CompletionOutput, k: int) -> list[TokenLogprob]:
-        out: list[TokenLogprob] = []
-        for tid, step in zip(o.token_ids, o.logprobs or []):
-            lp = step or {}
-            chosen = lp.get(tid)
-            ranked = sorted(lp.values(), key=lambda v: v.rank if v.rank is not None else 1 << 30)[:k]
-            out.append(
-                TokenLogprob(
-                    token=(chosen.decoded_token if chosen else None) or self.tokenizer.decode([tid]),
-                    logprob=_finite(chosen.logprob) if chosen else -9999.0,
-                    top=[(v.decoded_token or "", _finite(v.logprob)) for v in ranked],
-                )
+        return [self._token_logprob(tid, step or {}) for tid, step in zip(o.token_ids, o.logprobs or [])]
+
+    def _prompt_logprobs(self, prompt_ids: list[int], steps: Any) -> list[TokenLogprob | None]:
+        """Per prompt token: its logprob given the tokens before it (None for the first, as vLLM answers)."""
+        return [None if step is None else self._token_logprob(tid, step) for tid, step in zip(prompt_ids, steps)]
+
+    def render_chat_no_generation_prompt(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        """Token ids of a conversation rendered with the chat template, without the generation prompt."""
+        from tuneloop.chat import template_messages
+
+        kw: dict[str, Any] = {"tools": tools} if tools else {}
+        try:
+            out = self.tokenizer.apply_chat_template(
+                template_messages(messages), add_generation_prompt=False, tokenize=True, return_dict=False, **kw
             )
-        return out
+        except Exception as e:
+            raise EngineInputError(
+                f"could not render the messages with the model's chat template: {e}", "invalid_messages", "messages"
+            ) from None
+        if hasattr(out, "get") and not isinstance(out, list):
+            out = out["input_ids"]
+        return [int(t) for t in out]
+
+    def detokenize(self, ids: list[int]) -> str:
+        """Text of token ids; 400 for an id outside the vocabulary."""
+        size = len(self.tokenizer)
+        bad = [t for t in ids if t >= size]
+        if bad:
+            raise EngineInputError(
+                f"token id {bad[0]} is outside this model's vocabulary of {size}", "invalid_tokens", "tokens"
+            )
+        return self.decode(ids)
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of token ids (special tokens kept), as vLLM's server echoes a token prompt."""
+        return str(self.tokenizer.decode(ids))
 
     # -- adapters -------------------------------------------------------------------
     def has_adapter(self, name: str) -> bool:
@@ -447,6 +545,13 @@ class Engine:
         if base and Path(base).expanduser().is_dir() and Path(base).expanduser().resolve() != self.model_path:  # noqa: SIM102
             if not _same_model(Path(base).expanduser().resolve(), self.model_path):
                 raise AdapterError(f"{p} was trained on base model {base}, but this server serves {self.model_path}")
+        outside = untargeted_modules(cfg, self.settings.lora_target_modules)
+        if outside:
+            raise AdapterError(
+                f"{p}: this adapter trains {', '.join(outside)}, which this engine does not apply LoRA to "
+                f"(engine.lora_target_modules); retrain without them (PEFT target_modules='all-linear' leaves "
+                "lm_head out)"
+            )
         if not any((p / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
             raise AdapterError(f"{p} has no adapter_model.safetensors / adapter_model.bin")
         return cfg
@@ -510,6 +615,18 @@ def _client_errors() -> tuple[type[BaseException], ...]:
     from vllm.exceptions import VLLMClientError
 
     return (ValueError, TypeError, VLLMClientError)
+
+
+def untargeted_modules(adapter_cfg: dict[str, Any], targets: list[str] | tuple[str, ...]) -> list[str]:
+    """Modules an adapter trains (``target_modules``, ``modules_to_save``) that the engine's LoRA targets
+    (``engine.lora_target_modules`` suffixes; empty = all) do not cover."""
+    if not targets:
+        return []
+    mods = adapter_cfg.get("target_modules") or []
+    if isinstance(mods, str):  # a regex or 'all-linear': PEFT resolved it to linear layers at training time
+        mods = []
+    mods = list(mods) + list(adapter_cfg.get("modules_to_save") or [])
+    return sorted({m for m in mods if isinstance(m, str) and m.rsplit(".", 1)[-1] not in targets})
 
 
 def _finite(x: float) -> float:

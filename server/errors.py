@@ -17,8 +17,9 @@ Contract
   engine's input and adapter errors (400), an unavailable or dead engine
   (503), a busy database (503 ``database_busy`` with ``Retry-After``), a
   :class:`tuneloop.errors.UserError` (400), Litestar's validation errors
-  (invalid JSON, wrong types, out-of-bound values, unknown fields -> 400 with
-  the field in ``param``), its HTTP errors (401, 404, 405, 413 over
+  (invalid JSON, wrong types, out-of-bound values -> 400 with the field in
+  ``param``; a field the body does not define -> 400 ``unsupported_parameter``
+  naming it, its path in ``param``), its HTTP errors (401, 404, 405, 413 over
   ``server.max_body_bytes``, ...), a client that went away while sending (499),
   and anything unexpected (500; the message never leaks internals).
 * :func:`exception_handlers` is the one set of Litestar exception handlers
@@ -26,6 +27,11 @@ Contract
   failed inference requests), and so does any controller that must answer the
   same way when mounted in another app. Unexpected errors are logged with
   their traceback.
+* :func:`error_responses` is the OpenAPI side of the same contract: every
+  route declares the error statuses it answers with it (``responses=``), each
+  documented with the :class:`ErrorResponse` body. It also replaces the
+  ``{status_code, detail}`` 400 body Litestar documents by default for every
+  route with a body or a path parameter, which this server never sends.
 
 This module imports nothing from the route modules.
 """
@@ -40,6 +46,7 @@ from typing import Any
 import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi import ResponseSpec
 
 from tuneloop.db import DatabaseBusy
 from tuneloop.errors import UserError
@@ -65,6 +72,36 @@ _CODES = {
 
 #: Called by the exception handler with every refused request; may return a request id for ``X-Request-Id``.
 OnError = Callable[[Request, "APIError"], "str | None"]
+
+#: When each error status is answered (the OpenAPI description of :func:`error_responses`; routes may say more).
+ERROR_DESCRIPTIONS = {
+    400: "invalid request: bad JSON, a wrong type or an out-of-range value, a parameter this server does not "
+    "implement (`unsupported_parameter`), or a value the server refuses after reading it (`param` names the field)",
+    401: "missing or invalid API key (`invalid_api_key`; once any key exists, or with auth.require_keys)",
+    403: "an `inference` key on an admin route (`insufficient_scope`), or an anonymous admin request from a "
+    "non-loopback client (`admin_loopback_only`)",
+    404: "not found",
+    409: "conflict with the server's current state",
+    413: "body over server.max_body_bytes (`request_too_large`)",
+    503: "the engine or the database is unavailable (`engine_unavailable`, `engine_dead`, `database_busy` with "
+    "Retry-After)",
+}
+
+
+def error_responses(*codes: int, notes: dict[int, str] | None = None) -> dict[int, ResponseSpec]:
+    """OpenAPI ``responses=`` of a route for these error statuses, each with the :class:`ErrorResponse` body.
+
+    ``notes`` replaces the generic description of a status with what it means on that route. A 400 here
+    replaces Litestar's default 400 (its ``{status_code, detail}`` body, which this server never sends)."""
+    notes = notes or {}
+    return {
+        code: ResponseSpec(
+            data_container=ErrorResponse,
+            description=notes.get(code) or ERROR_DESCRIPTIONS.get(code) or _CODES.get(code, "error"),
+            generate_examples=False,
+        )
+        for code in codes
+    }
 
 
 def default_type(status_code: int) -> str:
@@ -123,6 +160,9 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, EngineUnavailable):
         return APIError(503, f"the model engine is unavailable: {exc}", "engine_unavailable")
     if isinstance(exc, ValidationException):
+        unknown = _unknown_parameter(exc)
+        if unknown is not None:
+            return unknown
         return APIError(400, _validation_message(exc), "invalid_request", _validation_param(exc))
     if isinstance(exc, HTTPException) and "disconnected" in str(exc.detail or ""):
         return APIError(499, "client closed the request while sending it")
@@ -157,6 +197,31 @@ def _field_of(item: dict[str, Any]) -> str | None:
         return str(key).split(".", 1)[0].split("[", 1)[0] or None
     m = re.search(r"field `([A-Za-z_][A-Za-z0-9_]*)`", str(item.get("message", "")))
     return m.group(1) if m else None
+
+
+def _unknown_parameter(exc: ValidationException) -> APIError | None:
+    """A body field this server does not implement: 400 ``unsupported_parameter`` naming it (never ignored)."""
+    items = _validation_items(exc)
+    if len(items) != 1:
+        return None
+    m = re.fullmatch(r"Object contains unknown field `([^`]+)`", str(items[0].get("message", "")))
+    if m is None:
+        return None
+    name, where = m.group(1), str(items[0].get("key") or "data")
+    if where == "data":
+        return APIError(
+            400,
+            f"unsupported parameter: {name!r} is not implemented by this server (see the compatibility table in "
+            "docs/serving.md); remove it",
+            "unsupported_parameter",
+            name,
+        )
+    return APIError(
+        400,
+        f"unsupported parameter: {where}.{name} is not implemented by this server; remove it",
+        "unsupported_parameter",
+        f"{where}.{name}",
+    )
 
 
 def _validation_message(exc: ValidationException) -> str:

@@ -39,17 +39,18 @@ from __future__ import annotations
 import asyncio
 import re
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
+from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, JSONBody
 
 from tuneloop.db import Database, DatabaseBusy, dumps, loads, utcnow
 from tuneloop.ids import new_id
 from tuneloop.ratings import THUMBS, api_value
 from tuneloop.server.auth import inference_guard
-from tuneloop.server.errors import APIError
+from tuneloop.server.errors import APIError, error_responses
 from tuneloop.server.errors import exception_handlers as api_exception_handlers
 
 MAX_TEXT = 100_000
@@ -58,8 +59,27 @@ MAX_LABEL_CHARS = 64
 SOURCE_RE = re.compile(r"^[A-Za-z0-9_.:/-]{1,64}$")
 
 
+# JSON Schema of what :func:`normalise` accepts (for the OpenAPI document: ``extra_json_schema`` validates nothing).
+# Its whitespace is what str.strip() removes (str.isspace()), spelled out: a regex's \s means less in JSON Schema.
+WHITESPACE = r"[\u0009-\u000d\u001c-\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+_WS, _NOT_WS = WHITESPACE, "[^" + WHITESPACE[1:]
+_TEXT = msgspec.Meta(extra_json_schema={"maxLength": MAX_TEXT})
+_THUMBS = msgspec.Meta(extra_json_schema={"pattern": f"^{_WS}*([Uu][Pp]|[Dd][Oo][Ww][Nn]){_WS}*$"})
+_STARS = msgspec.Meta(extra_json_schema={"minimum": 1, "maximum": 5})
+#: a label: 1..MAX_LABEL_CHARS characters once stripped
+_LABEL = msgspec.Meta(
+    extra_json_schema={"pattern": f"^{_WS}*{_NOT_WS}([\\s\\S]{{0,{MAX_LABEL_CHARS - 2}}}{_NOT_WS})?{_WS}*$"}
+)
+
+
 class FeedbackIn(msgspec.Struct, forbid_unknown_fields=True):
     """Feedback on one served response."""
+
+    #: for the OpenAPI document (:func:`tuneloop.server.app.document_api`): at least one of these (else 400
+    #: ``missing_feedback``)
+    json_schema_extra: ClassVar[dict[str, Any]] = {
+        "anyOf": [{"required": [name]} for name in ("rating", "correction", "comment", "labels")]
+    }
 
     request_id: Annotated[
         str,
@@ -67,23 +87,33 @@ class FeedbackIn(msgspec.Struct, forbid_unknown_fields=True):
             min_length=1,
             max_length=200,
             description="id of the chat/completion response (also its X-Request-Id header).",
+            extra_json_schema={"pattern": _NOT_WS},
         ),
     ]
     rating: Annotated[
-        int | str | msgspec.UnsetType | None,
+        Annotated[int, _STARS] | Annotated[str, _THUMBS] | msgspec.UnsetType | None,
         msgspec.Meta(description='"up" or "down" (thumbs), or an integer 1..5 (stars).'),
     ] = msgspec.UNSET
     correction: Annotated[
-        str | msgspec.UnsetType | None,
+        Annotated[str, _TEXT] | msgspec.UnsetType | None,
         msgspec.Meta(description="The response the model should have given (used for SFT / DPO)."),
     ] = msgspec.UNSET
-    comment: Annotated[str | msgspec.UnsetType | None, msgspec.Meta(description="Free text.")] = msgspec.UNSET
-    labels: Annotated[
-        list[str] | msgspec.UnsetType | None, msgspec.Meta(description='Short tags, e.g. ["wrong-fact", "too-long"].')
-    ] = msgspec.UNSET
-    source: Annotated[str, msgspec.Meta(description="Who gives the feedback; one record per (request_id, source).")] = (
-        "api"
+    comment: Annotated[Annotated[str, _TEXT] | msgspec.UnsetType | None, msgspec.Meta(description="Free text.")] = (
+        msgspec.UNSET
     )
+    labels: Annotated[
+        Annotated[list[Annotated[str, _LABEL]], msgspec.Meta(extra_json_schema={"maxItems": MAX_LABELS})]
+        | msgspec.UnsetType
+        | None,
+        msgspec.Meta(description='Short tags, e.g. ["wrong-fact", "too-long"].'),
+    ] = msgspec.UNSET
+    source: Annotated[
+        str,
+        msgspec.Meta(
+            description="Who gives the feedback; one record per (request_id, source).",
+            extra_json_schema={"pattern": SOURCE_RE.pattern},
+        ),
+    ] = "api"
 
 
 class FeedbackOut(msgspec.Struct):
@@ -273,6 +303,24 @@ class FeedbackController(Controller):
         summary="Rate or correct a served response",
         description="Create (201) or update (200) the feedback of one (request_id, source). "
         'rating: "up" | "down" | 1..5; correction: the ideal answer; labels: short tags.',
+        responses={
+            200: ResponseSpec(
+                FeedbackOut, description="the (request_id, source) record, updated", generate_examples=False
+            ),
+            **error_responses(
+                400,
+                401,
+                404,
+                413,
+                503,
+                notes={
+                    400: "invalid request: bad JSON, an unknown field, a wrong type or value (`param` names it), or "
+                    "none of rating, correction, comment and labels (`missing_feedback`)",
+                    404: "no served request has this id (`request_not_found`)",
+                    503: "the database is busy (`database_busy`, with Retry-After)",
+                },
+            ),
+        },
     )
     async def create(self, request: Request, data: JSONBody[FeedbackIn]) -> Response[FeedbackOut]:
         fields = normalise(data)
@@ -300,7 +348,20 @@ class FeedbackController(Controller):
                 metrics.observe_feedback(fields["rating"], fields["rating_kind"], out.model_version)
         return Response(content=out, status_code=201 if created else 200)
 
-    @get("/{request_id:str}", summary="Feedback recorded for one response (every source)")
+    @get(
+        "/{request_id:str}",
+        summary="Feedback recorded for one response (every source)",
+        responses=error_responses(
+            400,
+            401,
+            404,
+            503,
+            notes={
+                404: "no served request has this id (`request_not_found`)",
+                503: "the database is busy (`database_busy`, with Retry-After)",
+            },
+        ),
+    )
     async def show(self, request: Request, request_id: FromPath[str]) -> FeedbackList:
         db = self._db(request)
         try:

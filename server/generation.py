@@ -13,7 +13,9 @@ Contract
 * :meth:`GenerationJob.sse` yields OpenAI's SSE framing: ``data: {chunk}\\n\\n``
   per chunk, an optional usage chunk, then ``data: [DONE]\\n\\n``. An engine
   error mid-stream is sent as one ``data: {"error": {...}}`` event before
-  ``[DONE]``; a client gone mid-stream is logged as 499.
+  ``[DONE]``; a client gone mid-stream is logged as 499. Its keyword-only
+  options frame the Responses API's stream instead (closing events after the
+  deltas, a typed error event, ``event:`` lines and no ``[DONE]``).
 * Either way the request is submitted to the request log exactly once
   (:meth:`tuneloop.server.request_context.RequestContext.submit`) with the text
   of choice 0, the token counts of all choices, time to first token and
@@ -45,6 +47,13 @@ DONE = b"data: [DONE]\n\n"
 def sse_event(payload: Any) -> bytes:
     """One SSE ``data:`` event carrying ``payload`` as JSON."""
     return b"data: " + _enc.encode(payload) + b"\n\n"
+
+
+def named_sse_event(payload: Any) -> bytes:
+    """One SSE event carrying ``payload`` as JSON, named (``event:`` line) by the payload's ``type``."""
+    kind = payload.get("type") if isinstance(payload, dict) else getattr(payload, "type", None)
+    data = sse_event(payload)
+    return data if not isinstance(kind, str) else b"event: " + kind.encode() + b"\n" + data
 
 
 async def wait_disconnect(request: Request) -> None:
@@ -102,6 +111,7 @@ class Accumulator:
         self.finish: list[str | None] = [None] * n_choices
         self.tokens = 0
         self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(n_choices)]
+        self.prompt_logprobs: dict[int, list[TokenLogprob | None]] = {}  # choice index -> prompt logprobs
 
     def add(self, idx: int, d: Delta) -> None:
         if d.text:
@@ -111,6 +121,8 @@ class Accumulator:
             self.finish[idx] = d.finish_reason
         if d.logprobs:
             self.logprobs[idx].extend(d.logprobs)
+        if d.prompt_logprobs is not None:
+            self.prompt_logprobs[idx] = d.prompt_logprobs
 
     def text(self, idx: int) -> str:
         return "".join(self.texts[idx])
@@ -133,6 +145,8 @@ class GenerationJob:
         self.prompts, self.sampling_params, self.adapter, self.n = prompts, sampling_params, adapter, n
         self.created = int(time.time())
         self.prompt_tokens = sum(len(p) for p in prompts)
+        #: extra log fields of a successful answer (``tool_calls``, a ``finish_reason`` override), from the result
+        self.log_extra: Callable[[Accumulator], dict[str, Any]] | None = None
 
     def usage(self, acc: Accumulator) -> Usage:
         return Usage(self.prompt_tokens, acc.tokens, self.prompt_tokens + acc.tokens)
@@ -148,14 +162,22 @@ class GenerationJob:
 
     def _log(self, acc: Accumulator, status: int, error: str | None = None) -> None:
         fr = acc.finish[0] if acc.finish else None
+        extra: dict[str, Any] = {}
+        if status == 200 and self.log_extra is not None:
+            try:
+                extra = self.log_extra(acc)
+            except Exception:  # the log row must still be written
+                log.exception("could not derive the log fields of %s", self.ctx.id)
         self.ctx.submit(
             self.request,
             status,
             response=acc.text(0),
-            finish_reason=fr if status == 200 else (fr or ("abort" if status == 499 else None)),
+            finish_reason=extra.pop("finish_reason", None)
+            or (fr if status == 200 else (fr or ("abort" if status == 499 else None))),
             prompt_tokens=self.prompt_tokens,
             completion_tokens=acc.tokens,
             error=error,
+            **extra,
         )
 
     def _first_token_seen(self) -> None:
@@ -218,9 +240,19 @@ class GenerationJob:
         first_chunks: Iterable[Any],
         chunk_of: Callable[[int, Delta], Any],
         usage_chunk: Callable[[Accumulator], Any] | None,
+        *,
+        last_chunks: Callable[[Accumulator], Iterable[Any]] | None = None,
+        error_chunk: Callable[[APIError], Any] | None = None,
+        named_events: bool = False,
     ) -> AsyncIterator[bytes]:
-        """The SSE body: ``first_chunks``, ``chunk_of(choice index, delta)`` per engine delta, then
-        ``usage_chunk(acc)`` when given, then ``[DONE]``."""
+        """The SSE body: ``first_chunks``, ``chunk_of(choice index, delta)`` per engine delta (nothing when it
+        returns None), then ``usage_chunk(acc)`` when given, then ``[DONE]``.
+
+        Keyword options (for the Responses API; the defaults keep the chat/completions framing):
+        ``last_chunks(acc)`` are sent after the usage chunk; ``error_chunk(err)`` is the payload of an
+        engine error mid-stream (default ``err.to_dict()``); ``named_events`` names each event after its
+        payload's ``type`` (:func:`named_sse_event`) and sends no ``[DONE]``."""
+        event = named_sse_event if named_events else sse_event
         acc = Accumulator(len(self.prompts) * self.n)
         stream = self._stream()
         status, error = 200, None
@@ -229,15 +261,20 @@ class GenerationJob:
             gauge.inc()
         try:
             for c in first_chunks:
-                yield sse_event(c)
+                yield event(c)
             async for i, d in stream:
                 self._first_token_seen()
                 idx = i * self.n + d.index
                 acc.add(idx, d)
-                yield sse_event(chunk_of(idx, d))
+                c = chunk_of(idx, d)
+                if c is not None:
+                    yield event(c)
             if usage_chunk is not None:
-                yield sse_event(usage_chunk(acc))
-            yield DONE
+                yield event(usage_chunk(acc))
+            for c in last_chunks(acc) if last_chunks is not None else ():
+                yield event(c)
+            if not named_events:
+                yield DONE
         except (asyncio.CancelledError, GeneratorExit):
             status, error = 499, "client closed the request"
             raise
@@ -246,8 +283,9 @@ class GenerationJob:
             status, error = err.status_code, f"{err.code}: {err.message}"
             if err.status_code >= 500:
                 log.error("generation failed for %s", self.ctx.id, exc_info=e)
-            yield sse_event(err.to_dict())
-            yield DONE
+            yield event(error_chunk(err) if error_chunk is not None else err.to_dict())
+            if not named_events:
+                yield DONE
         finally:
             if gauge is not None:
                 gauge.dec()

@@ -3,9 +3,9 @@
 Contract
 --------
 * Every request on an inference route (``/v1/chat/completions``,
-  ``/v1/completions``) gets one :class:`RequestContext`, created on first use
+  ``/v1/completions``, ``/v1/responses``) gets one :class:`RequestContext`, created on first use
   by :meth:`RequestContext.of` and kept in the ASGI scope state: its id
-  (UUIDv7 with ``chatcmpl-`` / ``cmpl-``, the response ``id`` and
+  (UUIDv7 with ``chatcmpl-`` / ``cmpl-`` / ``resp_``, the response ``id`` and
   ``X-Request-Id``), the receipt time stamped by the app's timing middleware,
   and what the serving layer learns (model, served version, arm, prompt,
   parameters, user, key id, time to first token).
@@ -33,7 +33,11 @@ from tuneloop.monitoring.records import RequestRecord
 from tuneloop.server.errors import APIError
 
 #: inference route path -> (logged route name, response id prefix)
-ROUTES = {"/v1/chat/completions": ("chat.completions", "chatcmpl-"), "/v1/completions": ("completions", "cmpl-")}
+ROUTES = {
+    "/v1/chat/completions": ("chat.completions", "chatcmpl-"),
+    "/v1/completions": ("completions", "cmpl-"),
+    "/v1/responses": ("responses", "resp_"),
+}
 
 
 @dataclass
@@ -97,8 +101,10 @@ class RequestContext:
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
         error: str | None = None,
+        tool_calls: list[dict[str, Any]] | None = None,
     ) -> None:
-        """Queue this request's one log record (later calls do nothing)."""
+        """Queue this request's one log record (later calls do nothing); ``tool_calls``: the parsed tool
+        calls of choice 0 (OpenAI shape), logged in ``requests.tool_calls``."""
         if self.logged:
             return
         self.logged = True
@@ -122,6 +128,7 @@ class RequestContext:
             params=self.params,
             user_id=self.user,
             key_id=self.key_id,
+            tool_calls=tool_calls or None,
         )
         writer = getattr(request.app.state, "log_writer", None)
         if writer is not None:

@@ -25,7 +25,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 AREAS = ("monitoring", "server", "feedback", "trainer", "deploy")
 LAYER = {"core": 0, "monitoring": 1, "server": 2, "feedback": 2, "trainer": 2, "deploy": 3}
-ENGINE_WRAPPERS = ("tuneloop.server.engine", "tuneloop.server.offline_engine")  # online serving, offline eval
+ENGINE_WRAPPERS = (
+    "tuneloop.server.engine",  # online serving
+    "tuneloop.server.engine_tools",  # vLLM's tool parsers and tool-call schemas
+    "tuneloop.server.offline_engine",  # offline eval
+)
 
 
 def _source_modules() -> dict[str, Path]:

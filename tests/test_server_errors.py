@@ -72,7 +72,8 @@ def test_bad_completion_requests_and_http_errors(live_server):
     cmpl = lambda body: post(live_server, "/v1/completions", json=body)  # noqa: E731
     assert_error(cmpl({"model": m, "prompt": ""}), 400, "empty")
     assert_error(cmpl({"model": m, "prompt": []}), 400, "prompt")
-    assert_error(cmpl({"model": m, "prompt": [1, 2]}), 400, "prompt")
+    assert_error(cmpl({"model": m, "prompt": [1, "a"]}), 400, "prompt")  # token ids and text mixed
+    assert_error(cmpl({"model": m, "prompt": [10**8]}), 400, "vocab")  # a token id the model does not have
     assert_error(cmpl({"model": m, "prompt": "x", "logprobs": 9}), 400, "logprobs")
     assert_error(cmpl({"model": m, "prompt": "hello " * 2000}), 400, "context")
     big = b'{"model": "%s", "prompt": "' % m.encode() + b"a" * (5 * 1024 * 1024) + b'"}'

@@ -63,6 +63,34 @@ class PathSettings:
         return p
 
 
+#: linear-layer name suffixes of common decoder blocks (Llama/Mistral/Qwen/Gemma, GPT-2/NeoX/Phi/Falcon styles)
+LORA_TARGET_MODULES = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "qkv_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "gate_up_proj",
+    "c_attn",
+    "c_proj",
+    "c_fc",
+    "query_key_value",
+    "dense",
+    "dense_h_to_4h",
+    "dense_4h_to_h",
+    "fc1",
+    "fc2",
+    "wqkv",
+    "wo",
+    "w1",
+    "w2",
+    "w3",
+)
+
+
 @dataclass
 class EngineSettings:
     dtype: str = field(default="auto", metadata={"help": "Model dtype; 'auto' picks float32 on CPU, bfloat16 on GPU."})
@@ -78,6 +106,31 @@ class EngineSettings:
     max_num_seqs: int = field(default=64, metadata={"help": "Most sequences scheduled at once."})
     tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs per replica (tensor parallelism)."})
     seed: int = field(default=0, metadata={"help": "Engine seed."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(LORA_TARGET_MODULES),
+        metadata={
+            "help": "Module-name suffixes the engine applies LoRA to (the transformer blocks' linear layers). "
+            "lm_head and the embeddings are left out: vLLM 0.32's LoRA wrapper of the output layer crashes the "
+            "engine core when a request with prompt logprobs (completions' echo + logprobs, as log-likelihood "
+            "evaluation sends) shares a step with another request (vLLM issue 16668). Adapters that train "
+            "lm_head or embeddings are refused at load. Empty = every module vLLM supports."
+        },
+    )
+    structured_outputs_backend: str = field(
+        default="xgrammar",
+        metadata={
+            "help": "vLLM structured-output backend for response_format, tool_choice=required/named and "
+            "structured_outputs: xgrammar, guidance (llguidance, wider JSON-schema support) or outlines."
+        },
+    )
+    compact_json: bool = field(
+        default=True,
+        metadata={
+            "help": "Structured JSON outputs carry no whitespace between tokens (vLLM's disable_any_whitespace; "
+            "xgrammar and guidance only), so a model that pads JSON with spaces or newlines cannot run on to "
+            "max_tokens. false = any whitespace, vLLM's default."
+        },
+    )
     cpu_reserved_cores: int = field(
         default=0, metadata={"help": "CPU only: cores vLLM keeps for its front end (VLLM_CPU_NUM_OF_RESERVED_CPU)."}
     )
@@ -111,9 +164,27 @@ class ServerSettings:
         default="", metadata={"help": "Name the base model answers to in the API (default: its folder name)."}
     )
     max_body_bytes: int = field(default=4 * 1024 * 1024, metadata={"help": "Largest accepted request body."})
+    tool_parser: str = field(
+        default="auto",
+        metadata={
+            "help": "vLLM tool-call parser for tool_choice=auto (e.g. hermes, llama3_json, mistral, pythonic); 'auto' "
+            "picks it from the chat template's model family (ChatML and <tool_call> -> hermes), 'none' refuses "
+            "tool_choice=auto. tool_choice=required or a named function needs no parser (structured outputs "
+            "enforce it)."
+        },
+    )
     state_refresh_s: float = field(
         default=2.0,
         metadata={"help": "How often the server re-reads deploy state (aliases, canary) from the database."},
+    )
+    adapter_roots: list[str] = field(
+        default_factory=lambda: ["runs", "models"],
+        metadata={
+            "help": "Folders the admin API may load adapter folders from (POST /admin/adapters {'path': ...}); "
+            "a path outside all of them, after resolving symlinks and '..', is refused with 403. Relative entries "
+            "are under paths.home: 'runs' (where `tuneloop train` writes adapters) and 'models' (merged models). "
+            "Registered versions ({'version': ...}) and --adapter at start-up are not limited by it."
+        },
     )
 
 
@@ -150,6 +221,16 @@ class AuthSettings:
         default=False,
         metadata={
             "help": "Require a Bearer key on /v1 even when no key exists yet (keys are always required once one exists)."
+        },
+    )
+    allow_open_admin: bool = field(
+        default=False,
+        metadata={
+            "help": "Let `tuneloop serve` start on a non-loopback --host (0.0.0.0, a LAN address) while no admin key "
+            "exists. Do not set it: create an admin key (`tuneloop keys create --scope admin`) instead. Without one "
+            "the admin API is guarded only by the client address being loopback, so through a reverse proxy or "
+            "tunnel on the server anyone who reaches the port can load adapters from server paths and change what "
+            "is served."
         },
     )
 
