@@ -8,7 +8,7 @@ Contract
   parameters this server does not implement (``reasoning``, ``top_logprobs``,
   ``conversation``, ...), and a client that sends one gets a 400 naming it
   instead of an answer that silently ignored it. Fields that are declared but
-  only partly supported (``tools``, ``tool_choice``, ``text.format``,
+  only partly supported (``tools``, ``tool_choice``,
   ``previous_response_id``, ``include``, ``background``) are refused by
   :class:`tuneloop.server.responses_serving.ResponsesServing` with a 400
   naming them.
@@ -67,21 +67,20 @@ class InputMessage(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class TextFormat(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """``text.format``: only ``{"type": "text"}`` is served; the others are refused with a 400."""
+    """``text.format``: ``text`` (default), ``json_object``, or ``json_schema`` (``name`` and ``schema``
+    required), enforced by vLLM's structured outputs as on chat completions."""
 
-    #: for the OpenAPI document (:func:`tuneloop.server.app.document_api`): what the server serves
+    #: for the OpenAPI document (:func:`tuneloop.server.app.document_api`): json_schema needs name and schema
     json_schema_extra: ClassVar[dict[str, Any]] = {
-        "properties": {
-            "type": {
-                "enum": ["text"],
-                "default": "text",
-                "description": "only text is served (json_schema and json_object: 400 `unsupported_parameter`)",
-            }
-        }
+        "if": {"properties": {"type": {"const": "json_schema"}}, "required": ["type"]},
+        "then": {
+            "required": ["name", "schema"],
+            "properties": {"name": {"type": "string"}, "schema": {"type": "object"}},
+        },
     }
 
     type: Literal["text", "json_schema", "json_object"] = "text"
-    name: str | None = None
+    name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = None
     schema: dict[str, Any] | None = None
     description: str | None = None
     strict: bool | None = None
@@ -189,12 +188,18 @@ class IncompleteDetails(msgspec.Struct):
     reason: Literal["max_output_tokens", "content_filter"]
 
 
-class FormatText(msgspec.Struct):
-    type: Literal["text"] = "text"
+class FormatText(msgspec.Struct, omit_defaults=True):
+    """The ``text.format`` a response was generated under (echoes the request's)."""
+
+    type: Literal["text", "json_schema", "json_object"]
+    name: str | None = None
+    schema: dict[str, Any] | None = None
+    description: str | None = None
+    strict: bool | None = None
 
 
 class TextConfigOut(msgspec.Struct):
-    format: FormatText = msgspec.field(default_factory=FormatText)
+    format: FormatText = msgspec.field(default_factory=lambda: FormatText("text"))
 
 
 class ResponseObject(msgspec.Struct, kw_only=True):

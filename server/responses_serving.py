@@ -25,6 +25,8 @@ Contract
   (drift, feedback sampling). ``max_output_tokens`` is the completion budget
   (default: the rest of the context); ``truncation: "auto"`` drops the oldest
   non-system turns (never the last) until the prompt leaves room for it.
+  ``text.format`` ``json_object`` / ``json_schema`` constrain the output
+  through vLLM's structured outputs, as ``response_format`` does on chat.
 * The response ``id`` is the request id (``resp_<uuid7>``, also
   ``X-Request-Id``, the key of the request-log row and of
   ``POST /v1/feedback``); the output message's id is ``msg_<same uuid>``. The
@@ -33,8 +35,7 @@ Contract
   "max_output_tokens"`` when generation stopped on length.
 * Refused with a 400 naming the parameter: ``previous_response_id`` (no
   responses are stored to chain), non-empty ``tools``, a ``tool_choice``
-  other than ``auto`` / ``none``, a ``text.format`` other than ``text``,
-  non-empty ``include``, ``background: true``. Generation, disconnects,
+  other than ``auto`` / ``none``, non-empty ``include``, ``background: true``. Generation, disconnects,
   aborts and the one request-log record are
   :class:`tuneloop.server.generation.GenerationJob`'s.
 """
@@ -55,6 +56,7 @@ from tuneloop.server.request_context import RequestContext
 from tuneloop.server.responses_protocol import (
     ContentPartEvent,
     ErrorEvent,
+    FormatText,
     IncompleteDetails,
     InputMessage,
     InputTokensDetails,
@@ -68,6 +70,7 @@ from tuneloop.server.responses_protocol import (
     ResponsesRequest,
     ResponseStatus,
     ResponseUsage,
+    TextConfigOut,
     TextDeltaEvent,
     TextDoneEvent,
 )
@@ -93,6 +96,8 @@ class ResponsesServing:
         ctx.params = {
             k: v for k in ("max_output_tokens", "temperature", "top_p") if (v := getattr(data, k)) is not None
         }
+        if data.text is not None and data.text.format is not None and data.text.format.type != "text":
+            ctx.params["text"] = msgspec.to_builtins(data.text)
         refuse_unsupported(data)
         engine = self.engine
         route = await self.router.resolve(data.model, data.user or ctx.key_id)
@@ -102,7 +107,9 @@ class ResponsesServing:
         max_tokens = engine.check_length(
             len(prompt_ids), data.max_output_tokens, param="max_output_tokens", prompt_param="input"
         )
-        gp = GenParams(max_tokens=max_tokens, temperature=data.temperature, top_p=data.top_p)
+        gp = GenParams(
+            max_tokens=max_tokens, temperature=data.temperature, top_p=data.top_p, structured=structured_output(data)
+        )
         sp = engine.sampling_params(gp, max_tokens, stream=data.stream)
         job = GenerationJob(request, ctx, engine, [prompt_ids], sp, route.adapter, 1)
         shape = _Shape(ctx.id, job.created, ctx.version or "", data, sp)
@@ -169,16 +176,22 @@ def refuse_unsupported(data: ResponsesRequest) -> None:
     tc = data.tool_choice
     if tc is not None and tc not in ("auto", "none"):
         raise bad("tool_choice", f'tool_choice must be "auto" or "none" (there are no tools), got {tc!r}')
-    fmt = data.text.format if data.text is not None else None
-    if fmt is not None and fmt.type != "text":
-        raise bad(
-            "text.format",
-            f'text.format type {fmt.type!r} is not supported on /v1/responses yet; use {{"type": "text"}}',
-        )
     if data.include:
         raise bad("include", f"include is not supported (no extra output fields to include), got {data.include!r}")
     if data.background:
         raise bad("background", "background responses are not supported; send background: false")
+
+
+def structured_output(data: ResponsesRequest) -> dict[str, Any] | None:
+    """vLLM structured-output arguments for ``text.format`` (``json_object`` / ``json_schema``), else None."""
+    fmt = data.text.format if data.text is not None else None
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return {"json_object": True}
+    if fmt.schema is None or fmt.name is None:
+        raise APIError(400, "text.format json_schema needs name and schema", "invalid_parameter", "text.format")
+    return {"json": fmt.schema}
 
 
 def usage(job: GenerationJob, acc: Accumulator) -> ResponseUsage:
@@ -200,6 +213,12 @@ class _Shape:
         self.msg_id = "msg_" + rid.removeprefix(_ID_PREFIX)
         self.temperature = getattr(sp, "temperature", data.temperature)  # the values sampling used
         self.top_p = getattr(sp, "top_p", data.top_p)
+        fmt = data.text.format if data.text is not None else None
+        self.format = (
+            FormatText(fmt.type, fmt.name, fmt.schema, fmt.description, fmt.strict)
+            if fmt is not None
+            else FormatText("text")
+        )
 
     def message(self, text: str | None, status: ItemStatus) -> OutputMessage:
         content = [] if text is None else [OutputText(text=text)]
@@ -231,6 +250,7 @@ class _Shape:
             usage=usage,
             user=d.user,
             metadata=dict(d.metadata or {}),
+            text=TextConfigOut(format=self.format),
         )
 
     def final(self, text: str, finish_reason: str | None, usage: ResponseUsage) -> ResponseObject:

@@ -243,7 +243,6 @@ def test_truncation_auto_drops_the_oldest_turns(live_server):
         ({"reasoning": {"effort": "low"}}, "reasoning"),
         ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
         ({"tool_choice": "required"}, "tool_choice"),
-        ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}}}, "text.format"),
         ({"max_output_tokens": 100_000}, "max_output_tokens"),
         ({"temperature": 3}, "temperature"),
         ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, "input"),
@@ -344,3 +343,32 @@ def test_an_engine_error_mid_stream_is_one_error_event_and_is_logged():
     assert payloads[-1]["code"] == "engine_unavailable" and "engine stopped" in payloads[-1]["message"]
     (rec,) = records
     assert rec.status == 503 and rec.response == "Hel" and rec.route == "responses"
+
+
+def test_text_format_json_schema_is_enforced_streaming_or_not(live_server):
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}, "sunny": {"type": "boolean"}},
+        "required": ["city", "sunny"],
+        "additionalProperties": False,
+    }
+    fmt = {"format": {"type": "json_schema", "name": "weather", "schema": schema, "strict": True}}
+    client = live_server.openai()
+    r = client.responses.create(
+        model=live_server.base_name, input="Weather in Paris?", text=fmt, temperature=1.0, max_output_tokens=100
+    )
+    assert r.status == "completed" and r.text.format.type == "json_schema" and r.text.format.name == "weather"
+    jsonschema.validate(json.loads(r.output_text), schema)
+    events = list(
+        client.responses.create(
+            model=live_server.base_name, input="Weather in Rome?", text=fmt, max_output_tokens=100, stream=True
+        )
+    )
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    jsonschema.validate(json.loads(text), schema)
+    obj = client.responses.create(
+        model=live_server.base_name, input="Any JSON", text={"format": {"type": "json_object"}}, max_output_tokens=300
+    )
+    assert obj.status == "completed" and isinstance(json.loads(obj.output_text), dict)
