@@ -302,7 +302,7 @@ def test_tool_results_are_accepted_and_tools_are_logged(live_server):
         {"role": "tool", "tool_call_id": "call_1", "content": '{"temp_c": 21}'},
     ]
     c = client.chat.completions.create(
-        model=live_server.base_name, messages=messages, tools=TOOLS, tool_choice="required", max_tokens=80, seed=1
+        model=live_server.base_name, messages=messages, tools=TOOLS, tool_choice="required", max_tokens=300, seed=1
     )
     _check_call(c.choices[0].message.tool_calls[0])
     live_server.flush_log()
