@@ -296,10 +296,16 @@ class Engine:
             raise EngineUnavailable("engine is not running")
         return self._tokenizer
 
-    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
-        """Token ids of a chat prompt, rendered exactly as the trainer renders it (generation prompt added)."""
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[int]:
+        """Token ids of a chat prompt, rendered exactly as the trainer renders it (generation prompt added unless
+        ``add_generation_prompt`` is false)."""
         try:
-            ids = render_prompt(self.tokenizer, messages, tools)
+            ids = render_prompt(self.tokenizer, messages, tools, add_generation_prompt)
         except EngineInputError:
             raise
         except UserError as e:
@@ -470,25 +476,6 @@ class Engine:
     def _prompt_logprobs(self, prompt_ids: list[int], steps: Any) -> list[TokenLogprob | None]:
         """Per prompt token: its logprob given the tokens before it (None for the first, as vLLM answers)."""
         return [None if step is None else self._token_logprob(tid, step) for tid, step in zip(prompt_ids, steps)]
-
-    def render_chat_no_generation_prompt(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
-    ) -> list[int]:
-        """Token ids of a conversation rendered with the chat template, without the generation prompt."""
-        from tuneloop.chat import template_messages
-
-        kw: dict[str, Any] = {"tools": tools} if tools else {}
-        try:
-            out = self.tokenizer.apply_chat_template(
-                template_messages(messages), add_generation_prompt=False, tokenize=True, return_dict=False, **kw
-            )
-        except Exception as e:
-            raise EngineInputError(
-                f"could not render the messages with the model's chat template: {e}", "invalid_messages", "messages"
-            ) from None
-        if hasattr(out, "get") and not isinstance(out, list):
-            out = out["input_ids"]
-        return [int(t) for t in out]
 
     def detokenize(self, ids: list[int]) -> str:
         """Text of token ids; 400 for an id outside the vocabulary."""

@@ -43,6 +43,7 @@ Contract
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -114,16 +115,11 @@ class ResponsesServing:
         job = GenerationJob(request, ctx, engine, [prompt_ids], sp, route.adapter, 1)
         shape = _Shape(ctx.id, job.created, ctx.version or "", data, sp)
         if data.stream:
-            events = _Events(shape)
-            body = job.sse(
-                events.first(),
-                events.delta,
-                None,
-                last_chunks=lambda acc: events.last(acc, job),
-                error_chunk=events.error,
-                named_events=True,
+            return Stream(
+                _Events(shape).sse(job),
+                media_type="text/event-stream",
+                headers={**ctx.headers(), "Cache-Control": "no-cache"},
             )
-            return Stream(body, media_type="text/event-stream", headers={**ctx.headers(), "Cache-Control": "no-cache"})
         acc = await job.collect()
         body_obj = shape.final(acc.text(0), acc.finish[0], usage(job, acc))
         return Response(_enc.encode(body_obj), media_type="application/json", headers=ctx.headers())
@@ -298,6 +294,17 @@ class _Events:
                 part=OutputText(text=""),
             ),
         ]
+
+    def sse(self, job: GenerationJob) -> AsyncIterator[bytes]:
+        """The whole event stream of ``job``: the opening events, a delta per engine output, the closing events."""
+        return job.sse(
+            self.first(),
+            self.delta,
+            None,
+            last_chunks=lambda acc: self.last(acc, job),
+            error_chunk=self.error,
+            named_events=True,
+        )
 
     def delta(self, _idx: int, d: Delta) -> TextDeltaEvent | None:
         if not d.text:

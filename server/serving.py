@@ -350,10 +350,7 @@ class OpenAIServing:
         if data.messages is not None:
             tools = msgspec.to_builtins(data.tools) if data.tools else None
             msgs = _messages(data.messages)
-            if data.add_generation_prompt:
-                ids = eng.render_chat(msgs, tools)
-            else:
-                ids = eng.render_chat_no_generation_prompt(msgs, tools)
+            ids = eng.render_chat(msgs, tools, data.add_generation_prompt)
         else:
             ids = list(eng.tokenizer.encode(data.prompt or "", add_special_tokens=data.add_special_tokens))
         return TokenizeResponse(count=len(ids), max_model_len=eng.max_model_len, tokens=ids)

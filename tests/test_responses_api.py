@@ -313,15 +313,7 @@ def test_an_engine_error_mid_stream_is_one_error_event_and_is_logged():
     events = _Events(_Shape(ctx.id, job.created, "m", ResponsesRequest(model="m", input="hi"), None))
 
     async def read() -> bytes:
-        sse = job.sse(
-            events.first(),
-            events.delta,
-            None,
-            last_chunks=lambda acc: events.last(acc, job),
-            error_chunk=events.error,
-            named_events=True,
-        )
-        return b"".join([b async for b in sse])
+        return b"".join([b async for b in events.sse(job)])
 
     body = asyncio.run(read())
     blocks = [b.split("\n") for b in body.decode().split("\n\n") if b]

@@ -66,15 +66,23 @@ def _template_call(call: dict[str, Any]) -> dict[str, Any]:
 
 
 def render_prompt(
-    tokenizer: Tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    tokenizer: Tokenizer,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+    add_generation_prompt: bool = True,
 ) -> list[int]:
-    """Token ids of ``messages`` rendered with the chat template plus the generation prompt."""
+    """Token ids of ``messages`` rendered with the chat template plus (unless ``add_generation_prompt`` is
+    false, as ``/tokenize`` may ask) the generation prompt."""
     if not messages:
         raise UserError("a conversation needs at least one message")
     kw: dict[str, Any] = {"tools": tools} if tools else {}
     return _ids(
         tokenizer.apply_chat_template(
-            template_messages(messages), add_generation_prompt=True, tokenize=True, return_dict=False, **kw
+            template_messages(messages),
+            add_generation_prompt=add_generation_prompt,
+            tokenize=True,
+            return_dict=False,
+            **kw,
         )
     )
 
