@@ -22,6 +22,7 @@ The demo, the test fixtures and the serving benchmark start their servers with i
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -40,8 +41,27 @@ class ServerStartError(UserError, RuntimeError):
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
+    """A TCP port on 127.0.0.1 that nothing listens on right now, chosen *below* the kernel's ephemeral range.
+
+    A server binds its port only once its engine has started (tens of seconds); a port from the ephemeral
+    range (what ``bind(0)`` returns) can be handed in the meantime to any outgoing or auto-bound socket,
+    vLLM's own ZMQ sockets included, and the server then fails with "address already in use". Ports below
+    the range are never handed out by the kernel, so only another explicit chooser can collide (random pick)."""
+    low = 32768
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low // 2), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # fall back to any free port
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
