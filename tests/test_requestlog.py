@@ -109,8 +109,9 @@ def test_size_trigger_flushes_without_waiting_for_the_interval(db, metrics):
     try:
         for i in range(25):
             assert w.submit(record(i))
-        # 60 s interval: only the size trigger can write these in time
-        assert wait_for(lambda: w.rows_written >= 20, timeout=10)
+        # 60 s interval: only the size trigger can write these within half of it (the bound leaves room for a
+        # first database open on a machine whose cores are busy with engines; 10 s was missed once in CI)
+        assert wait_for(lambda: w.rows_written >= 20, timeout=30)
         assert w.flushes <= 3, "rows are written in batches, not one by one"
     finally:
         assert w.close(timeout_s=10) == 0
