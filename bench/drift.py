@@ -83,9 +83,9 @@ def _insert_sql(version: str, n: int, max_words: int, new_word_share: float, len
 
 def make_database(path: Path, rows: int, ref_rows: int, seed: float = 0.42) -> dict:
     """Fresh DuckDB file with the real schema, ``rows`` production + ``ref_rows`` reference requests."""
-    from tuneloop.db import Database
+    from tuneloop.db import open_database
 
-    db = Database(path)
+    db = open_database(path)
     t = time.perf_counter()
     with db.connect() as con:
         con.execute(f"SELECT setseed({seed})")
@@ -98,12 +98,12 @@ def reference_profile(path: Path, vocab_size: int = 10000, seed: int = 0) -> dic
     """The profile dict ``monitoring.profile`` stores, built from the reference rows with SQL (not timed)."""
     import numpy as np
 
-    from tuneloop.db import Database
+    from tuneloop.db import open_database
     from tuneloop.monitoring.drift import _TEXT_SQL, WORD_PATTERN
     from tuneloop.monitoring.profile import js_null
 
     ref = "model_version = 'bench-ref'"
-    with Database(path).connect(transaction=False) as con:
+    with open_database(path).connect(transaction=False) as con:
 
         def vc(col):
             return [
@@ -149,10 +149,10 @@ def common_statistics(path: Path) -> dict:
     """PSI, KS, Wasserstein on prompt_tokens and categorical JS on finish_reason, from the database."""
     import numpy as np
 
-    from tuneloop.db import Database
+    from tuneloop.db import open_database
     from tuneloop.monitoring.drift_stats import js_divergence, ks_counts, psi_counts, wasserstein_counts
 
-    with Database(path, read_only=True).connect(transaction=False) as con:
+    with open_database(path, read_only=True).connect(transaction=False) as con:
         lens = con.execute("""SELECT model_version = 'bench-v1' AS prod, prompt_tokens, count(*) FROM requests
                               WHERE model_version IN ('bench-ref', 'bench-v1') AND status < 400 GROUP BY ALL""").fetchnumpy()
         fin = con.execute("""SELECT model_version = 'bench-v1' AS prod, finish_reason, count(*) FROM requests
@@ -192,14 +192,14 @@ def full_pass(path: Path, profile: dict, word_sample: int | None = None) -> dict
     ``word_sample`` overrides it (0: every request, the exact count)."""
     from datetime import datetime
 
-    from tuneloop.db import Database
+    from tuneloop.db import open_database
     from tuneloop.monitoring.drift import compare, parse_window, production_stats
     from tuneloop.settings import DriftSettings
 
     settings = DriftSettings(embeddings=False)
     if word_sample is not None:
         settings.word_sample = word_sample
-    with Database(path, read_only=True).connect(transaction=False) as con:
+    with open_database(path, read_only=True).connect(transaction=False) as con:
         prod = production_stats(
             con,
             "bench-v1",

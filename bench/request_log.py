@@ -5,7 +5,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tuneloop.db import Database, utcnow
+from tuneloop.db import open_database, utcnow
 from tuneloop.ids import new_id
 from tuneloop.monitoring.records import RequestRecord
 from tuneloop.monitoring.requestlog import COLUMNS, RequestLogWriter
@@ -38,7 +38,7 @@ def recs(n):
 
 
 d = Path(tempfile.mkdtemp())
-db = Database(d / "b.duckdb")
+db = open_database(d / "b.duckdb")
 with db.connect():
     pass
 from prometheus_client import CollectorRegistry  # noqa: E402

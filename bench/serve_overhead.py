@@ -385,9 +385,9 @@ def main() -> int:
 
 
 def _count_rows(db_path: Path) -> int:
-    from tuneloop.db import Database
+    from tuneloop.db import open_database
 
-    return int(Database(db_path).query("SELECT count(*) AS n FROM requests")[0]["n"]) if db_path.exists() else 0
+    return int(open_database(db_path).query("SELECT count(*) AS n FROM requests")[0]["n"]) if db_path.exists() else 0
 
 
 if __name__ == "__main__":

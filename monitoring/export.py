@@ -240,7 +240,10 @@ def _export(
 def _copy(con: duckdb.DuckDBPyConnection, table: str, out: str, replica: str, start: datetime, end: datetime) -> int:
     """``COPY`` the rows of ``table`` in ``[start, end)`` into partitioned Parquet; returns the row count."""
     tcol = TIME_COLUMN[table]
-    cols = ", ".join(n for n, _ in table_columns(table))
+    names = [n for n, _ in table_columns(table)]
+    cols = ", ".join(n for n in names if n != "replica")
+    # the replica that served a row (requests.replica, shared backend) wins over the exporting one's name
+    who = f"coalesce(replica, {_sql_str(replica)})" if "replica" in names else _sql_str(replica)
     row = con.execute(f"SELECT count(*) FROM {table} WHERE {tcol} >= ? AND {tcol} < ?", [start, end]).fetchone()
     n = 0 if row is None else row[0]
     if not n:
@@ -251,7 +254,7 @@ def _copy(con: duckdb.DuckDBPyConnection, table: str, out: str, replica: str, st
         os.makedirs(os.path.join(out, table), exist_ok=True)
     # literals, not parameters: DuckDB does not bind parameters inside COPY (query) TO
     con.execute(
-        f"""COPY (SELECT {cols}, {_sql_str(replica)} AS replica, CAST({tcol} AS DATE) AS date
+        f"""COPY (SELECT {cols}, {who} AS replica, CAST({tcol} AS DATE) AS date
                   FROM {table}
                   WHERE {tcol} >= TIMESTAMP {_sql_str(start.isoformat(sep=" "))}
                     AND {tcol} < TIMESTAMP {_sql_str(end.isoformat(sep=" "))}

@@ -43,3 +43,4 @@ class RequestRecord(msgspec.Struct, kw_only=True):
     user_id: str | None = None
     key_id: str | None = None
     tool_calls: Any = None
+    replica: str | None = None  # the server replica that answered (server.replica)

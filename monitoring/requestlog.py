@@ -102,6 +102,7 @@ COLUMNS: tuple[str, ...] = (
     "user_id",
     "key_id",
     "tool_calls",
+    "replica",
 )
 _JSON_COLUMNS = ("prompt", "params", "tool_calls")
 
@@ -174,7 +175,7 @@ class RequestLogWriter:
         # our own handle: a flush must not wait the CLI's long lock timeout before it can retry
         if lock_timeout_s is None:
             lock_timeout_s = max(2.0, 2 * settings.flush_interval_s)
-        self.db = Database(db.path, lock_timeout_s=lock_timeout_s)
+        self.db = db.with_options(lock_timeout_s=lock_timeout_s)
         self._scrub = settings.scrub_pii and not settings.redact_prompts
         self._pending: dict[str, RequestRecord] = {}
         self._cond = threading.Condition()

@@ -88,7 +88,7 @@ def parquet_relation_sql(source: str, table: str, con: duckdb.DuckDBPyConnection
     """A SELECT giving ``table``'s columns (and ``replica``) from the Parquet exports under ``source``.
 
     With ``con`` (able to read ``source``), columns that no export file has are NULL of their type."""
-    cols = table_columns(table)
+    cols = tuple((n, t) for n, t in table_columns(table) if n != "replica")  # every export file has `replica`
     if not _has_files(source, table):
         body = ", ".join(f"CAST(NULL AS {t}) AS {n}" for n, t in cols)
         return f"SELECT {body}, CAST(NULL AS VARCHAR) AS replica WHERE false"

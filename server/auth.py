@@ -219,7 +219,7 @@ class Auth:
         miss_refresh_s: float = 0.5,
         lock_timeout_s: float = 2.0,
     ):
-        self.db = Database(db.path, lock_timeout_s=lock_timeout_s)
+        self.db = db.with_options(lock_timeout_s=lock_timeout_s)
         self.settings = settings
         self.refresh_s = refresh_s
         self.miss_refresh_s = miss_refresh_s

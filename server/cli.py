@@ -129,7 +129,7 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> int:
         )
     print(
         f"serving {plan.base} as {plan.served_name!r} on http://{s.host}:{s.port} "
-        f"(adapters: {', '.join(plan.adapters) or 'none'}; database {ctx.db.path})",
+        f"(adapters: {', '.join(plan.adapters) or 'none'}; database {ctx.db})",
         flush=True,
     )
     app = create_app(settings, ctx.db, plan=plan)

@@ -295,7 +295,7 @@ class FeedbackController(Controller):
     @staticmethod
     def _db(request: Request) -> Database:
         db: Database = request.app.state.db
-        return Database(db.path, lock_timeout_s=min(db.lock_timeout_s, 5.0))
+        return db.with_options(lock_timeout_s=min(db.lock_timeout_s, 5.0))
 
     @post(
         "/",

@@ -85,7 +85,7 @@ class ModelRouter:
 
     def __init__(self, db: Database, engine: Engine, refresh_s: float = 2.0, metrics: ServingMetrics | None = None):
         # our own handle with a short lock timeout: a busy database must not stall routing
-        self.db = Database(db.path, lock_timeout_s=2.0)
+        self.db = db.with_options(lock_timeout_s=2.0)
         self.engine = engine
         self.refresh_s = refresh_s
         self.metrics = metrics

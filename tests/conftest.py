@@ -56,6 +56,7 @@ def require_tool(name: str) -> str:
 pytest_plugins = [
     "fixtures_server",  # live `tuneloop serve` + LoRA adapters (tests/fixtures_server.py)
     "fixtures_vllm",  # vLLM's own OpenAI server on the tiny model, for parity (tests/fixtures_vllm.py)
+    "fixtures_postgres",  # a real PostgreSQL server and a database per test (tests/fixtures_postgres.py)
 ]
 
 
@@ -78,9 +79,9 @@ def home(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def db(home):
-    from tuneloop.db import Database
+    from tuneloop.db import open_database
 
-    return Database(home / "tuneloop.duckdb")
+    return open_database(home / "tuneloop.duckdb")
 
 
 class CLI:

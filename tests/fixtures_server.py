@@ -123,9 +123,9 @@ class LiveServer:
         return self.home / "tuneloop.duckdb"
 
     def db(self):
-        from tuneloop.db import Database
+        from tuneloop.db import open_database
 
-        return Database(self.db_path)
+        return open_database(self.db_path)
 
     def openai(self, **kw):
         import openai
@@ -186,12 +186,12 @@ def start_server(
 @pytest.fixture(scope="session")
 def live_server(tiny_model, tiny_adapters, tmp_path_factory):
     """One live server for the session: tiny base served as its folder name, version ``tiny-a`` registered."""
-    from tuneloop.db import Database
+    from tuneloop.db import open_database
     from tuneloop.ids import hash_path
     from tuneloop.registry import ModelVersion, register_version
 
     home = tmp_path_factory.mktemp("serve-home")
-    db = Database(home / "tuneloop.duckdb")
+    db = open_database(home / "tuneloop.duckdb")
     register_version(
         db,
         ModelVersion(
@@ -224,9 +224,9 @@ def descendants(pid: int) -> list:
 
 def read_requests(db_path: Path, where: str = "TRUE", params: list | None = None) -> list[dict]:
     """Rows of the request log (short read-only connection that retries while the server writes)."""
-    from tuneloop.db import Database
+    from tuneloop.db import open_database
 
-    return Database(db_path).query(f"SELECT * FROM requests WHERE {where} ORDER BY received_at", params or [])
+    return open_database(db_path).query(f"SELECT * FROM requests WHERE {where} ORDER BY received_at", params or [])
 
 
 def sse_events(text: str) -> list:

@@ -242,7 +242,7 @@ def outside(tiny_adapters, tmp_path_factory) -> Path:
 def open_server(tiny_model, tiny_adapters, outside, tmp_path_factory):
     """``tuneloop serve --host 0.0.0.0`` with ``auth.allow_open_admin``, no key; adapter roots: the tiny adapters'
     folder and ``<home>/runs``. Registered version ``far-v`` and start-up adapter ``boot`` live outside them."""
-    from tuneloop.db import Database
+    from tuneloop.db import open_database
     from tuneloop.ids import hash_path
     from tuneloop.registry import ModelVersion, register_version
 
@@ -250,7 +250,7 @@ def open_server(tiny_model, tiny_adapters, outside, tmp_path_factory):
     (home / "runs").mkdir(parents=True)
     (home / "runs" / "escape").symlink_to(outside / "a")  # inside a root by name, outside once resolved
     register_version(
-        Database(home / "tuneloop.duckdb"),
+        open_database(home / "tuneloop.duckdb"),
         ModelVersion(
             name="far-v",
             kind="adapter",

@@ -54,9 +54,9 @@ class Setup:
 
     @property
     def db(self):
-        from tuneloop.db import Database
+        from tuneloop.db import open_database
 
-        return Database(self.home / "tuneloop.duckdb")
+        return open_database(self.home / "tuneloop.duckdb")
 
     def model_copy(self, name: str, drop: tuple[str, ...] = ()) -> Path:
         dest = self.tmp / name

@@ -39,12 +39,12 @@ def test_tiny_demo_closes_the_loop_through_the_live_servers_judge(cli, home, tmp
     assert checks["forgetting"]["threshold"] == 0.1 and checks["shift"]["threshold"] == 2.0
     assert checks["golden"]["detail"].startswith("passed ") and "/8 golden prompts" in checks["golden"]["detail"]
     # the canary was decided by the live server's judge (not by the demo), and the registry agrees
-    from tuneloop.db import Database
+    from tuneloop.db import open_database
     from tuneloop.registry import version_by_stage
 
     assert gate["passed"], gate
     assert s["canary"]["decided_by"] == "server-canary-judge"
-    db = Database(home / "tuneloop.duckdb")
+    db = open_database(home / "tuneloop.duckdb")
     prod = version_by_stage(db, "production").name
     assert prod == ("tiny-v2" if s["canary"]["decision"] == "promote" else "tiny-v1")
     assert s["promoted"] == ("tiny-v2" if s["canary"]["decision"] == "promote" else None)

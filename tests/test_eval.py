@@ -38,14 +38,14 @@ def ws(tiny_model, chat_seed, tmp_path_factory):
     (root / "general.txt").write_text(
         "The quick brown fox jumps over the lazy dog.\n\nParis is the capital of France.\n"
     )
-    from tuneloop.db import Database
+    from tuneloop.db import open_database
 
     return {
         "root": root,
         "cli": cli,
         "a": str(tiny_model),
         "b": str(other),
-        "db": Database(root / "home" / "tuneloop.duckdb"),
+        "db": open_database(root / "home" / "tuneloop.duckdb"),
     }
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tuneloop.db import Database, utcnow
+from tuneloop.db import Database, open_database, utcnow
 from tuneloop.errors import UserError
 from tuneloop.feedback.sample import SampleConfig, choose_objective, sample
 from tuneloop.ids import new_id
@@ -271,7 +271,7 @@ def sampled(tiny_model, tmp_path_factory):
     """One home with logged mixed feedback, sampled into SFT, preference and KTO sets."""
     home = tmp_path_factory.mktemp("objectives") / "home"
     home.mkdir()
-    db = Database(home / "tuneloop.duckdb")
+    db = open_database(home / "tuneloop.duckdb")
     log_mixed_feedback(db)
     res = sample(db, home, all_rows_cfg("fb"), progress=False)
     settings = load_settings(overrides=[f"paths.home={home}"])

@@ -60,9 +60,9 @@ def ws(tiny_model, chat_seed, tmp_path_factory):
     """A copy of the session's prepared home: dataset 'chat' and chat-v1, a LoRA trained on it (conftest)."""
     root = tmp_path_factory.mktemp("merge")
     home, cli = copy_home(chat_seed, root)
-    from tuneloop.db import Database
+    from tuneloop.db import open_database
 
-    return {"root": root, "cli": cli, "db": Database(home / "tuneloop.duckdb"), "base": str(tiny_model)}
+    return {"root": root, "cli": cli, "db": open_database(home / "tuneloop.duckdb"), "base": str(tiny_model)}
 
 
 def test_adapter_version_is_evaluated_against_its_base(ws):

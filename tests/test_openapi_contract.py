@@ -112,12 +112,12 @@ def semantic_refusal(response_body: Any) -> str | None:
 @pytest.fixture(scope="module")
 def contract_server(tiny_model, tiny_adapters, tmp_path_factory):
     """A server for this module only (see module docstring): tiny base, ``tiny-prod`` in production, ``tiny-b``."""
-    from tuneloop.db import Database
+    from tuneloop.db import open_database
     from tuneloop.ids import hash_path
     from tuneloop.registry import ModelVersion, register_version, set_stage
 
     home = tmp_path_factory.mktemp("contract-home")
-    db = Database(home / "tuneloop.duckdb")
+    db = open_database(home / "tuneloop.duckdb")
     for name, adapter in (("tiny-prod", "a"), ("tiny-b", "b")):
         path = tiny_adapters[adapter]
         register_version(

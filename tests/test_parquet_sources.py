@@ -21,7 +21,7 @@ from test_drift import _production_rows, chatterbot_pairs, chitchat_prompts
 from test_export import insert
 
 from tuneloop.dataset_store import load_splits, save_dataset
-from tuneloop.db import Database, utcnow
+from tuneloop.db import Database, open_database, utcnow
 from tuneloop.ids import new_id
 from tuneloop.monitoring.sources import table_columns
 from tuneloop.registry import ModelVersion, register_version
@@ -115,7 +115,7 @@ def fleet(tmp_path_factory, tiny_model):
     """
     tmp_path = tmp_path_factory.mktemp("fleet")
     home = tmp_path / "home"
-    db = Database(home / "tuneloop.duckdb")
+    db = open_database(home / "tuneloop.duckdb")
     cli = CLI(tmp_path, dict(os.environ, TUNELOOP_HOME=str(home)))
     pairs = chatterbot_pairs()
     random.Random(0).shuffle(pairs)
@@ -135,14 +135,14 @@ def fleet(tmp_path_factory, tiny_model):
     out = tmp_path / "exported-logs"
     for name, (reqs, fbs) in per_replica.items():
         rhome = tmp_path / name
-        insert(Database(rhome / "tuneloop.duckdb"), reqs, fbs)
+        insert(open_database(rhome / "tuneloop.duckdb"), reqs, fbs)
         rcli = type(cli)(cli.cwd, dict(cli.env, TUNELOOP_HOME=str(rhome)))
         res = json.loads(rcli("export", "logs", "--out", out, "--replica", name, "--window", "1m", "--json").stdout)
         assert {t["table"]: t["rows"] for t in res["tables"]} == {"requests": len(reqs), "feedback": len(fbs)}
 
     # the control plane the --from-parquet commands run against: versions and datasets, no request log
     fhome = tmp_path / "fleet-home"
-    fdb = Database(fhome / "tuneloop.duckdb")
+    fdb = open_database(fhome / "tuneloop.duckdb")
     register_control_plane(fdb, fhome, tiny_model, train)
     assert fdb.query("SELECT count(*) AS n FROM requests") == [{"n": 0}]
     fcli = type(cli)(cli.cwd, dict(cli.env, TUNELOOP_HOME=str(fhome)))

@@ -289,10 +289,10 @@ CHILD_PRELUDE = """
 import signal, sys, time
 from tuneloop.monitoring.records import RequestRecord
 from tuneloop.monitoring.requestlog import RequestLogWriter
-from tuneloop.db import Database, utcnow
+from tuneloop.db import Database, open_database, utcnow
 from tuneloop.ids import new_id
 from tuneloop.settings import LogSettings
-db = Database(sys.argv[1])
+db = open_database(sys.argv[1])
 def rec(i):
     return RequestRecord(id=new_id(), received_at=utcnow(), route="completions", status=200, model_version="v1",
                          prompt="p%d" % i, response="r", prompt_tokens=1, completion_tokens=1, latency_s=0.01)
@@ -380,9 +380,9 @@ def test_another_process_writes_between_flushes(db, metrics):
     w = RequestLogWriter(db, LogSettings(flush_interval_s=0.05), metrics).start()
     other = """
 import sys
-from tuneloop.db import Database, utcnow
+from tuneloop.db import Database, open_database, utcnow
 from tuneloop.ids import new_id
-db = Database(sys.argv[1])
+db = open_database(sys.argv[1])
 for i in range(20):
     with db.connect() as con:
         con.execute("INSERT INTO api_keys VALUES (?, ?, 'inference', ?, 'tl-x', ?, NULL)",
@@ -422,9 +422,9 @@ def test_under_steady_traffic_the_file_stays_open_between_flushes_until_another_
     # one write from another process, which gives up after 5 s: far less than the 60 s hold
     other = """
 import sys
-from tuneloop.db import Database, utcnow
+from tuneloop.db import Database, open_database, utcnow
 from tuneloop.ids import new_id
-with Database(sys.argv[1], lock_timeout_s=5).connect() as con:
+with open_database(sys.argv[1], lock_timeout_s=5).connect() as con:
     con.execute("INSERT INTO api_keys VALUES (?, 'cli', 'inference', ?, 'tl-x', ?, NULL)", [new_id(), new_id(), utcnow()])
 print("ok")
 """
@@ -453,8 +453,8 @@ def test_an_idle_writer_does_not_keep_the_file_open(db, metrics):
         assert wait_for(lambda: not w.db.held)  # the first flush with nothing to write lets go
         # so another process opens it at once: no knock, no waiting (a lock timeout of 10 ms)
         p = _python(
-            "import sys; from tuneloop.db import Database; "
-            "print(Database(sys.argv[1], lock_timeout_s=0.01).query('SELECT count(*) AS n FROM requests')[0]['n'])",
+            "import sys; from tuneloop.db import Database, open_database; "
+            "print(open_database(sys.argv[1], lock_timeout_s=0.01).query('SELECT count(*) AS n FROM requests')[0]['n'])",
             str(db.path),
         )
         out, err = p.communicate(timeout=120)

@@ -7,7 +7,7 @@ import json
 import duckdb
 import pytest
 
-from tuneloop.db import Database, migrate
+from tuneloop.db import Database, migrate, open_database
 from tuneloop.migrations import MIGRATIONS
 
 EXPECTED = {
@@ -84,6 +84,7 @@ EXPECTED = {
         ("user_id", "VARCHAR"),
         ("key_id", "VARCHAR"),
         ("tool_calls", "JSON"),
+        ("replica", "VARCHAR"),
     ],
     "api_keys": [
         ("id", "VARCHAR"),
@@ -219,7 +220,7 @@ def test_a_request_log_from_before_tool_calling_gains_a_null_tool_calls_column_a
     """Migration 5 (ALTER TABLE): an old requests table keeps every row and column, tool_calls is NULL for
     them, and the request-log writer can then log tool calls into the upgraded file."""
     import tuneloop.migrations as m
-    from tuneloop.db import utcnow
+    from tuneloop.db import open_database, utcnow
     from tuneloop.monitoring.records import RequestRecord
     from tuneloop.monitoring.requestlog import RequestLogWriter
     from tuneloop.settings import LogSettings
@@ -252,10 +253,10 @@ def test_a_request_log_from_before_tool_calling_gains_a_null_tool_calls_column_a
     con.close()
 
     calls = [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]
-    w = RequestLogWriter(Database(path), LogSettings(flush_interval_s=60))
+    w = RequestLogWriter(open_database(path), LogSettings(flush_interval_s=60))
     w.submit(RequestRecord(id="new-1", received_at=utcnow(), route="chat.completions", status=200, tool_calls=calls))
     assert w.flush() == 1 and w.close() == 0
-    got = Database(path).query(
+    got = open_database(path).query(
         "SELECT tool_calls->>'$[0].function.name' AS name, tool_calls FROM requests WHERE id = 'new-1'"
     )
     assert got[0]["name"] == "get_weather" and json.loads(got[0]["tool_calls"]) == calls
@@ -307,7 +308,7 @@ def test_data_version_moves_on_writes_from_any_process_but_not_on_reads_or_own_l
     db.execute("INSERT INTO api_keys VALUES ('k', 'n', 'admin', 'h', 'p', now(), NULL)")  # an ordinary write is
     v1 = db.data_version()
     assert v1 != v0 and db.data_version() == v1
-    other = Database(db.path)  # another handle on the same file shares what this process has seen
+    other = open_database(db.path)  # another handle on the same file shares what this process has seen
     assert other.data_version() == v1
     subprocess.run(
         [
@@ -344,8 +345,8 @@ def test_a_process_waiting_for_the_lock_knocks_and_the_holder_hears_each_knock_o
         [
             sys.executable,
             "-c",
-            "import sys; from tuneloop.db import Database, DatabaseBusy\n"
-            "try:\n    Database(sys.argv[1], lock_timeout_s=0.3).query('SELECT 1')\n"
+            "import sys; from tuneloop.db import Database, DatabaseBusy, open_database\n"
+            "try:\n    open_database(sys.argv[1], lock_timeout_s=0.3).query('SELECT 1')\n"
             "except DatabaseBusy:\n    print('busy')",
             str(db.path),
         ],
@@ -358,3 +359,85 @@ def test_a_process_waiting_for_the_lock_knocks_and_the_holder_hears_each_knock_o
     db.release()
     assert not db.held
     assert db.query("SELECT 1 AS one") == [{"one": 1}]
+
+
+# PostgreSQL spells the same types its own way; the migrations are rendered for it (migrations.render).
+PG_TYPE = {
+    "VARCHAR": "character varying",
+    "TIMESTAMP": "timestamp without time zone",
+    "JSON": "json",
+    "BIGINT": "bigint",
+    "INTEGER": "integer",
+    "DOUBLE": "double precision",
+    "BOOLEAN": "boolean",
+    "BLOB": "bytea",
+}
+
+
+@pytest.fixture
+def pg_db(pg_url):
+    db = open_database(pg_url, lock_timeout_s=10.0)
+    yield db
+    db.close()
+
+
+@pytest.mark.parametrize("table", sorted(EXPECTED))
+def test_every_table_has_exactly_its_columns_on_postgresql(pg_db, table):
+    rows = pg_db.query(
+        "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = 'public' "
+        "AND table_name = ? ORDER BY ordinal_position",
+        [table],
+    )
+    assert [(r["column_name"], r["data_type"]) for r in rows] == [(n, PG_TYPE[t]) for n, t in EXPECTED[table]]
+
+
+def test_no_unexpected_tables_on_postgresql(pg_db):
+    rows = pg_db.query("SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")
+    assert {r["table_name"] for r in rows} == set(EXPECTED)
+
+
+def test_replicas_starting_together_apply_each_postgresql_migration_once(pg_url):
+    """Four processes' worth of handles (separate pools) migrate a fresh database at the same moment: the
+    advisory lock lets one apply the migrations, the others find them applied."""
+    import threading
+
+    dbs = [open_database(pg_url, lock_timeout_s=30.0) for _ in range(4)]
+    barrier = threading.Barrier(len(dbs))
+    errors: list[BaseException] = []
+
+    def start(db) -> None:
+        barrier.wait()
+        try:
+            db.query("SELECT 1 AS one")
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=start, args=(d,)) for d in dbs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert errors == []
+        versions = [r["version"] for r in dbs[0].query("SELECT version FROM schema_migrations ORDER BY version")]
+        assert versions == list(range(1, len(MIGRATIONS) + 1))
+    finally:
+        for d in dbs:
+            d.close()
+
+
+def test_json_reads_back_as_text_and_placeholders_work_on_both_backends(any_db):
+    """The one SQL the control plane writes runs unchanged on both backends: ``?`` placeholders (also next to a
+    quoted '?'), JSON written as text and read back as the same text, naive UTC timestamps."""
+    from tuneloop.db import dumps, loads, utcnow
+
+    now = utcnow()
+    with any_db.connect() as con:
+        con.execute(
+            "INSERT INTO eval_reports (id, models, report, path, created_at) VALUES (?, ?, ?, '?', ?)",
+            ["r1", dumps(["a", "b"]), dumps({"score": 0.5, "what?": [1, 2]}), now],
+        )
+    row = any_db.query("SELECT models, report, path, created_at FROM eval_reports WHERE id = ?", ["r1"])[0]
+    assert isinstance(row["report"], str) and loads(row["report"]) == {"score": 0.5, "what?": [1, 2]}
+    assert loads(row["models"]) == ["a", "b"] and row["path"] == "?"
+    assert abs((row["created_at"] - now).total_seconds()) < 1e-3 and row["created_at"].tzinfo is None

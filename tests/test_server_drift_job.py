@@ -30,9 +30,9 @@ def _gauges(url: str) -> dict[tuple[str, str], float]:
 
 
 def _latest_report(db_path) -> list[dict]:
-    from tuneloop.db import Database
+    from tuneloop.db import open_database
 
-    return Database(db_path).query(
+    return open_database(db_path).query(
         """SELECT feature, statistic, value, drifted, n_requests FROM drift_reports
            WHERE id = (SELECT id FROM drift_reports WHERE model_version = ? ORDER BY created_at DESC LIMIT 1)""",
         [VERSION],

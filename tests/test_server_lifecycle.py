@@ -29,10 +29,10 @@ MSG = [{"role": "user", "content": "hi"}]
 
 def _keys(home) -> tuple[dict, dict]:
     """(admin key, inference key) as dicts with their id and secret, created in the server's database."""
-    from tuneloop.db import Database
+    from tuneloop.db import open_database
     from tuneloop.server.auth import create_key
 
-    db = Database(home / "tuneloop.duckdb")
+    db = open_database(home / "tuneloop.duckdb")
     out = []
     for scope in ("admin", "inference"):
         key, secret = create_key(db, scope, f"{scope}-key")
@@ -48,7 +48,7 @@ def _engine_children(srv) -> list[psutil.Process]:
 
 
 def test_sigterm_answers_in_flight_requests_and_logs_every_one(tiny_model, tmp_path):
-    from tuneloop.db import Database
+    from tuneloop.db import open_database
 
     home = tmp_path / "home"
     home.mkdir()
@@ -124,7 +124,7 @@ def test_sigterm_answers_in_flight_requests_and_logs_every_one(tiny_model, tmp_p
         assert not alive, f"engine processes left after SIGTERM: {alive}"
     finally:
         srv.stop(signal.SIGKILL)
-    rows = Database(srv.db_path).query("SELECT id, status, key_id, stream, completion_tokens FROM requests")
+    rows = open_database(srv.db_path).query("SELECT id, status, key_id, stream, completion_tokens FROM requests")
     assert len(rows) == 1 + 12 + n_streams  # the 401 is a request too (on an inference route)
     by_id = {r["id"]: r for r in rows}
     assert set(short_ids) <= set(by_id)
@@ -153,7 +153,7 @@ def _wait_first_flush(srv, timeout_s: float = 60) -> str:
 
 
 def test_sigkill_loses_at_most_the_last_flush_interval_and_leaves_no_engine_process(tiny_model, tmp_path):
-    from tuneloop.db import Database
+    from tuneloop.db import open_database
 
     srv = start_server(tmp_path / "home", tiny_model, env={"TUNELOOP_LOG__FLUSH_INTERVAL_S": str(FLUSH_INTERVAL_S)})
     kids = _engine_children(srv)
@@ -202,7 +202,7 @@ def test_sigkill_loses_at_most_the_last_flush_interval_and_leaves_no_engine_proc
         srv.stop(signal.SIGKILL)
     assert not leftovers, f"engine processes orphaned by SIGKILL of the server: {leftovers}"
     assert not others
-    rows = Database(srv.db_path).query("SELECT id, status FROM requests")  # the file opens after the kill
+    rows = open_database(srv.db_path).query("SELECT id, status FROM requests")  # the file opens after the kill
     stored = {r["id"] for r in rows}
     cutoff = kill_t - FLUSH_INTERVAL_S - COMMIT_S
     must = {rid for t, rid in received if t < cutoff}

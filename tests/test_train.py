@@ -22,9 +22,15 @@ def ws(tiny_model, chat_seed, tmp_path_factory):
     """A copy of the session's prepared home: SFT dataset 'chat' and preference dataset 'pref' (conftest)."""
     root = tmp_path_factory.mktemp("train")
     home, cli = copy_home(chat_seed, root)
-    from tuneloop.db import Database
+    from tuneloop.db import open_database
 
-    return {"root": root, "home": home, "cli": cli, "db": Database(home / "tuneloop.duckdb"), "base": str(tiny_model)}
+    return {
+        "root": root,
+        "home": home,
+        "cli": cli,
+        "db": open_database(home / "tuneloop.duckdb"),
+        "base": str(tiny_model),
+    }
 
 
 def test_help_lists_every_config_key_with_its_help(ws):

@@ -139,9 +139,9 @@ def read_config(path: str | os.PathLike[str]) -> LaunchConfig:
 
 def snapshot_db(db_path: Path, dest: Path) -> Path:
     """Copy the database file while holding it (no other process writes meanwhile), WAL checkpointed."""
-    from tuneloop.db import Database
+    from tuneloop.db import DuckDatabase
 
-    db = Database(db_path)
+    db = DuckDatabase(db_path)
     with db.connect(transaction=False) as con:
         con.execute("CHECKPOINT")
         shutil.copyfile(db.path, dest)
@@ -198,8 +198,10 @@ def launch(nproc: int, lc: LaunchConfig, db: Database) -> int:
     work = Path(tempfile.mkdtemp(prefix="tuneloop-dist-", dir=paths.sub("tmp")))
     try:
         config_file = write_config(work / CONFIG_NAME, lc)
-        snapshot_db(paths.db_path, work / "snapshot.duckdb")
-        env = dict(os.environ, **{ENV_SNAPSHOT: str(work / "snapshot.duckdb"), ENV_SCRATCH: str(work)})
+        env = dict(os.environ, **{ENV_SCRATCH: str(work)})
+        if not lc.settings.database.url:  # the DuckDB file has one writer: ranks > 0 read a snapshot
+            snapshot_db(paths.db_path, work / "snapshot.duckdb")
+            env[ENV_SNAPSHOT] = str(work / "snapshot.duckdb")
         # one OpenMP thread pool per process, sharing the cores (torchrun's default is 1 thread)
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
         print(f"launching {nproc} training processes (data parallel)", file=sys.stderr, flush=True)
@@ -210,17 +212,17 @@ def launch(nproc: int, lc: LaunchConfig, db: Database) -> int:
 
 def run_worker(lc: LaunchConfig, rank: int) -> int:
     """Train as process ``rank``: rank 0 for real, others on a DB snapshot in a scratch folder, quietly."""
-    from tuneloop.db import Database
+    from tuneloop.db import open_database
     from tuneloop.trainer.train import result_text, train
 
     settings, cfg = lc.settings, lc.train
     own: Path | None = None
-    db = Database(settings.paths.db_path)
+    db = settings.database.open(settings.paths)
     record = True
     if rank != 0:
         snap, scratch = os.environ.get(ENV_SNAPSHOT), os.environ.get(ENV_SCRATCH)
         if snap and scratch:  # started by `tuneloop train --nproc`: the launcher's shared snapshot
-            db = Database(snap)
+            db = open_database(snap)
         else:
             # Started by torchrun directly (several nodes): every rank > 0 of every node gets here. Copying the
             # database per rank would take its lock once per rank, one copy at a time, while rank 0 needs it
@@ -228,7 +230,7 @@ def run_worker(lc: LaunchConfig, rank: int) -> int:
             # read it instead (look-ups only, short read-only opens) and record nothing.
             own = Path(tempfile.mkdtemp(prefix=f"tuneloop-dist-rank{rank}-", dir=settings.paths.sub("tmp")))
             scratch = str(own)
-            db = Database(settings.paths.db_path, lock_timeout_s=600.0, read_only=True)
+            db = db.with_options(lock_timeout_s=600.0, read_only=True)
             record = False
         cfg.output_dir = str(Path(scratch) / f"rank{rank}")
         sys.stdout = open(os.devnull, "w")  # one process reports; errors still reach stderr  # noqa: SIM115

@@ -77,9 +77,7 @@ class Context:
 
     @cached_property
     def db(self) -> Database:
-        from tuneloop.db import Database
-
-        return Database(self.settings.paths.db_path)
+        return self.settings.database.open(self.settings.paths)
 
 
 def build_parser() -> argparse.ArgumentParser:

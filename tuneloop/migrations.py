@@ -1,4 +1,4 @@
-"""The DuckDB schema of tuneloop, as an append-only list of migrations.
+"""The schema of tuneloop, as an append-only list of migrations applied to both backends (DuckDB and PostgreSQL).
 
 Contract: ``MIGRATIONS[i]`` is applied exactly once, in order, and recorded in
 ``schema_migrations`` with version ``i + 1``. Never edit or reorder an entry
@@ -11,6 +11,8 @@ values are ``JSON``.
 """
 
 from __future__ import annotations
+
+import re
 
 MIGRATIONS: list[str] = [
     # 1: lineage core — datasets, training runs, model versions
@@ -183,4 +185,20 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE requests ADD COLUMN tool_calls JSON;  -- choice 0's tool calls, OpenAI shape; NULL when none
     """,
+    # 6: shared storage — which replica served a request (server.replica); NULL for rows logged before
+    """
+    ALTER TABLE requests ADD COLUMN replica VARCHAR;
+    """,
 ]
+
+
+def render(sql: str, backend: str) -> str:
+    """``sql`` (written in DuckDB's types) for ``backend``: PostgreSQL spells ``DOUBLE`` as ``DOUBLE PRECISION``
+    and ``BLOB`` as ``BYTEA``; everything else in these migrations means the same on both (``JSON`` stays
+    ``JSON``: text kept as written, like DuckDB's)."""
+    if backend == "duckdb":
+        return sql
+    if backend != "postgres":
+        raise ValueError(f"unknown backend {backend!r}")
+    sql = re.sub(r"\bDOUBLE\b(?!\s+PRECISION)", "DOUBLE PRECISION", sql)
+    return re.sub(r"\bBLOB\b", "BYTEA", sql)

@@ -16,9 +16,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from tuneloop.config import build, load_yaml
+
+if TYPE_CHECKING:
+    from tuneloop.db import Database
 
 
 def _home_default() -> str:
@@ -38,7 +41,12 @@ class PathSettings:
         default_factory=_home_default,
         metadata={"help": "Folder for the database, datasets, runs and reports ($TUNELOOP_HOME)."},
     )
-    db: str = field(default="", metadata={"help": "DuckDB file; empty means <home>/tuneloop.duckdb."})
+    db: str = field(
+        default="",
+        metadata={
+            "help": "DuckDB file of the embedded backend; empty means <home>/tuneloop.duckdb (see database.url)."
+        },
+    )
     models: str = field(
         default_factory=_models_default,
         metadata={"help": "Cache of pulled base models, shared across projects ($TUNELOOP_MODEL_CACHE)."},
@@ -145,6 +153,29 @@ class EngineSettings:
             "(VLLM_ENABLE_V1_MULTIPROCESSING). The server's engine core always runs in its own process."
         },
     )
+
+
+@dataclass
+class DatabaseSettings:
+    url: str = field(
+        default="",
+        metadata={
+            "help": "Where the system of record lives. Empty (default): the embedded DuckDB file paths.db, no server "
+            "needed, one serving process. postgresql://USER:PASSWORD@HOST:PORT/DB: a shared PostgreSQL server that "
+            "every replica and CLI command use at once (set it from a secret: TUNELOOP_DATABASE__URL)."
+        },
+    )
+    pool_size: int = field(
+        default=4, metadata={"help": "PostgreSQL connections each process keeps in its pool (shared backend only)."}
+    )
+
+    def open(self, paths: PathSettings) -> Database:
+        """The database these settings name: PostgreSQL for a postgresql:// url, else the DuckDB file."""
+        from tuneloop.db import open_database
+
+        if self.url:
+            return open_database(self.url, pool_size=self.pool_size)
+        return open_database(paths.db_path)
 
 
 @dataclass
@@ -417,6 +448,9 @@ class DeploySettings:
 @dataclass
 class Settings:
     paths: PathSettings = field(default_factory=PathSettings, metadata={"help": "Where things live."})
+    database: DatabaseSettings = field(
+        default_factory=DatabaseSettings, metadata={"help": "The system of record: embedded DuckDB or PostgreSQL."}
+    )
     engine: EngineSettings = field(default_factory=EngineSettings, metadata={"help": "vLLM engine arguments."})
     server: ServerSettings = field(default_factory=ServerSettings, metadata={"help": "HTTP server."})
     log: LogSettings = field(default_factory=LogSettings, metadata={"help": "Request log writer."})
