@@ -208,6 +208,13 @@ class ServerSettings:
         default=2.0,
         metadata={"help": "How often the server re-reads deploy state (aliases, canary) from the database."},
     )
+    replica: str = field(
+        default="",
+        metadata={
+            "help": "This server's name in the request log (requests.replica) and its exports; empty means "
+            "$TUNELOOP_REPLICA, else the host name (in Kubernetes, the pod name)."
+        },
+    )
     adapter_roots: list[str] = field(
         default_factory=lambda: ["runs", "models"],
         metadata={
@@ -217,6 +224,13 @@ class ServerSettings:
             "Registered versions ({'version': ...}) and --adapter at start-up are not limited by it."
         },
     )
+
+    @property
+    def replica_name(self) -> str:
+        """``replica``, else ``$TUNELOOP_REPLICA``, else the host name."""
+        import socket
+
+        return self.replica or os.environ.get("TUNELOOP_REPLICA") or socket.gethostname() or "replica"
 
 
 @dataclass
