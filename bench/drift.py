@@ -34,10 +34,22 @@ What it does
    checks the targets (<= 1 s for the statistics, >= 10x faster than
    Evidently, peak RSS <= 0.4 GB). ``--json`` writes everything to a file.
 
+5. ``--scan``: instead of 1-4, the drift scan rate over the three places the
+   logs can be read from, for the same rows: the DuckDB file, a PostgreSQL
+   database (a throwaway ``LocalPostgres`` started here, rows loaded with
+   COPY) and the Parquet exports ``tuneloop export logs`` writes of it. Timed is
+   ``DriftJob.compute`` (the job's real path: on PostgreSQL the window is
+   found with portable SQL and only its rows are copied into DuckDB as Arrow;
+   then ``production_stats`` + ``compare``, no embeddings), best of
+   ``--repeats``; rows/s = requests in the window / seconds. For PostgreSQL
+   the copy alone (``LogSource.connect`` of the window) is timed too. Prints
+   the ratios and checks the statistics agree across the three.
+
 Usage::
 
     python bench/drift.py                        # 1M production + 100k reference rows
     python bench/drift.py --rows 200000 --repeats 1 --skip-evidently   # quick look
+    python bench/drift.py --scan --rows 100000 --reference-rows 10000   # DuckDB file vs PostgreSQL vs Parquet
 """
 
 from __future__ import annotations
@@ -65,7 +77,9 @@ TARGET_S, TARGET_RATIO, TARGET_RSS_GB = 1.0, 10.0, 0.4
 def _insert_sql(version: str, n: int, max_words: int, new_word_share: float, length_share: float, day: str) -> str:
     """INSERT of ``n`` synthetic requests of ``version`` (real columns; prompt = one user message)."""
     return f"""
-    INSERT INTO requests
+    INSERT INTO requests (id, received_at, route, model, model_version, arm, prompt, response, finish_reason,
+                          prompt_tokens, completion_tokens, ttft_s, latency_s, status, error, stream, params,
+                          user_id, key_id)
     SELECT '{version}-' || i, TIMESTAMP '{day}' + to_seconds(i / 20), 'chat.completions', '{version}', '{version}',
            'direct',
            json_array(json_object('role', 'user', 'content', txt)),
@@ -314,6 +328,138 @@ def run_evidently(path: Path, tmp: Path, repeats: int) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+# ---- scan rate over the DuckDB file, PostgreSQL and Parquet (--scan) ---------------------------------
+
+
+def load_postgres(duck_path: Path, url: str) -> dict:
+    """Every row of the DuckDB file's ``requests`` into the PostgreSQL database at ``url`` (COPY)."""
+    import duckdb
+
+    from tuneloop.db import open_database
+    from tuneloop.monitoring.sources import table_columns
+
+    cols = [n for n, _ in table_columns("requests")]
+    db = open_database(url)
+    t = time.perf_counter()
+    con = duckdb.connect(str(duck_path), read_only=True)
+    try:
+        cur = con.execute(f"SELECT {', '.join(cols)} FROM requests")
+        with db.connect() as pg:
+            while batch := cur.fetchmany(20_000):
+                pg.copy_rows("requests", cols, batch)
+            pg.execute("ANALYZE requests")
+    finally:
+        con.close()
+        db.close()
+    return {"load_s": time.perf_counter() - t}
+
+
+def scan_pass(db_url: str, parquet: str | None, profile: dict, repeats: int) -> dict:
+    """Best-of-``repeats`` ``DriftJob.compute`` of bench-v1 over its whole window from one source."""
+    from datetime import datetime
+
+    from tuneloop.db import open_database
+    from tuneloop.monitoring.drift import parse_window
+    from tuneloop.monitoring.drift_job import DriftJob
+    from tuneloop.monitoring.profile import Profile, store_profile
+    from tuneloop.monitoring.sources import log_source
+    from tuneloop.settings import DriftSettings
+
+    db = open_database(db_url)
+    try:
+        store_profile(db, Profile("bench-v1", None, profile))
+        src = log_source(db, parquet)
+        job = DriftJob(db, DriftSettings(embeddings=False), None, source=src)
+        window, now = parse_window("3650d"), datetime(2026, 1, 1)
+        times, copy_times = [], []
+        res = None
+        for _ in range(repeats):
+            t = time.perf_counter()
+            res = job.compute("bench-v1", window, now)
+            times.append(time.perf_counter() - t)
+            if src.copies:  # the PostgreSQL -> DuckDB copy of the same window, alone
+                start, end = job.window_span("bench-v1", window, now)
+                t = time.perf_counter()
+                with src.connect(since=start, until=end, model_version="bench-v1"):
+                    pass
+                copy_times.append(time.perf_counter() - t)
+        assert res is not None and res.skipped is None, res
+        return {
+            "n_requests": res.n_requests,
+            "times_s": times,
+            "copy_s": copy_times,
+            "features": {f.feature: f.value for f in res.features},
+        }
+    finally:
+        db.close()
+
+
+def run_scan(a: argparse.Namespace) -> int:
+    """``--scan``: the drift pass over the DuckDB file vs PostgreSQL vs Parquet exports (see module doc)."""
+    from datetime import datetime
+
+    from tuneloop.db import open_database
+    from tuneloop.deploy.postgres_server import LocalPostgres
+    from tuneloop.monitoring.export import export_logs
+
+    with tempfile.TemporaryDirectory(prefix="tuneloop-bench-scan-") as d:
+        tmp = Path(d)
+        tmp.chmod(0o755)  # the PostgreSQL server may run as another user (root runs it as nobody)
+        db_path = tmp / "tuneloop.duckdb"
+        print(f"generating {a.rows:,} production + {a.reference_rows:,} reference requests ...", file=sys.stderr)
+        gen = make_database(db_path, a.rows, a.reference_rows)
+        profile = reference_profile(db_path)
+        t = time.perf_counter()
+        export_logs(open_database(db_path), tmp / "parquet", "bench", window_s=86400, now=datetime(2026, 1, 1))
+        export_s = time.perf_counter() - t
+        (tmp / "pg").mkdir()
+        (tmp / "pg").chmod(0o755)
+        with LocalPostgres(tmp / "pg") as pg:
+            print("loading PostgreSQL ...", file=sys.stderr)
+            load = load_postgres(db_path, pg.url)
+            print("timing the drift pass over each source ...", file=sys.stderr)
+            runs = {
+                "duckdb": scan_pass(str(db_path), None, profile, a.repeats),
+                "postgres": scan_pass(pg.url, None, profile, a.repeats),
+                # control plane (the profile) in a second DuckDB file, logs from the Parquet exports
+                "parquet": scan_pass(str(tmp / "control.duckdb"), str(tmp / "parquet"), profile, a.repeats),
+            }
+    n = runs["duckdb"]["n_requests"]
+    best = {k: min(v["times_s"]) for k, v in runs.items()}
+    rate = {k: n / v for k, v in best.items()}
+    ref = runs["duckdb"]["features"]
+    agree = all(
+        runs[k]["n_requests"] == n
+        and runs[k]["features"].keys() == ref.keys()
+        and all(abs(runs[k]["features"][f] - ref[f]) <= 1e-9 * max(1.0, abs(ref[f])) for f in ref)
+        for k in runs
+    )
+    print(
+        f"\ndrift pass over {n:,} requests of one version ({a.reference_rows:,} other rows in the table); "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; best of {a.repeats}"
+    )
+    print(f"{'source':36s} {'seconds':>8s} {'rows/s':>10s} {'time / file':>15s}")
+    for k, label in (
+        ("duckdb", "DuckDB file"),
+        ("postgres", "PostgreSQL (window copied as Arrow)"),
+        ("parquet", "Parquet exports"),
+    ):
+        print(f"{label:36s} {best[k]:8.3f} {rate[k]:10,.0f} {best[k] / best['duckdb']:14.2f}x")
+    copy_s = min(runs["postgres"]["copy_s"])
+    print(f"{'  of which PostgreSQL -> DuckDB copy':36s} {copy_s:8.3f} {n / copy_s:10,.0f}")
+    print(f"PostgreSQL load (COPY, not timed above): {load['load_s']:.1f} s; Parquet export: {export_s:.1f} s")
+    print(f"statistics equal across the three sources: {agree}")
+    if a.json:
+        a.json.write_text(
+            json.dumps(
+                {"rows": a.rows, "generate": gen, "load": load, "export_s": export_s, "runs": runs, "agree": agree},
+                indent=2,
+                default=str,
+            )
+        )
+    return 0 if agree else 1
+
+
 # ---- main ------------------------------------------------------------------------------------------
 
 
@@ -326,8 +472,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement; the best is reported")
     ap.add_argument("--skip-evidently", action="store_true", help="only time tuneloop")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument(
+        "--scan",
+        action="store_true",
+        help="time the drift pass over the DuckDB file vs PostgreSQL vs Parquet exports instead (module doc, 5)",
+    )
     ap.add_argument("--_ours", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.scan:
+        return run_scan(a)
     if a._ours:
         ours_child(Path(a._ours[0]), Path(a._ours[1]), a._ours[2], a.repeats)
         return 0

@@ -2,7 +2,10 @@
 
 Only light imports at module level (see tuneloop.cli); work happens in handlers.
 Exit codes: 0 success, 1 a gate refused the candidate / a canary was rolled back,
-2 a usage error (``error: ...``).
+2 a usage error (``error: ...``). Deploy state is read and changed through the
+storage layer (:mod:`tuneloop.store_deploy`, :mod:`tuneloop.registry`), so every
+command works the same on the DuckDB file and on a shared PostgreSQL, and a
+promote, canary or rollback racing a server replica's judge is decided once.
 """
 
 from __future__ import annotations
@@ -112,24 +115,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_gate(args: argparse.Namespace, ctx: Context) -> int:
-    from tuneloop.db import loads
     from tuneloop.deploy.gate import GateError, judge_report, record_verdict, run_gate
-    from tuneloop.registry import get_version
+    from tuneloop.registry import find_eval_report, get_version
 
     db = ctx.db
     get_version(db, args.version)
     if args.report:
-        rows = db.query(
-            "SELECT id, report FROM eval_reports WHERE id = ? OR id LIKE ? || '%' ORDER BY created_at DESC LIMIT 1",
-            [args.report, args.report],
-        )
-        if not rows:
+        found = find_eval_report(db, args.report)
+        if found is None:
             raise GateError(f"unknown eval report {args.report!r}")
-        rep = loads(rows[0]["report"])
-        rep.setdefault("id", rows[0]["id"])
+        rep = found["report"]
+        rep.setdefault("id", found["id"])
         models = list(rep.get("models") or [])
         if args.version not in models or len(models) < 2:
-            raise GateError(f"eval report {rows[0]['id']} compares {models}, not {args.version} against a baseline")
+            raise GateError(f"eval report {found['id']} compares {models}, not {args.version} against a baseline")
         baseline = next(m for m in models if m != args.version)
         result = judge_report(rep, args.version, baseline, ctx.settings.deploy)
         record_verdict(db, args.version, result, actor=_actor())
@@ -196,7 +195,8 @@ def cmd_canary(args: argparse.Namespace, ctx: Context) -> int:
 
 def cmd_promote(args: argparse.Namespace, ctx: Context) -> int:
     from tuneloop.monitoring import canary
-    from tuneloop.registry import get_version, set_stage, version_by_stage
+    from tuneloop.registry import get_version
+    from tuneloop.store_deploy import promote_version
 
     db = ctx.db
     run = canary.running(db)
@@ -219,16 +219,14 @@ def cmd_promote(args: argparse.Namespace, ctx: Context) -> int:
         from tuneloop.deploy.gate import require_passed
 
         gate = require_passed(db, v.name)
-    prev = version_by_stage(db, "production")
-    set_stage(
+    prev = promote_version(
         db,
         v.name,
-        "production",
         actor=_actor(),
         reason=args.reason,
         details={"gate": {"baseline": gate.get("baseline"), "passed": True} if gate else "forced"},
     )
-    print(f"promoted {v.name} to production" + (f" (retired {prev.name})" if prev else ""))
+    print(f"promoted {v.name} to production" + (f" (retired {prev})" if prev else ""))
     return 0
 
 
@@ -254,6 +252,7 @@ def status(db: Database, deploy: DeploySettings, events: int = 10) -> dict[str, 
     """Deploy state as a dict (production, canary + live judgement, recent events)."""
     from tuneloop.monitoring import canary
     from tuneloop.registry import version_by_stage
+    from tuneloop.store_deploy import recent_events
 
     prod = version_by_stage(db, "production")
     out: dict[str, Any] = {"production": prod.name if prod else None, "canary": None}
@@ -270,11 +269,7 @@ def status(db: Database, deploy: DeploySettings, events: int = 10) -> dict[str, 
             "summary": d.summary(),
         }
     out["events"] = [
-        {k: (str(v) if k == "occurred_at" else v) for k, v in e.items()}
-        for e in db.query(
-            "SELECT occurred_at, model_version, from_stage, to_stage, actor, reason FROM deploy_events ORDER BY occurred_at DESC LIMIT ?",
-            [events],
-        )
+        {k: (str(v) if k == "occurred_at" else v) for k, v in e.items()} for e in recent_events(db, events)
     ]
     return out
 

@@ -35,6 +35,8 @@ The demo adds settings overrides only where it needs them: a canary judged every
 golden prompts as ``deploy.gate_golden``, and with ``--tiny`` (whose outputs are
 gibberish) gates that compare held-out loss instead of text metrics. Every demo
 version trains LoRA r=16 on all linear layers at lr 1e-3 (:data:`TRAIN`).
+It runs on whatever ``database.url`` names (the DuckDB file by default, or a shared
+PostgreSQL): deploy state goes through :mod:`tuneloop.store_deploy` and the registry.
 """
 
 from __future__ import annotations
@@ -400,7 +402,9 @@ def _second_round(
 
 
 def _fresh_name(db: Database, name: str) -> str:
-    names = {r["name"] for r in db.query("SELECT name FROM model_versions")}
+    from tuneloop.registry import version_names
+
+    names = version_names(db)
     if name not in names:
         return name
     i = 2

@@ -158,10 +158,11 @@ def finish(db: Database, st: DemoState, out: Path) -> Path:
     print_table(
         ["version", "stage", "dataset", "eval loss", "gate metric", "gate", "CI low"], rows, title="model versions"
     )
-    n = db.query("SELECT count(*) AS n FROM requests")[0]["n"]
-    f = db.query("SELECT count(*) AS n, count(correction) AS c FROM feedback")[0]
+    from tuneloop.store_monitoring import log_counts
+
+    counts = log_counts(db)
     print(
-        f"\nrequests served: {n}; feedback: {f['n']} ({f['c']} corrections); "
+        f"\nrequests served: {counts['requests']}; feedback: {counts['feedback']} ({counts['corrections']} corrections); "
         f"used in training: {st.sample.get('card', {}).get('origins', {})}"
     )
     if st.promoted:
@@ -181,8 +182,8 @@ def finish(db: Database, st: DemoState, out: Path) -> Path:
         "canary": st.canary,
         "heldout": st.heldout,
         "promoted": st.promoted,
-        "requests": n,
-        "feedback": f,
+        "requests": counts["requests"],
+        "feedback": {"n": counts["feedback"], "c": counts["corrections"]},
         "notes": st.notes,
     }
     summary["scorecard"] = card = scorecard(summary)

@@ -22,8 +22,14 @@ Contract
 * :func:`run_gate` — evaluates a candidate against the production version (or,
   with none yet, against the candidate's base model) on the candidate dataset's
   held-out split, judges, and records the verdict as a ``deploy_events`` row
-  (actor ``gate``, stage unchanged) that ``deploy canary``/``promote`` check.
+  (actor ``gate``, stage unchanged; :func:`tuneloop.store_deploy.record_gate_verdict`)
+  that ``deploy canary``/``promote`` check.
 * :func:`last_gate` — the latest recorded verdict for a version.
+* :func:`production_answers` — production's logged answers for the ``shift`` check:
+  DuckDB SQL (``json_extract`` on the logged parameters) on
+  :meth:`Database.analytics`; on PostgreSQL only that version's successful chats are
+  copied over (``where``). The deploy tables are read and written only through
+  :mod:`tuneloop.store_deploy` and :mod:`tuneloop.registry`, on both backends.
 """
 
 from __future__ import annotations
@@ -35,9 +41,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tuneloop.db import Database, dumps, loads, utcnow
+from tuneloop.db import Database, loads
 from tuneloop.errors import UserError
-from tuneloop.ids import new_id
 
 if TYPE_CHECKING:
     from tuneloop.settings import DeploySettings, Settings
@@ -224,13 +229,17 @@ def production_answers(db: Database, version: str, limit: int) -> list[dict[str,
     """The latest ``limit`` successful chat answers ``version`` served (chat completions and the Responses API,
     both logged as a messages list; requests with tools are left out, as their prompt rendered the tool
     definitions too), as ``{"messages": [..., answer]}``."""
-    rows = db.query(
-        """SELECT prompt, response FROM requests
-           WHERE model_version = ? AND status = 200 AND route IN ('chat.completions', 'responses')
-                 AND json_extract(params, '$.tools') IS NULL AND prompt IS NOT NULL AND response IS NOT NULL AND response <> ''
-           ORDER BY received_at DESC LIMIT ?""",
-        [version, limit],
+    served = (
+        "model_version = ? AND status = 200 AND route IN ('chat.completions', 'responses') "
+        "AND prompt IS NOT NULL AND response IS NOT NULL AND response <> ''"
     )
+    with db.analytics(["requests"], where={"requests": (served, [version])}) as con:  # PostgreSQL: only these rows
+        cur = con.execute(
+            f"""SELECT prompt, response FROM requests WHERE {served} AND json_extract(params, '$.tools') IS NULL
+                ORDER BY received_at DESC LIMIT ?""",
+            [version, limit],
+        )
+        rows = [{"prompt": p, "response": r} for p, r in cur.fetchall()]
     out = []
     for r in rows:
         msgs = loads(r["prompt"]) if isinstance(r["prompt"], str) else r["prompt"]
@@ -321,34 +330,18 @@ def run_gate(
 
 
 def record_verdict(db: Database, candidate: str, result: GateResult, actor: str = "gate") -> None:
-    with db.connect() as con:
-        row = con.execute("SELECT stage FROM model_versions WHERE name = ?", [candidate]).fetchone()
-        stage = row[0] if row else "candidate"
-        con.execute(
-            "INSERT INTO deploy_events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                new_id(),
-                candidate,
-                stage,
-                stage,
-                actor,
-                f"gate {'passed' if result.passed else 'failed'} vs {result.baseline}",
-                dumps({"gate": result.to_dict()}),
-                utcnow(),
-            ],
-        )
+    """Record ``result`` as ``candidate``'s latest gate verdict (a deploy event; the stage is unchanged)."""
+    from tuneloop.store_deploy import record_gate_verdict
+
+    record_gate_verdict(db, candidate, result.passed, result.baseline, {"gate": result.to_dict()}, actor=actor)
 
 
 def last_gate(db: Database, version: str) -> dict[str, Any] | None:
     """The latest recorded gate verdict of ``version`` (``GateResult.to_dict()``), or None."""
-    rows = db.query(
-        """SELECT details FROM deploy_events WHERE model_version = ? AND reason LIKE 'gate %'
-                       ORDER BY occurred_at DESC LIMIT 1""",
-        [version],
-    )
-    if not rows:
-        return None
-    return (loads(rows[0]["details"]) or {}).get("gate")
+    from tuneloop.store_deploy import last_gate_details
+
+    details = last_gate_details(db, version)
+    return None if details is None else details.get("gate")
 
 
 def require_passed(db: Database, version: str) -> dict[str, Any]:

@@ -30,8 +30,12 @@ Contract
 * Outcomes: ``promoted``, ``rolled_back``, ``gate_failed``, ``nothing_to_do``
   (no new data to sample).
 
-The ``loop_runs`` rows are read and written through :mod:`tuneloop.deploy.loop_runs`;
-continuous mode (run a cycle whenever a trigger fires) is :mod:`tuneloop.deploy.watch`.
+The ``loop_runs`` rows, canaries and stages are read and written through the
+storage layer (:mod:`tuneloop.store_deploy`, :mod:`tuneloop.registry`), whose
+transitions are atomic on the DuckDB file and on a shared PostgreSQL alike: a
+canary decided by a server replica's judge while this process also judges it is
+decided once, and the cycle reports the recorded decision and who made it.
+Continuous mode (run a cycle whenever a trigger fires) is :mod:`tuneloop.deploy.watch`.
 """
 
 from __future__ import annotations
@@ -46,9 +50,9 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from tuneloop.db import Database, utcnow
-from tuneloop.deploy.loop_runs import begin_step, cycle_exists, end_step, last_sample_until, record_decide, steps_of
 from tuneloop.errors import UserError
 from tuneloop.ids import new_id
+from tuneloop.store_deploy import begin_step, cycle_exists, end_step, last_sample_until, record_decide, steps_of
 
 if TYPE_CHECKING:
     from tuneloop.monitoring.canary import Canary, Decision
@@ -171,7 +175,9 @@ def _brief(step: str, d: dict[str, Any]) -> str:
 
 def next_version_name(db: Database, prod_name: str | None, prefix: str = "") -> str:
     """``chat-v3`` after ``chat-v2``; ``<prefix or 'model'>-v1`` with nothing in production; never an existing name."""
-    names = {r["name"] for r in db.query("SELECT name FROM model_versions")}
+    from tuneloop.registry import version_names
+
+    names = version_names(db)
     m = re.match(r"^(.*?)-?v(\d+)$", prod_name or "")
     if prefix:
         stem, n = prefix, 1
@@ -358,17 +364,13 @@ def _do_train(db: Database, settings: Settings, opts: LoopOptions, d: dict[str, 
     from tuneloop.config import load_yaml, parse_overrides
     from tuneloop.feedback.sample import choose_objective
     from tuneloop.modelcache import DEFAULT_BASE, resolve_model
-    from tuneloop.registry import RegistryError, get_dataset, get_version
+    from tuneloop.registry import RegistryError, get_dataset, get_version, trained_version_run
     from tuneloop.trainer.config import SFT_METHODS
 
     # a previous attempt may have registered the version before being interrupted
-    existing = db.query(
-        """SELECT v.name, v.run_id FROM model_versions v JOIN runs r ON r.id = v.run_id
-                           WHERE v.name = ? AND r.status = 'succeeded'""",
-        [d["version"]],
-    )
+    existing = trained_version_run(db, d["version"])
     if existing:
-        return {"run_id": existing[0]["run_id"], "reused": True}
+        return {"run_id": existing, "reused": True}
     asked: list[tuple[Any, str]] = [
         (parse_overrides(opts.train_overrides).get("method"), "--train method="),
         (load_yaml(opts.train_config).get("method"), f"method in {opts.train_config}"),
@@ -493,23 +495,22 @@ def _do_canary(
     on_start: Callable[[Canary], None] | None = None,
 ) -> dict[str, Any]:
     from tuneloop.monitoring import canary
-    from tuneloop.registry import set_stage, version_by_stage
+    from tuneloop.registry import version_by_stage
+    from tuneloop.store_deploy import last_canary_of, promote_version
 
     name = d["version"]
     prod = version_by_stage(db, "production")
     if prod is None or not opts.canary:
         why = "first production version" if prod is None else "canary disabled"
-        set_stage(db, name, "production", actor=opts.actor, reason=f"loop: gate passed; {why}")
+        promote_version(db, name, actor=opts.actor, reason=f"loop: gate passed; {why}")
         return {"outcome": "promoted", "reason": f"promoted directly ({why})"}
     run = canary.running(db)
     if run is not None and run.candidate != name:
         raise LoopError(f"another canary ({run.candidate}) is running: decide it before this cycle can canary {name}")
     if run is None:
-        done = db.query(
-            "SELECT status, decision FROM canaries WHERE candidate = ? ORDER BY started_at DESC LIMIT 1", [name]
-        )
-        if done:  # decided while we were away (e.g. by `deploy canary --watch` or by hand)
-            st = done[0]["status"]
+        done = last_canary_of(db, name)
+        if done is not None:  # decided while we were away (e.g. by `deploy canary --watch` or by hand)
+            st = done.status
             return {
                 "outcome": "promoted" if st == "promoted" else "rolled_back",
                 "canary_id": None,

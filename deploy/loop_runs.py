@@ -1,4 +1,4 @@
-"""The ``loop_runs`` table: what each cycle of the continuous loop has done, step by step.
+"""The ``loop_runs`` table as the loop sees it: what each cycle has done, step by step.
 
 Contract
 --------
@@ -17,69 +17,32 @@ Contract
   ``decide`` step, or None; :func:`last_started` is when the newest step of
   any cycle started, or None.
 
-This module is the only one that reads or writes ``loop_runs``.
+The SQL lives in the storage layer (:mod:`tuneloop.store_deploy`, portable
+between the DuckDB file and PostgreSQL; a step's row is an upsert, so two
+writers of one step never collide on its key); this module is the loop's
+name for it.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
+from tuneloop.store_deploy import (
+    begin_step,
+    cycle_exists,
+    end_step,
+    last_sample_until,
+    last_started,
+    record_decide,
+    steps_of,
+    unfinished_cycle,
+)
 
-from tuneloop.db import Database, dumps, loads, utcnow
-
-
-def steps_of(db: Database, cycle_id: str) -> dict[str, dict[str, Any]]:
-    rows = db.query(
-        "SELECT step, status, started_at, finished_at, details, error FROM loop_runs WHERE id = ?", [cycle_id]
-    )
-    return {r["step"]: {**r, "details": loads(r["details"]) or {}} for r in rows}
-
-
-def cycle_exists(db: Database, cycle_id: str) -> bool:
-    return bool(db.query("SELECT 1 FROM loop_runs WHERE id = ? LIMIT 1", [cycle_id]))
-
-
-def begin_step(db: Database, cycle_id: str, step: str, details: dict[str, Any]) -> None:
-    with db.connect() as con:
-        con.execute("DELETE FROM loop_runs WHERE id = ? AND step = ?", [cycle_id, step])
-        con.execute(
-            "INSERT INTO loop_runs (id, step, status, started_at, details) VALUES (?, ?, 'running', ?, ?)",
-            [cycle_id, step, utcnow(), dumps(details)],
-        )
-
-
-def end_step(
-    db: Database, cycle_id: str, step: str, status: str, details: dict[str, Any], error: str | None = None
-) -> None:
-    db.execute(
-        "UPDATE loop_runs SET status = ?, finished_at = ?, details = ?, error = ? WHERE id = ? AND step = ?",
-        [status, utcnow(), dumps(details), error, cycle_id, step],
-    )
-
-
-def record_decide(db: Database, cycle_id: str, outcome: str, reason: str, extra: dict[str, Any] | None = None) -> None:
-    begin_step(db, cycle_id, "decide", {})
-    end_step(db, cycle_id, "decide", "done", {"outcome": outcome, "reason": reason, **(extra or {})})
-
-
-def last_sample_until(db: Database, exclude: str) -> datetime | None:
-    rows = db.query(
-        """SELECT details FROM loop_runs WHERE step = 'sample' AND status = 'done' AND id <> ?
-                       ORDER BY finished_at DESC LIMIT 1""",
-        [exclude],
-    )
-    if not rows:
-        return None
-    u = (loads(rows[0]["details"]) or {}).get("until")
-    return datetime.fromisoformat(u) if u else None
-
-
-def unfinished_cycle(db: Database) -> str | None:
-    rows = db.query("""SELECT id FROM loop_runs GROUP BY id HAVING count(*) FILTER (WHERE step = 'decide') = 0
-                             ORDER BY min(started_at) DESC LIMIT 1""")
-    return rows[0]["id"] if rows else None
-
-
-def last_started(db: Database) -> datetime | None:
-    t: datetime | None = db.query("SELECT max(started_at) AS t FROM loop_runs")[0]["t"]
-    return t
+__all__ = [
+    "begin_step",
+    "cycle_exists",
+    "end_step",
+    "last_sample_until",
+    "last_started",
+    "record_decide",
+    "steps_of",
+    "unfinished_cycle",
+]

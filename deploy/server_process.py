@@ -21,6 +21,7 @@ The demo, the test fixtures and the serving benchmark start their servers with i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -148,13 +149,18 @@ class ServerProcess:
                 raise ServerStartError(f"`{self.name}` was stopped before it was ready; see {self.log_path}")
         raise ServerStartError(f"`{self.name}` not ready after {timeout_s:.0f} s; see {self.log_path}:\n{self.tail()}")
 
-    def stop(self, sig: int = signal.SIGTERM, grace_s: float | None = None) -> int | None:
-        """Send ``sig`` to the process group, SIGKILL after ``grace_s`` (default ``stop_grace_s``); the exit code."""
+    def stop(self, sig: int = signal.SIGTERM, grace_s: float | None = None, group: bool = True) -> int | None:
+        """Send ``sig`` to the process group (``group=False``: to the server process only, as Kubernetes signals a
+        container's main process), SIGKILL the group after ``grace_s`` (default ``stop_grace_s``); the exit code."""
         self._stopping.set()
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            self._signal(sig)
+            if group:
+                self._signal(sig)
+            else:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.send_signal(sig)
             try:
                 self.proc.wait(self.stop_grace_s if grace_s is None else grace_s)
             except subprocess.TimeoutExpired:

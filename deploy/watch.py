@@ -22,6 +22,9 @@ Contract
   ``KeyboardInterrupt``: ``tuneloop loop --watch`` prints ``interrupted`` and
   exits 130. (Handlers are installed only when called from the main thread, and
   restored on return.)
+* The triggers are plain SQL on ``drift_reports`` and ``feedback`` and the cycle
+  bookkeeping is :mod:`tuneloop.store_deploy`'s, so a watcher runs the same on the
+  DuckDB file and against a shared PostgreSQL that server replicas write to.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from typing import TYPE_CHECKING
 
 from tuneloop.db import Database, utcnow
 from tuneloop.deploy.loop import CycleResult, LoopOptions, run_cycle
-from tuneloop.deploy.loop_runs import last_started, unfinished_cycle
+from tuneloop.store_deploy import last_started, unfinished_cycle
 
 if TYPE_CHECKING:
     from tuneloop.settings import Settings
@@ -43,18 +46,15 @@ if TYPE_CHECKING:
 def trigger(db: Database, since: datetime | None, min_feedback: int, every_s: float | None) -> str | None:
     """Why a new cycle should run now (or None): drift of the production version, new feedback, or the schedule."""
     from tuneloop.registry import version_by_stage
+    from tuneloop.store_monitoring import feedback_since, latest_overall_drift
 
     since = since or datetime(1970, 1, 1)
     prod = version_by_stage(db, "production")
     if prod is not None:
-        d = db.query(
-            """SELECT value, threshold FROM drift_reports WHERE model_version = ? AND feature = 'overall'
-                        AND drifted AND created_at > ? ORDER BY created_at DESC LIMIT 1""",
-            [prod.name, since],
-        )
+        d = latest_overall_drift(db, prod.name, since=since, drifted_only=True)
         if d:
-            return f"drift on {prod.name} (overall {d[0]['value']:.3g} over {d[0]['threshold']})"
-    n = db.query("SELECT count(*) AS n FROM feedback WHERE created_at > ?", [since])[0]["n"]
+            return f"drift on {prod.name} (overall {d['value']:.3g} over {d['threshold']})"
+    n = feedback_since(db, since)
     if min_feedback and n >= min_feedback:
         return f"{n} new feedback items"
     if every_s is not None and (utcnow() - since).total_seconds() >= every_s:

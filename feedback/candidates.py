@@ -4,8 +4,11 @@ Contract
 --------
 * :func:`read_candidates` reads the request log (``requests``) joined with the
   newest ``feedback`` per request in a time window (optionally for one model
-  version) from anything with ``query(sql, params)`` — the database or a
-  :class:`~tuneloop.monitoring.sources.LogSource` over Parquet exports — and
+  version) through a :class:`~tuneloop.monitoring.sources.LogSource` — the
+  database's own tables, or Parquet exports. Its SQL is DuckDB SQL, run on the
+  source's DuckDB connection: the file itself, or (database on PostgreSQL) an
+  in-memory DuckDB holding copies of the rows (:meth:`tuneloop.db.Database.analytics`),
+  so both backends give the same candidates. It
   drops, counting each in ``counts``: errors (HTTP status >= 400), client aborts
   (499), truncated answers (``finish_reason = length``, unless corrected),
   redacted or unreadable prompts, empty answers, and thumbs-down without a
@@ -30,7 +33,8 @@ Contract
   the caller can drop candidates already trained on.
 
 Nothing here picks, writes or registers; the functions are deterministic for a
-given log content.
+given log content, whichever backend holds it (:func:`earlier_keys` reads the
+registry with portable SQL and the datasets from disk).
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from typing import Any
 
 from tuneloop.dataset_store import chat_message, row_tools
 from tuneloop.db import Database, loads
-from tuneloop.monitoring.sources import LogSource
+from tuneloop.monitoring.sources import LogSource, log_source
 from tuneloop.ratings import sentiment
 
 
@@ -182,13 +186,17 @@ def read_candidates(
 ) -> list[Candidate]:
     """Requests in the window that survive the filters; ``counts`` gets one entry per filter.
 
-    ``db`` is anything with ``query(sql, params)``: the database, or a log source over Parquet exports.
+    ``db`` is a :class:`~tuneloop.monitoring.sources.LogSource` (the database's log, or Parquet exports), or a
+    database, read through ``log_source(db)``: the query is DuckDB SQL (``arg_max``), run on the source's DuckDB
+    connection, which on PostgreSQL holds copies of the rows.
     Uncorrected thumbs-down rows are dropped (counted in ``negative_feedback``); when ``negatives`` is
     given, those that pass every other filter are appended to it (still never returned).
     """
     sql = _SQL.format(version="AND r.model_version = ?" if model_version else "")
     params: list[Any] = [since, until] + ([model_version] if model_version else [])
-    rows = db.query(sql, params)
+    logs = db if isinstance(db, LogSource) else log_source(db)  # DuckDB SQL: never on a PostgreSQL connection
+    # on PostgreSQL only the window's requests (and their feedback) are copied for the query
+    rows = logs.query(sql, params, since=since, until=until, model_version=model_version)
     counts["requests_in_window"] = len(rows)
     for k in FILTERS:
         counts.setdefault(k, 0)

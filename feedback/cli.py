@@ -2,6 +2,8 @@
 
 Only light imports at module level, so ``tuneloop --help`` stays fast; the work
 (:mod:`tuneloop.feedback.sample`, :mod:`tuneloop.lineage`) is imported in the handlers.
+Every command works on either backend (``database.url``): ``feedback list`` is one portable
+SELECT, ``feedback sample`` reads the log through its DuckDB analytics connection.
 """
 
 from __future__ import annotations
@@ -172,14 +174,10 @@ def cmd_sample(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_list(args: argparse.Namespace, ctx: Context) -> int:
+    from tuneloop.store_feedback import recent_feedback
     from tuneloop.table import print_table
 
-    rows = ctx.db.query(
-        """SELECT f.created_at, f.request_id, f.model_version, f.rating, f.rating_kind,
-                  CASE WHEN f.correction IS NULL THEN '' ELSE 'yes' END AS correction, f.comment
-           FROM feedback f ORDER BY f.created_at DESC LIMIT ?""",
-        [args.limit],
-    )
+    rows = recent_feedback(ctx.db, args.limit)
     if not rows:
         print("no feedback yet (clients post it to /v1/feedback)")
         return 0

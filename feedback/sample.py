@@ -3,11 +3,11 @@
 Contract
 --------
 :func:`sample` reads the request log (``requests``) joined with ``feedback``
-from the database — or, with ``from_parquet``, from the Parquet exports of many
-replicas (``tuneloop export logs``) read through
-:func:`tuneloop.monitoring.sources.log_source`, which gives the same rows and so
-the same dataset as one database holding them all — in a time window and
-optionally for one model version, and writes up to three datasets through
+through :func:`tuneloop.monitoring.sources.log_source` — from the database, or,
+with ``from_parquet``, from the Parquet exports of many replicas (``tuneloop
+export logs``), which give the same rows and so the same dataset as one
+database holding them all — in a time window and optionally for one model
+version, and writes up to three datasets through
 :func:`tuneloop.dataset_store.save_dataset` (always into the database), one per
 training objective the feedback supports:
 
@@ -71,6 +71,14 @@ Steps, each counted in the data card:
 Everything is deterministic for a given database content and seed, so a rerun
 produces the same content hash (and therefore the same dataset id). A request a
 user can fix raises :class:`SampleError`.
+
+**Both backends** (:mod:`tuneloop.db`): the reads of ``requests`` / ``feedback``
+are DuckDB SQL run on the log source's DuckDB connection (on PostgreSQL, an
+in-memory DuckDB holding copies of the rows, :meth:`~tuneloop.db.Database.analytics`);
+everything else — the registry look-ups and the dataset registrations — is
+portable SQL through ``db.connect()``. The same log rows therefore give the
+same datasets (same ids) and data card counts in a DuckDB file and on a shared
+PostgreSQL.
 """
 
 from __future__ import annotations

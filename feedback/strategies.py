@@ -15,6 +15,9 @@ Contract
 * :func:`prepare` computes what the chosen strategies need (strata, drift
   scores); :func:`pick` runs them in order, each picking from what the previous
   ones left, and a strategy that cannot fill its quota passes the rest on.
+  ``drift`` looks up each version's training set with one portable SELECT on
+  ``model_versions`` and reads the set from disk, so it scores the same on a
+  DuckDB file and on PostgreSQL.
 
 Every choice is seeded, so the same candidates and seed give the same picks.
 Bad input raises :class:`SampleError`.
@@ -134,6 +137,7 @@ def topic_clusters(texts: list[str], k: int, seed: int) -> list[int]:
 def drift_scores(db: Database, cands: list[Candidate], notes: list[str]) -> list[float]:
     """Per candidate: 1 - max cosine similarity (hashed BoW) to the user prompts its version was trained on."""
     from tuneloop.dataset_store import load_splits
+    from tuneloop.registry import find_version
 
     scores = [1.0] * len(cands)
     by_version: dict[str | None, list[int]] = {}
@@ -141,9 +145,9 @@ def drift_scores(db: Database, cands: list[Candidate], notes: list[str]) -> list
         by_version.setdefault(c.model_version, []).append(i)
     for version, idx in by_version.items():
         ref_texts: list[str] = []
-        rows = db.query("SELECT dataset_id FROM model_versions WHERE name = ?", [version]) if version else []
-        if rows and rows[0]["dataset_id"]:
-            dd = load_splits(db, rows[0]["dataset_id"])
+        found = find_version(db, version) if version else None
+        if found is not None and found.dataset_id:
+            dd = load_splits(db, found.dataset_id)
             split = dd["train"] if "train" in dd else next(iter(dd.values()))
             for row in split:
                 msgs = row.get("messages") or row.get("prompt") or []

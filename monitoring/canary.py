@@ -2,20 +2,27 @@
 
 Contract
 --------
-Pure logic over the database (no HTTP, no engine), so the CLI, the loop or the
+Logic over the database (no HTTP, no engine), so the CLI, the loop or the
 server can run it. The server routes traffic from the state written here:
 a ``canaries`` row with status ``running`` (candidate, production, share) and
 the candidate's stage ``canary``; it sends ``share`` of the requests for
 ``production`` to the candidate, sticky per user/key, and logs the arm in
-``requests.arm``.
+``requests.arm``. The control SQL (canary rows, stages, deploy events) is
+:mod:`tuneloop.store_deploy`'s, which makes every transition one transaction
+that is race-free across replicas on PostgreSQL as on the DuckDB file; this
+module adds the statistics and the decision.
 
-* :func:`start` — one transaction: refuse if a canary is running or there is no
-  production version, set the candidate's stage to ``canary`` and insert the row.
+* :func:`start` — :func:`tuneloop.store_deploy.start_canary`: refuse if a canary
+  is running or there is no production version, set the candidate's stage to
+  ``canary`` and insert the row, atomically (two concurrent starts: one wins).
 * :func:`arm_stats` — per arm (``production``, ``canary``) from the canary's
   start to its decision (a decided canary's statistics stay what the judge saw,
   not the traffic after it): requests, server errors (status >= 500; client errors and aborts are
   not the model's fault), p50 time to first token (TTFT) of successful requests, rated feedback
-  and its thumbs-down share, and the latest overall drift verdict per version.
+  and its thumbs-down share, and the latest overall drift verdict per version. The
+  statistics are DuckDB SQL on :meth:`Database.analytics` (``requests`` and
+  ``feedback``): the file itself for DuckDB; for PostgreSQL only the rows since the
+  canary started are copied (``where`` on ``received_at`` / ``created_at``).
 * :func:`decide` — the pure decision from two arms' statistics (no database), by a
   sequential test that stays valid however often it is called
   (:mod:`tuneloop.monitoring.sequential`). For each metric — thumbs-down share of
@@ -40,10 +47,12 @@ the candidate's stage ``canary``; it sends ``share`` of the requests for
   - a canary that drifted where production did not is never promoted;
   - otherwise ``wait``, with the intervals so far.
 * :func:`judge` — :func:`arm_stats` from the log, then :func:`decide`; writes nothing.
-* :func:`apply` / :func:`promote` / :func:`rollback` — one transaction each:
-  stage changes (through :func:`tuneloop.registry.set_stage` with ``con=``,
-  so ``deploy_events`` records who/when/why) and the canary row's status
-  change together, or not at all.
+* :func:`apply` / :func:`promote` / :func:`rollback` —
+  :func:`tuneloop.store_deploy.finish_canary`: one transaction whose first write is
+  a compare-and-set on the canary's ``running`` status, then the stage changes and
+  their ``deploy_events``, together or not at all. When several judges (replicas,
+  a CLI, the loop) decide the same canary at once exactly one decision is recorded;
+  the others raise :class:`CanaryDecided` (a :class:`CanaryError`) and change nothing.
 * :func:`rollback_production` — with no canary running: restore the version
   that was in production before the current one (skipping versions that were
   themselves rolled back), atomically.
@@ -52,38 +61,43 @@ the candidate's stage ``canary``; it sends ``share`` of the requests for
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from tuneloop.db import Database, dumps, loads, utcnow
-from tuneloop.errors import UserError
-from tuneloop.ids import new_id
+from tuneloop import store_deploy
+from tuneloop.db import Database, utcnow
 from tuneloop.monitoring.sequential import MIN_N, Interval, bernoulli, diff_cs
 from tuneloop.ratings import negative_sql
-from tuneloop.registry import RegistryError, set_stage, unservable_reason
+from tuneloop.store_deploy import Canary, CanaryDecided, CanaryError
+from tuneloop.store_monitoring import latest_overall_drift
 
 if TYPE_CHECKING:
     from tuneloop.settings import DeploySettings
 
-
-class CanaryError(UserError, RuntimeError):
-    """A canary operation a user can fix (none running, one already running, no production ...)."""
-
-
-@dataclass
-class Canary:
-    id: str
-    candidate: str
-    production: str | None
-    share: float
-    status: str
-    started_at: datetime
-    decided_at: datetime | None = None
-    decision: dict[str, Any] | None = None
+__all__ = [  # Canary and its errors live in the storage layer; re-exported here for callers of this module
+    "ArmStats",
+    "Canary",
+    "CanaryDecided",
+    "CanaryError",
+    "Decision",
+    "apply",
+    "arm_stats",
+    "decide",
+    "get",
+    "judge",
+    "metric_intervals",
+    "promote",
+    "rollback",
+    "rollback_production",
+    "running",
+    "start",
+    "watch",
+]
 
 
 @dataclass
@@ -131,86 +145,26 @@ def _fmt_s(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}s"
 
 
-def _canary(row: dict[str, Any]) -> Canary:
-    return Canary(
-        id=row["id"],
-        candidate=row["candidate"],
-        production=row["production"],
-        share=row["share"],
-        status=row["status"],
-        started_at=row["started_at"],
-        decided_at=row["decided_at"],
-        decision=loads(row["decision"]),
-    )
-
-
 def get(db: Database, canary_id: str | None = None) -> Canary:
     """A canary by id (prefix ok), or the running one."""
     if canary_id:
-        rows = db.query(
-            "SELECT * FROM canaries WHERE id = ? OR id LIKE ? || '%' ORDER BY started_at DESC LIMIT 1",
-            [canary_id, canary_id],
-        )
-        if not rows:
+        c = store_deploy.get_canary(db, canary_id)
+        if c is None:
             raise CanaryError(f"unknown canary {canary_id!r}")
-        return _canary(rows[0])
-    c = running(db)
-    if c is None:
+        return c
+    run = running(db)
+    if run is None:
         raise CanaryError("no canary is running (start one with `tuneloop deploy canary VERSION`)")
-    return c
+    return run
 
 
 def running(db: Database) -> Canary | None:
-    rows = db.query("SELECT * FROM canaries WHERE status = 'running' ORDER BY started_at DESC LIMIT 1")
-    return _canary(rows[0]) if rows else None
+    return store_deploy.running_canary(db)
 
 
 def start(db: Database, candidate: str, share: float, actor: str = "tuneloop", reason: str = "") -> Canary:
     """Start a canary for ``candidate`` taking ``share`` of production traffic (see module doc)."""
-    if not 0 < share < 1:
-        raise CanaryError(f"share must be between 0 and 1 (exclusive), got {share}")
-    with db.connect() as con:
-        run = con.execute("SELECT id, candidate FROM canaries WHERE status = 'running'").fetchone()
-        if run:
-            raise CanaryError(f"canary {run[0]} for {run[1]} is still running: promote or roll it back first")
-        row = con.execute("SELECT stage, kind, path FROM model_versions WHERE name = ?", [candidate]).fetchone()
-        if not row:
-            raise CanaryError(f"unknown model version {candidate!r}; see `tuneloop models list`")
-        why = unservable_reason(row[1], row[2])
-        if why:
-            raise CanaryError(f"{candidate} cannot be served, so it cannot take traffic: {why}")
-        if row[0] == "production":
-            raise CanaryError(f"{candidate} is already in production")
-        prod = con.execute(
-            "SELECT name FROM model_versions WHERE stage = 'production' ORDER BY stage_changed_at DESC LIMIT 1"
-        ).fetchone()
-        if not prod:
-            raise CanaryError(
-                "no version is in production yet, so there is no traffic to split: promote the first one "
-                f"directly with `tuneloop deploy promote {candidate}`"
-            )
-        c = Canary(
-            id=new_id(),
-            candidate=candidate,
-            production=prod[0],
-            share=float(share),
-            status="running",
-            started_at=utcnow(),
-        )
-        set_stage(
-            db,
-            candidate,
-            "canary",
-            actor=actor,
-            reason=reason or f"canary at {share:.0%} of production traffic",
-            details={"canary_id": c.id, "production": prod[0], "share": share},
-            con=con,
-        )
-        con.execute(
-            "INSERT INTO canaries (id, candidate, production, share, status, started_at) VALUES (?, ?, ?, ?, 'running', ?)",
-            [c.id, c.candidate, c.production, c.share, c.started_at],
-        )
-    return c
+    return store_deploy.start_canary(db, candidate, share, actor=actor, reason=reason)
 
 
 _ARM_SQL = f"""
@@ -220,7 +174,7 @@ WITH r AS (
 ), fb AS (
     SELECT request_id,
            arg_max(rating, created_at) AS rating, arg_max(rating_kind, created_at) AS rating_kind
-    FROM feedback WHERE rating IS NOT NULL GROUP BY request_id
+    FROM feedback WHERE rating IS NOT NULL AND request_id IN (SELECT id FROM r) GROUP BY request_id
 )
 SELECT r.arm,
        arg_max(r.model_version, r.id) AS model_version,
@@ -237,12 +191,23 @@ GROUP BY r.arm
 """
 
 
+@contextlib.contextmanager
+def _log_since(db: Database, since: datetime) -> Iterator[Any]:
+    """A DuckDB connection with ``requests`` and ``feedback``: PostgreSQL copies only the rows since ``since``
+    (feedback on a request is never older than the request)."""
+    where = {"requests": ("received_at >= ?", [since]), "feedback": ("created_at >= ?", [since])}
+    with db.analytics(["requests", "feedback"], where=where) as con:
+        yield con
+
+
 def arm_stats(db: Database, c: Canary) -> dict[str, ArmStats]:
     """Per-arm statistics from ``c``'s start to its decision (to now while it runs; see module doc)."""
-    from datetime import datetime
-
     out = {"production": ArmStats("production", c.production), "canary": ArmStats("canary", c.candidate)}
-    for r in db.query(_ARM_SQL, [c.started_at, c.decided_at or datetime.max]):
+    with _log_since(db, c.started_at) as con:
+        cur = con.execute(_ARM_SQL, [c.started_at, c.decided_at or datetime.max])
+        cols = [d[0] for d in cur.description]
+        rows = [dict(zip(cols, r)) for r in cur.fetchall()]
+    for r in rows:
         s = out[r["arm"]]
         s.model_version = r["model_version"] or s.model_version
         s.requests, s.errors, s.rated, s.negative = (
@@ -260,13 +225,9 @@ def arm_stats(db: Database, c: Canary) -> dict[str, ArmStats]:
     for s in out.values():
         if not s.model_version:
             continue
-        d = db.query(
-            """SELECT value, drifted FROM drift_reports WHERE model_version = ? AND feature = 'overall'
-                        AND created_at >= ? ORDER BY created_at DESC LIMIT 1""",
-            [s.model_version, c.started_at],
-        )
+        d = latest_overall_drift(db, s.model_version, since=c.started_at)
         if d:
-            s.drift_score, s.drifted = d[0]["value"], bool(d[0]["drifted"])
+            s.drift_score, s.drifted = d["value"], bool(d["drifted"])
     return out
 
 
@@ -274,7 +235,7 @@ def judge(db: Database, canary_id: str | None, deploy: DeploySettings, now: date
     """Decide wait / promote / rollback for a running canary from the request log (see module doc); writes nothing."""
     c = get(db, canary_id)
     if c.status != "running":
-        raise CanaryError(f"canary {c.id} is already decided: {c.status}")
+        raise CanaryDecided(c.id, c.status)
     elapsed = ((now or utcnow()) - c.started_at).total_seconds()
     return decide(c.id, arm_stats(db, c), elapsed, deploy)
 
@@ -434,77 +395,15 @@ def _finish(
 ) -> Canary:
     c = get(db, canary_id)
     if c.status != "running":
-        raise CanaryError(f"canary {c.id} is already {c.status}")
-    now = utcnow()
-    details = {"canary_id": c.id, "decision": decision} if decision else {"canary_id": c.id}
-    with db.connect() as con:
-        st = con.execute("SELECT status FROM canaries WHERE id = ?", [c.id]).fetchone()
-        if st is None:  # deleted by someone else between get() and here
-            raise CanaryError(f"canary {c.id} no longer exists")
-        if st[0] != "running":  # decided by someone else between get() and here
-            raise CanaryError(f"canary {c.id} is already {st[0]}")
-        if status == "promoted":
-            set_stage(db, c.candidate, "production", actor=actor, reason=reason, details=details, con=con)
-        else:
-            set_stage(
-                db, c.candidate, "retired", actor=actor, reason=f"rolled back: {reason}", details=details, con=con
-            )
-            if c.production:
-                cur = con.execute("SELECT stage FROM model_versions WHERE name = ?", [c.production]).fetchone()
-                if cur and cur[0] != "production":  # production was changed meanwhile: restore it
-                    set_stage(
-                        db,
-                        c.production,
-                        "production",
-                        actor=actor,
-                        reason="restored by canary rollback",
-                        details=details,
-                        con=con,
-                    )
-        con.execute(
-            "UPDATE canaries SET status = ?, decided_at = ?, decision = ? WHERE id = ?",
-            [status, now, dumps({"action": status, "actor": actor, "reason": reason, **(decision or {})}), c.id],
-        )
-    return get(db, c.id)
+        raise CanaryDecided(c.id, c.status)
+    return store_deploy.finish_canary(db, c.id, status, actor=actor, reason=reason, decision=decision)
 
 
 def rollback_production(
     db: Database, actor: str = "tuneloop", reason: str = "manual rollback", to: str | None = None
 ) -> tuple[str, str]:
     """No canary running: put the previous production version (or ``to``) back; returns (retired, restored)."""
-    if running(db) is not None:
-        raise CanaryError("a canary is running: `tuneloop deploy rollback` rolls the canary back first")
-    with db.connect() as con:
-        cur = con.execute(
-            "SELECT name FROM model_versions WHERE stage = 'production' ORDER BY stage_changed_at DESC LIMIT 1"
-        ).fetchone()
-        if not cur:
-            raise CanaryError("no version is in production: nothing to roll back")
-        if to is None:
-            # the latest version retired from production that was not itself rolled back
-            prev = con.execute(
-                """WITH last AS (SELECT model_version, arg_max(reason, occurred_at) AS reason FROM deploy_events GROUP BY model_version)
-                   SELECT e.model_version FROM deploy_events e JOIN last l USING (model_version)
-                   WHERE e.from_stage = 'production' AND e.to_stage = 'retired' AND e.model_version <> ?
-                     AND coalesce(l.reason, '') NOT LIKE 'rolled back:%'
-                   ORDER BY e.occurred_at DESC LIMIT 1""",
-                [cur[0]],
-            ).fetchone()
-            if not prev:
-                raise CanaryError(
-                    f"no previous production version to restore before {cur[0]} "
-                    "(versions that were rolled back are not restored; use --to VERSION)"
-                )
-            to = prev[0]
-        elif not con.execute("SELECT 1 FROM model_versions WHERE name = ?", [to]).fetchone():
-            raise RegistryError(f"unknown model version {to!r}")
-        set_stage(db, to, "production", actor=actor, reason=f"rollback of {cur[0]}: {reason}", con=con)
-        # set_stage retired cur with 'replaced by'; record the rollback reason on it too
-        con.execute(
-            "UPDATE deploy_events SET reason = ? WHERE model_version = ? AND to_stage = 'retired' AND reason = ?",
-            [f"rolled back: {reason}", cur[0], f"replaced by {to}"],
-        )
-    return cur[0], to
+    return store_deploy.rollback_production(db, actor=actor, reason=reason, to=to)
 
 
 def watch(
@@ -517,7 +416,8 @@ def watch(
     actor: str = "canary-judge",
     sleep: Callable[[float], None] = time.sleep,
 ) -> Decision:
-    """Judge every ``poll_s`` until it decides, then apply; ``timeout_s`` bounds the wait (still running -> CanaryError)."""
+    """Judge every ``poll_s`` until it decides, then apply; ``timeout_s`` bounds the wait (still running -> CanaryError).
+    Decided elsewhere meanwhile (another replica's judge, a CLI) -> :class:`CanaryDecided`."""
     c = get(db, canary_id)
     t0 = time.monotonic()
     while True:

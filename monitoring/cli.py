@@ -2,6 +2,10 @@
 
 Contract: :func:`register` adds the ``drift`` command group and the ``export``
 commands of :mod:`monitoring.cli_export`. Heavy imports happen inside handlers.
+Both backends (``database.url``): the commands print the same for the same rows
+on the DuckDB file and on PostgreSQL. Statistics are DuckDB SQL over the
+window's rows (:mod:`monitoring.drift_job`); profiles, ``drift_reports`` and the
+report's history are read and written on the database with portable SQL.
 """
 
 from __future__ import annotations
@@ -98,9 +102,9 @@ def _cmd_report(args: argparse.Namespace, ctx: Context) -> int:
             print("top new words: " + ", ".join(f"{w} ({c})" for w, c in r.new_words[:10]))
     if args.out:
         hist: dict[str, list[tuple[datetime, float]]] = {}
-        for row in ctx.db.query(
-            "SELECT model_version, created_at, value FROM drift_reports WHERE feature = 'overall' ORDER BY created_at"
-        ):
+        from tuneloop.store_monitoring import overall_drift_history
+
+        for row in overall_drift_history(ctx.db):
             hist.setdefault(row["model_version"], []).append((row["created_at"], row["value"]))
         Path(args.out).write_text(render_html(results, hist))
         print(f"report: {args.out}")

@@ -1,5 +1,8 @@
 """CLI: ``tuneloop export logs`` — this replica's request log and feedback as partitioned Parquet.
 
+On a shared PostgreSQL database the command exports every replica's rows under one name (default
+``pg-<database>``, :func:`monitoring.export.default_replica`); see :mod:`monitoring.export`.
+
 ``register(sub)`` is called by monitoring/cli.py. Only light modules are imported at module level;
 times and durations follow :mod:`tuneloop.timeparse`.
 """
@@ -30,7 +33,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "Only windows that have closed are exported, and each run continues where the last one for this "
             "replica stopped (state in OUT/_manifests/REPLICA.json), so running it from cron is safe. "
             "Many replicas can export into one folder; `tuneloop drift report --from-parquet OUT` and "
-            "`tuneloop feedback sample --from-parquet OUT` then read all of them as one log."
+            "`tuneloop feedback sample --from-parquet OUT` then read all of them as one log. "
+            "With a shared PostgreSQL database (database.url) every replica's rows are in it: export it once "
+            "(one cron job), under one name (default pg-DBNAME); each row keeps the replica that served it."
         ),
         epilog=(
             "examples:\n"
@@ -50,7 +55,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--replica",
         metavar="NAME",
-        help="this replica's name, used in file names (default: $TUNELOOP_REPLICA or the host name)",
+        help="this replica's name, used in file names (default: $TUNELOOP_REPLICA or the host name; "
+        "pg-DBNAME for a shared PostgreSQL database)",
     )
     p.add_argument(
         "--since",

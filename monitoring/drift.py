@@ -12,7 +12,15 @@ Contract
   finish_reason=length and empty-response shares, negative feedback, and a
   random sample of prompt texts for embeddings. Words of a window larger than
   ``word_sample`` requests are counted on a deterministic uniform subset
-  (hash of the request id); everything else uses every request.
+  (hash of the request id); everything else uses every request. The
+  embedding sample is also chosen (and ordered) by a hash of the request id
+  and the seed. So the statistics depend only on the window's rows, not on
+  where they are read from or in which order: the DuckDB file, PostgreSQL
+  rows copied into DuckDB (:class:`monitoring.sources.LogSource`) or Parquet
+  exports give the same values. The SQL is DuckDB SQL and runs on a DuckDB
+  connection; only :data:`WINDOW_START_SQL` (a request-count window's first
+  request) is portable, so a caller can find the window on PostgreSQL before
+  copying it.
 * :func:`compare` turns a reference profile (:mod:`monitoring.profile`) and a
   :class:`ProductionStats` into a :class:`DriftResult`: one
   :class:`FeatureResult` per statistic with its value, threshold and drifted
@@ -141,16 +149,17 @@ _TEXT_SQL = (
 )
 
 
-def window_bounds(
-    con: duckdb.DuckDBPyConnection, version: str, window: Window, now: datetime
-) -> tuple[datetime | None, datetime]:
-    """(start, end) of the window; a request-count window starts at its oldest request."""
+# the oldest of a version's last N served requests: portable SQL (DuckDB and PostgreSQL alike)
+WINDOW_START_SQL = """SELECT min(received_at) AS start FROM (
+    SELECT received_at FROM requests WHERE model_version = ? AND status < 400 AND received_at <= ?
+    ORDER BY received_at DESC LIMIT ?) AS last_n"""
+
+
+def window_bounds(con: Any, version: str, window: Window, now: datetime) -> tuple[datetime | None, datetime]:
+    """(start, end) of the window; a request-count window starts at its oldest request. ``con`` is anything
+    with ``execute(sql, params)``: a DuckDB connection, or a backend connection (the SQL is portable)."""
     if window.requests:
-        row = con.execute(
-            """SELECT min(received_at) FROM (SELECT received_at FROM requests WHERE model_version = ? AND status < 400
-                   AND received_at <= ? ORDER BY received_at DESC LIMIT ?)""",
-            [version, now, window.requests],
-        ).fetchall()[0]
+        row = con.execute(WINDOW_START_SQL, [version, now, window.requests]).fetchall()[0]
         return row[0], now
     return now - window.duration(), now
 
@@ -228,12 +237,13 @@ def production_stats(
     ).fetchall()[0]
     texts: list[str] = []
     if text_sample:
+        # the first text_sample requests in hash(id, seed) order: the same rows, in the same order, from any source
         texts = [
             r[0]
             for r in con.execute(
-                f"""SELECT t FROM (SELECT {_TEXT_SQL} AS t FROM requests WHERE {where} AND prompt IS NOT NULL)
-                USING SAMPLE reservoir({int(text_sample)} ROWS) REPEATABLE ({int(seed)})""",
-                params,
+                f"""SELECT {_TEXT_SQL} AS t FROM requests WHERE {where} AND prompt IS NOT NULL
+                ORDER BY hash(id || ?), id LIMIT {int(text_sample)}""",
+                [*params, f":{int(seed)}"],
             ).fetchall()
             if r[0]
         ]

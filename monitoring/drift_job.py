@@ -19,6 +19,14 @@ Contract
   same statistics as one database holding all their rows; profiles, datasets
   and ``drift_reports`` always live in ``db``. Windows with fewer than
   ``min_requests`` requests, and versions without a training dataset, are returned with ``skipped`` set and write nothing.
+* Both backends: the statistics are DuckDB SQL on the source's DuckDB
+  connection. On PostgreSQL the versions with traffic and a request-count
+  window's first request are asked of the server (portable SQL), then only
+  that version's window (its requests and their feedback) is copied into
+  DuckDB as Arrow, and the statistics equal those over a DuckDB file holding
+  the same rows. Profiles are read and ``drift_reports`` written through
+  ``db.connect()`` with portable SQL (one transaction per pass), never on the
+  analytics connection.
 * :meth:`DriftJob.run_forever` ``(stop_event)`` repeats it every
   ``interval_s`` in a worker thread, logging (never raising) failures, so the
   server starts it with one line in its lifespan::
@@ -39,9 +47,17 @@ from typing import TYPE_CHECKING, Any
 from tuneloop.db import Database, dumps, utcnow
 from tuneloop.errors import UserError
 from tuneloop.ids import new_id
-from tuneloop.monitoring.drift import DriftResult, Window, compare, parse_window, production_stats
+from tuneloop.monitoring.drift import (
+    WINDOW_START_SQL,
+    DriftResult,
+    Window,
+    compare,
+    parse_window,
+    production_stats,
+)
 from tuneloop.monitoring.profile import Profile, compute_profile, load_profile
 from tuneloop.monitoring.sources import LogSource, log_source
+from tuneloop.store_monitoring import save_drift_reports
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry, Gauge
@@ -115,7 +131,16 @@ class DriftJob:
         else:
             sql = "SELECT DISTINCT model_version FROM requests WHERE model_version IS NOT NULL AND received_at BETWEEN ? AND ?"
             params = [now - window.duration(), now]
-        return sorted(r["model_version"] for r in self._logs().query(sql, params))
+        # portable SQL: on PostgreSQL the server answers it, no rows are copied
+        return sorted(r["model_version"] for r in self._logs().query(sql, params, portable=True))
+
+    def window_span(self, version: str, window: Window, now: datetime) -> tuple[datetime | None, datetime]:
+        """(start, end) of ``version``'s window, found where the rows are (portable SQL), so a source that copies
+        rows (PostgreSQL) copies only the window. ``start`` is None when a request-count window is empty."""
+        if not window.requests:
+            return now - window.duration(), now
+        rows = self._logs().query(WINDOW_START_SQL, [version, now, window.requests], portable=True)
+        return (rows[0]["start"] if rows else None), now
 
     def profile(self, version: str) -> Profile:
         p = load_profile(self._database(), version)
@@ -148,7 +173,11 @@ class DriftJob:
                 rid, version, str(window), None, now, 0, [], 0.0, self.settings.overall_threshold, False, skipped=str(e)
             )
         want_emb = bool(self.settings.embeddings and prof.embeddings is not None)
-        with self._logs().connect() as con:
+        logs = self._logs()
+        start, end = self.window_span(version, window, now) if logs.copies else (None, None)
+        if logs.copies and start is None:  # no served request of this version at all: nothing to copy
+            start = end
+        with logs.connect(since=start, until=end, model_version=version) as con:
             prod = production_stats(
                 con,
                 version,
@@ -219,8 +248,7 @@ class DriftJob:
                 now,
             ]
         )
-        with self._database().connect() as con:
-            con.executemany("INSERT INTO drift_reports VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        save_drift_reports(self._database(), rows)
 
     def export(self, res: DriftResult) -> None:
         score, drifted_gauge = self.score, self.drifted

@@ -25,15 +25,27 @@ Contract
 * Bad input (a replica name that is not a plain file-name token, ``until``
   before ``since``, a non-positive window) raises
   :class:`~tuneloop.errors.UserError` before anything is written.
+* Both backends write the same files with the same rows and types. From a
+  DuckDB file, DuckDB's COPY reads the table. From PostgreSQL, the range's
+  rows are streamed as Arrow record batches (ADBC, binary COPY underneath)
+  into the same DuckDB COPY (an in-memory DuckDB holds a few batches at a
+  time, never the whole range); the boundary queries are portable SQL on the
+  server. A shared database holds every replica's rows, so it is exported by
+  one name: the default is ``pg-<database name>`` (:func:`default_replica`),
+  the same from any host, so the manifest continues whichever host (a cron
+  job's pod) runs it; each row keeps the replica that served it
+  (``requests.replica``) in its ``replica`` column.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import socket
 import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -83,10 +95,17 @@ class ExportResult:
         }
 
 
-def default_replica() -> str:
-    """``$TUNELOOP_REPLICA``, else the host name (the pod name on Kubernetes)."""
-    name = os.environ.get("TUNELOOP_REPLICA") or socket.gethostname() or "replica"
-    return re.sub(r"[^A-Za-z0-9_.-]", "-", name)
+def default_replica(db: Database | None = None) -> str:
+    """The exporter's name when none is given: for a shared PostgreSQL database ``pg-<database name>`` (the same
+    from every host, so whichever runs the export continues the same manifest); else ``$TUNELOOP_REPLICA``, else
+    the host name (the pod name on Kubernetes)."""
+    if db is not None and db.backend == "postgres":
+        from urllib.parse import urlsplit
+
+        name = "pg-" + (urlsplit(db.url).path.strip("/") or "postgres")
+    else:
+        name = os.environ.get("TUNELOOP_REPLICA") or socket.gethostname() or "replica"
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", name)[:128]
 
 
 def floor_window(t: datetime, window_s: float) -> datetime:
@@ -163,7 +182,7 @@ def export_logs(
     now: datetime | None = None,
 ) -> ExportResult:
     """Export this replica's closed windows of ``requests`` and ``feedback`` to ``out`` (see module doc)."""
-    replica = replica or default_replica()
+    replica = replica or default_replica(db)
     if not _REPLICA_RE.match(replica):
         raise UserError(f"replica name {replica!r} must be letters, digits, '.', '_' or '-' (at most 128)")
     if window_s <= 0:
@@ -201,9 +220,9 @@ def _export(
 ) -> ExportResult:
     state = read_manifest(out, replica)
     result = ExportResult(replica, out)
-    with db.connect(transaction=False) as con:
+    with _reader(db) as rd:
         if is_url(out):
-            con.execute("INSTALL httpfs; LOAD httpfs")
+            rd.duck.execute("INSTALL httpfs; LOAD httpfs")
         for table in TABLES:
             tcol = TIME_COLUMN[table]
             done = state.get(table, {}).get("until")
@@ -211,8 +230,7 @@ def _export(
             if since and (start is None or since > start):
                 start = since
             if start is None:
-                row = con.execute(f"SELECT min({tcol}) FROM {table}").fetchone()
-                oldest = None if row is None else row[0]
+                oldest = rd.scalar(f"SELECT min({tcol}) FROM {table}")
                 if oldest is None:
                     result.tables.append(TableExport(table, None, None, skipped="no rows"))
                     continue
@@ -222,7 +240,7 @@ def _export(
                     TableExport(table, start, end_cap, skipped="no closed window after the last export")
                 )
                 continue
-            n = _copy(con, table, out, replica, start, end_cap)
+            n = rd.copy(table, out, replica, start, end_cap)
             result.tables.append(TableExport(table, start, end_cap, rows=n))
             entry = state.setdefault(table, {"rows": 0, "runs": 0})
             entry.update(
@@ -237,29 +255,103 @@ def _export(
     return result
 
 
-def _copy(con: duckdb.DuckDBPyConnection, table: str, out: str, replica: str, start: datetime, end: datetime) -> int:
-    """``COPY`` the rows of ``table`` in ``[start, end)`` into partitioned Parquet; returns the row count."""
+@contextlib.contextmanager
+def _reader(db: Database) -> Iterator[_Reader]:
+    """Where an export reads: the DuckDB file itself, or PostgreSQL streamed into an in-memory DuckDB."""
+    if db.backend != "postgres":
+        with db.analytics() as con:
+            yield _DuckReader(con)
+        return
+    import duckdb
+
+    con = duckdb.connect()
+    try:
+        yield _PostgresReader(con, db)
+    finally:
+        con.close()
+
+
+def _copy_sql(source: str, table: str, out: str, replica: str, start: datetime) -> str:
+    """``COPY`` of ``source``'s rows (``table``'s columns) into ``out/table`` as partitioned Parquet."""
     tcol = TIME_COLUMN[table]
     names = [n for n, _ in table_columns(table)]
     cols = ", ".join(n for n in names if n != "replica")
     # the replica that served a row (requests.replica, shared backend) wins over the exporting one's name
     who = f"coalesce(replica, {_sql_str(replica)})" if "replica" in names else _sql_str(replica)
-    row = con.execute(f"SELECT count(*) FROM {table} WHERE {tcol} >= ? AND {tcol} < ?", [start, end]).fetchone()
-    n = 0 if row is None else row[0]
-    if not n:
-        return 0
     target = _sql_str(out.rstrip("/") + f"/{table}")
     pattern = _sql_str(f"{replica}-{start:%Y%m%dT%H%M%S}-{{i}}")
     if not is_url(out):
         os.makedirs(os.path.join(out, table), exist_ok=True)
-    # literals, not parameters: DuckDB does not bind parameters inside COPY (query) TO
-    con.execute(
-        f"""COPY (SELECT {cols}, {who} AS replica, CAST({tcol} AS DATE) AS date
-                  FROM {table}
-                  WHERE {tcol} >= TIMESTAMP {_sql_str(start.isoformat(sep=" "))}
-                    AND {tcol} < TIMESTAMP {_sql_str(end.isoformat(sep=" "))}
+    return f"""COPY (SELECT {cols}, {who} AS replica, CAST({tcol} AS DATE) AS date
+                  FROM {source}
                   ORDER BY {tcol}, id)
             TO {target} (FORMAT parquet, PARTITION_BY (date, model_version), FILENAME_PATTERN {pattern},
                          OVERWRITE_OR_IGNORE true, COMPRESSION zstd)"""
-    )
-    return int(n)
+
+
+class _Reader:
+    """The rows of one database an export reads, and the DuckDB connection (``duck``) that writes the Parquet."""
+
+    duck: duckdb.DuckDBPyConnection
+
+    def scalar(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        raise NotImplementedError
+
+    def copy(self, table: str, out: str, replica: str, start: datetime, end: datetime) -> int:
+        """``COPY`` the rows of ``table`` in ``[start, end)`` into partitioned Parquet; returns the row count."""
+        raise NotImplementedError
+
+
+class _DuckReader(_Reader):
+    """The DuckDB file: DuckDB's COPY reads the table directly."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+        self.duck = con
+
+    def scalar(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        row = self.duck.execute(sql, list(params)).fetchone()
+        return None if row is None else row[0]
+
+    def copy(self, table: str, out: str, replica: str, start: datetime, end: datetime) -> int:
+        tcol = TIME_COLUMN[table]
+        n = self.scalar(f"SELECT count(*) FROM {table} WHERE {tcol} >= ? AND {tcol} < ?", [start, end])
+        if not n:
+            return 0
+        # literals, not parameters: DuckDB does not bind parameters inside COPY (query) TO
+        source = f"""(SELECT * FROM {table}
+                      WHERE {tcol} >= TIMESTAMP {_sql_str(start.isoformat(sep=" "))}
+                        AND {tcol} < TIMESTAMP {_sql_str(end.isoformat(sep=" "))})"""
+        self.duck.execute(_copy_sql(source, table, out, replica, start))
+        return int(n)
+
+
+class _PostgresReader(_Reader):
+    """PostgreSQL: the window's rows are streamed as Arrow record batches (ADBC, binary COPY underneath) into
+    DuckDB's COPY, so an export of any size holds a few batches in memory, never the whole window."""
+
+    def __init__(self, duck: duckdb.DuckDBPyConnection, db: Database) -> None:
+        self.duck, self.db = duck, db
+
+    def scalar(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        with self.db.connect(transaction=False) as con:
+            row = con.execute(sql, list(params)).fetchone()
+        return None if row is None else row[0]
+
+    def copy(self, table: str, out: str, replica: str, start: datetime, end: datetime) -> int:
+        import adbc_driver_postgresql.dbapi as adbc
+
+        from tuneloop.db_postgres import to_dollar
+
+        tcol = TIME_COLUMN[table]
+        cols = ", ".join(n for n, _ in table_columns(table))
+        sql = to_dollar(f"SELECT {cols} FROM {table} WHERE {tcol} >= ? AND {tcol} < ?")
+        with self.db.connect(transaction=False):
+            pass  # migrations applied (a fresh database gets the tables before ADBC reads them)
+        with adbc.connect(self.db.url) as conn, conn.cursor() as cur:
+            cur.execute(sql, [start, end])
+            self.duck.register("_tl_export_rows", cur.fetch_record_batch())
+            try:
+                row = self.duck.execute(_copy_sql("_tl_export_rows", table, out, replica, start)).fetchone()
+            finally:
+                self.duck.unregister("_tl_export_rows")
+        return 0 if row is None else int(row[0])

@@ -31,7 +31,7 @@ tuneloop_prompt_tokens_total{model_version}       counter    prompt tokens proce
 tuneloop_generation_tokens_total{model_version}   counter    completion tokens generated
 tuneloop_requests_in_flight{route}                gauge      requests being served now
 tuneloop_log_queue_depth                          gauge      request-log rows waiting in memory
-tuneloop_log_rows_written_total                   counter    request-log rows committed to DuckDB
+tuneloop_log_rows_written_total                   counter    request-log rows committed to the database
 tuneloop_log_rows_dropped_total                   counter    rows dropped (queue full / unwritable)
 tuneloop_log_flush_errors_total                   counter    failed flushes (rows kept, retried)
 tuneloop_log_flush_duration_seconds               histogram  one flush: open + insert + commit

@@ -19,6 +19,12 @@ Contract
   The trainer calls it after registering a version; ``tuneloop drift profile
   VERSION`` calls it on demand. A version without a dataset is a UserError.
 * :func:`load_profile` reads a stored one back (``None`` when absent).
+* Storage, both backends: :func:`store_profile` replaces a version's row in
+  one ``db.connect()`` transaction (DELETE + INSERT, portable SQL; a reader
+  sees the old profile or the new one, never none). The profile dict is a JSON
+  column; the embedding sample is float32 row-major bytes in a ``BLOB``
+  (DuckDB) / ``BYTEA`` (PostgreSQL) column with its width in
+  ``embedding_dim``, and reads back bit for bit on either.
 """
 
 from __future__ import annotations
@@ -32,13 +38,12 @@ import numpy as np
 
 from tuneloop.chat import Tokenizer, completion_ids, render_prompt
 from tuneloop.dataset_store import good_chat, row_tools
-from tuneloop.db import Database, dumps, loads, utcnow
+from tuneloop.db import Database, dumps, loads
 from tuneloop.errors import UserError
 from tuneloop.monitoring.drift import prompt_text, words
+from tuneloop.store_monitoring import profile_row, replace_profile
 
 if TYPE_CHECKING:
-    import duckdb
-
     from tuneloop.settings import DriftSettings
 
 
@@ -154,32 +159,25 @@ def js_null(
 
 
 def store_profile(db: Database, p: Profile) -> None:
+    """Store ``p`` in ``reference_profiles``, replacing the version's older one (see module doc)."""
     emb = p.embeddings
-    with db.connect() as con:
-        con.execute("DELETE FROM reference_profiles WHERE model_version = ?", [p.model_version])
-        con.execute(
-            "INSERT INTO reference_profiles VALUES (?, ?, ?, ?, ?, ?)",
-            [
-                p.model_version,
-                p.dataset_id,
-                dumps(p.profile),
-                None if emb is None else np.ascontiguousarray(emb, dtype=np.float32).tobytes(),
-                None if emb is None else int(emb.shape[1]),
-                utcnow(),
-            ],
-        )
-
-
-def load_profile(db: Database, version: str, con: duckdb.DuckDBPyConnection | None = None) -> Profile | None:
-    sql = "SELECT dataset_id, profile, embeddings, embedding_dim FROM reference_profiles WHERE model_version = ?"
-    rows = (
-        con.execute(sql, [version]).fetchall()
-        if con is not None
-        else [tuple(r.values()) for r in db.query(sql, [version])]
+    replace_profile(
+        db,
+        p.model_version,
+        p.dataset_id,
+        dumps(p.profile),
+        None if emb is None else np.ascontiguousarray(emb, dtype=np.float32).tobytes(),
+        None if emb is None else int(emb.shape[1]),
     )
-    if not rows:
+
+
+def load_profile(db: Database, version: str, con: Any | None = None) -> Profile | None:
+    """The stored profile of ``version`` (``None`` when absent), read from ``db`` or from ``con`` (a connection of
+    either backend, or a DuckDB connection a :class:`monitoring.sources.LogSource` copied the table onto)."""
+    row = profile_row(db, version, con)
+    if row is None:
         return None
-    ds, prof, blob, dim = rows[0]
+    ds, prof, blob, dim = row
     emb = np.frombuffer(bytes(blob), dtype=np.float32).reshape(-1, dim) if blob is not None and dim else None
     return Profile(version, ds, loads(prof), emb)
 

@@ -6,6 +6,7 @@ version to ``[(created_at, overall score), ...]`` from ``drift_reports``. The
 page holds, per version, the statistics table, reference vs production
 histograms of prompt and response length (``<svg class="hist">``), drift over
 time (``<svg class="timeline">``) and the top new words. No external assets.
+No database access: the caller reads ``history`` (portable SQL, either backend).
 """
 
 from __future__ import annotations

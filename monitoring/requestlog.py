@@ -1,29 +1,43 @@
-"""The request log: every served request becomes one row of the DuckDB ``requests`` table.
+"""The request log: every served request becomes one row of the ``requests`` table (DuckDB file or PostgreSQL).
 
 Contract
 --------
 * A row is a :class:`monitoring.records.RequestRecord` (the columns of the
   ``requests`` table, :mod:`tuneloop.migrations`, migration 2, plus
-  ``tool_calls`` added by migration 5); :data:`COLUMNS` is their order in the
-  table.
+  ``tool_calls`` added by migration 5 and ``replica`` by migration 6);
+  :data:`COLUMNS` is their order in the table.
 * :class:`RequestLogWriter` writes records in batches from a background
-  thread, so a response never waits on disk:
+  thread, so a response never waits on the database:
 
   - :meth:`~RequestLogWriter.submit` never blocks (a dict insert under a lock
     held for microseconds). It also calls ``metrics.observe(rec)``, so the
     Prometheus counters and the log are fed from the same records.
+  - Each row records the replica that served it: a record whose ``replica``
+    is None gets the writer's ``replica`` (the app passes
+    ``settings.server.replica_name``); None leaves the column NULL.
   - The queue is bounded by ``log.queue_max``. **When it is full the NEW row
     is dropped** (``submit`` returns False) and counted in
-    ``tuneloop_log_rows_dropped_total``; rows already queued are kept, in order.
+    ``tuneloop_log_rows_dropped_total`` and ``rows_dropped``; rows already
+    queued are kept, in order.
   - A flush happens every ``log.flush_interval_s`` seconds and as soon as
-    ``log.flush_rows`` rows are queued. Each flush opens the database
-    (:meth:`tuneloop.db.Database.connect`, so other processes can write
-    between flushes), inserts the whole batch through a pyarrow table with one
-    ``INSERT INTO requests SELECT ... FROM batch`` in one transaction (again
-    as ``INSERT OR IGNORE`` if an id is already there), and closes it. Writing
-    is therefore all-or-nothing per flush, and re-writing a batch is harmless
-    (ids are primary keys).
-  - Under steady traffic the writer thread keeps the file open between its
+    ``log.flush_rows`` rows are queued. Each flush is one
+    :meth:`tuneloop.db.Database.connect` block (``log_only``: no change
+    notification), so writing is all-or-nothing per flush, and re-writing a
+    batch is harmless (ids are primary keys):
+
+    * DuckDB: the whole batch goes in through a pyarrow table with one
+      ``INSERT INTO requests SELECT ... FROM batch`` (again as ``INSERT OR
+      IGNORE`` if an id is already there); the file is opened for the flush
+      (or kept open, see below), so other processes can write between flushes.
+    * PostgreSQL: one ``COPY requests FROM STDIN`` of the batch (JSON columns
+      as JSON text, timestamps naive UTC; NUL characters, which PostgreSQL
+      text cannot hold, become U+FFFD) after ``SET LOCAL lock_timeout`` to
+      the writer's lock timeout. If an id is already there (a flush retried
+      after a commit whose acknowledgement was lost) the batch is copied
+      again into a temporary table and moved with ``INSERT ... ON CONFLICT
+      (id) DO NOTHING``: the plain COPY is tried first because the detour
+      costs more on every flush, for a case that is rare.
+  - DuckDB only: under steady traffic the writer thread keeps the file open between its
     flushes (``Database.connect(keep_open=True)``) for up to ``log.hold_s``
     at a time, saving the open and the checkpoint of every flush. It closes
     it when a flush finds nothing to write, every ``log.hold_s``, at close,
@@ -31,18 +45,37 @@ Contract
     (``Database.knocked``: a tuneloop process that finds the file locked
     touches ``<db>.knock``); after a knock it reopens per flush for
     ``10 x log.flush_interval_s`` (at least 10 s), so a CLI command of many
-    short writes is not held up at each of them.
-  - If the database is busy (held by another process past the lock timeout)
-    or unreachable, the flush fails: the rows stay queued (still bounded by
-    ``queue_max``), ``tuneloop_log_flush_errors_total`` is incremented and the
-    flush is retried one interval later. If the database rejects the batch's
-    data, rows are retried one by one and only the rejected rows are dropped
-    (counted, logged without their content).
+    short writes is not held up at each of them. (PostgreSQL connections
+    are pooled by the backend.)
+  - If the database is busy or unreachable, the flush fails: the rows stay
+    queued (still bounded by ``queue_max``; overflow is dropped and counted as
+    above), ``tuneloop_log_flush_errors_total`` is incremented and the flush
+    is retried with back-off: one interval later, doubling with each failure
+    in a row up to ``max(flush_interval_s, 5 s)``, back to one interval after
+    a success. Busy or unreachable means: DuckDB file held by another process
+    past the lock timeout, or an I/O error; PostgreSQL down, restarting or out
+    of connections (:class:`~tuneloop.db.DatabaseBusy` from the pool), the
+    connection cut mid-COPY or at commit, a lock wait past the lock timeout,
+    and any other server error that is not about the rows' data. The writer
+    recovers by itself, without a restart, at its first retry after the
+    backend hands out a connection again (PostgreSQL: when the pool has
+    reconnected, :mod:`tuneloop.db_postgres`). A flush attempt blocks only
+    the writer thread, at most about the writer's lock timeout (default
+    ``max(2 s, 2 x flush_interval_s)``): it bounds the wait for a pooled
+    connection and for table locks. It does not bound a connection that
+    hangs without being cut (a network partition mid-COPY): that is left to
+    TCP and the pool's connection settings. If the database rejects the
+    batch's data (DuckDB: any other error; PostgreSQL: a data or integrity
+    error, or a value the driver cannot encode), rows are retried one by one
+    (PostgreSQL: each in a savepoint of one transaction) and only the
+    rejected rows are dropped (counted, logged without their content).
   - :meth:`~RequestLogWriter.close` (lifespan shutdown, i.e. SIGTERM) drains
     every queued row within ``timeout_s`` and returns how many it could not
-    write. SIGKILL loses at most the rows of one flush interval plus the flush in
-    progress (the next interval starts when a flush ends; tests bound it by 0.3 s); DuckDB's WAL
-    and the per-flush transaction leave a database that opens.
+    write (during an outage: every queued row, counted as dropped). SIGKILL
+    loses at most the rows of one flush interval plus the flush in progress
+    (the next interval starts when a flush ends; tests bound it by 0.3 s),
+    and during an outage the rows queued since it began; DuckDB's WAL and
+    the per-flush transaction leave a database that opens.
   - ``log.redact_prompts`` stores no prompt/response text and no tool calls
     (NULL), only sizes and timings; ``log.scrub_pii`` replaces emails, phones,
     card numbers and IPs in prompt and response text and in the tool calls'
@@ -105,6 +138,13 @@ COLUMNS: tuple[str, ...] = (
     "replica",
 )
 _JSON_COLUMNS = ("prompt", "params", "tool_calls")
+# columns that are not text (their Arrow types in _arrow_schema); the others are VARCHAR or JSON
+_TYPED_COLUMNS = ("received_at", "prompt_tokens", "completion_tokens", "ttft_s", "latency_s", "status", "stream")
+# VARCHAR columns: PostgreSQL text cannot hold NUL (JSON text escapes it as \u0000)
+_TEXT_COLUMNS = tuple(c for c in COLUMNS if c not in _JSON_COLUMNS and c not in _TYPED_COLUMNS)
+_INSERT_COLUMNS = ", ".join(COLUMNS)
+# retries of a failed flush back off up to this (or the flush interval, if longer)
+MAX_BACKOFF_S = 5.0
 
 
 def _arrow_schema() -> pa.Schema:
@@ -137,6 +177,14 @@ def _naive_utc(t: datetime) -> datetime:
     return t
 
 
+def _reason(e: BaseException) -> str:
+    """An error's message without the row it is about: PostgreSQL's DETAIL and CONTEXT can quote the row's
+    values (prompts), so only its primary message is logged."""
+    diag = getattr(e, "diag", None)
+    primary = getattr(diag, "message_primary", None) if diag is not None else None
+    return primary if primary else str(e).split("\n", 1)[0][:200]
+
+
 def _map_strings(v: Any, fn: Callable[[str], str]) -> Any:
     """Apply ``fn`` to every string inside a JSON-like value (messages, content parts, prompt lists)."""
     if isinstance(v, str):
@@ -162,6 +210,7 @@ class RequestLogWriter:
         metrics: ServingMetrics | None = None,
         *,
         lock_timeout_s: float | None = None,
+        replica: str | None = None,
     ):
         for name, low in (("flush_interval_s", 0.0), ("flush_rows", 0), ("queue_max", 0)):
             if not getattr(settings, name) > low:
@@ -172,6 +221,7 @@ class RequestLogWriter:
             )
         self.settings = settings
         self.metrics = metrics
+        self.replica = replica or None  # recorded in rows that do not name their replica
         # our own handle: a flush must not wait the CLI's long lock timeout before it can retry
         if lock_timeout_s is None:
             lock_timeout_s = max(2.0, 2 * settings.flush_interval_s)
@@ -185,6 +235,7 @@ class RequestLogWriter:
         self._closed = False
         self._close_deadline = 0.0
         self._retry_at = 0.0
+        self._failures = 0  # failed flushes in a row (back-off)
         self.rows_written = 0
         self.rows_dropped = 0
         self.flush_errors = 0
@@ -329,7 +380,7 @@ class RequestLogWriter:
                 self._after_flush(wrote)
             except Exception:  # never let the writer thread die
                 log.exception("request log: unexpected error in flush")
-            next_flush = time.monotonic() + interval
+            next_flush = max(time.monotonic() + interval, self._retry_at)
 
     def _may_hold(self) -> bool:
         return self.settings.hold_s > 0 and time.monotonic() >= self._no_hold_until
@@ -363,18 +414,16 @@ class RequestLogWriter:
             t0 = time.perf_counter()
             try:
                 written = self._insert(batch, hold)
-            except (DatabaseBusy, OSError) as e:
-                return self._failed(e)
             except Exception as e:
-                import duckdb
-
-                if isinstance(e, duckdb.IOException):
+                if self._unavailable(e):
                     return self._failed(e)
                 log.warning("request log: batch of %d rejected (%s); retrying row by row", len(batch), type(e).__name__)
                 try:
                     written = self._insert_one_by_one(batch)
-                except (DatabaseBusy, OSError, duckdb.IOException) as e2:
-                    return self._failed(e2)
+                except Exception as e2:
+                    if self._unavailable(e2):
+                        return self._failed(e2)
+                    raise
             self.flushes += 1
             with self._cond:
                 for rec in batch:
@@ -383,18 +432,35 @@ class RequestLogWriter:
                 depth = len(self._pending)
             self.rows_written += written
             self._retry_at = 0.0
+            self._failures = 0
             if self.metrics is not None:
                 self.metrics.log_rows_written_total.inc(written)
                 self.metrics.log_flush_duration_seconds.observe(time.perf_counter() - t0)
                 self.metrics.log_queue_depth.set(depth)
             return written, True
 
+    def _unavailable(self, e: BaseException) -> bool:
+        """Whether ``e`` says the database is busy or unreachable (keep the rows, retry), not that it rejected the
+        rows' data (retry them one by one); see module doc."""
+        if isinstance(e, (DatabaseBusy, OSError)):
+            return True
+        if self.db.backend == "postgres":
+            import psycopg
+
+            return isinstance(e, psycopg.Error) and not isinstance(e, (psycopg.DataError, psycopg.IntegrityError))
+        import duckdb
+
+        return isinstance(e, duckdb.IOException)
+
     def _failed(self, e: BaseException) -> tuple[int, bool]:
         self.flush_errors += 1
-        self._retry_at = time.monotonic() + max(0.001, self.settings.flush_interval_s)
+        self._failures += 1
+        interval = max(0.001, self.settings.flush_interval_s)
+        backoff = min(interval * 2 ** min(self._failures - 1, 30), max(interval, MAX_BACKOFF_S))
+        self._retry_at = time.monotonic() + backoff
         if self.metrics is not None:
             self.metrics.log_flush_errors_total.inc()
-        log.warning("request log: flush failed, %d rows kept for retry: %s", self.queue_depth, e)
+        log.warning("request log: flush failed, %d rows kept for retry: %s", self.queue_depth, _reason(e))
         return 0, False
 
     def _count_dropped(self, n: int) -> None:
@@ -410,6 +476,8 @@ class RequestLogWriter:
     def _prepare(self, rec: RequestRecord) -> dict[str, Any]:
         row = {c: getattr(rec, c) for c in COLUMNS}
         row["received_at"] = _naive_utc(rec.received_at)
+        if row["replica"] is None:
+            row["replica"] = self.replica
         if self.settings.redact_prompts:
             row["prompt"] = None
             row["response"] = None
@@ -453,6 +521,8 @@ class RequestLogWriter:
                 pass
 
     def _insert(self, batch: list[RequestRecord], hold: bool = False) -> int:
+        if self.db.backend == "postgres":
+            return self._copy_pg(batch)
         table = self._table(batch)
         with self.db.connect(log_only=True, keep_open=hold) as con:
             self._insert_table(con, table)
@@ -460,6 +530,8 @@ class RequestLogWriter:
 
     def _insert_one_by_one(self, batch: list[RequestRecord]) -> int:
         """Each row in its own transaction on one connection; rows the database rejects are dropped."""
+        if self.db.backend == "postgres":
+            return self._insert_one_by_one_pg(batch)
         import duckdb
 
         written = 0
@@ -479,5 +551,63 @@ class RequestLogWriter:
                     raise
                 except Exception as e:
                     self._count_dropped(1)
-                    log.error("request log: dropped request %s: %s: %s", rec.id, type(e).__name__, str(e)[:200])
+                    log.error("request log: dropped request %s: %s: %s", rec.id, type(e).__name__, _reason(e))
+        return written
+
+    # -- PostgreSQL ------------------------------------------------------------------
+    def _pg_row(self, rec: RequestRecord) -> tuple[Any, ...]:
+        row = self._prepare(rec)
+        for c in _TEXT_COLUMNS:
+            v = row[c]
+            if v is not None and "\x00" in v:
+                row[c] = v.replace("\x00", "\ufffd")
+        return tuple(row[c] for c in COLUMNS)
+
+    def _pg_begin(self, con: Any) -> None:
+        """Bound this transaction's waits for table locks by the writer's lock timeout (see module doc)."""
+        ms = max(1, int(self.db.lock_timeout_s * 1000))
+        con.execute(f"SET LOCAL lock_timeout = {ms}")
+
+    _PG_MOVE = (
+        f"INSERT INTO requests ({_INSERT_COLUMNS}) SELECT {_INSERT_COLUMNS} FROM _tuneloop_log_batch "
+        "ON CONFLICT (id) DO NOTHING"
+    )
+
+    def _copy_pg(self, batch: list[RequestRecord]) -> int:
+        """COPY the batch in one transaction; if an id is already there, again through a temporary table."""
+        import psycopg
+
+        rows = [self._pg_row(r) for r in batch]
+        try:
+            with self.db.connect(log_only=True) as con:
+                self._pg_begin(con)
+                con.copy_rows("requests", COLUMNS, rows)
+        except psycopg.errors.UniqueViolation:
+            with self.db.connect(log_only=True) as con:
+                self._pg_begin(con)
+                con.execute("CREATE TEMPORARY TABLE _tuneloop_log_batch (LIKE requests) ON COMMIT DROP")
+                con.copy_rows("_tuneloop_log_batch", COLUMNS, rows)
+                con.execute(self._PG_MOVE)
+        return len(rows)
+
+    _PG_INSERT_ONE = (
+        f"INSERT INTO requests ({_INSERT_COLUMNS}) VALUES ({', '.join('?' * len(COLUMNS))}) ON CONFLICT (id) DO NOTHING"
+    )
+
+    def _insert_one_by_one_pg(self, batch: list[RequestRecord]) -> int:
+        """Each row in its own savepoint of one transaction; rows PostgreSQL rejects are dropped, and an outage
+        (see :meth:`_unavailable`) propagates so the whole batch is retried."""
+        written = 0
+        with self.db.connect(log_only=True) as con:
+            self._pg_begin(con)
+            for rec in batch:
+                try:
+                    with con.conn.transaction():  # a savepoint: a rejected row leaves the others' transaction usable
+                        con.execute(self._PG_INSERT_ONE, self._pg_row(rec))
+                    written += 1
+                except Exception as e:
+                    if self._unavailable(e):
+                        raise
+                    self._count_dropped(1)
+                    log.error("request log: dropped request %s: %s: %s", rec.id, type(e).__name__, _reason(e))
         return written

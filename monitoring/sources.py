@@ -25,10 +25,28 @@ Contract
   ``requests.tool_calls``) reads as NULL. A folder
   that does not exist raises :class:`~tuneloop.errors.UserError`.
 * :class:`LogSource` bundles a database with an optional Parquet source, with
-  ``connect()`` (a connection whose ``requests``/``feedback`` come from the
-  source) and ``query(sql, params)`` (rows as dicts, like
+  ``connect()`` (a DuckDB connection whose ``requests``/``feedback`` come from
+  the source) and ``query(sql, params)`` (rows as dicts, like
   :meth:`tuneloop.db.Database.query`). Commands that take ``--from-parquet DIR``
-  build one with :func:`log_source` and run their SQL unchanged.
+  build one with :func:`log_source` and run their SQL unchanged. The SQL is
+  DuckDB SQL whatever the backend:
+
+  - DuckDB file: the connection is the file itself (``Database.analytics``),
+    every table is there; a Parquet source shadows the two log tables.
+  - PostgreSQL: the connection is an in-memory DuckDB onto which the rows are
+    copied as Arrow (``PostgresDatabase.analytics``). Only the tables asked
+    for are there: ``requests`` and ``feedback`` (unless a Parquet source
+    replaces them) plus ``tables=(...)`` (e.g. ``model_versions``,
+    ``reference_profiles``), copied whole. ``since``/``until``/
+    ``model_version`` narrow what is copied of ``requests`` (``received_at``
+    in ``[since, until]``, that version) and of ``feedback`` (the feedback on
+    those requests), so a drift pass copies its window, not the log. They are
+    a promise by the caller that its SQL reads nothing outside them; on a
+    DuckDB file or Parquet they copy nothing and change nothing.
+  - ``query(..., portable=True)``: the statement is portable SQL (plain
+    SELECT, see :mod:`tuneloop.dbapi`); without a Parquet source it runs on
+    the database itself, so PostgreSQL reads only what it needs instead of
+    copying tables (e.g. the versions with traffic, a window's first request).
 """
 
 from __future__ import annotations
@@ -36,13 +54,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import duckdb
 
-from tuneloop.db import Database
+from tuneloop.db import Database, rows_as_dicts
 from tuneloop.errors import UserError
 
 TABLES = ("requests", "feedback")
@@ -136,9 +155,22 @@ class LogSource:
     db: Database | None
     parquet: str | None = None
 
+    @property
+    def copies(self) -> bool:
+        """Whether :meth:`connect` copies the log rows (PostgreSQL without Parquet): narrowing pays off then."""
+        return self.parquet is None and self.db is not None and self.db.backend == "postgres"
+
     @contextlib.contextmanager
-    def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A connection whose ``requests``/``feedback`` come from the source (other tables from the database)."""
+    def connect(
+        self,
+        tables: Sequence[str] = (),
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        model_version: str | None = None,
+    ) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A DuckDB connection whose ``requests``/``feedback`` come from the source; other tables from the
+        database (on PostgreSQL only those named in ``tables``); see module doc for the narrowing arguments."""
         if self.db is None:
             con = duckdb.connect()
             try:
@@ -147,18 +179,63 @@ class LogSource:
             finally:
                 con.close()
             return
-        with self.db.connect(transaction=False) as con:
+        if self.db.backend != "postgres":
+            with self.db.analytics() as con:
+                open_requests(con, self.parquet)
+                yield con
+            return
+        from tuneloop.db_postgres import PostgresDatabase
+
+        pg = self.db
+        assert isinstance(pg, PostgresDatabase)
+        wanted = list(dict.fromkeys(([] if self.parquet is not None else list(TABLES)) + list(tables)))
+        where = log_window_filter(since, until, model_version) if self.parquet is None else {}
+        with pg.analytics(wanted, where=where) as con:
             open_requests(con, self.parquet)
             yield con
 
-    def query(self, sql: str, params: list | tuple | None = None) -> list[dict[str, Any]]:
-        """Rows of one statement as dicts (JSON columns as text), like ``Database.query``."""
-        with self.connect() as con:
-            cur = con.execute(sql, params or [])
-            if cur.description is None:
-                return []
-            cols = [d[0] for d in cur.description]
-            return [dict(zip(cols, r)) for r in cur.fetchall()]
+    def query(
+        self,
+        sql: str,
+        params: Sequence[Any] | None = None,
+        *,
+        tables: Sequence[str] = (),
+        since: datetime | None = None,
+        until: datetime | None = None,
+        model_version: str | None = None,
+        portable: bool = False,
+    ) -> list[dict[str, Any]]:
+        """Rows of one statement as dicts (JSON columns as text), like ``Database.query``; see module doc for
+        ``portable`` and the narrowing arguments."""
+        if portable and self.parquet is None and self.db is not None:
+            return self.db.query(sql, list(params or []))
+        with self.connect(tables, since=since, until=until, model_version=model_version) as con:
+            return rows_as_dicts(con.execute(sql, list(params or [])))
+
+
+def log_window_filter(
+    since: datetime | None, until: datetime | None, model_version: str | None = None
+) -> dict[str, tuple[str, list[Any]]]:
+    """What to copy of ``requests`` and ``feedback`` for one window (``PostgresDatabase.analytics``'s ``where``):
+    requests with ``received_at`` in ``[since, until]`` (and of ``model_version``), and the feedback on them.
+    Portable SQL; ``{}`` when nothing narrows."""
+    preds: list[str] = []
+    params: list[Any] = []
+    for pred, value in (
+        ("received_at >= ?", since),
+        ("received_at <= ?", until),
+        ("model_version = ?", model_version),
+    ):
+        if value is not None:
+            preds.append(pred)
+            params.append(value)
+    if not preds:
+        return {}
+    req = " AND ".join(preds)
+    return {
+        "requests": (req, params),
+        "feedback": (f"request_id IN (SELECT id FROM requests WHERE {req})", list(params)),
+    }
 
 
 def log_source(db: Database | None, from_parquet: str | os.PathLike | None = None) -> LogSource:

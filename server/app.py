@@ -189,6 +189,8 @@ async def healthz() -> Health:
 async def readyz(request: Request) -> Response[Health]:
     engine: Engine = request.app.state.engine
     try:
+        if request.app.state.draining:
+            raise RuntimeError("draining: shutting down, finishing requests in flight")
         if not engine.ready:
             raise RuntimeError("engine starting" if not engine.closing else "shutting down")
         await engine.check_health()
@@ -402,8 +404,8 @@ def create_app(
     startup_adapters = dict(plan.adapters) if plan else {}
     registry = CollectorRegistry(auto_describe=True)
     serving_metrics = ServingMetrics(registry)
-    writer = RequestLogWriter(db, settings.log, serving_metrics)
-    auth = Auth(db, settings.auth)
+    writer = RequestLogWriter(db, settings.log, serving_metrics, replica=settings.server.replica_name)
+    auth = Auth(db, settings.auth, refresh_s=settings.server.state_refresh_s)
     router = ModelRouter(db, engine, settings.server.state_refresh_s, serving_metrics)
 
     @contextlib.asynccontextmanager
@@ -442,6 +444,7 @@ def create_app(
                 engine.shutdown()
             left = await asyncio.to_thread(writer.close, 30.0)
             log.info("request log drained (%d rows left unwritten)", left)
+            await asyncio.to_thread(db.close)  # pooled PostgreSQL connections and the change listener
 
     app = Litestar(
         route_handlers=[
@@ -474,6 +477,7 @@ def create_app(
     document_api(app)
     st = app.state
     st.startup_error = None  # what failed the start-up (set by the lifespan; `tuneloop serve` reports it)
+    st.draining = False  # set on SIGTERM by `tuneloop serve` (server.drain_s): /readyz answers 503, serving goes on
     st.settings, st.db, st.registry, st.metrics = settings, db, registry, serving_metrics
     st.log_writer, st.engine, st.auth, st.router = writer, engine, auth, router
     st.serving = OpenAIServing(engine, router, settings.server.tool_parser)

@@ -8,7 +8,13 @@ Contract
   ``tuneloop keys create`` and never written anywhere, nor logged.
 * Scopes: ``inference`` (the ``/v1`` API) and ``admin`` (admin routes *and*
   ``/v1``). :func:`create_key`, :func:`list_keys` and :func:`revoke_key` work
-  on the database directly (short connections; fine while a server runs).
+  on the database directly (short connections; fine while a server runs),
+  on either backend (the DuckDB file or a shared PostgreSQL): their SQL is
+  :mod:`tuneloop.store_keys`'s, which also defines :class:`ApiKey`,
+  :class:`ApiKeyError` and :class:`KeyAlreadyRevoked` (importable from here).
+  A duplicate live name is refused even when two processes create it at the
+  same moment; of concurrent revokes of one key exactly one records a time
+  and the others raise :class:`KeyAlreadyRevoked` with that time.
 * Policy of :meth:`Auth.authenticate` (``scope`` is what the route needs):
 
   - no key was ever created and ``auth.require_keys`` is false: every request
@@ -37,12 +43,15 @@ Contract
 * :class:`Auth` keeps the key table in memory (a dict keyed by hash, on the
   instance, nothing module-global), so authenticating costs no database hit.
   It re-reads the table at most every ``refresh_s`` seconds, and only when
-  the database changed since its last read (``Database.data_version``, a
-  ``stat``; at least every 30 s regardless), in a worker thread, never
-  blocking the event loop; and at most every
-  ``miss_refresh_s`` on an unknown key, so a key created or revoked with the
-  CLI while the server runs takes effect within seconds. If the database is
-  busy, the last known table stays in force.
+  the database changed since its last read (``Database.data_version``: a
+  ``stat`` of the DuckDB file, or on PostgreSQL a counter moved by the
+  ``NOTIFY`` every writing ``connect()`` block sends on commit, so a key
+  created or revoked through another replica or a CLI on another machine is
+  seen too; at least every 30 s regardless), in a worker thread, never
+  blocking the event loop; and at most every ``miss_refresh_s`` on an
+  unknown key, so a key created or revoked while the server runs takes effect
+  within seconds. If the database is busy (file locked, PostgreSQL down), the
+  last known table stays in force.
 * :class:`AuthError` is the server's :class:`tuneloop.server.errors.APIError`
   with the defaults of auth failures: 401 (type ``invalid_request_error``,
   code ``invalid_api_key``, header ``WWW-Authenticate: Bearer``, as OpenAI
@@ -63,43 +72,24 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, Literal
 
 from litestar.connection import ASGIConnection
 from litestar.handlers import BaseRouteHandler
 
-from tuneloop.db import CachedRead, Database, DatabaseBusy, utcnow
-from tuneloop.errors import UserError
-from tuneloop.ids import new_id
+from tuneloop import store_keys
+from tuneloop.db import CachedRead, Database, DatabaseBusy
 from tuneloop.server.errors import APIError
 from tuneloop.settings import AuthSettings
 
+# the key records and errors live with their SQL in tuneloop.store_keys; callers import them from here too
+from tuneloop.store_keys import KEY_PREFIX, SCOPES, ApiKey
+from tuneloop.store_keys import ApiKeyError as ApiKeyError
+from tuneloop.store_keys import KeyAlreadyRevoked as KeyAlreadyRevoked
+
 log = logging.getLogger(__name__)
 
-SCOPES = ("inference", "admin")
-KEY_PREFIX = "tl-"
 DISPLAY_CHARS = 10
-
-
-class ApiKeyError(UserError, ValueError):
-    """A key-management mistake a user can fix (unknown key, bad scope)."""
-
-
-@dataclass(frozen=True)
-class ApiKey:
-    """One row of ``api_keys`` without its hash."""
-
-    id: str
-    name: str | None
-    scope: str
-    prefix: str
-    created_at: datetime
-    revoked_at: datetime | None = None
-
-    @property
-    def active(self) -> bool:
-        return self.revoked_at is None
 
 
 @dataclass(frozen=True)
@@ -128,72 +118,31 @@ def generate_secret() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
-# -- key management (CLI) ---------------------------------------------------------
+# -- key management (CLI): the SQL is tuneloop.store_keys' ------------------------------
 
 
 def create_key(db: Database, scope: str, name: str | None = None) -> tuple[ApiKey, str]:
-    """Create a key; return its record and the secret (the only time the secret exists outside the client)."""
-    if scope not in SCOPES:
-        raise ApiKeyError(f"unknown scope {scope!r}: use one of {', '.join(SCOPES)}")
-    name = (name or "").strip() or None
+    """Create a key; return its record and the secret (the only time the secret exists outside the client).
+    A duplicate live name is refused (:class:`ApiKeyError`), also when two processes race
+    (:func:`tuneloop.store_keys.insert_key`)."""
     secret = generate_secret()
-    key = ApiKey(id=new_id(), name=name, scope=scope, prefix=secret[:DISPLAY_CHARS], created_at=utcnow())
-    with db.connect() as con:
-        if name is not None:
-            dup = con.execute("SELECT id FROM api_keys WHERE name = ? AND revoked_at IS NULL", [name]).fetchall()
-            if dup:
-                raise ApiKeyError(
-                    f"an active key named {name!r} already exists ({dup[0][0]}); pick another name or revoke it first"
-                )
-        con.execute(
-            "INSERT INTO api_keys (id, name, scope, key_hash, prefix, created_at, revoked_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, NULL)",
-            [key.id, key.name, key.scope, hash_key(secret), key.prefix, key.created_at],
-        )
+    key = store_keys.insert_key(db, scope=scope, name=name, key_hash=hash_key(secret), prefix=secret[:DISPLAY_CHARS])
     return key, secret
-
-
-def _row_to_key(r: tuple[Any, ...]) -> ApiKey:
-    return ApiKey(id=r[0], name=r[1], scope=r[2], prefix=r[3], created_at=r[4], revoked_at=r[5])
-
-
-_KEY_COLS = "id, name, scope, prefix, created_at, revoked_at"
 
 
 def has_admin_key(db: Database) -> bool:
     """Whether a live (not revoked) key of scope ``admin`` exists."""
-    with db.connect(transaction=False) as con:
-        rows = con.execute("SELECT 1 FROM api_keys WHERE scope = 'admin' AND revoked_at IS NULL LIMIT 1").fetchall()
-    return bool(rows)
+    return store_keys.has_admin_key(db)
 
 
 def list_keys(db: Database, include_revoked: bool = True) -> list[ApiKey]:
-    where = "" if include_revoked else "WHERE revoked_at IS NULL"
-    with db.connect(transaction=False) as con:
-        rows = con.execute(f"SELECT {_KEY_COLS} FROM api_keys {where} ORDER BY created_at, id").fetchall()
-    return [_row_to_key(r) for r in rows]
+    return store_keys.list_keys(db, include_revoked)
 
 
 def revoke_key(db: Database, ref: str) -> ApiKey:
-    """Revoke the key whose id, display prefix or (active) name is ``ref``; return it as revoked."""
-    ref = ref.strip()
-    if ref.startswith(KEY_PREFIX):
-        ref = ref.rstrip(".")  # the prefix as `keys list` shows it ("tl-AbCdEfG...")
-    with db.connect() as con:
-        rows = con.execute(
-            f"SELECT {_KEY_COLS} FROM api_keys WHERE id = ? OR prefix = ? OR (name = ? AND revoked_at IS NULL)",
-            [ref, ref, ref],
-        ).fetchall()
-        if not rows:
-            raise ApiKeyError(f"no API key {ref!r}: see `tuneloop keys list` for ids")
-        if len(rows) > 1:
-            raise ApiKeyError(f"{ref!r} matches {len(rows)} keys: revoke by id ({', '.join(r[0] for r in rows)})")
-        key = _row_to_key(rows[0])
-        if key.revoked_at is not None:
-            raise ApiKeyError(f"key {key.id} was already revoked at {key.revoked_at:%Y-%m-%d %H:%M:%S} UTC")
-        now = utcnow()
-        con.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?", [now, key.id])
-    return ApiKey(**{**key.__dict__, "revoked_at": now})
+    """Revoke the key whose id, display prefix or (active) name is ``ref``; return it as revoked. Atomic: of
+    concurrent revokes exactly one records a time, the others raise :class:`KeyAlreadyRevoked` with it."""
+    return store_keys.revoke_key(db, ref)
 
 
 # -- request authentication (server) ------------------------------------------------
@@ -226,9 +175,7 @@ class Auth:
         self._keys: dict[str, _Entry] = {}
         self._any_key = False
         self._loaded_at: float | None = None
-        self._table = CachedRead(
-            self.db, lambda con: con.execute("SELECT key_hash, id, name, scope, revoked_at FROM api_keys").fetchall()
-        )
+        self._table = CachedRead(self.db, store_keys.key_table)
         self._lock: asyncio.Lock | None = None
 
     # cache --------------------------------------------------------------------

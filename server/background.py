@@ -55,6 +55,9 @@ async def _canary_loop(db: Database, deploy: DeploySettings, router: ModelRouter
             if decision is not None:
                 log.info("canary %s: %s (%s)", decision.canary_id, decision.action, "; ".join(decision.reasons))
                 await router.refresh()
+        except canary.CanaryDecided as e:  # another replica (or the CLI) decided it first: nothing to do here
+            log.info("%s", e)
+            await router.refresh()
         except Exception:
             log.exception("canary judge pass failed")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import threading
 from typing import TYPE_CHECKING, Any
 
 from tuneloop.server import cli_keys
@@ -142,7 +143,7 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> int:
         timeout_graceful_shutdown=60,
         lifespan="on",
     )
-    server = uvicorn.Server(config)
+    server = _draining_server_class()(config, app, s.drain_s)
     # A failed start-up is reported once, below, as `error: ...`: keep uvicorn from logging the traceback that
     # Litestar hands it ("Application startup failed" and the exception's stack).
     quiet = _DropStartupFailure(app)
@@ -181,6 +182,34 @@ def check_admin_exposure(host: str, allow_open_admin: bool, db: Any) -> bool:
         "auth.allow_open_admin=true (TUNELOOP_AUTH__ALLOW_OPEN_ADMIN=true; the admin API then answers "
         "loopback clients only)"
     )
+
+
+def _draining_server_class() -> type:
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's server, except that the first SIGTERM/SIGINT marks the app as draining (``/readyz`` answers
+        503) and keeps serving for ``drain_s`` seconds before uvicorn's own graceful shutdown starts, so a load
+        balancer's health check takes the replica out before it stops accepting connections. A second signal
+        shuts down at once."""
+
+        def __init__(self, config: Any, app: Any, drain_s: float) -> None:
+            super().__init__(config)
+            self.app, self.drain_s = app, drain_s
+            self._timer: threading.Timer | None = None
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.drain_s > 0 and self._timer is None and self.started:
+                self.app.state.draining = True
+                logging.getLogger("tuneloop.server").info("draining for %.1f s before shutting down", self.drain_s)
+                timer = threading.Timer(self.drain_s, super().handle_exit, (sig, frame))
+                timer.daemon = True
+                self._timer = timer
+                timer.start()
+                return
+            super().handle_exit(sig, frame)
+
+    return DrainingServer
 
 
 class _DropStartupFailure(logging.Filter):

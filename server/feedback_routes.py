@@ -9,16 +9,22 @@ Contract
   e.g. ``"web-thumbs"``, ``"reviewer"``). At least one of rating, correction,
   comment or labels is required. Unknown fields and bad values are a 400 with
   an OpenAI-style body naming the field (``param``).
-* The request must exist: it is looked up in the request writer's in-memory
-  queue first (a row not flushed yet), then in the ``requests`` table. Unknown
-  ids are a 404 ``request_not_found``. A request whose log row was dropped
-  (queue full) or never logged (``log.enabled=false``) cannot receive feedback.
+* The request must exist: it is looked up in this server's request writer's
+  in-memory queue first (a row not flushed yet), then in the ``requests``
+  table, in the same transaction as the save (so on a shared PostgreSQL a
+  request served by another replica can be rated once that replica flushed
+  it). Unknown ids are a 404 ``request_not_found`` and write nothing. A
+  request whose log row was dropped (queue full) or never logged
+  (``log.enabled=false``) cannot receive feedback.
 * Idempotent per ``(request_id, source)``: the first post creates the feedback
   (**201**), later posts update that same record (**200**, same ``id``):
   fields present in the body replace the stored ones (``null`` clears one),
-  omitted fields keep their value. Stored in the DuckDB ``feedback`` table in
-  one transaction, with the ``model_version`` that served the request; ratings
-  are stored as -1/+1 (``rating_kind='thumbs'``) or 1..5 (``'stars'``).
+  omitted fields keep their value. Stored in the ``feedback`` table (DuckDB
+  file or shared PostgreSQL) in one transaction, with the ``model_version``
+  that served the request; ratings are stored as -1/+1
+  (``rating_kind='thumbs'``) or 1..5 (``'stars'``). The SQL is
+  :mod:`tuneloop.store_feedback`'s: concurrent posts for one pair, from any
+  replicas, end in one record (one 201, the others 200).
 * ``tuneloop_feedback_total{rating,model_version}`` counts each new feedback
   once, and an update again only when it changes the rating (under the new one).
 * Auth: an ``inference`` (or admin) key, checked by the same guard as ``/v1``
@@ -26,8 +32,9 @@ Contract
   401 body).
 * Needs on ``app.state``: ``db``, ``auth``, ``metrics``, ``log_writer`` (the
   components :func:`tuneloop.server.app.create_app` puts there). Database work runs in a worker thread; a database held by
-  another process past a few seconds gives a 503 ``database_busy`` with
-  ``Retry-After`` and writes nothing.
+  another process past a few seconds (or a PostgreSQL server that does not
+  answer in that time) gives a 503 ``database_busy`` with ``Retry-After``
+  and writes nothing.
 * Errors are :class:`tuneloop.server.errors.APIError`; the controller
   registers the server's one set of exception handlers
   (:func:`tuneloop.server.errors.exception_handlers`) itself, so it answers
@@ -38,7 +45,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from datetime import datetime
 from typing import Annotated, Any, ClassVar
 
 import msgspec
@@ -46,12 +52,13 @@ from litestar import Controller, Request, Response, get, post
 from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, JSONBody
 
-from tuneloop.db import Database, DatabaseBusy, dumps, loads, utcnow
-from tuneloop.ids import new_id
+from tuneloop import store_feedback
+from tuneloop.db import Database, DatabaseBusy
 from tuneloop.ratings import THUMBS, api_value
 from tuneloop.server.auth import inference_guard
 from tuneloop.server.errors import APIError, error_responses
 from tuneloop.server.errors import exception_handlers as api_exception_handlers
+from tuneloop.store_feedback import LOOKUP, Feedback, Lookup, RequestNotFound, request_model_version, save_feedback
 
 MAX_TEXT = 100_000
 MAX_LABELS = 32
@@ -184,95 +191,44 @@ def normalise(body: FeedbackIn) -> dict[str, Any]:
     return out
 
 
-_COLS = "id, request_id, source, rating, rating_kind, correction, comment, labels, model_version, created_at"
-
-
-def _row_out(r: tuple) -> FeedbackOut:
-    created: datetime = r[9]
+def _out(f: Feedback) -> FeedbackOut:
     return FeedbackOut(
-        id=r[0],
-        request_id=r[1],
-        source=r[2],
-        rating=api_value(r[3], r[4]),
-        rating_kind=r[4],
-        correction=r[5],
-        comment=r[6],
-        labels=loads(r[7]) or [],
-        model_version=r[8],
-        created_at=created.isoformat(timespec="milliseconds") + "Z",
+        id=f.id,
+        request_id=f.request_id,
+        source=f.source,
+        rating=api_value(f.rating, f.rating_kind),
+        rating_kind=f.rating_kind,
+        correction=f.correction,
+        comment=f.comment,
+        labels=f.labels,
+        model_version=f.model_version,
+        created_at=f.created_at.isoformat(timespec="milliseconds") + "Z",
     )
 
 
-# -- storage (blocking; run in a worker thread) -----------------------------------------------
-
-
-def _lookup_request(db: Database, request_id: str) -> tuple[bool, str | None]:
-    rows = db.query("SELECT model_version FROM requests WHERE id = ?", [request_id])
-    return (True, rows[0]["model_version"]) if rows else (False, None)
+# -- storage (blocking; run in a worker thread): the SQL is tuneloop.store_feedback's --------------------------
 
 
 def upsert_feedback(
-    db: Database, request_id: str, source: str, fields: dict[str, Any], model_version: str | None
+    db: Database, request_id: str, source: str, fields: dict[str, Any], model_version: str | Lookup | None = LOOKUP
 ) -> tuple[FeedbackOut, bool, tuple[int | None, str | None] | None]:
-    """Create or update the (request_id, source) record: (record, created, previous (rating, kind) or None)."""
-    import duckdb
-
-    for attempt in range(2):
-        try:
-            with db.connect() as con:
-                old = con.execute(
-                    f"SELECT {_COLS} FROM feedback WHERE request_id = ? AND source = ?", [request_id, source]
-                ).fetchall()
-                if not old:
-                    values = {
-                        "rating": None,
-                        "rating_kind": None,
-                        "correction": None,
-                        "comment": None,
-                        "labels": [],
-                        **fields,
-                    }
-                    con.execute(
-                        f"INSERT INTO feedback ({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        [
-                            new_id(),
-                            request_id,
-                            source,
-                            values["rating"],
-                            values["rating_kind"],
-                            values["correction"],
-                            values["comment"],
-                            dumps(values["labels"]),
-                            model_version,
-                            utcnow(),
-                        ],
-                    )
-                    prev = None
-                else:
-                    prev = (old[0][3], old[0][4])
-                    if fields:
-                        sets = ", ".join(f"{k} = ?" for k in fields)
-                        params = [dumps(v) if k == "labels" else v for k, v in fields.items()]
-                        con.execute(
-                            f"UPDATE feedback SET {sets} WHERE request_id = ? AND source = ?",
-                            [*params, request_id, source],
-                        )
-                row = con.execute(
-                    f"SELECT {_COLS} FROM feedback WHERE request_id = ? AND source = ?", [request_id, source]
-                ).fetchall()[0]
-            return _row_out(row), prev is None, prev
-        except duckdb.ConstraintException:
-            if attempt:  # another writer created it between our read and insert: update instead
-                raise
-    raise AssertionError("unreachable")
+    """Create or update the (request_id, source) record: (record, created, previous (rating, kind) or None).
+    With ``model_version=LOOKUP`` the request must be in ``requests`` (else :class:`RequestNotFound`)."""
+    saved = save_feedback(db, request_id, source, fields, model_version)
+    return _out(saved.feedback), saved.created, saved.previous
 
 
 def list_feedback(db: Database, request_id: str) -> list[FeedbackOut]:
-    with db.connect(transaction=False) as con:
-        rows = con.execute(
-            f"SELECT {_COLS} FROM feedback WHERE request_id = ? ORDER BY created_at, source", [request_id]
-        ).fetchall()
-    return [_row_out(r) for r in rows]
+    return [_out(f) for f in store_feedback.list_feedback(db, request_id)]
+
+
+def _not_found(request_id: str) -> APIError:
+    return APIError(
+        404,
+        f"No request with id {request_id!r} (use the 'id' of a chat/completion response or its X-Request-Id header).",
+        "request_not_found",
+        "request_id",
+    )
 
 
 def _busy(e: Exception) -> APIError:
@@ -332,7 +288,7 @@ class FeedbackController(Controller):
                 "rating",
             )
         request_id = data.request_id.strip()
-        model_version = await self._model_version(request, request_id)
+        model_version = self._pending_version(request, request_id)
         db = self._db(request)
         try:
             out, created, prev = await asyncio.to_thread(
@@ -340,6 +296,8 @@ class FeedbackController(Controller):
             )
         except DatabaseBusy as e:
             raise _busy(e) from None
+        except RequestNotFound:
+            raise _not_found(request_id) from None
         metrics = getattr(request.app.state, "metrics", None)
         if metrics is not None:
             if created:
@@ -369,25 +327,26 @@ class FeedbackController(Controller):
         except DatabaseBusy as e:
             raise _busy(e) from None
         if not items:
-            await self._model_version(request, request_id)  # 404 for an unknown request
+            await self._check_request(request, request_id)  # 404 for an unknown request
         return FeedbackList(data=items)
 
-    async def _model_version(self, request: Request, request_id: str) -> str | None:
+    @staticmethod
+    def _pending_version(request: Request, request_id: str) -> str | Lookup | None:
+        """The serving version of a request still in the log writer's queue, else LOOKUP (read the table)."""
         writer = getattr(request.app.state, "log_writer", None)
         if writer is not None:
             rec = writer.pending(request_id)
             if rec is not None:
                 return rec.model_version
+        return LOOKUP
+
+    async def _check_request(self, request: Request, request_id: str) -> None:
+        """404 unless the request is queued in the log writer or logged in ``requests``."""
+        if self._pending_version(request, request_id) is not LOOKUP:
+            return
         try:
-            found, version = await asyncio.to_thread(_lookup_request, self._db(request), request_id)
+            found, _ = await asyncio.to_thread(request_model_version, self._db(request), request_id)
         except DatabaseBusy as e:
             raise _busy(e) from None
         if not found:
-            raise APIError(
-                404,
-                f"No request with id {request_id!r} (use the 'id' of a chat/completion "
-                f"response or its X-Request-Id header).",
-                "request_not_found",
-                "request_id",
-            )
-        return version
+            raise _not_found(request_id)

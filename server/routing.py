@@ -21,10 +21,16 @@ Contract
 * anything else -> :class:`RoutingError` 404 ``model_not_found``.
 
 Deploy state is re-read from the database every ``server.state_refresh_s``
-seconds by :meth:`run` (the CLI changes stages and canaries directly in the
-database, never through the server), and adapters of aliased versions are loaded into
-the engine then, before any request needs them. A busy database keeps the
-last known state. Reads happen in worker threads, never on the event loop.
+seconds by :meth:`run` (the CLI, the loop and other replicas change stages and
+canaries directly in the database, never through this server), and adapters of
+aliased versions are loaded into the engine then, before any request needs them.
+The read is :func:`tuneloop.store_deploy.read_deploy_state` (versions and the
+running canary in one statement) behind :class:`tuneloop.db.CachedRead`: it
+runs again only when :meth:`Database.data_version` moved — a ``stat`` of the
+DuckDB file, or a ``NOTIFY`` from any writer on a shared PostgreSQL, so a
+promotion made anywhere reaches every replica at its next refresh — or after
+30 s. A busy or unreachable database keeps the last known state. Reads happen
+in worker threads, never on the event loop.
 """
 
 from __future__ import annotations
@@ -36,16 +42,15 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from tuneloop.db import CachedRead, Database, DatabaseBusy
-from tuneloop.registry import ModelVersion, _row_to, unservable_reason
+from tuneloop.registry import ModelVersion, find_version, unservable_reason
 from tuneloop.server.engine import AdapterError, AdapterInfo, _same_model
 from tuneloop.server.errors import APIError
+from tuneloop.store_deploy import DeploySnapshot, read_deploy_state
 
 if TYPE_CHECKING:  # pragma: no cover
-    from duckdb import DuckDBPyConnection
-
     from tuneloop.monitoring.metrics import ServingMetrics
     from tuneloop.server.engine import Engine
 
@@ -94,26 +99,15 @@ class ModelRouter:
         self._missing: set[str] = set()
         self._adapter_version: dict[str, str] = {}  # engine adapter name -> version name (None for raw paths)
         self._loading: dict[str, asyncio.Task[AdapterInfo]] = {}
-        self._state_read = CachedRead(self.db, self._read)  # re-read only when the database changed
+        # re-read only when the database changed (any writer, any replica)
+        self._state_read = CachedRead(self.db, read_deploy_state)
 
     # -- deploy state ---------------------------------------------------------------
-    @staticmethod
-    def _read(con: DuckDBPyConnection) -> tuple[dict[str, ModelVersion], dict[str, Any] | None]:
-        cur = con.execute("SELECT * FROM model_versions")
-        cols = [d[0] for d in cur.description]
-        versions = {r[0]: _row_to(ModelVersion, dict(zip(cols, r))) for r in cur.fetchall()}
-        cur = con.execute(
-            "SELECT id, candidate, production, share FROM canaries WHERE status = 'running' "
-            "ORDER BY started_at DESC LIMIT 1"
-        )
-        row = cur.fetchone()
-        canary = dict(zip(("id", "candidate", "production", "share"), row)) if row else None
-        return versions, canary
-
     async def refresh(self) -> DeployState:
         """Re-read versions, stages and the running canary; load adapters of aliased versions."""
         try:
-            versions, canary = await asyncio.to_thread(self._state_read.get)
+            snap: DeploySnapshot = await asyncio.to_thread(self._state_read.get)
+            versions, canary = snap.versions, snap.canary
         except DatabaseBusy as e:
             log.warning("deploy state not refreshed (database busy): %s", e)
             return self.state
@@ -123,10 +117,10 @@ class ModelRouter:
         key = lambda v: v.stage_changed_at or v.created_at  # noqa: E731
         st.production = max(prod, key=key) if prod else None
         st.canary = max(can, key=key) if can else None
-        if canary and canary["candidate"] in versions:
-            st.canary_id, st.canary_candidate = canary["id"], canary["candidate"]
-            st.canary_production = canary["production"] or (st.production.name if st.production else None)
-            st.canary_share = float(canary["share"] or 0.0)
+        if canary and canary.candidate in versions:
+            st.canary_id, st.canary_candidate = canary.id, canary.candidate
+            st.canary_production = canary.production or (st.production.name if st.production else None)
+            st.canary_share = float(canary.share or 0.0)
         self._versions, self._missing = (
             dict(versions),
             set(),
@@ -165,9 +159,9 @@ class ModelRouter:
     async def version(self, name: str) -> ModelVersion | None:
         v = self._versions.get(name)
         if v is None and name not in self._missing:
-            rows = await asyncio.to_thread(self.db.query, "SELECT * FROM model_versions WHERE name = ?", [name])
-            if rows:
-                v = self._versions[name] = _row_to(ModelVersion, rows[0])
+            v = await asyncio.to_thread(find_version, self.db, name)
+            if v is not None:
+                self._versions[name] = v
             else:
                 self._missing.add(name)
         return v

@@ -257,7 +257,10 @@ def test_a_large_window_counts_words_on_a_deterministic_sample_that_agrees_with_
         again.new_words,
     )
     assert sampled.prompt_len[1].sum() == full.prompt_len[1].sum() == len(rows)  # lengths always use every request
-    assert sampled.oov_tokens / sampled.total_tokens == pytest.approx(full.oov_tokens / full.total_tokens, abs=0.03)
+    # tolerances from 40 runs with fresh (random) request ids, i.e. 40 different samples: the sampled OOV share
+    # was off by sd 0.011 (max 0.026); the sampled JS by +0.012 on average (a smaller window's JS is biased
+    # upwards), sd 0.009 (max 0.028). The former 0.03 / 0.03 failed 2 of 13 runs here; these are ~4 sd.
+    assert sampled.oov_tokens / sampled.total_tokens == pytest.approx(full.oov_tokens / full.total_tokens, abs=0.045)
     f_full, f_sampled = (compare(prof.profile, s, settings, "t").feature("vocabulary") for s in (full, sampled))
     assert f_sampled.details["word_requests"] == sampled.word_requests
-    assert f_sampled.value == pytest.approx(f_full.value, abs=0.03) and f_sampled.drifted and f_full.drifted
+    assert f_sampled.value == pytest.approx(f_full.value + 0.012, abs=0.036) and f_sampled.drifted and f_full.drifted

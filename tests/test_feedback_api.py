@@ -5,7 +5,9 @@ metrics): the request a feedback item rates is a real chat completion it served.
 shown on a shared live server without disturbing the other tests, so they run on the same real app built by
 :func:`tuneloop.server.app.create_app` (an engine that is never started, Litestar's TestClient): feedback on
 a row still in the log writer's queue (needs a writer that does not flush) and feedback once API keys exist
-(creating a key would lock every later test out of the live server).
+(creating a key would lock every later test out of the live server). The same app over a real PostgreSQL
+database (``pg_app_client``) shows the feedback routes on the shared backend, with the request logged by
+another handle (another replica).
 """
 
 from __future__ import annotations
@@ -192,6 +194,22 @@ def test_the_openai_client_can_post_feedback(http, live_server):
 def app_client(home, db):
     """The real app (create_app) over an engine that is never started, a log writer that never flushes by
     itself, and Litestar's TestClient."""
+    yield from _app_client(home, db)
+
+
+@pytest.fixture
+def pg_app_client(home, pg_url):
+    """:func:`app_client` over a shared PostgreSQL database (a real server, tests/fixtures_postgres.py)."""
+    from tuneloop.db import open_database
+
+    db = open_database(pg_url, lock_timeout_s=10.0)
+    try:
+        yield from _app_client(home, db)
+    finally:
+        db.close()
+
+
+def _app_client(home, db):
     from litestar.testing import TestClient
 
     from tuneloop.server.app import create_app
@@ -281,3 +299,36 @@ def test_a_bad_key_gets_the_same_401_on_chat_completions_and_feedback(app_client
         assert c == f and set(c) == {"message", "type", "code", "param"}
         assert (c["type"], c["code"], c["param"]) == ("invalid_request_error", "invalid_api_key", None)
         assert chat.headers["www-authenticate"] == fb.headers["www-authenticate"] == 'Bearer realm="tuneloop"'
+
+
+def test_feedback_on_a_shared_postgres_database(pg_app_client):
+    """On PostgreSQL: a logged request is rated (201), rated again by the same source (200, merged, same record),
+    by another source (201, a second record); an unknown request is a 404 and writes nothing."""
+    from tuneloop.db import open_database
+
+    db = pg_app_client.db
+    other = open_database(db.url)  # another replica logged this request
+    try:
+        request_id = new_id("chatcmpl-")
+        other.execute(
+            "INSERT INTO requests (id, received_at, route, model_version, status) VALUES (?, ?, 'chat.completions', ?, 200)",
+            [request_id, utcnow(), "v9"],
+        )
+    finally:
+        other.close()
+    first = pg_app_client.post("/v1/feedback", json={"request_id": request_id, "rating": "down", "labels": ["x"]})
+    assert first.status_code == 201, first.text
+    assert first.json()["model_version"] == "v9"
+    second = pg_app_client.post("/v1/feedback", json={"request_id": request_id, "correction": "better"})
+    assert second.status_code == 200, second.text
+    assert second.json()["id"] == first.json()["id"]
+    assert (second.json()["rating"], second.json()["labels"], second.json()["correction"]) == ("down", ["x"], "better")
+    third = pg_app_client.post("/v1/feedback", json={"request_id": request_id, "rating": 5, "source": "reviewer"})
+    assert third.status_code == 201 and third.json()["id"] != first.json()["id"]
+    got = pg_app_client.get(f"/v1/feedback/{request_id}")
+    assert sorted(f["source"] for f in got.json()["data"]) == ["api", "reviewer"]
+
+    missing = pg_app_client.post("/v1/feedback", json={"request_id": "chatcmpl-nope", "rating": "up"})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "request_not_found"
+    assert pg_app_client.get("/v1/feedback/chatcmpl-nope").status_code == 404
+    assert db.query("SELECT count(*) AS n FROM feedback")[0]["n"] == 2

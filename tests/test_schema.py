@@ -441,3 +441,17 @@ def test_json_reads_back_as_text_and_placeholders_work_on_both_backends(any_db):
     assert isinstance(row["report"], str) and loads(row["report"]) == {"score": 0.5, "what?": [1, 2]}
     assert loads(row["models"]) == ["a", "b"] and row["path"] == "?"
     assert abs((row["created_at"] - now).total_seconds()) < 1e-3 and row["created_at"].tzinfo is None
+
+
+def test_postgresql_has_the_time_window_indexes_and_duckdb_none(pg_db, db):
+    """Migration 7 indexes what the analytics copy by (a time window of the log, feedback by request) on
+    PostgreSQL only; both backends record the same schema version."""
+    rows = pg_db.query("SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'")
+    defs = {r["indexname"]: r["indexdef"] for r in rows}
+    assert "USING btree (received_at)" in defs["requests_received_at"]
+    assert "USING btree (model_version, received_at)" in defs["requests_version_received_at"]
+    assert "USING btree (request_id)" in defs["feedback_request_id"]
+    assert "USING btree (created_at)" in defs["feedback_created_at"]
+    assert db.query("SELECT count(*) AS n FROM duckdb_indexes()")[0]["n"] == 0
+    versions = "SELECT max(version) AS v FROM schema_migrations"
+    assert pg_db.query(versions)[0]["v"] == db.query(versions)[0]["v"] == len(MIGRATIONS)

@@ -104,14 +104,18 @@ def cmd_models_list(args: argparse.Namespace, ctx: Context) -> int:
 
 def cmd_models_show(args: argparse.Namespace, ctx: Context) -> int:
     from tuneloop.registry import get_version
+    from tuneloop.store_deploy import recent_events
 
     v = get_version(ctx.db, args.name)
-    events = ctx.db.query(
-        "SELECT occurred_at, from_stage, to_stage, actor, reason FROM deploy_events WHERE model_version = ? ORDER BY occurred_at",
-        [v.name],
-    )
+    events = recent_events(ctx.db, version=v.name)
     out = {k: (str(val) if k.endswith("_at") else val) for k, val in v.__dict__.items()}
-    out["stage_history"] = [{k: str(e[k]) if k == "occurred_at" else e[k] for k in e} for e in events]
+    out["stage_history"] = [
+        {
+            k: str(e[k]) if k == "occurred_at" else e[k]
+            for k in ("occurred_at", "from_stage", "to_stage", "actor", "reason")
+        }
+        for e in events
+    ]
     print(json.dumps(out, indent=2, default=str))
     return 0
 

@@ -1,6 +1,8 @@
 """``tuneloop data prepare|list|show|corpus``: the data-preparation commands.
 
 Only argparse at module level; the work (datasets, transformers) is imported in handlers.
+Their SQL (``data show``'s rows per split and origin) is portable: the same on a DuckDB file
+and on PostgreSQL (``database.url``).
 """
 
 from __future__ import annotations
@@ -238,15 +240,12 @@ def cmd_list(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_show(args: argparse.Namespace, ctx: Context) -> int:
-    from tuneloop.dataset_store import load_splits
+    from tuneloop.dataset_store import load_splits, row_origins
     from tuneloop.registry import get_dataset
 
     rec = get_dataset(ctx.db, args.ref)
     out = _record_dict(rec)
-    origins = ctx.db.query(
-        "SELECT split, origin, count(*) AS n FROM dataset_rows WHERE dataset_id = ? GROUP BY ALL ORDER BY ALL", [rec.id]
-    )
-    out["origins"] = [{"split": o["split"], "origin": o["origin"], "rows": o["n"]} for o in origins]
+    out["origins"] = row_origins(ctx.db, rec.id)
     if args.rows > 0:
         try:
             train = load_splits(ctx.db, rec.id)["train"]

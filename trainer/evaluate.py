@@ -42,7 +42,11 @@ Contract
   (loss, perplexity, exact_match, token_f1, rouge_l, bleu: one float per example; task_success: one per checked example;
   same order for every model), ``golden[model] = {passed, total, results}``
   and ``samples`` (a few generations). It is written to
-  ``<home>/reports/eval-<id>.json`` and stored in ``eval_reports``.
+  ``<home>/reports/eval-<id>.json`` and stored in ``eval_reports`` with one
+  portable INSERT (either backend of :mod:`tuneloop.db`), as strict JSON: a
+  NaN or infinite number (a diverged model's loss) is stored as null
+  (:func:`json_safe`), which PostgreSQL's ``json`` type requires; the returned
+  dict and the file keep the floats as computed (:func:`record_report`).
 * Bad input (unknown model or dataset, empty split, unreadable golden file)
   raises :class:`~tuneloop.errors.UserError` before anything is written.
 """
@@ -62,6 +66,8 @@ from tuneloop.errors import UserError
 from tuneloop.textmetrics import bleu, exact_match, rouge_l, token_f1
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from tuneloop.db import Database
     from tuneloop.settings import Settings
 
@@ -460,7 +466,6 @@ def evaluate(
     responses: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``models`` on the same held-out examples and store the report (see module doc)."""
-    from tuneloop.db import dumps
     from tuneloop.ids import new_id
     from tuneloop.timeparse import utcnow
 
@@ -520,12 +525,30 @@ def evaluate(
     path = out_dir / f"eval-{rid}.json"
     path.write_text(json.dumps(report, indent=2, default=str))
     report["path"] = str(path)
-    with db.connect() as con:
-        con.execute(
-            "INSERT INTO eval_reports (id, dataset_id, models, report, path, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-            [rid, report["dataset_id"], dumps(names), dumps(report), str(path), created],
-        )
+    record_report(db, report, created)
     return report
+
+
+def record_report(db: Database, report: dict[str, Any], created: datetime) -> None:
+    """Store ``report`` (as :func:`evaluate` builds it) in ``eval_reports``: one portable INSERT, the report as
+    strict JSON (:func:`json_safe`), so the same on a DuckDB file and on PostgreSQL."""
+    from tuneloop.registry import save_eval_report
+
+    save_eval_report(
+        db, report["id"], report["dataset_id"], report["models"], json_safe(report), report.get("path"), created
+    )
+
+
+def json_safe(v: Any) -> Any:
+    """``v`` with every NaN / infinite float as None: strict JSON, which PostgreSQL's ``json`` column demands
+    (a diverged model's loss is NaN; DuckDB would take it, PostgreSQL refuses the whole report)."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    return v
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -33,7 +33,11 @@ Contract
   interrupted) and every success registers a :class:`ModelVersion` (kind
   ``adapter`` for lora/qlora/prompt_tuning/dpo/kto, ``merged`` for full) with
   parent, dataset id, run id and content hash. Bad input raises
-  :class:`~tuneloop.errors.UserError` before anything is written.
+  :class:`~tuneloop.errors.UserError` before anything is written. Both are
+  written through :mod:`tuneloop.registry` (portable SQL: a DuckDB file or a
+  shared PostgreSQL); their metrics are stored as strict JSON (a NaN or
+  infinite value, e.g. a diverged loss, as null), which PostgreSQL requires;
+  ``TrainResult.metrics`` keeps the values as computed.
 
 This module is the run itself (trainer set-up, signals, checkpoints, metrics,
 registration); what the run reads (base model, dataset, replay, tokenization)
@@ -288,8 +292,10 @@ def train(
         raise
     from tuneloop.ids import hash_path
     from tuneloop.registry import ModelVersion, register_version
+    from tuneloop.trainer.evaluate import json_safe
 
     digest = hash_path(model_dir)
+    stored = json_safe(metrics)  # a diverged run's NaN loss as null: PostgreSQL's json refuses NaN
     v = ModelVersion(
         name=cfg.name,
         kind="adapter" if cfg.method in ADAPTER_METHODS else "merged",
@@ -300,10 +306,10 @@ def train(
         dataset_id=ds_id,
         run_id=run.id if run is not None else None,
         config={**config, "method": cfg.method},
-        metrics=metrics,
+        metrics=stored,
     )
     if run is not None:
-        finish_run(db, run, "succeeded", metrics, str(model_dir), digest)
+        finish_run(db, run, "succeeded", stored, str(model_dir), digest)
         v = register_version(db, v)
     del trainer
     return TrainResult(run.id if run is not None else "", v, str(model_dir), metrics)

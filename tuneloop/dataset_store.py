@@ -9,7 +9,12 @@ Contract
   id is ``<name>@<hash12>`` where the hash is sha256 over the canonical JSON
   of the rows per split, so the same rows give the same id (idempotent). It
   registers the dataset in ``datasets`` and one ``dataset_rows`` row per row
-  (row id, split, request id, origin) in one transaction.
+  (row id, split, request id, origin) in one transaction, on either backend
+  (:mod:`tuneloop.db`): the registration is ``INSERT ... ON CONFLICT (id) DO
+  NOTHING``, so saving the same rows again — or from two processes at once on a
+  shared PostgreSQL — registers them once and returns the one record; the rows
+  go in as an Arrow scan on DuckDB and by ``COPY`` on PostgreSQL, with the same
+  result.
 * Row schema — SFT: ``{"id", "messages": [{"role","content"}...], "request_id", "origin"}``, plus an
   optional ``check`` (a :mod:`tuneloop.checks` rule as JSON) that evaluation scores as task success;
   preference (DPO): ``{"id", "prompt": [...], "chosen": [...], "rejected": [...], "request_id", "origin"}``;
@@ -45,7 +50,6 @@ from tuneloop.registry import DatasetRecord, get_dataset
 from tuneloop.staging import staged_folder
 
 if TYPE_CHECKING:
-    import duckdb
     from datasets import DatasetDict, Features
 
 SPLITS = ("train", "validation", "test")
@@ -249,11 +253,11 @@ def save_dataset(
         created_at=utcnow(),
     )
     with db.connect() as con:
-        if con.execute("SELECT 1 FROM datasets WHERE id = ?", [ds_id]).fetchone():
-            return get_dataset(db, ds_id, con=con)
-        con.execute(
+        # ON CONFLICT, not "look, then insert": two processes saving the same rows at once on a shared
+        # PostgreSQL register it once; the loser's INSERT returns no row and it reads the winner's record
+        inserted = con.execute(
             "INSERT INTO datasets (id, name, content_hash, kind, path, source, card, rows_train, rows_validation, rows_test, parent_ids, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING RETURNING id",
             [
                 rec.id,
                 rec.name,
@@ -268,8 +272,10 @@ def save_dataset(
                 dumps(rec.parent_ids),
                 rec.created_at,
             ],
-        )
-        _insert_rows(con, ds_id, rows)
+        ).fetchall()
+        if not inserted:
+            return get_dataset(db, ds_id, con=con)
+        _insert_rows(db, con, ds_id, rows)
     return rec
 
 
@@ -286,23 +292,36 @@ def _quiet_datasets() -> Iterator[None]:
             enable_progress_bars()
 
 
-def _insert_rows(con: duckdb.DuckDBPyConnection, ds_id: str, rows: dict[str, list[dict]]) -> None:
+def _insert_rows(db: Database, con: Any, ds_id: str, rows: dict[str, list[dict]]) -> None:
+    """One ``dataset_rows`` row per dataset row, in ``con``'s transaction: DuckDB reads them from an Arrow table
+    registered on the connection, PostgreSQL takes them by ``COPY`` (no Arrow scan on its side)."""
+    cols = ("dataset_id", "row_id", "split", "request_id", "origin")
+    values = [(ds_id, r["id"], s, _str_or_none(r.get("request_id")), r.get("origin")) for s in SPLITS for r in rows[s]]
+    if db.backend == "postgres":
+        con.copy_rows("dataset_rows", cols, values)
+        return
     import pyarrow as pa
 
-    table = pa.table(
-        {
-            "dataset_id": [ds_id for s in SPLITS for _ in rows[s]],
-            "row_id": [r["id"] for s in SPLITS for r in rows[s]],
-            "split": [s for s in SPLITS for _ in rows[s]],
-            "request_id": [r.get("request_id") for s in SPLITS for r in rows[s]],
-            "origin": [r.get("origin") for s in SPLITS for r in rows[s]],
-        }
-    )
+    table = pa.table({c: pa.array([v[k] for v in values], pa.string()) for k, c in enumerate(cols)})
     con.register("_tl_rows", table)
     try:
-        con.execute("INSERT INTO dataset_rows SELECT dataset_id, row_id, split, request_id, origin FROM _tl_rows")
+        con.execute(f"INSERT INTO dataset_rows ({', '.join(cols)}) SELECT {', '.join(cols)} FROM _tl_rows")
     finally:
         con.unregister("_tl_rows")
+
+
+def _str_or_none(v: Any) -> str | None:
+    return None if v is None else str(v)
+
+
+def row_origins(db: Database, ds_id: str) -> list[dict[str, Any]]:
+    """Rows of dataset ``ds_id`` per split and origin: ``[{"split", "origin", "rows"}]`` (lineage rows)."""
+    rows = db.query(
+        "SELECT split, origin, count(*) AS n FROM dataset_rows WHERE dataset_id = ?"
+        " GROUP BY split, origin ORDER BY split, origin",
+        [ds_id],
+    )
+    return [{"split": o["split"], "origin": o["origin"], "rows": o["n"]} for o in rows]
 
 
 def dataset_dir(db: Database | None, ref: str | os.PathLike) -> Path:

@@ -38,9 +38,10 @@ import random
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import duckdb
 
@@ -175,8 +176,11 @@ class DuckDatabase(Database):
         )
 
     @contextlib.contextmanager
-    def analytics(self, tables: Sequence[str] = ()) -> Iterator[duckdb.DuckDBPyConnection]:
-        """The file itself (every table is there): a read connection outside any transaction."""
+    def analytics(
+        self, tables: Sequence[str] = (), where: Mapping[str, tuple[str, Sequence[Any]]] | None = None
+    ) -> Iterator[duckdb.DuckDBPyConnection]:
+        """The file itself (every table is there; ``where`` is not needed): a read connection outside any
+        transaction."""
         with self.connect(transaction=False) as con:
             yield con
 

@@ -18,8 +18,13 @@ Contract
 * Change notification: a block that wrote anything (and is not ``log_only``)
   sends ``NOTIFY tuneloop_changes`` in its transaction, so it is delivered on
   commit. :meth:`data_version` starts one listener thread per process on first
-  use; it moves on every notification, and on every call while the listener is
-  disconnected (readers then re-read each time, which is always correct).
+  use; it moves on every notification, and once a second while the listener is
+  disconnected (pollers then re-read, which is always correct).
+* Outage: while the listener cannot reach the server, :meth:`connect` fails at
+  once with :class:`~tuneloop.dbapi.DatabaseBusy` instead of waiting out the
+  pool timeout, so a serving process's per-request reads (API keys, deploy
+  state) fall back to their cached values without stalling; it reconnects with
+  back-off (at most 2 s between tries) and clears the flag.
 * :meth:`analytics` copies the tables asked for into an in-memory DuckDB as
   Arrow (``adbc-driver-postgresql``), so statistics keep their one SQL dialect.
   ``where`` narrows what is copied (``{"requests": ("received_at >= ?", [t])}``).
@@ -30,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -118,13 +124,28 @@ class _Pools:
         self.lock = threading.Lock()
         self.version = 0
         self.listening = False
+        self.down = False  # the listener cannot reach the server: connect() fails fast until it can again
+        self.unheard_at = 0.0  # when data_version last moved for want of a listener
         self.listener: threading.Thread | None = None
         self.stop = threading.Event()
         self.pool = ConnectionPool(
             url,
             min_size=1,
             max_size=max(1, size),
-            kwargs={"connect_timeout": 5, "application_name": "tuneloop"},
+            # keepalives and tcp_user_timeout: a connection hung by a network partition fails in seconds instead of
+            # blocking its holder (the request-log writer mid-COPY) until the kernel gives up
+            kwargs={
+                "connect_timeout": 5,
+                "application_name": "tuneloop",
+                "keepalives": 1,
+                "keepalives_idle": 5,
+                "keepalives_interval": 2,
+                "keepalives_count": 3,
+                "tcp_user_timeout": 10_000,
+            },
+            # psycopg_pool backs off reconnect attempts up to its reconnect_timeout (default 300 s: 1, 2 ... 128 s
+            # apart); 5 s keeps a server's return noticed within seconds (measured: 43 s -> 1 s after a 90 s outage)
+            reconnect_timeout=5.0,
             configure=_configure,
             check=ConnectionPool.check_connection,
             open=False,
@@ -197,6 +218,8 @@ class PostgresDatabase(Database):
         from psycopg_pool import PoolTimeout
 
         st = self._state()
+        if st.down:  # the listener found the server unreachable: fail now rather than wait out the timeout
+            raise DatabaseBusy(f"PostgreSQL at {mask_url(self._url)} is unreachable (reconnecting)")
         try:
             cm = st.pool.connection(timeout=max(0.1, self.lock_timeout_s))
             conn = cm.__enter__()
@@ -249,8 +272,10 @@ class PostgresDatabase(Database):
     def data_version(self) -> int:
         st = self._state()
         with st.lock:
-            if not st.listening:
-                st.version += 1  # no listener (yet, or lost): every call is a change
+            now = time.monotonic()
+            if not st.listening and now - st.unheard_at >= 1.0:
+                st.version += 1  # no listener (yet, or lost): a change every second at most, so pollers re-read
+                st.unheard_at = now
                 if st.listener is None or not st.listener.is_alive():
                     st.listener = threading.Thread(
                         target=self._listen, args=(st,), name="tuneloop-pg-listen", daemon=True
@@ -265,13 +290,16 @@ class PostgresDatabase(Database):
                 with psycopg.connect(self._url, autocommit=True, connect_timeout=5) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     with st.lock:
-                        st.listening = True
+                        st.listening, st.down = True, False
                         st.version += 1  # anything written before LISTEN took effect is not missed
                     delay = 0.1
                     while not st.stop.is_set():
                         for _ in conn.notifies(timeout=1.0, stop_after=1):
                             with st.lock:
                                 st.version += 1
+            except psycopg.OperationalError:
+                with st.lock:
+                    st.down = True  # cannot connect, or the connection was cut
             except psycopg.Error:
                 pass
             with st.lock:

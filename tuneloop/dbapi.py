@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -49,9 +50,25 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+def _finite(v: Any) -> Any:
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_finite(x) for x in v]
+    return v
+
+
 def dumps(v: Any) -> str | None:
-    """JSON text for a JSON column (``None`` stays NULL)."""
-    return None if v is None else json.dumps(v, default=str)
+    """JSON text for a JSON column (``None`` stays NULL). NaN and infinities become ``null``: they are not JSON, and
+    PostgreSQL's ``json`` type refuses them (a diverged run's metrics must still be recorded)."""
+    if v is None:
+        return None
+    try:
+        return json.dumps(v, default=str, allow_nan=False)
+    except ValueError:  # a NaN or an infinity somewhere
+        return json.dumps(_finite(v), default=str)
 
 
 def loads(v: Any) -> Any:
@@ -98,8 +115,12 @@ class Database(ABC):
         """A number that changes whenever another process may have changed the data (see module doc)."""
 
     @abstractmethod
-    def analytics(self, tables: Sequence[str] = ()) -> contextlib.AbstractContextManager[Any]:
-        """A DuckDB connection on which ``tables`` (and, for DuckDB, every table) can be read with DuckDB SQL."""
+    def analytics(
+        self, tables: Sequence[str] = (), where: Mapping[str, tuple[str, Sequence[Any]]] | None = None
+    ) -> contextlib.AbstractContextManager[Any]:
+        """A DuckDB connection on which ``tables`` (and, for DuckDB, every table) can be read with DuckDB SQL.
+        ``where`` narrows what a backend that copies rows copies (``{"requests": ("received_at >= ?", [t])}``);
+        callers still filter in their SQL (the DuckDB file is read in place and ignores it)."""
 
     def release(self) -> None:  # noqa: B027 - a no-op unless the backend keeps something open
         """Let go of anything kept open between blocks (no-op unless the backend keeps something)."""

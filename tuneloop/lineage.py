@@ -14,6 +14,8 @@ Contract
 A reference that is neither raises :class:`~tuneloop.registry.RegistryError`.
 Dataset parents are followed at most 5 levels deep; a version chain stops at a
 cycle or at a parent that is not registered (listed with ``registered: False``).
+Every statement is plain, portable SQL: the answer is the same from the DuckDB
+file and from a shared PostgreSQL (timestamps as text, JSON parents parsed).
 """
 
 from __future__ import annotations

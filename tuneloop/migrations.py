@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import re
 
+#: first line of a migration that only PostgreSQL applies (DuckDB records its version and runs nothing)
+POSTGRES_ONLY = "-- postgres only\n"
+
 MIGRATIONS: list[str] = [
     # 1: lineage core — datasets, training runs, model versions
     """
@@ -189,6 +192,16 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE requests ADD COLUMN replica VARCHAR;
     """,
+    # 7: PostgreSQL indexes for the time-window reads (drift, canary statistics, sampling, exports copy one
+    # window of the log) and for feedback by request. DuckDB scans by its zone maps instead, and an index there
+    # would slow every request-log append.
+    POSTGRES_ONLY
+    + """
+    CREATE INDEX requests_received_at ON requests (received_at);
+    CREATE INDEX requests_version_received_at ON requests (model_version, received_at);
+    CREATE INDEX feedback_request_id ON feedback (request_id);
+    CREATE INDEX feedback_created_at ON feedback (created_at);
+    """,
 ]
 
 
@@ -197,7 +210,7 @@ def render(sql: str, backend: str) -> str:
     and ``BLOB`` as ``BYTEA``; everything else in these migrations means the same on both (``JSON`` stays
     ``JSON``: text kept as written, like DuckDB's)."""
     if backend == "duckdb":
-        return sql
+        return "SELECT 1" if sql.startswith(POSTGRES_ONLY) else sql
     if backend != "postgres":
         raise ValueError(f"unknown backend {backend!r}")
     sql = re.sub(r"\bDOUBLE\b(?!\s+PRECISION)", "DOUBLE PRECISION", sql)

@@ -1,12 +1,31 @@
-"""Model registry: datasets, training runs, model versions and their stages.
+"""Model registry: datasets, training runs, model versions, eval reports and the stage of each version.
 
 Contract
 --------
-Typed records (:class:`DatasetRecord`, :class:`RunRecord`, :class:`ModelVersion`)
-in and out of the tables of :mod:`tuneloop.migrations`. Versions are immutable
-(name + content hash); only ``stage`` changes, and every stage change is
-recorded in ``deploy_events`` with who/when/why. All functions take a
-:class:`~tuneloop.db.Database` and open a short connection each.
+* Typed records (:class:`DatasetRecord`, :class:`RunRecord`,
+  :class:`ModelVersion`) in and out of the tables of :mod:`tuneloop.migrations`:
+  the storage functions for ``datasets``, ``runs``, ``model_versions`` and
+  ``eval_reports`` (:func:`save_eval_report`, :func:`find_eval_report`); the
+  compound deploy transitions built on :func:`set_stage` are
+  :mod:`tuneloop.store_deploy`'s. All functions take a
+  :class:`~tuneloop.db.Database` and open a short connection each (or join the
+  caller's with ``con=``). The SQL is portable: it runs unchanged on the DuckDB
+  file and on PostgreSQL.
+* Versions are immutable (name + content hash). :func:`register_version` is one
+  ``INSERT ... ON CONFLICT (name) DO NOTHING``: of two processes registering the
+  same name at once exactly one inserts (and records the ``registered`` event);
+  the other gets the stored version back when the hash is the same, else a
+  :class:`RegistryError`. :func:`register_dataset` likewise.
+* Only ``stage`` changes, and every stage change is recorded in
+  ``deploy_events`` with who/when/why, in the transaction that makes it.
+  :func:`set_stage` first takes the deploy lock (:func:`lock_deploy_state`:
+  ``pg_advisory_xact_lock(hashtext('deploy_state'))`` on PostgreSQL, held to
+  the end of the transaction; on DuckDB the single writer, one ``connect()``
+  block per file at a time, already serialises every transition), so replicas
+  and CLI commands change stages one at a time and ``production`` and
+  ``canary`` each hold at most one version. Each stage update is also a guarded
+  compare-and-set (``WHERE name = ? AND stage = <the stage just read>``): a
+  change that finds the stage moved under it raises rather than overwrite it.
 """
 
 from __future__ import annotations
@@ -16,14 +35,13 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
-from tuneloop.db import Database, dumps, loads, utcnow
+from tuneloop.db import Database, dumps, loads, rows_as_dicts, utcnow
 from tuneloop.errors import UserError
 from tuneloop.ids import new_id
 
-if TYPE_CHECKING:  # pragma: no cover
-    from duckdb import DuckDBPyConnection
+Connection = Any  # a connection of either backend (``con.execute(sql, params)`` -> cursor)
 
 STAGES = ("candidate", "canary", "production", "retired")
 KINDS = ("adapter", "merged", "base")
@@ -122,11 +140,16 @@ def _row_to(cls: type[_Record], row: dict[str, Any]) -> _Record:
     return cls(**kw)
 
 
-def _insert(con: DuckDBPyConnection, table: str, rec: DatasetRecord | RunRecord | ModelVersion) -> None:
+def _insert(con: Connection, table: str, rec: DatasetRecord | RunRecord | ModelVersion, on_conflict: str = "") -> bool:
+    """Insert ``rec``; with ``on_conflict`` (the key columns) a row already there is left alone. True if inserted."""
     d = dataclasses.asdict(rec)
     cols = list(d)
     vals = [dumps(d[c]) if c in _JSON else d[c] for c in cols]
-    con.execute(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", vals)
+    sql = f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+    if not on_conflict:
+        con.execute(sql, vals)
+        return True
+    return bool(con.execute(f"{sql} ON CONFLICT ({on_conflict}) DO NOTHING RETURNING 1", vals).fetchall())
 
 
 # ---- datasets ---------------------------------------------------------------
@@ -136,13 +159,12 @@ def register_dataset(db: Database, rec: DatasetRecord) -> DatasetRecord:
     """Insert a dataset; registering identical content under the same id is a no-op."""
     rec.created_at = rec.created_at or utcnow()
     with db.connect() as con:
-        if con.execute("SELECT 1 FROM datasets WHERE id = ?", [rec.id]).fetchone():
+        if not _insert(con, "datasets", rec, on_conflict="id"):
             return get_dataset(db, rec.id, con=con)
-        _insert(con, "datasets", rec)
     return rec
 
 
-def get_dataset(db: Database, ref: str, con: DuckDBPyConnection | None = None) -> DatasetRecord:
+def get_dataset(db: Database, ref: str, con: Connection | None = None) -> DatasetRecord:
     """By id (``name@hash``), by name (newest) or by hash prefix."""
     sql = """SELECT * FROM datasets WHERE id = ? OR name = ? OR content_hash LIKE ? || '%'
              ORDER BY (id = ?) DESC, created_at DESC LIMIT 1"""
@@ -222,23 +244,41 @@ def register_version(db: Database, v: ModelVersion) -> ModelVersion:
         raise RegistryError(f"kind must be one of {KINDS}, got {v.kind!r}")
     v.created_at = v.created_at or utcnow()
     with db.connect() as con:
-        row = con.execute("SELECT content_hash FROM model_versions WHERE name = ?", [v.name]).fetchone()
-        if row:
-            if row[0] == v.content_hash:
-                return get_version(db, v.name, con=con)
-            raise RegistryError(
-                f"version {v.name!r} exists with other content; versions are immutable, pick a new name"
-            )
-        _insert(con, "model_versions", v)
-        _event(con, v.name, None, v.stage, "tuneloop", "registered", {"content_hash": v.content_hash})
+        if _insert(con, "model_versions", v, on_conflict="name"):
+            _event(con, v.name, None, v.stage, "tuneloop", "registered", {"content_hash": v.content_hash})
+            return v
+        have = get_version(db, v.name, con=con)
+    if have.content_hash == v.content_hash:
+        return have
+    raise RegistryError(f"version {v.name!r} exists with other content; versions are immutable, pick a new name")
+
+
+def get_version(db: Database, name: str, con: Connection | None = None) -> ModelVersion:
+    v = find_version(db, name, con=con)
+    if v is None:
+        raise RegistryError(f"unknown model version {name!r}; see `tuneloop models list`")
     return v
 
 
-def get_version(db: Database, name: str, con: DuckDBPyConnection | None = None) -> ModelVersion:
+def find_version(db: Database, name: str, con: Connection | None = None) -> ModelVersion | None:
+    """The version called ``name``, or None."""
     rows = _q(db, "SELECT * FROM model_versions WHERE name = ?", [name], con)
-    if not rows:
-        raise RegistryError(f"unknown model version {name!r}; see `tuneloop models list`")
-    return _row_to(ModelVersion, rows[0])
+    return _row_to(ModelVersion, rows[0]) if rows else None
+
+
+def version_names(db: Database) -> set[str]:
+    """Every registered version name (to pick a new one)."""
+    return {r["name"] for r in db.query("SELECT name FROM model_versions")}
+
+
+def trained_version_run(db: Database, name: str) -> str | None:
+    """The run id of version ``name`` when it is registered from a run that succeeded, else None."""
+    rows = db.query(
+        """SELECT v.run_id FROM model_versions v JOIN runs r ON r.id = v.run_id
+           WHERE v.name = ? AND r.status = 'succeeded'""",
+        [name],
+    )
+    return rows[0]["run_id"] if rows else None
 
 
 def list_versions(db: Database, stage: str | None = None) -> list[ModelVersion]:
@@ -253,6 +293,17 @@ def version_by_stage(db: Database, stage: str) -> ModelVersion | None:
     return _row_to(ModelVersion, rows[0]) if rows else None
 
 
+def lock_deploy_state(db: Database, con: Connection) -> None:
+    """Serialise deploy transitions: on PostgreSQL take the transaction-scoped advisory lock every stage
+    change and canary transition takes first (re-entrant, released at commit or rollback); on DuckDB a
+    no-op, as one ``connect()`` block at a time holds the file (see module doc)."""
+    if db.backend == "postgres":
+        con.execute(_PG_DEPLOY_LOCK)
+
+
+_PG_DEPLOY_LOCK = "SELECT pg_advisory_xact_lock(hashtext('deploy_state'))"
+
+
 def set_stage(
     db: Database,
     name: str,
@@ -260,16 +311,20 @@ def set_stage(
     actor: str = "tuneloop",
     reason: str = "",
     details: dict[str, Any] | None = None,
-    con: DuckDBPyConnection | None = None,
-) -> None:
-    """Move ``name`` to ``stage`` (recording the event); promoting to production retires the previous one.
+    con: Connection | None = None,
+    retire_reason: str | None = None,
+) -> str:
+    """Move ``name`` to ``stage`` (recording the event); returns the stage it left. Promoting to production
+    (or canary) retires the version that held that stage, with ``retire_reason`` (default "replaced by NAME").
 
     A version the server cannot serve (:func:`unservable_reason`) never reaches ``production`` or ``canary``.
+    Takes the deploy lock and changes the stage only if it is still the one read (see module doc).
     """
     if stage not in STAGES:
         raise RegistryError(f"stage must be one of {STAGES}, got {stage!r}")
 
-    def run(c: DuckDBPyConnection) -> None:
+    def run(c: Connection) -> str:
+        lock_deploy_state(db, c)
         row = c.execute("SELECT stage, kind, path FROM model_versions WHERE name = ?", [name]).fetchone()
         if not row:
             raise RegistryError(f"unknown model version {name!r}")
@@ -278,25 +333,73 @@ def set_stage(
             raise RegistryError(f"{name} cannot be served, so it cannot go to {stage}: {why}")
         now = utcnow()
         if stage in ("production", "canary"):
-            for (other,) in c.execute(
-                "SELECT name FROM model_versions WHERE stage = ? AND name <> ?", [stage, name]
-            ).fetchall():
-                c.execute(
-                    "UPDATE model_versions SET stage = 'retired', stage_changed_at = ? WHERE name = ?", [now, other]
-                )
-                _event(c, other, stage, "retired", actor, f"replaced by {name}", None)
-        c.execute("UPDATE model_versions SET stage = ?, stage_changed_at = ? WHERE name = ?", [stage, now, name])
+            retired = c.execute(
+                """UPDATE model_versions SET stage = 'retired', stage_changed_at = ?
+                   WHERE stage = ? AND name <> ? RETURNING name""",
+                [now, stage, name],
+            ).fetchall()
+            for (other,) in sorted(retired):
+                _event(c, other, stage, "retired", actor, retire_reason or f"replaced by {name}", None)
+        moved = c.execute(
+            "UPDATE model_versions SET stage = ?, stage_changed_at = ? WHERE name = ? AND stage = ? RETURNING name",
+            [stage, now, name, row[0]],
+        ).fetchall()
+        if not moved:
+            raise RegistryError(f"{name} left stage {row[0]} while it was being moved to {stage}; try again")
         _event(c, name, row[0], stage, actor, reason, details)
+        return str(row[0])
 
     if con is not None:
-        run(con)
-    else:
-        with db.connect() as c:
-            run(c)
+        return run(con)
+    with db.connect() as c:
+        return run(c)
+
+
+def record_event(
+    con: Connection,
+    version: str,
+    from_stage: str | None,
+    to_stage: str,
+    actor: str,
+    reason: str,
+    details: dict[str, Any] | None,
+) -> None:
+    """Append one ``deploy_events`` row in the caller's transaction."""
+    _event(con, version, from_stage, to_stage, actor, reason, details)
+
+
+# ---- eval reports ---------------------------------------------------------------
+
+
+def save_eval_report(
+    db: Database,
+    report_id: str,
+    dataset_id: str | None,
+    models: list[str],
+    report: dict[str, Any],
+    path: str | None,
+    created_at: datetime | None = None,
+) -> None:
+    """Store an evaluation report (``trainer.evaluate``'s JSON) under ``report_id``."""
+    db.execute(
+        "INSERT INTO eval_reports (id, dataset_id, models, report, path, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+        [report_id, dataset_id, dumps(models), dumps(report), path, created_at or utcnow()],
+    )
+
+
+def find_eval_report(db: Database, ref: str) -> dict[str, Any] | None:
+    """The newest eval report whose id is ``ref`` or starts with it, as ``{"id", "report"}`` (parsed), or None."""
+    rows = db.query(
+        "SELECT id, report FROM eval_reports WHERE id = ? OR id LIKE ? || '%' ORDER BY created_at DESC LIMIT 1",
+        [ref, ref],
+    )
+    if not rows:
+        return None
+    return {"id": rows[0]["id"], "report": loads(rows[0]["report"])}
 
 
 def _event(
-    con: DuckDBPyConnection,
+    con: Connection,
     version: str,
     from_stage: str | None,
     to_stage: str,
@@ -310,9 +413,7 @@ def _event(
     )
 
 
-def _q(db: Database, sql: str, params: list[Any], con: DuckDBPyConnection | None = None) -> list[dict[str, Any]]:
+def _q(db: Database, sql: str, params: list[Any], con: Connection | None = None) -> list[dict[str, Any]]:
     if con is None:
         return db.query(sql, params)
-    cur = con.execute(sql, params)
-    cols = [d[0] for d in cur.description]
-    return [dict(zip(cols, r)) for r in cur.fetchall()]
+    return rows_as_dicts(con.execute(sql, params))

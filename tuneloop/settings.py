@@ -205,8 +205,21 @@ class ServerSettings:
         },
     )
     state_refresh_s: float = field(
-        default=2.0,
-        metadata={"help": "How often the server re-reads deploy state (aliases, canary) from the database."},
+        default=1.0,
+        metadata={
+            "help": "How often the server checks whether deploy state (aliases, canary) or API keys changed in the "
+            "database, and re-reads them if so (a stat of the DuckDB file, a NOTIFY from PostgreSQL: checking is "
+            "free, so a change made anywhere reaches every replica within about this long)."
+        },
+    )
+    drain_s: float = field(
+        default=0.0,
+        metadata={
+            "help": "On SIGTERM, answer /readyz with 503 (draining) for this long while still serving, so load "
+            "balancers stop sending new requests before the server stops accepting them; then drain in-flight "
+            "requests and the request log. Set it above the balancer's health-check interval for rolling updates "
+            "with zero failed requests (Kubernetes: a few seconds, within terminationGracePeriodSeconds)."
+        },
     )
     replica: str = field(
         default="",
