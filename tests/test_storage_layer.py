@@ -56,7 +56,7 @@ _SQL_HINT = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE|COPY|CREATE)\b")
 
 
 def modules() -> list[str]:
-    paths = [p for p in (ROOT / "tuneloop").glob("*.py")]
+    paths = list((ROOT / "tuneloop").glob("*.py"))
     for area in AREAS:
         paths += list((ROOT / area).glob("*.py"))
     return sorted(str(p.relative_to(ROOT)) for p in paths)
