@@ -4,6 +4,7 @@ Usage::
 
     python bench/serve_overhead.py            # SmolLM2-135M-Instruct from the model cache
     python bench/serve_overhead.py --tiny     # the tiny random test model (fast smoke run)
+    python bench/serve_overhead.py --shared-only   # embedded DuckDB vs shared PostgreSQL backend, same run
 
 Same load on both servers: ``--clients`` concurrent clients, each sending
 chat requests with fixed prompts, greedy, fixed ``max_tokens``, streaming and
@@ -15,6 +16,10 @@ logging on/off throughput (>= 0.98), structured-output throughput with the
 same ``json_schema`` response format on both servers (>= 0.95), server RSS of
 the whole process tree (<= 1.1); and tuneloop at ``--offline-clients`` concurrent clients vs the
 offline engine (``vllm.LLM`` on the same prompts, >= 0.95).
+
+``--shared`` adds a side ``tuneloop_pg``: the same server with ``database.url`` on a local PostgreSQL (started by
+the benchmark, fsync off), and the ratios shared / embedded for throughput (>= 0.98) and p50 TTFT (<= 1/0.98).
+``--shared-only`` runs just those two sides.
 
 All three servers and the offline engine run at once (each idle while another
 is measured) and are measured in ``--rounds`` interleaved rounds with a
@@ -246,7 +251,13 @@ def main() -> int:
     ap.add_argument(
         "--rounds", type=int, default=3, help="interleaved measurement rounds per side (medians are compared)"
     )
+    ap.add_argument("--shared", action="store_true", help="also measure the shared PostgreSQL backend")
+    ap.add_argument(
+        "--shared-only", action="store_true", help="only the embedded vs shared backend comparison (no vLLM side)"
+    )
     a = ap.parse_args()
+    if a.shared_only:
+        a.shared, a.skip_log_off, a.offline_clients = True, True, 0
 
     from tuneloop.runtime import configure_vllm_env
 
@@ -282,6 +293,14 @@ def main() -> int:
     sides = [("tuneloop", {}), ("tuneloop_nolog", {"TUNELOOP_LOG__ENABLED": "false"})]
     if a.skip_log_off:
         sides = sides[:1]
+    pg = None
+    if a.shared:
+        from tuneloop.deploy.postgres_server import LocalPostgres
+
+        pg_root = Path(tempfile.mkdtemp(prefix="tuneloop-bench-pg-"))
+        pg_root.chmod(0o755)
+        pg = LocalPostgres(pg_root).start()
+        sides.append(("tuneloop_pg", {"TUNELOOP_DATABASE__URL": pg.url}))
     servers: dict[str, ServerProcess] = {}
     for side, extra in sides:  # separate homes: each tuneloop side owns its database
         servers[side] = tuneloop_server(
@@ -325,9 +344,10 @@ def main() -> int:
         "--uvicorn-log-level",
         "warning",
     ]
-    servers["vllm"] = ServerProcess(
-        vcmd, port, work / "vllm.log", env=env, cwd=work, ready_path="/health", stop_grace_s=120, name="vllm serve"
-    )
+    if not a.shared_only:
+        servers["vllm"] = ServerProcess(
+            vcmd, port, work / "vllm.log", env=env, cwd=work, ready_path="/health", stop_grace_s=120, name="vllm serve"
+        )
     for srv in servers.values():  # all start at once
         srv.start()
     rounds: dict[str, list[dict]] = {side: [] for side in servers}
@@ -357,16 +377,29 @@ def main() -> int:
             srv.stop()
     if "tuneloop" in results:
         results["tuneloop"]["logged_rows"] = _count_rows(work / "home-tuneloop" / "tuneloop.duckdb")
+    if pg is not None:
+        results["tuneloop_pg"]["logged_rows"] = _count_rows(pg.url)
+        pg.stop()
 
-    t, v = results["tuneloop"], results["vllm"]
-    ratios = {
-        "throughput_plain (>=1.0)": t["plain"]["tok_s"] / v["plain"]["tok_s"],
-        "throughput_stream (>=1.0)": t["stream"]["tok_s"] / v["stream"]["tok_s"],
-        "ttft_p50_stream (<=1.0)": t["stream"]["ttft_p50"] / v["stream"]["ttft_p50"],
-        "rss_tree (<=1.1)": t["rss_bytes"] / v["rss_bytes"],
-    }
-    if a.structured:
-        ratios["throughput_json_schema (>=0.95)"] = t["json_schema"]["tok_s"] / v["json_schema"]["tok_s"]
+    t = results["tuneloop"]
+    ratios = {}
+    if "vllm" in results:
+        v = results["vllm"]
+        ratios |= {
+            "throughput_plain (>=1.0)": t["plain"]["tok_s"] / v["plain"]["tok_s"],
+            "throughput_stream (>=1.0)": t["stream"]["tok_s"] / v["stream"]["tok_s"],
+            "ttft_p50_stream (<=1.0)": t["stream"]["ttft_p50"] / v["stream"]["ttft_p50"],
+            "rss_tree (<=1.1)": t["rss_bytes"] / v["rss_bytes"],
+        }
+    if "tuneloop_pg" in results:
+        g = results["tuneloop_pg"]
+        ratios |= {
+            "shared_vs_embedded_throughput_plain (>=0.98)": g["plain"]["tok_s"] / t["plain"]["tok_s"],
+            "shared_vs_embedded_throughput_stream (>=0.98)": g["stream"]["tok_s"] / t["stream"]["tok_s"],
+            "shared_vs_embedded_ttft_p50_stream (<=1.02)": g["stream"]["ttft_p50"] / t["stream"]["ttft_p50"],
+        }
+    if a.structured and "vllm" in results:
+        ratios["throughput_json_schema (>=0.95)"] = t["json_schema"]["tok_s"] / results["vllm"]["json_schema"]["tok_s"]
     if "tuneloop_nolog" in results:
         n = results["tuneloop_nolog"]
         ratios["logging_on_off_plain (>=0.98)"] = t["plain"]["tok_s"] / n["plain"]["tok_s"]
@@ -384,10 +417,17 @@ def main() -> int:
     return 0
 
 
-def _count_rows(db_path: Path) -> int:
-    from tuneloop.db import open_database
+def _count_rows(where: Path | str) -> int:
+    """Logged requests in a DuckDB file (0 if it does not exist) or a PostgreSQL URL."""
+    from tuneloop.db import is_postgres_url, open_database
 
-    return int(open_database(db_path).query("SELECT count(*) AS n FROM requests")[0]["n"]) if db_path.exists() else 0
+    if not is_postgres_url(str(where)) and not Path(where).exists():
+        return 0
+    db = open_database(where)
+    try:
+        return int(db.query("SELECT count(*) AS n FROM requests")[0]["n"])
+    finally:
+        db.close()
 
 
 if __name__ == "__main__":

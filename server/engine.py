@@ -377,7 +377,12 @@ class Engine:
                 kw[k] = v
         try:
             if p.structured:
-                kw["structured_outputs"] = StructuredOutputsParams(**p.structured)
+                so = dict(p.structured)
+                if isinstance(so.get("json"), dict | list):
+                    # as JSON text: the engine core gets the request by msgpack, which cannot carry an integer
+                    # outside 64 bits (a schema's "maximum": 1e30 written as an int would fail the request with a 500)
+                    so["json"] = json.dumps(so["json"])
+                kw["structured_outputs"] = StructuredOutputsParams(**so)
             sp = SamplingParams(
                 n=p.n,
                 max_tokens=max_tokens,

@@ -169,6 +169,27 @@ def test_an_invalid_json_schema_is_a_400_even_when_streaming(live_server):
         assert r.json()["error"]["type"] == "invalid_request_error"
 
 
+def test_integers_beyond_64_bits_in_a_schema_are_served_or_a_400_never_a_500(live_server):
+    """JSON allows any integer; the engine core's msgpack does not (found by the OpenAPI contract fuzzing: a tool
+    schema holding 12367322773053057024 failed the request with a 500). The schema reaches the engine as text: a
+    big integer the grammar ignores (an annotation) is served, one it must enforce is xgrammar's 400."""
+    ok = {"type": "object", "properties": {"n": {"type": "integer"}}, "x-big": 12367322773053057024}
+    tool = {"type": "function", "function": {"name": "count", "parameters": {**ok, "x-low": -60915073571951566848}}}
+    bound = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 12367322773053057024}}}
+    with live_server.http() as h:
+
+        def post(extra: dict) -> httpx.Response:
+            body = {"model": live_server.base_name, "messages": MSG, "max_tokens": 300, "temperature": 0, **extra}
+            return h.post("/v1/chat/completions", json=body)
+
+        r = post({"tools": [tool], "tool_choice": "required"})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["tool_calls"], r.text
+        r = post({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": ok}}})
+        assert r.status_code == 200, r.text
+        r = post({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": bound}}})
+        assert r.status_code == 400 and "exceeds maximum limit" in r.json()["error"]["message"], r.text
+
+
 # -- tools ---------------------------------------------------------------------------------
 
 
