@@ -338,18 +338,14 @@ class _PostgresReader(_Reader):
         return None if row is None else row[0]
 
     def copy(self, table: str, out: str, replica: str, start: datetime, end: datetime) -> int:
-        import adbc_driver_postgresql.dbapi as adbc
+        from tuneloop.db_postgres import PostgresDatabase
 
-        from tuneloop.db_postgres import to_dollar
-
+        assert isinstance(self.db, PostgresDatabase)
         tcol = TIME_COLUMN[table]
         cols = ", ".join(n for n, _ in table_columns(table))
-        sql = to_dollar(f"SELECT {cols} FROM {table} WHERE {tcol} >= ? AND {tcol} < ?")
-        with self.db.connect(transaction=False):
-            pass  # migrations applied (a fresh database gets the tables before ADBC reads them)
-        with adbc.connect(self.db.url) as conn, conn.cursor() as cur:
-            cur.execute(sql, [start, end])
-            self.duck.register("_tl_export_rows", cur.fetch_record_batch())
+        sql = f"SELECT {cols} FROM {table} WHERE {tcol} >= ? AND {tcol} < ?"
+        with self.db.arrow_batches(sql, [start, end]) as reader:
+            self.duck.register("_tl_export_rows", reader)
             try:
                 row = self.duck.execute(_copy_sql("_tl_export_rows", table, out, replica, start)).fetchone()
             finally:

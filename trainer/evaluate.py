@@ -45,7 +45,7 @@ Contract
   ``<home>/reports/eval-<id>.json`` and stored in ``eval_reports`` with one
   portable INSERT (either backend of :mod:`tuneloop.db`), as strict JSON: a
   NaN or infinite number (a diverged model's loss) is stored as null
-  (:func:`json_safe`), which PostgreSQL's ``json`` type requires; the returned
+  (:func:`tuneloop.db.dumps`), which PostgreSQL's ``json`` type requires; the returned
   dict and the file keep the floats as computed (:func:`record_report`).
 * Bad input (unknown model or dataset, empty split, unreadable golden file)
   raises :class:`~tuneloop.errors.UserError` before anything is written.
@@ -531,24 +531,11 @@ def evaluate(
 
 def record_report(db: Database, report: dict[str, Any], created: datetime) -> None:
     """Store ``report`` (as :func:`evaluate` builds it) in ``eval_reports``: one portable INSERT, the report as
-    strict JSON (:func:`json_safe`), so the same on a DuckDB file and on PostgreSQL."""
+    strict JSON (:func:`tuneloop.db.dumps`: NaN and infinities as null), so the same on a DuckDB file and on
+    PostgreSQL."""
     from tuneloop.registry import save_eval_report
 
-    save_eval_report(
-        db, report["id"], report["dataset_id"], report["models"], json_safe(report), report.get("path"), created
-    )
-
-
-def json_safe(v: Any) -> Any:
-    """``v`` with every NaN / infinite float as None: strict JSON, which PostgreSQL's ``json`` column demands
-    (a diverged model's loss is NaN; DuckDB would take it, PostgreSQL refuses the whole report)."""
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, dict):
-        return {k: json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [json_safe(x) for x in v]
-    return v
+    save_eval_report(db, report["id"], report["dataset_id"], report["models"], report, report.get("path"), created)
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -292,10 +292,9 @@ def train(
         raise
     from tuneloop.ids import hash_path
     from tuneloop.registry import ModelVersion, register_version
-    from tuneloop.trainer.evaluate import json_safe
 
     digest = hash_path(model_dir)
-    stored = json_safe(metrics)  # a diverged run's NaN loss as null: PostgreSQL's json refuses NaN
+    stored = metrics  # stored as strict JSON (tuneloop.db.dumps: a diverged run's NaN loss as null)
     v = ModelVersion(
         name=cfg.name,
         kind="adapter" if cfg.method in ADAPTER_METHODS else "merged",

@@ -324,11 +324,22 @@ class PostgresDatabase(Database):
 
     def arrow(self, sql: str, params: Sequence[Any] = ()) -> Any:
         """The rows of one query as a ``pyarrow.Table`` (ADBC's PostgreSQL driver, binary COPY underneath)."""
+        with self.arrow_batches(sql, params) as reader:
+            return reader.read_all()
+
+    @contextlib.contextmanager
+    def arrow_batches(self, sql: str, params: Sequence[Any] = ()) -> Iterator[Any]:
+        """The rows of one query as a ``pyarrow.RecordBatchReader`` streamed from the server (ADBC), for results
+        too large to hold at once (``export logs``). The schema is migrated first, as by :meth:`connect`."""
         import adbc_driver_postgresql.dbapi as adbc
 
+        if not self.read_only:
+            with self._conn() as conn:
+                self._migrate(conn)
+                conn.commit()
         with adbc.connect(self._url) as conn, conn.cursor() as cur:
             cur.execute(to_dollar(sql), list(params) if params else None)
-            return cur.fetch_arrow_table()
+            yield cur.fetch_record_batch()
 
 
 def schema_version(conn: psycopg.Connection) -> int:
