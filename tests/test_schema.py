@@ -39,6 +39,7 @@ EXPECTED = {
         ("output_path", "VARCHAR"),
         ("artifact_hash", "VARCHAR"),
         ("error", "VARCHAR"),
+        ("tracking", "JSON"),
     ],
     "model_versions": [
         ("name", "VARCHAR"),

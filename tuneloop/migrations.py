@@ -202,6 +202,11 @@ MIGRATIONS: list[str] = [
     CREATE INDEX feedback_request_id ON feedback (request_id);
     CREATE INDEX feedback_created_at ON feedback (created_at);
     """,
+    # 8: experiment tracking — where a run was also tracked ({"tensorboard": dir, "mlflow": {...}}); the runs
+    # table stays the source of truth
+    """
+    ALTER TABLE runs ADD COLUMN tracking JSON;
+    """,
 ]
 
 
