@@ -16,11 +16,16 @@ Contract
 * Defaults are the fast path measured on CPU (docs/bench-train.md):
   ``padding_free=True`` without packing, float32 on CPU / bfloat16 on GPU,
   no gradient checkpointing, cosine schedule.
+* ``report_to`` names experiment trackers transformers reports to besides the
+  ``runs`` table (:data:`TRACKERS`); :meth:`TrainConfig.validate` refuses an
+  unknown name (listing the valid ones) and a tracker whose package is not
+  installed (naming the package to ``pip install``), before any model is loaded.
 * Importing this module is cheap (no torch): the CLI uses it for ``--help``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -30,6 +35,8 @@ ADAPTER_METHODS = ("lora", "qlora", "prompt_tuning", "dpo", "kto")
 SFT_METHODS = ("lora", "qlora", "full", "prompt_tuning")
 KTO_RATIO = (1.0, 4 / 3)
 """TRL's recommended range of desirable_weight * n_desirable / (undesirable_weight * n_undesirable) (KTO paper, eq. 8)."""
+TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "trackio": "trackio", "wandb": "wandb"}
+"""``report_to`` values -> the package transformers needs to report there (``pip install <package>``)."""
 
 
 @dataclass
@@ -178,6 +185,15 @@ class TrainConfig:
             "help": "kto: weight of the undesirable (label false) losses; 0 = automatic (see kto_desirable_weight)."
         },
     )
+    report_to: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Experiment trackers to report the run to, besides the runs table: tensorboard (event files in "
+            "<output_dir>/tensorboard), mlflow (MLFLOW_TRACKING_URI, default <home>/mlruns; experiment tuneloop, run "
+            "name = run id), trackio, wandb (project tuneloop); e.g. report_to=tensorboard,mlflow. Each needs its "
+            "package installed. Empty (default) = none."
+        },
+    )
     num_virtual_tokens: int = field(default=16, metadata={"help": "prompt_tuning: number of virtual tokens."})
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapter (lora, qlora, dpo, kto)."})
 
@@ -220,7 +236,27 @@ class TrainConfig:
         for key in ("dpo_beta", "kto_beta"):
             if getattr(self, key) <= 0:
                 raise UserError(f"{key} must be > 0, got {getattr(self, key)}")
+        self.report_to = check_trackers(self.report_to)
         return self
+
+
+def check_trackers(names: list[str]) -> list[str]:
+    """``names`` without duplicates (``none`` = no tracker), or a UserError naming an unknown tracker (and the
+    valid ones) or the package to install for a tracker whose package is missing."""
+    wanted: list[str] = []
+    for name in names:
+        n = str(name).strip().lower()
+        if n in ("", "none") or n in wanted:
+            continue
+        if n not in TRACKERS:
+            raise UserError(f"report_to: unknown tracker {name!r}; valid: {', '.join(TRACKERS)} (or none)")
+        wanted.append(n)
+    for n in wanted:
+        if importlib.util.find_spec(TRACKERS[n]) is None:
+            raise UserError(
+                f"report_to={n} needs the {TRACKERS[n]} package, which is not installed: pip install {TRACKERS[n]}"
+            )
+    return wanted
 
 
 def kto_weights(

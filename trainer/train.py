@@ -29,6 +29,13 @@ Contract
   A checkpoint in ``output_dir`` resumes the same run (same run id) unless
   ``resume=false``. SIGTERM / Ctrl-C stop after the current step with a
   checkpoint (run recorded ``failed``, KeyboardInterrupt raised: CLI exit 130).
+* ``cfg.report_to`` also reports the run to experiment trackers (transformers'
+  integrations): TensorBoard event files in ``<output_dir>/tensorboard``;
+  MLflow to ``MLFLOW_TRACKING_URI`` (default a file store ``<home>/mlruns``),
+  experiment ``tuneloop`` (``MLFLOW_EXPERIMENT_NAME`` wins), run name = the run
+  id; W&B project ``tuneloop`` (``WANDB_PROJECT`` wins) and Trackio project
+  ``tuneloop``, run name = the run id. Where is recorded in ``runs.tracking``
+  (JSON, e.g. ``{"tensorboard": "<abs dir>"}``) when the run starts.
 * Every run is a ``runs`` row (``failed`` with the error when it fails or is
   interrupted) and every success registers a :class:`ModelVersion` (kind
   ``adapter`` for lora/qlora/prompt_tuning/dpo/kto, ``merged`` for full) with
@@ -49,6 +56,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -75,6 +83,9 @@ if TYPE_CHECKING:
     from tuneloop.db import Database
     from tuneloop.registry import ModelVersion
     from tuneloop.settings import Settings
+
+TRACKING_PROJECT = "tuneloop"
+"""MLflow experiment, W&B and Trackio project of every tracked run."""
 
 
 @dataclass
@@ -210,6 +221,10 @@ def train(
     resume_from = last_checkpoint(out) if cfg.resume else None
     run_file = out / "run.json"
     run_id = _resumed_run_id(db, run_file, cfg) if resume_from and record else None
+    if record and cfg.report_to:  # trackers name the run after its id: pick it now
+        from tuneloop.ids import new_id
+
+        run_id = run_id or new_id()
     base = resolve_base_model(db, settings, cfg.base)
     init = _init_adapter(db, cfg, base)
     dd, ds_id, kind = _load_dataset(db, cfg.dataset)
@@ -248,14 +263,17 @@ def train(
         }
 
     try:  # model, adapter and trainer set-up problems (e.g. lora.targets not in the model) are the user's to fix
-        trainer, tokenizer = _build_trainer(cfg, base, train_ds, dd.get("validation"), kind, out, progress, kto, init)
+        trainer, tokenizer = _build_trainer(
+            cfg, base, train_ds, dd.get("validation"), kind, out, progress, kto, init, run_name=run_id
+        )
     except ValueError as e:
         raise UserError(f"cannot set up {cfg.method} training on {base}: {e}") from None
+    tracking, tracking_env = _tracking(cfg, trainer, out, settings, run_id)
     out.mkdir(parents=True, exist_ok=True)
     config = {**to_dict(cfg), "base_path": str(base), "replayed_rows": replayed}
     if kto:  # the weights used (cfg's kto_*_weight keep what was asked: 0 = automatic)
         config["kto_effective"] = kto
-    run = start_run(db, cfg.method, str(base), ds_id, config, run_id=run_id) if record else None
+    run = start_run(db, cfg.method, str(base), ds_id, config, run_id=run_id, tracking=tracking) if record else None
     if run is not None:
         run_file.write_text(json.dumps({"run_id": run.id, "name": cfg.name}, indent=2))
     if resume_from and run is not None:
@@ -264,7 +282,7 @@ def train(
     stop = GracefulStop()
     try:
         trainer.add_callback(cast("TrainerCallback", stop))  # a TrainerCallback subclass at run time (see __new__)
-        with stop.signals():
+        with stop.signals(), _environ(tracking_env):
             res = trainer.train(resume_from_checkpoint=resume_from)
         if stop.requested:
             step = trainer.state.global_step
@@ -312,6 +330,51 @@ def train(
         v = register_version(db, v)
     del trainer
     return TrainResult(run.id if run is not None else "", v, str(model_dir), metrics)
+
+
+def _tracking(
+    cfg: TrainConfig, trainer: Trainer, out: Path, settings: Settings, run_id: str | None
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Where ``trainer`` reports besides the runs table (``runs.tracking``), and the environment its tracker
+    callbacks read when training starts (only variables the user has not set). Points the TensorBoard
+    callback at ``<out>/tensorboard`` unless ``TENSORBOARD_LOGGING_DIR`` is set."""
+    tracking: dict[str, Any] = {}
+    env: dict[str, str] = {}
+    if "tensorboard" in cfg.report_to:
+        from transformers.integrations import TensorBoardCallback
+
+        tb_dir = str(Path(os.environ.get("TENSORBOARD_LOGGING_DIR") or out / "tensorboard").expanduser().resolve())
+        for cb in trainer.callback_handler.callbacks:
+            if isinstance(cb, TensorBoardCallback):
+                cb.logging_dir = tb_dir
+        tracking["tensorboard"] = tb_dir
+    if "mlflow" in cfg.report_to:
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or (settings.paths.home_path / "mlruns").resolve().as_uri()
+        env["MLFLOW_TRACKING_URI"] = uri
+        env["MLFLOW_EXPERIMENT_NAME"] = os.environ.get("MLFLOW_EXPERIMENT_NAME") or TRACKING_PROJECT
+        tracking["mlflow"] = {"tracking_uri": uri, "experiment": env["MLFLOW_EXPERIMENT_NAME"], "run_name": run_id}
+    if "wandb" in cfg.report_to:
+        env["WANDB_PROJECT"] = os.environ.get("WANDB_PROJECT") or TRACKING_PROJECT
+        tracking["wandb"] = {"project": env["WANDB_PROJECT"], "run_name": run_id}
+    if "trackio" in cfg.report_to:
+        tracking["trackio"] = {"project": TRACKING_PROJECT, "run_name": run_id}
+    return tracking, {k: v for k, v in env.items() if k not in os.environ}
+
+
+def _environ(env: dict[str, str]) -> AbstractContextManager[None]:
+    """Set ``env`` for the duration of the block, then remove those variables again."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def cm() -> Iterator[None]:
+        os.environ.update(env)
+        try:
+            yield
+        finally:
+            for k in env:
+                os.environ.pop(k, None)
+
+    return cm()
 
 
 def _resumed_run_id(db: Database, run_file: Path, cfg: TrainConfig) -> str | None:
@@ -397,6 +460,7 @@ def _build_trainer(
     progress: bool,
     kto: dict[str, Any] | None = None,
     init: Path | None = None,
+    run_name: str | None = None,
 ) -> tuple[Trainer, Tokenizer]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -449,7 +513,9 @@ def _build_trainer(
         save_strategy="steps" if cfg.save_steps > 0 else "no",
         save_steps=cfg.save_steps or 500,
         save_total_limit=cfg.save_total_limit,
-        report_to=[],
+        report_to=list(cfg.report_to),
+        run_name=run_name,
+        project=TRACKING_PROJECT,
         disable_tqdm=not progress,
         bf16=prec == "bf16",
         fp16=prec == "fp16",

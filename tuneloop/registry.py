@@ -82,6 +82,8 @@ class RunRecord:
     output_path: str | None = None
     artifact_hash: str | None = None
     error: str | None = None
+    tracking: dict[str, Any] | None = None
+    """Where the run was also tracked (``{"tensorboard": dir, "mlflow": {...}}``); None = nowhere else."""
 
 
 @dataclass
@@ -127,7 +129,7 @@ def unservable_reason(kind: str, path: str) -> str | None:
     return None
 
 
-_JSON = {"source", "card", "parent_ids", "config", "metrics"}
+_JSON = {"source", "card", "parent_ids", "config", "metrics", "tracking"}
 _Record = TypeVar("_Record", DatasetRecord, RunRecord, ModelVersion)
 
 
@@ -189,7 +191,10 @@ def start_run(
     dataset_id: str | None,
     config: dict[str, Any],
     run_id: str | None = None,
+    tracking: dict[str, Any] | None = None,
 ) -> RunRecord:
+    """Insert a ``running`` row (a resumed, unfinished run's row is replaced); ``tracking`` says where the
+    run is also tracked (experiment trackers), None when nowhere else."""
     rec = RunRecord(
         id=run_id or new_id(),
         method=method,
@@ -197,6 +202,7 @@ def start_run(
         dataset_id=dataset_id,
         config=config,
         started_at=utcnow(),
+        tracking=tracking or None,
     )
     with db.connect() as con:
         con.execute(
