@@ -143,6 +143,21 @@ def copy_home(seed: dict[str, Path], root: Path) -> tuple[Path, CLI]:
     return home, CLI(root, dict(os.environ, TUNELOOP_HOME=str(home)))
 
 
+def workspace(tiny_model: Path, chat_seed: dict[str, Path], root: Path) -> dict:
+    """A copy of the session's prepared home under ``root`` (datasets 'chat' and 'pref'), with its CLI and
+    database: what the training and tuning test modules start from."""
+    from tuneloop.db import open_database
+
+    home, cli = copy_home(chat_seed, root)
+    return {
+        "root": root,
+        "home": home,
+        "cli": cli,
+        "db": open_database(home / "tuneloop.duckdb"),
+        "base": str(tiny_model),
+    }
+
+
 def run_with_importtime(cli: CLI, *argv: str) -> tuple[subprocess.CompletedProcess, set[str]]:
     """Run ``tuneloop ARGV`` under ``python -X importtime``: the result and the set of modules it imported."""
     r = subprocess.run(

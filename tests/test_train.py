@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import VENV_BIN, copy_home
+from conftest import VENV_BIN, workspace
 
 pytestmark = [pytest.mark.train, pytest.mark.slow]
 
@@ -20,17 +20,7 @@ pytestmark = [pytest.mark.train, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def ws(tiny_model, chat_seed, tmp_path_factory):
     """A copy of the session's prepared home: SFT dataset 'chat' and preference dataset 'pref' (conftest)."""
-    root = tmp_path_factory.mktemp("train")
-    home, cli = copy_home(chat_seed, root)
-    from tuneloop.db import open_database
-
-    return {
-        "root": root,
-        "home": home,
-        "cli": cli,
-        "db": open_database(home / "tuneloop.duckdb"),
-        "base": str(tiny_model),
-    }
+    return workspace(tiny_model, chat_seed, tmp_path_factory.mktemp("train"))
 
 
 def test_help_lists_every_config_key_with_its_help(ws):

@@ -1,4 +1,4 @@
-"""CLI commands of the trainer area: ``models``, ``data``, ``train``, ``merge``.
+"""CLI commands of the trainer area: ``models``, ``data``, ``train``, ``tune``, ``merge``.
 
 Only light imports at module level (see tuneloop.cli); work happens in handlers.
 """
@@ -10,7 +10,7 @@ import json
 from typing import TYPE_CHECKING
 
 from tuneloop.cli import add_group
-from tuneloop.trainer import cli_data, cli_train
+from tuneloop.trainer import cli_data, cli_train, cli_tune
 
 if TYPE_CHECKING:
     from tuneloop.cli import Context
@@ -20,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _register_models(sub)
     cli_data.register(sub)
     cli_train.register(sub)
+    cli_tune.register(sub)
 
 
 def _register_models(sub: argparse._SubParsersAction) -> None:
@@ -109,6 +110,14 @@ def cmd_models_show(args: argparse.Namespace, ctx: Context) -> int:
     v = get_version(ctx.db, args.name)
     events = recent_events(ctx.db, version=v.name)
     out = {k: (str(val) if k.endswith("_at") else val) for k, val in v.__dict__.items()}
+    if v.run_id:
+        from tuneloop.registry import RegistryError, get_run
+
+        try:
+            r = get_run(ctx.db, v.run_id)
+            out["run"] = {"id": r.id, "status": r.status, "tracking": r.tracking}
+        except RegistryError:
+            out["run"] = {"id": v.run_id, "status": "unknown (no runs row)"}
     out["stage_history"] = [
         {
             k: str(e[k]) if k == "occurred_at" else e[k]

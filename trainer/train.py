@@ -58,7 +58,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -202,12 +202,19 @@ def last_checkpoint(out: Path) -> str | None:
 
 
 def train(
-    cfg: TrainConfig, db: Database, settings: Settings, progress: bool = True, record: bool = True
+    cfg: TrainConfig,
+    db: Database,
+    settings: Settings,
+    progress: bool = True,
+    record: bool = True,
+    callbacks: Sequence[Any] = (),
 ) -> TrainResult:
     """Train, save, record the run and register the version (see module doc).
 
     ``record=False`` (a distributed rank > 0): ``db`` is only read (base, dataset and adapter look-ups);
-    no run row, no ``run.json`` and no version are written, and the returned version is not registered."""
+    no run row, no ``run.json`` and no version are written, and the returned version is not registered.
+    ``callbacks``: extra transformers ``TrainerCallback`` objects for this run's trainer (``tuneloop tune``
+    reports evaluations to Optuna and stops pruned trials with one)."""
     from tuneloop.registry import RegistryError, finish_run, get_version, start_run
 
     cfg.validate()
@@ -268,6 +275,8 @@ def train(
         )
     except ValueError as e:
         raise UserError(f"cannot set up {cfg.method} training on {base}: {e}") from None
+    for cb in callbacks:
+        trainer.add_callback(cb)
     tracking, tracking_env = _tracking(cfg, trainer, out, settings, run_id)
     out.mkdir(parents=True, exist_ok=True)
     config = {**to_dict(cfg), "base_path": str(base), "replayed_rows": replayed}

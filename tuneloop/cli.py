@@ -53,6 +53,7 @@ _TRAIN_STACK = ("torch", "transformers", "peft", "trl", "datasets", "accelerate"
 # the stack lazily are caught by main's ModuleNotFoundError handler, with the same message.
 ML_COMMANDS: dict[str, tuple[str, ...]] = {
     "train": _TRAIN_STACK,
+    "tune": (*_TRAIN_STACK, "optuna"),
     "merge": ("torch", "transformers", "peft"),
     "serve": ("vllm", "torch", "transformers"),
     "eval": ("torch", "transformers", "peft", "datasets"),
