@@ -392,7 +392,7 @@ def test_loop_train_step_trains_sft_by_default_else_the_objective_auto_picks_and
 ):
     from tuneloop.deploy import loop
     from tuneloop.deploy.loop import LoopOptions, run_cycle
-    from tuneloop.deploy.loop_runs import steps_of
+    from tuneloop.store_deploy import steps_of
 
     _production_tiny(db, tiny_model)
     log_mixed_feedback(db)
@@ -435,7 +435,7 @@ def test_cli_loop_train_method_kto_trains_gates_on_vllm_and_promotes_a_kto_versi
     assert v.stage == "production"
     # the gate generated the candidate's answers on vLLM, with the KTO adapter as a LoRA request
     from tuneloop.db import loads
-    from tuneloop.deploy.loop_runs import steps_of
+    from tuneloop.store_deploy import steps_of
 
     steps = steps_of(db, db.query("SELECT id FROM loop_runs LIMIT 1")[0]["id"])
     assert steps["train"]["details"]["objective"] == "kto" and steps["gate"]["details"]["passed"]

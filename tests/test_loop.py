@@ -14,11 +14,11 @@ from conftest import VENV_BIN
 from tuneloop.db import dumps, utcnow
 from tuneloop.deploy import loop
 from tuneloop.deploy.loop import LoopError, LoopOptions, next_version_name, run_cycle
-from tuneloop.deploy.loop_runs import begin_step, end_step, steps_of
 from tuneloop.deploy.watch import trigger
 from tuneloop.ids import new_id
 from tuneloop.registry import ModelVersion, get_version, register_version, set_stage, version_by_stage
 from tuneloop.settings import load_settings
+from tuneloop.store_deploy import begin_step, end_step, steps_of
 
 
 def add_request(db, prompt, response, version, correction=None, rating=None):

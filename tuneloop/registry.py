@@ -251,7 +251,7 @@ def register_version(db: Database, v: ModelVersion) -> ModelVersion:
     v.created_at = v.created_at or utcnow()
     with db.connect() as con:
         if _insert(con, "model_versions", v, on_conflict="name"):
-            _event(con, v.name, None, v.stage, "tuneloop", "registered", {"content_hash": v.content_hash})
+            record_event(con, v.name, None, v.stage, "tuneloop", "registered", {"content_hash": v.content_hash})
             return v
         have = get_version(db, v.name, con=con)
     if have.content_hash == v.content_hash:
@@ -345,33 +345,20 @@ def set_stage(
                 [now, stage, name],
             ).fetchall()
             for (other,) in sorted(retired):
-                _event(c, other, stage, "retired", actor, retire_reason or f"replaced by {name}", None)
+                record_event(c, other, stage, "retired", actor, retire_reason or f"replaced by {name}", None)
         moved = c.execute(
             "UPDATE model_versions SET stage = ?, stage_changed_at = ? WHERE name = ? AND stage = ? RETURNING name",
             [stage, now, name, row[0]],
         ).fetchall()
         if not moved:
             raise RegistryError(f"{name} left stage {row[0]} while it was being moved to {stage}; try again")
-        _event(c, name, row[0], stage, actor, reason, details)
+        record_event(c, name, row[0], stage, actor, reason, details)
         return str(row[0])
 
     if con is not None:
         return run(con)
     with db.connect() as c:
         return run(c)
-
-
-def record_event(
-    con: Connection,
-    version: str,
-    from_stage: str | None,
-    to_stage: str,
-    actor: str,
-    reason: str,
-    details: dict[str, Any] | None,
-) -> None:
-    """Append one ``deploy_events`` row in the caller's transaction."""
-    _event(con, version, from_stage, to_stage, actor, reason, details)
 
 
 # ---- eval reports ---------------------------------------------------------------
@@ -404,7 +391,7 @@ def find_eval_report(db: Database, ref: str) -> dict[str, Any] | None:
     return {"id": rows[0]["id"], "report": loads(rows[0]["report"])}
 
 
-def _event(
+def record_event(
     con: Connection,
     version: str,
     from_stage: str | None,
@@ -413,6 +400,7 @@ def _event(
     reason: str,
     details: dict[str, Any] | None,
 ) -> None:
+    """Append one ``deploy_events`` row in the caller's transaction."""
     con.execute(
         "INSERT INTO deploy_events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         [new_id(), version, from_stage, to_stage, actor, reason, dumps(details), utcnow()],
