@@ -212,7 +212,7 @@ class AdminController(Controller):
         responses=error_responses(*_ADMIN_ERRORS),
     )
     async def refresh(self, request: Request) -> RoutingStateOut:
-        await request.app.state.router.refresh()
+        await request.app.state.router.refresh(force=True)
         return _state(request)
 
     @get("/log", summary="Request-log writer counters", responses=error_responses(*_ADMIN_ERRORS))

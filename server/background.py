@@ -54,10 +54,10 @@ async def _canary_loop(db: Database, deploy: DeploySettings, router: ModelRouter
             decision = await asyncio.to_thread(judge_once)
             if decision is not None:
                 log.info("canary %s: %s (%s)", decision.canary_id, decision.action, "; ".join(decision.reasons))
-                await router.refresh()
+                await router.refresh(force=True)
         except canary.CanaryDecided as e:  # another replica (or the CLI) decided it first: nothing to do here
             log.info("%s", e)
-            await router.refresh()
+            await router.refresh(force=True)
         except Exception:
             log.exception("canary judge pass failed")
 

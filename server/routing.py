@@ -103,10 +103,11 @@ class ModelRouter:
         self._state_read = CachedRead(self.db, read_deploy_state)
 
     # -- deploy state ---------------------------------------------------------------
-    async def refresh(self) -> DeployState:
-        """Re-read versions, stages and the running canary; load adapters of aliased versions."""
+    async def refresh(self, force: bool = False) -> DeployState:
+        """Re-read versions, stages and the running canary (when the database changed, or always with ``force``);
+        load adapters of aliased versions."""
         try:
-            snap: DeploySnapshot = await asyncio.to_thread(self._state_read.get)
+            snap: DeploySnapshot = await asyncio.to_thread(self._state_read.get, force)
             versions, canary = snap.versions, snap.canary
         except DatabaseBusy as e:
             log.warning("deploy state not refreshed (database busy): %s", e)

@@ -160,9 +160,12 @@ class CachedRead:
         self._at = 0.0
         self._value: Any = None
 
-    def get(self) -> Any:
+    def get(self, force: bool = False) -> Any:
+        """The cached value, read again when the data may have changed, when it is older than ``max_stale_s``, or
+        when ``force`` (a caller that knows it changed: the file's signature can miss two writes of the same size
+        within one coarse mtime tick, a few ms)."""
         version = self.db.data_version()  # before the read: a change during it is caught next time
-        if version == self._version and time.monotonic() - self._at < self.max_stale_s:
+        if not force and version == self._version and time.monotonic() - self._at < self.max_stale_s:
             return self._value
         with self.db.connect(transaction=False) as con:
             self._value = self.read(con)
