@@ -33,6 +33,11 @@ from tuneloop.errors import UserError
 
 ADAPTER_METHODS = ("lora", "qlora", "prompt_tuning", "dpo", "kto")
 SFT_METHODS = ("lora", "qlora", "full", "prompt_tuning")
+PEFT_METHODS = ("prefix_tuning", "ia3", "loha", "lokr", "oft", "adalora", "dora")
+"""PEFT methods beyond LoRA (:mod:`tuneloop.trainer.peft_methods` builds their configs and says how each is served)."""
+CLASSIFICATION_METHODS = ("feature_extraction", "lora", "full")
+"""Methods of ``task=classification`` (a sequence-classification head on the base)."""
+TASKS = ("chat", "classification")
 KTO_RATIO = (1.0, 4 / 3)
 """TRL's recommended range of desirable_weight * n_desirable / (undesirable_weight * n_undesirable) (KTO paper, eq. 8)."""
 TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "trackio": "trackio", "wandb": "wandb"}
@@ -62,16 +67,49 @@ class TrainConfig:
     )
     dataset: str = field(
         default="",
-        metadata={"help": "Training dataset: registered id (name@hash), name (newest) or dataset folder (required)."},
+        metadata={
+            "help": "Training dataset: registered id (name@hash), name (newest) or dataset folder (this or datasets is required)."
+        },
+    )
+    datasets: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Multi-task mix instead of one dataset: weighted datasets of the same kind, e.g. "
+            "datasets=support:0.7,billing:0.3 (weights are shares of the training rows; the data card records the mix)."
+        },
     )
     name: str = field(
         default="", metadata={"help": "Name of the model version to register; empty = <dataset>-<method>-<UTC time>."}
     )
-    method: Literal["lora", "qlora", "full", "prompt_tuning", "dpo", "kto"] = field(
+    task: Literal["chat", "classification"] = field(
+        default="chat",
+        metadata={
+            "help": "chat (a generative model, SFT/DPO/KTO) | classification (a sequence-classification head "
+            "trained on {text, label} rows; methods feature_extraction, lora, full)."
+        },
+    )
+    method: Literal[
+        "lora",
+        "qlora",
+        "full",
+        "prompt_tuning",
+        "dpo",
+        "kto",
+        "prefix_tuning",
+        "ia3",
+        "loha",
+        "lokr",
+        "oft",
+        "adalora",
+        "dora",
+        "feature_extraction",
+    ] = field(
         default="lora",
         metadata={
             "help": "lora | qlora (4-bit nf4 base) | full | prompt_tuning | dpo (preference pairs, with a LoRA adapter) "
-            "| kto (thumbs-up/down rows, prompt/completion/label, with a LoRA adapter)."
+            "| kto (thumbs-up/down rows, prompt/completion/label, with a LoRA adapter) | prefix_tuning | ia3 | loha "
+            "| lokr | oft | adalora | dora (PEFT methods; see docs/training.md for how each is served) "
+            "| feature_extraction (task=classification: body frozen, only the head trains)."
         },
     )
     output_dir: str = field(
@@ -194,12 +232,29 @@ class TrainConfig:
             "package installed. Empty (default) = none."
         },
     )
-    num_virtual_tokens: int = field(default=16, metadata={"help": "prompt_tuning: number of virtual tokens."})
+    num_virtual_tokens: int = field(
+        default=16, metadata={"help": "prompt_tuning, prefix_tuning: number of virtual tokens."}
+    )
+    class_balance: Literal["none", "weights", "sampling"] = field(
+        default="none",
+        metadata={
+            "help": "task=classification, imbalanced labels: weights (loss weighted by inverse label frequency) "
+            "| sampling (balanced batches) | none."
+        },
+    )
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapter (lora, qlora, dpo, kto)."})
 
     def validate(self) -> TrainConfig:
-        if not self.dataset:
+        if not self.dataset and not self.datasets:
             raise UserError("no dataset given: pass dataset=<id|name|folder> (see `tuneloop data list`)")
+        if self.dataset and self.datasets:
+            raise UserError("pass dataset= or datasets= (a weighted mix), not both")
+        if self.task == "classification" and self.method not in CLASSIFICATION_METHODS:
+            raise UserError(
+                f"task=classification trains with method={' | '.join(CLASSIFICATION_METHODS)}, got method={self.method}"
+            )
+        if self.method == "feature_extraction" and self.task != "classification":
+            raise UserError("method=feature_extraction trains a classification head: set task=classification")
         if not self.base:
             raise UserError("no base model given: pass base=<name|folder|version>")
         if self.max_steps == 0 or (self.max_steps < 0 and self.num_train_epochs <= 0):
