@@ -42,8 +42,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "split of VERSION's dataset (and golden prompts / a general set when given); pass when the "
         "lower bound of the paired-bootstrap 95% CI of the per-example metric "
         "(deploy.gate_metric) is >= -deploy.gate_min_delta, general-set perplexity rose by at most "
-        "deploy.gate_max_forgetting, and golden prompts pass. Exit 1 when refused.",
+        "deploy.gate_max_forgetting, and golden prompts pass. With --per-task (deploy.gate_per_task), a candidate "
+        "trained on a multi-task mix (train datasets=) must also not regress on any input dataset's test split "
+        "(margin deploy.gate_task_min_delta). Exit 1 when refused.",
         epilog="examples:\n  tuneloop deploy gate chat-v2\n  tuneloop deploy gate chat-v2 --golden golden.jsonl --limit 200\n"
+        "  tuneloop deploy gate mixed-v1 --per-task   (no regression on each task of its mix)\n"
         "  tuneloop deploy gate chat-v2 --report 01a2...   (judge an existing eval report)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -53,6 +56,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--general", metavar="FILE", help="general text/chat set to measure forgetting")
     p.add_argument("--limit", type=int, help="evaluate at most this many examples")
     p.add_argument("--report", metavar="EVAL_REPORT_ID", help="judge a stored eval report instead of evaluating again")
+    p.add_argument(
+        "--per-task",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="for a candidate trained on a mix (train datasets=), also require no regression on each input dataset's "
+        "test split (default: deploy.gate_per_task)",
+    )
     p.add_argument("--json", action="store_true", help="print the verdict as JSON")
     p.set_defaults(handler=cmd_gate)
 
@@ -99,6 +109,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "atomically.",
     )
     p.add_argument("--to", metavar="VERSION", help="restore this version instead of the previous one")
+    p.add_argument(
+        "--task",
+        choices=("chat", "classification"),
+        default="chat",
+        help="whose canary or production to roll back: stages are held per task (default chat; with --to, the "
+        "task of that version)",
+    )
     p.add_argument("--reason", default="manual rollback", help="why (recorded in the deploy history)")
     p.set_defaults(handler=cmd_rollback)
 
@@ -120,6 +137,8 @@ def cmd_gate(args: argparse.Namespace, ctx: Context) -> int:
 
     db = ctx.db
     get_version(db, args.version)
+    if args.report and args.per_task:
+        raise GateError("--per-task evaluates each task's test split, so it cannot judge a stored --report")
     if args.report:
         found = find_eval_report(db, args.report)
         if found is None:
@@ -142,6 +161,7 @@ def cmd_gate(args: argparse.Namespace, ctx: Context) -> int:
             general=args.general,
             limit=args.limit,
             actor=_actor(),
+            per_task=args.per_task,
         )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=str))
@@ -234,7 +254,12 @@ def cmd_rollback(args: argparse.Namespace, ctx: Context) -> int:
     from tuneloop.monitoring import canary
 
     db = ctx.db
-    run = canary.running(db)
+    task = args.task
+    if args.to:
+        from tuneloop.registry import get_version
+
+        task = get_version(db, args.to).task
+    run = canary.running(db, task=task)
     if run is not None:
         if args.to:
             raise canary.CanaryError(
@@ -243,7 +268,7 @@ def cmd_rollback(args: argparse.Namespace, ctx: Context) -> int:
         c = canary.rollback(db, run.id, actor=_actor(), reason=args.reason)
         print(f"rolled back canary {c.candidate}; {c.production} keeps serving production")
         return 0
-    retired, restored = canary.rollback_production(db, actor=_actor(), reason=args.reason, to=args.to)
+    retired, restored = canary.rollback_production(db, actor=_actor(), reason=args.reason, to=args.to, task=task)
     print(f"rolled back {retired}; {restored} is in production again")
     return 0
 
@@ -256,7 +281,13 @@ def status(db: Database, deploy: DeploySettings, events: int = 10) -> dict[str, 
 
     prod = version_by_stage(db, "production")
     out: dict[str, Any] = {"production": prod.name if prod else None, "canary": None}
-    run = canary.running(db)
+    cls_prod, cls_run = version_by_stage(db, "production", task="classification"), canary.running(db, "classification")
+    if cls_prod is not None or cls_run is not None:  # stages are per task: a classifier has its own production
+        out["classification"] = {
+            "production": cls_prod.name if cls_prod else None,
+            "canary": {"id": cls_run.id, "candidate": cls_run.candidate, "share": cls_run.share} if cls_run else None,
+        }
+    run = canary.running(db, task="chat")
     if run is not None:
         d = canary.judge(db, run.id, deploy)
         out["canary"] = {
@@ -288,6 +319,13 @@ def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
         print(f"            {c['summary']}")
     else:
         print("canary:     -")
+    cls = st.get("classification")
+    if cls:
+        can = cls["canary"]
+        print(
+            f"classifier: {cls['production'] or '-'} in production"
+            + (f", canary {can['candidate']} at {can['share']:.0%} ({can['id']})" if can else "")
+        )
     if st["events"]:
         print()
         print_table(

@@ -24,6 +24,20 @@ Contract
   held-out split, judges, and records the verdict as a ``deploy_events`` row
   (actor ``gate``, stage unchanged; :func:`tuneloop.store_deploy.record_gate_verdict`)
   that ``deploy canary``/``promote`` check.
+* A classification candidate (``task`` classification) and a classification report are
+  judged by :mod:`tuneloop.deploy.gate_classify` instead (macro-F1 with the same paired
+  bootstrap); :func:`run_gate` and :func:`judge_report` dispatch there. The verdict types and
+  the bootstrap (:class:`GateResult`, :class:`Check`, :class:`GateError`,
+  :func:`paired_bootstrap`) live in :mod:`tuneloop.deploy.gate_stats`, shared by both gates,
+  and are importable from here too.
+* Per-task gate (``deploy.gate_per_task`` or ``run_gate(per_task=True)``): for a
+  candidate trained on a multi-task mix (its dataset's data card has ``mix``,
+  :func:`mix_tasks`), :func:`run_gate` also evaluates the candidate and the
+  baseline on each input dataset's test split (separate eval reports, same
+  engine) and :func:`judge_tasks` adds one ``task <dataset id>`` check per task:
+  the same paired bootstrap on ``gate_metric``, lower CI bound >=
+  ``-gate_task_min_delta``; ``extra["tasks"]`` holds each task's numbers and
+  report id. A candidate not trained on a mix gets one skipped ``tasks`` check.
 * :func:`last_gate` — the latest recorded verdict for a version.
 * :func:`production_answers` — production's logged answers for the ``shift`` check:
   DuckDB SQL (``json_extract`` on the logged parameters) on
@@ -34,89 +48,19 @@ Contract
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tuneloop.db import Database, loads
-from tuneloop.errors import UserError
+from tuneloop.deploy.gate_stats import Bootstrap, Check, GateError, GateResult, paired_bootstrap
 
 if TYPE_CHECKING:
     from tuneloop.settings import DeploySettings, Settings
     from tuneloop.trainer.evaluate import Generator
-
-
-class GateError(UserError, ValueError):
-    """The gate could not judge (bad report, mismatched examples ...)."""
-
-
-@dataclass
-class Check:
-    name: str
-    passed: bool
-    value: float | None
-    threshold: float | None
-    detail: str
-    skipped: bool = False
-
-
-@dataclass
-class GateResult:
-    candidate: str
-    baseline: str
-    metric: str
-    passed: bool
-    checks: list[Check]
-    n_examples: int
-    report_id: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def message(self) -> str:
-        head = f"gate {'PASSED' if self.passed else 'FAILED'}: {self.candidate} vs {self.baseline} ({self.n_examples} held-out examples)"
-        lines = [head] + [
-            f"  [{'skip' if c.skipped else ('ok' if c.passed else 'FAIL')}] {c.name}: {c.detail}" for c in self.checks
-        ]
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class Bootstrap:
-    mean_delta: float
-    ci_low: float
-    ci_high: float
-    samples: int
-    confidence: float
-
-
-def paired_bootstrap(
-    candidate: Sequence[float] | np.ndarray,
-    baseline: Sequence[float] | np.ndarray,
-    samples: int = 1000,
-    confidence: float = 0.95,
-    seed: int = 0,
-) -> Bootstrap:
-    """Percentile CI of mean(candidate - baseline) over ``samples`` paired resamples (seeded)."""
-    a = np.asarray(candidate, dtype=np.float64)
-    b = np.asarray(baseline, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 1:
-        raise GateError(f"paired bootstrap needs two equal-length lists, got {a.shape} and {b.shape}")
-    if len(a) == 0:
-        raise GateError("paired bootstrap needs at least one example")
-    if not (np.isfinite(a).all() and np.isfinite(b).all()):
-        raise GateError("per-example metrics contain NaN or infinity")
-    d = a - b
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(d), size=(samples, len(d)))
-    means = d[idx].mean(axis=1)
-    alpha = (1 - confidence) / 2
-    lo, hi = np.quantile(means, [alpha, 1 - alpha])
-    return Bootstrap(float(d.mean()), float(lo), float(hi), samples, confidence)
 
 
 def _per_example(report: dict[str, Any], model: str, metric: str) -> list[float]:
@@ -136,6 +80,10 @@ def judge_report(
     report: dict[str, Any], candidate: str, baseline: str, deploy: DeploySettings, seed: int = 0
 ) -> GateResult:
     """Apply the gate criteria (module doc) to an eval report; pure, no I/O."""
+    if report.get("task") == "classification":  # macro-F1 on labels: tuneloop.deploy.gate_classify
+        from tuneloop.deploy.gate_classify import judge_classification
+
+        return judge_classification(report, candidate, baseline, deploy, seed)
     metric = deploy.gate_metric
     a = _per_example(report, candidate, metric)
     b = _per_example(report, baseline, metric)
@@ -143,19 +91,8 @@ def judge_report(
         raise GateError(
             f"{candidate} has {len(a)} per-example values but {baseline} has {len(b)}: not the same examples"
         )
-    bs = paired_bootstrap(a, b, deploy.bootstrap_samples, 0.95, seed)
-    need = -deploy.gate_min_delta
-    checks = [
-        Check(
-            "quality",
-            bs.ci_low >= need,
-            bs.ci_low,
-            need,
-            f"{metric} candidate {np.mean(a):.4f} vs {np.mean(b):.4f}, mean delta {bs.mean_delta:+.4f}, "
-            f"95% CI [{bs.ci_low:+.4f}, {bs.ci_high:+.4f}] over {bs.samples} paired resamples; "
-            f"lower bound must be >= {need:+.4f}",
-        )
-    ]
+    quality, bs = _delta_check("quality", a, b, metric, deploy.gate_min_delta, deploy.bootstrap_samples, seed)
+    checks = [quality]
 
     summ = report.get("summary", {})
     pc = (summ.get(candidate) or {}).get("general_perplexity")
@@ -204,6 +141,71 @@ def judge_report(
         report_id=report.get("id"),
         extra={"bootstrap": asdict(bs), "summary": {m: summ.get(m) for m in (candidate, baseline)}},
     )
+
+
+def _delta_check(
+    name: str, a: list[float], b: list[float], metric: str, min_delta: float, samples: int, seed: int, where: str = ""
+) -> tuple[Check, Bootstrap]:
+    """Check that the lower bound of the paired-bootstrap 95% CI of mean(a - b) is >= ``-min_delta``."""
+    bs = paired_bootstrap(a, b, samples, 0.95, seed)
+    need = -min_delta
+    check = Check(
+        name,
+        bs.ci_low >= need,
+        bs.ci_low,
+        need,
+        f"{metric}{where} candidate {np.mean(a):.4f} vs {np.mean(b):.4f}, mean delta {bs.mean_delta:+.4f}, "
+        f"95% CI [{bs.ci_low:+.4f}, {bs.ci_high:+.4f}] over {bs.samples} paired resamples; "
+        f"lower bound must be >= {need:+.4f}",
+    )
+    return check, bs
+
+
+def judge_tasks(
+    reports: dict[str, dict[str, Any]], candidate: str, baseline: str, deploy: DeploySettings, seed: int = 0
+) -> tuple[list[Check], list[dict[str, Any]]]:
+    """Per-task checks (module doc) from one eval report per task (``{dataset id: report}``, each comparing
+    ``candidate`` with ``baseline``), and each task's numbers for the gate report; pure, no I/O."""
+    metric = deploy.gate_metric
+    checks, tasks = [], []
+    for task, rep in reports.items():
+        a = _per_example(rep, candidate, metric)
+        b = _per_example(rep, baseline, metric)
+        if len(a) != len(b):
+            raise GateError(f"task {task}: {candidate} has {len(a)} per-example values but {baseline} has {len(b)}")
+        where = f" on {task}'s {rep.get('split', 'test')} split ({len(a)} examples):"
+        check, bs = _delta_check(
+            f"task {task}", a, b, metric, deploy.gate_task_min_delta, deploy.bootstrap_samples, seed, where
+        )
+        checks.append(check)
+        tasks.append(
+            {
+                "dataset": task,
+                "passed": check.passed,
+                "report_id": rep.get("id"),
+                "split": rep.get("split"),
+                "n_examples": len(a),
+                "candidate": float(np.mean(a)),
+                "baseline": float(np.mean(b)),
+                "bootstrap": asdict(bs),
+            }
+        )
+    return checks, tasks
+
+
+def mix_tasks(db: Database, version: str) -> list[str]:
+    """The input dataset ids of the multi-task mix ``version`` was trained on (``train datasets=``: its dataset's
+    data card ``mix``), in mix order; [] when it was not trained on a mix."""
+    from tuneloop.registry import RegistryError, get_dataset, get_version
+
+    ds = get_version(db, version).dataset_id
+    if not ds:
+        return []
+    try:
+        card = get_dataset(db, ds).card or {}
+    except RegistryError:
+        return []
+    return [str(m["dataset"]) for m in card.get("mix") or [] if isinstance(m, dict) and m.get("dataset")]
 
 
 def _shift_check(cand: dict[str, Any], base: dict[str, Any], deploy: DeploySettings) -> Check:
@@ -286,16 +288,23 @@ def run_gate(
     actor: str = "gate",
     seed: int = 0,
     generator: Generator | None = None,
+    per_task: bool | None = None,
 ) -> GateResult:
     """Evaluate ``candidate`` against production (or its base) and judge; records the verdict.
 
     Answers are generated on ``generator`` when one is given (an engine the caller keeps running across
-    gates), else on the engine ``deploy.eval_backend`` names, started and freed here.
+    gates), else on the engine ``deploy.eval_backend`` names, started and freed here. ``per_task`` (default
+    ``deploy.gate_per_task``) adds the per-task checks of a candidate trained on a mix (module doc); ``limit``
+    caps each task's examples too.
     """
     from tuneloop.registry import get_version, unservable_reason
     from tuneloop.trainer.evaluate import evaluate
 
     v = get_version(db, candidate)
+    if v.task == "classification":  # macro-F1 vs the production classifier: tuneloop.deploy.gate_classify
+        from tuneloop.deploy.gate_classify import run_classification_gate
+
+        return run_classification_gate(db, settings, candidate, dataset=dataset, limit=limit, actor=actor, seed=seed)
     why = unservable_reason(v.kind, v.path)
     if why:
         raise GateError(f"{candidate} cannot be served, so it cannot pass the gate: {why}")
@@ -308,6 +317,8 @@ def run_gate(
 
     check_inputs(db, settings, [candidate, ref], golden, general)  # before an engine starts
     answers = production_answers(db, ref, settings.deploy.gate_shift_responses) if label != "base" else None
+    per_task = settings.deploy.gate_per_task if per_task is None else per_task
+    tasks = mix_tasks(db, candidate) if per_task else []
     with nullcontext(generator) if generator is not None else eval_generator(settings) as gen:
         report = evaluate(
             [candidate, ref],
@@ -321,12 +332,53 @@ def run_gate(
             responses=answers,
             max_new_tokens=settings.deploy.gate_max_new_tokens,
         )
+        task_reports = {
+            t: evaluate(
+                [candidate, ref],
+                t,
+                db,
+                settings,
+                limit=limit,
+                generator=gen,
+                max_new_tokens=settings.deploy.gate_max_new_tokens,
+            )
+            for t in tasks
+        }
     names = report.get("models") or [candidate, ref]
     result = judge_report(report, names[0], names[1], settings.deploy, seed=seed)
+    if per_task:
+        _add_task_checks(result, task_reports, names[0], names[1], settings.deploy, seed)
     result.candidate, result.baseline = candidate, label if label != "base" else f"base ({ref})"
     result.extra["dataset"] = ds
     record_verdict(db, candidate, result, actor)
     return result
+
+
+def _add_task_checks(
+    result: GateResult,
+    reports: dict[str, dict[str, Any]],
+    candidate: str,
+    baseline: str,
+    deploy: DeploySettings,
+    seed: int,
+) -> None:
+    """Append the per-task checks (or a skipped ``tasks`` check without a mix) and re-decide ``result``."""
+    if not reports:
+        result.checks.append(
+            Check(
+                "tasks",
+                True,
+                None,
+                -deploy.gate_task_min_delta,
+                "not trained on a multi-task mix (train datasets=): no per-task test splits",
+                skipped=True,
+            )
+        )
+        return
+    checks, tasks = judge_tasks(reports, candidate, baseline, deploy, seed)
+    result.checks.extend(checks)
+    result.extra["tasks"] = tasks
+    result.passed = all(c.passed for c in result.checks)
 
 
 def record_verdict(db: Database, candidate: str, result: GateResult, actor: str = "gate") -> None:

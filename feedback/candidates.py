@@ -16,7 +16,20 @@ Contract
   (thumbs, or stars: 4-5 positive, 1-2 negative). A thumbs-down response
   without a correction is **never** a candidate, so no SFT set trains on it;
   given a ``negatives`` list, those rows (past every other filter) are put
-  there instead, for the KTO set's undesirable examples.
+  there instead, for the KTO set's undesirable examples. It reads chat and
+  completion traffic only: ``classify`` requests are never chat candidates.
+* :func:`read_classify_candidates` reads the ``classify`` requests the same
+  way (same window, version and newest-feedback-per-request rules): the
+  input text is the logged ``prompt`` (a JSON string), the predicted label
+  ``response``, the confidence the largest of the logged ``scores``. The
+  class to train on is the feedback ``label`` when one was given (stored as
+  the candidate's ``correction``), else the predicted label of a positively
+  rated request. It drops, counting each in ``counts``
+  (:data:`CLASSIFY_FILTERS`): errors, aborts, redacted or unreadable inputs,
+  rows with no class at all, thumbs-down without a label
+  (``negative_feedback``: the prediction was wrong and the right class is
+  unknown) and unrated (or 3-star), unlabelled requests (``unrated``: an unconfirmed
+  prediction teaches the model nothing but its own mistakes).
 * Tool calling: a candidate keeps its prompt messages' ``tool_calls`` /
   ``tool_call_id`` / ``name`` (as :func:`tuneloop.dataset_store.chat_message`
   writes them) and the request's tool definitions (``params.tools``) as
@@ -26,11 +39,14 @@ Contract
   prompts for every dedup key.
 * :func:`scrub_candidates` replaces PII (:func:`tuneloop.pii.scrub`) in every
   prompt message (tool-call arguments included), response and correction, in
-  place.
+  place (``answers=False``: the prompt only, for classify candidates, whose
+  answers are class names).
 * :func:`dedup_within` keeps one candidate per normalised prompt (corrected >
   positively rated > unrated, then the newest); :func:`earlier_keys` gives the
   normalised prompt + answer keys (:func:`example_key`) of earlier datasets, so
-  the caller can drop candidates already trained on.
+  the caller can drop candidates already trained on (a ``classification``
+  row's prompt is its ``text`` as one user message, its answer its
+  ``label``).
 
 Nothing here picks, writes or registers; the functions are deterministic for a
 given log content, whichever backend holds it (:func:`earlier_keys` reads the
@@ -66,11 +82,18 @@ class Candidate:
     tokens: int
     pii: dict[str, int] = field(default_factory=dict)
     tools: list[dict[str, Any]] | None = None  # the request's tool definitions (params.tools)
+    confidence: float | None = None  # classify requests: the largest logged class probability
+    label_set: tuple[str, ...] = ()  # classify requests: the classifier's labels (the keys of its scores)
 
     @property
     def target(self) -> str:
         """The answer to train on: the user's correction when there is one, else the logged response."""
         return self.correction if self.correction else self.response
+
+    @property
+    def text(self) -> str:
+        """A classify request's input text (its one user message)."""
+        return self.messages[0]["content"] or ""
 
     @property
     def priority(self) -> int:
@@ -125,12 +148,30 @@ LEFT JOIN (
            arg_max(rating_kind, created_at) FILTER (WHERE rating IS NOT NULL) AS rating_kind
     FROM feedback GROUP BY request_id
 ) f ON f.request_id = r.id
-WHERE r.received_at >= ? AND r.received_at < ? {version}
+WHERE r.received_at >= ? AND r.received_at < ? AND r.route <> 'classify' {version}
+ORDER BY r.received_at, r.id
+"""
+
+_CLASSIFY_SQL = """
+SELECT r.id, r.received_at, r.model_version, r.prompt, r.response, r.status, r.prompt_tokens, r.scores,
+       f.label, f.rating, f.rating_kind
+FROM requests r
+LEFT JOIN (
+    SELECT request_id,
+           arg_max(label, created_at) FILTER (WHERE label IS NOT NULL AND trim(label) <> '') AS label,
+           arg_max(rating, created_at) FILTER (WHERE rating IS NOT NULL) AS rating,
+           arg_max(rating_kind, created_at) FILTER (WHERE rating IS NOT NULL) AS rating_kind
+    FROM feedback GROUP BY request_id
+) f ON f.request_id = r.id
+WHERE r.received_at >= ? AND r.received_at < ? AND r.route = 'classify' {version}
 ORDER BY r.received_at, r.id
 """
 
 FILTERS = ("error", "aborted", "truncated", "redacted", "empty", "negative_feedback")
 """The ``counts`` keys of :func:`read_candidates`' filters, in the order they apply."""
+
+CLASSIFY_FILTERS = ("error", "aborted", "redacted", "empty", "negative_feedback", "unrated")
+"""The ``counts`` keys of :func:`read_classify_candidates`' filters, in the order they apply."""
 
 
 def prompt_messages(prompt: Any) -> list[dict[str, Any]] | None:
@@ -236,11 +277,79 @@ def read_candidates(
     return out
 
 
+def classify_text(prompt: Any) -> str | None:
+    """The input text of a logged classify request (``requests.prompt``: a JSON string, or a list of one)."""
+    p = loads(prompt) if isinstance(prompt, str) else prompt
+    if isinstance(p, list) and len(p) == 1:
+        p = p[0]
+    if isinstance(p, dict):  # {"input": ...} / {"text": ...}
+        p = p.get("input", p.get("text"))
+    return p if isinstance(p, str) and p.strip() else None
+
+
+def read_classify_candidates(
+    db: Database | LogSource, since: datetime, until: datetime, model_version: str | None, counts: dict[str, int]
+) -> list[Candidate]:
+    """The ``classify`` requests in the window that have a class to train on (see module doc); ``counts`` gets
+    ``requests_in_window`` and one entry per filter of :data:`CLASSIFY_FILTERS`."""
+    sql = _CLASSIFY_SQL.format(version="AND r.model_version = ?" if model_version else "")
+    params: list[Any] = [since, until] + ([model_version] if model_version else [])
+    logs = db if isinstance(db, LogSource) else log_source(db)
+    rows = logs.query(sql, params, since=since, until=until, model_version=model_version)
+    counts["requests_in_window"] = len(rows)
+    for k in CLASSIFY_FILTERS:
+        counts.setdefault(k, 0)
+    out: list[Candidate] = []
+    for r in rows:
+        status = int(r["status"])
+        if status == 499:
+            counts["aborted"] += 1
+            continue
+        if status >= 400:
+            counts["error"] += 1
+            continue
+        text = classify_text(r["prompt"])
+        if text is None:
+            counts["redacted"] += 1
+            continue
+        label = r["label"] or None
+        predicted = r["response"] if (r["response"] or "").strip() else None
+        if not label and not predicted:
+            counts["empty"] += 1
+            continue
+        rating = sentiment(r["rating"], r["rating_kind"])
+        if not label and rating == "negative":
+            counts["negative_feedback"] += 1
+            continue
+        if not label and rating != "positive":
+            counts["unrated"] += 1
+            continue
+        scores = loads(r["scores"]) if isinstance(r["scores"], str) else r["scores"]
+        scores = scores if isinstance(scores, dict) and scores else None
+        tokens = int(r["prompt_tokens"] or 0) or len(text) // 4
+        c = Candidate(
+            r["id"],
+            r["received_at"],
+            r["model_version"],
+            [{"role": "user", "content": text}],
+            predicted or "",
+            label,
+            rating,
+            tokens,
+        )
+        if scores:
+            c.confidence = float(max(scores.values()))
+            c.label_set = tuple(sorted(scores))
+        out.append(c)
+    return out
+
+
 # ---- cleaning -----------------------------------------------------------------------------------
 
 
-def scrub_candidates(cands: list[Candidate], counts: dict[str, int]) -> None:
-    """Scrub PII in place from every prompt message, response and correction; add totals to ``counts``."""
+def scrub_candidates(cands: list[Candidate], counts: dict[str, int], answers: bool = True) -> None:
+    """Scrub PII in place from every prompt message, response and correction (``answers=False``: the prompt
+    messages only); add totals to ``counts``."""
     from tuneloop.pii import scrub
 
     total: dict[str, int] = {}
@@ -267,6 +376,8 @@ def scrub_candidates(cands: list[Candidate], counts: dict[str, int]) -> None:
 
     for c in cands:
         c.messages = [msg(m, c) for m in c.messages]
+        if not answers:
+            continue
         c.response = s(c.response, c)
         if c.correction:
             c.correction = s(c.correction, c)
@@ -286,13 +397,14 @@ def dedup_within(cands: list[Candidate]) -> tuple[list[Candidate], int]:
     return kept, len(cands) - len(kept)
 
 
-def earlier_keys(db: Database, refs: list[str] | None) -> tuple[set[str], list[str]]:
-    """Example keys of every row of the given datasets (None = every registered SFT dataset), and their ids."""
+def earlier_keys(db: Database, refs: list[str] | None, kind: str = "sft") -> tuple[set[str], list[str]]:
+    """Example keys of every row of the given datasets (None = every registered dataset of ``kind``), and their
+    ids. A classification row's key is that of its text as one user message and its label."""
     from tuneloop.dataset_store import load_splits
     from tuneloop.registry import get_dataset, list_datasets
 
     if refs is None:
-        recs = [d for d in list_datasets(db) if d.kind == "sft"]
+        recs = [d for d in list_datasets(db) if d.kind == kind]
     else:
         recs = [get_dataset(db, r) for r in refs]
     keys: set[str] = set()
@@ -300,6 +412,9 @@ def earlier_keys(db: Database, refs: list[str] | None) -> tuple[set[str], list[s
         dd = load_splits(db, rec.id)
         for split in dd:
             for row in dd[split]:
+                if row.get("text") is not None and row.get("label") is not None and "messages" not in row:
+                    keys.add(example_key([{"role": "user", "content": row["text"]}], str(row["label"])))
+                    continue
                 msgs = [chat_message(m) for m in row.get("messages") or []]
                 if msgs and msgs[-1].get("role") == "assistant":
                     keys.add(example_key(msgs[:-1], msgs[-1].get("content") or "", row_tools(row)))

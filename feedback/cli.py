@@ -21,6 +21,8 @@ if TYPE_CHECKING:  # pragma: no cover
 SAMPLE_EPILOG = """\
 strategies (combinable; NAME=SHARE, shares are normalised):
   feedback     corrections first (they become SFT targets and DPO pairs), then thumbs-up responses
+               (--task classification: feedback labels first, then thumbs-up predictions)
+  low-confidence  --task classification only: the least confident predictions first (lowest top probability)
   drift        weighted towards requests far from the serving version's training data
   stratified   balanced over model version x length tercile x topic cluster (k-means)
   random       uniform
@@ -31,6 +33,7 @@ examples:
       --limit 500 --replay-from chatterbot --replay-fraction 0.2
   tuneloop feedback sample --since 2026-11-01T00:00 --until 2026-11-02T00:00 --version chat-v1
   tuneloop feedback sample --from-parquet /mnt/logs   # every replica's `tuneloop export logs` output
+  tuneloop feedback sample --task classification --name intents-v2 --strategy feedback --strategy low-confidence
 """
 
 
@@ -38,20 +41,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = add_group(sub, "feedback", "turn production requests and feedback into new training sets")
     p = g.add_parser(
         "sample",
-        help="sample logged requests + feedback into a registered SFT (and DPO) dataset",
+        help="sample logged requests + feedback into a registered SFT (and DPO) or classification dataset",
         description="Sample the request log (with its feedback) into a new registered dataset: filters "
         "(errors, aborts, truncated, thumbs-down), PII scrub, dedup (within and against "
         "earlier sets), strategies with quotas, replay against forgetting, a seeded split. "
-        "Corrections become SFT targets and DPO pairs (written as '<name>-pref').",
+        "Corrections become SFT targets and DPO pairs (written as '<name>-pref'). With --task classification "
+        "the classify traffic becomes a classification dataset: the feedback label when given, the predicted "
+        "label of a thumbs-up; thumbs-down without a label and unrated requests are left out.",
         epilog=SAMPLE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--name", default="production", help="dataset name (default: production)")
     p.add_argument(
+        "--task",
+        choices=("chat", "classification"),
+        default="chat",
+        help="chat: SFT/DPO/KTO sets from chat traffic (default); classification: a classification set from "
+        "classify traffic",
+    )
+    p.add_argument(
         "--strategy",
         action="append",
         metavar="NAME[=SHARE]",
-        help="feedback, drift, stratified, random (repeatable; default feedback=0.5 stratified=0.5)",
+        help="feedback, low-confidence, drift, stratified, random (repeatable; default feedback=0.5 stratified=0.5)",
     )
     p.add_argument("--limit", type=int, default=1000, help="most production rows (default 1000)")
     w = p.add_mutually_exclusive_group()
@@ -64,7 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--dedup-against",
         action="append",
         metavar="DATASET",
-        help="dedup against these datasets (repeatable; default: every registered SFT dataset)",
+        help="dedup against these datasets (repeatable; default: every registered dataset of the task's kind)",
     )
     p.add_argument("--no-dedup-against", action="store_true", help="do not dedup against earlier datasets")
     p.add_argument("--replay-from", metavar="DATASET", help="mix back train rows of this dataset against forgetting")
@@ -113,6 +125,7 @@ def build_config(args: argparse.Namespace) -> SampleConfig:
 
     return SampleConfig(
         name=args.name,
+        task=args.task,
         strategies=parse_strategies(args.strategy),
         limit=args.limit,
         since=parse_time(args.since) if args.since else None,
@@ -151,6 +164,9 @@ def cmd_sample(args: argparse.Namespace, ctx: Context) -> int:
         )
         return 0
     c = res.card["counts"]
+    if cfg.task == "classification":
+        _print_classification(res.sft, res.card)
+        return 0
     print(
         f"dataset {res.sft.id}: train {res.sft.rows_train}, validation {res.sft.rows_validation}, test {res.sft.rows_test}"
     )
@@ -173,6 +189,25 @@ def cmd_sample(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
+def _print_classification(rec: Any, card: dict[str, Any]) -> None:
+    c, fb = card["counts"], card["feedback"]
+    print(f"dataset {rec.id}: train {rec.rows_train}, validation {rec.rows_validation}, test {rec.rows_test}")
+    print(
+        f"  from {c['requests_in_window']} classify requests: {c['after_filters']} passed filters "
+        f"(errors {c['error']}, aborted {c['aborted']}, thumbs-down without label {c['negative_feedback']}, "
+        f"unrated {c['unrated']}), {c['duplicates_within']} duplicates, {c['duplicates_of_earlier_sets']} seen in "
+        f"earlier sets, {c['picked']} picked, {c['replay']} replayed"
+    )
+    print(
+        f"  feedback: {fb['labels_given']} labels ({fb['labels_corrected']} corrected, {fb['labels_confirmed']} "
+        f"confirmed), {fb['thumbs_up']} thumbs-up"
+    )
+    print("  labels (train): " + ", ".join(f"{k} {v}" for k, v in card["labels"].items()))
+    print("  strategies: " + ", ".join(f"{k} {v['picked']}/{v['quota']}" for k, v in card["per_strategy"].items()))
+    for n in card["notes"]:
+        print(f"  note: {n}")
+
+
 def cmd_list(args: argparse.Namespace, ctx: Context) -> int:
     from tuneloop.store_feedback import recent_feedback
     from tuneloop.table import print_table
@@ -182,7 +217,7 @@ def cmd_list(args: argparse.Namespace, ctx: Context) -> int:
         print("no feedback yet (clients post it to /v1/feedback)")
         return 0
     print_table(
-        ["created_at", "request_id", "version", "rating", "kind", "correction", "comment"],
+        ["created_at", "request_id", "version", "rating", "kind", "correction", "label", "comment"],
         [
             [
                 str(r["created_at"])[:19],
@@ -191,6 +226,7 @@ def cmd_list(args: argparse.Namespace, ctx: Context) -> int:
                 r["rating"],
                 r["rating_kind"],
                 r["correction"],
+                r["label"] or "",
                 (r["comment"] or "")[:40],
             ]
             for r in rows

@@ -68,6 +68,14 @@ Steps, each counted in the data card:
    request the gate holds out (the SFT test split) is trained on by DPO or KTO;
    thumbs-down rows not in the SFT set are split among themselves.
 
+**Classifiers.** With ``task="classification"`` the pipeline reads the
+``classify`` traffic instead and writes one ``classification`` dataset
+(:mod:`tuneloop.feedback.sample_classify`); chat sampling reads every route
+but ``classify``, so classifier traffic never becomes chat rows. The options
+and the result (:class:`SampleConfig`, :class:`SampleResult`) and the seeded
+split (:func:`split_ids`) live in :mod:`tuneloop.feedback.sample_config`, which
+both pipelines share, and are re-exported here.
+
 Everything is deterministic for a given database content and seed, so a rerun
 produces the same content hash (and therefore the same dataset id). A request a
 user can fix raises :class:`SampleError`.
@@ -84,7 +92,6 @@ PostgreSQL.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -103,105 +110,34 @@ from tuneloop.feedback.candidates import (
     read_candidates,
     scrub_candidates,
 )
-from tuneloop.feedback.strategies import SampleError, parse_strategies, pick, prepare
+from tuneloop.feedback.sample_config import (
+    TASKS,
+    Row,
+    SampleConfig,
+    SampleResult,
+    Splits,
+    cfg_dict,
+    seeded_split,
+    split_ids,
+)
+from tuneloop.feedback.strategies import CLASSIFY_ONLY, SampleError, parse_strategies, pick, prepare
 from tuneloop.monitoring.sources import log_source
 from tuneloop.registry import DatasetRecord
 from tuneloop.timeparse import parse_duration, utcnow
 
-__all__ = ["OBJECTIVES", "SampleConfig", "SampleError", "SampleResult", "choose_objective", "sample", "split_ids"]
+__all__ = [
+    "OBJECTIVES",
+    "TASKS",
+    "SampleConfig",
+    "SampleError",
+    "SampleResult",
+    "choose_objective",
+    "sample",
+    "split_ids",
+]
 
 OBJECTIVES = ("sft", "dpo", "kto")
 """The training objectives a sample can feed: its SFT, preference (DPO) and KTO sets."""
-
-Row = dict[str, Any]
-Splits = dict[str, list[Row]]
-
-
-@dataclass
-class SampleConfig:
-    """What to sample and how: the options of ``tuneloop feedback sample`` (and of the loop's sample step)."""
-
-    name: str = field(
-        default="production",
-        metadata={"help": "Name of the dataset to write (the preference set gets '-pref', the KTO set '-kto')."},
-    )
-    strategies: dict[str, float] = field(
-        default_factory=lambda: {"feedback": 0.5, "stratified": 0.5},
-        metadata={
-            "help": "Strategy -> share of the sample (feedback, drift, stratified, random); shares are normalised."
-        },
-    )
-    limit: int = field(
-        default=1000,
-        metadata={
-            "help": "Most production rows in the SFT set (before replay); also most thumbs-down rows read for KTO."
-        },
-    )
-    since: datetime | None = field(default=None, metadata={"help": "Only requests received at or after this UTC time."})
-    until: datetime | None = field(default=None, metadata={"help": "Only requests received before this UTC time."})
-    window: str | None = field(
-        default=None, metadata={"help": "Shorthand for since = now - window ('30m', '1h', '2d')."}
-    )
-    model_version: str | None = field(default=None, metadata={"help": "Only requests served by this version."})
-    scrub_pii: bool = field(default=True, metadata={"help": "Replace emails, phones, card numbers and IPs."})
-    dedup_against: list[str] | None = field(
-        default=None, metadata={"help": "Datasets to dedup against; None = every registered SFT dataset, [] = none."}
-    )
-    replay_from: str | None = field(
-        default=None, metadata={"help": "Dataset whose train rows are mixed back in against forgetting."}
-    )
-    replay_fraction: float = field(
-        default=0.0,
-        metadata={"help": "Share of the final train split drawn from replay_from (0..0.9), in the SFT and KTO sets."},
-    )
-    validation_fraction: float = field(
-        default=0.1, metadata={"help": "Share of production rows held out for validation."}
-    )
-    test_fraction: float = field(
-        default=0.1, metadata={"help": "Share of production rows held out for test (the gate's split)."}
-    )
-    topics: int = field(default=8, metadata={"help": "k of the k-means topic clusters used by 'stratified'."})
-    preference: bool = field(default=True, metadata={"help": "Also write a DPO preference dataset from corrections."})
-    kto: bool = field(
-        default=True,
-        metadata={
-            "help": "Also write a KTO dataset (thumbs-up and corrections desirable, thumbs-down undesirable) when "
-            "the sample has both."
-        },
-    )
-    seed: int = field(default=0, metadata={"help": "Seed of every random choice (sampling, clustering, split)."})
-    from_parquet: str | None = field(
-        default=None,
-        metadata={
-            "help": "Read requests and feedback from this folder (or URL) of Parquet exports of many replicas instead of the database."
-        },
-    )
-
-
-@dataclass
-class SampleResult:
-    """The registered SFT dataset, the preference and KTO datasets (None when not written) and the SFT data card."""
-
-    sft: DatasetRecord
-    preference: DatasetRecord | None
-    card: dict[str, Any]
-    kto: DatasetRecord | None = None
-
-
-def split_ids(ids: list[str], val: float, test: float, seed: int) -> dict[str, str]:
-    """Seeded, order-independent assignment of ids to train/validation/test (each held-out split >= 1 row when n >= 3)."""
-    ordered = sorted(ids)
-    perm = np.random.default_rng(seed).permutation(len(ordered))
-    n = len(ordered)
-    n_test = round(n * test)
-    n_val = round(n * val)
-    if n >= 3:
-        n_test = max(n_test, 1) if test > 0 else 0
-        n_val = max(n_val, 1) if val > 0 else 0
-    out = {}
-    for rank, j in enumerate(perm):
-        out[ordered[j]] = "test" if rank < n_test else ("validation" if rank < n_test + n_val else "train")
-    return out
 
 
 def choose_objective(pairs: int, desirable: int, undesirable: int, min_pairs: int) -> tuple[str, str]:
@@ -236,6 +172,8 @@ def sample(db: Database, home: Path, cfg: SampleConfig, progress: bool = True) -
     from tuneloop.dataset_store import dataset_id, save_dataset
     from tuneloop.registry import get_dataset
 
+    if cfg.task not in TASKS:
+        raise SampleError(f"task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
     if cfg.limit <= 0:
         raise SampleError("limit must be > 0")
     if not 0 <= cfg.replay_fraction < 1:
@@ -247,6 +185,11 @@ def sample(db: Database, home: Path, cfg: SampleConfig, progress: bool = True) -
     strategies = (
         parse_strategies([f"{k}={v}" for k, v in cfg.strategies.items()]) if cfg.strategies else parse_strategies(None)
     )
+    classify_only = [k for k in strategies if k in CLASSIFY_ONLY]
+    if classify_only and cfg.task != "classification":
+        raise SampleError(
+            f"strategy {classify_only[0]} reads a classifier's class probabilities: use it with --task classification"
+        )
     if cfg.window and cfg.since:
         raise SampleError("give either --window or --since, not both")
     until = cfg.until or utcnow()
@@ -255,6 +198,10 @@ def sample(db: Database, home: Path, cfg: SampleConfig, progress: bool = True) -
         raise SampleError(f"empty time window: since {since} is not before until {until}")
     replay_rec = get_dataset(db, cfg.replay_from) if cfg.replay_from else None  # fail early on a bad name
     logs = log_source(db, cfg.from_parquet)  # a missing export folder fails early too
+    if cfg.task == "classification":
+        from tuneloop.feedback.sample_classify import sample_classification
+
+        return sample_classification(db, home, cfg, strategies, since, until, replay_rec, logs, progress)
     steps = tqdm(total=6, desc="sample", unit="step", disable=not progress)
 
     counts: dict[str, int] = {}
@@ -301,7 +248,7 @@ def sample(db: Database, home: Path, cfg: SampleConfig, progress: bool = True) -
                 c.tools,
             )
         )
-    splits = _split(rows, cfg)
+    splits = seeded_split(rows, cfg)
     split_of = {r["request_id"]: s for s, split_rows in splits.items() for r in split_rows}
 
     replay_src = _replay_source(db, replay_rec) if replay_rec is not None and cfg.replay_fraction > 0 else None
@@ -360,7 +307,7 @@ def sample(db: Database, home: Path, cfg: SampleConfig, progress: bool = True) -
             "model_version": cfg.model_version,
             "from_parquet": logs.parquet,
         },
-        "config": _cfg_dict(cfg),
+        "config": cfg_dict(cfg),
         "replay_from": replay_rec.id if replay_rec else None,
     }
     parents = [replay_rec.id] if replay_rec else []
@@ -412,15 +359,6 @@ def _with_tools(row: Row, tools: Any) -> Row:
     if tools:
         row["tools"] = tools
     return row
-
-
-def _split(rows: list[Row], cfg: SampleConfig) -> Splits:
-    """Rows into train/validation/test by :func:`split_ids`, each split ordered by row id."""
-    assign = split_ids([r["id"] for r in rows], cfg.validation_fraction, cfg.test_fraction, cfg.seed)
-    splits: Splits = {"train": [], "validation": [], "test": []}
-    for r in sorted(rows, key=lambda r: r["id"]):
-        splits[assign[r["id"]]].append(r)
-    return splits
 
 
 def _aligned(rows: list[Row], split_of: dict[str, str]) -> Splits:
@@ -562,7 +500,7 @@ def _kto_splits(
     und["thumbs_down"] = len(neg)
     info["thumbs_down_dropped"] = dropped
     splits = _aligned(aligned, split_of)
-    for split, rows in _split([row(c, c.response, False) for c in neg], cfg).items():
+    for split, rows in seeded_split([row(c, c.response, False) for c in neg], cfg).items():
         splits[split] = sorted(splits[split] + rows, key=lambda r: r["id"])
     n_des = sum(r["label"] for r in splits["train"])
     n_und = len(splits["train"]) - n_des
@@ -598,12 +536,6 @@ def _window(text: str) -> timedelta:
         return parse_duration(text)
     except UserError as e:
         raise SampleError(str(e)) from None
-
-
-def _cfg_dict(cfg: SampleConfig) -> dict[str, Any]:
-    from tuneloop.config import to_dict
-
-    return {k: (str(v) if isinstance(v, datetime) else v) for k, v in to_dict(cfg).items()}
 
 
 def _fmt_counts(counts: dict[str, int]) -> str:

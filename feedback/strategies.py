@@ -5,17 +5,22 @@ Contract
 * :data:`STRATEGIES` is the fixed application order: ``feedback`` (corrections
   first, then positive ratings — thumbs-up responses become SFT answers this way;
   an uncorrected thumbs-down never reaches a picker, see
-  :mod:`tuneloop.feedback.candidates`), ``drift`` (weighted towards requests far from the
+  :mod:`tuneloop.feedback.candidates`; for classify traffic: labels given first, then
+  confirmed predictions), ``low-confidence`` (classify traffic only: the lowest
+  confidence, i.e. largest class probability, first — the examples the classifier
+  is least sure of), ``drift`` (weighted towards requests far from the
   serving version's training data, by nearest-neighbour cosine distance of hashed
   bag-of-words vectors), ``stratified`` (balanced, hierarchically: model versions
   alternate, within a version length terciles alternate, within those topic
-  clusters — topics by k-means on hashed bag-of-words), ``random``.
+  clusters — topics by k-means on hashed bag-of-words; for classify traffic, within a
+  version the classes to train on alternate, then length terciles), ``random``.
 * :func:`parse_strategies` turns ``NAME[=SHARE]`` items into shares that add up
   to 1; :func:`allocate` turns shares into row quotas (largest remainder).
 * :func:`prepare` computes what the chosen strategies need (strata, drift
   scores); :func:`pick` runs them in order, each picking from what the previous
   ones left, and a strategy that cannot fill its quota passes the rest on.
-  ``drift`` looks up each version's training set with one portable SELECT on
+  ``drift`` (a classifier's training rows count by their ``text``) looks up each version's training set with one
+  portable SELECT on
   ``model_versions`` and reads the set from disk, so it scores the same on a
   DuckDB file and on PostgreSQL.
 
@@ -38,7 +43,9 @@ from tuneloop.db import Database
 from tuneloop.errors import UserError
 from tuneloop.feedback.candidates import Candidate
 
-STRATEGIES = ("feedback", "drift", "stratified", "random")  # application order
+STRATEGIES = ("feedback", "low-confidence", "drift", "stratified", "random")  # application order
+#: strategies that only classify traffic supports (they read the logged class probabilities)
+CLASSIFY_ONLY = ("low-confidence",)
 
 
 class SampleError(UserError, ValueError):
@@ -96,7 +103,8 @@ _TOKEN = re.compile(r"[a-z0-9']+")
 class PickContext:
     """Per-candidate inputs of the strategies (by candidate index) and notes for the data card."""
 
-    strata: dict[int, tuple[str, str, int]] = field(default_factory=dict)  # version, length tercile, topic
+    # version, length tercile, topic (classify traffic: version, class, length tercile)
+    strata: dict[int, tuple[str, str, int | str]] = field(default_factory=dict)
     drift_scores: dict[int, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -150,6 +158,9 @@ def drift_scores(db: Database, cands: list[Candidate], notes: list[str]) -> list
             dd = load_splits(db, found.dataset_id)
             split = dd["train"] if "train" in dd else next(iter(dd.values()))
             for row in split:
+                if isinstance(row.get("text"), str):  # a classification set: the input text
+                    ref_texts.append(row["text"])
+                    continue
                 msgs = row.get("messages") or row.get("prompt") or []
                 ref_texts.append("\n".join(m.get("content") or "" for m in msgs if m.get("role") == "user"))
         if not ref_texts:
@@ -165,13 +176,25 @@ def drift_scores(db: Database, cands: list[Candidate], notes: list[str]) -> list
     return scores
 
 
-def prepare(db: Database, cands: list[Candidate], strategies: dict[str, float], topics: int, seed: int) -> PickContext:
-    """Strata (for ``stratified``) and drift scores (for ``drift``) of the candidates, when those strategies run."""
+def prepare(
+    db: Database,
+    cands: list[Candidate],
+    strategies: dict[str, float],
+    topics: int,
+    seed: int,
+    by_label: bool = False,
+) -> PickContext:
+    """Strata (for ``stratified``) and drift scores (for ``drift``) of the candidates, when those strategies run.
+    ``by_label`` (classify traffic): the strata are version, class to train on (the candidate's target) and
+    length tercile, instead of version, length tercile and topic."""
     ctx = PickContext()
     if "stratified" in strategies:
         terc = length_terciles([c.tokens for c in cands])
-        clusters = topic_clusters([c.prompt_text() for c in cands], topics, seed)
-        ctx.strata = {i: (cands[i].model_version or "-", terc[i], clusters[i]) for i in range(len(cands))}
+        if by_label:
+            ctx.strata = {i: (c.model_version or "-", c.target, terc[i]) for i, c in enumerate(cands)}
+        else:
+            clusters = topic_clusters([c.prompt_text() for c in cands], topics, seed)
+            ctx.strata = {i: (cands[i].model_version or "-", terc[i], clusters[i]) for i in range(len(cands))}
     if "drift" in strategies:
         ctx.drift_scores = dict(enumerate(drift_scores(db, cands, ctx.notes)))
     return ctx
@@ -190,6 +213,21 @@ def _pick_feedback(
     rng.shuffle(corrected)
     rng.shuffle(positive)
     return (corrected + positive)[:n]
+
+
+def _pick_low_confidence(
+    cands: list[Candidate], pool: list[int], n: int, rng: np.random.Generator, ctx: PickContext
+) -> list[int]:
+    """Lowest confidence first (ties in a seeded order); candidates without scores last."""
+    order = list(pool)
+    rng.shuffle(order)
+
+    def confidence(i: int) -> float:
+        c = cands[i].confidence
+        return 2.0 if c is None else c
+
+    order.sort(key=confidence)
+    return order[:n]
 
 
 def _pick_random(
@@ -253,6 +291,7 @@ def _pick_stratified(
 
 PICKERS: dict[str, Picker] = {
     "feedback": _pick_feedback,
+    "low-confidence": _pick_low_confidence,
     "drift": _pick_drift,
     "stratified": _pick_stratified,
     "random": _pick_random,

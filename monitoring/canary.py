@@ -158,12 +158,23 @@ def get(db: Database, canary_id: str | None = None) -> Canary:
     return run
 
 
-def running(db: Database) -> Canary | None:
-    return store_deploy.running_canary(db)
+def running(db: Database, task: str | None = None) -> Canary | None:
+    """The running canary (of ``task`` when given: one canary per task can run), or None."""
+    return store_deploy.running_canary(db, task=task)
 
 
 def start(db: Database, candidate: str, share: float, actor: str = "tuneloop", reason: str = "") -> Canary:
-    """Start a canary for ``candidate`` taking ``share`` of production traffic (see module doc)."""
+    """Start a canary for ``candidate`` taking ``share`` of production traffic (see module doc). A classifier is
+    refused: a server runs one classifier engine, so it cannot split traffic between two classifier folders yet
+    (the storage layer keeps one canary per task, ready for it); gate and promote it directly."""
+    from tuneloop.registry import find_version
+
+    v = find_version(db, candidate)
+    if v is not None and v.task == "classification":
+        raise CanaryError(
+            f"{candidate} is a classifier, and a server runs one classifier engine, so it cannot split traffic "
+            f"between two classifiers yet: gate it and promote it directly (`tuneloop deploy promote {candidate}`)"
+        )
     return store_deploy.start_canary(db, candidate, share, actor=actor, reason=reason)
 
 
@@ -400,10 +411,11 @@ def _finish(
 
 
 def rollback_production(
-    db: Database, actor: str = "tuneloop", reason: str = "manual rollback", to: str | None = None
+    db: Database, actor: str = "tuneloop", reason: str = "manual rollback", to: str | None = None, task: str = "chat"
 ) -> tuple[str, str]:
-    """No canary running: put the previous production version (or ``to``) back; returns (retired, restored)."""
-    return store_deploy.rollback_production(db, actor=actor, reason=reason, to=to)
+    """No canary of ``task`` running: put its previous production version (or ``to``) back; returns (retired,
+    restored)."""
+    return store_deploy.rollback_production(db, actor=actor, reason=reason, to=to, task=task)
 
 
 def watch(

@@ -30,6 +30,22 @@ Contract
   their effective threshold is the configured one or the 99th percentile of
   the statistic between the reference and same-sized multinomial samples drawn
   from it, whichever is larger (both are reported in ``details``).
+* Classifiers (``classify`` traffic, :func:`classify_stats` and
+  :func:`compare_classify`): drift of the *predicted-label distribution*
+  against the version's training labels (the data card's ``labels``
+  ``{label: count}``): Jensen-Shannon divergence (bits) with the same
+  finite-sample threshold as the vocabulary (configured ``js_threshold`` or
+  the null q99 of same-sized multinomial samples of the reference, whichever
+  is larger), the chi-square goodness-of-fit p-value in ``details``; and
+  drift of *confidence* (each input's highest probability) against a
+  reference window of the version's own production traffic: its first
+  :data:`CONFIDENCE_REFERENCE_REQUESTS` classified inputs that precede the
+  window (PSI ``confidence_psi`` with the null-calibrated threshold, KS
+  ``confidence_ks``). Training labels say nothing about the model's
+  confidence, and validation predictions are not stored, so the first
+  traffic a version served is the baseline; confidence drift is evaluated
+  once that reference has at least ``min_requests`` inputs and lies wholly
+  before the window (until then only the label distribution is).
 * Words are ``[a-z0-9']+`` runs of the lower-cased prompt text (the same regex
   in Python and DuckDB SQL); a prompt's text is its messages' contents joined
   by spaces (or the prompt string of a completion request).
@@ -267,12 +283,159 @@ def production_stats(
     )
 
 
+# ---- classifiers ----------------------------------------------------------------------------
+
+#: size of the confidence reference window: a version's first classified inputs (see module doc)
+CONFIDENCE_REFERENCE_REQUESTS = 500
+#: the confidence of a logged classify row: its highest probability (DuckDB SQL over the ``scores`` JSON)
+CONFIDENCE_SQL = "list_max(CAST(json_extract(scores, '$.*') AS DOUBLE[]))"
+_CLASSIFY_WHERE = "model_version = ? AND route = 'classify' AND status < 400 AND scores IS NOT NULL"
+
+# the span of a version's first N classified inputs before a time: portable SQL (the confidence reference)
+REFERENCE_SPAN_SQL = f"""SELECT min(received_at) AS start, max(received_at) AS "end", count(*) AS n FROM (
+    SELECT received_at FROM requests WHERE {_CLASSIFY_WHERE} AND received_at < ?
+    ORDER BY received_at LIMIT ?) AS first_n"""
+
+
+@dataclass
+class ClassifyStats:
+    """Aggregates of one classifier version's window (see :func:`classify_stats`)."""
+
+    model_version: str
+    n_requests: int  # classified inputs (one logged row each)
+    window_start: datetime | None
+    window_end: datetime | None
+    labels: dict[str, int] = field(default_factory=dict)  # predicted label -> inputs
+    confidence: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    reference_confidence: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    reference_start: datetime | None = None
+    reference_end: datetime | None = None
+
+
+def classify_stats(
+    con: duckdb.DuckDBPyConnection | None, version: str, start: datetime | None, end: datetime
+) -> ClassifyStats:
+    """Predicted-label counts and confidences of ``version``'s classified inputs in ``[start, end]`` (DuckDB SQL
+    on an open connection; ``start`` None: an empty window)."""
+    if start is None or con is None:
+        return ClassifyStats(version, 0, None, end)
+    where = f"{_CLASSIFY_WHERE} AND received_at >= ? AND received_at <= ?"
+    params = [version, start, end]
+    labels = {
+        str(label): int(n)
+        for label, n in con.execute(
+            f"SELECT coalesce(response, ''), count(*) FROM requests WHERE {where} GROUP BY 1 ORDER BY 1", params
+        ).fetchall()
+    }
+    return ClassifyStats(version, sum(labels.values()), start, end, labels, confidences(con, version, start, end))
+
+
+def confidences(con: duckdb.DuckDBPyConnection, version: str, start: datetime, end: datetime) -> np.ndarray:
+    """Confidence (highest probability) of each of ``version``'s classified inputs in ``[start, end]``."""
+    rows = con.execute(
+        f"SELECT {CONFIDENCE_SQL} AS c FROM requests WHERE {_CLASSIFY_WHERE} AND received_at >= ? "
+        "AND received_at <= ? ORDER BY received_at, id",
+        [version, start, end],
+    ).fetchall()
+    return np.asarray([r[0] for r in rows if r[0] is not None], dtype=float)
+
+
+def compare_classify(
+    reference_labels: dict[str, int],
+    prod: ClassifyStats,
+    settings: DriftSettings,
+    result_id: str,
+    window: str = "",
+    seed: int = 0,
+) -> DriftResult:
+    """Label-distribution and confidence drift of a classifier window (see module doc)."""
+    rng = np.random.default_rng(seed)
+    feats: list[FeatureResult] = []
+    hist: dict[str, Any] = {}
+    names = sorted(set(reference_labels) | set(prod.labels))
+    ref = np.asarray([float(reference_labels.get(n, 0)) for n in names])
+    cur = np.asarray([float(prod.labels.get(n, 0)) for n in names])
+    if ref.sum() > 0 and cur.sum() > 0:
+        from scipy.stats import chisquare
+
+        value = js_divergence(ref, cur)
+        null = null_quantile(lambda s: js_divergence(ref, s), ref, int(cur.sum()), rng)
+        thr = max(settings.js_threshold, null)
+        expected = (ref + 0.5) / (ref + 0.5).sum() * cur.sum()  # smoothed: a label unseen in training is possible
+        chi = chisquare(cur, expected)
+        feats.append(
+            FeatureResult(
+                "label_distribution",
+                "js",
+                value,
+                thr,
+                value > thr,
+                {
+                    "configured_threshold": settings.js_threshold,
+                    "null_q99": null,
+                    "chi2": float(chi.statistic),
+                    "chi2_pvalue": float(chi.pvalue),
+                    "reference_shares": dict(zip(names, (ref / ref.sum()).tolist())),
+                    "production_shares": dict(zip(names, (cur / cur.sum()).tolist())),
+                    "production_counts": {n: int(c) for n, c in zip(names, cur)},
+                },
+            )
+        )
+    rc, pc = prod.reference_confidence, prod.confidence
+    if len(rc) >= max(2, int(settings.min_requests)) and len(pc):
+        rv, rcounts = np.unique(rc, return_counts=True)
+        pv, pcounts = np.unique(pc, return_counts=True)
+        value, edges, rb, pb = psi_counts(rv, rcounts, pv, pcounts, int(settings.psi_bins))
+        null = null_quantile(lambda s: psi_from_bins(rb, s), rb, len(pc), rng)
+        thr = max(settings.psi_threshold, null)
+        span = {
+            "reference_inputs": len(rc),
+            "reference_start": prod.reference_start.isoformat() if prod.reference_start else None,
+            "reference_end": prod.reference_end.isoformat() if prod.reference_end else None,
+            "reference_mean": float(rc.mean()),
+            "production_mean": float(pc.mean()),
+        }
+        feats.append(
+            FeatureResult(
+                "confidence_psi",
+                "psi",
+                value,
+                thr,
+                value > thr,
+                {"configured_threshold": settings.psi_threshold, "null_q99": null, "edges": edges.tolist(), **span},
+            )
+        )
+        d, p = ks_counts(rv, rcounts, pv, pcounts)
+        feats.append(
+            FeatureResult("confidence_ks", "ks", d, settings.ks_pvalue, p < settings.ks_pvalue, {"pvalue": p, **span})
+        )
+        hist["confidence"] = {
+            "edges": edges.tolist(),
+            "reference": (rb / rb.sum()).tolist(),
+            "production": (pb / pb.sum()).tolist(),
+        }
+    score = sum(f.drifted for f in feats) / len(feats) if feats else 0.0
+    return DriftResult(
+        id=result_id,
+        model_version=prod.model_version,
+        window=window,
+        window_start=prod.window_start,
+        window_end=prod.window_end,
+        n_requests=prod.n_requests,
+        features=feats,
+        score=score,
+        threshold=settings.overall_threshold,
+        drifted=bool(feats) and score >= settings.overall_threshold,
+        histograms=hist,
+    )
+
+
 # ---- comparison ------------------------------------------------------------------------------
 
 
 @dataclass
 class FeatureResult:
-    feature: str  # prompt_length_psi | prompt_length_ks | vocabulary | oov | embedding | response_length | finish_length | empty_response | negative_feedback
+    feature: str  # prompt_length_psi | prompt_length_ks | vocabulary | oov | embedding | response_length | finish_length | empty_response | negative_feedback; classifiers: label_distribution | confidence_psi | confidence_ks
     statistic: str  # psi | ks | js | share_delta | mmd | share
     value: float | None
     threshold: float

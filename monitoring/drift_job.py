@@ -27,6 +27,18 @@ Contract
   the same rows. Profiles are read and ``drift_reports`` written through
   ``db.connect()`` with portable SQL (one transaction per pass), never on the
   analytics connection.
+* Classifier versions (a registered version whose training dataset's card
+  has ``labels``, i.e. a ``classification`` dataset, or whose ``task`` is
+  ``classification``): :meth:`DriftJob.compute` takes the classifier path
+  instead of the profile: the window's ``classify`` rows
+  (:func:`monitoring.drift.classify_stats`), the confidence reference window
+  (the version's first :data:`~monitoring.drift.CONFIDENCE_REFERENCE_REQUESTS`
+  classified inputs before the window, found with portable SQL and copied
+  like the window) and :func:`monitoring.drift.compare_classify`. The result
+  is a :class:`~monitoring.drift.DriftResult` like chat's, so it is stored,
+  exported as gauges (features ``label_distribution``, ``confidence_psi``,
+  ``confidence_ks``, ``overall``), reported and shown by ``tuneloop drift``
+  the same way.
 * :meth:`DriftJob.run_forever` ``(stop_event)`` repeats it every
   ``interval_s`` in a worker thread, logging (never raising) failures, so the
   server starts it with one line in its lifespan::
@@ -48,10 +60,15 @@ from tuneloop.db import Database, dumps, utcnow
 from tuneloop.errors import UserError
 from tuneloop.ids import new_id
 from tuneloop.monitoring.drift import (
+    CONFIDENCE_REFERENCE_REQUESTS,
+    REFERENCE_SPAN_SQL,
     WINDOW_START_SQL,
     DriftResult,
     Window,
+    classify_stats,
     compare,
+    compare_classify,
+    confidences,
     parse_window,
     production_stats,
 )
@@ -162,9 +179,75 @@ class DriftJob:
             log.info("reference profile of %s computed from its training data", version)
         return p
 
+    # -- classifiers ---------------------------------------------------------------------------
+    def reference_labels(self, version: str) -> dict[str, int] | None:
+        """``{label: training count}`` of a classifier version (its dataset card's ``labels``), ``{}`` for a
+        classifier without them, None for any other version (see module doc)."""
+        from tuneloop.registry import RegistryError, find_version, get_dataset
+
+        v = find_version(self._database(), version)
+        if v is None:
+            return None
+        card: dict[str, Any] = {}
+        if v.dataset_id:
+            try:
+                ds = get_dataset(self._database(), v.dataset_id)
+            except RegistryError:
+                ds = None
+            if ds is not None:
+                card = dict(ds.card or {})
+                if ds.kind != "classification" and not isinstance(card.get("labels"), dict):
+                    card = {}
+        labels = card.get("labels")
+        if isinstance(labels, dict) and labels:
+            return {str(k): int(n) for k, n in labels.items()}
+        return {} if getattr(v, "task", None) == "classification" else None
+
+    def compute_classify(self, version: str, labels: dict[str, int], window: Window, now: datetime) -> DriftResult:
+        """Drift of a classifier version's window: predicted labels vs ``labels``, confidence vs its reference."""
+        rid = new_id()
+        logs = self._logs()
+        start, end = self.window_span(version, window, now)
+        prod = classify_stats(None, version, None, end)  # an empty request-count window: nothing to read
+        if start is not None:
+            with logs.connect(since=start, until=end, model_version=version) as con:
+                prod = classify_stats(con, version, start, end)
+            rows = logs.query(REFERENCE_SPAN_SQL, [version, start, CONFIDENCE_REFERENCE_REQUESTS], portable=True)
+            ref = rows[0] if rows else {}
+            if ref.get("n") and ref.get("start") is not None:
+                with logs.connect(since=ref["start"], until=ref["end"], model_version=version) as con:
+                    prod.reference_confidence = confidences(con, version, ref["start"], ref["end"])
+                prod.reference_start, prod.reference_end = ref["start"], ref["end"]
+        skipped = None
+        if prod.n_requests < self.settings.min_requests:
+            skipped = (
+                f"{prod.n_requests} classified inputs in the window, fewer than "
+                f"drift.min_requests={self.settings.min_requests}"
+            )
+        elif not labels:
+            skipped = f"classifier {version!r} has no training label counts (its dataset card has no 'labels')"
+        if skipped:
+            return DriftResult(
+                rid,
+                version,
+                str(window),
+                prod.window_start,
+                prod.window_end,
+                prod.n_requests,
+                [],
+                0.0,
+                self.settings.overall_threshold,
+                False,
+                skipped=skipped,
+            )
+        return compare_classify(labels, prod, self.settings, rid, str(window))
+
     # -- one pass ------------------------------------------------------------------------------
     def compute(self, version: str, window: Window, now: datetime) -> DriftResult:
-        """Drift of one version (nothing written)."""
+        """Drift of one version (nothing written); a classifier version takes :meth:`compute_classify`."""
+        labels = self.reference_labels(version) if self.db is not None else None
+        if labels is not None:
+            return self.compute_classify(version, labels, window, now)
         rid = new_id()
         try:
             prof = self.profile(version)

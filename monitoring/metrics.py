@@ -37,7 +37,13 @@ tuneloop_log_flush_errors_total                   counter    failed flushes (row
 tuneloop_log_flush_duration_seconds               histogram  one flush: open + insert + commit
 tuneloop_model_info{model_version,base_model,kind}  gauge    1 for each version the server serves
 tuneloop_feedback_total{rating,model_version}     counter    feedback received (up|down|1..5|none)
+tuneloop_classify_predictions_total{model_version,label}  counter  classified inputs by predicted label
+tuneloop_classify_confidence{model_version}       histogram  max probability of each classified input
 ================================================  =========  ====================================
+
+A classify request with several inputs is logged as one record per input: the
+request series (count, latency) count it once (``observe(rec, count_request=False)``
+for the others), the prompt tokens and the prediction series count every input.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 PREFIX = "tuneloop_"
 LATENCY_BUCKETS_S: tuple[float, ...] = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 120)
+CONFIDENCE_BUCKETS: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 FLUSH_BUCKETS_S: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 UNKNOWN = "unknown"
 
@@ -126,19 +133,37 @@ class ServingMetrics:
             ["rating", "model_version"],
             registry=r,
         )
+        self.classify_predictions_total = Counter(
+            PREFIX + "classify_predictions",
+            "Classified inputs by the model version that answered and the predicted label.",
+            ["model_version", "label"],
+            registry=r,
+        )
+        self.classify_confidence = Histogram(
+            PREFIX + "classify_confidence",
+            "Confidence (the highest class probability) of each classified input.",
+            ["model_version"],
+            buckets=CONFIDENCE_BUCKETS,
+            registry=r,
+        )
         self._model_info_labels: dict[str, tuple[str, str, str]] = {}
 
     # -- per request ---------------------------------------------------------
-    def observe(self, rec: RequestRecord) -> None:
-        """Count one finished request (status, latency, TTFT, tokens) from its log record."""
+    def observe(self, rec: RequestRecord, count_request: bool = True) -> None:
+        """Count one finished request (status, latency, TTFT, tokens) from its log record; a classify record
+        also counts its prediction. ``count_request`` false: a further input of a request already counted."""
         version = rec.model_version or UNKNOWN
         route = rec.route or UNKNOWN
-        status = str(int(rec.status)) if isinstance(rec.status, (int, float)) else UNKNOWN
-        self.requests_total.labels(route, version, status).inc()
-        if rec.latency_s is not None:
-            self.request_duration_seconds.labels(route, version).observe(max(0.0, float(rec.latency_s)))
-        if rec.ttft_s is not None:
-            self.time_to_first_token_seconds.labels(route, version).observe(max(0.0, float(rec.ttft_s)))
+        if count_request:
+            status = str(int(rec.status)) if isinstance(rec.status, (int, float)) else UNKNOWN
+            self.requests_total.labels(route, version, status).inc()
+            if rec.latency_s is not None:
+                self.request_duration_seconds.labels(route, version).observe(max(0.0, float(rec.latency_s)))
+            if rec.ttft_s is not None:
+                self.time_to_first_token_seconds.labels(route, version).observe(max(0.0, float(rec.ttft_s)))
+        if isinstance(rec.scores, dict) and rec.scores and rec.status < 400:
+            self.classify_predictions_total.labels(version, str(rec.response)).inc()
+            self.classify_confidence.labels(version).observe(float(max(rec.scores.values())))
         if rec.prompt_tokens:
             self.prompt_tokens_total.labels(version).inc(int(rec.prompt_tokens))
         if rec.completion_tokens:

@@ -4,7 +4,8 @@ Contract: :class:`RequestRecord` is a ``msgspec.Struct`` with exactly the column
 of the ``requests`` table (:mod:`tuneloop.migrations`), same names. ``prompt``,
 ``params`` and ``tool_calls`` are Python objects (messages list / prompt string,
 sampling parameters with any ``tools`` definitions, the parsed tool calls of a
-chat answer as OpenAI ``[{"id", "type", "function": {"name", "arguments"}}]``)
+chat answer as OpenAI ``[{"id", "type", "function": {"name", "arguments"}}]``,
+a classify answer's ``scores`` ``{label: probability}``)
 serialised to JSON when written; ``received_at`` is UTC (naive, or
 aware and converted); ``status`` is the HTTP status, 499 when the client went
 away. The server builds one per request; the request log
@@ -44,3 +45,4 @@ class RequestRecord(msgspec.Struct, kw_only=True):
     key_id: str | None = None
     tool_calls: Any = None
     replica: str | None = None  # the server replica that answered (server.replica)
+    scores: Any = None  # a classify request's {label: probability} (migration 9); None for other routes

@@ -4,8 +4,12 @@ Contract
 --------
 * A row is a :class:`monitoring.records.RequestRecord` (the columns of the
   ``requests`` table, :mod:`tuneloop.migrations`, migration 2, plus
-  ``tool_calls`` added by migration 5 and ``replica`` by migration 6);
-  :data:`COLUMNS` is their order in the table.
+  ``tool_calls`` added by migration 5, ``replica`` by migration 6 and
+  ``scores`` by migration 9); :data:`COLUMNS` is their order in the table.
+  A ``classify`` request with several inputs is one row per input (see
+  :mod:`tuneloop.server.classify_routes`), submitted with
+  ``count_request=False`` for all but the first so the per-request metrics
+  count the request once.
 * :class:`RequestLogWriter` writes records in batches from a background
   thread, so a response never waits on the database:
 
@@ -77,7 +81,8 @@ Contract
     and during an outage the rows queued since it began; DuckDB's WAL and
     the per-flush transaction leave a database that opens.
   - ``log.redact_prompts`` stores no prompt/response text and no tool calls
-    (NULL), only sizes and timings; ``log.scrub_pii`` replaces emails, phones,
+    (NULL), only sizes and timings (a ``classify`` row keeps its predicted
+    label and ``scores``: class names, not user text); ``log.scrub_pii`` replaces emails, phones,
     card numbers and IPs in prompt and response text and in the tool calls'
     names and arguments with :func:`tuneloop.pii.scrub`. Both are
     applied in the writer thread, never on the request path.
@@ -136,8 +141,9 @@ COLUMNS: tuple[str, ...] = (
     "key_id",
     "tool_calls",
     "replica",
+    "scores",
 )
-_JSON_COLUMNS = ("prompt", "params", "tool_calls")
+_JSON_COLUMNS = ("prompt", "params", "tool_calls", "scores")
 # columns that are not text (their Arrow types in _arrow_schema); the others are VARCHAR or JSON
 _TYPED_COLUMNS = ("received_at", "prompt_tokens", "completion_tokens", "ttft_s", "latency_s", "status", "stream")
 # VARCHAR columns: PostgreSQL text cannot hold NUL (JSON text escapes it as \u0000)
@@ -283,10 +289,11 @@ class RequestLogWriter:
         self.close()
 
     # -- request path ------------------------------------------------------------
-    def submit(self, rec: RequestRecord) -> bool:
-        """Queue ``rec`` (never blocks) and count it in the metrics; False if it was dropped."""
+    def submit(self, rec: RequestRecord, count_request: bool = True) -> bool:
+        """Queue ``rec`` (never blocks) and count it in the metrics; False if it was dropped. ``count_request``
+        false: a further row of a request already counted (a classify request's other inputs)."""
         if self.metrics is not None:
-            self.metrics.observe(rec)
+            self.metrics.observe(rec, count_request)
         if not self.settings.enabled:
             return False
         with self._cond:
@@ -480,7 +487,8 @@ class RequestLogWriter:
             row["replica"] = self.replica
         if self.settings.redact_prompts:
             row["prompt"] = None
-            row["response"] = None
+            if rec.route != "classify":  # a classify response is the class name, not text: drift needs it
+                row["response"] = None
             row["tool_calls"] = None  # the generated arguments are response text
         elif self._scrub:
             row["prompt"] = _map_strings(row["prompt"], lambda s: scrub(s)[0])

@@ -22,7 +22,8 @@ shutdown (uvicorn's SIGTERM handling: in-flight requests finish first) it
 stops the refresher, shuts the engine down and drains the log writer
 (``close()``), so every answered request is in the database.
 
-Routes: ``/v1/*`` (:mod:`tuneloop.server.api_router`, inference scope, plus
+Routes: ``/v1/*`` (:mod:`tuneloop.server.api_router`, inference scope, with
+``/v1/classify`` from :mod:`tuneloop.server.classify_routes`, plus
 ``/v1/feedback`` from :mod:`tuneloop.server.feedback_routes`), ``/admin/*``
 (:mod:`tuneloop.server.admin_routes`, admin scope), ``GET /healthz`` (process
 alive), ``GET /readyz`` (engine ready: 200, else 503), ``GET /metrics``
@@ -69,6 +70,7 @@ from tuneloop.server.admin_routes import AdminController
 from tuneloop.server.api_router import OpenAIController, TokenizerController
 from tuneloop.server.auth import Auth, admin_guard, inference_guard
 from tuneloop.server.background import start_background, stop_background
+from tuneloop.server.classify_routes import ClassifyController
 from tuneloop.server.engine import Engine
 from tuneloop.server.errors import exception_handlers
 from tuneloop.server.feedback_routes import FeedbackController
@@ -450,7 +452,7 @@ def create_app(
         route_handlers=[
             Router(
                 "/",
-                route_handlers=[OpenAIController, TokenizerController, ResponsesController],
+                route_handlers=[OpenAIController, TokenizerController, ResponsesController, ClassifyController],
                 guards=[inference_guard],
             ),
             Router("/", route_handlers=[AdminController], guards=[admin_guard]),

@@ -43,9 +43,10 @@ async def _canary_loop(db: Database, deploy: DeploySettings, router: ModelRouter
         try:
 
             def judge_once() -> Decision | None:
-                if canary.running(db) is None:
+                run = canary.running(db, task=router.task)  # this server judges the canary of its own task
+                if run is None:
                     return None
-                decision = canary.judge(db, None, deploy)
+                decision = canary.judge(db, run.id, deploy)
                 if decision.action == "wait":
                     return None
                 canary.apply(db, decision, actor="server-canary-judge")

@@ -32,8 +32,14 @@ Clients pick per request with the OpenAI `model` field: the base's served name,
 an adapter version name (loaded on first use), or the aliases `production` and
 `canary` (deploy state, re-read every server.state_refresh_s).
 
-Endpoints: /v1/chat/completions, /v1/completions, /v1/models, /v1/feedback,
-/admin/* (admin key), /healthz, /readyz, /metrics, /schema (OpenAPI).
+A classifier (a registered task=classification version, or a folder of a
+*ForSequenceClassification model) is served by vLLM's pooling runner at
+/v1/classify instead of the chat routes; its `production` and `canary` aliases
+resolve among classification versions (stages are held per task).
+
+Endpoints: /v1/chat/completions, /v1/completions, /v1/responses, /v1/classify
+(classifiers), /v1/models, /v1/feedback, /admin/* (admin key), /healthz,
+/readyz, /metrics, /schema (OpenAPI).
 Every request is logged to the DuckDB request log. SIGTERM drains in-flight
 requests and the log, then exits. Docs: docs/serving.md
 

@@ -25,6 +25,16 @@ Contract
   stops new requests from using the name at once, waits until requests already
   using it finish, then evicts it — so loading and unloading never fail a
   request in flight. :meth:`adapters` lists what the engine holds.
+* Classifiers: when the model folder's ``config.json`` ``architectures[0]`` ends in
+  ``ForSequenceClassification`` the engine is a *pooling* engine (``runner="pooling"``,
+  no LoRA): :attr:`is_classifier` is true, :attr:`labels` lists ``config.id2label`` in
+  id order, and :meth:`classify` scores texts or token-id lists through
+  ``AsyncLLM.encode`` with ``PoolingParams(task="classify")`` — exactly what vLLM's own
+  ``/classify`` serving does — returning one :class:`ClassResult` (label, softmax
+  probabilities, prompt tokens) per input. The chat-only methods (:meth:`render_chat`,
+  :meth:`sampling_params`, :meth:`generate`, adapters) raise :class:`EngineInputError`
+  ``model_is_classifier`` (a 400) on a classifier, and :meth:`classify` raises
+  ``model_not_classifier`` on a generative model.
 * :meth:`check_health` raises if the engine core died; :meth:`shutdown` stops it.
 * vLLM's online engine (``AsyncLLM``) always runs its engine core in a child
   process (``engine.multiprocessing`` only applies to the offline engine of eval
@@ -164,6 +174,37 @@ class Delta:
 
 
 @dataclass
+class ClassResult:
+    """One classified input: the predicted label (``id2label`` of the argmax), the probabilities in label-id
+    order and the input's token count."""
+
+    label: str | None
+    probs: list[float]
+    prompt_tokens: int
+
+
+def classifier_labels(model_path: str | os.PathLike) -> list[str] | None:
+    """The labels (``id2label`` in id order) of a ``*ForSequenceClassification`` folder, None for any other
+    model (a generative one, or a folder without a readable ``config.json``)."""
+    try:
+        cfg = json.loads((Path(model_path).expanduser() / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    archs = cfg.get("architectures") or []
+    if not archs or not str(archs[0]).endswith("ForSequenceClassification"):
+        return None
+    id2label = cfg.get("id2label") or {}
+    n = len(id2label) or int(cfg.get("num_labels") or 2)
+    return [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(n)]
+
+
+_CLASSIFIER_HINT = (
+    "this server serves a classifier ({name}): use POST /v1/classify; chat, completions, responses and adapters "
+    "need a server on a generative model (tuneloop serve --model <chat model or version>)"
+)
+
+
+@dataclass
 class AdapterInfo:
     name: str
     path: str
@@ -192,6 +233,18 @@ class Engine:
         self.started_at: float | None = None
         self.closing = False
         self._guard: subprocess.Popen[bytes] | None = None
+        #: ``id2label`` in id order when the folder is a ``*ForSequenceClassification`` (a pooling engine)
+        self.labels: list[str] | None = classifier_labels(self.model_path)
+
+    @property
+    def is_classifier(self) -> bool:
+        """Whether this engine serves a sequence classifier (vLLM's pooling runner) rather than a generative model."""
+        return self.labels is not None
+
+    def _not_classifier(self) -> None:
+        """Refuse a chat-only call on a classifier engine (400 ``model_is_classifier``)."""
+        if self.is_classifier:
+            raise EngineInputError(_CLASSIFIER_HINT.format(name=self.served_name), "model_is_classifier", None)
 
     # -- life cycle -------------------------------------------------------------
     def engine_args(self) -> AsyncEngineArgs:
@@ -221,7 +274,11 @@ class Engine:
 
         if has_cuda():
             kw["gpu_memory_utilization"] = s.gpu_memory_utilization
-        if s.enable_lora:
+        if self.is_classifier:  # vLLM's pooling runner: no sampling, no LoRA (adapters are merged into the folder)
+            kw["runner"] = "pooling"
+            kw.pop("max_logprobs")
+            kw.pop("structured_outputs_config")
+        elif s.enable_lora:
             kw.update(
                 enable_lora=True,
                 max_lora_rank=s.max_lora_rank,
@@ -304,6 +361,7 @@ class Engine:
     ) -> list[int]:
         """Token ids of a chat prompt, rendered exactly as the trainer renders it (generation prompt added unless
         ``add_generation_prompt`` is false)."""
+        self._not_classifier()
         try:
             ids = render_prompt(self.tokenizer, messages, tools, add_generation_prompt)
         except EngineInputError:
@@ -350,6 +408,7 @@ class Engine:
         ``stream=False`` (a client that wants the whole answer at once): the engine hands over the
         first token (so time to first token is still measured) and then only the rest at the end,
         instead of one output per token, which would cost this process CPU per token for nothing."""
+        self._not_classifier()
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
@@ -415,6 +474,7 @@ class Engine:
         self, prompt_ids: list[int], sampling_params: SamplingParams, request_id: str, adapter: str | None = None
     ) -> AsyncGenerator[Delta, None]:
         """Stream :class:`Delta` s of ``request_id``; closing/cancelling the iterator aborts it in the engine."""
+        self._not_classifier()
         llm = self._running()
         from vllm.inputs import TokensPrompt
 
@@ -461,6 +521,99 @@ class Engine:
                 ev = self._drained.get(adapter)
                 if info.in_flight == 0 and ev is not None:
                     ev.set()
+
+    # -- classification ------------------------------------------------------------------
+    def classify_ids(
+        self,
+        inputs: list[str] | list[list[int]],
+        truncate_prompt_tokens: int | None = None,
+        truncation_side: str | None = None,
+        add_special_tokens: bool = True,
+        param: str = "input",
+    ) -> list[list[int]]:
+        """Token ids of the inputs of a classify request (texts tokenized as vLLM's pooling serving does;
+        token-id lists checked against the vocabulary), truncated to ``truncate_prompt_tokens`` (-1: the
+        context; ``truncation_side`` ``left`` keeps the last tokens, ``right`` the first, default the
+        tokenizer's); 400 for an empty input or one longer than the context."""
+        if not self.is_classifier:
+            raise EngineInputError(
+                f"the served model {self.served_name!r} is not a classifier: /v1/classify needs a server on a "
+                "*ForSequenceClassification folder or version (tuneloop serve --model <classifier>)",
+                "model_not_classifier",
+                "model",
+            )
+        limit = self.max_model_len
+        if truncate_prompt_tokens is not None and truncate_prompt_tokens > limit:
+            raise EngineInputError(
+                f"truncate_prompt_tokens={truncate_prompt_tokens} is greater than this model's context of {limit} "
+                "tokens",
+                "invalid_parameter",
+                "truncate_prompt_tokens",
+            )
+        keep = limit if truncate_prompt_tokens == -1 else truncate_prompt_tokens
+        tok = self.tokenizer
+        side = truncation_side or getattr(tok, "truncation_side", "right")
+        size = 0
+        out: list[list[int]] = []
+        for i, item in enumerate(inputs):
+            if isinstance(item, str):
+                ids = list(tok.encode(item, add_special_tokens=add_special_tokens))
+            else:
+                ids = list(item)
+                size = size or len(tok)
+                bad = [t for t in ids if t >= size]
+                if bad:
+                    raise EngineInputError(
+                        f"{param}[{i}]: token id {bad[0]} is outside this model's vocabulary of {size}",
+                        "invalid_tokens",
+                        param,
+                    )
+            if keep is not None and len(ids) > keep:
+                ids = ids[-keep:] if side == "left" else ids[:keep]
+            if not ids:
+                raise EngineInputError(f"{param}[{i}] is empty (no tokens)", "invalid_input", param)
+            if len(ids) > limit:
+                raise EngineInputError(
+                    f"{param}[{i}] is {len(ids)} tokens; this model's context is {limit} tokens. Shorten it or "
+                    "set truncate_prompt_tokens.",
+                    "context_length_exceeded",
+                    param,
+                )
+            out.append(ids)
+        return out
+
+    async def classify(
+        self, prompts: list[list[int]], request_id: str, use_activation: bool | None = None
+    ) -> list[ClassResult]:
+        """Classify token-id prompts (see :meth:`classify_ids`) concurrently in the engine, one engine request
+        ``<request_id>-<i>`` each, with vLLM's classify pooling params; cancelling aborts them."""
+        from vllm import PoolingParams
+        from vllm.inputs import tokens_input
+
+        llm = self._running()
+        labels = self.labels or []
+        params = PoolingParams(task="classify", use_activation=use_activation)
+        try:
+            params.verify(llm.model_config)
+        except _client_errors() as e:
+            raise EngineInputError(str(e).split("\n")[0], "invalid_parameter", None) from None
+
+        async def one(i: int, ids: list[int]) -> ClassResult:
+            final = None
+            # a rendered engine input, as vLLM's pooling serving passes: no second pass through the renderer
+            async for out in llm.encode(tokens_input(ids), params, f"{request_id}-{i}"):
+                final = out
+            if final is None:  # pragma: no cover - the engine always finishes a pooling request with an output
+                raise RuntimeError(f"no classification output for {request_id}-{i}")
+            probs: list[float] = final.outputs.data.tolist()
+            top = max(range(len(probs)), key=probs.__getitem__) if probs else -1
+            return ClassResult(labels[top] if 0 <= top < len(labels) else None, probs, len(ids))
+
+        if len(prompts) == 1:
+            return [await one(0, prompts[0])]
+        async with asyncio.TaskGroup() as tg:  # one failure cancels (aborts) the others
+            tasks = [tg.create_task(one(i, p)) for i, p in enumerate(prompts)]
+        return [t.result() for t in tasks]
 
     def _token_logprob(self, tid: int, step: dict[int, Any]) -> TokenLogprob:
         """The logprob of token ``tid`` and vLLM's alternatives at that step, decoded as vLLM's server does."""
@@ -517,12 +670,13 @@ class Engine:
             raise AdapterError(f"{cfg_file}: unreadable adapter config: {e}") from None
         if not isinstance(cfg, dict):
             raise AdapterError(f"{cfg_file}: adapter config is not a JSON object")
-        if str(cfg.get("peft_type", "")).upper() != "LORA":
-            raise AdapterError(
-                f"{p}: peft_type {cfg.get('peft_type')!r} cannot be served: vLLM serves only LoRA adapters, and "
-                "`tuneloop merge` merges only LoRA adapters too; evaluate it with `tuneloop eval` (transformers "
-                "generates for it), or retrain with method=lora (or qlora/dpo/kto) to serve it"
-            )
+        from tuneloop.registry import unservable_reason
+
+        why = unservable_reason("adapter", str(p))  # one judge of what vLLM serves: not LoRA, or DoRA
+        if why:
+            raise AdapterError(f"{p} cannot be served: {why}")
+        if self.is_classifier:
+            raise AdapterError(_CLASSIFIER_HINT.format(name=self.served_name))
         if not self.settings.enable_lora:
             raise AdapterError("this server runs with engine.enable_lora=false")
         rank = cfg.get("r")
@@ -553,6 +707,8 @@ class Engine:
         from vllm.lora.request import LoRARequest
 
         llm = self._running()
+        if self.is_classifier:
+            raise AdapterError(_CLASSIFIER_HINT.format(name=self.served_name))
         if not name or name == self.served_name:
             raise AdapterError(f"adapter name {name!r} is empty or the base model's own name")
         async with self._adapter_lock:

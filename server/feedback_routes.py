@@ -5,10 +5,20 @@ Contract
 * Body (:class:`FeedbackIn`): ``request_id`` (the ``id`` of a chat/completion
   response, also its ``X-Request-Id``), ``rating`` (``"up"`` | ``"down"`` or an
   integer 1..5), ``correction`` (the ideal response), ``comment``, ``labels``
-  (list of short strings) and ``source`` (who rates: ``"api"`` by default,
-  e.g. ``"web-thumbs"``, ``"reviewer"``). At least one of rating, correction,
-  comment or labels is required. Unknown fields and bad values are a 400 with
-  an OpenAI-style body naming the field (``param``).
+  (list of short strings), ``label`` (the correct class of a ``classify``
+  request) and ``source`` (who rates: ``"api"`` by default, e.g.
+  ``"web-thumbs"``, ``"reviewer"``). At least one of rating, correction,
+  comment, labels or label is required. Unknown fields and bad values are a
+  400 with an OpenAI-style body naming the field (``param``).
+* ``label`` (not null) is checked against the rated request (from the log
+  writer's queue or the ``requests`` table, after the 404 check): a request
+  whose ``route`` is not ``classify`` is a 400 ``invalid_label`` (``param``
+  ``label``, the message says labels are for classify requests); when the
+  request logged the classifier's ``scores`` (``{label: probability}``), a
+  label that is not one of their keys is a 400 ``invalid_label`` whose
+  message lists the valid labels. (No schema can state either: they depend on
+  the rated request.) A label
+  equal to the predicted one (``requests.response``) confirms the prediction.
 * The request must exist: it is looked up in this server's request writer's
   in-memory queue first (a row not flushed yet), then in the ``requests``
   table, in the same transaction as the save (so on a shared PostgreSQL a
@@ -58,11 +68,23 @@ from tuneloop.ratings import THUMBS, api_value
 from tuneloop.server.auth import inference_guard
 from tuneloop.server.errors import APIError, error_responses
 from tuneloop.server.errors import exception_handlers as api_exception_handlers
-from tuneloop.store_feedback import LOOKUP, Feedback, Lookup, RequestNotFound, request_model_version, save_feedback
+from tuneloop.store_feedback import (
+    LOOKUP,
+    Feedback,
+    Lookup,
+    RequestInfo,
+    RequestNotFound,
+    request_info,
+    request_model_version,
+    save_feedback,
+)
 
 MAX_TEXT = 100_000
 MAX_LABELS = 32
 MAX_LABEL_CHARS = 64
+MAX_CLASS_CHARS = 256
+#: the body fields that are feedback (at least one is required)
+FEEDBACK_FIELDS = ("rating", "correction", "comment", "labels", "label")
 SOURCE_RE = re.compile(r"^[A-Za-z0-9_.:/-]{1,64}$")
 
 
@@ -84,9 +106,7 @@ class FeedbackIn(msgspec.Struct, forbid_unknown_fields=True):
 
     #: for the OpenAPI document (:func:`tuneloop.server.app.document_api`): at least one of these (else 400
     #: ``missing_feedback``)
-    json_schema_extra: ClassVar[dict[str, Any]] = {
-        "anyOf": [{"required": [name]} for name in ("rating", "correction", "comment", "labels")]
-    }
+    json_schema_extra: ClassVar[dict[str, Any]] = {"anyOf": [{"required": [name]} for name in FEEDBACK_FIELDS]}
 
     request_id: Annotated[
         str,
@@ -114,6 +134,15 @@ class FeedbackIn(msgspec.Struct, forbid_unknown_fields=True):
         | None,
         msgspec.Meta(description='Short tags, e.g. ["wrong-fact", "too-long"].'),
     ] = msgspec.UNSET
+    label: Annotated[
+        Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_CLASS_CHARS, extra_json_schema={"pattern": _NOT_WS})]
+        | msgspec.UnsetType
+        | None,
+        msgspec.Meta(
+            description="The correct class of a classify request (one of the classifier's labels; "
+            "the predicted one confirms the prediction)."
+        ),
+    ] = msgspec.UNSET
     source: Annotated[
         str,
         msgspec.Meta(
@@ -136,6 +165,7 @@ class FeedbackOut(msgspec.Struct):
     labels: list[str]
     model_version: str | None
     created_at: str
+    label: str | None = None
     object: str = "feedback"
 
 
@@ -188,7 +218,31 @@ def normalise(body: FeedbackIn) -> dict[str, Any]:
             if lab not in cleaned:
                 cleaned.append(lab)
         out["labels"] = cleaned
+    if body.label is not msgspec.UNSET:
+        if body.label is not None and (not body.label.strip() or len(body.label) > MAX_CLASS_CHARS):
+            raise bad("label", f"label must be a class name of 1..{MAX_CLASS_CHARS} characters, not blank")
+        out["label"] = body.label
     return out
+
+
+def check_label(label: str, request_id: str, info: RequestInfo) -> None:
+    """400 unless ``label`` can be the correct class of the rated request (see module doc)."""
+    if info.route != "classify":
+        raise APIError(
+            400,
+            f"label is the correct class of a classify request; request {request_id!r} was served by route "
+            f"{info.route!r} (rate it with rating, or give the right answer as correction)",
+            "invalid_label",
+            "label",
+        )
+    if info.scores and label not in info.scores:
+        valid = ", ".join(repr(k) for k in sorted(info.scores))
+        raise APIError(
+            400,
+            f"label {label!r} is not one of the classifier's labels: {valid}",
+            "invalid_label",
+            "label",
+        )
 
 
 def _out(f: Feedback) -> FeedbackOut:
@@ -203,6 +257,7 @@ def _out(f: Feedback) -> FeedbackOut:
         labels=f.labels,
         model_version=f.model_version,
         created_at=f.created_at.isoformat(timespec="milliseconds") + "Z",
+        label=f.label,
     )
 
 
@@ -258,7 +313,8 @@ class FeedbackController(Controller):
         status_code=201,
         summary="Rate or correct a served response",
         description="Create (201) or update (200) the feedback of one (request_id, source). "
-        'rating: "up" | "down" | 1..5; correction: the ideal answer; labels: short tags.',
+        'rating: "up" | "down" | 1..5; correction: the ideal answer; labels: short tags; '
+        "label: the correct class of a classify request.",
         responses={
             200: ResponseSpec(
                 FeedbackOut, description="the (request_id, source) record, updated", generate_examples=False
@@ -270,8 +326,10 @@ class FeedbackController(Controller):
                 413,
                 503,
                 notes={
-                    400: "invalid request: bad JSON, an unknown field, a wrong type or value (`param` names it), or "
-                    "none of rating, correction, comment and labels (`missing_feedback`)",
+                    400: "invalid request: bad JSON, an unknown field, a wrong type or value (`param` names it; "
+                    "`invalid_label`: a label on a request that is not a classify request, or outside the "
+                    "classifier's labels), "
+                    "or none of rating, correction, comment, labels and label (`missing_feedback`)",
                     404: "no served request has this id (`request_not_found`)",
                     503: "the database is busy (`database_busy`, with Retry-After)",
                 },
@@ -283,13 +341,15 @@ class FeedbackController(Controller):
         if not fields:
             raise APIError(
                 400,
-                "feedback needs at least one of rating, correction, comment or labels",
+                "feedback needs at least one of rating, correction, comment, labels or label",
                 "missing_feedback",
                 "rating",
             )
         request_id = data.request_id.strip()
         model_version = self._pending_version(request, request_id)
         db = self._db(request)
+        if fields.get("label") is not None:
+            check_label(fields["label"], request_id, await self._request_info(request, request_id))
         try:
             out, created, prev = await asyncio.to_thread(
                 upsert_feedback, db, request_id, data.source, fields, model_version
@@ -339,6 +399,20 @@ class FeedbackController(Controller):
             if rec is not None:
                 return rec.model_version
         return LOOKUP
+
+    async def _request_info(self, request: Request, request_id: str) -> RequestInfo:
+        """The request's route and scores: from the log writer's queue, else ``requests`` (404 when neither)."""
+        writer = getattr(request.app.state, "log_writer", None)
+        rec = writer.pending(request_id) if writer is not None else None
+        if rec is not None:
+            return RequestInfo(rec.model_version, rec.route, getattr(rec, "scores", None))
+        try:
+            info = await asyncio.to_thread(request_info, self._db(request), request_id)
+        except DatabaseBusy as e:
+            raise _busy(e) from None
+        if info is None:
+            raise _not_found(request_id)
+        return info
 
     async def _check_request(self, request: Request, request_id: str) -> None:
         """404 unless the request is queued in the log writer or logged in ``requests``."""

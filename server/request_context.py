@@ -3,7 +3,7 @@
 Contract
 --------
 * Every request on an inference route (``/v1/chat/completions``,
-  ``/v1/completions``, ``/v1/responses``) gets one :class:`RequestContext`, created on first use
+  ``/v1/completions``, ``/v1/responses``, ``/v1/classify``) gets one :class:`RequestContext`, created on first use
   by :meth:`RequestContext.of` and kept in the ASGI scope state: its id
   (UUIDv7 with ``chatcmpl-`` / ``cmpl-`` / ``resp_``, the response ``id`` and
   ``X-Request-Id``), the receipt time stamped by the app's timing middleware,
@@ -37,6 +37,7 @@ ROUTES = {
     "/v1/chat/completions": ("chat.completions", "chatcmpl-"),
     "/v1/completions": ("completions", "cmpl-"),
     "/v1/responses": ("responses", "resp_"),
+    "/v1/classify": ("classify", "classify-"),
 }
 
 

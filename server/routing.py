@@ -11,8 +11,11 @@ Contract
   is loaded into the engine on first use; a merged/base version is servable
   only when its folder is the base this engine runs (otherwise a 400 that
   says to start a server on it);
-* ``production`` -> the version whose stage is ``production`` (the base model
-  when none is). While a canary runs (``canaries`` row with status
+* ``production`` -> the version of this server's task whose stage is
+  ``production`` (the base model when none is). The task is the engine's:
+  ``classification`` when it runs a classifier, else ``chat``; stages are held
+  per task (:mod:`tuneloop.registry`), so a chat server never routes to a
+  production classifier and the reverse. While a canary runs (``canaries`` row with status
   ``running``: candidate, production, share), a share ``share`` of
   ``production`` traffic goes to the candidate, arm ``canary``; the split is
   sticky per user / API key (hash of the canary id and that key; requests
@@ -102,19 +105,24 @@ class ModelRouter:
         # re-read only when the database changed (any writer, any replica)
         self._state_read = CachedRead(self.db, read_deploy_state)
 
+    @property
+    def task(self) -> str:
+        """The task of the versions this server routes aliases to: its engine's (see module doc)."""
+        return "classification" if getattr(self.engine, "is_classifier", False) else "chat"
+
     # -- deploy state ---------------------------------------------------------------
     async def refresh(self, force: bool = False) -> DeployState:
         """Re-read versions, stages and the running canary (when the database changed, or always with ``force``);
         load adapters of aliased versions."""
         try:
             snap: DeploySnapshot = await asyncio.to_thread(self._state_read.get, force)
-            versions, canary = snap.versions, snap.canary
+            versions, canary = snap.versions, snap.canary_for(self.task)
         except DatabaseBusy as e:
             log.warning("deploy state not refreshed (database busy): %s", e)
             return self.state
         st = DeployState(refreshed_at=time.time())
-        prod = [v for v in versions.values() if v.stage == "production"]
-        can = [v for v in versions.values() if v.stage == "canary"]
+        prod = [v for v in versions.values() if v.stage == "production" and v.task == self.task]
+        can = [v for v in versions.values() if v.stage == "canary" and v.task == self.task]
         key = lambda v: v.stage_changed_at or v.created_at  # noqa: E731
         st.production = max(prod, key=key) if prod else None
         st.canary = max(can, key=key) if can else None

@@ -10,7 +10,7 @@ from tuneloop.db import utcnow
 from tuneloop.ids import new_id
 from tuneloop.monitoring import canary
 from tuneloop.monitoring.canary import CanaryError
-from tuneloop.registry import ModelVersion, get_version, register_version, set_stage, version_by_stage
+from tuneloop.registry import ModelVersion, get_version, list_versions, register_version, set_stage, version_by_stage
 from tuneloop.settings import DeploySettings
 
 DEPLOY = DeploySettings(canary_min_requests=20, canary_max_minutes=30)
@@ -72,6 +72,26 @@ def test_start_refuses_bad_requests(db):
     with pytest.raises(CanaryError, match="unknown model version"):
         canary.start(db, "nope", 0.1)
     assert db.query("SELECT count(*) AS n FROM canaries")[0]["n"] == 0
+
+
+def test_a_classifier_canary_is_refused_with_the_way_to_deploy_it(db):
+    for name in ("cls-v1", "cls-v2"):
+        register_version(
+            db,
+            ModelVersion(
+                name=name, kind="merged", base_model="/b", path=f"/p/{name}", content_hash=name, task="classification"
+            ),
+        )
+    from tuneloop.store_deploy import promote_version
+
+    promote_version(db, "cls-v1")
+    with pytest.raises(CanaryError, match=r"is a classifier.*tuneloop deploy promote cls-v2"):
+        canary.start(db, "cls-v2", 0.1)
+    assert db.query("SELECT count(*) AS n FROM canaries")[0]["n"] == 0
+    assert {v.name: v.stage for v in list_versions(db, task="classification")} == {
+        "cls-v1": "production",
+        "cls-v2": "candidate",
+    }
 
 
 def test_judge_waits_for_enough_canary_requests(prod_and_candidate):

@@ -90,7 +90,13 @@ SEMANTIC_400 = {
     "parameters) the structured-output backend cannot compile",
     ("invalid_adapter", None, None): "POST /admin/adapters: the folder does not exist, is not a LoRA adapter of this "
     "base model, or its name is already loaded from another folder",
+    ("invalid_label", "label", None): "POST /v1/feedback: the label must fit the rated request (a classify request, "
+    "one of its classifier's labels), which depends on the logged request, not on the schema",
+    ("model_not_classifier", "model", None): "POST /v1/classify on this (chat) server: whether the served model is a "
+    "classifier is not a matter of the request (tests/test_classify_serve.py checks the route on a classifier)",
 }
+#: operations that cannot succeed on this module's chat server (see SEMANTIC_400)
+NO_SUCCESS_HERE = {"POST /v1/classify"}
 
 
 def semantic_refusal(response_body: Any) -> str | None:
@@ -313,7 +319,9 @@ def test_the_fuzzing_reached_every_operations_success(contract_server):
     if not STATUSES:
         pytest.skip("the fuzzing test did not run in this session")
     print("\n" + "\n".join(f"{op}: {dict(sorted(c.items()))}" for op, c in sorted(STATUSES.items())))
-    assert not [op for op, c in STATUSES.items() if not any(200 <= s < 300 for s in c)], dict(STATUSES)
+    assert not [op for op, c in STATUSES.items() if op not in NO_SUCCESS_HERE and not any(200 <= s < 300 for s in c)], (
+        dict(STATUSES)
+    )
 
 
 def test_every_operation_is_in_the_document(contract_server):
@@ -325,6 +333,7 @@ def test_every_operation_is_in_the_document(contract_server):
         ("POST", "/v1/chat/completions"),
         ("POST", "/v1/completions"),
         ("POST", "/v1/responses"),
+        ("POST", "/v1/classify"),
         ("POST", "/tokenize"),
         ("POST", "/detokenize"),
         ("POST", "/v1/feedback"),

@@ -55,6 +55,7 @@ EXPECTED = {
         ("created_at", "TIMESTAMP"),
         ("stage", "VARCHAR"),
         ("stage_changed_at", "TIMESTAMP"),
+        ("task", "VARCHAR"),
     ],
     "eval_reports": [
         ("id", "VARCHAR"),
@@ -86,6 +87,7 @@ EXPECTED = {
         ("key_id", "VARCHAR"),
         ("tool_calls", "JSON"),
         ("replica", "VARCHAR"),
+        ("scores", "JSON"),
     ],
     "api_keys": [
         ("id", "VARCHAR"),
@@ -129,6 +131,7 @@ EXPECTED = {
         ("labels", "JSON"),
         ("model_version", "VARCHAR"),
         ("created_at", "TIMESTAMP"),
+        ("label", "VARCHAR"),
     ],
     "dataset_rows": [
         ("dataset_id", "VARCHAR"),

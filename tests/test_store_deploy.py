@@ -171,19 +171,60 @@ def test_the_deploy_state_snapshot_has_every_version_and_the_running_canary(any_
     with any_db.connect(transaction=False) as con:
         assert store_deploy.read_deploy_state(con) == (
             {"v1": get_version(any_db, "v1"), "v2": get_version(any_db, "v2")},
-            None,
+            {},
         )
     set_stage(any_db, "v1", "production")
     c = store_deploy.start_canary(any_db, "v2", 0.3)
     with any_db.connect(transaction=False) as con:
         snap = store_deploy.read_deploy_state(con)
     assert {n: v.stage for n, v in snap.versions.items()} == {"v1": "production", "v2": "canary"}
-    assert snap.canary is not None and (snap.canary.id, snap.canary.candidate, snap.canary.production) == (
-        c.id,
-        "v2",
-        "v1",
+    canary = snap.canary_for("chat")
+    assert canary is not None and (canary.id, canary.candidate, canary.production) == (c.id, "v2", "v1")
+    assert canary.share == pytest.approx(0.3)
+    assert snap.canary_for("classification") is None
+
+
+# ---- stages are per task: a production classifier beside a production chat model -------------------------
+
+
+def _cls(name: str) -> ModelVersion:
+    return ModelVersion(
+        name=name, kind="merged", base_model="/b", path=f"/p/{name}", content_hash=name, task="classification"
     )
-    assert snap.canary.share == pytest.approx(0.3)
+
+
+def test_a_classifier_and_a_chat_model_each_hold_production_and_canary_of_their_own_task(any_db):
+    _register(any_db, "chat1", "chat2")
+    register_version(any_db, _cls("cls1"))
+    register_version(any_db, _cls("cls2"))
+    set_stage(any_db, "chat1", "production")
+    assert store_deploy.promote_version(any_db, "cls1") is None  # the first classifier: nothing of its task retires
+    assert _stages(any_db) == {"chat1": "production", "chat2": "candidate", "cls1": "production", "cls2": "candidate"}
+    assert version_by_stage(any_db, "production").name == "chat1"  # chat is the default task
+    assert version_by_stage(any_db, "production", task="classification").name == "cls1"
+    # one canary per task can run at once, each splitting the production of its own task
+    chat_canary = store_deploy.start_canary(any_db, "chat2", 0.2)
+    cls_canary = store_deploy.start_canary(any_db, "cls2", 0.5)
+    assert (chat_canary.production, cls_canary.production) == ("chat1", "cls1")
+    assert store_deploy.running_canary(any_db, task="classification") == cls_canary
+    assert store_deploy.running_canary(any_db, task="chat") == chat_canary
+    with any_db.connect(transaction=False) as con:
+        snap = store_deploy.read_deploy_state(con)
+    assert (snap.canary_for("chat").id, snap.canary_for("classification").id) == (chat_canary.id, cls_canary.id)
+    with pytest.raises(CanaryError, match="still running"):
+        store_deploy.start_canary(any_db, "chat1", 0.1)  # a second chat canary is still refused
+    store_deploy.finish_canary(any_db, cls_canary.id, "promoted")
+    assert _stages(any_db) == {"chat1": "production", "chat2": "canary", "cls1": "retired", "cls2": "production"}
+    store_deploy.finish_canary(any_db, chat_canary.id, "rolled_back")
+    assert store_deploy.rollback_production(any_db, task="classification") == ("cls2", "cls1")
+    assert _stages(any_db) == {"chat1": "production", "chat2": "retired", "cls1": "production", "cls2": "retired"}
+
+
+def test_a_version_with_an_unknown_task_is_refused_at_registration(any_db):
+    with pytest.raises(RegistryError, match="task must be one of"):
+        register_version(
+            any_db, ModelVersion(name="x", kind="merged", base_model="/b", path="/p", content_hash="x", task="ranking")
+        )
 
 
 def test_gate_verdicts_are_events_that_keep_the_stage(any_db):

@@ -67,6 +67,7 @@ def cmd_models_list(args: argparse.Namespace, ctx: Context) -> int:
                     {
                         "name": v.name,
                         "kind": v.kind,
+                        "task": v.task,
                         "stage": v.stage,
                         "base_model": v.base_model,
                         "path": v.path,
@@ -86,11 +87,12 @@ def cmd_models_list(args: argparse.Namespace, ctx: Context) -> int:
         print("no model versions registered yet (train one with `tuneloop train`)")
         return 0
     print_table(
-        ["name", "kind", "stage", "base", "dataset", "hash", "created_at"],
+        ["name", "kind", "task", "stage", "base", "dataset", "hash", "created_at"],
         [
             [
                 v.name,
                 v.kind,
+                v.task,
                 v.stage,
                 _short(v.base_model),
                 v.dataset_id or "",

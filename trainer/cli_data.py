@@ -23,8 +23,10 @@ PREPARE_HELP = """\
 Clean raw examples into a versioned training dataset and register it.
 
 Inputs: JSONL/JSON with chat rows {"messages": [...]}, prompt/completion rows,
-Alpaca rows (instruction/input/output) or preference rows (prompt/chosen/rejected
--> a DPO dataset); CSV with the same columns; or a Hugging Face datasets folder
+Alpaca rows (instruction/input/output), preference rows (prompt/chosen/rejected
+-> a DPO dataset) or classification rows {"text", "label"} (-> a classification
+dataset, split stratified by label, labels and counts in the card); CSV with the
+same columns; or a Hugging Face datasets folder
 (save_to_disk). The shape is detected from the fields unless --format names it.
 
 Steps, each counted in the data card (card.json beside the data, and printed):
@@ -38,6 +40,8 @@ examples:
   tuneloop data prepare chats.jsonl --name support
   tuneloop data prepare faq.csv --field-map question=prompt --field-map answer=completion
   tuneloop data prepare --from chatterbot-corpus --name chatterbot
+  tuneloop data prepare tickets.csv --name tickets          # text,label columns
+  tuneloop data prepare --from chatterbot-topics --topics ai,coding,emotion   # questions labelled by topic
 """
 
 
@@ -54,13 +58,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--from",
         dest="corpus",
         metavar="CORPUS",
-        help="prepare a bundled corpus instead of files: chatterbot-corpus (PyPI package; stratified by topic)",
+        help="prepare a bundled corpus instead of files: chatterbot-corpus (chat rows, stratified by topic) or "
+        "chatterbot-topics (questions labelled by topic: a classification set); PyPI package chatterbot-corpus",
+    )
+    p.add_argument(
+        "--topics",
+        metavar="T1,T2",
+        help="with --from chatterbot-topics: only these topic files (e.g. ai,coding,emotion; default all 21)",
     )
     p.add_argument("--name", default="", help="dataset name (default: stem of the first input, or the corpus name)")
     p.add_argument(
         "--format",
         default="auto",
-        choices=["auto", "chat", "prompt_completion", "alpaca", "preference"],
+        choices=["auto", "chat", "prompt_completion", "alpaca", "preference", "classification"],
         help="record shape (default: detected from the fields)",
     )
     p.add_argument(
@@ -79,7 +89,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the deterministic split (default 0)")
     p.add_argument(
-        "--stratify", metavar="FIELD", help="keep the split proportions within each value of this input field"
+        "--stratify",
+        metavar="FIELD",
+        help="keep the split proportions within each value of this input field (classification rows: label, "
+        "unless another field is named)",
     )
     p.add_argument("--no-scrub", dest="scrub", action="store_false", help="keep PII (emails, phones, cards, IPs) as is")
     p.add_argument(
@@ -114,12 +127,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = g.add_parser(
         "corpus",
-        help="write a bundled corpus (chatterbot-corpus, chitchat-dataset) as JSONL",
+        help="write a bundled corpus (chatterbot-corpus, chatterbot-topics, chitchat-dataset) as JSONL",
         description="Write a corpus from an installed PyPI package as JSONL: chatterbot-corpus gives chat rows "
-        'with a topic field, chitchat-dataset gives {"prompt": ...} rows (production-like prompts). '
+        'with a topic field, chatterbot-topics gives {"text", "label"} rows (each question labelled by its topic), '
+        'chitchat-dataset gives {"prompt": ...} rows (production-like prompts). '
         "Example: tuneloop data corpus chatterbot-corpus -o chatterbot.jsonl",
     )
-    p.add_argument("corpus", choices=["chatterbot-corpus", "chitchat-dataset"])
+    p.add_argument("corpus", choices=["chatterbot-corpus", "chatterbot-topics", "chitchat-dataset"])
     p.add_argument("-o", "--output", required=True, help="JSONL file to write")
     p.add_argument("--limit", type=int, help="at most this many rows")
     p.set_defaults(handler=cmd_corpus)
@@ -150,6 +164,8 @@ def cmd_prepare(args: argparse.Namespace, ctx: Context) -> int:
     from tuneloop.trainer.bootstrap import DEFAULT_BASE
     from tuneloop.trainer.prepare import PrepareConfig, prepare, summary_lines
 
+    if args.topics and not args.corpus:
+        raise UserError("--topics selects topics of --from chatterbot-topics")
     if args.corpus and args.inputs:
         raise UserError("give either input files or --from CORPUS, not both")
     if not args.corpus and not args.inputs:
@@ -174,6 +190,10 @@ def cmd_prepare(args: argparse.Namespace, ctx: Context) -> int:
         opts.pop("base")
         if args.stratify:
             opts["stratify"] = args.stratify
+        if args.topics:
+            if name != "chatterbot-topics":
+                raise UserError("--topics selects topics of --from chatterbot-topics")
+            opts["topics"] = [t.strip() for t in args.topics.split(",") if t.strip()]
         rec = prepare_corpus(
             ctx.db,
             ctx.settings,

@@ -23,12 +23,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     keys = "\n".join(f"  {k}\n      {h}" for k, h in field_help(TrainConfig).items())
     p = sub.add_parser(
         "train",
-        help="fine-tune a model (lora, qlora, full, prompt_tuning, dpo) and register the version",
+        help="fine-tune a model (lora, qlora, full, dpo, kto, other PEFT methods; or a classifier) and register it",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Fine-tune a base model on a prepared dataset with TRL + PEFT, record the run and register the "
         "result as a model version. Settings come from --config YAML (a TrainConfig file; platform settings go before the command: tuneloop --config tuneloop.yaml train ...), then key=value overrides.",
         epilog="examples:\n  tuneloop train dataset=chatterbot name=chat-v1 max_steps=20\n"
-        "  tuneloop train --config train.yaml method=qlora lora.r=16\n\nconfig keys:\n" + keys,
+        "  tuneloop train --config train.yaml method=qlora lora.r=16\n"
+        "  tuneloop train method=dora dataset=chatterbot      (merged into full weights after training)\n"
+        "  tuneloop train datasets=support:0.7,billing:0.3    (a weighted multi-task mix)\n"
+        "  tuneloop train task=classification method=feature_extraction dataset=topics\n"
+        "\nmethods and how each is served: docs/training.md#methods\n\nconfig keys:\n" + keys,
     )
     p.add_argument(
         "train_overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. method=qlora lora.r=16"

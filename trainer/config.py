@@ -41,7 +41,9 @@ TASKS = ("chat", "classification")
 KTO_RATIO = (1.0, 4 / 3)
 """TRL's recommended range of desirable_weight * n_desirable / (undesirable_weight * n_undesirable) (KTO paper, eq. 8)."""
 TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "trackio": "trackio", "wandb": "wandb"}
-"""``report_to`` values -> the package transformers needs to report there (``pip install <package>``)."""
+"""``report_to`` values -> the module transformers needs to report there."""
+TRACKER_PACKAGES = {"mlflow": "mlflow-skinny"}
+"""The distribution to ``pip install`` where it is not the module's name (the small MLflow client is pinned)."""
 
 
 @dataclass
@@ -227,9 +229,9 @@ class TrainConfig:
         default_factory=list,
         metadata={
             "help": "Experiment trackers to report the run to, besides the runs table: tensorboard (event files in "
-            "<output_dir>/tensorboard), mlflow (MLFLOW_TRACKING_URI, default <home>/mlruns; experiment tuneloop, run "
-            "name = run id), trackio, wandb (project tuneloop); e.g. report_to=tensorboard,mlflow. Each needs its "
-            "package installed. Empty (default) = none."
+            "<output_dir>/tensorboard), mlflow (MLFLOW_TRACKING_URI, default sqlite:///<home>/mlflow.db; experiment "
+            "tuneloop, run name = run id), trackio, wandb (project tuneloop); e.g. report_to=tensorboard,mlflow. Each "
+            "needs its package installed. Empty (default) = none."
         },
     )
     num_virtual_tokens: int = field(
@@ -253,6 +255,8 @@ class TrainConfig:
             raise UserError(
                 f"task=classification trains with method={' | '.join(CLASSIFICATION_METHODS)}, got method={self.method}"
             )
+        if self.class_balance != "none" and self.task != "classification":
+            raise UserError(f"class_balance={self.class_balance} balances class labels: it needs task=classification")
         if self.method == "feature_extraction" and self.task != "classification":
             raise UserError("method=feature_extraction trains a classification head: set task=classification")
         if not self.base:
@@ -309,7 +313,8 @@ def check_trackers(names: list[str]) -> list[str]:
     for n in wanted:
         if importlib.util.find_spec(TRACKERS[n]) is None:
             raise UserError(
-                f"report_to={n} needs the {TRACKERS[n]} package, which is not installed: pip install {TRACKERS[n]}"
+                f"report_to={n} needs the {TRACKERS[n]} package, which is not installed: "
+                f"pip install {TRACKER_PACKAGES.get(n, TRACKERS[n])}"
             )
     return wanted
 

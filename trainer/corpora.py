@@ -7,12 +7,17 @@ Contract
   returns one chat row per consecutive (statement, reply) pair:
   ``{"messages": [user, assistant], "topic": <file stem>}`` (2,393 rows for
   chatterbot-corpus 1.3.3).
+* :func:`chatterbot_topics` reads the same files as labelled classification
+  rows: the opening statement of each conversation (the question) as
+  ``{"text": ..., "label": <file stem>}``, optionally only some ``topics``
+  (corpus ``chatterbot-topics``: a real labelled set that installs offline).
 * :func:`chitchat_prompts` reads ``chitchat_dataset/dataset.json`` and returns
   the first user message of each conversation (a different distribution, used
   as drifting "production traffic").
 * :func:`write_jsonl` writes rows as JSONL; :func:`prepare_corpus` turns a named
   corpus into a registered dataset through :func:`tuneloop.trainer.prepare.prepare`
-  (stratified by topic) and returns its ``DatasetRecord``.
+  (chat rows stratified by topic; topic rows a classification dataset,
+  stratified by label) and returns its ``DatasetRecord``.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ if TYPE_CHECKING:
 
 CORPORA = {
     "chatterbot": "chatterbot-corpus==1.3.3",
+    "chatterbot-topics": "chatterbot-corpus==1.3.3",
     "chitchat": "chitchat-dataset==0.9.0",
 }
 ALIASES = {
@@ -40,13 +46,14 @@ ALIASES = {
     "chatterbot_corpus": "chatterbot",
     "chitchat-dataset": "chitchat",
     "chitchat_dataset": "chitchat",
+    "chatterbot-corpus-topics": "chatterbot-topics",
 }
 
 
 def corpus_name(name: str) -> str:
     n = ALIASES.get(name, name)
     if n not in CORPORA:
-        raise UserError(f"unknown corpus {name!r}; known: chatterbot-corpus, chitchat-dataset")
+        raise UserError(f"unknown corpus {name!r}; known: chatterbot-corpus, chatterbot-topics, chitchat-dataset")
     return n
 
 
@@ -78,6 +85,28 @@ def chatterbot_pairs() -> list[dict[str, Any]]:
     return rows
 
 
+def chatterbot_topics(topics: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    """The opening statement of every English chatterbot conversation labelled by its topic file:
+    ``{"text": question, "label": topic}`` (only ``topics`` when given; an unknown topic is a UserError)."""
+    import yaml
+
+    root = _package_dir("chatterbot_corpus", CORPORA["chatterbot"]) / "data" / "english"
+    files = {f.stem: f for f in sorted(root.glob("*.yml"))}
+    wanted = list(topics) if topics is not None else list(files)
+    unknown = [t for t in wanted if t not in files]
+    if unknown:
+        raise UserError(f"unknown chatterbot topic(s) {', '.join(unknown)}; topics: {', '.join(files)}")
+    rows: list[dict[str, Any]] = []
+    for t in wanted:
+        data = yaml.safe_load(files[t].read_text(encoding="utf-8")) or {}
+        for conv in data.get("conversations") or []:
+            if conv and conv[0] is not None and str(conv[0]).strip():
+                rows.append({"text": str(conv[0]), "label": t})
+    if not rows:
+        raise UserError(f"no conversations found under {root}")
+    return rows
+
+
 def chitchat_prompts(limit: int | None = None) -> list[str]:
     """First user message of each chitchat-dataset conversation (non-empty, in file order)."""
     path = _package_dir("chitchat_dataset", CORPORA["chitchat"]) / "dataset.json"
@@ -96,10 +125,13 @@ def chitchat_prompts(limit: int | None = None) -> list[str]:
 
 
 def corpus_rows(name: str) -> list[dict[str, Any]]:
-    """Rows of a named corpus: chat rows (chatterbot) or ``{"prompt": ...}`` rows (chitchat)."""
+    """Rows of a named corpus: chat rows (chatterbot), ``{"text", "label"}`` rows (chatterbot-topics) or
+    ``{"prompt": ...}`` rows (chitchat)."""
     n = corpus_name(name)
     if n == "chatterbot":
         return chatterbot_pairs()
+    if n == "chatterbot-topics":
+        return chatterbot_topics()
     return [{"prompt": p} for p in chitchat_prompts()]
 
 
@@ -126,17 +158,28 @@ def prepare_corpus(
     progress: bool = True,
     **options: Any,
 ) -> DatasetRecord:
-    """Prepare a named corpus (only ``chatterbot`` has answers) into a registered SFT dataset; returns the DatasetRecord.
+    """Prepare a named corpus into a registered dataset; returns the DatasetRecord. ``chatterbot`` gives an SFT
+    dataset (split stratified by topic), ``chatterbot-topics`` a classification dataset (stratified by label;
+    ``topics=[...]`` keeps only those topic files); chitchat has no answers and is refused.
 
-    ``options`` are :class:`tuneloop.trainer.prepare.PrepareConfig` fields (seed, max_tokens ...); the split is stratified by topic.
+    ``options`` are :class:`tuneloop.trainer.prepare.PrepareConfig` fields (seed, max_tokens, split ...).
     """
     from tuneloop.trainer.data_io import Record
     from tuneloop.trainer.prepare import PrepareConfig, prepare
 
     n = corpus_name(corpus)
+    if n == "chatterbot-topics":
+        topics = options.pop("topics", None)
+        cfg = PrepareConfig(name=name or "chatterbot-topics", stratify=options.pop("stratify", None), **options)
+        if base is not None:
+            cfg.base = str(base)
+        records = [Record(f"chatterbot-topics#{i}", r) for i, r in enumerate(chatterbot_topics(topics), 1)]
+        source = {"corpus": CORPORA[n], "topics": topics}
+        return prepare(db, settings, cfg, records=records, source=source, progress=progress)
     if n != "chatterbot":
         raise UserError(
-            f"corpus {corpus!r} holds prompts without answers; only chatterbot-corpus can be prepared for training"
+            f"corpus {corpus!r} holds prompts without answers; only chatterbot-corpus (chat) and chatterbot-topics "
+            "(classification) can be prepared for training"
         )
     cfg = PrepareConfig(name=name or "chatterbot", stratify=options.pop("stratify", "topic"), **options)
     if base is not None:

@@ -8,22 +8,27 @@ it keeps, in order, together with what it counted; the caller records the
 counts in the data card. No step reads files or touches the database.
 
 * :func:`normalise_row` unifies line ends, collapses runs of spaces, keeps at
-  most one blank line and strips every message; :func:`has_empty_turn` tells
+  most one blank line and strips every message (and a classification row's
+  ``text``); :func:`has_empty_turn` tells
   rows whose user/assistant message is then empty (an assistant turn holding
   tool calls is not). Tool-call arguments, tool call ids and a row's ``tools``
   are left as they are.
 * :func:`scrub_rows` replaces emails, phone numbers, Luhn-valid card numbers
   and IPs with placeholders (:func:`tuneloop.pii.scrub`) in message contents
-  and tool-call arguments, and counts them.
+  and tool-call arguments (a classification row: its ``text``), and counts them.
 * :func:`dedup_rows` drops exact duplicates (same cleaned row) and, optionally,
   near duplicates (same text after lowercasing, removing punctuation and
-  collapsing whitespace); the first occurrence wins.
+  collapsing whitespace); the first occurrence wins. Classification rows are
+  duplicates when their ``text`` is (whatever their labels: the first label wins).
 * :func:`token_lengths` measures each row rendered with the tokenizer's chat
   template, with the row's ``tools`` as the server renders them (preference
-  rows: prompt + the longer answer);
+  rows: prompt + the longer answer; classification rows: the raw ``text``,
+  no template, no special tokens);
   :func:`length_filter` drops rows outside ``[min_tokens, max_tokens]``.
-* :func:`load_tokenizer` loads a base model's tokenizer and requires a chat
-  template; failures are :class:`~tuneloop.trainer.data_io.DataError`.
+* :func:`load_tokenizer` loads a base model's tokenizer and (unless
+  ``chat_template=False``: classification needs none) requires a chat
+  template (:func:`require_chat_template`); failures are
+  :class:`~tuneloop.trainer.data_io.DataError`.
 """
 
 from __future__ import annotations
@@ -70,7 +75,10 @@ def map_contents(row: Row, fn: Callable[[str], str], arguments: bool = False) ->
             ]
         return out
 
-    return {k: [one(m) for m in v] if k in MESSAGE_FIELDS else v for k, v in row.items()}
+    return {
+        k: [one(m) for m in v] if k in MESSAGE_FIELDS else fn(v) if k == "text" and isinstance(v, str) else v
+        for k, v in row.items()
+    }
 
 
 def normalise_row(row: Row) -> Row:
@@ -136,7 +144,7 @@ def dedup_rows(rows: list[Row], strata: list[Any], near: bool) -> tuple[list[Row
     kept_strata: list[Any] = []
     n_exact = n_near = 0
     for row, st in zip(rows, strata):
-        ek = exact_key(row)
+        ek = exact_key({"text": row["text"]} if "text" in row else row)
         if ek in seen_exact:
             n_exact += 1
             continue
@@ -152,8 +160,8 @@ def dedup_rows(rows: list[Row], strata: list[Any], near: bool) -> tuple[list[Row
     return kept, kept_strata, n_exact, n_near
 
 
-def load_tokenizer(base_dir: str | Path) -> Tokenizer:
-    """The tokenizer of the model folder ``base_dir``; it must have a chat template."""
+def load_tokenizer(base_dir: str | Path, chat_template: bool = True) -> Tokenizer:
+    """The tokenizer of the model folder ``base_dir``; it must have a chat template unless ``chat_template=False``."""
     from transformers import AutoTokenizer
 
     try:
@@ -162,17 +170,31 @@ def load_tokenizer(base_dir: str | Path) -> Tokenizer:
         raise DataError(
             f"cannot load the tokenizer of {base_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         ) from None
-    if not tok.chat_template:
-        raise DataError(
-            f"the tokenizer of {base_dir} has no chat template; pick a chat (instruct) base model with --base"
-        )
+    if chat_template:
+        require_chat_template(tok, base_dir)
     return tok
 
 
+def require_chat_template(tok: Tokenizer, base_dir: str | Path) -> None:
+    """A DataError unless ``tok`` (the tokenizer of ``base_dir``) has a chat template."""
+    if not getattr(tok, "chat_template", None):
+        raise DataError(
+            f"the tokenizer of {base_dir} has no chat template; pick a chat (instruct) base model with --base"
+        )
+
+
 def token_lengths(tok: Tokenizer, rows: list[Row], progress: bool = False, batch: int = 256) -> list[int]:
-    """Tokens of each row rendered with the chat template (preference: prompt + the longer answer)."""
+    """Tokens of each row rendered with the chat template (preference: prompt + the longer answer; classification:
+    the raw text, without template or special tokens)."""
     from tqdm.auto import tqdm
 
+    if rows and all("text" in r and "label" in r for r in rows):
+        texts = [r["text"] for r in rows]
+        return [
+            len(t)
+            for s in range(0, len(texts), batch)
+            for t in tok(texts[s : s + batch], add_special_tokens=False)["input_ids"]
+        ]
     convs: list[tuple[int, list[dict[str, Any]]]] = []
     for i, r in enumerate(rows):
         if "messages" in r:

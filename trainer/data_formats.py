@@ -2,14 +2,17 @@
 
 Contract
 --------
-* Four shapes (:data:`FORMATS` besides ``auto``): ``chat`` (``messages``),
+* Five shapes (:data:`FORMATS` besides ``auto``): ``chat`` (``messages``),
   ``prompt_completion`` (``prompt`` + ``completion``), ``alpaca``
-  (``instruction`` + ``output``, optional ``input`` and ``system``) and
-  ``preference`` (``prompt`` + ``chosen`` + ``rejected``).
+  (``instruction`` + ``output``, optional ``input`` and ``system``),
+  ``preference`` (``prompt`` + ``chosen`` + ``rejected``) and
+  ``classification`` (``text`` + ``label``: the class name; a number or a
+  boolean is converted to its text).
 * :func:`apply_field_map` renames fields in place before detection; a field it
   names that no record has raises :class:`~tuneloop.trainer.data_io.DataError`.
 * :func:`detect_format` names the shape from the first record whose fields say
-  it (preference before chat before alpaca before prompt_completion) and raises
+  it (preference before chat before alpaca before prompt_completion before
+  classification) and raises
   ``DataError`` listing the fields when none does. A prompt + completion record
   with a true/false ``label`` is an unpaired preference (KTO) row, which this
   preparation does not convert: it raises ``DataError`` rather than train the
@@ -18,8 +21,12 @@ Contract
 * :func:`to_row` converts one record to the row schema of
   :mod:`tuneloop.dataset_store` without ``id``: ``{"messages": [...]}`` (SFT,
   ending with the assistant's answer) or ``{"prompt", "chosen", "rejected"}``
-  (preference, each a message list). An unusable record raises
-  :class:`InvalidRow` (the caller drops and counts it). ``system`` is prepended
+  (preference, each a message list) or ``{"text", "label"}`` (classification,
+  the label a non-empty string). An unusable record raises
+  :class:`InvalidRow` (the caller drops and counts it); a classification
+  record whose label is empty or not convertible to text raises
+  :class:`LabelError`, which the caller turns into a ``DataError`` naming the
+  record (a wrong label is fixed, not silently dropped). ``system`` is prepended
   to conversations (and preference prompts) that have no system message.
 * Tool calling (OpenAI shapes): a record may carry ``tools`` (a list of
   ``{"type": "function", "function": {"name", "description"?, "parameters"?}}``,
@@ -43,13 +50,14 @@ from typing import Any
 
 from tuneloop.trainer.data_io import DataError, Record
 
-FORMATS = ("auto", "chat", "prompt_completion", "alpaca", "preference")
+FORMATS = ("auto", "chat", "prompt_completion", "alpaca", "preference", "classification")
 ROLES = ("system", "user", "assistant", "tool")
 REQUIRED = {
     "chat": ("messages",),
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
     "preference": ("prompt", "chosen", "rejected"),
+    "classification": ("text", "label"),
 }
 
 Messages = list[dict[str, Any]]
@@ -67,6 +75,10 @@ class InvalidRow(ValueError):
 
 class ToolSchemaError(InvalidRow):
     """A malformed ``tools`` definition, tool call or tool message: the input must be fixed (not dropped)."""
+
+
+class LabelError(InvalidRow):
+    """A classification record whose label is empty or cannot be converted to text: fixed, not dropped."""
 
 
 def apply_field_map(records: list[Record], field_map: dict[str, str]) -> None:
@@ -101,12 +113,14 @@ def detect_format(records: list[Record]) -> str:
                     "answer. Drop the label field for SFT, or build a KTO set with `tuneloop feedback sample`"
                 )
             return "prompt_completion"
+        if {"text", "label"} <= keys:
+            return "classification"
     fields = sorted(set().union(*(r.data.keys() for r in records))) if records else []
     raise DataError(
         "cannot detect the record format from the fields "
         + (", ".join(fields) or "(none)")
-        + ": expected messages (chat), prompt+completion, instruction+output (alpaca) or prompt+chosen+rejected "
-        "(preference); rename fields with --field-map old=new or name --format"
+        + ": expected messages (chat), prompt+completion, instruction+output (alpaca), prompt+chosen+rejected "
+        "(preference) or text+label (classification); rename fields with --field-map old=new or name --format"
     )
 
 
@@ -217,6 +231,8 @@ def parse_tools(v: Any) -> list[dict[str, Any]] | None:
 
 def to_row(fmt: str, data: dict[str, Any], system: str | None = None) -> dict[str, Any]:
     """One record as a dataset row (without id); raises :class:`InvalidRow`."""
+    if fmt == "classification":
+        return classification_row(data)
     missing = [k for k in REQUIRED[fmt] if data.get(k) in (None, "")]
     if missing:
         raise InvalidRow(f"missing {', '.join(missing)}")
@@ -258,6 +274,37 @@ def _to_row(fmt: str, data: dict[str, Any], system: str | None) -> dict[str, Any
     return {"messages": _with_system(msgs, system)}
 
 
+def label_text(v: Any) -> str:
+    """A class label as text: a string (stripped), an integer, a whole float (``1.0`` -> ``"1"``) or a boolean
+    (``"true"``/``"false"``); raises :class:`LabelError` for anything else or an empty label."""
+    if isinstance(v, bool):
+        out = "true" if v else "false"
+    elif isinstance(v, int):
+        out = str(v)
+    elif isinstance(v, float) and v.is_integer():
+        out = str(int(v))
+    elif isinstance(v, float) and v == v:  # not NaN
+        out = repr(v)
+    elif isinstance(v, str):
+        out = v.strip()
+    else:
+        raise LabelError(f"label must be a string (the class name), got {type(v).__name__} {v!r}"[:200])
+    if not out:
+        raise LabelError("label is empty: every text needs its class name")
+    return out
+
+
+def classification_row(data: dict[str, Any]) -> dict[str, Any]:
+    """``{"text", "label"}`` of a classification record (see module doc)."""
+    label = label_text(data.get("label"))
+    text = data.get("text")
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        text = str(text)
+    if not isinstance(text, str) or not text:  # whitespace-only text is dropped (and counted) as empty
+        raise InvalidRow("missing text")
+    return {"text": text, "label": label}
+
+
 def _with_system(msgs: Messages, system: str | None) -> Messages:
     if system and msgs[0]["role"] != "system":
         return [{"role": "system", "content": system}, *msgs]
@@ -265,7 +312,10 @@ def _with_system(msgs: Messages, system: str | None) -> Messages:
 
 
 def all_messages(row: dict[str, Any]) -> Messages:
-    """Every message of a row: the conversation (SFT), prompt + chosen + rejected (preference) or prompt + completion (kto)."""
+    """Every message of a row: the conversation (SFT), prompt + chosen + rejected (preference), prompt + completion
+    (kto) or the text as one user message (classification)."""
+    if "text" in row and "messages" not in row and "prompt" not in row:
+        return [{"role": "user", "content": row["text"]}]
     if "messages" in row:
         return row["messages"]
     if "completion" in row:

@@ -47,6 +47,11 @@ Contract
   NaN or infinite number (a diverged model's loss) is stored as null
   (:func:`tuneloop.db.dumps`), which PostgreSQL's ``json`` type requires; the returned
   dict and the file keep the floats as computed (:func:`record_report`).
+* Sequence classifiers (a model folder whose architecture is ``*ForSequenceClassification``,
+  e.g. a ``task=classification`` version) are evaluated by
+  :func:`tuneloop.trainer.classify_eval.evaluate_classifiers` instead (accuracy, macro and
+  per-class P/R/F1, confusion matrix; report ``task: "classification"``), and
+  :func:`format_report` prints such a report with its tables.
 * Bad input (unknown model or dataset, empty split, unreadable golden file)
   raises :class:`~tuneloop.errors.UserError` before anything is written.
 """
@@ -481,6 +486,13 @@ def evaluate(
         if not ds:
             raise UserError("no dataset given and no version with a recorded dataset: pass --dataset")
         dataset_ref = ds
+    from tuneloop.trainer.classify_eval import evaluate_classifiers, is_classifier
+
+    if any(m.adapter is None and is_classifier(m.base) for m in refs):  # classifiers: accuracy, F1, confusion
+        if golden or general or responses:
+            raise UserError("golden prompts, general sets and production answers are for chat models, not classifiers")
+        models_ = [(m.name, m.base, m.adapter) for m in refs]
+        return evaluate_classifiers(models_, dataset_ref, db, settings, limit=limit, progress=progress)
     rows, ds_id, split = load_eval_rows(db, dataset_ref, limit)
     gold = load_golden(golden)
     gen = load_general(db, general)
@@ -541,6 +553,11 @@ def record_report(db: Database, report: dict[str, Any], created: datetime) -> No
 def format_report(report: dict[str, Any]) -> str:
     """A plain-text comparison table (one row per model) plus where the report lives."""
     import io
+
+    if report.get("task") == "classification":
+        from tuneloop.trainer.classify_eval import format_classification_report
+
+        return format_classification_report(report)
 
     from tuneloop.table import print_table
 

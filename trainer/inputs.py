@@ -12,7 +12,24 @@ Contract
 * :func:`mix_replay` adds shuffled rows of a replay split so that they make up
   ``fraction`` of the training rows (seeded, so a rerun mixes the same rows);
   rows with and without tool calling mix (the columns and message fields are
-  widened to the union).
+  widened to the union; optional columns, ``tools`` and ``check``, are null
+  where a side lacks them).
+* :func:`parse_mix` reads ``train datasets=`` entries (``ref:weight``; a
+  weight > 0; either every entry has a weight or none has, none = equal
+  weights, so a single entry without a weight is 1.0) into :class:`MixEntry`
+  values whose ``share`` (weight / sum of weights) sums to 1; a bad entry is a
+  :class:`~tuneloop.errors.UserError` naming it.
+* :func:`mix_datasets` mixes loaded datasets by those shares (:data:`MIX_RULE`):
+  the train split holds :func:`mix_counts` rows of each input, a seeded random
+  sample without repetition, so that each input's share of the rows is its
+  weight's share (to the nearest row; at least one row of each); the dataset
+  that is scarcest for its weight is used in full, and no row is repeated.
+  The validation and test splits are the inputs' validation and test rows
+  concatenated in full, in ``datasets=`` order. Every row id becomes
+  ``<input dataset id>/<row id>`` (ids stay unique across inputs and say which
+  input a row came from). It returns the splits and one :class:`MixShare` per
+  input (dataset id, weight, share, rows available and drawn), which the run
+  config and the mixed dataset's data card record.
 * :func:`tokenize_sft` tokenizes SFT rows with :func:`tuneloop.chat.training_example`
   (the server's prompt rendering + answer + EOS, loss on the answer only), the
   messages as :func:`tuneloop.dataset_store.chat_message` gives them (tool calls
@@ -24,6 +41,9 @@ Nothing here writes anything; bad references raise :class:`~tuneloop.errors.User
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -90,33 +110,174 @@ def load_dataset_ref(db: Database, ref: str) -> tuple[DatasetDict, str | None, s
 
 def mix_replay(train_ds: Dataset, replay_ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, int]:
     """``train_ds`` plus rows of ``replay_ds`` so that they make up ``fraction`` of the result."""
-    from datasets import concatenate_datasets
-
     if fraction <= 0 or len(replay_ds) == 0:
         return train_ds, 0
     n = min(len(replay_ds), max(1, round(len(train_ds) * fraction / (1 - fraction))))
     picked = replay_ds.shuffle(seed=seed).select(range(n))
-    if "tools" in picked.column_names and "tools" not in train_ds.column_names:
-        train_ds = _with_null_column(train_ds, "tools")
-    cols = [c for c in train_ds.column_names if c in picked.column_names]
-    if "tools" in train_ds.column_names and "tools" not in cols:
-        picked, cols = _with_null_column(picked, "tools"), [*cols, "tools"]
-    left, right = train_ds.select_columns(cols), picked.select_columns(cols)
-    feats = _wider(left.features, right.features)
-    mixed = concatenate_datasets([left.cast(feats), right.cast(feats)])
-    return mixed.shuffle(seed=seed), n
+    return _union([train_ds, picked]).shuffle(seed=seed), n
 
 
-def _with_null_column(ds: Dataset, name: str) -> Dataset:
+# ---- multi-task mixing (train datasets=) ---------------------------------------------------------------
+
+MIX_RULE = (
+    "train rows: a seeded sample without repetition of each input, sized so that each input's share of the rows "
+    "is its weight's share (nearest row, at least 1); the input scarcest for its weight is used in full. "
+    "validation and test: every input's rows, concatenated in datasets= order. Row ids: <input id>/<row id>."
+)
+"""How :func:`mix_datasets` mixes (recorded in the data card of a mixed dataset)."""
+
+
+@dataclass(frozen=True)
+class MixEntry:
+    """One ``datasets=`` entry: the dataset reference, its weight as given and its normalised share."""
+
+    ref: str
+    weight: float
+    share: float
+
+
+@dataclass(frozen=True)
+class MixShare:
+    """What one input contributed to a mix (recorded in the run config and the data card)."""
+
+    dataset: str
+    ref: str
+    weight: float
+    share: float
+    rows_available: int
+    rows_drawn: int
+    validation_rows: int
+    test_rows: int
+
+
+def parse_mix(entries: Sequence[str]) -> list[MixEntry]:
+    """``datasets=`` entries (``ref:weight`` or ``ref``) -> :class:`MixEntry` values with shares summing to 1.
+
+    The weight follows the last ``:``; it must be a finite number > 0. Either every entry has a weight or none
+    has (equal weights; one entry alone is weight 1.0). A weight without a name, a bad number, a mix of weighted
+    and unweighted entries or a dataset named twice is a :class:`UserError` naming the entry."""
+    raw = [str(e).strip() for e in entries if str(e).strip()]
+    if not raw:
+        raise UserError("datasets= names no dataset: pass datasets=<ref>:<weight>,<ref>:<weight>")
+    parsed: list[tuple[str, float | None]] = []
+    for e in raw:
+        ref, sep, w = e.rpartition(":")
+        if not sep:
+            parsed.append((e, None))
+            continue
+        ref = ref.strip()
+        if not ref:
+            raise UserError(f"datasets= entry {e!r} has a weight but no dataset name (write <ref>:<weight>)")
+        try:
+            weight = float(w)
+        except ValueError:
+            raise UserError(f"datasets= entry {e!r}: weight {w.strip()!r} is not a number") from None
+        if not math.isfinite(weight) or weight <= 0:
+            raise UserError(f"datasets= entry {e!r}: the weight must be a number > 0, got {w.strip()}")
+        parsed.append((ref, weight))
+    weighted = [e for e, (_, w) in zip(raw, parsed, strict=True) if w is not None]
+    if weighted and len(weighted) != len(parsed):
+        bare = [e for e, (_, w) in zip(raw, parsed, strict=True) if w is None]
+        raise UserError(
+            f"datasets= entry {bare[0]!r} has no weight while {weighted[0]!r} has one: give every entry a weight "
+            "(<ref>:<weight>) or none (equal weights)"
+        )
+    refs = [r for r, _ in parsed]
+    dup = next((r for i, r in enumerate(refs) if r in refs[:i]), None)
+    if dup is not None:
+        raise UserError(f"datasets= names {dup!r} twice: give each dataset one entry")
+    weights = [w if w is not None else 1.0 for _, w in parsed]
+    total = sum(weights)
+    return [MixEntry(r, w, w / total) for r, w in zip(refs, weights, strict=True)]
+
+
+def mix_counts(sizes: Sequence[int], shares: Sequence[float]) -> list[int]:
+    """Rows to draw from inputs of ``sizes`` rows so that they make up ``shares`` of the mix (see :data:`MIX_RULE`).
+
+    The mix has ``floor(min(size / share))`` rows: the most that needs no input row twice; input ``i`` gives
+    ``round(total * share_i)`` of them (at least 1, at most its size)."""
+    if not sizes or any(n < 1 for n in sizes):
+        raise UserError(f"every mixed dataset needs training rows, got {list(sizes)}")
+    total = math.floor(min(n / s for n, s in zip(sizes, shares, strict=True)) + 1e-9)
+    return [min(n, max(1, math.floor(total * s + 0.5))) for n, s in zip(sizes, shares, strict=True)]
+
+
+def mix_datasets(parts: Sequence[tuple[MixEntry, str, DatasetDict]], seed: int) -> tuple[DatasetDict, list[MixShare]]:
+    """Mix ``(entry, dataset id, splits)`` inputs by their shares (module doc, :data:`MIX_RULE`), seeded.
+
+    Returns the mixed ``train`` (shuffled), ``validation`` and ``test`` splits and one :class:`MixShare` per
+    input, in input order."""
+    from datasets import DatasetDict
+
+    counts = mix_counts([len(dd["train"]) for _, _, dd in parts], [e.share for e, _, _ in parts])
+    drawn, shares = [], []
+    held: dict[str, list[Dataset]] = {"validation": [], "test": []}
+    for (entry, ds_id, dd), n in zip(parts, counts, strict=True):
+        drawn.append(_prefixed(dd["train"].shuffle(seed=seed).select(range(n)), ds_id))
+        for split, dss in held.items():
+            if split in dd:
+                dss.append(_prefixed(dd[split], ds_id))
+        shares.append(
+            MixShare(
+                dataset=ds_id,
+                ref=entry.ref,
+                weight=entry.weight,
+                share=entry.share,
+                rows_available=len(dd["train"]),
+                rows_drawn=n,
+                validation_rows=len(dd["validation"]) if "validation" in dd else 0,
+                test_rows=len(dd["test"]) if "test" in dd else 0,
+            )
+        )
+    train = _union(drawn).shuffle(seed=seed)
+    out = {"train": train}
+    for split, dss in held.items():
+        out[split] = _union(dss) if dss else train.select([])
+    return DatasetDict(out), shares
+
+
+def _prefixed(ds: Dataset, prefix: str) -> Dataset:
+    """``ds`` with every row id ``<prefix>/<id>``."""
+    if "id" not in ds.column_names or len(ds) == 0:
+        return ds
+    return ds.map(lambda r: {"id": f"{prefix}/{r['id']}"}, desc="mix row ids")
+
+
+_OPTIONAL_COLUMNS = ("tools", "check")  # JSON-text columns a dataset has only when some row uses them
+
+
+def _union(parts: Sequence[Dataset]) -> Dataset:
+    """``parts`` concatenated: the columns all of them have, plus the optional columns any has (null where a
+    part lacks them); message structs widened to every field any part has."""
+    from datasets import concatenate_datasets
+
+    first = parts[0].column_names
+    optional = [c for c in _OPTIONAL_COLUMNS if any(c in p.column_names for p in parts)]
+    cols = [c for c in first if all(c in p.column_names for p in parts)]
+    cols += [c for c in optional if c not in cols]
+    parts = [
+        _with_null_columns(p, [c for c in optional if c not in p.column_names]).select_columns(cols) for p in parts
+    ]
+    feats = parts[0].features
+    for p in parts[1:]:
+        feats = _wider(feats, p.features)
+    return concatenate_datasets([p.cast(feats) for p in parts])
+
+
+def _with_null_columns(ds: Dataset, names: Sequence[str]) -> Dataset:
     from datasets import Value
 
-    return ds.add_column(name, [None] * len(ds), feature=Value("string"))
+    for name in names:
+        ds = ds.add_column(name, [None] * len(ds), feature=Value("string"))
+    return ds
 
 
 def _wider(a: Any, b: Any) -> Any:
     """Features ``a`` with every struct (a message) widened by the fields only ``b`` has."""
-    from datasets import Features, List
+    from datasets import Features, List, Value
 
+    if isinstance(a, Value) and a.dtype == "null":  # a column that is null in every row of ``a`` takes b's type
+        return b
     if isinstance(a, dict) and isinstance(b, dict):
         out = {k: _wider(v, b[k]) if k in b else v for k, v in a.items()}
         out.update({k: v for k, v in b.items() if k not in a})

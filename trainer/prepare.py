@@ -9,7 +9,14 @@ Contract
   (:mod:`tuneloop.trainer.data_clean`) in order — convert and normalise
   whitespace, drop empty/invalid rows, PII scrub, exact and near-duplicate
   removal, token-length filter (chat-template-rendered, base tokenizer) — then
-  splits deterministically (:func:`split_rows`). Rows keep their ``tools``
+  splits deterministically (:func:`split_rows`). Classification records
+  (``text`` + ``label``) give a ``classification`` dataset: the same steps on
+  the text (duplicates by text, token length of the raw text, no chat template
+  needed), the split stratified by label unless ``stratify`` names another
+  field, and the card records ``label_names`` (sorted: the label order a model
+  trained on it uses), ``labels`` (count per label in train) and
+  ``label_counts`` (per split). An empty or unconvertible label is a
+  ``DataError`` naming the record. Rows keep their ``tools``
   and tool-call messages through every step; a malformed tool definition,
   tool call or tool message is a ``DataError`` naming the record
   (:class:`~tuneloop.trainer.data_formats.ToolSchemaError`), not a dropped row. It returns ``(kind, splits,
@@ -44,6 +51,7 @@ from tuneloop.trainer.data_clean import (
     length_filter,
     load_tokenizer,
     normalise_row,
+    require_chat_template,
     scrub_rows,
     token_lengths,
 )
@@ -51,6 +59,7 @@ from tuneloop.trainer.data_formats import (
     FORMATS,
     REQUIRED,
     InvalidRow,
+    LabelError,
     ToolSchemaError,
     apply_field_map,
     detect_format,
@@ -193,7 +202,8 @@ def prepare_records(
             raise DataError(
                 f"--format {fmt} needs field(s) {', '.join(lacking)}; the input has: {', '.join(sorted(have))} (rename with --field-map old=new)"
             )
-    kind = "preference" if fmt == "preference" else "sft"
+    kind = {"preference": "preference", "classification": "classification"}.get(fmt, "sft")
+    by_label = kind == "classification" and not cfg.stratify  # classification splits keep each label's share
     steps: dict[str, Any] = {"read": len(records)}
     invalid: list[str] = []
 
@@ -204,7 +214,7 @@ def prepare_records(
     for r in records:
         try:
             row = to_row(fmt, r.data, cfg.system)
-        except ToolSchemaError as e:  # malformed tool-calling input is fixed, not dropped row by row
+        except (ToolSchemaError, LabelError) as e:  # malformed tool calls and labels are fixed, not dropped
             raise DataError(f"{r.loc}: {e}") from None
         except InvalidRow as e:
             invalid.append(f"{r.loc}: {e}")
@@ -215,7 +225,7 @@ def prepare_records(
             n_empty += 1
             continue
         rows.append(clean)
-        strata.append(r.data.get(cfg.stratify) if cfg.stratify else None)
+        strata.append(clean["label"] if by_label else r.data.get(cfg.stratify) if cfg.stratify else None)
     steps["whitespace_normalised"] = n_ws
     steps["invalid"] = len(invalid)
     steps["empty"] = n_empty
@@ -233,6 +243,8 @@ def prepare_records(
 
     # 5. token length (chat-template-rendered)
     tok = tokenizer() if callable(tokenizer) and not hasattr(tokenizer, "apply_chat_template") else tokenizer
+    if kind != "classification":  # conversations are measured rendered with the chat template
+        require_chat_template(tok, getattr(tok, "name_or_path", "") or "the base model")
     lengths = token_lengths(tok, kept, progress=progress) if kept else []
     within, too_short, too_long = length_filter(kept, kept_strata, lengths, cfg.min_tokens, cfg.max_tokens)
     final: list[Row] = []
@@ -251,7 +263,7 @@ def prepare_records(
         raise DataError(f"no rows left after cleaning ({_steps_line(steps)}{first}); nothing was written")
 
     # 6. split
-    splits = split_rows(final, cfg.split, cfg.seed, list(final_strata) if cfg.stratify else None)
+    splits = split_rows(final, cfg.split, cfg.seed, list(final_strata) if cfg.stratify or by_label else None)
     card: dict[str, Any] = {
         "format": fmt,
         "kind": kind,
@@ -260,7 +272,7 @@ def prepare_records(
         "splits": {s: len(v) for s, v in splits.items()},
         "split_fractions": list(cfg.split),
         "seed": cfg.seed,
-        "stratify": cfg.stratify,
+        "stratify": "label" if by_label else cfg.stratify,
         "tokens": {s: _length_stats([final_len[r["id"]] for r in v]) for s, v in splits.items()},
         "min_tokens": cfg.min_tokens,
         "max_tokens": cfg.max_tokens,
@@ -268,7 +280,21 @@ def prepare_records(
     if cfg.stratify:
         strat_of = {r["id"]: s for r, s in zip(final, final_strata)}
         card["strata"] = {s: _count(strat_of[r["id"]] for r in v) for s, v in splits.items()}
+    if kind == "classification":
+        card.update(label_card(splits))
     return kind, splits, card
+
+
+def label_card(splits: dict[str, list[Row]]) -> dict[str, Any]:
+    """The label part of a classification dataset's card: ``label_names`` (sorted, every split's labels: the label
+    order of a model trained on it), ``labels`` (count per label in train, 0 included) and ``label_counts`` per split."""
+    names = sorted({str(r["label"]) for rows in splits.values() for r in rows})
+    counts = {s: _count(r["label"] for r in rows) for s, rows in splits.items()}
+    return {
+        "label_names": names,
+        "labels": {n: counts.get("train", {}).get(n, 0) for n in names},
+        "label_counts": counts,
+    }
 
 
 def _count(values: Iterable[Any]) -> dict[str, int]:
@@ -304,7 +330,7 @@ def prepare(
     loaded: list[Tokenizer] = []
 
     def tokenizer() -> Tokenizer:  # loaded (transformers + torch: seconds) only once the input has passed validation
-        loaded.append(load_tokenizer(base_dir))
+        loaded.append(load_tokenizer(base_dir, chat_template=False))  # prepare_records requires one for chats
         return loaded[0]
 
     kind, splits, card = prepare_records(records, cfg, tokenizer, progress=progress)
@@ -318,7 +344,9 @@ def prepare(
     card["tokenizer"] = {
         "base": cfg.base,
         "path": str(base_dir),
-        "chat_template_sha256": hashlib.sha256(tok.chat_template.encode()).hexdigest()[:16],
+        "chat_template_sha256": hashlib.sha256(tok.chat_template.encode()).hexdigest()[:16]
+        if tok.chat_template
+        else None,
     }
     src = source or {"inputs": [str(Path(p).resolve()) for p in cfg.inputs]}
     src = dict(src, options={k: v for k, v in asdict(cfg).items() if k != "inputs"})
@@ -349,6 +377,8 @@ def summary_lines(rec: DatasetRecord) -> list[str]:
     else:
         lines.append("  pii scrub: disabled")
     lines.append("  splits: " + ", ".join(f"{k}={v}" for k, v in c.get("splits", {}).items()))
+    if c.get("labels"):
+        lines.append("  labels (train): " + ", ".join(f"{k}={v}" for k, v in c["labels"].items()))
     tr = c.get("tokens", {}).get("train", {})
     if tr.get("count"):
         lines.append(

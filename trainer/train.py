@@ -4,9 +4,14 @@ Contract
 --------
 ``train(cfg, db, settings, progress=True) -> TrainResult(run_id, version, output_path, metrics)``
 
+* ``task=classification`` runs are handed to
+  :func:`tuneloop.trainer.classify.train_classifier` (a sequence-classification
+  head, transformers ``Trainer``); what follows is the chat task.
 * Methods (``cfg.method``): ``lora`` (PEFT LoRA), ``qlora`` (base loaded 4-bit
-  nf4 with bitsandbytes + LoRA), ``full`` (all weights), ``prompt_tuning``
-  (PEFT prompt tuning), all through TRL's ``SFTTrainer``; ``dpo`` (TRL
+  nf4 with bitsandbytes + LoRA), ``full`` (all weights), and the PEFT methods of
+  :mod:`tuneloop.trainer.peft_methods` (``dora``, ``adalora``, ``ia3``, ``loha``,
+  ``lokr``, ``oft``, ``prompt_tuning``, ``prefix_tuning``: that module builds every
+  PEFT config and says how each is served), all through TRL's ``SFTTrainer``; ``dpo`` (TRL
   ``DPOTrainer`` with a LoRA adapter) on a preference dataset; ``kto`` (TRL
   ``KTOTrainer`` with a LoRA adapter) on a kto dataset (prompt / completion /
   label rows, :mod:`tuneloop.dataset_store`). KTO's ``desirable_weight`` and
@@ -17,6 +22,14 @@ Contract
   may replay an SFT dataset (``replay_dataset``): its rows join as desirable.
   KTO's KL estimate pairs each row with its batch neighbours in data order,
   so the train split is shuffled (seeded) first.
+* ``cfg.datasets`` (a weighted multi-task mix, instead of ``cfg.dataset``):
+  the inputs (all of one kind) are mixed by
+  :func:`~tuneloop.trainer.inputs.mix_datasets` (its rule: shares of the train
+  rows match the weights, no row repeated; validation/test = the inputs'
+  rows concatenated) and the mix is registered as its own dataset
+  ``mix-<hash8>@<hash12>`` with the inputs as parents and the mix in its data
+  card; the run config's ``mix`` and the version's ``dataset_id`` name it
+  (:func:`_load_mix`). Replay (``replay_dataset``) mixes in on top.
 * SFT rows are tokenized with :func:`tuneloop.chat.training_example`: the
   server's prompt rendering (the row's ``tools`` included) + the answer + EOS,
   loss on the answer only (train/serve parity). Default batches are
@@ -25,29 +38,41 @@ Contract
 * Precision by device: fp32 on CPU, bf16 on GPU (``precision=auto``).
 * The run lives in ``output_dir`` (default ``<home>/runs/<name>``): ``run.json``
   (run id, name), checkpoints, ``model/`` (the adapter or the full model +
-  tokenizer), ``loss.json`` (+ ``loss.png`` when matplotlib is installed).
+  tokenizer), ``merged/`` (merged methods), ``loss.json`` (+ ``loss.png`` when matplotlib is installed).
   A checkpoint in ``output_dir`` resumes the same run (same run id) unless
   ``resume=false``. SIGTERM / Ctrl-C stop after the current step with a
   checkpoint (run recorded ``failed``, KeyboardInterrupt raised: CLI exit 130).
 * ``cfg.report_to`` also reports the run to experiment trackers (transformers'
   integrations): TensorBoard event files in ``<output_dir>/tensorboard``;
-  MLflow to ``MLFLOW_TRACKING_URI`` (default a file store ``<home>/mlruns``),
-  experiment ``tuneloop`` (``MLFLOW_EXPERIMENT_NAME`` wins), run name = the run
-  id; W&B project ``tuneloop`` (``WANDB_PROJECT`` wins) and Trackio project
+  MLflow to ``MLFLOW_TRACKING_URI`` (default ``sqlite:///<home>/mlflow.db``,
+  artifacts in ``<home>/mlruns``: MLflow 3 refuses its file store), experiment
+  ``tuneloop`` (``MLFLOW_EXPERIMENT_NAME`` wins), run name = the run id, one
+  MLflow run per training (created before it, the eval loss included, ended
+  FINISHED, FAILED or KILLED with it; ``MLFLOW_RUN_ID`` wins); W&B
+  project ``tuneloop`` (``WANDB_PROJECT`` wins) and Trackio project
   ``tuneloop``, run name = the run id. Where is recorded in ``runs.tracking``
   (JSON, e.g. ``{"tensorboard": "<abs dir>"}``) when the run starts.
 * Every run is a ``runs`` row (``failed`` with the error when it fails or is
   interrupted) and every success registers a :class:`ModelVersion` (kind
-  ``adapter`` for lora/qlora/prompt_tuning/dpo/kto, ``merged`` for full) with
-  parent, dataset id, run id and content hash. Bad input raises
+  ``adapter`` for lora/qlora/dpo/kto and the refused prompt_tuning/prefix_tuning,
+  ``merged`` for full) with parent, dataset id, run id and content hash. The
+  methods vLLM cannot load as an adapter (dora, adalora, ia3, loha, lokr, oft) are
+  merged into full weights right after training
+  (:func:`tuneloop.trainer.merge.merge_folder`, logit parity within 1e-3, else the
+  run fails) into ``<output_dir>/merged``, registered kind ``merged`` (config
+  ``adapter_path`` names the raw adapter, which stays in ``model/``; metrics
+  ``parity_max_abs_diff``). Metrics record ``trainable_params``. Bad input raises
   :class:`~tuneloop.errors.UserError` before anything is written. Both are
   written through :mod:`tuneloop.registry` (portable SQL: a DuckDB file or a
   shared PostgreSQL); their metrics are stored as strict JSON (a NaN or
   infinite value, e.g. a diverged loss, as null), which PostgreSQL requires;
   ``TrainResult.metrics`` keeps the values as computed.
 
-This module is the run itself (trainer set-up, signals, checkpoints, metrics,
-registration); what the run reads (base model, dataset, replay, tokenization)
+This module is the run itself (trainer set-up, checkpoints, metrics,
+registration); the machinery it shares with the classification run (TrainResult,
+GracefulStop, resuming, trackers, run metrics) is :mod:`tuneloop.trainer.run_support`,
+which it re-exports (``from tuneloop.trainer.train import TrainResult`` keeps working);
+what the run reads (base model, dataset, replay, tokenization)
 is :mod:`tuneloop.trainer.inputs`, and the loss files and table it leaves are
 :mod:`tuneloop.trainer.history`.
 """
@@ -58,42 +83,48 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from tuneloop.chat import Tokenizer
 from tuneloop.config import to_dict
 from tuneloop.errors import UserError
-from tuneloop.trainer.config import ADAPTER_METHODS, TrainConfig, kto_weights
+from tuneloop.trainer.config import TrainConfig, kto_weights
 from tuneloop.trainer.history import loss_table, write_loss_history
-from tuneloop.trainer.inputs import load_dataset_ref, mix_replay, resolve_base_model, tokenize_sft
+from tuneloop.trainer.inputs import (
+    MIX_RULE,
+    MixEntry,
+    load_dataset_ref,
+    mix_datasets,
+    mix_replay,
+    parse_mix,
+    resolve_base_model,
+    tokenize_sft,
+)
+from tuneloop.trainer.peft_methods import is_prompt_learning, peft_config, registered_kind, serving, trainer_callbacks
+from tuneloop.trainer.run_support import (
+    TRACKING_PROJECT,
+    TrainResult,
+    default_name,
+    failure_recorded,
+    last_checkpoint,
+    train_stoppably,
+)
+from tuneloop.trainer.run_support import end_tracking as _end_tracking
+from tuneloop.trainer.run_support import environ_set as _environ
+from tuneloop.trainer.run_support import quiet as _quiet
+from tuneloop.trainer.run_support import resumed_run_id as _resumed_run_id
+from tuneloop.trainer.run_support import run_metrics as _metrics
+from tuneloop.trainer.run_support import start_tracking as _tracking
+from tuneloop.trainer.run_support import train_precision as _precision
 
 if TYPE_CHECKING:
-    from contextlib import AbstractContextManager
-    from types import FrameType
-
     from datasets import Dataset, DatasetDict
-    from peft import PeftConfig
-    from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-    from transformers.trainer_utils import TrainOutput
+    from transformers import Trainer
 
     from tuneloop.db import Database
-    from tuneloop.registry import ModelVersion
     from tuneloop.settings import Settings
-
-TRACKING_PROJECT = "tuneloop"
-"""MLflow experiment, W&B and Trackio project of every tracked run."""
-
-
-@dataclass
-class TrainResult:
-    run_id: str
-    version: ModelVersion
-    output_path: str
-    metrics: dict[str, Any] = field(default_factory=dict)
 
 
 def result_text(res: TrainResult, as_json: bool = False) -> str:
@@ -119,86 +150,7 @@ def result_text(res: TrainResult, as_json: bool = False) -> str:
     )
 
 
-class GracefulStop:
-    """Trainer callback: on SIGTERM/SIGINT finish the current step, save a checkpoint and stop.
-
-    A pre-empted or Ctrl-C'd run therefore always leaves a resumable checkpoint;
-    a second signal interrupts immediately.
-    """
-
-    requested: bool = False
-
-    def __new__(cls) -> GracefulStop:
-        from transformers import TrainerCallback
-
-        # subclass TrainerCallback lazily (transformers is heavy to import for the CLI's --help)
-        sub = type("GracefulStopCallback", (cls, TrainerCallback), {"__new__": object.__new__})
-        obj: GracefulStop = object.__new__(sub)
-        obj.requested = False
-        return obj
-
-    def on_step_end(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
-    ) -> TrainerControl:
-        if self.requested:
-            control.should_save = True
-            control.should_training_stop = True
-        return control
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        import sys
-
-        print(
-            "\nstopping after this step (saving a checkpoint); signal again to abort now", file=sys.stderr, flush=True
-        )
-
-    def signals(self) -> AbstractContextManager[None]:
-        import contextlib
-        import signal
-        import threading
-
-        @contextlib.contextmanager
-        def cm() -> Iterator[None]:
-            if threading.current_thread() is not threading.main_thread():
-                yield
-                return
-            old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-            try:
-                yield
-            finally:
-                for s, h in old.items():
-                    signal.signal(s, h)
-
-        return cm()
-
-
 # ---- the run ------------------------------------------------------------------------------------
-
-
-def default_name(cfg: TrainConfig) -> str:
-    """``<dataset stem>-<method>-<UTC timestamp>``: the version name when ``name=`` is not given."""
-    stem = Path(cfg.dataset).name.split("@")[0] or "model"
-    return f"{stem}-{cfg.method}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
-
-
-def _precision(cfg: TrainConfig) -> str:
-    from tuneloop.runtime import has_cuda
-
-    if cfg.precision != "auto":
-        return cfg.precision
-    return "bf16" if has_cuda() else "fp32"
-
-
-def last_checkpoint(out: Path) -> str | None:
-    """The newest ``checkpoint-*`` folder in the run folder ``out``, or None (also when ``out`` does not exist)."""
-    if not out.is_dir():
-        return None
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(out))
 
 
 def train(
@@ -215,9 +167,14 @@ def train(
     no run row, no ``run.json`` and no version are written, and the returned version is not registered.
     ``callbacks``: extra transformers ``TrainerCallback`` objects for this run's trainer (``tuneloop tune``
     reports evaluations to Optuna and stops pruned trials with one)."""
+    if cfg.task == "classification":  # a sequence-classification head: tuneloop.trainer.classify
+        from tuneloop.trainer.classify import train_classifier
+
+        return train_classifier(cfg, db, settings, progress, record, callbacks)
     from tuneloop.registry import RegistryError, finish_run, get_version, start_run
 
     cfg.validate()
+    mix_entries = parse_mix(cfg.datasets) if cfg.datasets else []
     cfg.name = cfg.name or default_name(cfg)
     try:
         get_version(db, cfg.name)
@@ -234,21 +191,28 @@ def train(
         run_id = run_id or new_id()
     base = resolve_base_model(db, settings, cfg.base)
     init = _init_adapter(db, cfg, base)
-    dd, ds_id, kind = _load_dataset(db, cfg.dataset)
+    mix: dict[str, Any] = {}
+    ds_id: str | None
+    if mix_entries:  # datasets=: a weighted mix, registered as its own dataset (inputs.mix_datasets)
+        dd, ds_id, kind, mix = _load_mix(db, settings, mix_entries, cfg.seed, record)
+        what = f"the mix {ds_id!r}"
+    else:
+        dd, ds_id, kind = _load_dataset(db, cfg.dataset)
+        what = repr(cfg.dataset)
     if cfg.method == "dpo" and kind != "preference":
-        raise UserError(f"method=dpo needs a preference dataset (prompt/chosen/rejected); {cfg.dataset!r} is {kind}")
+        raise UserError(f"method=dpo needs a preference dataset (prompt/chosen/rejected); {what} is {kind}")
     if cfg.method == "kto" and kind != "kto":
         raise UserError(
             f"method=kto needs a kto dataset (prompt/completion/label, e.g. the '<name>-kto' set `tuneloop feedback "
-            f"sample` writes from thumbs-up/down); {cfg.dataset!r} is {kind}"
+            f"sample` writes from thumbs-up/down); {what} is {kind}"
         )
     if cfg.method not in ("dpo", "kto") and kind != "sft":
         raise UserError(
-            f"method={cfg.method} needs an SFT dataset (messages); {cfg.dataset!r} is {kind} "
+            f"method={cfg.method} needs an SFT dataset (messages); {what} is {kind} "
             f"(use method={'dpo' if kind == 'preference' else 'kto'})"
         )
     if len(dd["train"]) == 0:
-        raise UserError(f"dataset {cfg.dataset!r} has an empty train split")
+        raise UserError(f"dataset {what} has an empty train split")
     train_ds, replayed = dd["train"], 0
     if cfg.replay_fraction > 0:
         rdd, _, rkind = _load_dataset(db, cfg.replay_dataset)
@@ -280,6 +244,8 @@ def train(
     tracking, tracking_env = _tracking(cfg, trainer, out, settings, run_id)
     out.mkdir(parents=True, exist_ok=True)
     config = {**to_dict(cfg), "base_path": str(base), "replayed_rows": replayed}
+    if mix:  # the mixed dataset's id and what each input gave (its data card has the same)
+        config["mix"] = mix
     if kto:  # the weights used (cfg's kto_*_weight keep what was asked: 0 = automatic)
         config["kto_effective"] = kto
     run = start_run(db, cfg.method, str(base), ds_id, config, run_id=run_id, tracking=tracking) if record else None
@@ -288,149 +254,52 @@ def train(
     if resume_from and run is not None:
         print(f"resuming run {run.id} from {resume_from}", flush=True)
     t0 = time.monotonic()
-    stop = GracefulStop()
-    try:
-        trainer.add_callback(cast("TrainerCallback", stop))  # a TrainerCallback subclass at run time (see __new__)
-        with stop.signals(), _environ(tracking_env):
-            res = trainer.train(resume_from_checkpoint=resume_from)
-        if stop.requested:
-            step = trainer.state.global_step
-            raise KeyboardInterrupt(
-                f"stopped at step {step} with a checkpoint in {out}; resume with the same "
-                f"{'output_dir=' + str(out) if cfg.output_dir else 'name=' + cfg.name}"
-            )
+    with failure_recorded(db, run, tracking, tracking_env):
+        res = train_stoppably(trainer, cfg, out, resume_from, tracking_env)
         model_dir = out / "model"
         trainer.save_model(str(model_dir))
         tokenizer.save_pretrained(str(model_dir))
         metrics = {**_metrics(trainer, res, time.monotonic() - t0, replayed, len(train_ds)), **kto}
         if dd.get("validation") is not None and len(dd["validation"]) > 0 and cfg.method not in ("dpo", "kto"):
-            metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])
+            with _environ(tracking_env):  # the trackers' callbacks log it into the same run
+                metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])
+        _end_tracking(tracking, tracking_env, "FINISHED")
         history = [dict(e.items()) for e in trainer.state.log_history if "loss" in e]
         write_loss_history(out, history)
+        trained: Any = trainer.model
+        metrics["trainable_params"] = int(sum(p.numel() for p in trained.parameters() if p.requires_grad))
+        served_dir = model_dir
+        if record and serving(cfg.method) == "merged" and cfg.method != "full":  # vLLM cannot load the adapter
+            served_dir = out / "merged"
+            metrics["parity_max_abs_diff"] = _merge_trained(db, base, model_dir, served_dir, ds_id, cfg)
         if progress:
             print(loss_table(history), flush=True)
-    except BaseException as e:
-        if run is not None:
-            finish_run(db, run, "failed", error=f"{type(e).__name__}: {e}"[:2000])
-        if isinstance(e, KeyboardInterrupt) and str(e):
-            import sys
-
-            print(f"training interrupted: {e}", file=sys.stderr, flush=True)
-        raise
     from tuneloop.ids import hash_path
     from tuneloop.registry import ModelVersion, register_version
 
-    digest = hash_path(model_dir)
+    digest = hash_path(served_dir)
     stored = metrics  # stored as strict JSON (tuneloop.db.dumps: a diverged run's NaN loss as null)
     v = ModelVersion(
         name=cfg.name,
-        kind="adapter" if cfg.method in ADAPTER_METHODS else "merged",
+        kind=registered_kind(cfg.method),
         base_model=str(base),
-        path=str(model_dir),
+        path=str(served_dir),
         content_hash=digest,
         parent_version=cfg.parent or None,
         dataset_id=ds_id,
         run_id=run.id if run is not None else None,
-        config={**config, "method": cfg.method},
+        config={
+            **config,
+            "method": cfg.method,
+            **({"adapter_path": str(model_dir)} if served_dir != model_dir else {}),
+        },
         metrics=stored,
     )
     if run is not None:
-        finish_run(db, run, "succeeded", stored, str(model_dir), digest)
+        finish_run(db, run, "succeeded", stored, str(served_dir), digest)
         v = register_version(db, v)
     del trainer
-    return TrainResult(run.id if run is not None else "", v, str(model_dir), metrics)
-
-
-def _tracking(
-    cfg: TrainConfig, trainer: Trainer, out: Path, settings: Settings, run_id: str | None
-) -> tuple[dict[str, Any], dict[str, str]]:
-    """Where ``trainer`` reports besides the runs table (``runs.tracking``), and the environment its tracker
-    callbacks read when training starts (only variables the user has not set). Points the TensorBoard
-    callback at ``<out>/tensorboard`` unless ``TENSORBOARD_LOGGING_DIR`` is set."""
-    tracking: dict[str, Any] = {}
-    env: dict[str, str] = {}
-    if "tensorboard" in cfg.report_to:
-        from transformers.integrations import TensorBoardCallback
-
-        tb_dir = str(Path(os.environ.get("TENSORBOARD_LOGGING_DIR") or out / "tensorboard").expanduser().resolve())
-        for cb in trainer.callback_handler.callbacks:
-            if isinstance(cb, TensorBoardCallback):
-                cb.logging_dir = tb_dir
-        tracking["tensorboard"] = tb_dir
-    if "mlflow" in cfg.report_to:
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or (settings.paths.home_path / "mlruns").resolve().as_uri()
-        env["MLFLOW_TRACKING_URI"] = uri
-        env["MLFLOW_EXPERIMENT_NAME"] = os.environ.get("MLFLOW_EXPERIMENT_NAME") or TRACKING_PROJECT
-        tracking["mlflow"] = {"tracking_uri": uri, "experiment": env["MLFLOW_EXPERIMENT_NAME"], "run_name": run_id}
-    if "wandb" in cfg.report_to:
-        env["WANDB_PROJECT"] = os.environ.get("WANDB_PROJECT") or TRACKING_PROJECT
-        tracking["wandb"] = {"project": env["WANDB_PROJECT"], "run_name": run_id}
-    if "trackio" in cfg.report_to:
-        tracking["trackio"] = {"project": TRACKING_PROJECT, "run_name": run_id}
-    return tracking, {k: v for k, v in env.items() if k not in os.environ}
-
-
-def _environ(env: dict[str, str]) -> AbstractContextManager[None]:
-    """Set ``env`` for the duration of the block, then remove those variables again."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def cm() -> Iterator[None]:
-        os.environ.update(env)
-        try:
-            yield
-        finally:
-            for k in env:
-                os.environ.pop(k, None)
-
-    return cm()
-
-
-def _resumed_run_id(db: Database, run_file: Path, cfg: TrainConfig) -> str | None:
-    """The run id a resumed run continues (from ``run.json`` next to the checkpoints), or None for a new run."""
-    from tuneloop.registry import RegistryError, get_run
-
-    if not run_file.is_file():
-        return None
-    fix = (
-        f"fix or delete it to resume under a new run record, or start over with --fresh (resume=false) or another "
-        f"{'output_dir=' if cfg.output_dir else 'name='}"
-    )
-    try:
-        doc = json.loads(run_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"cannot resume: {run_file} is corrupt ({e}); {fix}") from None
-    run_id = doc.get("run_id") if isinstance(doc, dict) else None
-    if not isinstance(run_id, str) or not run_id:
-        raise UserError(f'cannot resume: {run_file} has no "run_id" string; {fix}')
-    try:
-        if get_run(db, run_id).status == "succeeded":
-            return None  # continuing a finished run's checkpoints is a new run
-    except RegistryError:
-        return None
-    return run_id
-
-
-def _metrics(trainer: Trainer, res: TrainOutput, wall_s: float, replayed: int, rows: int) -> dict[str, Any]:
-    logs = trainer.state.log_history
-    losses = [e["loss"] for e in logs if "loss" in e]
-    toks = [e["num_tokens"] for e in logs if "num_tokens" in e]
-    runtime = float(res.metrics.get("train_runtime", wall_s))
-    m: dict[str, Any] = {
-        "train_loss": float(res.training_loss)
-        if res.training_loss is not None and math.isfinite(res.training_loss)
-        else None,
-        "final_loss": float(losses[-1]) if losses else None,
-        "steps": int(trainer.state.global_step),
-        "train_rows": rows,
-        "replayed_rows": replayed,
-        "train_runtime_s": runtime,
-        "duration_s": wall_s,
-    }
-    if toks:
-        m["num_tokens"] = int(toks[-1])
-        m["tokens_per_s"] = float(toks[-1]) / runtime if runtime > 0 else None
-    return m
+    return TrainResult(run.id if run is not None else "", v, str(served_dir), metrics)
 
 
 def _load_dataset(db: Database, ref: str) -> tuple[DatasetDict, str | None, str]:
@@ -448,6 +317,48 @@ def _load_dataset(db: Database, ref: str) -> tuple[DatasetDict, str | None, str]
             raise
         ds_id = load_card(db, ref).get("id")
         return dd, ds_id, "kto"
+
+
+def _load_mix(
+    db: Database, settings: Settings, entries: list[MixEntry], seed: int, record: bool
+) -> tuple[DatasetDict, str, str, dict[str, Any]]:
+    """(splits, dataset id, kind, mix record) of a ``datasets=`` mix (:func:`~tuneloop.trainer.inputs.mix_datasets`).
+
+    The mix is registered through :func:`tuneloop.dataset_store.save_dataset` as ``mix-<hash8>`` (hash of the
+    inputs' ids, shares and the seed) with the inputs as ``parent_ids`` and a data card holding ``mix`` (per
+    input: dataset id, weight, share, rows available and drawn, validation and test rows), ``mix_seed`` and
+    ``mix_rule``; the version trained on it records that id as its ``dataset_id``, so lineage reaches every
+    input. Content-addressed, so the same mix is registered once. Not written when ``record`` is false or in a
+    distributed rank > 0 (``$RANK``): those compute the same id without writing."""
+    import hashlib
+    from dataclasses import asdict
+
+    from tuneloop.dataset_store import dataset_id, save_dataset
+
+    parts, kinds = [], []
+    for e in entries:
+        dd, ds_id, kind = _load_dataset(db, e.ref)
+        if "train" not in dd or len(dd["train"]) == 0:
+            raise UserError(f"datasets= entry {e.ref!r}: the dataset has an empty train split")
+        parts.append((e, ds_id or e.ref, dd))
+        kinds.append(kind)
+    if len(set(kinds)) > 1:
+        listed = ", ".join(f"{e.ref} ({k})" for e, k in zip(entries, kinds, strict=True))
+        raise UserError(f"datasets= mixes datasets of one kind, got {listed}")
+    mixed, shares = mix_datasets(parts, seed)
+    inputs = [asdict(s) for s in shares]
+    spec = json.dumps([[s.dataset, s.share] for s in shares] + [seed], sort_keys=True)
+    name = f"mix-{hashlib.sha256(spec.encode()).hexdigest()[:8]}"
+    splits = {s: mixed[s].to_list() for s in ("train", "validation", "test")}
+    card = {"mix": inputs, "mix_seed": seed, "mix_rule": MIX_RULE}
+    if record and os.environ.get("RANK", "0") == "0":
+        source = {"kind": "mix", "datasets": [s.dataset for s in shares], "weights": [s.weight for s in shares]}
+        ds_id = save_dataset(
+            db, settings.paths.home_path, name, splits, kinds[0], card, source, [s.dataset for s in shares]
+        ).id
+    else:
+        ds_id = dataset_id(name, splits, kinds[0])
+    return mixed, ds_id, kinds[0], {"dataset": ds_id, "inputs": inputs, "seed": seed}
 
 
 def _sft_as_desirable(ds: Dataset) -> Dataset:
@@ -497,12 +408,13 @@ def _build_trainer(
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    peft_config = _peft_config(cfg)
+    steps = max_steps_of(cfg, len(train_ds))
+    peft_cfg = peft_config(cfg, steps)
     if init is not None:  # continue training an existing adapter: its weights and its LoRA shape
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(init), is_trainable=True)
-        peft_config = None
+        peft_cfg = None
     has_val = val_ds is not None and len(val_ds) > 0
     common: dict[str, Any] = dict(
         output_dir=str(out),
@@ -544,7 +456,7 @@ def _build_trainer(
             train_dataset=_trl_rows(train_ds, keep),
             eval_dataset=dpo_val,
             processing_class=tokenizer,
-            peft_config=peft_config,
+            peft_config=peft_cfg,
         )
         return _quiet(dpo, progress), tokenizer
     if cfg.method == "kto":
@@ -566,12 +478,12 @@ def _build_trainer(
             train_dataset=_trl_rows(train_ds, keep).shuffle(seed=cfg.seed),
             eval_dataset=kto_val,
             processing_class=tokenizer,
-            peft_config=peft_config,
+            peft_config=peft_cfg,
         )
         return _quiet(kto_trainer, progress), tokenizer
     from trl import SFTConfig, SFTTrainer
 
-    padding_free = cfg.padding_free and not cfg.packing and cfg.method != "prompt_tuning"
+    padding_free = cfg.padding_free and not cfg.packing and not is_prompt_learning(cfg.method)
     sft_args = SFTConfig(
         **common,
         packing=cfg.packing,
@@ -587,8 +499,10 @@ def _build_trainer(
         train_dataset=tokenize_sft(train_ds, tokenizer, cfg.max_seq_length),
         eval_dataset=tokenize_sft(val_ds, tokenizer, cfg.max_seq_length) if val_ds is not None and has_val else None,
         processing_class=tokenizer,
-        peft_config=peft_config,
+        peft_config=peft_cfg,
     )
+    for cb in trainer_callbacks(cfg.method):  # e.g. AdaLoRA's rank allocation after each optimizer step
+        sft.add_callback(cb)
     return _quiet(sft, progress), tokenizer
 
 
@@ -632,36 +546,29 @@ def _init_adapter(db: Database, cfg: TrainConfig, base: Path) -> Path | None:
     return path
 
 
-def _quiet(trainer: Trainer, progress: bool) -> Trainer:
-    """Without progress output, drop the callback that prints every log dict to stdout."""
-    if not progress:
-        from transformers.trainer_callback import PrinterCallback
+def max_steps_of(cfg: TrainConfig, rows: int) -> int:
+    """The optimizer steps a run of ``cfg`` on ``rows`` training rows takes on one process: ``max_steps``, else
+    the epochs' worth of batches (AdaLoRA schedules its rank budget over them)."""
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    per_epoch = max(1, math.ceil(rows / (cfg.batch_size * cfg.gradient_accumulation_steps)))
+    return max(1, math.ceil(per_epoch * cfg.num_train_epochs))
 
-        trainer.remove_callback(PrinterCallback)
-    return trainer
 
+def _merge_trained(
+    db: Database, base: Path, adapter_dir: Path, dest: Path, dataset_id: str | None, cfg: TrainConfig
+) -> float:
+    """Merge the adapter a run just saved into full weights at ``dest`` (the methods vLLM cannot load as an
+    adapter, :mod:`tuneloop.trainer.peft_methods`); returns the logit parity difference (MergeParityError above
+    the merge's default tolerance)."""
+    from tuneloop.trainer.merge import merge_folder, sample_prompts
 
-def _peft_config(cfg: TrainConfig) -> PeftConfig | None:
-    if cfg.method == "full":
-        return None
-    if cfg.method == "prompt_tuning":
-        from peft import PromptTuningConfig, PromptTuningInit, TaskType
-
-        return PromptTuningConfig(
-            task_type=TaskType.CAUSAL_LM,
-            num_virtual_tokens=cfg.num_virtual_tokens,
-            prompt_tuning_init=PromptTuningInit.RANDOM,
-        )
-    from peft import LoraConfig
-
-    targets: Any = cfg.lora.targets
-    if targets == ["all-linear"]:
-        targets = "all-linear"
-    return LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules=targets,
-        task_type="CAUSAL_LM",
-        bias="none",
+    return merge_folder(
+        base,
+        adapter_dir,
+        dest,
+        sample_prompts(db, dataset_id),
+        1e-3,
+        {"merged_from": str(adapter_dir), "method": cfg.method, "base_model": str(base)},
+        what=f"method={cfg.method}",
     )

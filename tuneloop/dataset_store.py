@@ -19,7 +19,10 @@ Contract
   optional ``check`` (a :mod:`tuneloop.checks` rule as JSON) that evaluation scores as task success;
   preference (DPO): ``{"id", "prompt": [...], "chosen": [...], "rejected": [...], "request_id", "origin"}``;
   kto (TRL's unpaired preference format): ``{"id", "prompt": [...], "completion": [one assistant message],
-  "label": bool, "request_id", "origin"}``, ``label`` saying whether the completion is desirable.
+  "label": bool, "request_id", "origin"}``, ``label`` saying whether the completion is desirable;
+  classification: ``{"id", "text", "label": str (the class name, non-empty), "request_id", "origin"}``
+  (its card lists ``label_names``, the sorted label order of a model trained on it, and ``labels``,
+  the count per label in train).
   :data:`KINDS` lists the kinds; :func:`kind_of_columns` names a dataset's kind from its columns.
 * Tool calling (rows of any kind): a message may also carry ``name``, ``tool_calls`` (OpenAI shape,
   ``[{"id", "type", "function": {"name", "arguments": JSON text}}]``; content may then be null) and
@@ -53,16 +56,18 @@ if TYPE_CHECKING:
     from datasets import DatasetDict, Features
 
 SPLITS = ("train", "validation", "test")
-KINDS = ("sft", "preference", "kto")
+KINDS = ("sft", "preference", "kto", "classification")
 _KEYS = {
     "sft": ("id", "messages", "request_id", "origin"),
     "preference": ("id", "prompt", "chosen", "rejected", "request_id", "origin"),
     "kto": ("id", "prompt", "completion", "label", "request_id", "origin"),
+    "classification": ("id", "text", "label", "request_id", "origin"),
 }
 
 
 def kind_of_columns(columns: Iterable[str]) -> str | None:
-    """``preference`` (prompt/chosen/rejected), ``kto`` (prompt/completion/label), ``sft`` (messages) or None."""
+    """``preference`` (prompt/chosen/rejected), ``kto`` (prompt/completion/label), ``sft`` (messages),
+    ``classification`` (text/label) or None."""
     cols = set(columns)
     if {"prompt", "chosen", "rejected"} <= cols:
         return "preference"
@@ -70,6 +75,8 @@ def kind_of_columns(columns: Iterable[str]) -> str | None:
         return "kto"
     if "messages" in cols:
         return "sft"
+    if {"text", "label"} <= cols:
+        return "classification"
     return None
 
 
@@ -157,6 +164,8 @@ def _features(kind: str, extra_keys: bool = False) -> Features:
     msg = [fields]
     types: dict[str, Any] = {"id": Value("string"), "request_id": Value("string"), "origin": Value("string")}
     types.update(messages=msg, prompt=msg, chosen=msg, rejected=msg, completion=msg, label=Value("bool"))
+    if kind == "classification":
+        types.update(text=Value("string"), label=Value("string"))
     return Features({k: types[k] for k in _KEYS[kind]})
 
 
@@ -180,6 +189,8 @@ def _normalise(kind: str, row: dict[str, Any]) -> dict[str, Any]:
     out["id"] = str(out["id"])
     if kind == "kto" and not isinstance(out["label"], bool):
         raise UserError(f"dataset row {out['id']!r}: label must be true or false, got {out['label']!r}")
+    if kind == "classification" and (not isinstance(out["label"], str) or not out["label"].strip()):
+        raise UserError(f"dataset row {out['id']!r}: label must be a non-empty class name, got {out['label']!r}")
     return out
 
 

@@ -207,6 +207,19 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE runs ADD COLUMN tracking JSON;
     """,
+    # 9: classifiers — a classify request's probabilities {label: probability}; the predicted label is `response`
+    """
+    ALTER TABLE requests ADD COLUMN scores JSON;
+    """,
+    # 10: classifiers — the correct class of a classify request, given as feedback (NULL for other feedback)
+    """
+    ALTER TABLE feedback ADD COLUMN label VARCHAR;
+    """,
+    # 11: task-scoped stages — what a version does (chat | classification); production and canary are held per
+    # task, so a classifier and a chat model are each in production at once. Versions before it are chat models.
+    """
+    ALTER TABLE model_versions ADD COLUMN task VARCHAR DEFAULT 'chat';
+    """,
 ]
 
 

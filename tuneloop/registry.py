@@ -26,6 +26,12 @@ Contract
   ``canary`` each hold at most one version. Each stage update is also a guarded
   compare-and-set (``WHERE name = ? AND stage = <the stage just read>``): a
   change that finds the stage moved under it raises rather than overwrite it.
+* **Stages are per task.** Every version has a ``task`` (:data:`TASKS`:
+  ``chat`` for generative models, ``classification`` for classifiers, from the
+  training config). ``production`` and ``canary`` hold at most one version *of
+  each task*: promoting a classifier retires the previous production
+  classifier and leaves the chat production alone, and
+  :func:`version_by_stage` takes the task (``chat`` by default).
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ Connection = Any  # a connection of either backend (``con.execute(sql, params)``
 
 STAGES = ("candidate", "canary", "production", "retired")
 KINDS = ("adapter", "merged", "base")
+TASKS = ("chat", "classification")
+"""What a version does: ``chat`` (generates; /v1/chat/completions ...) or ``classification`` (/v1/classify)."""
 
 
 class RegistryError(UserError, ValueError):
@@ -101,30 +109,45 @@ class ModelVersion:
     created_at: datetime | None = None
     stage: str = "candidate"
     stage_changed_at: datetime | None = None
+    task: str = "chat"
+    """:data:`TASKS`: stages (production, canary) are held per task."""
 
 
 def unservable_reason(kind: str, path: str) -> str | None:
     """Why vLLM cannot serve a version of this kind at this path, or None when nothing says it cannot.
 
-    vLLM serves plain model folders and PEFT LoRA adapters (QLoRA and DPO train LoRA
-    adapters too); other PEFT methods, such as prompt tuning, it cannot load, so such a
-    version must never be gated, canaried or promoted: every request would fail. An
-    adapter folder that is missing or unreadable is not judged here: the server refuses
-    to load it, naming the file.
+    vLLM serves plain model folders and PEFT LoRA adapters (QLoRA, DPO and KTO train LoRA
+    adapters too), but not DoRA (a LoRA with ``use_dora``). Other PEFT adapters it cannot
+    load, so such a version must never be gated, canaried or promoted: every request would
+    fail. Weight adapters (DoRA, AdaLoRA, IA3, LoHa, LoKr, OFT; ``tuneloop train`` merges
+    those itself) can be merged with ``tuneloop merge`` and served as the merged version;
+    prompt learning (PROMPT_TUNING, PREFIX_TUNING) cannot be merged: evaluate it offline or
+    retrain with a served method (methods table: docs/training.md). An adapter folder that
+    is missing or unreadable is not judged here: the server refuses to load it, naming the file.
     """
     if kind != "adapter":
         return None
     try:
-        peft_type = str(
-            json.loads((Path(path).expanduser() / "adapter_config.json").read_text()).get("peft_type") or ""
-        )
-    except (OSError, ValueError):
+        conf = json.loads((Path(path).expanduser() / "adapter_config.json").read_text())
+        peft_type = str(conf.get("peft_type") or "").upper()
+    except (OSError, ValueError, AttributeError):
         return None
-    if peft_type.upper() != "LORA":
+    if peft_type == "LORA" and conf.get("use_dora"):
+        return (
+            "it is a DoRA adapter (LORA with use_dora), and vLLM does not serve DoRA; merge it into full weights "
+            "with `tuneloop merge` and serve the merged version (method=dora runs register it merged)"
+        )
+    if peft_type in ("ADALORA", "IA3", "LOHA", "LOKR", "OFT"):
+        return (
+            f"it is a {peft_type} adapter, and vLLM serves only LoRA adapters; merge it into full weights with "
+            f"`tuneloop merge` and serve the merged version (method={peft_type.lower()} runs register it merged)"
+        )
+    if peft_type != "LORA":
         return (
             f"it is a {peft_type or 'non-LoRA'} adapter, and vLLM serves only LoRA adapters (nor can "
-            "`tuneloop merge` merge it: it merges LoRA only); evaluate it with `tuneloop eval` (transformers "
-            "generates for it), or retrain with method=lora (or qlora/dpo/kto) to serve it"
+            "`tuneloop merge` merge it: its virtual tokens are not weights); evaluate it with `tuneloop eval` "
+            "(transformers generates for it), or retrain with method=lora (or dora, ia3, qlora ...: a method "
+            "that is served, docs/training.md) to serve it"
         )
     return None
 
@@ -248,6 +271,8 @@ def register_version(db: Database, v: ModelVersion) -> ModelVersion:
     """Insert a version. Same name + same hash is idempotent; same name, other hash is an error."""
     if v.kind not in KINDS:
         raise RegistryError(f"kind must be one of {KINDS}, got {v.kind!r}")
+    if v.task not in TASKS:
+        raise RegistryError(f"task must be one of {TASKS}, got {v.task!r}")
     v.created_at = v.created_at or utcnow()
     with db.connect() as con:
         if _insert(con, "model_versions", v, on_conflict="name"):
@@ -287,16 +312,26 @@ def trained_version_run(db: Database, name: str) -> str | None:
     return rows[0]["run_id"] if rows else None
 
 
-def list_versions(db: Database, stage: str | None = None) -> list[ModelVersion]:
-    sql = "SELECT * FROM model_versions" + (" WHERE stage = ?" if stage else "") + " ORDER BY created_at"
-    return [_row_to(ModelVersion, r) for r in db.query(sql, [stage] if stage else [])]
+def list_versions(db: Database, stage: str | None = None, task: str | None = None) -> list[ModelVersion]:
+    """Versions (of ``stage`` and ``task`` when given), oldest first."""
+    where = [c for c, v in (("stage = ?", stage), ("task = ?", task)) if v]
+    sql = "SELECT * FROM model_versions" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY created_at"
+    return [_row_to(ModelVersion, r) for r in db.query(sql, [v for v in (stage, task) if v])]
 
 
-def version_by_stage(db: Database, stage: str) -> ModelVersion | None:
+def version_by_stage(db: Database, stage: str, task: str = "chat") -> ModelVersion | None:
+    """The version of ``task`` in ``stage`` (the latest moved there), or None."""
     rows = db.query(
-        "SELECT * FROM model_versions WHERE stage = ? ORDER BY stage_changed_at DESC NULLS LAST LIMIT 1", [stage]
+        "SELECT * FROM model_versions WHERE stage = ? AND task = ? ORDER BY stage_changed_at DESC NULLS LAST LIMIT 1",
+        [stage, task],
     )
     return _row_to(ModelVersion, rows[0]) if rows else None
+
+
+def task_of(con: Connection, name: str) -> str | None:
+    """The task of version ``name`` in the caller's transaction, or None when there is no such version."""
+    row = con.execute("SELECT task FROM model_versions WHERE name = ?", [name]).fetchone()
+    return str(row[0] or "chat") if row else None
 
 
 def lock_deploy_state(db: Database, con: Connection) -> None:
@@ -321,7 +356,8 @@ def set_stage(
     retire_reason: str | None = None,
 ) -> str:
     """Move ``name`` to ``stage`` (recording the event); returns the stage it left. Promoting to production
-    (or canary) retires the version that held that stage, with ``retire_reason`` (default "replaced by NAME").
+    (or canary) retires the version of the same task that held that stage, with ``retire_reason`` (default
+    "replaced by NAME").
 
     A version the server cannot serve (:func:`unservable_reason`) never reaches ``production`` or ``canary``.
     Takes the deploy lock and changes the stage only if it is still the one read (see module doc).
@@ -331,7 +367,7 @@ def set_stage(
 
     def run(c: Connection) -> str:
         lock_deploy_state(db, c)
-        row = c.execute("SELECT stage, kind, path FROM model_versions WHERE name = ?", [name]).fetchone()
+        row = c.execute("SELECT stage, kind, path, task FROM model_versions WHERE name = ?", [name]).fetchone()
         if not row:
             raise RegistryError(f"unknown model version {name!r}")
         why = unservable_reason(row[1], row[2]) if stage in ("production", "canary") else None
@@ -341,8 +377,8 @@ def set_stage(
         if stage in ("production", "canary"):
             retired = c.execute(
                 """UPDATE model_versions SET stage = 'retired', stage_changed_at = ?
-                   WHERE stage = ? AND name <> ? RETURNING name""",
-                [now, stage, name],
+                   WHERE stage = ? AND name <> ? AND task = ? RETURNING name""",
+                [now, stage, name, row[3] or "chat"],
             ).fetchall()
             for (other,) in sorted(retired):
                 record_event(c, other, stage, "retired", actor, retire_reason or f"replaced by {name}", None)

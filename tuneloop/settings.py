@@ -413,6 +413,22 @@ class DeploySettings:
         default=0.0,
         metadata={"help": "Lower bound of the paired-bootstrap CI of (candidate - production) must be >= -this."},
     )
+    gate_per_task: bool = field(
+        default=False,
+        metadata={
+            "help": "For a candidate trained on a multi-task mix (train datasets=a:0.7,b:0.3): also evaluate it and "
+            "production on each input dataset's test split and refuse it when any task regresses (that task's "
+            "paired-bootstrap CI lower bound of the gate_metric difference < -gate_task_min_delta). "
+            "`deploy gate --per-task/--no-per-task` overrides it."
+        },
+    )
+    gate_task_min_delta: float = field(
+        default=0.0,
+        metadata={
+            "help": "Per-task gate margin: on each task's test split the lower bound of the paired-bootstrap CI of "
+            "(candidate - production) must be >= -this."
+        },
+    )
     gate_max_forgetting: float = field(
         default=0.1, metadata={"help": "Largest relative increase in general-set perplexity allowed."}
     )

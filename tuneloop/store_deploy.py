@@ -15,8 +15,11 @@ Contract
   lock on PostgreSQL; DuckDB's single writer on the file), then reads and
   changes what it needs, so:
 
-  - at most one canary is ``running`` (a second :func:`start_canary` sees the
-    first and raises :class:`CanaryError`);
+  - at most one canary per task is ``running`` (a second :func:`start_canary`
+    for a candidate of the same task sees the first and raises
+    :class:`CanaryError`; a classifier's canary and a chat model's canary can
+    run side by side, as their ``production`` versions are separate, see
+    :mod:`tuneloop.registry`);
   - a canary is decided once: :func:`finish_canary` is a compare-and-set
     (``UPDATE canaries SET status = ? ... WHERE id = ? AND status = 'running'
     RETURNING id``); only the winner changes stages and writes deploy events,
@@ -31,8 +34,8 @@ Contract
   something outside tuneloop's one-block-at-a-time writes the file) is retried
   once, and the retry then sees the winner's result.
 * :func:`read_deploy_state` is what the server's router reads through
-  :class:`tuneloop.db.CachedRead`: every version and the running canary in
-  **one** statement, so a snapshot never mixes the before and after of a
+  :class:`tuneloop.db.CachedRead`: every version and the running canaries (at
+  most one per task; :meth:`DeploySnapshot.canary_for`) in **one** statement, so a snapshot never mixes the before and after of a
   transition. Writes here end a ``connect()`` block, which on PostgreSQL sends
   ``NOTIFY`` on commit: another replica's ``data_version`` moves and its next
   refresh re-reads (``server.state_refresh_s``).
@@ -63,6 +66,7 @@ from tuneloop.registry import (
     lock_deploy_state,
     record_event,
     set_stage,
+    task_of,
     unservable_reason,
 )
 
@@ -134,9 +138,23 @@ def get_canary(db: Database, ref: str) -> Canary | None:
     return _canary(rows[0]) if rows else None
 
 
-def running_canary(db: Database) -> Canary | None:
-    """The running canary, or None."""
-    rows = db.query(f"SELECT {_CANARY_COLS} FROM canaries WHERE status = 'running' ORDER BY started_at DESC LIMIT 1")
+_RUNNING_OF_TASK = """SELECT c.id, c.candidate FROM canaries c JOIN model_versions v ON v.name = c.candidate
+                       WHERE c.status = 'running' AND v.task = ?"""
+_PRODUCTION_OF_TASK = "SELECT name FROM model_versions WHERE stage = 'production' AND task = ?"
+
+
+def _task_word(task: str) -> str:
+    """``task`` as a word of a message (nothing for chat, the default): "no classification version is ..."."""
+    return "" if task == "chat" else f"{task} "
+
+
+def running_canary(db: Database, task: str | None = None) -> Canary | None:
+    """The running canary (of a candidate of ``task`` when given; the newest of any task otherwise), or None."""
+    cols = ", ".join(f"c.{c}" for c in _CANARY_COLS.split(", "))
+    sql = f"SELECT {cols} FROM canaries c JOIN model_versions v ON v.name = c.candidate WHERE c.status = 'running'"
+    rows = db.query(
+        sql + (" AND v.task = ?" if task else "") + " ORDER BY c.started_at DESC LIMIT 1", [task] if task else []
+    )
     return _canary(rows[0]) if rows else None
 
 
@@ -152,30 +170,29 @@ def last_canary_of(db: Database, candidate: str) -> Canary | None:
 
 
 def start_canary(db: Database, candidate: str, share: float, actor: str = "tuneloop", reason: str = "") -> Canary:
-    """Start a canary for ``candidate`` taking ``share`` of production traffic: one transaction that refuses
-    when a canary is running or nothing is in production, moves the candidate to ``canary`` and inserts the
-    ``running`` row (see module doc)."""
+    """Start a canary for ``candidate`` taking ``share`` of the production traffic of its task: one transaction
+    that refuses when a canary of that task is running or nothing of that task is in production, moves the
+    candidate to ``canary`` and inserts the ``running`` row (see module doc)."""
     if not 0 < share < 1:
         raise CanaryError(f"share must be between 0 and 1 (exclusive), got {share}")
 
     def run(con: Connection) -> Canary:
-        busy = con.execute("SELECT id, candidate FROM canaries WHERE status = 'running'").fetchone()
-        if busy:
-            raise CanaryError(f"canary {busy[0]} for {busy[1]} is still running: promote or roll it back first")
-        row = con.execute("SELECT stage, kind, path FROM model_versions WHERE name = ?", [candidate]).fetchone()
+        row = con.execute("SELECT stage, kind, path, task FROM model_versions WHERE name = ?", [candidate]).fetchone()
         if not row:
             raise CanaryError(f"unknown model version {candidate!r}; see `tuneloop models list`")
+        task = row[3] or "chat"
+        busy = con.execute(_RUNNING_OF_TASK, [task]).fetchone()
+        if busy:
+            raise CanaryError(f"canary {busy[0]} for {busy[1]} is still running: promote or roll it back first")
         why = unservable_reason(row[1], row[2])
         if why:
             raise CanaryError(f"{candidate} cannot be served, so it cannot take traffic: {why}")
         if row[0] == "production":
             raise CanaryError(f"{candidate} is already in production")
-        prod = con.execute(
-            "SELECT name FROM model_versions WHERE stage = 'production' ORDER BY stage_changed_at DESC LIMIT 1"
-        ).fetchone()
+        prod = con.execute(_PRODUCTION_OF_TASK + " ORDER BY stage_changed_at DESC LIMIT 1", [task]).fetchone()
         if not prod:
             raise CanaryError(
-                "no version is in production yet, so there is no traffic to split: promote the first one "
+                f"no {_task_word(task)}version is in production yet, so there is no traffic to split: promote the first one "
                 f"directly with `tuneloop deploy promote {candidate}`"
             )
         c = Canary(new_id(), candidate, prod[0], float(share), "running", utcnow())
@@ -256,17 +273,19 @@ def promote_version(
     reason: str = "",
     details: dict[str, Any] | None = None,
 ) -> str | None:
-    """Put ``name`` in production directly (no canary): refused while a canary is running (decide it first);
-    the previous production version retires in the same transaction. Returns that version (None if none)."""
+    """Put ``name`` in production directly (no canary): refused while a canary of its task is running (decide it
+    first); the previous production version of that task retires in the same transaction. Returns that version
+    (None if none)."""
 
     def run(con: Connection) -> str | None:
-        busy = con.execute("SELECT id, candidate FROM canaries WHERE status = 'running'").fetchone()
+        task = task_of(con, name)
+        if task is None:
+            raise RegistryError(f"unknown model version {name!r}")
+        busy = con.execute(_RUNNING_OF_TASK, [task]).fetchone()
         if busy:
             raise CanaryError(f"canary {busy[1]} is running: promote or roll it back before promoting {name}")
         prev = con.execute(
-            "SELECT name FROM model_versions WHERE stage = 'production' AND name <> ? "
-            "ORDER BY stage_changed_at DESC LIMIT 1",
-            [name],
+            _PRODUCTION_OF_TASK + " AND name <> ? ORDER BY stage_changed_at DESC LIMIT 1", [task, name]
         ).fetchone()
         set_stage(db, name, "production", actor=actor, reason=reason, details=details, con=con)
         return prev[0] if prev else None
@@ -275,29 +294,32 @@ def promote_version(
 
 
 def rollback_production(
-    db: Database, actor: str = "tuneloop", reason: str = "manual rollback", to: str | None = None
+    db: Database, actor: str = "tuneloop", reason: str = "manual rollback", to: str | None = None, task: str = "chat"
 ) -> tuple[str, str]:
-    """With no canary running: put back the version that was in production before the current one (the latest
-    retired from production whose own last event is not a rollback), or ``to``; the current one retires with
-    reason ``rolled back: <reason>``. One transaction; returns (retired, restored)."""
+    """With no canary of ``task`` running: put back the version of ``task`` that was in production before the
+    current one (the latest retired from production whose own last event is not a rollback), or ``to`` (whose
+    task is then the one rolled back); the current one retires with reason ``rolled back: <reason>``. One
+    transaction; returns (retired, restored)."""
 
     def run(con: Connection) -> tuple[str, str]:
-        if con.execute("SELECT 1 FROM canaries WHERE status = 'running'").fetchone():
+        t = task
+        if to is not None:
+            t = task_of(con, to) or task
+        if con.execute(_RUNNING_OF_TASK, [t]).fetchone():
             raise CanaryError("a canary is running: `tuneloop deploy rollback` rolls the canary back first")
-        cur = con.execute(
-            "SELECT name FROM model_versions WHERE stage = 'production' ORDER BY stage_changed_at DESC LIMIT 1"
-        ).fetchone()
+        cur = con.execute(_PRODUCTION_OF_TASK + " ORDER BY stage_changed_at DESC LIMIT 1", [t]).fetchone()
         if not cur:
-            raise CanaryError("no version is in production: nothing to roll back")
+            raise CanaryError(f"no {_task_word(t)}version is in production: nothing to roll back")
         target = to
         if target is None:
             prev = con.execute(
                 """SELECT e.model_version FROM deploy_events e
+                   JOIN model_versions mv ON mv.name = e.model_version AND mv.task = ?
                    WHERE e.from_stage = 'production' AND e.to_stage = 'retired' AND e.model_version <> ?
                      AND coalesce((SELECT l.reason FROM deploy_events l WHERE l.model_version = e.model_version
                                    ORDER BY l.occurred_at DESC, l.id DESC LIMIT 1), '') NOT LIKE 'rolled back:%'
                    ORDER BY e.occurred_at DESC, e.id DESC LIMIT 1""",
-                [cur[0]],
+                [t, cur[0]],
             ).fetchone()
             if not prev:
                 raise CanaryError(
@@ -325,30 +347,36 @@ def rollback_production(
 
 
 class DeploySnapshot(NamedTuple):
-    """Every registered version by name, and the running canary (None when none)."""
+    """Every registered version by name, and the running canaries by the task of their candidate."""
 
     versions: dict[str, ModelVersion]
-    canary: Canary | None
+    canaries: dict[str, Canary]
+
+    def canary_for(self, task: str = "chat") -> Canary | None:
+        """The running canary of ``task``, or None."""
+        return self.canaries.get(task)
 
 
 def read_deploy_state(con: Connection) -> DeploySnapshot:
-    """Versions and the running canary in one statement (one snapshot on both backends; see module doc)."""
+    """Versions and the running canaries in one statement (one snapshot on both backends; see module doc): a
+    running canary is joined onto its candidate's row (a version is the candidate of at most one)."""
     cur = con.execute(
         """SELECT v.*, c.id AS c_id, c.candidate AS c_candidate, c.production AS c_production, c.share AS c_share,
                   c.started_at AS c_started_at
            FROM model_versions v
-           LEFT JOIN (SELECT id, candidate, production, share, started_at FROM canaries WHERE status = 'running'
-                      ORDER BY started_at DESC LIMIT 1) c ON true"""
+           LEFT JOIN canaries c ON c.candidate = v.name AND c.status = 'running'"""
     )
     versions: dict[str, ModelVersion] = {}
-    canary: Canary | None = None
+    canaries: dict[str, Canary] = {}
     for r in rows_as_dicts(cur):
-        versions[r["name"]] = _row_to(ModelVersion, r)
-        if canary is None and r["c_id"] is not None:
-            canary = Canary(
+        v = versions[r["name"]] = _row_to(ModelVersion, r)
+        if r["c_id"] is not None:
+            c = Canary(
                 r["c_id"], r["c_candidate"], r["c_production"], float(r["c_share"]), "running", r["c_started_at"]
             )
-    return DeploySnapshot(versions, canary)
+            if v.task not in canaries or c.started_at > canaries[v.task].started_at:
+                canaries[v.task] = c
+    return DeploySnapshot(versions, canaries)
 
 
 # ---- deploy events and gate verdicts -----------------------------------------------------------------

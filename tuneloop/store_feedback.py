@@ -8,7 +8,9 @@ Contract
   record (same ``id``, ``created_at`` and ``model_version``) afterwards:
   the fields given (:data:`FIELDS`) replace the stored ones (``None`` clears
   one), the others keep their value. A new record starts with every field
-  NULL and ``labels`` ``[]``. It returns :class:`Saved`: the record after the
+  NULL and ``labels`` ``[]``. ``label`` is the correct class of a
+  ``classify`` request (migration 10); whether it fits the request is the
+  caller's check (:func:`request_info` gives what it needs). It returns :class:`Saved`: the record after the
   save, whether this call created it, and the ``(rating, rating_kind)`` it
   had before (``None`` when created), which the server's feedback counter
   needs.
@@ -26,8 +28,9 @@ Contract
   goes on a new record, and a missing row raises :class:`RequestNotFound`
   with nothing written. A caller that knows the request from elsewhere (the
   server's request-log queue, not flushed yet) passes its version instead.
-* :func:`list_feedback` (every source of one request, oldest first) and
-  :func:`request_model_version` are single reads. ``labels`` are stored as
+* :func:`list_feedback` (every source of one request, oldest first),
+  :func:`request_model_version` and :func:`request_info` (a logged request's
+  version, route and classifier ``scores``) are single reads. ``labels`` are stored as
   JSON text and come back as a list; timestamps are naive UTC.
 """
 
@@ -43,8 +46,8 @@ from tuneloop.db import Database, dumps, loads, utcnow
 from tuneloop.ids import new_id
 
 #: the columns a save may set (``rating`` and ``rating_kind`` go together)
-FIELDS = ("rating", "rating_kind", "correction", "comment", "labels")
-_COLS = "id, request_id, source, rating, rating_kind, correction, comment, labels, model_version, created_at"
+FIELDS = ("rating", "rating_kind", "correction", "comment", "labels", "label")
+_COLS = "id, request_id, source, rating, rating_kind, correction, comment, labels, model_version, created_at, label"
 _ATTEMPTS = 3
 
 
@@ -78,6 +81,16 @@ class Feedback:
     labels: list[str]
     model_version: str | None
     created_at: datetime
+    label: str | None = None  # the correct class of a classify request
+
+
+@dataclass(frozen=True)
+class RequestInfo:
+    """What feedback needs to know of a logged request: its version, route and (classify) scores."""
+
+    model_version: str | None
+    route: str | None
+    scores: dict[str, float] | None
 
 
 @dataclass(frozen=True)
@@ -101,6 +114,7 @@ def _record(r: Sequence[Any]) -> Feedback:
         labels=loads(r[7]) or [],
         model_version=r[8],
         created_at=r[9],
+        label=r[10],
     )
 
 
@@ -109,6 +123,16 @@ def request_model_version(db: Database, request_id: str) -> tuple[bool, str | No
     with db.connect(transaction=False) as con:
         rows = con.execute("SELECT model_version FROM requests WHERE id = ?", [request_id]).fetchall()
     return (True, rows[0][0]) if rows else (False, None)
+
+
+def request_info(db: Database, request_id: str) -> RequestInfo | None:
+    """The logged request's version, route and classifier scores (``{label: probability}``), None if unknown."""
+    with db.connect(transaction=False) as con:
+        rows = con.execute("SELECT model_version, route, scores FROM requests WHERE id = ?", [request_id]).fetchall()
+    if not rows:
+        return None
+    scores = loads(rows[0][2])
+    return RequestInfo(rows[0][0], rows[0][1], scores if isinstance(scores, dict) else None)
 
 
 def save_feedback(
@@ -129,10 +153,18 @@ def save_feedback(
             if not found:
                 raise RequestNotFound(request_id)
             model_version = found[0][0]
-        values = {"rating": None, "rating_kind": None, "correction": None, "comment": None, "labels": "[]", **params}
+        values = {
+            "rating": None,
+            "rating_kind": None,
+            "correction": None,
+            "comment": None,
+            "labels": "[]",
+            "label": None,
+            **params,
+        }
         for _ in range(_ATTEMPTS):
             new = con.execute(
-                f"INSERT INTO feedback ({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                f"INSERT INTO feedback ({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 f"ON CONFLICT (request_id, source) DO NOTHING RETURNING {_COLS}",
                 [
                     new_id(),
@@ -145,6 +177,7 @@ def save_feedback(
                     values["labels"],
                     model_version,
                     utcnow(),
+                    values["label"],
                 ],
             ).fetchall()
             if new:
@@ -172,10 +205,10 @@ def save_feedback(
 
 def recent_feedback(db: Database, limit: int) -> list[dict[str, Any]]:
     """The ``limit`` newest feedback rows, newest first, as the CLI lists them (``correction`` is ``'yes'`` or
-    ``''``)."""
+    ``''``; ``label`` the correct class of a classify request, or None)."""
     return db.query(
         """SELECT f.created_at, f.request_id, f.model_version, f.rating, f.rating_kind,
-                  CASE WHEN f.correction IS NULL THEN '' ELSE 'yes' END AS correction, f.comment
+                  CASE WHEN f.correction IS NULL THEN '' ELSE 'yes' END AS correction, f.label, f.comment
            FROM feedback f ORDER BY f.created_at DESC LIMIT ?""",
         [limit],
     )
