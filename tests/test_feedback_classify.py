@@ -37,6 +37,11 @@ def scores(predicted: str, p: float) -> dict[str, float]:
     return {label: (p if label == predicted else rest) for label in LABELS}
 
 
+OUTSIDE_THE_SERVER = "written-by-a-test"
+"""The ``replica`` of rows this module writes into a live server's database itself (tests/test_server_logging.py
+compares the server's own rows with its metrics)."""
+
+
 class ClassifyTraffic:
     """Classify requests logged through the request-log writer, as the classify route logs them."""
 
@@ -63,6 +68,7 @@ class ClassifyTraffic:
                 stream=False,
                 scores=scores(predicted, p) if predicted else None,
                 error="engine failed" if status >= 400 else None,
+                replica=OUTSIDE_THE_SERVER,
             )
         )
         return rid

@@ -117,7 +117,7 @@ def test_prompt_tuning_advice_is_true(db, home, tmp_path, tiny_model):
     with pytest.raises(UserError) as e:
         merge("pt-v1", db, load_settings())
     msg = str(e.value)
-    assert "only LoRA adapters" in msg and "tuneloop eval" in msg and "method=lora" in msg, msg
+    assert "only weight adapters" in msg and "tuneloop eval" in msg and "method=lora" in msg, msg
 
 
 def test_the_offline_engine_gets_the_placement_settings(monkeypatch, tiny_model):
