@@ -121,7 +121,8 @@ def render_html(results: Sequence[DriftResult], history: Mapping[str, Sequence[t
         for name, hgm in r.histograms.items():
             out.append(
                 svg_histogram(
-                    name.replace("_psi", "").replace("_", " ") + " (tokens)",
+                    name.replace("_psi", "").replace("_", " ")
+                    + (" (highest probability)" if name.startswith("confidence") else " (tokens)"),
                     hgm["edges"],
                     hgm["reference"],
                     hgm["production"],

@@ -69,6 +69,21 @@ def test_text_label_rows_become_a_classification_dataset_split_by_label(suffix, 
     assert load_card(db, out["id"])["labels"] == expect["train"]
 
 
+def test_a_hugging_face_folder_with_a_class_label_column_gives_its_class_names(cli, tiny_model, tmp_path):
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    rows = ticket_rows()
+    names = sorted(LABELS)
+    features = Features({"text": Value("string"), "label": ClassLabel(names=names)})
+    Dataset.from_dict(
+        {"text": [r["text"] for r in rows], "label": [names.index(r["label"]) for r in rows]}, features=features
+    ).save_to_disk(str(tmp_path / "hf-tickets"))
+    out = json.loads(prepare(cli, tiny_model, tmp_path / "hf-tickets", "--split", "60/20/20").stdout)
+    assert out["kind"] == "classification"
+    assert out["card"]["label_names"] == names  # the names, not "0", "1", "2"
+    assert out["card"]["labels"] == {lab: round(n * 0.6) for lab, n in LABELS.items()}
+
+
 def test_cleaning_applies_to_the_text_and_duplicates_are_by_text(cli, tiny_model, tmp_path):
     rows = [
         {"text": "  refund   please, mail me at jane@example.com ", "label": "billing"},

@@ -5,7 +5,8 @@ Contract
 * :func:`read_inputs` reads JSONL (any other suffix), ``.json`` (a list of
   objects, a mapping holding one, or a single chat object), ``.csv`` (a header
   row; cells holding a JSON list, e.g. ``messages``, are decoded) and Hugging
-  Face ``datasets`` folders written with ``save_to_disk`` (every split). It
+  Face ``datasets`` folders written with ``save_to_disk`` (every split; a
+  ``ClassLabel`` column is read as its class names, -1 as no label). It
   returns the records in input order, each with its source location
   (``file:line``, ``file:#n`` or ``folder[split]#n``), and the locations of
   skipped malformed lines.
@@ -136,7 +137,7 @@ def _maybe_json(v: Any) -> Any:
 
 
 def _read_hf(p: Path) -> list[Record]:
-    from datasets import Dataset, DatasetDict, load_from_disk
+    from datasets import ClassLabel, Dataset, DatasetDict, load_from_disk
 
     try:
         ds = load_from_disk(
@@ -148,5 +149,11 @@ def _read_hf(p: Path) -> list[Record]:
     out = []
     for split, d in parts:
         assert isinstance(d, Dataset)
-        out += [Record(f"{p}[{split}]#{i}" if split else f"{p}#{i}", dict(r)) for i, r in enumerate(d, 1)]
+        names = {c: f for c, f in d.features.items() if isinstance(f, ClassLabel)}
+        for i, r in enumerate(d, 1):
+            row = dict(r)
+            for c, f in names.items():  # a ClassLabel column holds ints: give its class names (-1 = no label)
+                if isinstance(row.get(c), int):
+                    row[c] = f.int2str(row[c]) if row[c] >= 0 else None
+            out.append(Record(f"{p}[{split}]#{i}" if split else f"{p}#{i}", row))
     return out
