@@ -340,6 +340,33 @@ def confidences(con: duckdb.DuckDBPyConnection, version: str, start: datetime, e
     return np.asarray([r[0] for r in rows if r[0] is not None], dtype=float)
 
 
+def _result(
+    result_id: str,
+    prod: ClassifyStats | ProductionStats,
+    window: str,
+    feats: list[FeatureResult],
+    settings: DriftSettings,
+    hist: dict[str, Any],
+    **extra: Any,
+) -> DriftResult:
+    """The window's result: its overall score is the share of drifted features, drifted at the threshold."""
+    score = sum(f.drifted for f in feats) / len(feats) if feats else 0.0
+    return DriftResult(
+        id=result_id,
+        model_version=prod.model_version,
+        window=window,
+        window_start=prod.window_start,
+        window_end=prod.window_end,
+        n_requests=prod.n_requests,
+        features=feats,
+        score=score,
+        threshold=settings.overall_threshold,
+        drifted=bool(feats) and score >= settings.overall_threshold,
+        histograms=hist,
+        **extra,
+    )
+
+
 def compare_classify(
     reference_labels: dict[str, int],
     prod: ClassifyStats,
@@ -414,20 +441,7 @@ def compare_classify(
             "reference": (rb / rb.sum()).tolist(),
             "production": (pb / pb.sum()).tolist(),
         }
-    score = sum(f.drifted for f in feats) / len(feats) if feats else 0.0
-    return DriftResult(
-        id=result_id,
-        model_version=prod.model_version,
-        window=window,
-        window_start=prod.window_start,
-        window_end=prod.window_end,
-        n_requests=prod.n_requests,
-        features=feats,
-        score=score,
-        threshold=settings.overall_threshold,
-        drifted=bool(feats) and score >= settings.overall_threshold,
-        histograms=hist,
-    )
+    return _result(result_id, prod, window, feats, settings, hist)
 
 
 # ---- comparison ------------------------------------------------------------------------------
@@ -656,18 +670,4 @@ def compare(
             )
         )
 
-    score = sum(f.drifted for f in feats) / len(feats) if feats else 0.0
-    return DriftResult(
-        id=result_id,
-        model_version=prod.model_version,
-        window=window,
-        window_start=prod.window_start,
-        window_end=prod.window_end,
-        n_requests=prod.n_requests,
-        features=feats,
-        score=score,
-        threshold=settings.overall_threshold,
-        drifted=bool(feats) and score >= settings.overall_threshold,
-        new_words=prod.new_words,
-        histograms=hist,
-    )
+    return _result(result_id, prod, window, feats, settings, hist, new_words=prod.new_words)

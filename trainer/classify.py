@@ -258,7 +258,7 @@ def _build_trainer(
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer
 
-    from tuneloop.trainer.run_support import TRACKING_PROJECT, quiet, train_precision
+    from tuneloop.trainer.run_support import quiet, train_precision, trainer_args
 
     if not progress:
         import datasets
@@ -314,36 +314,9 @@ def _build_trainer(
     val_ds = _encode(val, tokenizer, label2id, cfg.max_seq_length) if val is not None and len(val) > 0 else None
     from transformers import TrainingArguments
 
-    args = TrainingArguments(
-        output_dir=str(out),
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler_type,
-        warmup_steps=cfg.warmup_ratio,
-        num_train_epochs=cfg.num_train_epochs,
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        weight_decay=cfg.weight_decay,
-        optim=cfg.optim,
-        gradient_checkpointing=cfg.gradient_checkpointing and cfg.method != "feature_extraction",
-        seed=cfg.seed,
-        logging_steps=cfg.logging_steps,
-        save_strategy="steps" if cfg.save_steps > 0 else "no",
-        save_steps=cfg.save_steps or 500,
-        save_total_limit=cfg.save_total_limit,
-        report_to=list(cfg.report_to),
-        run_name=run_name,
-        project=TRACKING_PROJECT,
-        disable_tqdm=not progress,
-        bf16=prec == "bf16",
-        fp16=prec == "fp16",
-        use_cpu=not torch.cuda.is_available(),
-        eval_strategy="steps" if (cfg.eval_steps > 0 and val_ds is not None) else "no",
-        eval_steps=cfg.eval_steps or None,
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-    )
+    kw = trainer_args(cfg, out, run_name, progress, val_ds is not None)
+    kw["gradient_checkpointing"] = cfg.gradient_checkpointing and cfg.method != "feature_extraction"
+    args = TrainingArguments(**kw, remove_unused_columns=False)
     y = [int(v) for v in train_ds["labels"]]
     trainer = _classifier_trainer_class(Trainer)(
         model=model,

@@ -17,6 +17,7 @@ Contract
   how to resume; :func:`failure_recorded` wraps everything after the run row is written:
   any failure (Ctrl-C included) ends the trackers' run (KILLED or FAILED), records the run
   ``failed`` with the error, prints why an interrupted run stopped, and re-raises.
+* :func:`trainer_args` gives the ``TrainingArguments`` keys every run derives from its config.
 * :func:`run_metrics` summarises a finished ``Trainer`` run (losses, steps, rows, runtime,
   tokens); :func:`train_precision` picks fp32 on CPU / bf16 on GPU for ``precision=auto``;
   :func:`quiet` drops the callback that prints every log dict.
@@ -217,6 +218,43 @@ def end_tracking(tracking: dict[str, Any], env: dict[str, str], status: str) -> 
             mlflow.end_run(status)
         elif status != "FINISHED":
             mlflow.MlflowClient(info["tracking_uri"]).set_terminated(info["run_id"], status)
+
+
+def trainer_args(cfg: TrainConfig, out: Path, run_name: str | None, progress: bool, has_val: bool) -> dict[str, Any]:
+    """The ``TrainingArguments`` keys every training run sets from its :class:`TrainConfig` (schedule, batches,
+    checkpoints, trackers, precision, evaluation); each trainer adds its own (TRL configs, classification)."""
+    import torch
+
+    prec = train_precision(cfg)
+    return dict(
+        output_dir=str(out),
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_ratio,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        weight_decay=cfg.weight_decay,
+        optim=cfg.optim,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        seed=cfg.seed,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps" if cfg.save_steps > 0 else "no",
+        save_steps=cfg.save_steps or 500,
+        save_total_limit=cfg.save_total_limit,
+        report_to=list(cfg.report_to),
+        run_name=run_name,
+        project=TRACKING_PROJECT,
+        disable_tqdm=not progress,
+        bf16=prec == "bf16",
+        fp16=prec == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        eval_strategy="steps" if (cfg.eval_steps > 0 and has_val) else "no",
+        eval_steps=cfg.eval_steps or None,
+        dataloader_num_workers=0,
+    )
 
 
 def train_stoppably(

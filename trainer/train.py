@@ -104,12 +104,12 @@ from tuneloop.trainer.inputs import (
 )
 from tuneloop.trainer.peft_methods import is_prompt_learning, peft_config, registered_kind, serving, trainer_callbacks
 from tuneloop.trainer.run_support import (
-    TRACKING_PROJECT,
     TrainResult,
     default_name,
     failure_recorded,
     last_checkpoint,
     train_stoppably,
+    trainer_args,
 )
 from tuneloop.trainer.run_support import end_tracking as _end_tracking
 from tuneloop.trainer.run_support import environ_set as _environ
@@ -416,35 +416,7 @@ def _build_trainer(
         model = PeftModel.from_pretrained(model, str(init), is_trainable=True)
         peft_cfg = None
     has_val = val_ds is not None and len(val_ds) > 0
-    common: dict[str, Any] = dict(
-        output_dir=str(out),
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler_type,
-        warmup_steps=cfg.warmup_ratio,
-        num_train_epochs=cfg.num_train_epochs,
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        weight_decay=cfg.weight_decay,
-        optim=cfg.optim,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        seed=cfg.seed,
-        logging_steps=cfg.logging_steps,
-        save_strategy="steps" if cfg.save_steps > 0 else "no",
-        save_steps=cfg.save_steps or 500,
-        save_total_limit=cfg.save_total_limit,
-        report_to=list(cfg.report_to),
-        run_name=run_name,
-        project=TRACKING_PROJECT,
-        disable_tqdm=not progress,
-        bf16=prec == "bf16",
-        fp16=prec == "fp16",
-        use_cpu=not torch.cuda.is_available(),
-        eval_strategy="steps" if (cfg.eval_steps > 0 and has_val) else "no",
-        eval_steps=cfg.eval_steps or None,
-        dataloader_num_workers=0,
-    )
+    common = trainer_args(cfg, out, run_name, progress, has_val)
     if cfg.method == "dpo":
         from trl import DPOConfig, DPOTrainer
 
