@@ -47,6 +47,9 @@ backend replicas
     balance roundrobin
     option httpchk GET /readyz
     http-check expect status 200
+    # without it a check times out after `inter` (200 ms): one slow /readyz on the replica left alone, while the
+    # other loads its engine on the same two cores, took it out and haproxy itself answered 503 to everything
+    timeout check 2s
     default-server inter 200ms fastinter 100ms downinter 200ms fall 1 rise 1
 {servers}
 """
