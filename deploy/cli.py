@@ -363,6 +363,7 @@ def _register_loop(sub: argparse._SubParsersAction) -> None:
         "  tuneloop loop --watch --min-feedback 50 --every 24h\n"
         "  tuneloop loop --train method=kto                        # train on thumbs-up/down\n"
         "  tuneloop loop --train method=auto                       # dpo, kto or sft: what the feedback supports\n"
+        "  tuneloop loop --task classification --window 24h        # the production classifier's cycle\n"
         "  tuneloop --set deploy.loop_train_method=auto loop --watch   # global options go before the command\n\n"
         "training objective (--train method=, else deploy.loop_train_method, default sft):\n"
         "  sft   a LoRA on the sampled SFT set: corrections and thumbs-up answers, plus unrated traffic\n"
@@ -370,10 +371,20 @@ def _register_loop(sub: argparse._SubParsersAction) -> None:
         "  dpo   a LoRA with DPO on the preference pairs: correction (chosen) vs served response (rejected)\n"
         "  kto   a LoRA with KTO on thumbs-up/corrections (desirable) and thumbs-down (undesirable) answers\n"
         "  auto  dpo with >= deploy.loop_min_pairs pairs, else kto with both thumbs-up and -down, else sft\n"
-        "The train step's line shows the objective chosen and why.",
+        "The train step's line shows the objective chosen and why.\n"
+        "With --task classification: --train method=feature_extraction|lora|full (sft and auto mean lora); the\n"
+        "next classifier starts from the production one.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--cycle", help="resume this cycle id (default: a new cycle)")
+    p.add_argument(
+        "--task",
+        choices=("chat", "classification"),
+        default="chat",
+        help="chat (default): the production chat model's loop; classification: the production classifier's "
+        "(classify traffic and label feedback -> the next classifier -> macro-F1 gate -> canary on a classifier "
+        "server, judged on label corrections and latency)",
+    )
     p.add_argument(
         "--window", default=None, help="sample requests from this window (e.g. 24h; default: since the last cycle)"
     )
@@ -425,6 +436,7 @@ def cmd_loop(args: argparse.Namespace, ctx: Context) -> int:
     check_inputs(ctx.db, ctx.settings, None, args.golden or ctx.settings.deploy.gate_golden or None, args.general)
 
     opts = LoopOptions(
+        task=args.task,
         window=args.window,
         strategies=args.strategy,
         limit=args.limit,

@@ -29,6 +29,14 @@ Contract
   loop`` and ``tuneloop demo`` both run their cycles through it.
 * Outcomes: ``promoted``, ``rolled_back``, ``gate_failed``, ``nothing_to_do``
   (no new data to sample).
+* ``LoopOptions.task="classification"`` runs the same steps for the production
+  *classifier* (stages are per task): the sample is a classification set
+  (``feedback sample --task classification``: label corrections and confirmed
+  predictions), the train step trains the next classifier from the production
+  one (:func:`_do_train_classifier`), the gate is macro-F1 with the paired
+  bootstrap (:mod:`tuneloop.deploy.gate_classify`), and the canary runs on a
+  classifier server (which serves the candidate by an extra engine,
+  :mod:`tuneloop.server.engine_pool`), judged on label corrections and latency.
 
 The ``loop_runs`` rows, canaries and stages are read and written through the
 storage layer (:mod:`tuneloop.store_deploy`, :mod:`tuneloop.registry`), whose
@@ -72,6 +80,14 @@ class LoopError(UserError, RuntimeError):
 
 @dataclass
 class LoopOptions:
+    task: str = field(
+        default="chat",
+        metadata={
+            "help": "chat: sample chat traffic, train a generative version, gate on answers; classification: "
+            "sample classify traffic and label feedback, train the next classifier from the production one, gate "
+            "on macro-F1, canary on label corrections and latency. Stages are per task."
+        },
+    )
     window: str | None = field(
         default=None,
         metadata={"help": "Sample requests from this window (e.g. 24h); default: since the last cycle's sample."},
@@ -222,6 +238,8 @@ def run_cycle(
     from tuneloop.registry import get_version, version_by_stage
 
     opts = opts or LoopOptions()
+    if opts.task not in ("chat", "classification"):
+        raise LoopError(f"unknown task {opts.task!r}: choose chat or classification")
     say: Callable[[str], None] = log or ((lambda m: print(m, flush=True)) if opts.progress else (lambda m: None))
     if cycle_id and not cycle_exists(db, cycle_id):
         raise LoopError(f"unknown cycle {cycle_id!r}; see `tuneloop loop --help` (start a new cycle without --cycle)")
@@ -254,16 +272,17 @@ def run_cycle(
         say(f"[{cycle_id[:8]}] {name}: {status} {_brief(name, {**inputs, **out})}")
         return {**inputs, **out}
 
-    prod = version_by_stage(db, "production")
+    prod = version_by_stage(db, "production", task=opts.task)
 
     # 1. sample
     s = finished("sample")
     if s is None:
         until = utcnow()
-        since = None if opts.window else last_sample_until(db, cycle_id)
+        since = None if opts.window else last_sample_until(db, cycle_id, task=opts.task)
         s = step(
             "sample",
             {
+                "task": opts.task,
                 "window": opts.window,
                 "since": str(since) if since else None,
                 "until": until.isoformat(),
@@ -323,6 +342,7 @@ def _do_sample(db: Database, settings: Settings, opts: LoopOptions, d: dict[str,
         replay = get_version(db, d["production"]).dataset_id
     cfg = SampleConfig(
         name=opts.dataset_name or f"loop-{cycle_id[-12:]}",
+        task=opts.task,
         strategies=parse_strategies(opts.strategies),
         limit=opts.limit,
         since=datetime.fromisoformat(d["since"]) if d.get("since") else None,
@@ -352,6 +372,20 @@ def sample(*a: Any, **kw: Any) -> Any:  # indirection so the step is easy to fol
     return _sample(*a, **kw)
 
 
+def _requested_method(opts: LoopOptions, settings: Settings) -> tuple[str, str]:
+    """(method asked for, where): a ``method=`` train override, the train config file, ``opts.method``, the setting
+    ``deploy.loop_train_method``, first to last."""
+    from tuneloop.config import load_yaml, parse_overrides
+
+    asked: list[tuple[Any, str]] = [
+        (parse_overrides(opts.train_overrides).get("method"), "--train method="),
+        (load_yaml(opts.train_config).get("method"), f"method in {opts.train_config}"),
+        (opts.method, "the loop's method option"),
+        (settings.deploy.loop_train_method, "deploy.loop_train_method"),
+    ]
+    return next((str(m), src) for m, src in asked if m)
+
+
 def _do_train(db: Database, settings: Settings, opts: LoopOptions, d: dict[str, Any]) -> dict[str, Any]:
     """Train the step's version on the objective asked for (or, with ``auto``, the one the sample supports).
 
@@ -361,7 +395,7 @@ def _do_train(db: Database, settings: Settings, opts: LoopOptions, d: dict[str, 
     ``auto`` picks one with :func:`tuneloop.feedback.sample.choose_objective` from the feedback counts
     in the SFT set's card. The details record the objective, the method and why.
     """
-    from tuneloop.config import load_yaml, parse_overrides
+    from tuneloop.config import parse_overrides
     from tuneloop.feedback.sample import choose_objective
     from tuneloop.modelcache import DEFAULT_BASE, resolve_model
     from tuneloop.registry import RegistryError, get_dataset, get_version, trained_version_run
@@ -371,13 +405,9 @@ def _do_train(db: Database, settings: Settings, opts: LoopOptions, d: dict[str, 
     existing = trained_version_run(db, d["version"])
     if existing:
         return {"run_id": existing, "reused": True}
-    asked: list[tuple[Any, str]] = [
-        (parse_overrides(opts.train_overrides).get("method"), "--train method="),
-        (load_yaml(opts.train_config).get("method"), f"method in {opts.train_config}"),
-        (opts.method, "the loop's method option"),
-        (settings.deploy.loop_train_method, "deploy.loop_train_method"),
-    ]
-    requested, source = next((str(m), src) for m, src in asked if m)
+    if opts.task == "classification":
+        return _do_train_classifier(db, settings, opts, d)
+    requested, source = _requested_method(opts, settings)
     card = get_dataset(db, d["dataset"]).card or {}
     fb = card.get("feedback") or {}
     pref_id = d.get("preference") or card.get("preference_dataset")
@@ -447,6 +477,56 @@ def _do_train(db: Database, settings: Settings, opts: LoopOptions, d: dict[str, 
     }
 
 
+def _do_train_classifier(db: Database, settings: Settings, opts: LoopOptions, d: dict[str, Any]) -> dict[str, Any]:
+    """Train the next classifier on the sampled classification set.
+
+    The method comes from the same places as a chat cycle's (a ``method=`` override, the train config file,
+    ``opts.method``, ``deploy.loop_train_method``): ``feature_extraction``, ``lora`` or ``full``; ``sft`` and
+    ``auto`` mean ``lora`` (merged into the classifier: body and head learn); ``dpo`` and ``kto`` are refused (a
+    classifier learns from labels). With a production classifier and ``deploy.loop_continue_training`` on, training
+    starts from its folder, so the next version keeps what it learned (the same label order when the sample has
+    the same classes, a fresh head otherwise); else from its base model (or the default base)."""
+    from tuneloop.config import parse_overrides
+    from tuneloop.modelcache import DEFAULT_BASE, resolve_model
+    from tuneloop.registry import get_version
+    from tuneloop.trainer.config import CLASSIFICATION_METHODS
+    from tuneloop.trainer.train import train
+
+    requested, source = _requested_method(opts, settings)
+    if requested in ("sft", "auto"):
+        method, why = "lora", f"{requested} from {source}: a LoRA merged into the classifier"
+    elif requested in CLASSIFICATION_METHODS:
+        method, why = requested, f"{requested} from {source}"
+    else:
+        raise LoopError(
+            f"method {requested!r} ({source}) does not train a classifier, which learns from labels: choose "
+            f"{', '.join(CLASSIFICATION_METHODS)} (sft and auto mean lora)"
+        )
+    parent = get_version(db, d["parent"]) if d.get("parent") else None
+    if parent is not None and settings.deploy.loop_continue_training:
+        base = parent.name  # the production classifier's own folder
+    elif parent is not None:
+        base = parent.base_model
+    else:
+        base = str(resolve_model(settings.server.model or DEFAULT_BASE, settings.paths.models_path))
+    overrides = [o for o in opts.train_overrides if not {"method", "task"} & set(parse_overrides([o]))]
+    overrides += [f"method={method}", "task=classification"]
+    cfg = build_train_config(
+        dataclasses.replace(opts, train_overrides=overrides), base, d["dataset"], d["version"], d.get("parent")
+    )
+    res = train(cfg, db, settings, progress=opts.progress)
+    return {
+        "run_id": res.run_id,
+        "version": res.version.name,
+        "base": base,
+        "metrics": res.metrics,
+        "train_dataset": d["dataset"],
+        "objective": "classification",
+        "method": method,
+        "method_reason": why,
+    }
+
+
 def _is_lora(path: str) -> bool:
     import json
     from pathlib import Path
@@ -463,7 +543,7 @@ def _do_gate(
 
     # three sets by default: the production slice (the sample's held-out requests), the retention set (the
     # production version's training data, against forgetting) and the golden prompts (option or deploy.gate_golden)
-    prod = version_by_stage(db, "production")
+    prod = version_by_stage(db, "production", task=opts.task)
     retention = opts.general or (prod.dataset_id if prod is not None and prod.name != d["version"] else None)
     golden = opts.golden or settings.deploy.gate_golden or None
     r = run_gate(
@@ -499,12 +579,12 @@ def _do_canary(
     from tuneloop.store_deploy import last_canary_of, promote_version
 
     name = d["version"]
-    prod = version_by_stage(db, "production")
+    prod = version_by_stage(db, "production", task=opts.task)
     if prod is None or not opts.canary:
         why = "first production version" if prod is None else "canary disabled"
         promote_version(db, name, actor=opts.actor, reason=f"loop: gate passed; {why}")
         return {"outcome": "promoted", "reason": f"promoted directly ({why})"}
-    run = canary.running(db)
+    run = canary.running(db, task=opts.task)
     if run is not None and run.candidate != name:
         raise LoopError(f"another canary ({run.candidate}) is running: decide it before this cycle can canary {name}")
     if run is None:

@@ -43,13 +43,16 @@ if TYPE_CHECKING:
     from tuneloop.settings import Settings
 
 
-def trigger(db: Database, since: datetime | None, min_feedback: int, every_s: float | None) -> str | None:
-    """Why a new cycle should run now (or None): drift of the production version, new feedback, or the schedule."""
+def trigger(
+    db: Database, since: datetime | None, min_feedback: int, every_s: float | None, task: str = "chat"
+) -> str | None:
+    """Why a new cycle should run now (or None): drift of the production version of ``task``, new feedback, or the
+    schedule."""
     from tuneloop.registry import version_by_stage
     from tuneloop.store_monitoring import feedback_since, latest_overall_drift
 
     since = since or datetime(1970, 1, 1)
-    prod = version_by_stage(db, "production")
+    prod = version_by_stage(db, "production", task=task)
     if prod is not None:
         d = latest_overall_drift(db, prod.name, since=since, drifted_only=True)
         if d:
@@ -121,7 +124,7 @@ def watch(
         ]
         print(f"watching: a cycle runs on {', or '.join(fires)} (checked every {poll_s:g} s)", flush=True)
         while (max_cycles is None or len(results) < max_cycles) and not stop.signal:
-            why = trigger(db, last_started(db), min_feedback, every_s)
+            why = trigger(db, last_started(db), min_feedback, every_s, task=opts.task)
             if why and not stop.signal:
                 print(f"trigger: {why}", flush=True)
                 results.append(stop.cycle(lambda: run_cycle(db, settings, opts)))

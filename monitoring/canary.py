@@ -18,8 +18,11 @@ module adds the statistics and the decision.
 * :func:`arm_stats` — per arm (``production``, ``canary``) from the canary's
   start to its decision (a decided canary's statistics stay what the judge saw,
   not the traffic after it): requests, server errors (status >= 500; client errors and aborts are
-  not the model's fault), p50 time to first token (TTFT) of successful requests, rated feedback
-  and its thumbs-down share, and the latest overall drift verdict per version. The
+  not the model's fault), p50 time to first token (TTFT) of successful requests (of a
+  classifier, which produces no tokens: its whole latency), judged requests and the share
+  judged wrong — the newest feedback per request: a ``label`` (a classifier's correct class)
+  is wrong when it differs from the predicted label, else a thumbs-down or 1-2 stars —, and
+  the latest overall drift verdict per version. The
   statistics are DuckDB SQL on :meth:`Database.analytics` (``requests`` and
   ``feedback``): the file itself for DuckDB; for PostgreSQL only the rows since the
   canary started are copied (``where`` on ``received_at`` / ``created_at``).
@@ -117,6 +120,8 @@ class ArmStats:
     ttft_n: int = 0
     log_ttft_mean: float = 0.0
     log_ttft_var: float = 0.0
+    # "ttft" (time to first token, generations) or "latency" (whole request, classifications)
+    latency_kind: str = "ttft"
 
 
 @dataclass
@@ -164,39 +169,39 @@ def running(db: Database, task: str | None = None) -> Canary | None:
 
 
 def start(db: Database, candidate: str, share: float, actor: str = "tuneloop", reason: str = "") -> Canary:
-    """Start a canary for ``candidate`` taking ``share`` of production traffic (see module doc). A classifier is
-    refused: a server runs one classifier engine, so it cannot split traffic between two classifier folders yet
-    (the storage layer keeps one canary per task, ready for it); gate and promote it directly."""
-    from tuneloop.registry import find_version
-
-    v = find_version(db, candidate)
-    if v is not None and v.task == "classification":
-        raise CanaryError(
-            f"{candidate} is a classifier, and a server runs one classifier engine, so it cannot split traffic "
-            f"between two classifiers yet: gate it and promote it directly (`tuneloop deploy promote {candidate}`)"
-        )
+    """Start a canary for ``candidate`` taking ``share`` of its task's production traffic (see module doc). A
+    classifier canary is served beside the production classifier by an extra engine of the classifier server
+    (:mod:`tuneloop.server.engine_pool`)."""
     return store_deploy.start_canary(db, candidate, share, actor=actor, reason=reason)
 
 
 _ARM_SQL = f"""
 WITH r AS (
-    SELECT id, arm, model_version, status, ttft_s FROM requests
+    SELECT id, route, arm, model_version, status, response,
+           -- the latency guardrail: time to first token of generations, the whole latency of a classification
+           coalesce(ttft_s, CASE WHEN route = 'classify' THEN latency_s END) AS lat_s
+    FROM requests
     WHERE received_at >= ? AND received_at <= ? AND arm IN ('production', 'canary')
 ), fb AS (
     SELECT request_id,
-           arg_max(rating, created_at) AS rating, arg_max(rating_kind, created_at) AS rating_kind
-    FROM feedback WHERE rating IS NOT NULL AND request_id IN (SELECT id FROM r) GROUP BY request_id
+           arg_max(rating, created_at) AS rating, arg_max(rating_kind, created_at) AS rating_kind,
+           arg_max(label, created_at) AS label
+    FROM feedback WHERE (rating IS NOT NULL OR label IS NOT NULL) AND request_id IN (SELECT id FROM r)
+    GROUP BY request_id
 )
 SELECT r.arm,
        arg_max(r.model_version, r.id) AS model_version,
        count(*) AS requests,
        count(*) FILTER (WHERE r.status >= 500) AS errors,
-       quantile_cont(r.ttft_s, 0.5) FILTER (WHERE r.status < 400) AS ttft_p50_s,
-       count(*) FILTER (WHERE r.status < 400 AND r.ttft_s > 0) AS ttft_n,
-       avg(ln(r.ttft_s)) FILTER (WHERE r.status < 400 AND r.ttft_s > 0) AS log_ttft_mean,
-       var_pop(ln(r.ttft_s)) FILTER (WHERE r.status < 400 AND r.ttft_s > 0) AS log_ttft_var,
-       count(fb.rating) AS rated,
-       count(*) FILTER (WHERE {negative_sql("fb.rating", "fb.rating_kind")}) AS negative
+       quantile_cont(r.lat_s, 0.5) FILTER (WHERE r.status < 400) AS ttft_p50_s,
+       count(*) FILTER (WHERE r.status < 400 AND r.lat_s > 0) AS ttft_n,
+       avg(ln(r.lat_s)) FILTER (WHERE r.status < 400 AND r.lat_s > 0) AS log_ttft_mean,
+       var_pop(ln(r.lat_s)) FILTER (WHERE r.status < 400 AND r.lat_s > 0) AS log_ttft_var,
+       count(*) FILTER (WHERE fb.rating IS NOT NULL OR fb.label IS NOT NULL) AS rated,
+       -- a label (a classifier's correct class) decides: wrong when it differs from the prediction; else the rating
+       count(*) FILTER (WHERE CASE WHEN fb.label IS NOT NULL THEN fb.label <> r.response
+                                   ELSE coalesce({negative_sql("fb.rating", "fb.rating_kind")}, false) END) AS negative,
+       count(*) FILTER (WHERE r.route = 'classify') AS classify_requests
 FROM r LEFT JOIN fb ON fb.request_id = r.id
 GROUP BY r.arm
 """
@@ -233,6 +238,8 @@ def arm_stats(db: Database, c: Canary) -> dict[str, ArmStats]:
         s.ttft_n = int(r["ttft_n"] or 0)
         s.log_ttft_mean = float(r["log_ttft_mean"] or 0.0)
         s.log_ttft_var = float(r["log_ttft_var"] or 0.0)
+        if int(r["classify_requests"] or 0) * 2 > s.requests:
+            s.latency_kind = "latency"
     for s in out.values():
         if not s.model_version:
             continue
@@ -279,8 +286,9 @@ def metric_intervals(ca: ArmStats, pa: ArmStats, deploy: DeploySettings) -> dict
 
 def _detail(name: str, ca: ArmStats, pa: ArmStats, iv: Interval, margin: float) -> str:
     if name == "negative_feedback":
+        what = "judged wrong (label corrected or thumbs-down)" if ca.latency_kind == "latency" else "thumbs-down"
         return (
-            f"thumbs-down {ca.negative_share:.0%} of {ca.rated} vs {pa.negative_share:.0%} of {pa.rated} "
+            f"{what} {ca.negative_share:.0%} of {ca.rated} vs {pa.negative_share:.0%} of {pa.rated} "
             f"(difference in {_pct(iv)}, margin {margin:+.0%})"
         )
     if name == "error_rate":
@@ -288,8 +296,9 @@ def _detail(name: str, ca: ArmStats, pa: ArmStats, iv: Interval, margin: float) 
             f"error rate {ca.error_rate:.2%} vs {pa.error_rate:.2%} (difference in {_pct(iv, 2)}, margin {margin:+.2%})"
         )
     lo, hi = (math.exp(v) if math.isfinite(v) else (0.0 if v < 0 else math.inf) for v in (iv.lo, iv.hi))
+    what = "latency" if ca.latency_kind == "latency" else "time to first token"
     return (
-        f"p50 time to first token {_fmt_s(ca.ttft_p50_s)} vs {_fmt_s(pa.ttft_p50_s)} "
+        f"p50 {what} {_fmt_s(ca.ttft_p50_s)} vs {_fmt_s(pa.ttft_p50_s)} "
         f"(geometric-mean ratio in [x{lo:.2f}, x{hi:.2f}], margin x{math.exp(margin):.2f})"
     )
 

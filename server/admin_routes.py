@@ -21,7 +21,8 @@ Contract
   requests already running on it finish, then it is evicted (200 with what
   was removed). A version in production or canary is refused (409).
 * ``GET /admin/state`` / ``POST /admin/state/refresh``: deploy state (aliases,
-  canary split) as last read from the database / re-read now.
+  canary split) as last read from the database / re-read now; on a classifier
+  server also its extra engines (``engines``: version -> ``ready`` / ``starting``).
 * ``GET /admin/log`` / ``POST /admin/log/flush``: request-log writer counters /
   write every queued row now.
 """
@@ -100,6 +101,7 @@ def _state(request: Request) -> RoutingStateOut:
         canary_production=st.canary_production,
         refreshed_at=st.refreshed_at,
         adapters=[a.name for a in eng.adapters()],
+        engines=router.pool.states() if router.pool is not None else {},
     )
 
 

@@ -72,6 +72,7 @@ from tuneloop.server.auth import Auth, admin_guard, inference_guard
 from tuneloop.server.background import start_background, stop_background
 from tuneloop.server.classify_routes import ClassifyController
 from tuneloop.server.engine import Engine
+from tuneloop.server.engine_pool import EnginePool
 from tuneloop.server.errors import exception_handlers
 from tuneloop.server.feedback_routes import FeedbackController
 from tuneloop.server.protocol import Health
@@ -408,7 +409,8 @@ def create_app(
     serving_metrics = ServingMetrics(registry)
     writer = RequestLogWriter(db, settings.log, serving_metrics, replica=settings.server.replica_name)
     auth = Auth(db, settings.auth, refresh_s=settings.server.state_refresh_s)
-    router = ModelRouter(db, engine, settings.server.state_refresh_s, serving_metrics)
+    pool = EnginePool(engine, settings.engine, settings.server.classifier_engines, serving_metrics)
+    router = ModelRouter(db, engine, settings.server.state_refresh_s, serving_metrics, pool=pool)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -442,6 +444,7 @@ def create_app(
             if refresher is not None:
                 refresher.cancel()
                 await asyncio.gather(refresher, return_exceptions=True)
+            pool.shutdown()  # the extra classifier engines
             if owns_engine:
                 engine.shutdown()
             left = await asyncio.to_thread(writer.close, 30.0)

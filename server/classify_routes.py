@@ -10,12 +10,13 @@ Contract
   inputs, not mixed: else a 400 ``invalid_input``). ``model`` (default: the
   served model's name) resolves through the server's
   :class:`tuneloop.server.routing.ModelRouter` like chat's ``model``
-  (aliases, canary split sticky per ``user`` / API key); a version is served
-  only when its folder is the engine's (else the router's 400
-  ``model_not_servable``). The response ``model`` and ``X-Model-Version`` name
+  (aliases, canary split sticky per ``user`` / API key); another classifier
+  version than the engine's own folder is served by its extra engine of the
+  server's pool (:mod:`tuneloop.server.engine_pool`, started on first use;
+  ``server.classifier_engines`` 0: the router's 400 ``model_not_servable``). The response ``model`` and ``X-Model-Version`` name
   the served version; ``id`` is the request id (``classify-...``, also
   ``X-Request-Id``).
-* The work is :meth:`tuneloop.server.engine.Engine.classify`:
+* The work is :meth:`tuneloop.server.engine.Engine.classify` of the routed engine:
   ``AsyncLLM.encode`` with ``PoolingParams(task="classify")``, one engine
   request per input, all in flight together. On a server whose engine is not
   a classifier the route is a 400 ``model_not_classifier`` saying how to serve
@@ -135,12 +136,16 @@ class ClassifyController(Controller):
         items = inputs(data.input)
         route = await router.resolve(data.model or engine.served_name, data.user or ctx.key_id)
         ctx.version, ctx.arm = route.version, route.arm
-        ids = engine.classify_ids(items, data.truncate_prompt_tokens, data.truncation_side, data.add_special_tokens)
-        try:
-            results = await engine.classify(ids, ctx.id, data.use_activation)
-        except asyncio.CancelledError:  # the client went away: log it as such, then let the cancellation through
-            ctx.submit(request, 499, error="client_closed_request: the client disconnected")
-            raise
+        async with router.engine_for(route) as served_by:  # the main engine, or another classifier's extra engine
+            ids = served_by.classify_ids(
+                items, data.truncate_prompt_tokens, data.truncation_side, data.add_special_tokens
+            )
+            try:
+                results = await served_by.classify(ids, ctx.id, data.use_activation)
+            except asyncio.CancelledError:  # the client went away: log it as such, then let the cancellation through
+                ctx.submit(request, 499, error="client_closed_request: the client disconnected")
+                raise
+            labels = served_by.labels or []
         served = ctx.version or engine.served_name
         body = ClassificationResponse(
             id=ctx.id,
@@ -149,7 +154,7 @@ class ClassifyController(Controller):
             data=[ClassificationData(i, r.label, r.probs, len(r.probs)) for i, r in enumerate(results)],
             usage=ClassificationUsage(prompt_tokens=sum(len(i) for i in ids), total_tokens=sum(len(i) for i in ids)),
         )
-        _log(request, ctx, items, results, engine.labels or [])
+        _log(request, ctx, items, results, labels)
         return Response(_enc.encode(body), media_type="application/json", headers=ctx.headers())
 
 

@@ -49,6 +49,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
+import hashlib
 import itertools
 import json
 import logging
@@ -796,11 +798,31 @@ def _next_rank(r: int) -> int:
 
 
 def _same_model(a: Path, b: Path) -> bool:
-    """Two folders hold the same model when their config.json and weight file sizes agree (a copy or a moved cache)."""
+    """Two folders hold the same model when their config.json agree and their weight files have the same bytes (a
+    copy or a moved cache). Sizes alone are not enough: every fine-tune of a base (a merged LoRA, a full fine-tune,
+    another classifier head) has its config and its weight sizes, and serving one for the other is silently wrong."""
     try:
         if json.loads((a / "config.json").read_text()) != json.loads((b / "config.json").read_text()):
             return False
-        sizes = lambda d: sorted((f.name, f.stat().st_size) for f in d.glob("*.safetensors"))  # noqa: E731
-        return sizes(a) == sizes(b)
+        fa, fb = _weight_files(a), _weight_files(b)
+        if [(n, size) for n, size, _ in fa] != [(n, size) for n, size, _ in fb] or not fa:
+            return False
+        return _weights_digest(str(a), fa) == _weights_digest(str(b), fb)
     except (OSError, json.JSONDecodeError):
         return False
+
+
+def _weight_files(d: Path) -> tuple[tuple[str, int, int], ...]:
+    """(name, size, mtime_ns) of a folder's safetensors files, sorted: the key of a cached digest."""
+    return tuple(sorted((f.name, (st := f.stat()).st_size, st.st_mtime_ns) for f in d.glob("*.safetensors")))
+
+
+@functools.lru_cache(maxsize=64)
+def _weights_digest(folder: str, files: tuple[tuple[str, int, int], ...]) -> str:
+    """sha256 of a folder's weight files (a memo keyed by their names, sizes and mtimes: rewritten files re-hash)."""
+    h = hashlib.sha256()
+    for name, _, _ in files:
+        with open(Path(folder) / name, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()

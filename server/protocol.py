@@ -606,6 +606,8 @@ class RoutingStateOut(msgspec.Struct):
     canary_production: str | None
     refreshed_at: float | None
     adapters: list[str]
+    # a classifier server's extra engines (tuneloop.server.engine_pool): version name -> "ready" | "starting"
+    engines: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class Health(msgspec.Struct):

@@ -10,7 +10,10 @@ Contract
 * a registered model version -> ``direct``: an adapter of this server's base
   is loaded into the engine on first use; a merged/base version is servable
   only when its folder is the base this engine runs (otherwise a 400 that
-  says to start a server on it);
+  says to start a server on it) — except on a classifier server, where another
+  classifier version is served by its own extra engine of the server's
+  :class:`tuneloop.server.engine_pool.EnginePool` (``Route.folder`` names it;
+  :meth:`ModelRouter.engine_for` hands out the engine for a route);
 * ``production`` -> the version of this server's task whose stage is
   ``production`` (the base model when none is). The task is the engine's:
   ``classification`` when it runs a classifier, else ``chat``; stages are held
@@ -19,14 +22,19 @@ Contract
   ``running``: candidate, production, share), a share ``share`` of
   ``production`` traffic goes to the candidate, arm ``canary``; the split is
   sticky per user / API key (hash of the canary id and that key; requests
-  with neither are split at random); the rest is arm ``production``;
+  with neither are split at random); the rest is arm ``production``. A
+  classifier canary whose extra engine is still starting gets no traffic
+  until it is up (its share goes to production meanwhile): the refresh starts it
+  as soon as the canary appears, so that is the first tens of seconds only;
 * ``canary`` -> the version whose stage is ``canary``, arm ``canary``;
 * anything else -> :class:`RoutingError` 404 ``model_not_found``.
 
 Deploy state is re-read from the database every ``server.state_refresh_s``
 seconds by :meth:`run` (the CLI, the loop and other replicas change stages and
 canaries directly in the database, never through this server), and adapters of
-aliased versions are loaded into the engine then, before any request needs them.
+aliased versions are loaded into the engine then, before any request needs them
+(on a classifier server: the extra engines of the production and canary
+classifiers are started then, and pinned so the pool never evicts them).
 The read is :func:`tuneloop.store_deploy.read_deploy_state` (versions and the
 running canary in one statement) behind :class:`tuneloop.db.CachedRead`: it
 runs again only when :meth:`Database.data_version` moved — a ``stat`` of the
@@ -43,6 +51,7 @@ import hashlib
 import logging
 import random
 import time
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -56,6 +65,7 @@ from tuneloop.store_deploy import DeploySnapshot, read_deploy_state
 if TYPE_CHECKING:  # pragma: no cover
     from tuneloop.monitoring.metrics import ServingMetrics
     from tuneloop.server.engine import Engine
+    from tuneloop.server.engine_pool import EnginePool
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +85,7 @@ class Route:
     version: str  # the served model version (the base's served name for the base)
     adapter: str | None  # engine adapter name, None for the base
     arm: str  # production | canary | direct
+    folder: str | None = None  # a classifier version served by an extra engine of the pool (see module doc)
 
 
 @dataclass
@@ -91,10 +102,18 @@ class DeployState:
 class ModelRouter:
     """Resolves ``model`` names per request and keeps aliased adapters loaded; see module docstring."""
 
-    def __init__(self, db: Database, engine: Engine, refresh_s: float = 2.0, metrics: ServingMetrics | None = None):
+    def __init__(
+        self,
+        db: Database,
+        engine: Engine,
+        refresh_s: float = 2.0,
+        metrics: ServingMetrics | None = None,
+        pool: EnginePool | None = None,
+    ):
         # our own handle with a short lock timeout: a busy database must not stall routing
         self.db = db.with_options(lock_timeout_s=2.0)
         self.engine = engine
+        self.pool = pool
         self.refresh_s = refresh_s
         self.metrics = metrics
         self.state = DeployState()
@@ -135,6 +154,14 @@ class ModelRouter:
             set(),
         )  # a copy: version() adds to it, the cached read stays as read
         self.state = st
+        if self.pool is not None:
+            self.pool.pin(
+                {
+                    versions[n].path
+                    for n in (st.production and st.production.name, st.canary and st.canary.name, st.canary_candidate)
+                    if n and n in versions and self._pooled(versions[n])
+                }
+            )
         for name in {
             n
             for n in (
@@ -146,7 +173,9 @@ class ModelRouter:
             if n
         }:
             v = versions.get(name)
-            if v is not None and v.kind == "adapter" and not self.engine.has_adapter(v.name):
+            if v is not None and self._pooled(v):
+                self.pool.prestart(v.path, v.name)  # type: ignore[union-attr]  # _pooled checked it
+            elif v is not None and v.kind == "adapter" and not self.engine.has_adapter(v.name):
                 try:
                     await self.ensure_loaded(v)
                 except (AdapterError, RoutingError) as e:
@@ -183,7 +212,10 @@ class ModelRouter:
             st = self.state
             if st.canary_candidate and st.canary_share > 0 and _bucket(st.canary_id or "", sticky) < st.canary_share:
                 try:
-                    return await self._route_version(st.canary_candidate, "canary")
+                    route = await self._route_version(st.canary_candidate, "canary")
+                    if route.folder is None or self.pool is None or self.pool.ready(route.folder):
+                        return route
+                    self.pool.prestart(route.folder, route.version)  # still starting: production serves meanwhile
                 except (RoutingError, AdapterError) as e:
                     log.error(
                         "canary %s unavailable, sending to production: %s",
@@ -218,12 +250,31 @@ class ModelRouter:
             return Route(v.name, v.name, arm)
         if self._is_base(v.path):
             return Route(v.name, None, arm)
+        if self._pooled(v):
+            return Route(v.name, None, arm, folder=v.path)
         raise RoutingError(
             400,
             f"model version {v.name!r} is a {v.kind} model at {v.path}; this server serves "
             f"{self.engine.model_path}. Start a server on it: tuneloop serve --model {v.name}",
             "model_not_servable",
         )
+
+    def _pooled(self, v: ModelVersion) -> bool:
+        """Whether ``v`` is served by an extra engine of the pool: another classifier on a classifier server."""
+        return (
+            self.pool is not None
+            and self.pool.enabled
+            and self.task == "classification"
+            and v.task == "classification"
+            and v.kind != "adapter"
+            and not self._is_base(v.path)
+        )
+
+    def engine_for(self, route: Route) -> AbstractAsyncContextManager[Engine]:
+        """The engine that serves ``route``, for one request: the main engine, or the pool's for its folder."""
+        if route.folder is None or self.pool is None:
+            return nullcontext(self.engine)
+        return self.pool.use(route.folder, route.version)
 
     def _is_base(self, path: str) -> bool:
         p = Path(path).expanduser().resolve()

@@ -74,7 +74,9 @@ def test_start_refuses_bad_requests(db):
     assert db.query("SELECT count(*) AS n FROM canaries")[0]["n"] == 0
 
 
-def test_a_classifier_canary_is_refused_with_the_way_to_deploy_it(db):
+@pytest.fixture
+def classifiers(db):
+    """cls-v1 in production, cls-v2 a canary of it; and a chat version in production that must not count."""
     for name in ("cls-v1", "cls-v2"):
         register_version(
             db,
@@ -82,15 +84,67 @@ def test_a_classifier_canary_is_refused_with_the_way_to_deploy_it(db):
                 name=name, kind="merged", base_model="/b", path=f"/p/{name}", content_hash=name, task="classification"
             ),
         )
-    from tuneloop.store_deploy import promote_version
+    register_version(db, ModelVersion(name="chat-v1", kind="adapter", base_model="/b", path="/p/c", content_hash="c"))
+    set_stage(db, "chat-v1", "production")
+    set_stage(db, "cls-v1", "production")
+    return db
 
-    promote_version(db, "cls-v1")
-    with pytest.raises(CanaryError, match=r"is a classifier.*tuneloop deploy promote cls-v2"):
-        canary.start(db, "cls-v2", 0.1)
-    assert db.query("SELECT count(*) AS n FROM canaries")[0]["n"] == 0
-    assert {v.name: v.stage for v in list_versions(db, task="classification")} == {
+
+def classified(db, arm, n, *, wrong=0, right=0, latency=0.02, thumbs_down=0):
+    """``n`` logged classifications on ``arm`` predicting 'bug': ``wrong`` corrected to 'billing', then ``right``
+    confirmed with the label 'bug', then ``thumbs_down`` thumbs-down without a label."""
+    version = "cls-v2" if arm == "canary" else "cls-v1"
+    now = utcnow()
+    reqs, fbs = [], []
+    for i in range(n):
+        rid = new_id("classify-")
+        reqs.append([rid, now, version, arm, latency])
+        if i < wrong + right:
+            fbs.append([new_id(), rid, None, "billing" if i < wrong else "bug", version, now])
+        elif i < wrong + right + thumbs_down:
+            fbs.append([new_id(), rid, -1, None, version, now])
+    with db.connect() as con:
+        con.executemany(
+            """INSERT INTO requests (id, received_at, route, model, model_version, arm, status, latency_s, response)
+                       VALUES (?, ?, 'classify', 'production', ?, ?, 200, ?, 'bug')""",
+            reqs,
+        )
+        con.executemany(
+            "INSERT INTO feedback (id, request_id, rating, label, model_version, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            fbs,
+        )
+
+
+def test_a_classifier_canary_is_judged_on_label_corrections_and_its_whole_latency(classifiers):
+    db = classifiers
+    c = canary.start(db, "cls-v2", 0.2)
+    assert (c.candidate, c.production) == ("cls-v2", "cls-v1")  # the production classifier, not chat-v1
+    # production: 40% of judged predictions corrected to another label; the canary: 5%, and as fast
+    classified(db, "production", 800, wrong=160, right=200, thumbs_down=40)
+    classified(db, "canary", 300, wrong=10, right=190)
+    d = canary.judge(db, c.id, DEPLOY)
+    ca, pa = d.arms["canary"], d.arms["production"]
+    assert (ca.rated, ca.negative, pa.rated, pa.negative) == (200, 10, 400, 200)  # labels and thumbs-down both count
+    assert ca.latency_kind == pa.latency_kind == "latency" and ca.ttft_p50_s == pytest.approx(0.02)
+    assert d.action == "promote" and "better with confidence" in d.reasons[0]
+    assert "p50 latency 0.020s vs 0.020s" in d.checks["ttft"]["detail"]
+
+
+def test_a_classifier_canary_whose_predictions_users_correct_more_is_rolled_back(classifiers):
+    db = classifiers
+    c = canary.start(db, "cls-v2", 0.2)
+    classified(db, "production", 800, wrong=20, right=380)
+    classified(db, "canary", 200, wrong=60, right=90)
+    d = canary.judge(db, c.id, DEPLOY)
+    assert (
+        d.action == "rollback"
+        and "judged wrong (label corrected or thumbs-down) 40% of 150 vs 5% of 400" in d.reasons[0]
+    )
+    canary.apply(db, d)
+    assert {v.name: v.stage for v in list_versions(db)} == {
         "cls-v1": "production",
-        "cls-v2": "candidate",
+        "cls-v2": "retired",
+        "chat-v1": "production",
     }
 
 

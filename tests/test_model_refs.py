@@ -155,3 +155,27 @@ def test_cheap_refusals_come_before_torch(cli: CLI, tiny_model, argv):
     assert not imported & {"torch", "transformers", "peft", "datasets", "vllm"}, textwrap.shorten(
         str(sorted(imported)), 300
     )
+
+
+def test_a_copy_of_a_model_is_the_same_model_but_a_fine_tune_of_the_same_shape_is_not(tiny_model, tmp_path):
+    """What a server serves for a version named by its folder: a byte copy (a moved cache) is its own model; a
+    fine-tune with the same config and weight sizes (a merged LoRA, another classifier head) never is."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from tuneloop.server.engine import _same_model
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model, copy)
+    tuned = tmp_path / "tuned"
+    shutil.copytree(tiny_model, tuned)
+    (weights,) = tuned.glob("*.safetensors")
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + torch.ones_like(tensors[name]) * 1e-3  # same shapes and dtypes: same file size
+    save_file(tensors, weights, metadata={"format": "pt"})
+    assert sorted(f.stat().st_size for f in tuned.glob("*.safetensors")) == sorted(
+        f.stat().st_size for f in tiny_model.glob("*.safetensors")
+    )
+    assert _same_model(copy, tiny_model) and _same_model(tiny_model, copy)
+    assert not _same_model(tuned, tiny_model)

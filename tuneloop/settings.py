@@ -221,6 +221,15 @@ class ServerSettings:
             "with zero failed requests (Kubernetes: a few seconds, within terminationGracePeriodSeconds)."
         },
     )
+    classifier_engines: int = field(
+        default=2,
+        metadata={
+            "help": "Classifier servers only: extra vLLM pooling engines for other classifier versions (one per "
+            "folder; a classifier canary, a newly promoted classifier, a version asked for by name), started on "
+            "first use; the least recently used idle one that is not production or canary is stopped to make room. "
+            "Each costs its model's memory and engine.kv_cache_gib. 0 = serve only the server's own folder."
+        },
+    )
     replica: str = field(
         default="",
         metadata={

@@ -455,17 +455,20 @@ def record_decide(db: Database, cycle_id: str, outcome: str, reason: str, extra:
     db.execute(_UPSERT_STEP, [cycle_id, "decide", "done", now, now, dumps(details)])
 
 
-def last_sample_until(db: Database, exclude: str) -> datetime | None:
-    """The ``until`` of the newest finished ``sample`` step of a cycle other than ``exclude``, or None."""
+def last_sample_until(db: Database, exclude: str, task: str = "chat") -> datetime | None:
+    """The ``until`` of the newest finished ``sample`` step of a cycle of ``task`` other than ``exclude``, or None
+    (a sample step without a ``task`` in its details is a chat cycle's)."""
     rows = db.query(
         """SELECT details FROM loop_runs WHERE step = 'sample' AND status = 'done' AND id <> ?
-           ORDER BY finished_at DESC LIMIT 1""",
+           ORDER BY finished_at DESC LIMIT 200""",
         [exclude],
     )
-    if not rows:
-        return None
-    u = (loads(rows[0]["details"]) or {}).get("until")
-    return datetime.fromisoformat(u) if u else None
+    for r in rows:
+        d = loads(r["details"]) or {}
+        if d.get("task", "chat") == task:
+            u = d.get("until")
+            return datetime.fromisoformat(u) if u else None
+    return None
 
 
 def unfinished_cycle(db: Database) -> str | None:
