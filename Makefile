@@ -27,9 +27,13 @@ SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # live-scrape tests), chromium (the HTML report is rendered in a real browser), postgresql
 # (the shared backend's server, run as an unprivileged user by the tests) and haproxy (the
 # load balancer in front of two replicas).
-TEST_DEBS := prometheus chromium postgresql haproxy
+TEST_DEBS := prometheus chromium postgresql haproxy cmake ninja-build g++
+# EXPORT=1: `make setup` also builds the pinned llama.cpp that `tuneloop export model` uses (GGUF converter, quantize
+# tool, runtime), once per machine, into the tool cache beside the model cache. `make test` always builds it (the
+# export tests run llama.cpp); otherwise `export model` builds it on first use.
+EXPORT  ?= 0
 
-.PHONY: setup demo test test-quick lint bench lock clean help test-deps
+.PHONY: setup demo test test-quick lint bench lock clean help test-deps export-tools
 
 help:
 	@echo "make setup   create .venv, install the pinned stack, pull the default base model"
@@ -55,6 +59,10 @@ $(STAMP): requirements/cpu.lock requirements/gpu.txt requirements/dev.txt pyproj
 
 setup: $(STAMP)
 	$(BIN)/tuneloop models pull smollm2-135m-instruct
+	@if [ "$(EXPORT)" = 1 ]; then $(BIN)/tuneloop export tools; fi
+
+export-tools: $(STAMP)
+	$(BIN)/tuneloop export tools
 
 demo: setup
 	$(BIN)/tuneloop demo
@@ -63,7 +71,7 @@ demo: setup
 # are collected (longest modules first, tests/conftest.py), not by their number of tests; each worker keeps to
 # one core (tests/conftest.py). TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 2
-test: setup test-deps
+test: setup test-deps export-tools
 	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 test-quick: $(STAMP)
@@ -91,7 +99,8 @@ lock:
 
 test-deps:
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v chromium >/dev/null \
-	  && command -v haproxy >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  && command -v haproxy >/dev/null && command -v cmake >/dev/null && command -v ninja >/dev/null \
+	  && command -v g++ >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
 	  ($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(TEST_DEBS))
 
 clean:

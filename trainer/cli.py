@@ -1,4 +1,4 @@
-"""CLI commands of the trainer area: ``models``, ``data``, ``train``, ``tune``, ``merge``.
+"""CLI commands of the trainer area: ``models``, ``data``, ``train``, ``tune``, ``merge``, ``export model|tools``.
 
 Only light imports at module level (see tuneloop.cli); work happens in handlers.
 """
@@ -10,7 +10,7 @@ import json
 from typing import TYPE_CHECKING
 
 from tuneloop.cli import add_group
-from tuneloop.trainer import cli_data, cli_train, cli_tune
+from tuneloop.trainer import cli_data, cli_export, cli_train, cli_tune
 
 if TYPE_CHECKING:
     from tuneloop.cli import Context
@@ -21,6 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     cli_data.register(sub)
     cli_train.register(sub)
     cli_tune.register(sub)
+    cli_export.register(sub)
 
 
 def _register_models(sub: argparse._SubParsersAction) -> None:

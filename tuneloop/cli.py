@@ -55,6 +55,7 @@ ML_COMMANDS: dict[str, tuple[str, ...]] = {
     "train": _TRAIN_STACK,
     "tune": (*_TRAIN_STACK, "optuna"),
     "merge": ("torch", "transformers", "peft"),
+    "export model": ("torch", "transformers", "peft"),
     "serve": ("vllm", "torch", "transformers"),
     "eval": ("torch", "transformers", "peft", "datasets"),
     "deploy gate": ("torch", "transformers", "peft", "datasets"),
@@ -189,7 +190,11 @@ def _cmd_config_keys(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def add_group(sub: argparse._SubParsersAction, name: str, help: str) -> argparse._SubParsersAction:
-    """Add a command group (``tuneloop models ...``) and return its sub-parsers."""
+    """Add a command group (``tuneloop models ...``) and return its sub-parsers; a group another area already added
+    (``tuneloop export``: ``model`` from the trainer, ``logs`` from monitoring) is returned as it is."""
+    have = sub.choices.get(name)
+    if have is not None:
+        return next(a for a in have._actions if isinstance(a, argparse._SubParsersAction))
     gp = sub.add_parser(name, help=help, description=help)
     gp.set_defaults(group_parser=gp)
     return gp.add_subparsers(dest=f"{name}_command", metavar="<subcommand>")

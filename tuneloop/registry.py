@@ -50,7 +50,9 @@ from tuneloop.ids import new_id
 Connection = Any  # a connection of either backend (``con.execute(sql, params)`` -> cursor)
 
 STAGES = ("candidate", "canary", "production", "retired")
-KINDS = ("adapter", "merged", "base")
+KINDS = ("adapter", "merged", "base", "gguf")
+"""``gguf``: a GGUF file exported for llama.cpp, Ollama or LM Studio (``tuneloop export model``), kept in the registry
+for its lineage and measured quality; vLLM does not serve it (:func:`unservable_reason`)."""
 TASKS = ("chat", "classification")
 """What a version does: ``chat`` (generates; /v1/chat/completions ...) or ``classification`` (/v1/classify)."""
 
@@ -125,6 +127,11 @@ def unservable_reason(kind: str, path: str) -> str | None:
     retrain with a served method (methods table: docs/training.md). An adapter folder that
     is missing or unreadable is not judged here: the server refuses to load it, naming the file.
     """
+    if kind == "gguf":
+        return (
+            "it is a GGUF file for llama.cpp, Ollama or LM Studio, and tuneloop serves models with vLLM, whose CPU "
+            "build does not load GGUF: serve its parent version, or the file with llama.cpp (`llama-server -m FILE`)"
+        )
     if kind != "adapter":
         return None
     try:
