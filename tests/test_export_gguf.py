@@ -148,3 +148,27 @@ def test_bad_export_requests_are_clear_errors(cli, db, tiny_version):
     assert r.returncode == 2 and r.stderr.startswith("error:") and "nope" in r.stderr
     r = cli("export", "model", tiny_version, "--format", "gguf-f16", "--limit", "0", check=False)
     assert r.returncode == 2 and "--limit" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_smollm2_q8_0_is_within_the_quality_budget_at_most_30_percent_of_the_fp32_size(llama_cpp, cli, db, smollm2):
+    """The issue's target on the embedded default model: q8_0 keeps token F1 and perplexity within the default budget
+    (F1 drop <= 0.02, perplexity rise <= 5%) against the fp32 parent, in at most 30% of its size."""
+    from tuneloop.ids import hash_path
+    from tuneloop.registry import ModelVersion, get_dataset, get_version, register_version
+
+    cli("data", "corpus", "chatterbot-corpus", "-o", "chat.jsonl", "--limit", "120")
+    cli("data", "prepare", "chat.jsonl", "--name", "chat", "--base", str(smollm2), "--no-progress")
+    register_version(
+        db,
+        ModelVersion(
+            name="smollm2", kind="base", base_model=str(smollm2), path=str(smollm2),
+            content_hash=hash_path(smollm2), dataset_id=get_dataset(db, "chat").id,
+        ),
+    )  # fmt: skip
+    m = json.loads(cli("export", "model", "smollm2", "--format", "gguf-q8_0", "--limit", "8", "--json").stdout)
+    q = m["quality"]
+    assert q["examples"] == 8 and q["parent_metric"] > 0  # the parent answers the test split with some overlap
+    assert q["metric_drop"] <= 0.02 and q["ppl_ratio"] <= 1.05 and m["passed"] is True
+    assert m["size_ratio"] <= 0.30 and m["size_bytes"] < m["parent_size_bytes"]
+    assert m["chat_template_matches_tokenizer"] is True and q["tokens_per_s"] > 0
+    assert get_version(db, "smollm2-gguf-q8_0").kind == "gguf"
