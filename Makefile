@@ -28,9 +28,10 @@ SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # (the shared backend's server, run as an unprivileged user by the tests) and haproxy (the
 # load balancer in front of two replicas).
 TEST_DEBS := prometheus chromium postgresql haproxy cmake ninja-build g++
-# EXPORT=1: `make setup` also builds the pinned llama.cpp that `tuneloop export model` uses (GGUF converter, quantize
-# tool, runtime), once per machine, into the tool cache beside the model cache. `make test` always builds it (the
-# export tests run llama.cpp); otherwise `export model` builds it on first use.
+# EXPORT=1: `make setup` also installs the pinned tools `tuneloop export model` uses, once per machine, into the tool
+# cache beside the model cache: llama.cpp built from source (GGUF converter, quantize tool, runtime) and llm-compressor
+# in its own package overlay (int8/int4). `make test` always installs them (the export tests run both); otherwise
+# `export model` installs each on first use.
 EXPORT  ?= 0
 
 .PHONY: setup demo test test-quick lint bench lock clean help test-deps export-tools

@@ -1,9 +1,9 @@
-"""GGUF export: size, decode speed in llama.cpp and quality per format, against the fp32 parent in vLLM, same run.
+"""Model export: size, decode speed and quality per format, against the fp32 parent in vLLM, same run.
 
 Usage::
 
-    python bench/export.py                               # SmolLM2-135M-Instruct, gguf-f16 gguf-q8_0 gguf-q4_k_m
-    python bench/export.py --formats gguf-q8_0 --limit 16
+    python bench/export.py          # SmolLM2-135M-Instruct: gguf-f16 gguf-q8_0 gguf-q4_k_m int8-w8a8 int4-w4a16
+    python bench/export.py --formats gguf-q8_0 int8-w8a8 --limit 16
 
 A throw-away home: the chatterbot corpus prepared on SmolLM2, SmolLM2 registered as version ``smollm2`` with that
 dataset, then ``tuneloop export model`` (:func:`tuneloop.trainer.export_gguf.export_gguf`) per format: llama.cpp's
@@ -15,6 +15,8 @@ vLLM fp32's tokens/s, token-F1 drop and perplexity ratio against the budget (q8_
 
 llama.cpp decodes one sequence at a time here (batch 1, as on a device); vLLM runs the prompts as one batch, as a
 server does. Both numbers are reported; the ratio says what one user on the edge gets against the batched server.
+int8 / int4 (``tuneloop export model --format int8-w8a8|int4-w4a16``, llm-compressor, calibrated on 64 train rows)
+are measured in vLLM itself, batched, against the same fp32 baseline: a like-for-like serving speed-up.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--formats", nargs="+", default=["gguf-f16", "gguf-q8_0", "gguf-q4_k_m"])
+    ap.add_argument("--formats", nargs="+", default=["gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "int8-w8a8", "int4-w4a16"])
     ap.add_argument("--limit", type=int, default=32, help="test-split examples (default 32)")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     args = ap.parse_args()
@@ -49,6 +51,8 @@ def main() -> int:
     from tuneloop.trainer.bootstrap import DEFAULT_BASE, pull
     from tuneloop.trainer.evaluate import load_eval_rows
     from tuneloop.trainer.export_gguf import export_gguf
+    from tuneloop.trainer.export_quant import FORMATS as QUANT
+    from tuneloop.trainer.export_quant import export_quantized
 
     settings = load_settings()
     base = pull(DEFAULT_BASE, settings.paths.models_path)
@@ -87,16 +91,21 @@ def main() -> int:
     fp32 = sum(f.stat().st_size for f in base.glob("*.safetensors"))
     print(f"parent: SmolLM2-135M-Instruct fp32, {fp32 / 1e6:.1f} MB; vLLM offline (batched) {vllm_tps:.1f} tokens/s")
     print(
-        "| format | size MB | of fp32 | llama.cpp tokens/s (batch 1) | vs vLLM fp32 | token F1 drop | perplexity x | within budget |"
+        "| format | size MB | of fp32 | runtime | tokens/s | vs vLLM fp32 | token F1 drop | perplexity x | within budget |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for fmt in args.formats:
-        res = export_gguf(
-            db, settings, "smollm2", fmt, limit=args.limit, max_new_tokens=args.max_new_tokens, say=lambda m: None
-        )
+        kw = dict(limit=args.limit, max_new_tokens=args.max_new_tokens, say=lambda m: None)
+        if fmt in QUANT:
+            with OfflineGenerator(settings.engine) as g:
+                res = export_quantized(db, settings, "smollm2", fmt, g, **kw)  # type: ignore[arg-type]
+            runtime = "vLLM (bf16 activations, batched)"
+        else:
+            res = export_gguf(db, settings, "smollm2", fmt, **kw)  # type: ignore[arg-type]
+            runtime = "llama.cpp (batch 1)"
         m, q = res.manifest, res.manifest["quality"]
         print(
-            f"| {fmt} | {m['size_bytes'] / 1e6:.1f} | {m['size_bytes'] / fp32:.1%} | {q['tokens_per_s']:.1f} | "
+            f"| {fmt} | {m['size_bytes'] / 1e6:.1f} | {m['size_bytes'] / fp32:.1%} | {runtime} | {q['tokens_per_s']:.1f} | "
             f"x{q['tokens_per_s'] / vllm_tps:.2f} | {q['metric_drop']:+.4f} | {q['ppl_ratio']:.4f} | {res.passed} |",
             flush=True,
         )

@@ -17,6 +17,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from tuneloop.cli import add_group
+from tuneloop.deploy import cli_export
 
 if TYPE_CHECKING:
     from tuneloop.cli import Context
@@ -126,6 +127,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     _register_loop(sub)
     _register_demo(sub)
+    cli_export.register(sub)
 
 
 # ---- gate -------------------------------------------------------------------------------

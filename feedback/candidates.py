@@ -224,6 +224,7 @@ def read_candidates(
     model_version: str | None,
     counts: dict[str, int],
     negatives: list[Candidate] | None = None,
+    truncated: list[Candidate] | None = None,
 ) -> list[Candidate]:
     """Requests in the window that survive the filters; ``counts`` gets one entry per filter.
 
@@ -231,7 +232,9 @@ def read_candidates(
     database, read through ``log_source(db)``: the query is DuckDB SQL (``arg_max``), run on the source's DuckDB
     connection, which on PostgreSQL holds copies of the rows.
     Uncorrected thumbs-down rows are dropped (counted in ``negative_feedback``); when ``negatives`` is
-    given, those that pass every other filter are appended to it (still never returned).
+    given, those that pass every other filter are appended to it (still never returned). Likewise
+    ``truncated`` gets the requests dropped as truncated (answer cut at the token limit, no correction) whose
+    prompt is readable: prompts a model failed on, which ``tuneloop data synthesize`` has a teacher answer.
     """
     sql = _SQL.format(version="AND r.model_version = ?" if model_version else "")
     params: list[Any] = [since, until] + ([model_version] if model_version else [])
@@ -252,10 +255,14 @@ def read_candidates(
         if status >= 400:
             counts["error"] += 1
             continue
+        msgs = prompt_messages(r["prompt"])
         if r["finish_reason"] == "length" and not correction:
             counts["truncated"] += 1
+            if truncated is not None and msgs:
+                c = Candidate(r["id"], r["received_at"], r["model_version"], msgs, r["response"] or "", None, label, 0)
+                c.tools = request_tools(r["params"])
+                truncated.append(c)
             continue
-        msgs = prompt_messages(r["prompt"])
         if not msgs:
             counts["redacted"] += 1
             continue

@@ -1,4 +1,4 @@
-"""CLI of the feedback area: ``tuneloop feedback sample|list`` and ``tuneloop lineage``.
+"""CLI of the feedback area: ``tuneloop feedback sample|list``, ``tuneloop data synthesize`` and ``tuneloop lineage``.
 
 Only light imports at module level, so ``tuneloop --help`` stays fast; the work
 (:mod:`tuneloop.feedback.sample`, :mod:`tuneloop.lineage`) is imported in the handlers.
@@ -100,6 +100,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", action="store_true", help="print the data card as JSON")
     p.set_defaults(handler=cmd_sample)
+    _register_synthesize(sub)
 
     p = g.add_parser("list", help="list recent feedback with the rated request's version")
     p.add_argument("--limit", type=int, default=20, help="rows (default 20)")
@@ -278,3 +279,116 @@ def _print_dataset(d: dict[str, Any], indent: str) -> None:
     print(f"{indent}dataset {d['id']} ({origins}); built from {len(d['source_requests'])} logged request(s)")
     for p in d["parents"]:
         _print_dataset(p, indent + "  ")
+
+
+SYNTH_EPILOG = """\
+modes:
+  paraphrase     reword the last user message of --source rows; the answer is kept
+  self-instruct  new request + answer pairs for --task, three --source rows as examples each time
+  teacher        answer the window's thumbs-down prompts (no correction) with the generator (a stronger model,
+                 or the served one with a better --system prompt)
+  targeted       seeds from the drifted slice: the window's prompts farthest from the training data; each seed
+                 answered, the rest of --count new requests on their topics; the card lists the new words
+
+Every request carries X-Tuneloop-Origin: synthetic, so tuneloop's server never logs it as production.
+Quality controls, each counted in the card: generation errors, unparseable JSON, a rule filter, PII scrub,
+dedup (within, and against every earlier SFT set), the optional --judge. Rows are origin=synthetic with a
+provenance column, and go to the train split only (never validation or test).
+
+examples:
+  tuneloop data synthesize --mode teacher --endpoint https://teacher.example/v1 --model big-model --api-key $KEY
+  tuneloop data synthesize --mode targeted --window 24h --seeds 10 --count 40 --judge --name drifted-1
+  tuneloop data synthesize --mode paraphrase --source support --count 100 --name support-para
+  tuneloop data synthesize --mode self-instruct --source support --task "answer billing questions" --count 50
+"""
+
+
+def _register_synthesize(sub: argparse._SubParsersAction) -> None:
+    from tuneloop.feedback.synthesize import MODES
+
+    g = add_group(sub, "data", "prepare, inspect and generate datasets")
+    p = g.add_parser(
+        "synthesize",
+        help="generate synthetic training rows through an OpenAI-compatible endpoint, aimed at what production lacks",
+        description="Generate rows with a model behind an OpenAI-compatible endpoint (tuneloop serve by default, "
+        "or any teacher), run them through the quality controls and save them as a registered SFT dataset "
+        "whose rows are all synthetic, train split only. Feed it to training with "
+        "`tuneloop train --dataset NAME` or mix it in (`--mix`).",
+        epilog=SYNTH_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--mode", required=True, choices=MODES, help="how rows are made (see below)")
+    p.add_argument("--name", default="synthetic", help="dataset name (default: synthetic)")
+    p.add_argument(
+        "--endpoint",
+        default=None,
+        help="OpenAI-compatible base URL (default: this machine's tuneloop serve, http://HOST:PORT/v1 from settings)",
+    )
+    p.add_argument("--model", default="production", help="generator model at the endpoint (default: production)")
+    p.add_argument("--api-key", default=None, help="the endpoint's API key (default: $OPENAI_API_KEY)")
+    p.add_argument("--source", default=None, help="paraphrase / self-instruct: the dataset whose train rows seed it")
+    p.add_argument("--task", default=None, help="self-instruct (required) / targeted: what the assistant is for")
+    p.add_argument("--window", default="7d", help="teacher / targeted: production window, e.g. 24h (default 7d)")
+    p.add_argument("--version", default=None, help="teacher / targeted: only this served version's requests")
+    p.add_argument("--count", type=int, default=50, help="rows to generate before filtering (default 50)")
+    p.add_argument("--seeds", type=int, default=10, help="targeted: the most drifted prompts used (default 10)")
+    p.add_argument("--system", default=None, help="teacher / targeted / self-instruct: system prompt for the generator")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
+    p.add_argument("--max-tokens", type=int, default=256, help="token budget of one generation (default 256)")
+    p.add_argument("--judge", action="store_true", help="rate each row 1-5 with the judge model and filter")
+    p.add_argument("--judge-model", default=None, help="judge model at the endpoint (default: --model)")
+    p.add_argument("--judge-threshold", type=int, default=3, help="lowest judge score kept, 1-5 (default 3)")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random choices (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the dataset id and card as JSON")
+    p.set_defaults(handler=cmd_synthesize)
+
+
+def cmd_synthesize(args: argparse.Namespace, ctx: Context) -> int:
+    import os
+
+    from tuneloop.feedback.synthesize import SynthesizeConfig, synthesize
+
+    s = ctx.settings.server
+    host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
+    cfg = SynthesizeConfig(
+        mode=args.mode,
+        name=args.name,
+        endpoint=args.endpoint or f"http://{host}:{s.port}/v1",
+        model=args.model,
+        api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
+        source=args.source,
+        task=args.task,
+        window=args.window,
+        version=args.version,
+        count=args.count,
+        seeds=args.seeds,
+        system=args.system,
+        temperature=args.temperature,
+        max_tokens=args.max_tokens,
+        judge=args.judge,
+        judge_model=args.judge_model,
+        judge_threshold=args.judge_threshold,
+        concurrency=args.concurrency,
+        seed=args.seed,
+    )
+    quiet = args.json or args.no_progress
+    res = synthesize(
+        ctx.db, ctx.settings.paths.home_path, cfg, progress=not quiet, say=(lambda m: None) if args.json else print
+    )
+    if args.json:
+        from tuneloop.dataset_store import load_card
+
+        print(json.dumps({"dataset": res.record.id, "card": load_card(ctx.db, res.record.id)}, indent=2, default=str))
+        return 0
+    c = res.counts
+    print(f"dataset {res.record.id}: {c['rows']} synthetic rows (train only)")
+    print(
+        f"  generated {c['generated']} of {c['generated'] + c['generation_errors'] + c['unparseable']}: "
+        f"errors {c['generation_errors']}, unparseable {c['unparseable']}, rule filter {c['rule_rejected']}, "
+        f"duplicates {c['duplicates_within']} within / {c['duplicates_earlier']} earlier, judge {c['judge_rejected']}"
+    )
+    for n in res.notes:
+        print(f"  note: {n}")
+    return 0

@@ -76,6 +76,13 @@ class ServingMetrics:
             ["route", "model_version", "status"],
             registry=r,
         )
+        self.synthetic_requests_total = Counter(
+            PREFIX + "synthetic_requests",
+            "Requests marked synthetic (X-Tuneloop-Origin: synthetic, e.g. tuneloop data synthesize) by route, "
+            "model version and status: kept out of every production metric and of the request log.",
+            ["route", "model_version", "status"],
+            registry=r,
+        )
         self.request_duration_seconds = Histogram(
             PREFIX + "request_duration_seconds",
             "Request latency from receipt to the last byte, in seconds.",
@@ -168,6 +175,11 @@ class ServingMetrics:
             self.prompt_tokens_total.labels(version).inc(int(rec.prompt_tokens))
         if rec.completion_tokens:
             self.generation_tokens_total.labels(version).inc(int(rec.completion_tokens))
+
+    def observe_synthetic(self, rec: RequestRecord) -> None:
+        """Count one synthetic request (see :mod:`tuneloop.monitoring.records`); nothing else is touched."""
+        status = str(int(rec.status)) if isinstance(rec.status, (int, float)) else UNKNOWN
+        self.synthetic_requests_total.labels(rec.route or UNKNOWN, rec.model_version or UNKNOWN, status).inc()
 
     def in_flight(self, route: str) -> Gauge:
         """The in-flight gauge child of ``route``; use ``with metrics.in_flight(route).track_inprogress():``."""

@@ -11,6 +11,12 @@ aware and converted); ``status`` is the HTTP status, 499 when the client went
 away. The server builds one per request; the request log
 (:mod:`monitoring.requestlog`) writes it and the serving metrics
 (:mod:`monitoring.metrics`) count it.
+
+**Synthetic traffic.** A request that carries the header :data:`ORIGIN_HEADER` with the value
+:data:`SYNTHETIC` (``tuneloop data synthesize`` sends it on every generation request) is not production
+traffic: its record gets ``arm = "synthetic"``, is counted only in ``tuneloop_synthetic_requests_total``
+and is never written to the ``requests`` table, so drift, sampling, canary judging, the gate's production
+prompts and the serving metrics never see it.
 """
 
 from __future__ import annotations
@@ -19,6 +25,10 @@ from datetime import datetime
 from typing import Any
 
 import msgspec
+
+ORIGIN_HEADER = "X-Tuneloop-Origin"
+"""The request header that marks where a request comes from; :data:`SYNTHETIC` marks generated data."""
+SYNTHETIC = "synthetic"
 
 
 class RequestRecord(msgspec.Struct, kw_only=True):

@@ -16,6 +16,8 @@ Contract
   - :meth:`~RequestLogWriter.submit` never blocks (a dict insert under a lock
     held for microseconds). It also calls ``metrics.observe(rec)``, so the
     Prometheus counters and the log are fed from the same records.
+  - A synthetic record (``arm == "synthetic"``, :data:`monitoring.records.SYNTHETIC`) is counted by
+    ``metrics.observe_synthetic`` only and never queued: ``submit`` returns False without counting a drop.
   - Each row records the replica that served it: a record whose ``replica``
     is None gets the writer's ``replica`` (the app passes
     ``settings.server.replica_name``); None leaves the column NULL.
@@ -105,7 +107,7 @@ import msgspec
 
 from tuneloop.db import Database, DatabaseBusy
 from tuneloop.errors import UserError
-from tuneloop.monitoring.records import RequestRecord
+from tuneloop.monitoring.records import SYNTHETIC, RequestRecord
 from tuneloop.pii import scrub
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -291,7 +293,12 @@ class RequestLogWriter:
     # -- request path ------------------------------------------------------------
     def submit(self, rec: RequestRecord, count_request: bool = True) -> bool:
         """Queue ``rec`` (never blocks) and count it in the metrics; False if it was dropped. ``count_request``
-        false: a further row of a request already counted (a classify request's other inputs)."""
+        false: a further row of a request already counted (a classify request's other inputs). A synthetic
+        record is counted apart and never written (module doc)."""
+        if rec.arm == SYNTHETIC:
+            if self.metrics is not None and count_request:
+                self.metrics.observe_synthetic(rec)
+            return False
         if self.metrics is not None:
             self.metrics.observe(rec, count_request)
         if not self.settings.enabled:

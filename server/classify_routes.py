@@ -176,7 +176,7 @@ def _log(
             status=200,
             model=ctx.model,
             model_version=ctx.version,
-            arm=ctx.arm,
+            arm=ctx.log_arm(request),
             prompt=item,
             response=r.label,
             prompt_tokens=r.prompt_tokens,

@@ -259,7 +259,7 @@ class Engine:
         kw: dict[str, Any] = dict(
             model=str(self.model_path),
             served_model_name=self.served_name,
-            dtype=pick_dtype(s.dtype),
+            dtype=pick_dtype(s.dtype, self.model_path),
             max_model_len=s.max_model_len,
             enforce_eager=s.enforce_eager,
             seed=s.seed,

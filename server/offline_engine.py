@@ -15,6 +15,9 @@ Contract
   in as a per-request ``LoRARequest``, so a base model and all its adapters share
   one engine; a new base folder, or an adapter of a higher rank than the engine
   was built for, replaces the engine.
+* :meth:`OfflineGenerator.score` returns, per ``(token ids, mask)`` sequence, the summed negative log-likelihood
+  of the tokens whose mask is 1 and their count, from vLLM's prompt logprobs (``prompt_logprobs=0``: the logprob of
+  each prompt token given the ones before it) — the perplexity of reference answers as the engine computes it.
 * :meth:`OfflineGenerator.supports` says whether a model can be generated here:
   a plain folder or a LoRA adapter. Other PEFT methods (prompt tuning, ...) cannot
   be served by vLLM; callers generate those another way.
@@ -86,7 +89,7 @@ class OfflineGenerator:
         t0 = time.perf_counter()
         self._llm = LLM(
             model=str(base),
-            dtype=cast(Any, pick_dtype(s.dtype)),  # a checked dtype name; vLLM's stub wants a Literal
+            dtype=cast(Any, pick_dtype(s.dtype, base)),  # a checked dtype name; vLLM's stub wants a Literal
             max_model_len=s.max_model_len,
             enforce_eager=s.enforce_eager,
             seed=s.seed,
@@ -125,6 +128,24 @@ class OfflineGenerator:
             [TokensPrompt(prompt_token_ids=p) for p in prompts], params, lora_request=lora, use_tqdm=False
         )
         return [o.outputs[0].text.strip() for o in outs]
+
+    def score(self, base: Path, scored: list[tuple[list[int], list[int]]]) -> list[tuple[float, int]]:
+        """(summed NLL of the masked tokens, their count) per sequence, from ``base``'s prompt logprobs."""
+        from vllm import SamplingParams, TokensPrompt
+
+        llm = self._engine(base, 0)
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+        outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids, _ in scored], params, use_tqdm=False)
+        res = []
+        for (ids, mask), o in zip(scored, outs):
+            total, n = 0.0, 0
+            for i, lp in enumerate(o.prompt_logprobs or []):
+                if i == 0 or lp is None or not (i < len(mask) and mask[i]):
+                    continue  # the first token has no context; unmasked tokens are the prompt
+                total -= float(lp[ids[i]].logprob)
+                n += 1
+            res.append((total, n))
+        return res
 
     def close(self) -> None:
         if self._llm is not None:

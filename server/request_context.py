@@ -29,7 +29,7 @@ from litestar import Request
 
 from tuneloop.db import utcnow
 from tuneloop.ids import new_id
-from tuneloop.monitoring.records import RequestRecord
+from tuneloop.monitoring.records import ORIGIN_HEADER, SYNTHETIC, RequestRecord
 from tuneloop.server.errors import APIError
 
 #: inference route path -> (logged route name, response id prefix)
@@ -92,6 +92,11 @@ class RequestContext:
         """``X-Request-Id`` and ``X-Model-Version`` of the response."""
         return {"X-Request-Id": self.id, "X-Model-Version": self.version or ""}
 
+    def log_arm(self, request: Request) -> str | None:
+        """The ``arm`` of this request's log records: ``synthetic`` for a request marked synthetic
+        (:data:`tuneloop.monitoring.records.ORIGIN_HEADER`), which is never logged nor counted as production."""
+        return SYNTHETIC if request.headers.get(ORIGIN_HEADER, "").strip().lower() == SYNTHETIC else self.arm
+
     def submit(
         self,
         request: Request,
@@ -116,7 +121,7 @@ class RequestContext:
             status=status,
             model=self.model,
             model_version=self.version,
-            arm=self.arm,
+            arm=self.log_arm(request),
             prompt=self.prompt,
             response=response,
             finish_reason=finish_reason,

@@ -180,3 +180,21 @@ LONGEST_FIRST = ("test_gate_real_models.py", "test_demo.py")
 def pytest_collection_modifyitems(config, items) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+def register_chat_base(cli: CLI, db, folder: Path, name: str, rows: int) -> str:
+    """``name``: the model ``folder`` registered as a base version whose dataset is ``rows`` rows of the chatterbot
+    corpus prepared on it (``chat``), through the CLI as a user does it; its test split is what exports measure."""
+    from tuneloop.ids import hash_path
+    from tuneloop.registry import ModelVersion, get_dataset, register_version
+
+    cli("data", "corpus", "chatterbot-corpus", "-o", "chat.jsonl", "--limit", str(rows))
+    cli("data", "prepare", "chat.jsonl", "--name", "chat", "--base", str(folder), "--no-progress")
+    register_version(
+        db,
+        ModelVersion(
+            name=name, kind="base", base_model=str(folder), path=str(folder), content_hash=hash_path(folder),
+            dataset_id=get_dataset(db, "chat").id,
+        ),
+    )  # fmt: skip
+    return name

@@ -70,22 +70,9 @@ def tiny_smol(smollm2, tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_version(cli, db, tiny_smol, tmp_path) -> str:
     """``tiny-v1``: the tiny model registered as a base version with a chat dataset (its test split is measured)."""
-    from tuneloop.ids import hash_path
-    from tuneloop.registry import ModelVersion, get_dataset, register_version
+    from conftest import register_chat_base
 
-    cli("data", "corpus", "chatterbot-corpus", "-o", str(tmp_path / "chat.jsonl"), "--limit", "40")
-    cli("data", "prepare", str(tmp_path / "chat.jsonl"), "--name", "chat", "--base", str(tiny_smol), "--no-progress")
-    register_version(
-        db,
-        ModelVersion(
-            name="tiny-v1",
-            kind="base",
-            base_model=str(tiny_smol),
-            path=str(tiny_smol),
-            content_hash=hash_path(tiny_smol),
-            dataset_id=get_dataset(db, "chat").id,
-        ),
-    )
+    register_chat_base(cli, db, tiny_smol, "tiny-v1", 40)
     return "tiny-v1"
 
 
@@ -153,18 +140,11 @@ def test_bad_export_requests_are_clear_errors(cli, db, tiny_version):
 def test_smollm2_q8_0_is_within_the_quality_budget_at_most_30_percent_of_the_fp32_size(llama_cpp, cli, db, smollm2):
     """The issue's target on the embedded default model: q8_0 keeps token F1 and perplexity within the default budget
     (F1 drop <= 0.02, perplexity rise <= 5%) against the fp32 parent, in at most 30% of its size."""
-    from tuneloop.ids import hash_path
-    from tuneloop.registry import ModelVersion, get_dataset, get_version, register_version
+    from conftest import register_chat_base
 
-    cli("data", "corpus", "chatterbot-corpus", "-o", "chat.jsonl", "--limit", "120")
-    cli("data", "prepare", "chat.jsonl", "--name", "chat", "--base", str(smollm2), "--no-progress")
-    register_version(
-        db,
-        ModelVersion(
-            name="smollm2", kind="base", base_model=str(smollm2), path=str(smollm2),
-            content_hash=hash_path(smollm2), dataset_id=get_dataset(db, "chat").id,
-        ),
-    )  # fmt: skip
+    from tuneloop.registry import get_version
+
+    register_chat_base(cli, db, smollm2, "smollm2", 120)
     m = json.loads(cli("export", "model", "smollm2", "--format", "gguf-q8_0", "--limit", "8", "--json").stdout)
     q = m["quality"]
     assert q["examples"] == 8 and q["parent_metric"] > 0  # the parent answers the test split with some overlap
@@ -172,3 +152,60 @@ def test_smollm2_q8_0_is_within_the_quality_budget_at_most_30_percent_of_the_fp3
     assert m["size_ratio"] <= 0.30 and m["size_bytes"] < m["parent_size_bytes"]
     assert m["chat_template_matches_tokenizer"] is True and q["tokens_per_s"] > 0
     assert get_version(db, "smollm2-gguf-q8_0").kind == "gguf"
+
+
+def test_a_lora_adapter_exports_as_a_gguf_lora_that_llama_cpp_applies_on_the_base_gguf(
+    llama_cpp, db, home, tiny_version, tiny_smol
+):
+    """``gguf-lora``: llama.cpp's convert_lora_to_gguf.py; the base converted once to GGUF f16 beside it. The LoRA
+    moves the model (its merged perplexity differs from the base's), and llama.cpp with the GGUF LoRA on the base
+    GGUF matches the merged parent within budget: the adapter is applied, not ignored."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tuneloop.ids import hash_path
+    from tuneloop.registry import ModelVersion, get_version, register_version
+    from tuneloop.settings import load_settings
+    from tuneloop.trainer.export_gguf import export_gguf
+
+    torch.manual_seed(1)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(tiny_smol)),
+        LoraConfig(r=8, lora_alpha=1024, target_modules="all-linear", init_lora_weights=False),
+    )
+    adapter = home / "adapters" / "tiny-lora"
+    model.save_pretrained(str(adapter))
+    base = get_version(db, tiny_version)
+    register_version(
+        db,
+        ModelVersion(
+            name="tiny-lora", kind="adapter", base_model=str(tiny_smol), path=str(adapter),
+            content_hash=hash_path(adapter), parent_version=tiny_version, dataset_id=base.dataset_id,
+        ),
+    )  # fmt: skip
+    settings = load_settings()
+    plain = export_gguf(db, settings, tiny_version, "gguf-f16", limit=4, say=lambda m: None)
+    res = export_gguf(db, settings, "tiny-lora", "gguf-lora", limit=4, say=lambda m: None)
+    m, q = res.manifest, res.manifest["quality"]
+    assert "convert_lora_to_gguf.py" in m["commands"][0] and "--base" in m["commands"][0]
+    bases = list((home / "exports" / "bases").glob("*-f16.gguf"))
+    assert len(bases) == 1 and m["base_gguf"]["path"] == str(bases[0])
+    assert m["size_bytes"] < bases[0].stat().st_size  # the adapter alone, not a whole model
+    # a random model's perplexity is near the vocabulary size, so the LoRA moves it by about 1% only; llama.cpp with
+    # the GGUF LoRA (f16) on the base GGUF is at least three times closer to the merged parent than the base alone
+    moved = abs(q["parent_perplexity"] / plain.manifest["quality"]["parent_perplexity"] - 1)
+    assert moved > 0.005 and abs(q["ppl_ratio"] - 1) < moved / 3, (moved, q["ppl_ratio"])
+    assert q["ppl_ratio"] <= 1.05 and q["metric_drop"] <= 0.02 and res.passed is True
+    assert not (home / "exports" / "tiny-lora-gguf-lora" / "merged").exists()  # the merged parent is not kept
+    v = get_version(db, "tiny-lora-gguf-lora")
+    assert (v.kind, v.parent_version, v.config["export"]["base_gguf"]["sha256"]) == (
+        "gguf",
+        "tiny-lora",
+        m["base_gguf"]["sha256"],
+    )
+    # a model that is not a LoRA adapter has no GGUF LoRA form
+    from tuneloop.errors import UserError
+
+    with pytest.raises(UserError, match="LoRA adapter version"):
+        export_gguf(db, settings, tiny_version, "gguf-lora", limit=4, say=lambda m: None)

@@ -10,7 +10,7 @@ import json
 from typing import TYPE_CHECKING
 
 from tuneloop.cli import add_group
-from tuneloop.trainer import cli_data, cli_export, cli_train, cli_tune
+from tuneloop.trainer import cli_data, cli_train, cli_tune
 
 if TYPE_CHECKING:
     from tuneloop.cli import Context
@@ -21,7 +21,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     cli_data.register(sub)
     cli_train.register(sub)
     cli_tune.register(sub)
-    cli_export.register(sub)
 
 
 def _register_models(sub: argparse._SubParsersAction) -> None:

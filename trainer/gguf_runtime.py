@@ -6,7 +6,7 @@ Contract
 imports only ``llama_cpp`` and numpy (the environment is :meth:`tuneloop.trainer.llamacpp.LlamaCpp.python_env`), so
 a crash in llama.cpp is a failed subprocess, never a crashed tuneloop.
 
-Job: ``{"model": path, "n_ctx": int, "prompts": [[token ids]], "max_new_tokens": int, "scored": [[ids, mask]],
+Job: ``{"model": path, "lora": GGUF LoRA path or null (applied on top of the model), "n_ctx": int, "prompts": [[token ids]], "max_new_tokens": int, "scored": [[ids, mask]],
 "chat": [messages]}``. Result:
 
 * ``metadata``: the GGUF's ``tokenizer.chat_template`` and ``tokenizer.ggml.eos_token_id`` (llama.cpp hands
@@ -31,7 +31,14 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     from llama_cpp import Llama
 
-    llm = Llama(model_path=job["model"], n_ctx=int(job.get("n_ctx", 512)), logits_all=True, verbose=False, seed=0)
+    llm = Llama(
+        model_path=job["model"],
+        lora_path=job.get("lora") or None,
+        n_ctx=int(job.get("n_ctx", 512)),
+        logits_all=True,
+        verbose=False,
+        seed=0,
+    )
     meta = dict(llm.metadata)
     answers, tokens, seconds = [], 0, 0.0
     for ids in job.get("prompts", []):

@@ -74,7 +74,7 @@ def resolve_base_model(db: Database, settings: Settings, ref: str) -> Path:
             v = None
     if v is None:
         return resolve_model(ref, models, versions=True)
-    if v.kind in ("merged", "base"):
+    if v.kind in ("merged", "base", "quantized"):
         return resolve_model(v.path, models, what=f"model folder of version {v.name!r}")
     return resolve_model(v.base_model, models, what=f"base model of version {v.name!r}")
 
@@ -243,7 +243,7 @@ def _prefixed(ds: Dataset, prefix: str) -> Dataset:
     return ds.map(lambda r: {"id": f"{prefix}/{r['id']}"}, desc="mix row ids")
 
 
-_OPTIONAL_COLUMNS = ("tools", "check")  # JSON-text columns a dataset has only when some row uses them
+_OPTIONAL_COLUMNS = ("tools", "check", "provenance")  # JSON-text columns a dataset has only when some row uses them
 
 
 def _union(parts: Sequence[Dataset]) -> Dataset:

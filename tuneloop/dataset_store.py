@@ -16,7 +16,8 @@ Contract
   go in as an Arrow scan on DuckDB and by ``COPY`` on PostgreSQL, with the same
   result.
 * Row schema — SFT: ``{"id", "messages": [{"role","content"}...], "request_id", "origin"}``, plus an
-  optional ``check`` (a :mod:`tuneloop.checks` rule as JSON) that evaluation scores as task success;
+  optional ``check`` (a :mod:`tuneloop.checks` rule as JSON) that evaluation scores as task success, and an
+  optional ``provenance`` (JSON text: how a generated row was made, ``tuneloop data synthesize``);
   preference (DPO): ``{"id", "prompt": [...], "chosen": [...], "rejected": [...], "request_id", "origin"}``;
   kto (TRL's unpaired preference format): ``{"id", "prompt": [...], "completion": [one assistant message],
   "label": bool, "request_id", "origin"}``, ``label`` saying whether the completion is desirable;
@@ -24,6 +25,9 @@ Contract
   (its card lists ``label_names``, the sorted label order of a model trained on it, and ``labels``,
   the count per label in train).
   :data:`KINDS` lists the kinds; :func:`kind_of_columns` names a dataset's kind from its columns.
+* **Synthetic rows are training rows only**: a row whose ``origin`` is ``synthetic`` in a validation or
+  test split is refused (:class:`~tuneloop.errors.UserError`), whoever writes it, so no evaluation,
+  gate or canary ever measures a model on generated data.
 * Tool calling (rows of any kind): a message may also carry ``name``, ``tool_calls`` (OpenAI shape,
   ``[{"id", "type", "function": {"name", "arguments": JSON text}}]``; content may then be null) and
   ``tool_call_id`` (role ``tool``), and a row may carry ``tools``, the OpenAI function definitions its
@@ -182,6 +186,9 @@ def _normalise(kind: str, row: dict[str, Any]) -> dict[str, Any]:
     tools = row_tools(row)
     if tools:  # JSON text, key order kept: templates print the definitions as given
         out["tools"] = json.dumps(tools, ensure_ascii=False)
+    if kind == "sft" and row.get("provenance"):  # how a synthetic row was made, as JSON text
+        prov = row["provenance"]
+        out["provenance"] = prov if isinstance(prov, str) else json.dumps(prov, sort_keys=True)
     if kind == "sft" and row.get("check"):  # a checkable rule for task success (tuneloop.checks), as JSON
         chk = row["check"]
         out["check"] = chk if isinstance(chk, str) else json.dumps(chk, sort_keys=True)
@@ -201,7 +208,11 @@ def _rows(kind: str, splits: dict[str, list[dict]]) -> dict[str, list[dict[str, 
     unknown = set(splits) - set(SPLITS)
     if unknown:
         raise UserError(f"unknown split(s) {sorted(unknown)}; splits are {SPLITS}")
-    return {s: [_normalise(kind, r) for r in splits.get(s, [])] for s in SPLITS}
+    out = {s: [_normalise(kind, r) for r in splits.get(s, [])] for s in SPLITS}
+    for s in SPLITS:
+        if s != "train" and any(r["origin"] == "synthetic" for r in out[s]):
+            raise UserError(f"synthetic rows are training data only; the {s} split has some (module doc)")
+    return out
 
 
 def dataset_id(name: str, splits: dict[str, list[dict]], kind: str) -> str:
@@ -242,6 +253,8 @@ def save_dataset(
                 feats["check"] = Value("string")
             if any("tools" in r for r in every):
                 feats["tools"] = Value("string")
+            if any("provenance" in r for r in every):
+                feats["provenance"] = Value("string")
             dd = DatasetDict(
                 {s: Dataset.from_dict({k: [r.get(k) for r in rows[s]] for k in feats}, features=feats) for s in SPLITS}
             )

@@ -50,9 +50,11 @@ from tuneloop.ids import new_id
 Connection = Any  # a connection of either backend (``con.execute(sql, params)`` -> cursor)
 
 STAGES = ("candidate", "canary", "production", "retired")
-KINDS = ("adapter", "merged", "base", "gguf")
+KINDS = ("adapter", "merged", "base", "gguf", "quantized")
 """``gguf``: a GGUF file exported for llama.cpp, Ollama or LM Studio (``tuneloop export model``), kept in the registry
-for its lineage and measured quality; vLLM does not serve it (:func:`unservable_reason`)."""
+for its lineage and measured quality; vLLM does not serve it (:func:`unservable_reason`). ``quantized``: an int8 / int4
+model folder (``compressed-tensors``, ``tuneloop export model --format int8-w8a8|int4-w4a16``) that vLLM serves like a
+merged version; its parent is the version it was quantized from."""
 TASKS = ("chat", "classification")
 """What a version does: ``chat`` (generates; /v1/chat/completions ...) or ``classification`` (/v1/classify)."""
 

@@ -5,7 +5,10 @@ from on CPU without overriding anything the user already exported:
 ``VLLM_CPU_KVCACHE_SPACE`` (without it vLLM's CPU start-up fails),
 ``VLLM_TARGET_DEVICE``, core binding, offline hub, project-local caches and vLLM's log
 on stderr (stdout is the command's output). :func:`has_cuda` detects a GPU without importing
-vLLM. :func:`pick_dtype` maps ``auto`` to float32 on CPU and bfloat16 on GPU.
+vLLM. :func:`pick_dtype` maps ``auto`` to float32 on CPU and bfloat16 on GPU; a model
+folder whose ``config.json`` carries a ``quantization_config`` (int8 / int4 weights, ``tuneloop export
+model --format int8-w8a8|int4-w4a16``) gets bfloat16 on CPU too, since vLLM's CPU kernels for those
+(``int8_scaled_mm``, ``cpu_gemm_wna16``) take 16-bit activations only.
 """
 
 from __future__ import annotations
@@ -27,10 +30,24 @@ def has_cuda() -> bool:
         return False
 
 
-def pick_dtype(dtype: str = "auto") -> str:
+def pick_dtype(dtype: str = "auto", model: str | os.PathLike | None = None) -> str:
+    """The engine dtype for ``dtype`` (``auto`` resolved; see module doc) and the model folder it will load."""
     if dtype != "auto":
         return dtype
-    return "bfloat16" if has_cuda() else "float32"
+    return "bfloat16" if has_cuda() or is_quantized(model) else "float32"
+
+
+def is_quantized(model: str | os.PathLike | None) -> bool:
+    """Whether the model folder's ``config.json`` declares quantized weights (``quantization_config``)."""
+    if model is None:
+        return False
+    import json
+
+    try:
+        cfg = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and bool(cfg.get("quantization_config"))
 
 
 def configure_vllm_env(engine: EngineSettings | None = None, cache_root: str | os.PathLike | None = None) -> None:
