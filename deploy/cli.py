@@ -366,6 +366,7 @@ def _register_loop(sub: argparse._SubParsersAction) -> None:
         "  tuneloop loop --train method=kto                        # train on thumbs-up/down\n"
         "  tuneloop loop --train method=auto                       # dpo, kto or sft: what the feedback supports\n"
         "  tuneloop loop --task classification --window 24h        # the production classifier's cycle\n"
+        "  tuneloop loop --synthetic-share 0.2                     # + targeted synthetic rows (train split)\n"
         "  tuneloop --set deploy.loop_train_method=auto loop --watch   # global options go before the command\n\n"
         "training objective (--train method=, else deploy.loop_train_method, default sft):\n"
         "  sft   a LoRA on the sampled SFT set: corrections and thumbs-up answers, plus unrated traffic\n"
@@ -407,6 +408,17 @@ def _register_loop(sub: argparse._SubParsersAction) -> None:
         "objective (default deploy.loop_train_method; repeatable)",
     )
     p.add_argument("--train-config", metavar="FILE", help="training config YAML")
+    p.add_argument(
+        "--synthetic-share",
+        type=float,
+        default=0.0,
+        help="share of the SFT train split made of targeted synthetic rows (data synthesize --mode targeted on the "
+        "window's drifted prompts; train only), default 0",
+    )
+    p.add_argument(
+        "--synthetic-endpoint", default=None, help="OpenAI-compatible generator (default: this machine's server)"
+    )
+    p.add_argument("--synthetic-model", default="production", help="generator model name (default: production)")
     p.add_argument("--golden", metavar="FILE", help="golden prompts for the gate")
     p.add_argument("--general", metavar="FILE", help="general set for the gate's forgetting check")
     p.add_argument("--eval-limit", type=int, help="evaluate at most this many held-out examples")
@@ -432,8 +444,11 @@ def _register_loop(sub: argparse._SubParsersAction) -> None:
 def cmd_loop(args: argparse.Namespace, ctx: Context) -> int:
     from tuneloop.deploy.loop import LoopOptions, run_cycle
     from tuneloop.deploy.watch import watch
+    from tuneloop.errors import UserError
     from tuneloop.trainer.evaluate import check_inputs
 
+    if not 0 <= args.synthetic_share < 1:
+        raise UserError(f"--synthetic-share must be in [0, 1), got {args.synthetic_share}")
     # the gate reads these after sampling and training: refuse bad files before the cycle starts
     check_inputs(ctx.db, ctx.settings, None, args.golden or ctx.settings.deploy.gate_golden or None, args.general)
 
@@ -443,6 +458,9 @@ def cmd_loop(args: argparse.Namespace, ctx: Context) -> int:
         strategies=args.strategy,
         limit=args.limit,
         replay_fraction=args.replay_fraction,
+        synthetic_share=args.synthetic_share,
+        synthetic_endpoint=args.synthetic_endpoint,
+        synthetic_model=args.synthetic_model,
         train_overrides=args.train_overrides,
         train_config=args.train_config,
         golden=args.golden,

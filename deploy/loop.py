@@ -105,6 +105,19 @@ class LoopOptions:
     replay_fraction: float = field(
         default=0.2, metadata={"help": "Share of the train split replayed from the production version's dataset."}
     )
+    synthetic_share: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of the SFT train split that is targeted synthetic data (tuneloop data synthesize --mode "
+            "targeted on the sample's window: the drifted prompts answered and new requests on their topics), "
+            "0 = none. Synthetic rows join train only; the gate still measures on the sample's own test split."
+        },
+    )
+    synthetic_endpoint: str | None = field(
+        default=None,
+        metadata={"help": "OpenAI-compatible generator for the synthetic share (default: this machine's server)."},
+    )
+    synthetic_model: str = field(default="production", metadata={"help": "Generator model at that endpoint."})
     train_overrides: list[str] = field(default_factory=list, metadata={"help": "TrainConfig key=value overrides."})
     method: str | None = field(
         default=None,
@@ -358,11 +371,72 @@ def _do_sample(db: Database, settings: Settings, opts: LoopOptions, d: dict[str,
         if "nothing to sample" in str(e):
             return {"_status": "skipped", "outcome": "nothing_to_do", "reason": str(e)}
         raise
-    return {
+    out = {
         "dataset": res.sft.id,
         "preference": res.preference.id if res.preference else None,
         "rows": {"train": res.sft.rows_train, "validation": res.sft.rows_validation, "test": res.sft.rows_test},
         "counts": res.card["counts"],
+    }
+    if opts.synthetic_share > 0 and opts.task == "chat":
+        out.update(_add_synthetic(db, settings, opts, res.sft, cfg))
+    return out
+
+
+def _add_synthetic(db: Database, settings: Settings, opts: LoopOptions, sft: Any, cfg: Any) -> dict[str, Any]:
+    """The sample's SFT set with a share of targeted synthetic rows added to its train split, saved as
+    ``<name>-syn`` (validation and test untouched); a generation that fails leaves the sample as it is, noted."""
+    import hashlib
+    import math
+
+    from tuneloop.dataset_store import load_card, load_splits, save_dataset
+    from tuneloop.errors import UserError
+    from tuneloop.feedback.synthesize import SynthesizeConfig, synthesize
+
+    share = opts.synthetic_share
+    if not 0 < share < 1:
+        raise LoopError(f"synthetic_share must be in [0, 1), got {share}")
+    count = max(1, math.ceil(sft.rows_train * share / (1 - share)))
+    s = settings.server
+    host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
+    scfg = SynthesizeConfig(
+        mode="targeted",
+        name=f"{cfg.name}-synthetic",
+        endpoint=opts.synthetic_endpoint or f"http://{host}:{s.port}/v1",
+        model=opts.synthetic_model,
+        window=cfg.window or "7d",
+        since=cfg.since,
+        until=cfg.until,
+        count=count,
+        seeds=max(1, min(10, count)),
+        temperature=0.7,
+        seed=int(hashlib.sha256(cfg.name.encode()).hexdigest()[:8], 16),  # each cycle draws its own answers
+    )
+    try:
+        syn = synthesize(db, settings.paths.home_path, scfg, progress=opts.progress, say=lambda m: None)
+    except UserError as e:  # the supplement failed (no seeds, endpoint down ...): train on the sample alone
+        return {"synthetic": {"skipped": str(e)[:500]}}
+    base, extra = load_splits(db, sft.id), load_splits(db, syn.record.id)
+    splits = {name: [dict(r) for r in base[name]] for name in base}
+    splits["train"] = splits.get("train", []) + [dict(r) for r in extra["train"]]
+    card = dict(load_card(db, sft.id))
+    for k in ("id", "name", "kind", "content_hash", "rows"):
+        card.pop(k, None)
+    card["synthetic"] = {"dataset": syn.record.id, "rows": syn.record.rows_train, "share_asked": share}
+    mixed = save_dataset(
+        db,
+        settings.paths.home_path,
+        f"{cfg.name}-syn",
+        splits,
+        "sft",
+        card,
+        {"kind": "loop-sample+synthetic", "sample": sft.id, "synthetic": syn.record.id},
+        parent_ids=[sft.id, syn.record.id],
+    )
+    return {
+        "dataset": mixed.id,
+        "sampled_dataset": sft.id,
+        "synthetic": {"dataset": syn.record.id, "rows": syn.record.rows_train, "steps": syn.counts},
+        "rows": {"train": mixed.rows_train, "validation": mixed.rows_validation, "test": mixed.rows_test},
     }
 
 

@@ -48,6 +48,7 @@ import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
@@ -128,6 +129,8 @@ class SynthesizeConfig:
     )
     task: str | None = field(default=None, metadata={"help": "What the assistant is for (self-instruct; targeted)."})
     window: str = field(default="7d", metadata={"help": "Production window read by teacher and targeted."})
+    since: datetime | None = field(default=None, metadata={"help": "Window start instead of --window (the loop's)."})
+    until: datetime | None = field(default=None, metadata={"help": "Window end (default now)."})
     version: str | None = field(default=None, metadata={"help": "Only this served version's traffic (default: all)."})
     count: int = field(default=50, metadata={"help": "Rows to generate (before the quality controls)."})
     seeds: int = field(default=10, metadata={"help": "targeted: how many of the most drifted prompts seed it."})
@@ -240,7 +243,7 @@ def synthesize(
         "templates": {k: template_hash(k) for k in _templates_used(cfg)},
         "steps": counts,
         "pii": pii,
-        "config": {k: v for k, v in asdict(cfg).items() if k != "api_key"},
+        "config": {k: v for k, v in asdict(cfg).items() if k != "api_key" and not isinstance(v, datetime)},
         "notes": notes,
         **extra,
     }
@@ -350,15 +353,17 @@ def _production(db: Database, cfg: SynthesizeConfig, counts: dict[str, Any]) -> 
     from tuneloop.feedback.candidates import read_candidates
     from tuneloop.timeparse import parse_duration, utcnow
 
-    try:
-        span = parse_duration(cfg.window)
-    except ValueError as e:
-        raise UserError(f"--window: {e}") from None
-    until = utcnow()
+    until = cfg.until or utcnow()
+    since = cfg.since
+    if since is None:
+        try:
+            since = until - parse_duration(cfg.window)
+        except ValueError as e:
+            raise UserError(f"--window: {e}") from None
     negatives: list[Candidate] = []
     cut: list[Candidate] = []
     read: dict[str, int] = {}
-    cands = read_candidates(db, until - span, until, cfg.version, read, negatives, cut)
+    cands = read_candidates(db, since, until, cfg.version, read, negatives, cut)
     counts["production"] = read
     # a thumbs-down answer cut at the token limit failed too: the teacher answers it (candidates' doc)
     failed = sorted(

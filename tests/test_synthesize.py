@@ -208,3 +208,41 @@ def test_bad_synthesize_requests_are_clear_errors_and_synthetic_rows_cannot_ente
         save_dataset(
             db, home, "bad", {"train": [row], "test": [{**row, "id": "b", "origin": "synthetic"}]}, "sft", {}, {}
         )
+
+
+def test_a_loop_sample_with_a_synthetic_share_adds_targeted_rows_to_its_train_split_only(smol, monkeypatch):
+    """``tuneloop loop --synthetic-share``: the sample step's SFT set gains targeted synthetic rows in train; its
+    validation and test splits (what the gate measures) are the sample's own."""
+    import math
+
+    from tuneloop.dataset_store import load_splits
+    from tuneloop.deploy.loop import LoopOptions, _do_sample
+    from tuneloop.settings import load_settings
+    from tuneloop.timeparse import utcnow
+
+    srv, _, ids = smol
+    for text in USUAL[2:]:  # corrected answers are training rows even when the served answer was cut
+        httpx.post(
+            srv.url + "/v1/feedback", json={"request_id": ids[text], "rating": "up", "correction": "Sure: " + text}
+        ).raise_for_status()
+    srv.flush_log()
+    monkeypatch.setenv("TUNELOOP_HOME", str(srv.home))
+    db = srv.db()
+    opts = LoopOptions(
+        window="1h", synthetic_share=0.5, synthetic_endpoint=srv.url + "/v1", synthetic_model="smollm2", progress=False
+    )
+    d = {"window": "1h", "since": None, "until": utcnow().isoformat()}
+    out = _do_sample(db, load_settings(), opts, d, "cycle-synthetic-test")
+    assert "sampled_dataset" in out, out.get("synthetic")
+    sampled, mixed = load_splits(db, out["sampled_dataset"]), load_splits(db, out["dataset"])
+    n_train = len(sampled["train"])
+    syn = out["synthetic"]
+    asked = math.ceil(n_train * 0.5 / (1 - 0.5))  # the share asked for: as many synthetic rows as sampled ones
+    steps = syn["steps"]
+    assert n_train >= 1 and steps["generated"] + steps["generation_errors"] + steps["unparseable"] == asked
+    assert syn["rows"] >= 1 and len(mixed["train"]) == n_train + syn["rows"]
+    origins = [r["origin"] for r in mixed["train"]]
+    assert origins.count("synthetic") == syn["rows"]
+    for split in ("validation", "test"):
+        assert [r["id"] for r in mixed[split]] == [r["id"] for r in sampled[split]]
+        assert all(r["origin"] != "synthetic" for r in mixed[split])
