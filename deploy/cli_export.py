@@ -71,6 +71,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--max-ppl-increase", type=float, default=0.05, help="budget: largest relative perplexity rise (0.05)"
     )
     p.add_argument(
+        "--golden",
+        metavar="FILE",
+        default=None,
+        help="golden prompts both the export and its parent answer (default: deploy.gate_golden, if set)",
+    )
+    p.add_argument(
+        "--max-golden-drop",
+        type=float,
+        default=0.0,
+        help="budget: largest drop of the golden pass rate (0.0: no golden prompt the parent passes may fail)",
+    )
+    p.add_argument(
         "--calibration-samples", type=int, default=64, help="int8/int4: train-split rows that calibrate (default 64)"
     )
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
@@ -94,9 +106,16 @@ def cmd_export_model(args: argparse.Namespace, ctx: Context) -> int:
 
     if args.limit < 1 or args.max_new_tokens < 1:
         raise UserError("--limit and --max-new-tokens must be >= 1")
-    if args.max_metric_drop < 0 or args.max_ppl_increase < 0:
-        raise UserError("--max-metric-drop and --max-ppl-increase must be >= 0")
-    budget = ExportBudget(max_metric_drop=args.max_metric_drop, max_ppl_increase=args.max_ppl_increase)
+    if args.max_metric_drop < 0 or args.max_ppl_increase < 0 or args.max_golden_drop < 0:
+        raise UserError("--max-metric-drop, --max-ppl-increase and --max-golden-drop must be >= 0")
+    budget = ExportBudget(
+        max_metric_drop=args.max_metric_drop,
+        max_ppl_increase=args.max_ppl_increase,
+        max_golden_drop=args.max_golden_drop,
+    )
+    from tuneloop.trainer.evaluate import load_golden
+
+    golden = load_golden(args.golden or ctx.settings.deploy.gate_golden or None)
     say = (lambda m: None) if args.json else (lambda m: print(m, flush=True))
     if args.format in QUANT_FORMATS:
         from tuneloop.server.offline_engine import OfflineGenerator
@@ -105,14 +124,15 @@ def cmd_export_model(args: argparse.Namespace, ctx: Context) -> int:
         with OfflineGenerator(ctx.settings.engine) as gen:
             res = export_quantized(
                 ctx.db, ctx.settings, args.version, args.format, gen, budget, args.limit, args.max_new_tokens,
-                args.calibration_samples, say=say,
+                args.calibration_samples, say=say, golden=golden,
             )  # fmt: skip
     else:
         from tuneloop.trainer.export_gguf import export_gguf
 
         res = export_gguf(
-            ctx.db, ctx.settings, args.version, args.format, budget, args.limit, args.max_new_tokens, say=say
-        )
+            ctx.db, ctx.settings, args.version, args.format, budget, args.limit, args.max_new_tokens, say=say,
+            golden=golden,
+        )  # fmt: skip
     if args.json:
         print(json.dumps({**res.manifest, "path": str(res.path)}, indent=2))
     else:

@@ -137,21 +137,49 @@ def test_bad_export_requests_are_clear_errors(cli, db, tiny_version):
     assert r.returncode == 2 and "--limit" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_smollm2_q8_0_is_within_the_quality_budget_at_most_30_percent_of_the_fp32_size(llama_cpp, cli, db, smollm2):
+def test_smollm2_q8_0_meets_the_test_split_budget_at_most_30_percent_of_fp32_and_golden_prompts_catch_a_flip(
+    llama_cpp, cli, db, smollm2
+):
     """The issue's target on the embedded default model: q8_0 keeps token F1 and perplexity within the default budget
-    (F1 drop <= 0.02, perplexity rise <= 5%) against the fp32 parent, in at most 30% of its size."""
+    (F1 drop <= 0.02, perplexity rise <= 5%) against the fp32 parent, in at most 30% of its size. The golden prompts
+    see what those averages cannot: q8_0 SmolLM2 answers "What is 2 + 2?" like its parent but loses "Paris" for the
+    capital of France (it starts "L'Étoile, la Cité ..."), so with the default golden budget (no prompt may flip)
+    the export is kept, flagged and not registered."""
     from conftest import register_chat_base
 
-    from tuneloop.registry import get_version
+    from tuneloop.registry import RegistryError, get_version
 
     register_chat_base(cli, db, smollm2, "smollm2", 120)
-    m = json.loads(cli("export", "model", "smollm2", "--format", "gguf-q8_0", "--limit", "8", "--json").stdout)
+    golden = cli.cwd / "golden.yaml"
+    golden.write_text(
+        "- {name: arithmetic, prompt: 'What is 2 + 2?', expect: '4'}\n"
+        "- {name: capital, prompt: 'What is the capital of France?', expect: Paris}\n"
+    )
+    r = cli(
+        "export",
+        "model",
+        "smollm2",
+        "--format",
+        "gguf-q8_0",
+        "--limit",
+        "8",
+        "--golden",
+        str(golden),
+        "--json",
+        check=False,
+    )
+    m = json.loads(r.stdout)
     q = m["quality"]
     assert q["examples"] == 8 and q["parent_metric"] > 0  # the parent answers the test split with some overlap
-    assert q["metric_drop"] <= 0.02 and q["ppl_ratio"] <= 1.05 and m["passed"] is True
+    assert q["metric_drop"] <= 0.02 and q["ppl_ratio"] <= 1.05  # the test-split budget holds
     assert m["size_ratio"] <= 0.30 and m["size_bytes"] < m["parent_size_bytes"]
     assert m["chat_template_matches_tokenizer"] is True and q["tokens_per_s"] > 0
-    assert get_version(db, "smollm2-gguf-q8_0").kind == "gguf"
+    verdicts = {g["name"]: (g["parent_passed"], g["passed"]) for g in q["golden"]["results"]}
+    assert verdicts == {"arithmetic": (True, True), "capital": (True, False)}
+    assert (q["golden"]["parent_pass_rate"], q["golden"]["pass_rate"], q["golden"]["drop"]) == (1.0, 0.5, 0.5)
+    assert m["budget"]["max_golden_drop"] == 0.0 and m["passed"] is False and r.returncode == 1
+    with pytest.raises(RegistryError):
+        get_version(db, "smollm2-gguf-q8_0")
 
 
 def test_a_lora_adapter_exports_as_a_gguf_lora_that_llama_cpp_applies_on_the_base_gguf(

@@ -306,7 +306,7 @@ def test_an_engine_error_mid_stream_is_one_error_event_and_is_logged():
 
     records = []
     request = SimpleNamespace(
-        app=SimpleNamespace(state=SimpleNamespace(log_writer=SimpleNamespace(submit=records.append)))
+        app=SimpleNamespace(state=SimpleNamespace(log_writer=SimpleNamespace(submit=records.append))), headers={}
     )
     ctx = RequestContext(id="resp_x", route="responses", t0=time.perf_counter(), received_at=utcnow())
     job = GenerationJob(request, ctx, FailingEngine(), [[1, 2, 3]], None, None, 1)  # type: ignore[arg-type]

@@ -3,9 +3,12 @@ numbers, the manifest's hashes and the registration of a passing export.
 
 Contract
 --------
-* :class:`ExportBudget`: the largest task-metric drop (token F1 on the test split) and the largest relative
-  perplexity rise an export may have against its unquantized parent; :meth:`ExportBudget.passes` judges a quality
-  dict made by :func:`quality`.
+* :class:`ExportBudget`: the largest task-metric drop (token F1 on the test split), the largest relative
+  perplexity rise and the largest drop of the golden prompts' pass rate an export may have against its unquantized
+  parent; :meth:`ExportBudget.passes` judges a quality dict made by :func:`quality`.
+* Golden prompts (:func:`tuneloop.trainer.evaluate.load_golden`: ``--golden FILE``, else ``deploy.gate_golden``)
+  are answered by both sides with the same greedy budget and checked by their rules; :func:`golden_quality` gives
+  both pass rates, the drop and each prompt's verdicts. Without golden prompts the golden part is skipped.
 * :func:`source_folder`: the HF folder an export starts from: a merged or base version's own folder, or an adapter
   (LoRA and the other weight adapters) merged into its base in ``<out>/merged`` by
   :func:`tuneloop.trainer.merge.merge_folder` (logit parity checked). Prompt-learning adapters, which have no
@@ -44,9 +47,18 @@ class ExportBudget:
     max_ppl_increase: float = field(
         default=0.05, metadata={"help": "Largest relative rise of the references' perplexity against the parent."}
     )
+    max_golden_drop: float = field(
+        default=0.0,
+        metadata={"help": "Largest drop of the golden prompts' pass rate (0-1) against the parent (0: none may flip)."},
+    )
 
     def passes(self, q: dict[str, Any]) -> bool:
-        return bool(q["metric_drop"] <= self.max_metric_drop and q["ppl_ratio"] - 1 <= self.max_ppl_increase)
+        golden = q.get("golden")
+        return bool(
+            q["metric_drop"] <= self.max_metric_drop
+            and q["ppl_ratio"] - 1 <= self.max_ppl_increase
+            and (golden is None or golden["drop"] <= self.max_golden_drop)
+        )
 
 
 @dataclass
@@ -64,7 +76,13 @@ class ExportResult:
         return (
             f"{self.path} ({self.manifest['size_bytes'] / 1e6:.1f} MB, {self.manifest['size_ratio']:.0%} of the parent): "
             f"token F1 {q['metric']:.4f} vs parent {q['parent_metric']:.4f} (drop {q['metric_drop']:+.4f}), "
-            f"perplexity x{q['ppl_ratio']:.4f}, {q['tokens_per_s']:.1f} tokens/s in {q['runtime']}; {verdict}"
+            f"perplexity x{q['ppl_ratio']:.4f}, {q['tokens_per_s']:.1f} tokens/s in {q['runtime']}"
+            + (
+                f", golden prompts {q['golden']['pass_rate']:.0%} vs parent {q['golden']['parent_pass_rate']:.0%}"
+                if q.get("golden")
+                else ""
+            )
+            + f"; {verdict}"
         )
 
 
@@ -157,6 +175,19 @@ def quality(
         "tokens_per_s": tokens_per_s,
         "parent_tokens_per_s": parent_tokens_per_s,
     }
+
+
+def golden_quality(golden: list[dict[str, Any]], answers: list[str], parent_answers: list[str]) -> dict[str, Any]:
+    """Both sides' pass rates on the golden prompts, the drop, and each prompt's verdicts (module doc)."""
+    results = []
+    for g, a, pa in zip(golden, answers, parent_answers, strict=True):
+        results.append(
+            {"name": g["name"], "passed": g["rule"].check(a).passed, "parent_passed": g["rule"].check(pa).passed,
+             "output": a, "parent_output": pa}
+        )  # fmt: skip
+    rate = sum(r["passed"] for r in results) / len(results)
+    parent_rate = sum(r["parent_passed"] for r in results) / len(results)
+    return {"pass_rate": rate, "parent_pass_rate": parent_rate, "drop": parent_rate - rate, "results": results}
 
 
 def register_export(

@@ -22,7 +22,8 @@ Contract
   scores the reference answers (for ``gguf-lora``: the base GGUF with the LoRA applied). The parent runs in
   transformers (fp32; an adapter merged). Measured: the task metric (token F1 against
   the references) of both, its drop, the perplexity of the references under both and its ratio, how often the two
-  answers agree, and decode tokens/s of llama.cpp. The budget (:class:`~tuneloop.trainer.export_common.ExportBudget`) is a metric drop of at most
+  answers agree, and decode tokens/s of llama.cpp; with golden prompts, both sides' pass rates
+  (:func:`~tuneloop.trainer.export_common.golden_quality`). The budget (:class:`~tuneloop.trainer.export_common.ExportBudget`) is a metric drop of at most
   ``max_metric_drop`` and a perplexity rise of at most ``max_ppl_increase``.
 * The manifest: format, file name, size, sha256, the parent's name and size, the size ratio, llama.cpp's version,
   the converter and quantize commands, the chat template's sha256 (and whether it equals the tokenizer's), the EOS
@@ -51,6 +52,7 @@ from tuneloop.trainer.export_common import (
     check_exportable,
     digest,
     eval_rows,
+    golden_quality,
     quality,
     register_export,
     sha256,
@@ -88,6 +90,7 @@ def export_gguf(
     limit: int = 32,
     max_new_tokens: int = 32,
     say: Callable[[str], None] = print,
+    golden: list[dict[str, Any]] | None = None,
 ) -> ExportResult:
     """Convert, smoke-test, measure, write the manifest, register when within budget (see module doc)."""
     from tuneloop.registry import get_version
@@ -120,7 +123,9 @@ def export_gguf(
         commands = _convert(tool, src, gguf, outtype, qtype, say)
         parent_size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     say(f"smoke test: llama.cpp loads {gguf.name} and answers; quality on the test split against {version} ...")
-    q, meta = _measure(db, tool, src, base_gguf or gguf, gguf if lora else None, v.dataset_id, limit, max_new_tokens)
+    q, meta = _measure(
+        db, tool, src, base_gguf or gguf, gguf if lora else None, v.dataset_id, limit, max_new_tokens, golden or []
+    )
     template = tokenizer_template(src)
     if src.parent == out:  # the merged copy: measured, no longer needed (the GGUF is the export)
         shutil.rmtree(src, ignore_errors=True)
@@ -229,22 +234,27 @@ def _measure(
     dataset: str | None,
     limit: int,
     max_new_tokens: int,
+    golden: list[dict[str, Any]],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Quality of the GGUF (``lora`` applied when given) against its parent on the test split; its metadata."""
+    """Quality of the GGUF (``lora`` applied when given) against its parent on the test split and the golden
+    prompts; its metadata."""
+    from tuneloop.chat import render_prompt
     from tuneloop.trainer.evaluate import ModelRef, _load, _nll_many, generate_transformers
 
     model, tok = _load(ModelRef("parent", src))
     split, prompts, refs, scored = eval_rows(db, dataset, limit, tok)
+    gold = [render_prompt(tok, g["messages"]) for g in golden]
     t0 = time.perf_counter()
     parent_answers = generate_transformers(model, tok, prompts, max_new_tokens)
     parent_s = time.perf_counter() - t0
+    parent_gold = generate_transformers(model, tok, gold, max_new_tokens) if gold else []
     parent_nll = _nll_many(model, scored)
     del model
     job = {
         "model": str(gguf),
         "lora": str(lora) if lora else None,
-        "n_ctx": max(len(s) for s, _ in scored) + max_new_tokens + 16,
-        "prompts": prompts,
+        "n_ctx": max(len(s) for s in [*(s for s, _ in scored), *gold]) + max_new_tokens + 16,
+        "prompts": prompts + gold,  # the test split's, then the golden prompts (speed counts both)
         "max_new_tokens": max_new_tokens,
         "scored": [[s, m] for s, m in scored],
         "chat": [{"role": "user", "content": "Hello! Who are you?"}],
@@ -259,11 +269,12 @@ def _measure(
     if proc.returncode != 0:
         raise UserError(f"llama.cpp could not load or run {gguf.name} (smoke test failed):\n{proc.stderr[-3000:]}")
     got = json.loads(proc.stdout)
+    answers, gold_answers = got["answers"][: len(prompts)], got["answers"][len(prompts) :]
     parent_tokens = sum(len(tok(a, add_special_tokens=False)["input_ids"]) for a in parent_answers)
     q = quality(
         split=split,
         refs=refs,
-        answers=got["answers"],
+        answers=answers,
         parent_answers=parent_answers,
         nll=[(float(x), int(k)) for x, k in got["nll"]],
         parent_nll=parent_nll,
@@ -273,4 +284,5 @@ def _measure(
     )
     q["parent_runtime"] = "transformers"
     q["chat_answer"] = got["chat"]
+    q["golden"] = golden_quality(golden, gold_answers, parent_gold) if golden else None
     return q, got["metadata"]

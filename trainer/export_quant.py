@@ -21,7 +21,8 @@ Contract
   (fp32 on CPU) and the quantized folder each answer the version's test split (at most ``limit`` rows, greedy, the
   same prompt token ids, timed after a warm-up) and score its reference answers (prompt logprobs). Measured: token
   F1 of both and its drop, the perplexity ratio, how often answers agree, tokens/s of both, and one chat answer
-  through the exported tokenizer's template. The budget is :class:`~tuneloop.trainer.export_common.ExportBudget`.
+  through the exported tokenizer's template; with golden prompts, both sides' pass rates. The budget is
+  :class:`~tuneloop.trainer.export_common.ExportBudget`.
 * A passing export is registered as a version of kind ``quantized`` named ``<version>-<format>`` (parent: the
   version), which vLLM serves like any merged version (``tuneloop serve --model NAME``; the gate and canary treat
   it as any other candidate). A failing one is kept, flagged (``passed: false``), never registered; the CLI exits 1.
@@ -45,6 +46,7 @@ from tuneloop.trainer.export_common import (
     check_exportable,
     digest,
     eval_rows,
+    golden_quality,
     quality,
     register_export,
     source_folder,
@@ -86,6 +88,7 @@ def export_quantized(
     max_new_tokens: int = 32,
     calibration_samples: int = 64,
     say: Callable[[str], None] = print,
+    golden: list[dict[str, Any]] | None = None,
 ) -> ExportResult:
     """Quantize, smoke-test and measure in vLLM, write the manifest, register when within budget (module doc)."""
     from tuneloop.ids import hash_path
@@ -128,7 +131,7 @@ def export_quantized(
         raise UserError(f"llm-compressor failed to quantize {version} to {fmt}:\n{proc.stderr[-3000:]}")
     made = json.loads(proc.stdout.strip().splitlines()[-1])
     say(f"smoke test: vLLM loads {folder} and answers; quality on the test split against {version} ...")
-    q = _measure(db, generator, src, folder, v.dataset_id, limit, max_new_tokens)
+    q = _measure(db, generator, src, folder, v.dataset_id, limit, max_new_tokens, golden or [])
     parent_size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     parent_template = tokenizer_template(src)
     if src.parent == out:  # the merged copy: measured, no longer needed
@@ -211,7 +214,14 @@ def _calibration_texts(db: Database, dataset: str, src: Path, n: int) -> list[st
 
 
 def _measure(
-    db: Database, gen: Scorer, src: Path, folder: Path, dataset: str | None, limit: int, max_new_tokens: int
+    db: Database,
+    gen: Scorer,
+    src: Path,
+    folder: Path,
+    dataset: str | None,
+    limit: int,
+    max_new_tokens: int,
+    golden: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """Both models on the serving engine, on the same prompts (module doc)."""
     from transformers import AutoTokenizer
@@ -221,6 +231,8 @@ def _measure(
     tok = AutoTokenizer.from_pretrained(str(folder))
     split, prompts, refs, scored = eval_rows(db, dataset, limit, tok)
     chat_ids = render_prompt(tok, [{"role": "user", "content": "Hello! Who are you?"}])
+    gold = [render_prompt(tok, g["messages"]) for g in golden]
+    gold_answers: dict[str, list[str]] = {}
     side: dict[str, tuple[list[str], list[tuple[float, int]], float]] = {}
     chat_answer = ""
     for key, model in (("parent", src), ("export", folder)):
@@ -230,6 +242,7 @@ def _measure(
         secs = time.perf_counter() - t0
         tokens = sum(len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers)
         side[key] = (answers, gen.score(model, scored), tokens / secs if secs else 0.0)
+        gold_answers[key] = gen.generate(model, None, gold, max_new_tokens) if gold else []
         if key == "export":
             chat_answer = gen.generate(model, None, [chat_ids], 16)[0]
     q = quality(
@@ -245,4 +258,5 @@ def _measure(
     )
     q["parent_runtime"] = "vLLM"
     q["chat_answer"] = chat_answer
+    q["golden"] = golden_quality(golden, gold_answers["export"], gold_answers["parent"]) if golden else None
     return q
