@@ -396,12 +396,10 @@ def _add_synthetic(db: Database, settings: Settings, opts: LoopOptions, sft: Any
     if not 0 < share < 1:
         raise LoopError(f"synthetic_share must be in [0, 1), got {share}")
     count = max(1, math.ceil(sft.rows_train * share / (1 - share)))
-    s = settings.server
-    host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
     scfg = SynthesizeConfig(
         mode="targeted",
         name=f"{cfg.name}-synthetic",
-        endpoint=opts.synthetic_endpoint or f"http://{host}:{s.port}/v1",
+        endpoint=opts.synthetic_endpoint or settings.server.local_api_url,
         model=opts.synthetic_model,
         window=cfg.window or "7d",
         since=cfg.since,

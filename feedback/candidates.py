@@ -404,9 +404,12 @@ def dedup_within(cands: list[Candidate]) -> tuple[list[Candidate], int]:
     return kept, len(cands) - len(kept)
 
 
-def earlier_keys(db: Database, refs: list[str] | None, kind: str = "sft") -> tuple[set[str], list[str]]:
+def earlier_keys(
+    db: Database, refs: list[str] | None, kind: str = "sft", prompts: set[str] | None = None
+) -> tuple[set[str], list[str]]:
     """Example keys of every row of the given datasets (None = every registered dataset of ``kind``), and their
-    ids. A classification row's key is that of its text as one user message and its label."""
+    ids. A classification row's key is that of its text as one user message and its label. ``prompts``, when
+    given, also gets each chat row's :func:`prompt_key` (same pass over the data)."""
     from tuneloop.dataset_store import load_splits
     from tuneloop.registry import get_dataset, list_datasets
 
@@ -425,4 +428,6 @@ def earlier_keys(db: Database, refs: list[str] | None, kind: str = "sft") -> tup
                 msgs = [chat_message(m) for m in row.get("messages") or []]
                 if msgs and msgs[-1].get("role") == "assistant":
                     keys.add(example_key(msgs[:-1], msgs[-1].get("content") or "", row_tools(row)))
+                    if prompts is not None:
+                        prompts.add(prompt_key(msgs[:-1], row_tools(row)))
     return keys, [r.id for r in recs]

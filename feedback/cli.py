@@ -350,12 +350,10 @@ def cmd_synthesize(args: argparse.Namespace, ctx: Context) -> int:
 
     from tuneloop.feedback.synthesize import SynthesizeConfig, synthesize
 
-    s = ctx.settings.server
-    host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
     cfg = SynthesizeConfig(
         mode=args.mode,
         name=args.name,
-        endpoint=args.endpoint or f"http://{host}:{s.port}/v1",
+        endpoint=args.endpoint or ctx.settings.server.local_api_url,
         model=args.model,
         api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
         source=args.source,

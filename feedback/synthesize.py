@@ -505,8 +505,8 @@ def _scrub(drafts: list[_Draft]) -> dict[str, int]:
 def _dedup(db: Database, drafts: list[_Draft], counts: dict[str, Any]) -> list[_Draft]:
     from tuneloop.feedback.candidates import earlier_keys, example_key, prompt_key
 
-    examples, _ = earlier_keys(db, None)
-    prompts = _earlier_prompt_keys(db)
+    prompts: set[str] = set()
+    examples, _ = earlier_keys(db, None, prompts=prompts)
     seen: set[str] = set()
     out = []
     for d in drafts:
@@ -520,24 +520,6 @@ def _dedup(db: Database, drafts: list[_Draft], counts: dict[str, Any]) -> list[_
             continue
         out.append(d)
     return out
-
-
-def _earlier_prompt_keys(db: Database) -> set[str]:
-    from tuneloop.dataset_store import chat_message, load_splits
-    from tuneloop.feedback.candidates import prompt_key
-    from tuneloop.registry import list_datasets
-
-    keys: set[str] = set()
-    for rec in list_datasets(db):
-        if rec.kind != "sft":
-            continue
-        dd = load_splits(db, rec.id)
-        for split in dd:
-            for row in dd[split]:
-                msgs = [chat_message(m) for m in row.get("messages") or []]
-                if msgs and msgs[-1].get("role") == "assistant":
-                    keys.add(prompt_key(msgs[:-1]))
-    return keys
 
 
 def _judge(

@@ -78,7 +78,7 @@ def test_smollm2_int8_w8a8_export_is_within_budget_registered_and_served_by_tune
         srv.stop()
 
 
-def test_int4_groups_divide_every_layer_and_exports_of_exports_or_of_classifiers_are_refused(
+def test_int4_groups_divide_every_layer_and_an_export_of_an_export_or_without_calibration_is_refused(
     cli, db, smollm2, tmp_path
 ):
     from tuneloop.registry import ModelVersion, register_version

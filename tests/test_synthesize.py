@@ -166,7 +166,7 @@ def test_targeted_generation_is_seeded_by_the_drifted_slice_and_names_its_new_wo
     assert steps["rows"] == len(rows) >= 2
 
 
-def test_paraphrases_of_a_source_set_are_judged_deduplicated_and_scrubbed_of_pii(smol, tmp_path):
+def test_paraphrases_of_a_source_set_keep_their_seed_answers_and_every_surviving_row_is_judged(smol, tmp_path):
     from tuneloop.dataset_store import load_splits
 
     srv, env, _ = smol

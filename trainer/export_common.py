@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from tuneloop.errors import UserError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
 
     from tuneloop.db import Database
     from tuneloop.registry import ModelVersion
@@ -86,10 +86,17 @@ class ExportResult:
         )
 
 
-def check_exportable(db: Database, v: ModelVersion, name: str) -> None:
-    """Refuse, before any work, what cannot be exported, and an export name that is already a version."""
+def open_export(
+    db: Database, settings: Settings, version: str, fmt: str, formats: Iterable[str]
+) -> tuple[ModelVersion, str, Path]:
+    """(the version, the export's name ``<version>-<format>``, its folder ``<home>/exports/<name>``), after
+    refusing, before any work, an unknown format, what cannot be exported and a name that is already a version."""
     from tuneloop.registry import RegistryError, get_version
 
+    if fmt not in formats:
+        raise UserError(f"unknown format {fmt!r}: choose one of {', '.join(formats)}")
+    v = get_version(db, version)
+    name = f"{version}-{fmt}"
     try:
         get_version(db, name)
     except RegistryError:
@@ -100,6 +107,7 @@ def check_exportable(db: Database, v: ModelVersion, name: str) -> None:
         raise UserError(f"{v.name!r} is already an export ({v.kind}); export its parent {v.parent_version!r}")
     if v.task == "classification":
         raise UserError(f"{v.name!r} is a classifier; model export is for generative (chat) models")
+    return v, name, settings.paths.sub("exports") / name
 
 
 def source_folder(db: Database, settings: Settings, v: ModelVersion, out: Path, say: Callable[[str], None]) -> Path:

@@ -49,10 +49,10 @@ from tuneloop.trainer.export_common import (
     ExportBudget,
     ExportResult,
     base_folder,
-    check_exportable,
     digest,
     eval_rows,
     golden_quality,
+    open_export,
     quality,
     register_export,
     sha256,
@@ -93,20 +93,14 @@ def export_gguf(
     golden: list[dict[str, Any]] | None = None,
 ) -> ExportResult:
     """Convert, smoke-test, measure, write the manifest, register when within budget (see module doc)."""
-    from tuneloop.registry import get_version
     from tuneloop.trainer.llamacpp import VERSION, ensure
 
     budget = budget or ExportBudget()
-    if fmt not in FORMATS:
-        raise UserError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    v = get_version(db, version)
+    v, name, out = open_export(db, settings, version, fmt, FORMATS)
     lora = fmt == "gguf-lora"
     if lora:
         _check_lora(v)
-    out = settings.paths.sub("exports") / f"{version}-{fmt}"
-    gguf = out / f"{version}-{fmt}.gguf"
-    name = f"{version}-{fmt}"
-    check_exportable(db, v, name)
+    gguf = out / f"{name}.gguf"
     if gguf.exists():
         raise UserError(f"{gguf} already exists; remove it to export again")
     tool = ensure(settings.paths.models_path, say)

@@ -43,10 +43,10 @@ from tuneloop.errors import UserError
 from tuneloop.trainer.export_common import (
     ExportBudget,
     ExportResult,
-    check_exportable,
     digest,
     eval_rows,
     golden_quality,
+    open_export,
     quality,
     register_export,
     source_folder,
@@ -92,18 +92,12 @@ def export_quantized(
 ) -> ExportResult:
     """Quantize, smoke-test and measure in vLLM, write the manifest, register when within budget (module doc)."""
     from tuneloop.ids import hash_path
-    from tuneloop.registry import get_version
     from tuneloop.trainer.quant_tool import VERSION, ensure
 
     budget = budget or ExportBudget()
-    if fmt not in FORMATS:
-        raise UserError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if calibration_samples < 1:
         raise UserError(f"--calibration-samples must be >= 1, got {calibration_samples}")
-    v = get_version(db, version)
-    name = f"{version}-{fmt}"
-    check_exportable(db, v, name)
-    out = settings.paths.sub("exports") / name
+    v, name, out = open_export(db, settings, version, fmt, FORMATS)
     folder = out / "model"
     if folder.exists():
         raise UserError(f"{folder} already exists; remove it to export again")

@@ -254,6 +254,13 @@ class ServerSettings:
 
         return self.replica or os.environ.get("TUNELOOP_REPLICA") or socket.gethostname() or "replica"
 
+    @property
+    def local_api_url(self) -> str:
+        """This machine's server's OpenAI base URL (``http://HOST:PORT/v1``; a wildcard bind address is reached
+        on loopback)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.port}/v1"
+
 
 @dataclass
 class LogSettings:
