@@ -288,6 +288,7 @@ def _run(
         overrides=[*ctx.overrides, "server.state_refresh_s=1"],
     )
     with server as srv:
+        print(f"web console (while the demo's server runs): {srv.url}/ui", flush=True)
         with stages(f"serve {v1}: {n_req} {scenario.PRODUCT} support questions + feedback"):
             st.traffic["before"] = simulate_traffic(srv.url, questions[:n_req], desc="traffic v1")
             print_traffic(st.traffic["before"])

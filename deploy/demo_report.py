@@ -9,9 +9,10 @@ Contract
   token F1, gate verdict, CI lower bound) and the totals (requests served,
   feedback, what training used, promotion, drift), then writes ``summary.json``
   and ``report.html`` into the output folder.
-* :func:`write_report` renders a summary as one HTML file with inline SVG bar
-  charts (no plotting dependency): gates, simulated feedback and answer F1 per
-  phase and serving version, the canary's arms, drift statistics, stage durations.
+* :func:`write_report` renders a summary as one HTML file with bar charts drawn by
+  :mod:`tuneloop.monitoring.charts` (inline SVG rendered offline, no script, each
+  under an ``<h3>`` title): gates, simulated feedback and answer F1 per phase and
+  serving version, the canary's arms, drift statistics, stage durations.
 """
 
 from __future__ import annotations
@@ -216,35 +217,27 @@ def drift_line(d: dict[str, Any]) -> str:
     return ", ".join(parts) or json.dumps(d, default=str)[:200]
 
 
-# ---- HTML report (inline SVG, no plotting dependency) ----------------------------------------------
+# ---- HTML report (charts: tuneloop.monitoring.charts, Vega-Lite rendered to inline SVG offline) ----
 
 
-def _bars(title: str, items: list[tuple[str, float]], fmt: str = "{:.3g}", threshold: float | None = None) -> str:
-    """A horizontal bar chart as inline SVG."""
+def _bar_chart(
+    title: str,
+    items: list[tuple[str, float]],
+    fmt: str = ".3~g",
+    threshold: float | None = None,
+    value_title: str = "value",
+) -> str:
+    """An ``<h3>`` title and under it a horizontal bar chart of ``items`` (``fmt``: a d3 number format) as SVG;
+    nothing when there are no items."""
     from html import escape
+
+    from tuneloop.monitoring import charts
 
     if not items:
         return ""
-    w, row, left = 640, 24, 220
-    top = max([v for _, v in items] + [threshold or 0, 1e-9])
-    h = row * len(items) + 30
-    out = [f'<h3>{escape(title)}</h3><svg width="{w}" height="{h}" role="img" aria-label="{escape(title)}">']
-    for i, (label, v) in enumerate(items):
-        y = 10 + i * row
-        bw = max(1, (w - left - 70) * max(v, 0) / top)
-        out.append(
-            f'<text x="{left - 6}" y="{y + 15}" text-anchor="end" font-size="12">{escape(label)}</text>'
-            f'<rect x="{left}" y="{y + 3}" width="{bw:.1f}" height="{row - 8}" fill="#4c78a8"/>'
-            f'<text x="{left + bw + 4}" y="{y + 15}" font-size="12">{escape(fmt.format(v))}</text>'
-        )
-    if threshold is not None:
-        x = left + (w - left - 70) * threshold / top
-        out.append(
-            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="5" y2="{h - 15}" stroke="#e45756" stroke-dasharray="4"/>'
-            f'<text x="{x + 3:.1f}" y="{h - 4}" font-size="11" fill="#e45756">threshold</text>'
-        )
-    out.append("</svg>")
-    return "".join(out)
+    # the <h3> is the visible title; the chart carries it only as its aria-label
+    chart = charts.bars(items, title="", threshold=threshold, value_title=value_title, fmt=fmt, width=400)
+    return f"<h3>{escape(title)}</h3>" + charts.svg(chart, label=title)
 
 
 def write_report(path: Path, summary: dict[str, Any]) -> None:
@@ -273,10 +266,11 @@ def write_report(path: Path, summary: dict[str, Any]) -> None:
     h = summary.get("heldout") or {}
     if h:
         parts.append(
-            _bars(
+            _bar_chart(
                 f"task success on {h['n']} held-out question phrasings (never trained on)",
                 list(h["task_success"].items()),
-                "{:.0%}",
+                ".0%",
+                value_title="task success",
             )
         )
     parts.append("<h2>Gates</h2>")
@@ -284,9 +278,10 @@ def write_report(path: Path, summary: dict[str, Any]) -> None:
         summ = g.get("extra", {}).get("summary") or {}
         metric = g.get("metric", "token_f1")
         parts.append(
-            _bars(
+            _bar_chart(
                 f"{name}: mean {metric} on the held-out split",
                 [(k, float((v or {}).get(metric) or 0)) for k, v in summ.items()],
+                value_title=metric,
             )
         )
         lines = [f"gate {'PASSED' if g.get('passed') else 'FAILED'}: {g.get('candidate')} vs {g.get('baseline')}"]
@@ -297,12 +292,17 @@ def write_report(path: Path, summary: dict[str, Any]) -> None:
     items = []
     for phase, t in tr.items():
         items += [(f"{phase}: thumbs up", t.get("up", 0)), (f"{phase}: thumbs down", t.get("down", 0))]
-    parts.append(_bars("simulated feedback per phase", items, "{:.0f}"))
+    parts.append(_bar_chart("simulated feedback per phase", items, ".0f", value_title="ratings"))
     items = [
         (f"{phase}: {v}", d["task_success"]) for phase, t in tr.items() for v, d in t.get("by_version", {}).items()
     ]
     parts.append(
-        _bars("answers that state the right fact (thumbs-up share), per phase and serving version", items, "{:.0%}")
+        _bar_chart(
+            "answers that state the right fact (thumbs-up share), per phase and serving version",
+            items,
+            ".0%",
+            value_title="thumbs-up share",
+        )
     )
     if summary.get("canary"):
         c = summary["canary"]
@@ -311,16 +311,18 @@ def write_report(path: Path, summary: dict[str, Any]) -> None:
         )
         arms = c.get("arms", {})
         parts.append(
-            _bars(
+            _bar_chart(
                 "thumbs-down share per arm",
                 [(f"{a} ({s.get('model_version')})", s.get("negative_share", 0)) for a, s in arms.items()],
-                "{:.0%}",
+                ".0%",
+                value_title="thumbs-down share",
             )
         )
         parts.append(
-            _bars(
+            _bar_chart(
                 "p50 time to first token per arm (s)",
                 [(f"{a} ({s.get('model_version')})", s.get("ttft_p50_s") or 0) for a, s in arms.items()],
+                value_title="seconds",
             )
         )
     parts.append("<h2>Drift</h2>")
@@ -332,9 +334,17 @@ def write_report(path: Path, summary: dict[str, Any]) -> None:
             if isinstance(v, dict) and isinstance(v.get("value"), (int, float))
         ]
         who = d.get("model_version", "")
-        parts.append(_bars(f"drift statistics {phase} ({who}; overall score {fmt_num(d.get('score'))})", items))
+        parts.append(
+            _bar_chart(
+                f"drift statistics {phase} ({who}; overall score {fmt_num(d.get('score'))})",
+                items,
+                value_title="statistic",
+            )
+        )
     if not summary.get("drift"):
         parts.append("<p>not measured</p>")
-    parts.append(_bars("stage durations (s)", list(summary.get("timings_s", {}).items()), "{:.0f}"))
+    parts.append(
+        _bar_chart("stage durations (s)", list(summary.get("timings_s", {}).items()), ".0f", value_title="seconds")
+    )
     parts.append(f"<h2>Raw summary</h2><pre>{escape(json.dumps(summary, indent=2, default=str)[:20000])}</pre>")
     Path(path).write_text("\n".join(parts))

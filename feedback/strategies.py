@@ -30,9 +30,7 @@ Bad input raises :class:`SampleError`.
 
 from __future__ import annotations
 
-import hashlib
 import math
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +40,7 @@ import numpy as np
 from tuneloop.db import Database
 from tuneloop.errors import UserError
 from tuneloop.feedback.candidates import Candidate
+from tuneloop.monitoring.likeness import hashed_bow, training_prompts, unlikeness
 
 STRATEGIES = ("feedback", "low-confidence", "drift", "stratified", "random")  # application order
 #: strategies that only classify traffic supports (they read the logged class probabilities)
@@ -96,8 +95,6 @@ def allocate(strategies: dict[str, float], limit: int) -> dict[str, int]:
 
 # ---- what the strategies need ---------------------------------------------------------------
 
-_TOKEN = re.compile(r"[a-z0-9']+")
-
 
 @dataclass
 class PickContext:
@@ -107,19 +104,6 @@ class PickContext:
     strata: dict[int, tuple[str, str, int | str]] = field(default_factory=dict)
     drift_scores: dict[int, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-
-
-def hashed_bow(texts: list[str], dim: int = 1024) -> np.ndarray:
-    """L2-normalised hashed bag-of-words vectors (sublinear tf), float32 ``(n, dim)``."""
-    out = np.zeros((len(texts), dim), dtype=np.float32)
-    for i, t in enumerate(texts):
-        for tok in _TOKEN.findall(t.lower()):
-            j = int.from_bytes(hashlib.blake2b(tok.encode(), digest_size=4).digest(), "little") % dim
-            out[i, j] += 1.0
-    np.log1p(out, out=out)
-    norms = np.linalg.norm(out, axis=1, keepdims=True)
-    norms[norms == 0] = 1.0
-    return out / norms
 
 
 def length_terciles(tokens: list[int]) -> list[str]:
@@ -143,36 +127,19 @@ def topic_clusters(texts: list[str], k: int, seed: int) -> list[int]:
 
 
 def drift_scores(db: Database, cands: list[Candidate], notes: list[str]) -> list[float]:
-    """Per candidate: 1 - max cosine similarity (hashed BoW) to the user prompts its version was trained on."""
-    from tuneloop.dataset_store import load_splits
-    from tuneloop.registry import find_version
-
+    """Per candidate: 1 - max cosine similarity (hashed BoW) to the user prompts its version was trained on
+    (:func:`tuneloop.monitoring.likeness.unlikeness`); 1.0 for a version with no training data on record."""
     scores = [1.0] * len(cands)
     by_version: dict[str | None, list[int]] = {}
     for i, c in enumerate(cands):
         by_version.setdefault(c.model_version, []).append(i)
     for version, idx in by_version.items():
-        ref_texts: list[str] = []
-        found = find_version(db, version) if version else None
-        if found is not None and found.dataset_id:
-            dd = load_splits(db, found.dataset_id)
-            split = dd["train"] if "train" in dd else next(iter(dd.values()))
-            for row in split:
-                if isinstance(row.get("text"), str):  # a classification set: the input text
-                    ref_texts.append(row["text"])
-                    continue
-                msgs = row.get("messages") or row.get("prompt") or []
-                ref_texts.append("\n".join(m.get("content") or "" for m in msgs if m.get("role") == "user"))
-        if not ref_texts:
+        found = unlikeness(training_prompts(db, version), [cands[i].prompt_text() for i in idx])
+        if found is None:
             notes.append(f"drift: no training data recorded for version {version!r}; its requests are weighted equally")
             continue
-        ref = hashed_bow(ref_texts)
-        q = hashed_bow([cands[i].prompt_text() for i in idx])
-        best = np.zeros(len(idx), dtype=np.float32)
-        for s in range(0, len(ref), 2048):
-            best = np.maximum(best, (q @ ref[s : s + 2048].T).max(axis=1))
         for j, i in enumerate(idx):
-            scores[i] = float(1.0 - best[j])
+            scores[i] = found[j]
     return scores
 
 

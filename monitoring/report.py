@@ -1,12 +1,14 @@
-"""Self-contained HTML drift report (inline SVG, no plotting dependency).
+"""Self-contained HTML drift report: tables and charts, no script, no external assets.
 
 Contract: :func:`render_html` ``(results, history) -> str`` where ``results`` are
 :class:`monitoring.drift.DriftResult` (one per version) and ``history`` maps a
 version to ``[(created_at, overall score), ...]`` from ``drift_reports``. The
 page holds, per version, the statistics table, reference vs production
-histograms of prompt and response length (``<svg class="hist">``), drift over
-time (``<svg class="timeline">``) and the top new words. No external assets.
-No database access: the caller reads ``history`` (portable SQL, either backend).
+histograms of prompt and response length (shares per bin) and the overall drift
+score over time with the threshold as a dashed rule, then the top new words.
+Charts come from :mod:`tuneloop.monitoring.charts` (Vega-Lite rendered to inline
+SVG offline), each an ``<svg role="img" aria-label="TITLE">``. No database
+access: the caller reads ``history`` (portable SQL, either backend).
 """
 
 from __future__ import annotations
@@ -14,30 +16,27 @@ from __future__ import annotations
 import html
 import itertools
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
+from tuneloop.monitoring import charts
 from tuneloop.monitoring.drift import DriftResult
+
+#: the two series of every histogram, and the title of the drift-over-time chart
+REFERENCE, PRODUCTION = "reference (training data)", "production"
+TIMELINE_TITLE = "overall drift score over time"
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse}
 td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}th{background:#f4f4f4}.drifted{color:#b00;font-weight:bold}
-.ok{color:#070}svg{background:#fafafa;border:1px solid #ddd;margin:.5em 1em .5em 0}.legend{font-size:.85em}"""
+.ok{color:#070}svg{margin:.5em 1em .5em 0;vertical-align:top}"""
 
 
 def _fmt(v: Any) -> str:
     return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))
 
 
-def svg_histogram(
-    title: str, edges: Sequence[float], ref: Sequence[float], prod: Sequence[float], w: int = 420, h: int = 180
-) -> str:
-    """Side-by-side bars per bin: reference (grey) vs production (orange), shares of each sample."""
-    n = len(ref)
-    top = max([*ref, *prod, 1e-9])
-    bw = (w - 40) / max(n, 1)
-    parts = [
-        f'<svg class="hist" width="{w}" height="{h + 40}" role="img" aria-label="{html.escape(title)}">',
-        f'<text x="5" y="14" font-size="12">{html.escape(title)}</text>',
-    ]
+def _bin_labels(edges: Sequence[float], n: int) -> list[str]:
+    """Labels of the ``n`` bins that ``edges`` cut: ``≤a``, ``a–b``, ..., ``>z`` (``all`` without edges)."""
     labels = (
         ["≤" + _fmt(edges[0])]
         + [f"{_fmt(a)}–{_fmt(b)}" for a, b in itertools.pairwise(edges)]
@@ -45,50 +44,38 @@ def svg_histogram(
         if len(edges)
         else ["all"]
     )
-    for i in range(n):
-        for j, (vals, color) in enumerate(((ref, "#999"), (prod, "#e67e22"))):
-            bh = (h - 30) * vals[i] / top
-            x = 30 + i * bw + j * bw / 2
-            parts.append(
-                f'<rect class="{"ref" if j == 0 else "prod"}" x="{x:.1f}" y="{h - bh:.1f}" width="{bw / 2 - 1:.1f}" '
-                f'height="{bh:.1f}" fill="{color}"><title>{labels[i] if i < len(labels) else i}: {vals[i]:.3f}</title></rect>'
-            )
-        if i < len(labels):
-            parts.append(f'<text x="{30 + i * bw:.1f}" y="{h + 14}" font-size="8">{html.escape(labels[i])}</text>')
-    parts.append(
-        f'<text class="legend" x="30" y="{h + 34}" font-size="10" fill="#666">grey: reference (training data) · orange: production</text></svg>'
+    return labels[:n] + [str(i) for i in range(len(labels), n)]
+
+
+def _when(t: Any, iso: bool) -> str:
+    """A history timestamp: ISO 8601 for a time axis (what Vega parses), else to the second for a label."""
+    if isinstance(t, datetime):
+        return t.isoformat() if iso else t.isoformat(sep=" ", timespec="seconds")
+    return t.isoformat() if hasattr(t, "isoformat") else str(t)
+
+
+def _histogram(title: str, edges: Sequence[float], ref: Sequence[float], prod: Sequence[float]) -> str:
+    """Reference vs production shares per bin, side by side, as an SVG chart titled ``title``."""
+    labels = _bin_labels(edges, max(len(ref), len(prod)))
+    chart = charts.paired_bars(labels, {REFERENCE: list(ref), PRODUCTION: list(prod)}, title=title, width=340)
+    return charts.svg(chart)
+
+
+def _timeline(points: Sequence[tuple[Any, float]], threshold: float) -> str:
+    """Overall drift score per stored computation, with the threshold as a dashed rule, as an SVG chart: on a
+    time axis once there are two or more times (one point alone on a time axis gets a sub-second tick label)."""
+    temporal = len({t for t, _ in points}) > 1 and all(hasattr(t, "isoformat") for t, _ in points)
+    rows = [{"computed at": _when(t, temporal), "overall score": float(v)} for t, v in points]
+    chart = charts.line(
+        rows,
+        "computed at",
+        "overall score",
+        title=TIMELINE_TITLE,
+        threshold=threshold,
+        x_type="temporal" if temporal else "ordinal",
+        width=340,
     )
-    return "".join(parts)
-
-
-def svg_timeline(points: Sequence[tuple[Any, float]], threshold: float, w: int = 420, h: int = 160) -> str:
-    """Overall drift score per computation, with the threshold line."""
-    parts = [
-        f'<svg class="timeline" width="{w}" height="{h}" role="img" aria-label="drift over time">',
-        '<text x="5" y="14" font-size="12">overall drift score over time</text>',
-    ]
-    top = max([threshold, *[p[1] for p in points], 1e-9]) * 1.1
-
-    def y(v: float) -> float:
-        return h - 10 - (h - 30) * v / top
-
-    parts.append(
-        f'<line x1="30" x2="{w - 5}" y1="{y(threshold):.1f}" y2="{y(threshold):.1f}" stroke="#b00" stroke-dasharray="4"/>'
-    )
-    if points:
-        step = (w - 40) / max(len(points) - 1, 1)
-        xy = [(30 + i * step, y(v)) for i, (_, v) in enumerate(points)]
-        parts.append(
-            '<polyline fill="none" stroke="#2c7be5" stroke-width="2" points="'
-            + " ".join(f"{a:.1f},{b:.1f}" for a, b in xy)
-            + '"/>'
-        )
-        for (a, b), (t, v) in zip(xy, points):
-            parts.append(
-                f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="#2c7be5"><title>{html.escape(str(t))}: {v:.3f}</title></circle>'
-            )
-    parts.append("</svg>")
-    return "".join(parts)
+    return charts.svg(chart)
 
 
 def render_html(results: Sequence[DriftResult], history: Mapping[str, Sequence[tuple[Any, float]]]) -> str:
@@ -120,7 +107,7 @@ def render_html(results: Sequence[DriftResult], history: Mapping[str, Sequence[t
         out.append("</table><div>")
         for name, hgm in r.histograms.items():
             out.append(
-                svg_histogram(
+                _histogram(
                     name.replace("_psi", "").replace("_", " ")
                     + (" (highest probability)" if name.startswith("confidence") else " (tokens)"),
                     hgm["edges"],
@@ -128,7 +115,7 @@ def render_html(results: Sequence[DriftResult], history: Mapping[str, Sequence[t
                     hgm["production"],
                 )
             )
-        out.append(svg_timeline(history.get(r.model_version, []), r.threshold))
+        out.append(_timeline(history.get(r.model_version, []), r.threshold))
         out.append("</div>")
         if r.new_words:
             out.append(

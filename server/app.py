@@ -71,6 +71,7 @@ from tuneloop.server.api_router import OpenAIController, TokenizerController
 from tuneloop.server.auth import Auth, admin_guard, inference_guard
 from tuneloop.server.background import start_background, stop_background
 from tuneloop.server.classify_routes import ClassifyController
+from tuneloop.server.console import attach, console_router, template_config
 from tuneloop.server.engine import Engine
 from tuneloop.server.engine_pool import EnginePool
 from tuneloop.server.errors import exception_handlers
@@ -463,7 +464,9 @@ def create_app(
             readyz,
             metrics,
             FeedbackController,
+            *([console_router(settings)] if settings.ui.enabled else []),
         ],
+        template_config=template_config(settings),
         lifespan=[lifespan],
         exception_handlers=exception_handlers(on_error=record_failure),
         middleware=[_timing_middleware],
@@ -486,6 +489,7 @@ def create_app(
     st.settings, st.db, st.registry, st.metrics = settings, db, registry, serving_metrics
     st.log_writer, st.engine, st.auth, st.router = writer, engine, auth, router
     st.serving = OpenAIServing(engine, router, settings.server.tool_parser)
+    attach(app, settings)
     return app
 
 

@@ -210,10 +210,27 @@ class Auth:
     # authentication -------------------------------------------------------------
     async def authenticate(self, request: Any, scope: str = "inference") -> Principal:
         """The principal of ``request`` (anything with ``.headers``) for a route needing ``scope``; raises AuthError."""
+        return await self.check_secret(bearer_token(request.headers.get("authorization")), scope)
+
+    async def refresh(self) -> None:
+        """Re-read the key table if the copy is older than ``refresh_s`` (in a worker thread)."""
+        await self._refresh(self.refresh_s)
+
+    async def key_principal(self, key_id: str) -> Principal | None:
+        """The principal of the live key with id ``key_id`` (a console session holds the id, never the secret);
+        None when it is unknown or was revoked since."""
+        await self._refresh(self.refresh_s)
+        entry = next((e for e in self._keys.values() if e.id == key_id), None)
+        if entry is None or entry.revoked:
+            return None
+        return Principal(key_id=entry.id, scope=entry.scope, name=entry.name)
+
+    async def check_secret(self, secret: str | None, scope: str = "inference") -> Principal:
+        """The principal of the key ``secret`` (None: no key sent) for something needing ``scope``, by the policy of
+        the module docstring; raises AuthError."""
         if scope not in SCOPES:
             raise ValueError(f"unknown scope {scope!r}")
         await self._refresh(self.refresh_s)
-        secret = bearer_token(request.headers.get("authorization"))
         if not self.enabled:
             return Principal(key_id=None, scope="anonymous")
         if secret is None:

@@ -169,6 +169,13 @@ EXPECTED = {
         ("details", "JSON"),
         ("error", "VARCHAR"),
     ],
+    "review_assignments": [
+        ("request_id", "VARCHAR"),
+        ("reviewer", "VARCHAR"),
+        ("reason", "VARCHAR"),
+        ("assigned_at", "TIMESTAMP"),
+        ("reviewed_at", "TIMESTAMP"),
+    ],
     "schema_migrations": [("version", "INTEGER"), ("applied_at", "TIMESTAMP")],
 }
 

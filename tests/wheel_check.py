@@ -10,13 +10,24 @@ from __future__ import annotations
 import sys
 import zipfile
 from email.parser import Parser
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 SUBPACKAGES = ("trainer", "server", "monitoring", "feedback", "deploy")
 OPS_FOLDERS = ("docker", "k8s", "grafana", "prometheus", "accelerate")
-# Files other than Python modules that the package needs at run time, each named.
-PACKAGE_DATA = {"tuneloop/py.typed"}
-RUNTIME_REQUIREMENTS = ("duckdb", "msgspec", "pyyaml", "numpy", "scipy", "pyarrow", "litestar", "prometheus-client")
+# Files other than Python modules that the package needs at run time, each named: the PEP 561 marker and the web
+# console's templates and static files (every file of those folders in the source tree).
+_SERVER = Path(__file__).resolve().parents[1] / "server"
+PACKAGE_DATA = {"tuneloop/py.typed"} | {
+    f"tuneloop/server/{p.relative_to(_SERVER).as_posix()}"
+    for p in [
+        *(_SERVER / "templates" / "console").glob("*.html"),
+        _SERVER / "static" / "console.css",
+        _SERVER / "static" / "console.js",
+    ]
+}
+RUNTIME_REQUIREMENTS = (
+    "duckdb", "msgspec", "pyyaml", "numpy", "scipy", "pyarrow", "litestar", "prometheus-client", "altair", "vl-convert-python",
+)  # fmt: skip
 
 
 def wheel_problems(path: str) -> list[str]:

@@ -220,6 +220,17 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE model_versions ADD COLUMN task VARCHAR DEFAULT 'chat';
     """,
+    # 12: the web console's annotation queue — which logged request is assigned to which reviewer, and when it
+    # was reviewed (the review itself is a feedback row with source 'review:<reviewer>')
+    """
+    CREATE TABLE review_assignments (
+        request_id VARCHAR PRIMARY KEY,
+        reviewer VARCHAR NOT NULL,
+        reason VARCHAR NOT NULL,           -- the queue rule that picked it: thumbs_down | truncated | unreviewed | drifted
+        assigned_at TIMESTAMP NOT NULL,
+        reviewed_at TIMESTAMP
+    );
+    """,
 ]
 
 

@@ -505,6 +505,48 @@ class DeploySettings:
 
 
 @dataclass
+class UISettings:
+    enabled: bool = field(default=True, metadata={"help": "Serve the web console under /ui on the server's port."})
+    queue_rules: list[str] = field(
+        default_factory=lambda: ["thumbs_down", "truncated", "drifted", "unreviewed"],
+        metadata={
+            "help": "What enters the annotation queue, in priority order: thumbs_down (a negative rating without a "
+            "reviewer's review), truncated (the answer hit the token limit), drifted (least like the serving "
+            "version's training prompts, ui.queue_drift_min and above), unreviewed (a random ui.queue_sample_share "
+            "of requests nobody rated)."
+        },
+    )
+    queue_window: str = field(
+        default="7d", metadata={"help": "Only requests logged within this long ('24h', '7d') enter the queue."}
+    )
+    queue_sample_share: float = field(
+        default=0.1,
+        metadata={"help": "Share (0..1) of unrated requests the 'unreviewed' rule samples (by request id hash)."},
+    )
+    queue_drift_min: float = field(
+        default=0.6,
+        metadata={
+            "help": "The 'drifted' rule's bar: 1 - the best cosine similarity (hashed bag of words) of a request's "
+            "prompt to its version's training prompts."
+        },
+    )
+    queue_batch: int = field(
+        default=10, metadata={"help": "Items assigned to a reviewer at a time (more when those are done)."}
+    )
+    page_size: int = field(default=50, metadata={"help": "Rows per page on the traffic and dataset pages."})
+    session_max_age_s: int = field(
+        default=8 * 3600, metadata={"help": "A console sign-in lasts this long (seconds) without activity."}
+    )
+    secret: str = field(
+        default="",
+        metadata={
+            "help": "Secret that signs the console's CSRF tokens. Empty: a random one per server process (forms "
+            "opened before a restart must be reloaded). Replicas behind one load balancer need the same value."
+        },
+    )
+
+
+@dataclass
 class Settings:
     paths: PathSettings = field(default_factory=PathSettings, metadata={"help": "Where things live."})
     database: DatabaseSettings = field(
@@ -516,6 +558,7 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings, metadata={"help": "API keys."})
     drift: DriftSettings = field(default_factory=DriftSettings, metadata={"help": "Drift monitoring."})
     deploy: DeploySettings = field(default_factory=DeploySettings, metadata={"help": "Gates and canaries."})
+    ui: UISettings = field(default_factory=UISettings, metadata={"help": "The web console (/ui)."})
 
 
 # TUNELOOP_* environment variables that are not settings keys (every other TUNELOOP_* name must be
