@@ -4,6 +4,7 @@ Contract
 --------
 * :func:`hashed_bow` — L2-normalised hashed bag-of-words vectors (sublinear term frequency) of texts: cheap,
   dependency-free text vectors, the same for every caller.
+* :func:`user_text` — the user turns of a prompt (system prompts left out), the text every measure here reads.
 * :func:`training_prompts` — the user turns (or a classifier's input texts) of a version's training split,
   read from its recorded dataset; an empty list when the version has no dataset on record.
 * :func:`unlikeness` — per text, ``1 - max cosine similarity`` to those training prompts (0: a training prompt
@@ -37,6 +38,17 @@ def hashed_bow(texts: list[str], dim: int = 1024) -> np.ndarray:
     return out / norms
 
 
+def user_text(prompt: object) -> str:
+    """The user turns of a logged or training prompt (a message list), joined by newlines; a plain prompt
+    string as it is. System prompts are left out: they are the same on every request and say nothing about
+    what users ask."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list):
+        return "\n".join(str(m.get("content") or "") for m in prompt if isinstance(m, dict) and m.get("role") == "user")
+    return "" if prompt is None else str(prompt)
+
+
 def training_prompts(db: Database, version: str | None) -> list[str]:
     """The user prompts (chat) or input texts (classification) of ``version``'s training split; [] if unknown."""
     from tuneloop.dataset_store import load_splits
@@ -52,8 +64,7 @@ def training_prompts(db: Database, version: str | None) -> list[str]:
         if isinstance(row.get("text"), str):  # a classification set: the input text
             texts.append(row["text"])
             continue
-        msgs = row.get("messages") or row.get("prompt") or []
-        texts.append("\n".join(m.get("content") or "" for m in msgs if m.get("role") == "user"))
+        texts.append(user_text(row.get("messages") or row.get("prompt") or []))
     return texts
 
 

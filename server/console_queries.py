@@ -424,11 +424,11 @@ def drift_versions(db: Database) -> list[str]:
 
 
 def recent_prompts(db: Database, version: str, limit: int) -> list[str]:
-    """The newest ``limit`` logged prompts' texts of ``version`` (for the drift page's clusters)."""
-    from tuneloop.monitoring.drift import prompt_text
+    """The user turns of the newest ``limit`` logged prompts of ``version`` (for the drift page's clusters)."""
+    from tuneloop.monitoring.likeness import user_text
 
     rows = db.query(
         "SELECT prompt FROM requests WHERE model_version = ? AND prompt IS NOT NULL ORDER BY received_at DESC LIMIT ?",
         [version, limit],
     )
-    return [prompt_text(loads(r["prompt"])) for r in rows]
+    return [user_text(loads(r["prompt"])) for r in rows]

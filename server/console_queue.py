@@ -25,8 +25,7 @@ from typing import Any
 from tuneloop import store_review
 from tuneloop.db import Database, utcnow
 from tuneloop.dbapi import loads
-from tuneloop.monitoring.drift import prompt_text
-from tuneloop.monitoring.likeness import training_prompts, unlikeness
+from tuneloop.monitoring.likeness import training_prompts, unlikeness, user_text
 from tuneloop.settings import UISettings
 from tuneloop.timeparse import parse_duration
 
@@ -60,19 +59,20 @@ class ReviewQueue:
             by_version.setdefault(r["model_version"] or "", []).append(r)
         scored = []
         for version, items in by_version.items():
-            found = unlikeness(self.reference(version), [prompt_text(loads(r["prompt"])) for r in items])
+            found = unlikeness(self.reference(version), [user_text(loads(r["prompt"])) for r in items])
             if found is None:
                 continue
             scored += [(s, r) for s, r in zip(found, items, strict=True) if s >= self.settings.queue_drift_min]
         scored.sort(key=lambda x: -x[0])
         return scored
 
-    def candidates(self, rule: str, need: int) -> list[dict[str, Any]]:
-        """Up to ``need`` requests ``rule`` picks now (unassigned, in the window)."""
+    def candidates(self, rule: str, need: int, exclude: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+        """Up to ``need`` requests ``rule`` picks now (unassigned, in the window, not in ``exclude``)."""
         since = utcnow() - parse_duration(self.settings.queue_window)
         if rule in ("thumbs_down", "truncated"):
-            return store_review.rule_candidates(self.db, rule, since, need)
-        pool = store_review.rule_candidates(self.db, rule, since, _POOL)
+            rows = store_review.rule_candidates(self.db, rule, since, need + len(exclude))
+            return [r for r in rows if r["id"] not in exclude][:need]
+        pool = [r for r in store_review.rule_candidates(self.db, rule, since, _POOL) if r["id"] not in exclude]
         if rule == "unreviewed":
             return [r for r in pool if sampled(r["id"], self.settings.queue_sample_share)][:need]
         if rule == "drifted":
@@ -89,8 +89,7 @@ class ReviewQueue:
         for rule in self.settings.queue_rules:
             if len(picked) >= need:
                 break
-            for r in self.candidates(rule, need - len(picked)):
-                if r["id"] not in seen:
-                    seen.add(r["id"])
-                    picked.append((r["id"], rule))
+            for r in self.candidates(rule, need - len(picked), frozenset(seen)):
+                seen.add(r["id"])
+                picked.append((r["id"], rule))
         return store_review.assign(self.db, reviewer, picked[:need]) if picked else 0
