@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 
 import numpy as np
 
@@ -125,11 +126,18 @@ _STOP = frozenset(
 )
 
 
-def prompt_clusters(texts: list[str], reference: list[str], k: int = 6, seed: int = 0) -> list[dict[str, object]]:
-    """Topic clusters of production prompts: k-means (scipy) over :func:`hashed_bow` vectors, largest first. Each
-    cluster: ``size``, ``share`` of the texts, ``words`` (its most frequent words, stop words left out),
-    ``unlikeness`` (the mean :func:`unlikeness` of its prompts to ``reference``, None without one) and up to 3
-    ``examples``. [] for no texts."""
+def prompt_clusters(
+    texts: list[str],
+    reference: list[str],
+    k: int = 6,
+    seed: int = 0,
+    vectors: Callable[[list[str]], np.ndarray] | None = None,
+) -> list[dict[str, object]]:
+    """Topic clusters of production prompts: k-means (scipy) over ``vectors(texts)`` (sentence embeddings, e.g.
+    :class:`tuneloop.monitoring.embeddings.Embedder`; default :func:`hashed_bow`), largest first. Each cluster:
+    ``size``, ``share`` of the texts, ``words`` (its most frequent words, stop words left out), ``unlikeness`` (the
+    mean :func:`unlikeness` of its prompts to ``reference``, None without one) and up to 3 ``examples``. [] for no
+    texts."""
     from collections import Counter
 
     from scipy.cluster.vq import kmeans2
@@ -141,7 +149,7 @@ def prompt_clusters(texts: list[str], reference: list[str], k: int = 6, seed: in
     if k == 1:
         labels = [0] * len(texts)
     else:
-        x = hashed_bow(texts).astype(np.float64)
+        x = np.asarray((vectors or hashed_bow)(texts), dtype=np.float64)
         _, lab = kmeans2(x, k, minit="++", iter=20, rng=np.random.default_rng(seed))
         labels = [int(v) for v in lab]
     scores = unlikeness(reference, texts)

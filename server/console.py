@@ -12,7 +12,8 @@ Contract
   API routes. Its ``before_request`` hook signs visitors in (:func:`tuneloop.server.console_auth.console_principal`).
 * Errors on console pages are HTML pages with the status and the reason (not the API's JSON bodies).
 * :func:`template_config` is the app's Jinja configuration (``server/templates``, autoescaped).
-* :func:`attach` puts the console's state on the app: ``console_live`` and ``console_queue``.
+* :func:`attach` puts the console's state on the app: ``console_live``, ``console_queue`` and
+  ``console_embedder`` (loaded on first use).
 * ``ui.queue_rules`` naming an unknown rule is a :class:`tuneloop.errors.UserError` when the app is built.
 """
 
@@ -173,5 +174,8 @@ def console_router(settings: Settings) -> Router:
 
 def attach(app: Litestar, settings: Settings) -> None:
     """The console's state on ``app.state`` (see module docstring)."""
+    from tuneloop.monitoring.embeddings import Embedder
+
     app.state.console_live = LiveStats(app.state.registry)
     app.state.console_queue = ReviewQueue(app.state.db, settings.ui)
+    app.state.console_embedder = Embedder()  # loads its model on first use (the drift page's clusters)

@@ -4,13 +4,16 @@ drift — server-rendered Jinja templates (``server/templates/console``), charts
 
 Contract
 --------
-* Every page reads through :mod:`tuneloop.server.console_queries` in a worker thread (the event loop never waits
+* Every page reads through :mod:`tuneloop.store_console` in a worker thread (the event loop never waits
   on the database) and renders one template with the common context (:func:`page`): the visitor, whether they are
   an admin, the CSRF form field, and a ``text`` filter that scrubs PII for display when ``log.scrub_pii`` is on
   (rows logged before the setting was turned on are shown scrubbed too).
+* The drift page's topic clusters are k-means over the drift job's sentence embeddings (all-MiniLM-L6-v2, loaded
+  on first use) when ``drift.embeddings`` is on, else over hashed bag-of-words vectors.
 * Bad query parameters (an unparsable time, an unknown dataset) are a 400 / 404 error page, never a 500.
-* ``GET /ui/api/live`` is the JSON the overview and canary pages poll every few seconds
-  (:class:`tuneloop.server.console_live.LiveStats`).
+* ``GET /ui/api/live`` is the JSON the overview polls every few seconds
+  (:class:`tuneloop.server.console_live.LiveStats`); ``GET /ui/api/canary`` the running canary's arms and the
+  judge's decision, which the canary page polls.
 """
 
 from __future__ import annotations
@@ -23,11 +26,11 @@ from litestar import Controller, Request, get
 from litestar.params import Parameter
 from litestar.response import Redirect, Template
 
+from tuneloop import store_console as q
 from tuneloop.db import Database
 from tuneloop.errors import UserError
 from tuneloop.monitoring import charts
-from tuneloop.monitoring.likeness import prompt_clusters
-from tuneloop.server import console_queries as q
+from tuneloop.monitoring.likeness import prompt_clusters, user_text
 from tuneloop.server.console_auth import (
     ConsoleError,
     is_admin,
@@ -288,9 +291,30 @@ class ConsolePages(Controller):
         decision = None
         if c is not None:
             decision = await run(canary_mod.judge, db, c.id, request.app.state.settings.deploy)
-        recent = await run(db.query, "SELECT * FROM canaries ORDER BY started_at DESC LIMIT 10")
-        live = request.app.state.console_live.read()
-        return page(request, "canary.html", "canary", c=c, decision=decision, recent=recent, live=live)
+        recent = await run(q.recent_canaries, db)
+        return page(request, "canary.html", "canary", c=c, decision=decision, recent=recent)
+
+    @get("/api/canary", media_type="application/json")
+    async def canary_live(self, request: Request) -> dict[str, Any]:
+        """The running canary's arms and the judge's decision now (the canary page polls it); ``running`` false
+        when there is none."""
+        from dataclasses import asdict
+
+        from tuneloop.monitoring import canary as canary_mod
+        from tuneloop.store_deploy import running_canary
+
+        db = _db(request)
+        c = await run(running_canary, db)
+        if c is None:
+            return {"running": False}
+        d = await run(canary_mod.judge, db, c.id, request.app.state.settings.deploy)
+        return {
+            "running": True,
+            "id": c.id,
+            "action": d.action,
+            "reasons": d.reasons,
+            "arms": {k: asdict(v) for k, v in d.arms.items()},
+        }
 
     # -- drift ------------------------------------------------------------------------------------------------------
     @get("/drift")
@@ -323,9 +347,10 @@ class ConsolePages(Controller):
                             height=140,
                         )
                     )
-            prompts = await run(q.recent_prompts, db, version, 400)
+            prompts = [user_text(p) for p in await run(q.recent_prompts, db, version, 400)]
             reference = await run(request.app.state.console_queue.reference, version)
-            clusters = await run(prompt_clusters, prompts, reference)
+            vectors = request.app.state.console_embedder if request.app.state.settings.drift.embeddings else None
+            clusters = await run(prompt_clusters, prompts, reference, 6, 0, vectors)
         return page(
             request,
             "drift.html",
@@ -336,4 +361,5 @@ class ConsolePages(Controller):
             last=last,
             charts=chart_svgs,
             clusters=clusters,
+            embeddings=request.app.state.settings.drift.embeddings,
         )

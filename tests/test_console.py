@@ -52,7 +52,7 @@ def console(tiny_model, tiny_adapters, tmp_path_factory) -> Iterator[dict]:
     from tuneloop.db import open_database
     from tuneloop.ids import hash_path
     from tuneloop.monitoring import canary
-    from tuneloop.registry import ModelVersion, register_version, set_stage
+    from tuneloop.registry import ModelVersion, register_version, save_eval_report, set_stage
     from tuneloop.server.auth import create_key
 
     home = tmp_path_factory.mktemp("console-home")
@@ -67,6 +67,16 @@ def console(tiny_model, tiny_adapters, tmp_path_factory) -> Iterator[dict]:
             ),
         )
     set_stage(db, "tiny-a", "production")
+    # an eval report comparing the two per example: tiny-b wins e1, loses e2, ties e3
+    report = {
+        "models": ["tiny-b", "tiny-a"],
+        "example_ids": ["e1", "e2", "e3"],
+        "summary": {"tiny-b": {"token_f1": 0.53}, "tiny-a": {"token_f1": 0.47}},
+        "per_example": {"tiny-b": {"token_f1": [0.9, 0.2, 0.5]}, "tiny-a": {"token_f1": [0.5, 0.4, 0.5]}},
+        "samples": [{"id": "e1", "prompt": "What is a zebra?", "reference": "A striped horse.",
+                     "tiny-b": "A striped horse.", "tiny-a": "An animal."}],
+    }  # fmt: skip
+    save_eval_report(db, "report-1", None, ["tiny-b", "tiny-a"], report, None)
     c = canary.start(db, "tiny-b", 0.5, actor="test")
     _, admin = create_key(db, "admin", "ops")
     _, alice = create_key(db, "inference", "alice")
@@ -286,6 +296,20 @@ def test_an_admin_promotes_the_canary_from_its_page_and_an_inference_key_cannot(
     ops.sign_in(console["admin"])
     ops.go("/ui/canary")
     assert "The judge now:" in ops.page.locator("main").inner_text()
+    # the arms' numbers are live: three more requests show up on the open page without a reload
+    cell = "document.querySelector('[data-live-key=\"arms.{}.requests\"]').textContent"
+    both = f"(+{cell.format('canary')} + +{cell.format('production')})"
+    before = ops.page.evaluate(f"() => {both}")
+    client = console["server"].openai(api_key=console["alice"])
+    for w in ("comet", "meadow", "anvil"):
+        client.chat.completions.create(model="production", messages=[{"role": "user", "content": w}], max_tokens=4)
+    console["server"].flush_log({"Authorization": f"Bearer {console['admin']}"})
+    ops.page.wait_for_function(f"() => {both} === {before + 3}", timeout=30_000)
+    n_canary = ops.page.evaluate(f"() => +{cell.format('canary')}")
+    ops.page.wait_for_function(  # the judge's reasons follow: "canary has N/50 requests"
+        f"() => document.querySelector('[data-live-list=reasons]').textContent.includes('canary has {n_canary}/')",
+        timeout=30_000,
+    )
     ops.shot("canary-before-promote")
     dialogs: list[str] = []
     answers = ["dismiss", "accept"]  # the first confirmation is cancelled, the second accepted
@@ -373,12 +397,20 @@ def test_every_page_renders_without_console_errors_and_the_traffic_page_paints_f
         "version": "/ui/versions/tiny-a",
         "canary": "/ui/canary",
         "drift": "/ui/drift",
+        "compare": "/ui/compare?report=report-1&a=tiny-b&b=tiny-a",
     }
     for name, path in pages.items():
         resp = session.go(path)
         assert resp is not None and resp.status == 200, (path, resp and resp.status)
         assert session.page.locator("h1").count() == 1, path
         session.shot(name)
+    # the per-example comparison from the version page's eval report: wins, losses and ties, losses first
+    session.go("/ui/versions/tiny-b")
+    session.page.get_by_role("link", name="compare per example").click()
+    body = session.page.locator("main").inner_text()
+    assert "1 wins · 1 losses · 1 ties for tiny-b on token_f1" in body
+    verdicts = session.page.locator("table tbody tr td:nth-child(5)").all_inner_texts()
+    assert verdicts == ["loss", "tie", "win"]
     # a dataset exists once the review test sampled one; its page and rows render too
     ds = console["db"].query("SELECT id FROM datasets ORDER BY created_at LIMIT 1")
     if ds:

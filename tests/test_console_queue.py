@@ -110,3 +110,15 @@ def test_an_unknown_queue_rule_is_refused_when_the_console_is_built():
     s.ui.queue_rules = ["thumbs_down", "vibes"]
     with pytest.raises(UserError, match="unknown rule"):
         console_router(s)
+
+
+def test_the_drift_pages_clusters_separate_topics_and_say_which_is_unlike_the_training_prompts():
+    from tuneloop.monitoring.likeness import prompt_clusters
+
+    weather = [f"what is the weather like in city {i} today" for i in range(12)]
+    physics = [f"explain quantum entanglement to a {w} student" for w in ("physics", "history", "poetry", "art")]
+    clusters = prompt_clusters(weather + physics, [f"what is the weather like in city {i}" for i in range(20)], k=2)
+    assert [c["size"] for c in clusters] == [12, 4]  # largest first
+    assert "weather" in clusters[0]["words"] and "quantum" in clusters[1]["words"]
+    assert clusters[1]["unlikeness"] > 0.9 > 0.5 > clusters[0]["unlikeness"]
+    assert prompt_clusters([], []) == []

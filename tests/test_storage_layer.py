@@ -32,6 +32,8 @@ STORAGE = {
     "tuneloop/store_keys.py",
     "tuneloop/store_feedback.py",
     "tuneloop/store_monitoring.py",
+    "tuneloop/store_review.py",
+    "tuneloop/store_console.py",
 }
 LOG_WRITER = {"monitoring/requestlog.py"}
 CONTROL = {
@@ -47,6 +49,7 @@ CONTROL = {
     "drift_reports",
     "reference_profiles",
     "schema_migrations",
+    "review_assignments",
 }
 LOG = {"requests", "feedback"}
 # a table named after a SQL keyword that introduces it

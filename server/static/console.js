@@ -20,10 +20,16 @@ function startLive() {
       if (!r.ok) return;
       const data = await r.json();
       document.querySelectorAll("[data-live-key]").forEach((el) => {
-        el.textContent = fmt(el.getAttribute("data-fmt"), data[el.getAttribute("data-live-key")]);
+        const value = el.getAttribute("data-live-key").split(".").reduce((o, k) => (o == null ? o : o[k]), data);
+        if (value !== undefined) el.textContent = fmt(el.getAttribute("data-fmt"), value);
+      });
+      document.querySelectorAll("[data-live-list]").forEach((ul) => {
+        const items = data[ul.getAttribute("data-live-list")];
+        if (!Array.isArray(items)) return;
+        ul.replaceChildren(...items.map((t) => { const li = document.createElement("li"); li.textContent = t; return li; }));
       });
       const span = document.querySelector("[data-live-span]");
-      if (span && !data.since_start) span.textContent = "Over the last " + data.span_s + " s (" + data.requests + " requests).";
+      if (span && data.span_s && !data.since_start) span.textContent = "Over the last " + data.span_s + " s (" + data.requests + " requests).";
     } catch (e) {
       /* the server is restarting: keep the last numbers */
     }

@@ -1,4 +1,5 @@
-"""What the web console's pages read: plain functions over a :class:`tuneloop.db.Database`, no HTTP.
+"""What the web console's pages read (the storage layer's read SQL for ``/ui``): plain functions over a
+:class:`tuneloop.db.Database`, no HTTP.
 
 Contract
 --------
@@ -11,8 +12,8 @@ Contract
 * :func:`request_detail` — one request with its feedback, lineage (the datasets its rows entered, the versions
   trained on them) and review assignment.
 * The other readers (:func:`overview`, :func:`datasets`, :func:`dataset_rows`, :func:`runs`, :func:`run_detail`,
-  :func:`versions`, :func:`version_detail`, :func:`compare_eval`, :func:`drift_history`, :func:`last_cycle`)
-  each serve one page; see their docstrings.
+  :func:`versions`, :func:`version_detail`, :func:`compare_eval`, :func:`drift_history`, :func:`last_cycle`,
+  :func:`recent_canaries`, :func:`recent_prompts`) each serve one page; see their docstrings.
 """
 
 from __future__ import annotations
@@ -338,7 +339,7 @@ def version_detail(db: Database, name: str) -> dict[str, Any] | None:
 
 def compare_eval(db: Database, report_id: str, a: str, b: str, metric: str | None = None) -> dict[str, Any] | None:
     """Per-example comparison of models ``a`` and ``b`` in one eval report: for ``metric`` (default: the first
-    per-example metric both have), each example's two values, the difference and the verdict (``win`` for ``a``,
+    per-example metric both have), as ``examples``: each example's two values, the difference and the verdict (``win`` for ``a``,
     ``loss``, ``tie``), the counts, and the sample predictions the report kept. None when the report or a model
     is missing."""
     rows = db.query("SELECT report FROM eval_reports WHERE id = ?", [report_id])
@@ -371,7 +372,7 @@ def compare_eval(db: Database, report_id: str, a: str, b: str, metric: str | Non
         "b": b,
         "metric": metric,
         "metrics": metrics,
-        "items": items,
+        "examples": items,
         "counts": counts,
         "summary": {m: rep.get("summary", {}).get(m) for m in (a, b)},
         "lower_better": lower_better,
@@ -423,12 +424,20 @@ def drift_versions(db: Database) -> list[str]:
     return [r["model_version"] for r in db.query("SELECT DISTINCT model_version FROM drift_reports ORDER BY 1")]
 
 
-def recent_prompts(db: Database, version: str, limit: int) -> list[str]:
-    """The user turns of the newest ``limit`` logged prompts of ``version`` (for the drift page's clusters)."""
-    from tuneloop.monitoring.likeness import user_text
-
+def recent_prompts(db: Database, version: str, limit: int) -> list[Any]:
+    """The newest ``limit`` logged prompts of ``version`` (decoded JSON: message lists or strings), for the drift
+    page's clusters."""
     rows = db.query(
         "SELECT prompt FROM requests WHERE model_version = ? AND prompt IS NOT NULL ORDER BY received_at DESC LIMIT ?",
         [version, limit],
     )
-    return [user_text(loads(r["prompt"])) for r in rows]
+    return [loads(r["prompt"]) for r in rows]
+
+
+def recent_canaries(db: Database, limit: int = 10) -> list[dict[str, Any]]:
+    """The newest ``limit`` canaries (running or decided), newest first."""
+    return db.query(
+        "SELECT id, candidate, production, share, status, started_at, decided_at FROM canaries "
+        "ORDER BY started_at DESC LIMIT ?",
+        [limit],
+    )
