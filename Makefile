@@ -89,6 +89,7 @@ bench: setup
 	$(BIN)/python bench/drift.py
 	$(BIN)/python bench/canary_sim.py
 	$(BIN)/python bench/eval_throughput.py
+	$(BIN)/python bench/console.py
 
 # Re-resolve the pinned set from the loose requirements (needs the package index).
 lock:

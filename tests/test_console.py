@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.console import seed_log
 from tests.conftest import require_tool
 from tests.fixtures_server import start_server
 
@@ -26,25 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("TUNELOOP_TEST_ARTIFACTS") or ROOT / "test-artifacts") / "console"
 OLD_ROWS = 1_000_000
 WORDS = ["zebra", "quasar", "lantern", "walnut", "origami", "tundra", "saffron", "glacier"]
-
-
-def _seed_million(db) -> None:
-    """A million old chat requests (8 to 38 days ago, outside the queue's window), written as one INSERT."""
-    from tuneloop.db import utcnow
-
-    with db.connect() as con:
-        con.execute(
-            f"""INSERT INTO requests (id, received_at, route, model, model_version, arm, prompt, response,
-                    finish_reason, prompt_tokens, completion_tokens, ttft_s, latency_s, status, stream, user_id)
-                SELECT 'old-' || lpad(CAST(i AS VARCHAR), 7, '0'),
-                       CAST(? AS TIMESTAMP) - INTERVAL 8 DAY - to_seconds(i * 2.6),
-                       'chat.completions', 'production', 'tiny-a', 'production',
-                       '[{{"role": "user", "content": "old question number ' || i || '"}}]',
-                       'old answer ' || i, 'stop', 12, 20, 0.05 + (i % 7) / 100.0, 0.4 + (i % 11) / 10.0,
-                       CASE WHEN i % 500 = 0 THEN 500 ELSE 200 END, false, 'user-' || (i % 97)
-                FROM range({OLD_ROWS}) t(i)""",
-            [utcnow()],
-        )
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +39,7 @@ def console(tiny_model, tiny_adapters, tmp_path_factory) -> Iterator[dict]:
 
     home = tmp_path_factory.mktemp("console-home")
     db = open_database(home / "tuneloop.duckdb")
-    _seed_million(db)
+    seed_log(db, OLD_ROWS)  # a million old requests (8 to 38 days ago, outside the queue's window)
     for name, adapter in (("tiny-a", "a"), ("tiny-b", "b")):
         path = tiny_adapters[adapter]
         register_version(
@@ -296,18 +278,22 @@ def test_an_admin_promotes_the_canary_from_its_page_and_an_inference_key_cannot(
     ops.sign_in(console["admin"])
     ops.go("/ui/canary")
     assert "The judge now:" in ops.page.locator("main").inner_text()
-    # the arms' numbers are live: three more requests show up on the open page without a reload
+    # the arms' numbers are live: twelve more requests (twelve users, so both arms get some) show up on the open
+    # page without a reload, and the judge's reasons follow
     cell = "document.querySelector('[data-live-key=\"arms.{}.requests\"]').textContent"
     both = f"(+{cell.format('canary')} + +{cell.format('production')})"
     before = ops.page.evaluate(f"() => {both}")
     client = console["server"].openai(api_key=console["alice"])
-    for w in ("comet", "meadow", "anvil"):
-        client.chat.completions.create(model="production", messages=[{"role": "user", "content": w}], max_tokens=4)
+    for i in range(12):
+        client.chat.completions.create(
+            model="production", messages=[{"role": "user", "content": f"live {i}"}], max_tokens=4, user=f"live-{i}"
+        )
     console["server"].flush_log({"Authorization": f"Bearer {console['admin']}"})
-    ops.page.wait_for_function(f"() => {both} === {before + 3}", timeout=30_000)
+    ops.page.wait_for_function(f"() => {both} === {before + 12}", timeout=30_000)
     n_canary = ops.page.evaluate(f"() => +{cell.format('canary')}")
-    ops.page.wait_for_function(  # the judge's reasons follow: "canary has N/50 requests"
-        f"() => document.querySelector('[data-live-list=reasons]').textContent.includes('canary has {n_canary}/')",
+    expected = f"canary has {n_canary}/" if n_canary else "no canary traffic yet"
+    ops.page.wait_for_function(
+        f"() => document.querySelector('[data-live-list=reasons]').textContent.includes({json.dumps(expected)})",
         timeout=30_000,
     )
     ops.shot("canary-before-promote")
