@@ -4,8 +4,9 @@ Contract
 --------
 * :class:`LiveStats` lives on ``app.state.console_live``. :meth:`LiveStats.read` takes a snapshot of the
   registry's counters (``tuneloop_requests_total`` by status, the latency and time-to-first-token histograms'
-  buckets) and compares it with the oldest snapshot it kept that is at most ``window_s`` old; with none, with the
-  zero state at the server's start. It answers the request rate (per second), the error rate (share of requests
+  buckets) and compares it with the newest snapshot it kept that is at least ``window_s`` old (every read keeps
+  one), so the span is about one window however often the page polls; before any is that old, with the zero
+  state at the server's start (``since_start``; the span is then the server's age). It answers the request rate (per second), the error rate (share of requests
   with status >= 500) and p50 / p99 of latency and TTFT over that span, estimated from the histogram buckets as
   Prometheus' ``histogram_quantile`` does (linear inside a bucket; the top finite bound when the quantile falls in
   ``+Inf``). None where nothing was observed.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,8 +38,8 @@ class _Snap:
     ttft: dict[str, dict[float, float]] = field(default_factory=dict)
 
 
-def _snapshot(registry: CollectorRegistry) -> _Snap:
-    s = _Snap(time.monotonic())
+def _snapshot(registry: CollectorRegistry, t: float) -> _Snap:
+    s = _Snap(t)
     for fam in registry.collect():
         if fam.name == REQUESTS:
             for smp in fam.samples:
@@ -96,17 +98,25 @@ def _merge(per_version: dict[str, dict[float, float]]) -> dict[float, float]:
 class LiveStats:
     """See module docstring."""
 
-    def __init__(self, registry: CollectorRegistry, window_s: float = 60.0):
+    def __init__(
+        self, registry: CollectorRegistry, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic
+    ):
         self.registry = registry
         self.window_s = window_s
-        self._snaps: deque[_Snap] = deque(maxlen=256)
+        self.clock = clock
+        self._start = _Snap(clock())  # the zero state: nothing counted before the app existed
+        self._snaps: deque[_Snap] = deque(maxlen=4096)
 
     def read(self) -> dict[str, Any]:
-        now = _snapshot(self.registry)
-        while self._snaps and now.t - self._snaps[0].t > self.window_s:
-            self._snaps.popleft()
-        base = self._snaps[0] if self._snaps else _Snap(now.t - 1e-9)
-        since_start = not self._snaps
+        now = _snapshot(self.registry, self.clock())
+        # the base is the newest snapshot at least window_s old (so the span is about a window, however often or
+        # rarely the page is looked at), else the zero state at start (the span is then everything since start)
+        base = self._start
+        while self._snaps and now.t - self._snaps[0].t >= self.window_s:
+            base = self._snaps.popleft()
+        if base is not self._start:
+            self._snaps.appendleft(base)  # kept: it is the base until a newer snapshot is window_s old
+        since_start = base is self._start
         self._snaps.append(now)
         span = max(now.t - base.t, 1e-9)
         reqs = {v: n - base.requests.get(v, 0.0) for v, n in now.requests.items()}
@@ -126,10 +136,10 @@ class LiveStats:
             if v
         }
         return {
-            "span_s": None if since_start else round(span, 1),
+            "span_s": round(span, 1),
             "since_start": since_start,
             "requests": int(total),
-            "request_rate": None if since_start else total / span,
+            "request_rate": total / span,
             "error_rate": (sum(errs.values()) / total) if total else None,
             "latency_p50_s": quantile(0.5, all_lat),
             "latency_p99_s": quantile(0.99, all_lat),

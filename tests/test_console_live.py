@@ -17,23 +17,41 @@ def test_quantiles_interpolate_inside_the_bucket_as_histogram_quantile_does():
     assert quantile(0.5, {}) is None and quantile(0.5, {1.0: 0.0, float("inf"): 0.0}) is None
 
 
-def test_live_numbers_count_only_what_happened_since_the_previous_read():
-    reg = CollectorRegistry()
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def serve(m: ServingMetrics, version: str, n: int, latency_s: float, errors: int = 0) -> None:
+    for _ in range(n):
+        m.requests_total.labels("chat.completions", version, "200").inc()
+        m.request_duration_seconds.labels("chat.completions", version).observe(latency_s)
+        m.time_to_first_token_seconds.labels("chat.completions", version).observe(latency_s / 10)
+    for _ in range(errors):
+        m.requests_total.labels("chat.completions", version, "500").inc()
+
+
+def test_live_numbers_cover_about_the_last_window_however_often_they_are_read():
+    reg, clock = CollectorRegistry(), Clock()
     m = ServingMetrics(reg)
-    live = LiveStats(reg, window_s=60)
-    for _ in range(30):
-        m.requests_total.labels("chat.completions", "v1", "200").inc()
-        m.request_duration_seconds.labels("chat.completions", "v1").observe(3.0)
-    first = live.read()
-    assert first["since_start"] and first["requests"] == 30 and first["request_rate"] is None
-    assert 2.5 <= first["latency_p50_s"] <= 5.0
-    for _ in range(99):
-        m.requests_total.labels("chat.completions", "v2", "200").inc()
-        m.request_duration_seconds.labels("chat.completions", "v2").observe(0.3)
-        m.time_to_first_token_seconds.labels("chat.completions", "v2").observe(0.04)
-    m.requests_total.labels("chat.completions", "v2", "500").inc()
+    live = LiveStats(reg, window_s=60, clock=clock)
+    serve(m, "v1", 30, 3.0)
+    clock.t += 10
+    first = live.read()  # younger than a window: everything since the server started
+    assert first["since_start"] and first["requests"] == 30 and first["span_s"] == 10
+    assert first["request_rate"] == pytest.approx(3.0) and 2.5 <= first["latency_p50_s"] <= 5.0
+    clock.t += 5
+    again = live.read()  # read again 5 s later with no traffic: still the same 30, not an empty 5-s window
+    assert again["since_start"] and again["requests"] == 30
+    clock.t += 60  # a window after the second read: that read is the base now
+    serve(m, "v2", 99, 0.3, errors=1)
     now = live.read()
-    assert not now["since_start"] and now["requests"] == 100  # the first read's 30 are not counted again
-    assert now["error_rate"] == pytest.approx(0.01) and now["request_rate"] > 0
+    assert not now["since_start"] and now["span_s"] == 60  # since the newest read at least 60 s old (the second)
+    assert now["requests"] == 100  # the 30 before it are not counted again
+    assert now["error_rate"] == pytest.approx(0.01) and now["request_rate"] == pytest.approx(100 / 60)
     assert 0.25 <= now["latency_p50_s"] <= 0.5 and 0.025 <= now["ttft_p50_s"] <= 0.05
     assert now["versions"]["v2"]["requests"] == 100 and now["versions"]["v2"]["errors"] == 1
+    assert now["versions"]["v1"]["requests"] == 0

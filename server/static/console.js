@@ -29,7 +29,8 @@ function startLive() {
         ul.replaceChildren(...items.map((t) => { const li = document.createElement("li"); li.textContent = t; return li; }));
       });
       const span = document.querySelector("[data-live-span]");
-      if (span && data.span_s && !data.since_start) span.textContent = "Over the last " + data.span_s + " s (" + data.requests + " requests).";
+      if (span) span.textContent = (data.since_start ? "Since the server started, " + data.span_s + " s ago" :
+        "Over the last " + data.span_s + " s") + " (" + data.requests + " requests); refreshed every 5 s.";
     } catch (e) {
       /* the server is restarting: keep the last numbers */
     }
