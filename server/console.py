@@ -39,7 +39,15 @@ from tuneloop import store_review
 from tuneloop.dbapi import loads
 from tuneloop.errors import UserError
 from tuneloop.server.console_actions import ConsoleActions
-from tuneloop.server.console_auth import CSRF_COOKIE, SESSION_COOKIE, ConsoleError, console_principal
+from tuneloop.server.console_auth import (
+    CSRF_COOKIE,
+    SESSION_COOKIE,
+    ConsoleError,
+    console_principal,
+    is_admin,
+    principal_of,
+    reviewer_of,
+)
 from tuneloop.server.console_live import LiveStats
 from tuneloop.server.console_pages import ConsolePages
 from tuneloop.server.console_queue import ReviewQueue
@@ -115,8 +123,6 @@ def _error_page(request: Request[Any, Any, Any], exc: Exception) -> Response[Any
     else:
         log.exception("console: %s %s failed", request.method, request.url.path)
         status, message = 500, "Internal error; the server log has the details."
-    from tuneloop.server.console_auth import is_admin, principal_of, reviewer_of
-
     p = principal_of(request)
     return Template(
         template_name="console/error.html",

@@ -31,6 +31,7 @@ WORDS = ["zebra", "quasar", "lantern", "walnut", "origami", "tundra", "saffron",
 
 @pytest.fixture(scope="module")
 def console(tiny_model, tiny_adapters, tmp_path_factory) -> Iterator[dict]:
+    from tuneloop.dataset_store import save_dataset
     from tuneloop.db import open_database
     from tuneloop.ids import hash_path
     from tuneloop.monitoring import canary
@@ -59,6 +60,13 @@ def console(tiny_model, tiny_adapters, tmp_path_factory) -> Iterator[dict]:
                      "tiny-b": "A striped horse.", "tiny-a": "An animal."}],
     }  # fmt: skip
     save_eval_report(db, "report-1", None, ["tiny-b", "tiny-a"], report, None)
+    rows = [
+        {"id": f"r{i}", "messages": [{"role": "user", "content": f"What is fact {i}?"},
+                                      {"role": "assistant", "content": f"Fact {i}."}],
+         "request_id": None, "origin": "file"}
+        for i in range(3)
+    ]  # fmt: skip
+    facts = save_dataset(db, home, "facts", {"train": rows, "validation": [], "test": []}, "sft", {}, {})
     c = canary.start(db, "tiny-b", 0.5, actor="test")
     _, admin = create_key(db, "admin", "ops")
     _, alice = create_key(db, "inference", "alice")
@@ -84,7 +92,16 @@ def console(tiny_model, tiny_adapters, tmp_path_factory) -> Iterator[dict]:
         srv.flush_log({"Authorization": f"Bearer {admin}"})
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         print(f"\nconsole screenshots and timings: {ARTIFACTS}")
-        yield {"server": srv, "db": db, "admin": admin, "alice": alice, "ids": ids, "canary": c.id, "home": home}
+        yield {
+            "server": srv,
+            "db": db,
+            "admin": admin,
+            "alice": alice,
+            "ids": ids,
+            "canary": c.id,
+            "home": home,
+            "dataset": facts.id,
+        }
     finally:
         srv.stop()
 
@@ -335,7 +352,9 @@ def test_a_form_without_the_csrf_token_is_refused_and_changes_nothing(console, s
     assert console["db"].query("SELECT * FROM feedback WHERE correction = 'forged'") == []
 
 
-def test_every_page_renders_without_console_errors_and_the_traffic_page_paints_fast_on_a_million_rows(console, session):
+def test_every_page_renders_without_console_errors_and_the_traffic_pages_first_paint_on_a_million_rows_is_reported(
+    console, session
+):
     session.sign_in(console["admin"])
     ids = console["ids"]
     # the traffic page's first paint on the 1M-row log, from the browser's own paint timing (reported, not asserted)
@@ -397,11 +416,10 @@ def test_every_page_renders_without_console_errors_and_the_traffic_page_paints_f
     assert "1 wins · 1 losses · 1 ties for tiny-b on token_f1" in body
     verdicts = session.page.locator("table tbody tr td:nth-child(5)").all_inner_texts()
     assert verdicts == ["loss", "tie", "win"]
-    # a dataset exists once the review test sampled one; its page and rows render too
-    ds = console["db"].query("SELECT id FROM datasets ORDER BY created_at LIMIT 1")
-    if ds:
-        assert session.go(f"/ui/datasets/{ds[0]['id']}").status == 200
-        session.shot("dataset")
+    # a dataset's page: its rows are browsable
+    assert session.go(f"/ui/datasets/{console['dataset']}").status == 200
+    assert "What is fact 2?" in session.page.locator("main").inner_text()
+    session.shot("dataset")
     assert not session.errors, session.errors
     # a bad filter is a 400 page that says why, not a 500 (the browser logs the 400 itself)
     assert session.go("/ui/traffic?since=yesterday-ish").status == 400

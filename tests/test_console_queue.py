@@ -7,11 +7,10 @@ from datetime import timedelta
 
 import pytest
 
-from tests.test_sample import add_request
+from tests.test_sample import add_request, weather_version
 from tuneloop import store_review
 from tuneloop.db import utcnow
 from tuneloop.errors import UserError
-from tuneloop.registry import ModelVersion, register_version
 from tuneloop.server.console_queue import ReviewQueue, sampled
 from tuneloop.settings import Settings, UISettings
 from tuneloop.store_feedback import save_feedback
@@ -20,25 +19,7 @@ from tuneloop.store_feedback import save_feedback
 @pytest.fixture
 def weather(home, db):
     """Version w1, trained on 20 weather questions; its log: near and far questions, a thumbs-down, a cut answer."""
-    from tuneloop.dataset_store import save_dataset
-
-    train = [
-        {
-            "id": f"t{i}",
-            "messages": [
-                {"role": "system", "content": "You are a helpful weather bot for Example Corp."},
-                {"role": "user", "content": f"what is the weather like in city {i}"},
-                {"role": "assistant", "content": "sunny"},
-            ],
-            "request_id": None,
-            "origin": "file",
-        }
-        for i in range(20)
-    ]
-    ds = save_dataset(db, home, "weather", {"train": train, "validation": train[:2], "test": train[2:4]}, "sft", {}, {})
-    register_version(
-        db, ModelVersion(name="w1", kind="adapter", base_model="/b", path="/p", content_hash="h", dataset_id=ds.id)
-    )
+    weather_version(db, home, system="You are a helpful weather bot for Example Corp.")
     ids = {
         "near": [
             add_request(db, f"what is the weather like in city {i} today", "sunny", version="w1") for i in range(6)

@@ -216,13 +216,17 @@ def test_stratified_sampling_balances_model_versions(home, db):
     assert len(ids & v2) == 6  # uniform sampling would give ~1 of 12; balanced strata give v2 all its rows
 
 
-def test_drift_targeted_sampling_prefers_requests_unlike_the_training_data(home, db):
+def weather_version(db, home, system: str | None = None) -> str:
+    """Version ``w1``, registered with a saved dataset of 20 weather questions ("what is the weather like in
+    city N"), each after ``system`` when given; its name."""
     from tuneloop.dataset_store import save_dataset
 
+    head = [{"role": "system", "content": system}] if system else []
     train = [
         {
             "id": f"t{i}",
             "messages": [
+                *head,
                 {"role": "user", "content": f"what is the weather like in city {i}"},
                 {"role": "assistant", "content": "sunny"},
             ],
@@ -235,6 +239,11 @@ def test_drift_targeted_sampling_prefers_requests_unlike_the_training_data(home,
     register_version(
         db, ModelVersion(name="w1", kind="adapter", base_model="/b", path="/p", content_hash="h", dataset_id=ds.id)
     )
+    return "w1"
+
+
+def test_drift_targeted_sampling_prefers_requests_unlike_the_training_data(home, db):
+    weather_version(db, home)
     near = {add_request(db, f"what is the weather like in city {i} today", "sunny", version="w1") for i in range(30)}
     far = {
         add_request(db, f"explain quantum entanglement to a {w} student", "hmm", version="w1")
