@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from litestar import Controller, HttpMethod, Request, Response, delete, get, post, route
 from litestar.openapi import ResponseSpec
+from litestar.params import FromPath, JSONBody
 
 from tuneloop.server.engine import AdapterInfo
 from tuneloop.server.errors import APIError, error_responses
@@ -162,7 +163,7 @@ class AdminController(Controller):
             ),
         },
     )
-    async def load_adapter(self, request: Request, data: LoadAdapterRequest) -> Response[AdapterOut]:
+    async def load_adapter(self, request: Request, data: JSONBody[LoadAdapterRequest]) -> Response[AdapterOut]:
         router = request.app.state.router
         path = data.path
         load_name = data.name
@@ -191,7 +192,7 @@ class AdminController(Controller):
             },
         ),
     )
-    async def unload_adapter(self, request: Request, name: str) -> AdapterOut:
+    async def unload_adapter(self, request: Request, name: FromPath[str]) -> AdapterOut:
         router = request.app.state.router
         version = router.version_of(name)
         info = await router.unload(name)

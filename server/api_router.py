@@ -19,6 +19,7 @@ import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Operation, Reference, Schema
+from litestar.params import JSONBody
 
 from tuneloop.server.errors import error_responses
 from tuneloop.server.protocol import (
@@ -126,7 +127,7 @@ class OpenAIController(Controller):
         },
         operation_class=streaming_operation(ChatCompletionChunk, ErrorResponse),
     )
-    async def chat_completions(self, request: Request, data: ChatCompletionRequest) -> Response[Any]:
+    async def chat_completions(self, request: Request, data: JSONBody[ChatCompletionRequest]) -> Response[Any]:
         return await _serving(request).chat(request, data)
 
     @post(
@@ -142,7 +143,7 @@ class OpenAIController(Controller):
         },
         operation_class=streaming_operation(Completion, ErrorResponse),
     )
-    async def completions(self, request: Request, data: CompletionRequest) -> Response[Any]:
+    async def completions(self, request: Request, data: JSONBody[CompletionRequest]) -> Response[Any]:
         return await _serving(request).completions(request, data)
 
 
@@ -161,7 +162,7 @@ class TokenizerController(Controller):
         "(`add_generation_prompt`, default true; `tools`). `max_model_len` is the engine's context length.",
         responses=_TOKENIZER_ERRORS,
     )
-    async def tokenize(self, request: Request, data: TokenizeRequest) -> TokenizeResponse:
+    async def tokenize(self, request: Request, data: JSONBody[TokenizeRequest]) -> TokenizeResponse:
         return _serving(request).tokenize(data)
 
     @post(
@@ -170,5 +171,5 @@ class TokenizerController(Controller):
         summary="Text of token ids (vLLM-compatible)",
         responses=_TOKENIZER_ERRORS,
     )
-    async def detokenize(self, request: Request, data: DetokenizeRequest) -> DetokenizeResponse:
+    async def detokenize(self, request: Request, data: JSONBody[DetokenizeRequest]) -> DetokenizeResponse:
         return _serving(request).detokenize(data)

@@ -48,6 +48,7 @@ from typing import Any
 import msgspec
 from litestar import Controller, Request, Response, post
 from litestar.openapi import ResponseSpec
+from litestar.params import JSONBody
 
 from tuneloop.monitoring.records import RequestRecord
 from tuneloop.server.api_router import GENERATION_ERRORS
@@ -118,7 +119,7 @@ class ClassifyController(Controller):
             **GENERATION_ERRORS,
         },
     )
-    async def classify(self, request: Request, data: ClassificationRequest) -> Response[bytes]:
+    async def classify(self, request: Request, data: JSONBody[ClassificationRequest]) -> Response[bytes]:
         ctx = RequestContext.require(request)
         engine: Engine = request.app.state.engine
         router: ModelRouter = request.app.state.router

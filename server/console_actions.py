@@ -24,8 +24,7 @@ from typing import Any
 
 import msgspec
 from litestar import Controller, Request, Response, post
-from litestar.enums import RequestEncodingType
-from litestar.params import Body
+from litestar.params import FromPath, URLEncodedBody
 from litestar.response import Redirect, Template
 
 from tuneloop import store_review
@@ -41,8 +40,6 @@ from tuneloop.server.console_auth import (
 from tuneloop.server.errors import APIError
 from tuneloop.server.feedback_routes import FeedbackIn, normalise, upsert_feedback
 from tuneloop.store_feedback import RequestNotFound
-
-FORM = Body(media_type=RequestEncodingType.URL_ENCODED)
 
 
 class LoginForm(msgspec.Struct):
@@ -76,7 +73,7 @@ class ConsoleActions(Controller):
     include_in_schema = False
 
     @post("/login", opt={"public": True}, status_code=303)
-    async def login(self, request: Request, data: LoginForm = FORM) -> Response[Any]:
+    async def login(self, request: Request, data: URLEncodedBody[LoginForm]) -> Response[Any]:
         auth: Auth = request.app.state.auth
         target = safe_next(data.next)
         try:
@@ -97,7 +94,7 @@ class ConsoleActions(Controller):
         return Redirect("/ui/login", status_code=303)
 
     @post("/review/{request_id:str}", status_code=303)
-    async def review(self, request: Request, request_id: str, data: ReviewForm = FORM) -> Redirect:
+    async def review(self, request: Request, request_id: FromPath[str], data: URLEncodedBody[ReviewForm]) -> Redirect:
         reviewer = reviewer_of(principal_of(request))
         source = store_review.reviewer_source(reviewer)
         db = request.app.state.db
@@ -137,11 +134,11 @@ class ConsoleActions(Controller):
         return Redirect(safe_next(data.next or f"/ui/requests/{request_id}"), status_code=303)
 
     @post("/canary/promote", status_code=303)
-    async def promote(self, request: Request, data: CanaryForm = FORM) -> Redirect:
+    async def promote(self, request: Request, data: URLEncodedBody[CanaryForm]) -> Redirect:
         return await self._decide(request, data, "promote")
 
     @post("/canary/rollback", status_code=303)
-    async def rollback(self, request: Request, data: CanaryForm = FORM) -> Redirect:
+    async def rollback(self, request: Request, data: URLEncodedBody[CanaryForm]) -> Redirect:
         return await self._decide(request, data, "rollback")
 
     async def _decide(self, request: Request, data: CanaryForm, action: str) -> Redirect:

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from litestar import Controller, Request, get
-from litestar.params import Parameter
+from litestar.params import FromPath, FromQuery, QueryParameter
 from litestar.response import Redirect, Template
 
 from tuneloop import store_console as q
@@ -91,7 +91,7 @@ class ConsolePages(Controller):
 
     @get("/login", opt={"public": True})
     async def login_form(
-        self, request: Request, target: str = Parameter(query="next", default="/ui")
+        self, request: Request, target: Annotated[str, QueryParameter(name="next")] = "/ui"
     ) -> Template | Redirect:
         """The sign-in form; a visitor who needs none (signed in already, or no key exists) goes on to ``next``."""
         if await session_principal(request) is not None:
@@ -117,15 +117,15 @@ class ConsolePages(Controller):
     async def traffic(
         self,
         request: Request,
-        version: str = "",
-        route: str = "",
-        status: str = "",
-        since: str = "",
-        until: str = "",
-        rating: str = "",
-        user: str = "",
-        text: str = Parameter(query="q", default=""),
-        before: str = "",
+        version: FromQuery[str] = "",
+        route: FromQuery[str] = "",
+        status: FromQuery[str] = "",
+        since: FromQuery[str] = "",
+        until: FromQuery[str] = "",
+        rating: FromQuery[str] = "",
+        user: FromQuery[str] = "",
+        text: Annotated[str, QueryParameter(name="q")] = "",
+        before: FromQuery[str] = "",
     ) -> Template:
         flt = q.TrafficFilter(
             version=version.strip(),
@@ -174,7 +174,7 @@ class ConsolePages(Controller):
         )
 
     @get("/requests/{request_id:str}")
-    async def request_page(self, request: Request, request_id: str) -> Template:
+    async def request_page(self, request: Request, request_id: FromPath[str]) -> Template:
         detail = await run(q.request_detail, _db(request), request_id)
         if detail is None:
             raise ConsoleError(404, f"No logged request has id {request_id!r}.")
@@ -208,7 +208,9 @@ class ConsolePages(Controller):
         return page(request, "datasets.html", "datasets", rows=rows)
 
     @get("/datasets/{dataset_id:str}")
-    async def dataset(self, request: Request, dataset_id: str, split: str = "train", offset: int = 0) -> Template:
+    async def dataset(
+        self, request: Request, dataset_id: FromPath[str], split: FromQuery[str] = "train", offset: FromQuery[int] = 0
+    ) -> Template:
         from tuneloop.registry import RegistryError, get_dataset
 
         db = _db(request)
@@ -228,7 +230,7 @@ class ConsolePages(Controller):
         return page(request, "runs.html", "runs", rows=rows)
 
     @get("/runs/compare")
-    async def compare_runs(self, request: Request, a: str, b: str) -> Template:
+    async def compare_runs(self, request: Request, a: FromQuery[str], b: FromQuery[str]) -> Template:
         db = _db(request)
         ra, rb = await asyncio.gather(run(q.run_detail, db, a), run(q.run_detail, db, b))
         if ra is None or rb is None:
@@ -250,7 +252,7 @@ class ConsolePages(Controller):
         )
 
     @get("/runs/{run_id:str}")
-    async def run_page(self, request: Request, run_id: str) -> Template:
+    async def run_page(self, request: Request, run_id: FromPath[str]) -> Template:
         r = await run(q.run_detail, _db(request), run_id)
         if r is None:
             raise ConsoleError(404, f"No run {run_id!r}.")
@@ -267,14 +269,21 @@ class ConsolePages(Controller):
         return page(request, "versions.html", "versions", rows=rows)
 
     @get("/versions/{name:str}")
-    async def version(self, request: Request, name: str) -> Template:
+    async def version(self, request: Request, name: FromPath[str]) -> Template:
         d = await run(q.version_detail, _db(request), name)
         if d is None:
             raise ConsoleError(404, f"No model version {name!r}.")
         return page(request, "version.html", "versions", d=d, v=d["version"])
 
     @get("/compare")
-    async def compare(self, request: Request, report: str, a: str, b: str, metric: str = "") -> Template:
+    async def compare(
+        self,
+        request: Request,
+        report: FromQuery[str],
+        a: FromQuery[str],
+        b: FromQuery[str],
+        metric: FromQuery[str] = "",
+    ) -> Template:
         c = await run(q.compare_eval, _db(request), report, a, b, metric or None)
         if c is None:
             raise ConsoleError(404, f"Eval report {report!r} has no per-example results for both {a!r} and {b!r}.")
@@ -318,7 +327,7 @@ class ConsolePages(Controller):
 
     # -- drift ------------------------------------------------------------------------------------------------------
     @get("/drift")
-    async def drift(self, request: Request, version: str = "") -> Template:
+    async def drift(self, request: Request, version: FromQuery[str] = "") -> Template:
         db = _db(request)
         versions = await run(q.drift_versions, db)
         if not version and versions:

@@ -17,6 +17,7 @@ from typing import Any
 
 from litestar import Controller, Request, Response, post
 from litestar.openapi import ResponseSpec
+from litestar.params import JSONBody
 
 from tuneloop.server.api_router import streaming_operation
 from tuneloop.server.errors import error_responses
@@ -76,6 +77,6 @@ class ResponsesController(Controller):
             done=False,
         ),
     )
-    async def create_response(self, request: Request, data: ResponsesRequest) -> Response[Any]:
+    async def create_response(self, request: Request, data: JSONBody[ResponsesRequest]) -> Response[Any]:
         st = request.app.state
         return await ResponsesServing(st.engine, st.router).create(request, data)
