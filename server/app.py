@@ -464,7 +464,7 @@ def create_app(
             readyz,
             metrics,
             FeedbackController,
-            *([console_router(settings)] if settings.ui.enabled else []),
+            *([console_router(settings, db)] if settings.ui.enabled else []),
         ],
         template_config=template_config(settings),
         lifespan=[lifespan],

@@ -9,18 +9,19 @@ Contract
 * The router's own middleware: a server-side session (cookie ``tuneloop_session``: ``HttpOnly``,
   ``SameSite=Strict``, path ``/ui``, ``ui.session_max_age_s``, renewed on use) and Litestar's CSRF middleware
   (cookie ``tuneloop_csrf``, ``HttpOnly``, ``SameSite=Strict``; every form posts the token). Neither touches the
-  API routes. Its ``before_request`` hook signs visitors in (:func:`tuneloop.server.console_auth.console_principal`).
+  API routes. Sessions live in the database (:class:`tuneloop.store_sessions.DatabaseSessionStore`, the app's
+  store ``SESSION_STORE``) and the CSRF secret is the database's (``ui.secret`` overrides it), so every replica
+  of one database accepts a session and a form from any other, and a restart signs nobody out. Its ``before_request`` hook signs visitors in (:func:`tuneloop.server.console_auth.console_principal`).
 * Errors on console pages are HTML pages with the status and the reason (not the API's JSON bodies).
 * :func:`template_config` is the app's Jinja configuration (``server/templates``, autoescaped).
 * :func:`attach` puts the console's state on the app: ``console_live``, ``console_queue`` and
-  ``console_embedder`` (loaded on first use).
+  ``console_embedder`` (loaded on first use), and registers the session store.
 * ``ui.queue_rules`` naming an unknown rule is a :class:`tuneloop.errors.UserError` when the app is built.
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from litestar.static_files import create_static_files_router
 from litestar.template.config import TemplateConfig
 
 from tuneloop import store_review
+from tuneloop.db import Database
 from tuneloop.dbapi import loads
 from tuneloop.errors import UserError
 from tuneloop.server.console_actions import ConsoleActions
@@ -53,7 +55,9 @@ from tuneloop.server.console_pages import ConsolePages
 from tuneloop.server.console_queue import ReviewQueue
 from tuneloop.server.errors import APIError
 from tuneloop.settings import Settings
+from tuneloop.store_sessions import DatabaseSessionStore, console_secret
 
+SESSION_STORE = "tuneloop-console-sessions"
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 
@@ -138,7 +142,7 @@ def _error_page(request: Request[Any, Any, Any], exc: Exception) -> Response[Any
     )
 
 
-def console_router(settings: Settings) -> Router:
+def console_router(settings: Settings, db: Database) -> Router:
     """The ``/ui`` router (see module docstring)."""
     ui = settings.ui
     unknown = [r for r in ui.queue_rules if r not in store_review.RULES]
@@ -153,9 +157,10 @@ def console_router(settings: Settings) -> Router:
         httponly=True,
         samesite="strict",
         renew_on_access=True,
+        store=SESSION_STORE,
     )
     csrf = CSRFConfig(
-        secret=ui.secret or secrets.token_hex(32),
+        secret=ui.secret or console_secret(db),
         cookie_name=CSRF_COOKIE,
         cookie_path="/ui",
         cookie_httponly=True,
@@ -185,3 +190,4 @@ def attach(app: Litestar, settings: Settings) -> None:
     app.state.console_live = LiveStats(app.state.registry)
     app.state.console_queue = ReviewQueue(app.state.db, settings.ui)
     app.state.console_embedder = Embedder()  # loads its model on first use (the drift page's clusters)
+    app.stores.register(SESSION_STORE, DatabaseSessionStore(app.state.db), allow_override=True)

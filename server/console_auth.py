@@ -4,7 +4,8 @@ Contract
 --------
 * Signing in (``POST /ui/login``, a form with the key) checks the key like the API does
   (:meth:`tuneloop.server.auth.Auth.check_secret`) and stores only the key's **id**, name and scope in a
-  server-side session (Litestar's ``ServerSideSessionConfig`` over the app's memory store); the browser holds a
+  server-side session (Litestar's ``ServerSideSessionConfig`` over the database's ``console_sessions``,
+  :mod:`tuneloop.store_sessions`); the browser holds a
   random session id in an ``HttpOnly``, ``SameSite=Strict`` cookie scoped to ``/ui``. The key itself is never
   stored, rendered or logged.
 * Every console request re-checks the session's key (:meth:`Auth.key_principal`): a key revoked since sign-in

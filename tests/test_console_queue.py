@@ -90,7 +90,7 @@ def test_an_unknown_queue_rule_is_refused_when_the_console_is_built():
     s = Settings()
     s.ui.queue_rules = ["thumbs_down", "vibes"]
     with pytest.raises(UserError, match="unknown rule"):
-        console_router(s)
+        console_router(s, None)  # type: ignore[arg-type]  # refused before the database is needed
 
 
 def test_the_drift_pages_clusters_separate_topics_and_say_which_is_unlike_the_training_prompts():

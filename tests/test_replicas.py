@@ -441,3 +441,59 @@ def _secret(out: str) -> str:
         if tok.startswith(("tl-", "sk-")):
             return tok.strip()
     raise AssertionError(f"no key in the output of `keys create`: {out}")
+
+
+def test_a_console_sign_in_on_one_replica_holds_on_the_other_and_a_sign_out_anywhere_ends_it(cluster):
+    """No sticky sessions for /ui: the session and the CSRF secret are the database's, not a replica's."""
+    import hashlib
+    import re
+
+    if not cluster.admin_headers:  # when this test runs alone
+        ops = _secret(cluster.cli("keys", "create", "--scope", "admin", "--name", "console-ops").stdout)
+        cluster.admin_headers = {"Authorization": f"Bearer {ops}"}
+    key = _secret(cluster.cli("keys", "create", "--scope", "inference", "--name", "reviewer").stdout)
+    bearer = {"Authorization": f"Bearer {key}"}
+    wait_until(
+        "the new key works on both replicas",
+        lambda: all(
+            httpx.get(cluster.url(r) + "/v1/models", headers=bearer, timeout=30).status_code == 200 for r in REPLICAS
+        ),
+        timeout=10,
+    )
+    rid = chat(cluster.openai(key), "console-user")
+    cluster.flush()
+    r0, r1 = (cluster.url(r) for r in REPLICAS)
+
+    def csrf(html: str) -> str:
+        m = re.search(r'name="_csrf_token" value="([^"]+)"', html)
+        assert m, "no CSRF token in the form"
+        return m.group(1)
+
+    with httpx.Client(timeout=30) as browser:  # cookies are per host, not per port: one jar for both replicas
+        login = browser.get(r0 + "/ui/login")
+        r = browser.post(
+            r0 + "/ui/login", data={"api_key": key, "next": "/ui/traffic", "_csrf_token": csrf(login.text)}
+        )
+        assert r.status_code == 303 and r.headers["location"] == "/ui/traffic", r.text
+        cookie = browser.cookies["tuneloop_session"]
+
+        page = browser.get(r1 + f"/ui/requests/{rid}")  # signed in on r0, read on r1
+        assert page.status_code == 200, page.headers.get("location")
+        assert "reviewer" in page.text
+        r = browser.post(  # a form opened on r1 posts to r0
+            r0 + f"/ui/review/{rid}", data={"rating": "4", "next": "/ui/traffic", "_csrf_token": csrf(page.text)}
+        )
+        assert r.status_code == 303, r.text
+        db = cluster.db()
+        try:
+            fb = db.query("SELECT source, rating FROM feedback WHERE request_id = ?", [rid])
+            assert [(f["source"], f["rating"]) for f in fb] == [("review:reviewer", 4)]
+            stored = {x["id_hash"] for x in db.query("SELECT id_hash FROM console_sessions")}
+            assert hashlib.sha256(cookie.encode()).hexdigest() in stored and cookie not in stored
+        finally:
+            db.close()
+
+        out = browser.post(r1 + "/ui/logout", data={"_csrf_token": csrf(browser.get(r1 + "/ui/traffic").text)})
+        assert out.status_code == 303
+    r = httpx.get(r0 + "/ui/traffic", cookies={"tuneloop_session": cookie}, timeout=30)  # a copy of the old cookie
+    assert r.status_code == 303 and r.headers["location"].startswith("/ui/login")

@@ -176,6 +176,8 @@ EXPECTED = {
         ("assigned_at", "TIMESTAMP"),
         ("reviewed_at", "TIMESTAMP"),
     ],
+    "console_sessions": [("id_hash", "VARCHAR"), ("data", "BLOB"), ("expires_at", "TIMESTAMP")],
+    "console_secrets": [("name", "VARCHAR"), ("value", "VARCHAR"), ("created_at", "TIMESTAMP")],
     "schema_migrations": [("version", "INTEGER"), ("applied_at", "TIMESTAMP")],
 }
 

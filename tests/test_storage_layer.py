@@ -34,6 +34,7 @@ STORAGE = {
     "tuneloop/store_monitoring.py",
     "tuneloop/store_review.py",
     "tuneloop/store_console.py",
+    "tuneloop/store_sessions.py",
 }
 LOG_WRITER = {"monitoring/requestlog.py"}
 CONTROL = {
@@ -50,6 +51,8 @@ CONTROL = {
     "reference_profiles",
     "schema_migrations",
     "review_assignments",
+    "console_sessions",
+    "console_secrets",
 }
 LOG = {"requests", "feedback"}
 # a table named after a SQL keyword that introduces it

@@ -231,6 +231,20 @@ MIGRATIONS: list[str] = [
         reviewed_at TIMESTAMP
     );
     """,
+    # 13: the web console's sessions and signing secret, shared by every replica of the database (a session is
+    # keyed by the SHA-256 of its cookie, never the cookie itself)
+    """
+    CREATE TABLE console_sessions (
+        id_hash VARCHAR PRIMARY KEY,
+        data BLOB NOT NULL,                -- the session (JSON: the signed-in key's id)
+        expires_at TIMESTAMP
+    );
+    CREATE TABLE console_secrets (
+        name VARCHAR PRIMARY KEY,          -- 'csrf': signs the console's CSRF tokens
+        value VARCHAR NOT NULL,
+        created_at TIMESTAMP NOT NULL
+    );
+    """,
 ]
 
 

@@ -540,8 +540,8 @@ class UISettings:
     secret: str = field(
         default="",
         metadata={
-            "help": "Secret that signs the console's CSRF tokens. Empty: a random one per server process (forms "
-            "opened before a restart must be reloaded). Replicas behind one load balancer need the same value."
+            "help": "Secret that signs the console's CSRF tokens. Empty (default): a random one created once per "
+            "database and shared by every replica of it."
         },
     )
 
