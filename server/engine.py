@@ -35,6 +35,9 @@ Contract
   :meth:`sampling_params`, :meth:`generate`, adapters) raise :class:`EngineInputError`
   ``model_is_classifier`` (a 400) on a classifier, and :meth:`classify` raises
   ``model_not_classifier`` on a generative model.
+* A quantized folder on CPU starts with LoRA off (:func:`tuneloop.runtime.lora_supported`: vLLM's CPU int8
+  kernel drops the weight tensor its LoRA layers need); loading an adapter on it is an :class:`AdapterError`
+  that says why.
 * :meth:`check_health` raises if the engine core died; :meth:`shutdown` stops it.
 * vLLM's online engine (``AsyncLLM``) always runs its engine core in a child
   process (``engine.multiprocessing`` only applies to the offline engine of eval
@@ -239,6 +242,14 @@ class Engine:
         self.labels: list[str] | None = classifier_labels(self.model_path)
 
     @property
+    def lora_enabled(self) -> bool:
+        """Whether this engine serves LoRA adapters: ``engine.enable_lora``, a generative model, and a folder vLLM
+        can put LoRA layers over here (:func:`tuneloop.runtime.lora_supported`)."""
+        from tuneloop.runtime import lora_supported
+
+        return self.settings.enable_lora and not self.is_classifier and lora_supported(self.model_path)
+
+    @property
     def is_classifier(self) -> bool:
         """Whether this engine serves a sequence classifier (vLLM's pooling runner) rather than a generative model."""
         return self.labels is not None
@@ -280,7 +291,7 @@ class Engine:
             kw["runner"] = "pooling"
             kw.pop("max_logprobs")
             kw.pop("structured_outputs_config")
-        elif s.enable_lora:
+        elif self.lora_enabled:
             kw.update(
                 enable_lora=True,
                 max_lora_rank=s.max_lora_rank,
@@ -681,6 +692,11 @@ class Engine:
             raise AdapterError(_CLASSIFIER_HINT.format(name=self.served_name))
         if not self.settings.enable_lora:
             raise AdapterError("this server runs with engine.enable_lora=false")
+        if not self.lora_enabled:
+            raise AdapterError(
+                f"{self.served_name} is a quantized model on CPU: vLLM's CPU int8/int4 kernels drop the weight "
+                "tensors its LoRA layers need, so it serves no adapters; serve the unquantized base for adapters"
+            )
         rank = cfg.get("r")
         if not isinstance(rank, int) or rank < 1:
             raise AdapterError(f"{cfg_file}: LoRA rank r={rank!r} is not a positive integer")

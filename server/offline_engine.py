@@ -79,13 +79,21 @@ class OfflineGenerator:
         if self._llm is not None and self._base == base and rank <= self._rank:
             return self._llm
         self.close()
-        from tuneloop.runtime import configure_vllm_env, pick_dtype
+        from tuneloop.runtime import configure_vllm_env, lora_supported, pick_dtype
 
         configure_vllm_env(self.settings)
         from vllm import LLM
 
         s = self.settings
         max_rank = next((r for r in RANKS if r >= max(rank, s.max_lora_rank)), max(rank, s.max_lora_rank))
+        lora: dict[str, Any] = {}
+        if lora_supported(base):  # not a quantized folder on CPU (tuneloop.runtime.lora_supported)
+            lora = dict(
+                enable_lora=True,
+                max_lora_rank=max_rank,
+                max_loras=s.max_loras,
+                lora_target_modules=list(s.lora_target_modules) or None,  # as served (server/engine.py)
+            )
         t0 = time.perf_counter()
         self._llm = LLM(
             model=str(base),
@@ -95,14 +103,11 @@ class OfflineGenerator:
             seed=s.seed,
             # a whole evaluation set is one batch: larger batches than serving's, measured 1.25x at 128 vs 64
             max_num_seqs=max(s.max_num_seqs, EVAL_BATCH),
-            enable_lora=True,
-            max_lora_rank=max_rank,
-            max_loras=s.max_loras,
-            lora_target_modules=list(s.lora_target_modules) or None,  # as served (server/engine.py)
             # the same placement as the online engine (server/engine.py): GPUs per replica and the share of GPU
             # memory vLLM may take (vLLM's CPU backend ignores the latter; its KV cache is VLLM_CPU_KVCACHE_SPACE)
             tensor_parallel_size=s.tensor_parallel_size,
             gpu_memory_utilization=s.gpu_memory_utilization,
+            **lora,
         )
         self.start_s += time.perf_counter() - t0
         self._base, self._rank = base, max_rank
@@ -116,6 +121,10 @@ class OfflineGenerator:
 
         if not self.supports(adapter):
             raise ValueError(f"{adapter} is not a LoRA adapter; vLLM cannot generate with it")
+        from tuneloop.runtime import lora_supported
+
+        if adapter is not None and not lora_supported(base):
+            raise ValueError(f"{base} is a quantized model on CPU: vLLM applies no LoRA adapter to it")
         rank = int(adapter_config(adapter).get("r", 0)) if adapter is not None else 0
         llm = self._engine(base, rank)
         lora = None

@@ -8,7 +8,8 @@ on stderr (stdout is the command's output). :func:`has_cuda` detects a GPU witho
 vLLM. :func:`pick_dtype` maps ``auto`` to float32 on CPU and bfloat16 on GPU; a model
 folder whose ``config.json`` carries a ``quantization_config`` (int8 / int4 weights, ``tuneloop export
 model --format int8-w8a8|int4-w4a16``) gets bfloat16 on CPU too, since vLLM's CPU kernels for those
-(``int8_scaled_mm``, ``cpu_gemm_wna16``) take 16-bit activations only.
+(``int8_scaled_mm``, ``cpu_gemm_wna16``) take 16-bit activations only. :func:`lora_supported` says whether
+vLLM can apply LoRA adapters to a model folder here: not to a quantized one on CPU (see its docstring).
 """
 
 from __future__ import annotations
@@ -48,6 +49,17 @@ def is_quantized(model: str | os.PathLike | None) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(cfg, dict) and bool(cfg.get("quantization_config"))
+
+
+def lora_supported(model: str | os.PathLike | None) -> bool:
+    """Whether vLLM can put LoRA layers over ``model``'s linear layers on this machine.
+
+    Not for a quantized folder on CPU: vLLM's CPU int8 kernel prepacks the weights into a oneDNN handle and
+    drops the layer's ``weight`` tensor (every CPU without AMX: the AVX2 machines), and vLLM's LoRA layers need
+    that tensor (``_get_lora_device``), so an engine started with LoRA on crashes while loading. Such a model is
+    served and evaluated with LoRA off: it is a merged, exported version, never a base for adapters.
+    """
+    return has_cuda() or not is_quantized(model)
 
 
 def configure_vllm_env(engine: EngineSettings | None = None, cache_root: str | os.PathLike | None = None) -> None:
