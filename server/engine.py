@@ -302,7 +302,8 @@ class Engine:
         return AsyncEngineArgs(**kw)
 
     async def start(self) -> Engine:
-        """Create the AsyncLLM (tens of seconds on CPU)."""
+        """Create the AsyncLLM (tens of seconds on CPU) in a worker thread, so a server that starts an extra
+        engine (the classifier pool) keeps answering meanwhile."""
         from tuneloop.runtime import configure_vllm_env
 
         configure_vllm_env(self.settings)
@@ -311,7 +312,13 @@ class Engine:
         args = self.engine_args()
         t0 = time.perf_counter()
         before = _child_pids()
-        llm = self._llm = AsyncLLM.from_engine_args(args)
+        # vLLM's constructor blocks until the engine core has loaded the model. Built off the event loop, the
+        # AsyncLLM starts its output handler lazily; start it here, on the loop, as a constructor on the loop
+        # does, so an engine core that dies before the first request is still noticed.
+        llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        if hasattr(llm, "_run_output_handler"):
+            llm._run_output_handler()
+        self._llm = llm
         self._tokenizer = llm.get_tokenizer()
         self.max_model_len = int(llm.model_config.max_model_len)
         try:
